@@ -1,0 +1,2 @@
+/** @lifeboat/agent: public API. */
+export {};

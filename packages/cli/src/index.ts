@@ -1,0 +1,2 @@
+/** @lifeboat/cli: public API. */
+export {};

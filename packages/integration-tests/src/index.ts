@@ -1,0 +1,2 @@
+/** @lifeboat/integration-tests: public API. */
+export {};

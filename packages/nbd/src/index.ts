@@ -1,0 +1,2 @@
+/** @lifeboat/nbd: public API. */
+export {};

@@ -1,0 +1,2 @@
+/** @lifeboat/process-server: public API. */
+export {};

@@ -1,0 +1,2 @@
+/** @lifeboat/qmp: public API. */
+export {};

@@ -1,0 +1,2 @@
+/** @lifeboat/recovery: public API. */
+export {};

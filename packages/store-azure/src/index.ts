@@ -1,0 +1,2 @@
+/** @lifeboat/store-azure: public API. */
+export {};

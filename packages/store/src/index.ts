@@ -1,0 +1,2 @@
+/** @lifeboat/store: public API. */
+export {};

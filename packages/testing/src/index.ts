@@ -1,0 +1,2 @@
+/** @lifeboat/testing: public API. */
+export {};

@@ -1,0 +1,2 @@
+/** @lifeboat/vault: public API. */
+export {};
