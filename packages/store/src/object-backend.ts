@@ -1,0 +1,49 @@
+/** One object as listed by a backend. */
+export interface ObjectInfo {
+  /** The object's key, slash-separated, e.g. `packs/3f/3f9a…`. */
+  key: string;
+  /** Size in bytes. */
+  size: number;
+}
+
+/** Options for {@link ObjectBackend.put}. */
+export interface PutOptions {
+  /** Replace an existing object. When false and the key exists, put rejects with `LB_BACKEND_EXISTS`. @default false */
+  overwrite?: boolean;
+  /** Aborts the request. */
+  signal?: AbortSignal;
+}
+
+/**
+ * The small interface every target-store backend implements (local directory, Azure Blob
+ * Storage, later S3). The store needs nothing else from a backend: the format is designed for
+ * a dumb object store (immutable objects, whole-object put, ranged get, prefix list, delete).
+ *
+ * Contract (checked by the conformance suite in integration-tests against every backend):
+ * - `put` is atomic and durable: once it resolves the object survives a crash of this process
+ *   and of the machine, and no reader ever sees a partial object.
+ * - `get`/`getRange` of a missing key reject with `LB_BACKEND_NOT_FOUND`; a range past the end
+ *   rejects with `LB_BACKEND_RANGE`.
+ * - `delete` of a missing key succeeds (idempotent).
+ * - `list` yields every object whose key starts with `prefix`, each once, in no promised order.
+ * - Transient faults are retried inside the backend with backoff; what still fails rejects with
+ *   `LB_BACKEND_UNAVAILABLE` (so callers can tell "store down" from "object missing").
+ */
+export interface ObjectBackend {
+  /** Where the objects live, for messages: `dir:/srv/lifeboat` or `azure:account/container`. */
+  readonly location: string;
+  /** Stores `data` under `key`, atomically and durably. */
+  put(key: string, data: Uint8Array, options?: PutOptions): Promise<void>;
+  /** Reads a whole object. */
+  get(key: string, signal?: AbortSignal): Promise<Buffer>;
+  /** Reads `length` bytes at `offset` of an object. */
+  getRange(key: string, offset: number, length: number, signal?: AbortSignal): Promise<Buffer>;
+  /** The object's size, or undefined when it does not exist. */
+  stat(key: string): Promise<ObjectInfo | undefined>;
+  /** Every object whose key starts with `prefix`. */
+  list(prefix: string): AsyncIterable<ObjectInfo>;
+  /** Deletes an object; succeeds when it is already gone. */
+  delete(key: string): Promise<void>;
+  /** Releases connections and handles. */
+  close(): Promise<void>;
+}
