@@ -1,3 +1,36 @@
 /** @lifeboat/protocol: wire formats and the shared error model. */
 export { LifeboatError, isLifeboatError } from './lifeboat-error.js';
 export type { LifeboatErrorOptions } from './lifeboat-error.js';
+export {
+  DATA_PREFIX_BYTES,
+  DEFAULT_MAX_PAYLOAD_BYTES,
+  FRAME_HEADER_BYTES,
+  FRAME_MAGIC,
+  FrameDecoder,
+  FrameType,
+  MAX_SEQ,
+  PROTOCOL_VERSION,
+  encodeFrame,
+  encodeFrameBuffer,
+} from './frame-codec.js';
+export type {
+  AckFrame,
+  CutFrame,
+  DataFrame,
+  ErrorFrame,
+  Frame,
+  FrameDecoderOptions,
+  HelloDisk,
+  HelloFrame,
+  RangeFrame,
+  ResizeFrame,
+  SequencedFrame,
+  WelcomeFrame,
+} from './frame-codec.js';
+export { ReplicationClient } from './replication-client.js';
+export type {
+  CutOptions,
+  ReplicationClientOptions,
+  ReplicationClientStats,
+  ReplicationLogger,
+} from './replication-client.js';

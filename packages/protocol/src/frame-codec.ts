@@ -1,0 +1,536 @@
+import { crc32 } from 'node:zlib';
+import { LifeboatError } from './lifeboat-error.js';
+
+/** First four bytes of every frame: ASCII `LBRP`. */
+export const FRAME_MAGIC = 0x4c425250;
+/** The wire format version this code speaks. */
+export const PROTOCOL_VERSION = 1;
+/** Bytes of the fixed frame header. */
+export const FRAME_HEADER_BYTES = 24;
+/** Bytes before the data in a DATA frame's payload (disk, reserved, offset). */
+export const DATA_PREFIX_BYTES = 12;
+/** Default largest payload a peer accepts: 4 MiB of data plus the DATA prefix. */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024 + DATA_PREFIX_BYTES;
+/** Largest sequence number: sequence numbers are JavaScript-safe integers. */
+export const MAX_SEQ = Number.MAX_SAFE_INTEGER;
+
+/** Frame type numbers on the wire. */
+export const FrameType = {
+  hello: 1,
+  welcome: 2,
+  data: 3,
+  zero: 4,
+  trim: 5,
+  resize: 6,
+  cut: 7,
+  ack: 8,
+  error: 9,
+} as const;
+
+/** One disk of a machine as announced in a hello. */
+export interface HelloDisk {
+  /** Name of the disk within the machine (`vda`). */
+  name: string;
+  /** Logical size in bytes, a multiple of 512. */
+  size: number;
+}
+
+/** Client → server, first frame of a session. */
+export interface HelloFrame {
+  type: 'hello';
+  /** The protected machine's id. */
+  machine: string;
+  /** The machine's disks; frames name a disk by its index in this list. */
+  disks: HelloDisk[];
+  /** The oldest sequence number the client still holds unacknowledged, or null when it holds none. */
+  oldestUnackedSeq: number | null;
+  /** Free-form identification of the agent, for logs. */
+  agent?: string;
+}
+
+/** Server → client, answer to hello. */
+export interface WelcomeFrame {
+  type: 'welcome';
+  /** Id of this session, for logs on both sides. */
+  sessionId: string;
+  /** Highest sequence number of this machine durable on the server (0 when none); the client sends from lastSeq + 1. */
+  lastSeq: number;
+  /** Largest payload the server accepts. */
+  maxPayloadBytes: number;
+  /** True when the server dropped this machine's backlog (journal overflow): the agent must resync. */
+  resyncRequired: boolean;
+}
+
+/** Changed bytes of one disk. */
+export interface DataFrame {
+  type: 'data';
+  seq: number;
+  disk: number;
+  offset: number;
+  data: Buffer;
+}
+
+/** A range that reads as zeros (`zero`) or is discarded (`trim`). */
+export interface RangeFrame {
+  type: 'zero' | 'trim';
+  seq: number;
+  disk: number;
+  offset: number;
+  length: number;
+}
+
+/** A disk's new logical size. */
+export interface ResizeFrame {
+  type: 'resize';
+  seq: number;
+  disk: number;
+  size: number;
+}
+
+/** A consistent cut of all disks of the machine: everything sequenced before it belongs to the point. */
+export interface CutFrame {
+  type: 'cut';
+  seq: number;
+  /** Id shared by the points of all disks of this cut. */
+  cutId: string;
+  /** Crash- or app-consistent. */
+  kind: 'crash' | 'app';
+  /** When the agent took the cut, milliseconds since the epoch. */
+  time: number;
+  /** Consistency group of the machine, if any. */
+  consistencyGroup?: string;
+}
+
+/** Server → client: every frame up to `seq` is durable. */
+export interface AckFrame {
+  type: 'ack';
+  seq: number;
+}
+
+/** Server → client: the session is rejected; the server closes it after this frame. */
+export interface ErrorFrame {
+  type: 'error';
+  code: string;
+  message: string;
+  details: Record<string, unknown>;
+}
+
+/** Frames that carry a sequence number and are journaled. */
+export type SequencedFrame = DataFrame | RangeFrame | ResizeFrame | CutFrame;
+
+/** Every frame of the replication protocol. */
+export type Frame = HelloFrame | WelcomeFrame | SequencedFrame | AckFrame | ErrorFrame;
+
+const NAME_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
+const CODE_RE = /^LB_[A-Z0-9_]{1,60}$/;
+const MAX_DISKS = 256;
+const MAX_JSON_BYTES = 64 * 1024;
+
+function malformed(what: string, details: Record<string, unknown> = {}): LifeboatError {
+  return new LifeboatError(
+    'LB_PROTO_MALFORMED',
+    `Malformed frame: ${what}. The peer speaks a different or broken protocol; upgrade both sides to the same Lifeboat version.`,
+    { details },
+  );
+}
+
+function isSafeUint(v: unknown): v is number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+}
+
+function checkName(v: unknown, what: string): string {
+  if (typeof v !== 'string' || !NAME_RE.test(v))
+    throw malformed(`${what} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -`);
+  return v;
+}
+
+function parseJson(payload: Buffer): Record<string, unknown> {
+  if (payload.length > MAX_JSON_BYTES) throw malformed('control frame larger than 64 KiB');
+  let v: unknown;
+  try {
+    v = JSON.parse(payload.toString('utf8'));
+  } catch (cause) {
+    throw new LifeboatError(
+      'LB_PROTO_MALFORMED',
+      'Malformed frame: control payload is not JSON. Upgrade both sides to the same Lifeboat version.',
+      { cause },
+    );
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v))
+    throw malformed('control payload is not a JSON object');
+  return v as Record<string, unknown>;
+}
+
+function rangePayload(disk: number, offset: number, value: number | null): Buffer {
+  const p = Buffer.alloc(value === null ? DATA_PREFIX_BYTES : DATA_PREFIX_BYTES + 8);
+  p.writeUInt16BE(disk, 0);
+  p.writeBigUInt64BE(BigInt(offset), 4);
+  if (value !== null) p.writeBigUInt64BE(BigInt(value), 12);
+  return p;
+}
+
+function jsonPayload(v: unknown): Buffer {
+  return Buffer.from(JSON.stringify(v), 'utf8');
+}
+
+/**
+ * Encodes a frame as a list of buffers (header first) so large DATA frames are never copied;
+ * write them in order (or `Buffer.concat` them).
+ */
+export function encodeFrame(frame: Frame): Buffer[] {
+  let type: number;
+  let seq = 0;
+  let payload: Buffer[];
+  switch (frame.type) {
+    case 'hello': {
+      type = FrameType.hello;
+      const body: Record<string, unknown> = {
+        machine: frame.machine,
+        disks: frame.disks,
+        oldestUnackedSeq: frame.oldestUnackedSeq,
+      };
+      if (frame.agent !== undefined) body.agent = frame.agent;
+      payload = [jsonPayload(body)];
+      break;
+    }
+    case 'welcome':
+      type = FrameType.welcome;
+      payload = [
+        jsonPayload({
+          sessionId: frame.sessionId,
+          lastSeq: frame.lastSeq,
+          maxPayloadBytes: frame.maxPayloadBytes,
+          resyncRequired: frame.resyncRequired,
+        }),
+      ];
+      break;
+    case 'data':
+      type = FrameType.data;
+      seq = frame.seq;
+      payload = [rangePayload(frame.disk, frame.offset, null), frame.data];
+      break;
+    case 'zero':
+    case 'trim':
+      type = frame.type === 'zero' ? FrameType.zero : FrameType.trim;
+      seq = frame.seq;
+      payload = [rangePayload(frame.disk, frame.offset, frame.length)];
+      break;
+    case 'resize':
+      type = FrameType.resize;
+      seq = frame.seq;
+      payload = [rangePayload(frame.disk, frame.size, null)];
+      break;
+    case 'cut': {
+      type = FrameType.cut;
+      seq = frame.seq;
+      const body: Record<string, unknown> = {
+        cutId: frame.cutId,
+        kind: frame.kind,
+        time: frame.time,
+      };
+      if (frame.consistencyGroup !== undefined) body.consistencyGroup = frame.consistencyGroup;
+      payload = [jsonPayload(body)];
+      break;
+    }
+    case 'ack':
+      type = FrameType.ack;
+      seq = frame.seq;
+      payload = [];
+      break;
+    case 'error':
+      type = FrameType.error;
+      payload = [jsonPayload({ code: frame.code, message: frame.message, details: frame.details })];
+      break;
+  }
+  const whole = payload.length === 1 ? payload[0]! : Buffer.concat(payload);
+  if (!isSafeUint(seq))
+    throw new LifeboatError(
+      'LB_PROTO_MALFORMED',
+      'Sequence number out of range; this is a bug in the sender.',
+      { details: { seq } },
+    );
+  const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  header.writeUInt32BE(FRAME_MAGIC, 0);
+  header.writeUInt8(PROTOCOL_VERSION, 4);
+  header.writeUInt8(type, 5);
+  header.writeUInt16BE(0, 6);
+  header.writeUInt32BE(whole.length, 8);
+  header.writeBigUInt64BE(BigInt(seq), 12);
+  let crc = crc32(header.subarray(0, 20));
+  for (const part of payload) crc = crc32(part, crc);
+  header.writeUInt32BE(crc, 20);
+  return [header, ...payload];
+}
+
+/** Encodes a frame into one buffer. */
+export function encodeFrameBuffer(frame: Frame): Buffer {
+  return Buffer.concat(encodeFrame(frame));
+}
+
+function readU64(buf: Buffer, at: number, what: string): number {
+  const v = buf.readBigUInt64BE(at);
+  if (v > BigInt(MAX_SEQ)) throw malformed(`${what} exceeds 2^53-1`, { [what]: v.toString() });
+  return Number(v);
+}
+
+function decodePayload(type: number, seq: number, payload: Buffer): Frame {
+  const sequenced =
+    type === FrameType.data ||
+    type === FrameType.zero ||
+    type === FrameType.trim ||
+    type === FrameType.resize ||
+    type === FrameType.cut;
+  if (sequenced && seq < 1) throw malformed('sequenced frame with sequence number 0');
+  if (!sequenced && type !== FrameType.ack && seq !== 0)
+    throw malformed('control frame with a sequence number');
+  switch (type) {
+    case FrameType.hello: {
+      const j = parseJson(payload);
+      const machine = checkName(j.machine, 'machine');
+      if (!Array.isArray(j.disks) || j.disks.length > MAX_DISKS)
+        throw malformed(`disks must be a list of at most ${MAX_DISKS}`);
+      const names = new Set<string>();
+      const disks = j.disks.map((d: unknown): HelloDisk => {
+        if (typeof d !== 'object' || d === null) throw malformed('disk entry is not an object');
+        const rec = d as Record<string, unknown>;
+        const name = checkName(rec.name, 'disk name');
+        if (names.has(name)) throw malformed('duplicate disk name', { disk: name });
+        names.add(name);
+        if (!isSafeUint(rec.size) || rec.size % 512 !== 0)
+          throw malformed('disk size must be a non-negative multiple of 512', { disk: name });
+        return { name, size: rec.size };
+      });
+      const o = j.oldestUnackedSeq;
+      if (o !== null && (!isSafeUint(o) || o < 1))
+        throw malformed('oldestUnackedSeq must be null or a positive integer');
+      const hello: HelloFrame = { type: 'hello', machine, disks, oldestUnackedSeq: o };
+      if (j.agent !== undefined) {
+        if (typeof j.agent !== 'string' || j.agent.length > 256)
+          throw malformed('agent must be a string of at most 256 characters');
+        hello.agent = j.agent;
+      }
+      return hello;
+    }
+    case FrameType.welcome: {
+      const j = parseJson(payload);
+      if (typeof j.sessionId !== 'string' || j.sessionId.length > 128)
+        throw malformed('welcome sessionId');
+      if (!isSafeUint(j.lastSeq)) throw malformed('welcome lastSeq');
+      if (!isSafeUint(j.maxPayloadBytes) || j.maxPayloadBytes < 4096 + DATA_PREFIX_BYTES)
+        throw malformed('welcome maxPayloadBytes');
+      if (typeof j.resyncRequired !== 'boolean') throw malformed('welcome resyncRequired');
+      return {
+        type: 'welcome',
+        sessionId: j.sessionId,
+        lastSeq: j.lastSeq,
+        maxPayloadBytes: j.maxPayloadBytes,
+        resyncRequired: j.resyncRequired,
+      };
+    }
+    case FrameType.data: {
+      if (payload.length < DATA_PREFIX_BYTES + 1)
+        throw malformed('DATA frame shorter than its prefix plus one byte');
+      if (payload.readUInt16BE(2) !== 0) throw malformed('DATA reserved field is not zero');
+      const offset = readU64(payload, 4, 'offset');
+      const data = payload.subarray(DATA_PREFIX_BYTES);
+      if (offset + data.length > MAX_SEQ) throw malformed('DATA extent ends beyond 2^53-1');
+      return { type: 'data', seq, disk: payload.readUInt16BE(0), offset, data };
+    }
+    case FrameType.zero:
+    case FrameType.trim: {
+      if (payload.length !== DATA_PREFIX_BYTES + 8)
+        throw malformed('ZERO/TRIM payload must be 20 bytes');
+      if (payload.readUInt16BE(2) !== 0) throw malformed('reserved field is not zero');
+      const offset = readU64(payload, 4, 'offset');
+      const length = readU64(payload, 12, 'length');
+      if (length === 0 || offset + length > MAX_SEQ)
+        throw malformed('range length must be positive and end below 2^53');
+      return {
+        type: type === FrameType.zero ? 'zero' : 'trim',
+        seq,
+        disk: payload.readUInt16BE(0),
+        offset,
+        length,
+      };
+    }
+    case FrameType.resize: {
+      if (payload.length !== DATA_PREFIX_BYTES) throw malformed('RESIZE payload must be 12 bytes');
+      if (payload.readUInt16BE(2) !== 0) throw malformed('reserved field is not zero');
+      const size = readU64(payload, 4, 'size');
+      if (size % 512 !== 0) throw malformed('disk size must be a multiple of 512', { size });
+      return { type: 'resize', seq, disk: payload.readUInt16BE(0), size };
+    }
+    case FrameType.cut: {
+      const j = parseJson(payload);
+      const cutId = checkName(j.cutId, 'cutId');
+      if (j.kind !== 'crash' && j.kind !== 'app')
+        throw malformed("cut kind must be 'crash' or 'app'");
+      if (!isSafeUint(j.time)) throw malformed('cut time must be milliseconds since the epoch');
+      const cut: CutFrame = { type: 'cut', seq, cutId, kind: j.kind, time: j.time };
+      if (j.consistencyGroup !== undefined)
+        cut.consistencyGroup = checkName(j.consistencyGroup, 'consistencyGroup');
+      return cut;
+    }
+    case FrameType.ack:
+      if (payload.length !== 0) throw malformed('ACK has a payload');
+      return { type: 'ack', seq };
+    case FrameType.error: {
+      const j = parseJson(payload);
+      if (typeof j.code !== 'string' || !CODE_RE.test(j.code)) throw malformed('error code');
+      if (typeof j.message !== 'string' || j.message.length > 4096)
+        throw malformed('error message');
+      const details = j.details;
+      if (
+        details !== undefined &&
+        (typeof details !== 'object' || details === null || Array.isArray(details))
+      )
+        throw malformed('error details');
+      return {
+        type: 'error',
+        code: j.code,
+        message: j.message,
+        details: (details as Record<string, unknown> | undefined) ?? {},
+      };
+    }
+    default:
+      throw malformed('unknown frame type', { type });
+  }
+}
+
+/** Options for {@link FrameDecoder}. */
+export interface FrameDecoderOptions {
+  /** Largest payload accepted; a larger length field is rejected before any byte of it is buffered. @default DEFAULT_MAX_PAYLOAD_BYTES */
+  maxPayloadBytes?: number;
+}
+
+/**
+ * Strict incremental decoder: feed it bytes as they arrive, it returns whole frames. Any
+ * violation (magic, version, flags, size, checksum, layout, field ranges) throws a
+ * {@link LifeboatError} with an `LB_PROTO_*` code; after that the decoder must be discarded.
+ * Memory is bounded by the largest accepted frame.
+ */
+export class FrameDecoder {
+  private readonly maxPayload: number;
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private failed: LifeboatError | undefined;
+
+  constructor(options: FrameDecoderOptions = {}) {
+    this.maxPayload = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  }
+
+  /** Bytes held of an incomplete frame. */
+  get pendingBytes(): number {
+    return this.buffered;
+  }
+
+  /** Adds bytes and returns every frame now complete. */
+  push(chunk: Buffer): Frame[] {
+    if (this.failed) throw this.failed;
+    if (chunk.length > 0) {
+      this.chunks.push(chunk);
+      this.buffered += chunk.length;
+    }
+    const out: Frame[] = [];
+    try {
+      for (;;) {
+        if (this.buffered < FRAME_HEADER_BYTES) break;
+        const header = this.peek(FRAME_HEADER_BYTES);
+        const magic = header.readUInt32BE(0);
+        if (magic !== FRAME_MAGIC) {
+          throw new LifeboatError(
+            'LB_PROTO_BAD_MAGIC',
+            'The peer did not send a Lifeboat replication frame. Check that the agent points at a process server port (9443 by default).',
+            {
+              details: { magic: magic.toString(16) },
+            },
+          );
+        }
+        const version = header.readUInt8(4);
+        if (version !== PROTOCOL_VERSION) {
+          throw new LifeboatError(
+            'LB_PROTO_UNSUPPORTED_VERSION',
+            `Protocol version ${version} is not supported (this side speaks ${PROTOCOL_VERSION}). Upgrade the older side.`,
+            {
+              details: { version, supported: PROTOCOL_VERSION },
+            },
+          );
+        }
+        if (header.readUInt16BE(6) !== 0) throw malformed('flags are not zero');
+        const length = header.readUInt32BE(8);
+        if (length > this.maxPayload) {
+          throw new LifeboatError(
+            'LB_PROTO_FRAME_TOO_LARGE',
+            `A frame of ${length} bytes exceeds the limit of ${this.maxPayload}. Split extents into smaller frames (the welcome says the limit).`,
+            {
+              details: { length, max: this.maxPayload },
+            },
+          );
+        }
+        if (this.buffered < FRAME_HEADER_BYTES + length) break;
+        const whole = this.take(FRAME_HEADER_BYTES + length);
+        const payload = whole.subarray(FRAME_HEADER_BYTES);
+        const expected = whole.readUInt32BE(20);
+        const actual = crc32(payload, crc32(whole.subarray(0, 20)));
+        if (expected !== actual) {
+          throw new LifeboatError(
+            'LB_PROTO_BAD_CHECKSUM',
+            'A frame failed its CRC-32 check: bytes were damaged in transit. The session is closed; the agent resends from its last acknowledged frame.',
+            {
+              details: { expected, actual },
+            },
+          );
+        }
+        const seq = readU64(whole, 12, 'seq');
+        out.push(decodePayload(whole.readUInt8(5), seq, payload));
+      }
+    } catch (err) {
+      this.failed =
+        err instanceof LifeboatError
+          ? err
+          : new LifeboatError('LB_PROTO_MALFORMED', 'Malformed frame.', { cause: err });
+      throw this.failed;
+    }
+    return out;
+  }
+
+  /** Call when the byte stream ends: throws `LB_PROTO_TRUNCATED` if a frame was cut short. */
+  end(): void {
+    if (this.failed) throw this.failed;
+    if (this.buffered > 0) {
+      this.failed = new LifeboatError(
+        'LB_PROTO_TRUNCATED',
+        'The connection ended in the middle of a frame. The partial frame was discarded; the agent resends it after reconnecting.',
+        {
+          details: { pendingBytes: this.buffered },
+        },
+      );
+      throw this.failed;
+    }
+  }
+
+  private peek(n: number): Buffer {
+    const first = this.chunks[0]!;
+    if (first.length >= n) return first.subarray(0, n);
+    const merged = Buffer.concat(this.chunks);
+    this.chunks = [merged];
+    return merged.subarray(0, n);
+  }
+
+  private take(n: number): Buffer {
+    let first = this.chunks[0]!;
+    if (first.length < n) {
+      // Gather only as many chunks as the frame needs, so a big frame is copied once.
+      let have = 0;
+      let k = 0;
+      while (have < n) have += this.chunks[k++]!.length;
+      first = Buffer.concat(this.chunks.slice(0, k), have);
+      this.chunks.splice(0, k, first);
+    }
+    const out = first.subarray(0, n);
+    if (first.length === n) this.chunks.shift();
+    else this.chunks[0] = first.subarray(n);
+    this.buffered -= n;
+    return out;
+  }
+}
