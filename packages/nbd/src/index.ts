@@ -1,2 +1,14 @@
 /** @lifeboat/nbd: public API. */
-export {};
+export { NBD, BASE_ALLOCATION, dirtyBitmapContext } from './nbd-constants.js';
+export { nbdErrnoName } from './nbd-errors.js';
+export {
+  NbdClient,
+  type NbdTarget,
+  type NbdClientOptions,
+  type NbdBlockSize,
+  type NbdExtent,
+  type NbdExportListing,
+  type NbdExportInfo,
+  type NbdWriteOptions,
+  type NbdWriteZeroesOptions,
+} from './nbd-client.js';
