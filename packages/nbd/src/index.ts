@@ -12,3 +12,15 @@ export {
   type NbdWriteOptions,
   type NbdWriteZeroesOptions,
 } from './nbd-client.js';
+export {
+  NbdServer,
+  type NbdServerOptions,
+  type NbdExportOptions,
+  type NbdSourceErrorContext,
+} from './nbd-server.js';
+export {
+  exportSourceFromReader,
+  type NbdExportSource,
+  type NbdSourceExtent,
+  type WholeDiskReader,
+} from './nbd-export-source.js';

@@ -358,9 +358,10 @@ async function infoOrGo(
   option: number,
   exportName: string,
 ): Promise<NbdExportInfo | 'unsupported'> {
-  const req = Buffer.alloc(2 + 2);
-  req.writeUInt16BE(1, 0);
+  const req = Buffer.alloc(2 + 4);
+  req.writeUInt16BE(2, 0);
   req.writeUInt16BE(NBD.INFO_BLOCK_SIZE, 2);
+  req.writeUInt16BE(NBD.INFO_DESCRIPTION, 4);
   n.sendOption(option, Buffer.concat([encodeName(exportName), req]));
   let size: number | undefined;
   let flags = 0;

@@ -83,7 +83,7 @@ export function run(cmd: string, args: string[]): Promise<string> {
     child.once('error', reject);
     child.once('exit', (code) => {
       if (code === 0) resolve(out);
-      else reject(new Error(`${cmd} ${args.join(' ')} failed (${code}): ${err}`));
+      else reject(new Error(`${cmd} ${args.join(' ')} failed (${code}): ${err}${out}`));
     });
   });
 }
