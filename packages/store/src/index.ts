@@ -1,3 +1,9 @@
 /** @lifeboat/store: the replica store's public API. */
 export type { ObjectBackend, ObjectInfo, PutOptions } from './object-backend.js';
 export type * from './store-types.js';
+export { Store } from './store.js';
+export type { StoreExtraOptions } from './store.js';
+export type { LockOptions } from './store-locks.js';
+export { DirectoryBackend } from './directory-backend.js';
+export type { DirectoryBackendOptions } from './directory-backend.js';
+export { parseDuration } from './retention.js';

@@ -1,0 +1,51 @@
+import type { BlobLocation, PackEntry } from './object-format.js';
+
+/**
+ * The in-memory map from blob id to its place in a pack, loaded from the index objects.
+ * Cost: about 200 bytes of heap per blob (a 32-character key string, a Map slot and a small
+ * object), so 1 TiB of unique 64 KiB chunks (16 M blobs) needs about 3 GiB; see
+ * docs/store-format.md for the planned on-disk alternative.
+ */
+export class ChunkIndex {
+  private readonly map = new Map<string, BlobLocation>();
+  /** Index objects whose entries are loaded. */
+  readonly loaded = new Set<string>();
+  /** Index objects that could not be read, with the reason. */
+  readonly damaged = new Map<string, Error>();
+
+  /** Adds a pack's entries (a later entry for the same id replaces the earlier one). */
+  addPack(pack: string, entries: readonly PackEntry[]): void {
+    for (const e of entries) {
+      this.map.set(e.id.toString('latin1'), {
+        pack,
+        offset: e.offset,
+        length: e.length,
+        rawLength: e.rawLength,
+        type: e.type,
+      });
+    }
+  }
+
+  get(id: Buffer): BlobLocation | undefined {
+    return this.map.get(id.toString('latin1'));
+  }
+
+  has(id: Buffer): boolean {
+    return this.map.has(id.toString('latin1'));
+  }
+
+  get size(): number {
+    return this.map.size;
+  }
+
+  /** Every entry, as [id, location]. */
+  *entries(): IterableIterator<[Buffer, BlobLocation]> {
+    for (const [k, v] of this.map) yield [Buffer.from(k, 'latin1'), v];
+  }
+
+  clear(): void {
+    this.map.clear();
+    this.loaded.clear();
+    this.damaged.clear();
+  }
+}

@@ -1,0 +1,136 @@
+import { randomBytes } from 'node:crypto';
+import type { ObjectBackend } from './object-backend.js';
+import { encodePackTrailer, packKey } from './object-format.js';
+import type { BlobLocation, PackEntry } from './object-format.js';
+import type { BlobType, StoreCrypto } from './store-crypto.js';
+
+/** A blob this writer has written, with its sealed bytes while its pack is not yet durable. */
+interface PendingBlob {
+  loc: BlobLocation;
+  data: Buffer | undefined;
+}
+
+/**
+ * Collects sealed blobs into packs of about `packSize` bytes and uploads each under a fresh
+ * random name (so concurrent writers, in this process or others, never collide). At most
+ * `maxInFlight` packs upload at once, which bounds memory to about (maxInFlight + 1) packs.
+ */
+export class PackWriter {
+  private readonly blobs = new Map<string, PendingBlob>();
+  private parts: Buffer[] = [];
+  private partsBytes = 0;
+  private entries: PackEntry[] = [];
+  private pack = newPackId();
+  private readonly inFlight = new Set<Promise<void>>();
+  private failure: unknown;
+  /** Packs fully uploaded, with their entries, for the index object written at commit. */
+  readonly written: Array<{ pack: string; entries: PackEntry[] }> = [];
+  /** Bytes uploaded. */
+  uploadedBytes = 0;
+
+  constructor(
+    private readonly backend: ObjectBackend,
+    private readonly crypto: StoreCrypto,
+    private readonly packSize: number,
+    private readonly maxInFlight = 2,
+  ) {}
+
+  /** True when this writer already holds a blob with this id. */
+  has(id: Buffer): boolean {
+    return this.blobs.has(id.toString('latin1'));
+  }
+
+  /** Where a blob of this writer lives, and its sealed bytes while they are still in memory. */
+  locate(id: Buffer): PendingBlob | undefined {
+    return this.blobs.get(id.toString('latin1'));
+  }
+
+  /** Adds an already sealed blob; uploads the pack when it is full. */
+  async addSealed(type: BlobType, id: Buffer, rawLength: number, sealed: Buffer): Promise<void> {
+    this.throwIfFailed();
+    const key = id.toString('latin1');
+    if (this.blobs.has(key)) return;
+    const loc: BlobLocation = {
+      pack: this.pack,
+      offset: this.partsBytes,
+      length: sealed.length,
+      rawLength,
+      type,
+    };
+    this.blobs.set(key, { loc, data: sealed });
+    this.entries.push({
+      id: Buffer.from(id),
+      type,
+      offset: loc.offset,
+      length: sealed.length,
+      rawLength,
+    });
+    this.parts.push(sealed);
+    this.partsBytes += sealed.length;
+    if (this.partsBytes >= this.packSize) await this.flush();
+  }
+
+  /** Seals and adds a blob. */
+  async add(type: BlobType, id: Buffer, plain: Uint8Array): Promise<void> {
+    if (this.has(id)) return;
+    await this.addSealed(type, id, plain.length, this.crypto.sealChunk(type, id, plain));
+  }
+
+  /** Starts uploading the current pack (if it holds anything); waits while too many upload. */
+  async flush(): Promise<void> {
+    this.throwIfFailed();
+    if (this.entries.length === 0) return;
+    while (this.inFlight.size >= this.maxInFlight) await Promise.race(this.inFlight);
+    this.throwIfFailed();
+    const pack = this.pack;
+    const entries = this.entries;
+    const parts = this.parts;
+    this.pack = newPackId();
+    this.entries = [];
+    this.parts = [];
+    this.partsBytes = 0;
+    const body = Buffer.concat([...parts, encodePackTrailer(this.crypto, pack, entries)]);
+    // Point pending blobs at the one concatenated buffer so the parts can be freed.
+    for (const e of entries) {
+      const b = this.blobs.get(e.id.toString('latin1'));
+      if (b !== undefined && b.loc.pack === pack)
+        b.data = body.subarray(e.offset, e.offset + e.length);
+    }
+    const upload = this.backend.put(packKey(pack), body).then(
+      () => {
+        this.uploadedBytes += body.length;
+        this.written.push({ pack, entries });
+        for (const e of entries) {
+          const b = this.blobs.get(e.id.toString('latin1'));
+          if (b !== undefined) b.data = undefined;
+        }
+      },
+      (err: unknown) => {
+        this.failure ??= err;
+      },
+    );
+    const tracked = upload.finally(() => this.inFlight.delete(tracked));
+    this.inFlight.add(tracked);
+  }
+
+  /** Uploads everything and waits until every pack is durable. */
+  async finish(): Promise<Array<{ pack: string; entries: PackEntry[] }>> {
+    await this.flush();
+    await Promise.all(this.inFlight);
+    this.throwIfFailed();
+    return this.written;
+  }
+
+  /** Waits for uploads without raising their errors (for abort). */
+  async settle(): Promise<void> {
+    await Promise.allSettled(this.inFlight);
+  }
+
+  private throwIfFailed(): void {
+    if (this.failure !== undefined) throw this.failure;
+  }
+}
+
+function newPackId(): string {
+  return randomBytes(16).toString('hex');
+}

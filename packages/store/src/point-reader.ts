@@ -1,0 +1,281 @@
+import { Readable } from 'node:stream';
+import { isLifeboatError } from '@lifeboat/protocol';
+import { mapLimit } from './map-limit.js';
+import { packKey } from './object-format.js';
+import type { BlobLocation } from './object-format.js';
+import type { PointRecord } from './point-record.js';
+import { BlobType } from './store-crypto.js';
+import { storeError } from './store-error.js';
+import type { Store } from './store.js';
+import type { PointExtent, PointInfo, PointReader } from './store-types.js';
+import { getRef } from './tree-node.js';
+
+// Streaming reads fetch this many chunks per window and keep this many windows in flight.
+const WINDOW_CHUNKS = 64;
+const READ_AHEAD = 3;
+// Adjacent blobs of one pack are fetched in one ranged read up to this size.
+const MAX_RUN_BYTES = 8 * 1024 * 1024;
+
+/** Reads one point: walks its tree (never a chain of deltas) and fetches chunks from packs. */
+export class StorePointReader implements PointReader {
+  readonly point: PointInfo;
+  readonly size: number;
+  private readonly cs: number;
+
+  constructor(
+    private readonly store: Store,
+    private readonly record: PointRecord,
+  ) {
+    this.point = { ...record.info, labels: { ...record.info.labels } };
+    this.size = record.info.size;
+    this.cs = store.chunkSize;
+  }
+
+  async readAt(offset: number, length: number): Promise<Buffer> {
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length < 0
+    ) {
+      throw storeError(
+        'LB_STORE_INVALID_ARGUMENT',
+        `Invalid read range: offset ${offset}, length ${length}.`,
+        {},
+      );
+    }
+    if (offset + length > this.size) {
+      throw storeError(
+        'LB_STORE_OUT_OF_RANGE',
+        `Read ${offset}+${length} ends past the size ${this.size} of point ${this.point.id}.`,
+        { point: this.point.id, offset, length, size: this.size },
+      );
+    }
+    return this.readRange(offset, length, true);
+  }
+
+  async *extents(): AsyncIterable<PointExtent> {
+    let cur: PointExtent | undefined;
+    for await (const run of this.runs()) {
+      if (cur !== undefined && cur.zero === run.zero && cur.offset + cur.length === run.offset) {
+        cur.length += run.length;
+      } else {
+        if (cur !== undefined) yield cur;
+        cur = { ...run };
+      }
+    }
+    if (cur !== undefined) yield cur;
+  }
+
+  stream(options: { start?: number; end?: number } = {}): NodeJS.ReadableStream {
+    const start = options.start ?? 0;
+    const end = options.end ?? this.size;
+    if (
+      !Number.isSafeInteger(start) ||
+      !Number.isSafeInteger(end) ||
+      start < 0 ||
+      end > this.size ||
+      start > end
+    ) {
+      throw storeError(
+        'LB_STORE_OUT_OF_RANGE',
+        `Stream range ${start}..${end} is outside point ${this.point.id} of size ${this.size}.`,
+        { point: this.point.id, start, end, size: this.size },
+      );
+    }
+    const window = WINDOW_CHUNKS * this.cs;
+    const readRange = (from: number, to: number): Promise<Buffer> =>
+      this.readRange(from, to - from, false);
+    async function* windows(): AsyncGenerator<Buffer> {
+      const queue: Array<Promise<Buffer>> = [];
+      let next = start;
+      const fill = (): void => {
+        while (queue.length < READ_AHEAD && next < end) {
+          // Windows are aligned to chunks so each chunk is fetched once.
+          const stop = Math.min(end, (Math.floor(next / window) + 1) * window);
+          const p = readRange(next, stop);
+          // Attach a handler now; the error surfaces when this window is awaited below.
+          p.catch(() => undefined);
+          queue.push(p);
+          next = stop;
+        }
+      };
+      fill();
+      while (queue.length > 0) {
+        const buf = await (queue.shift() as Promise<Buffer>);
+        fill();
+        yield buf;
+      }
+    }
+    return Readable.from(windows(), { objectMode: false, highWaterMark: 1 });
+  }
+
+  async *chunkIds(): AsyncIterable<{ offset: number; id: string | null }> {
+    const chunks = Math.ceil(this.size / this.cs);
+    const F = this.store.fanout;
+    for (let l = 0; l * F < chunks; l++) {
+      const refs = await this.leafRefs(l);
+      for (let i = 0; i < F && l * F + i < chunks; i++) {
+        const id = refs === null ? null : getRef(refs, i);
+        yield { offset: (l * F + i) * this.cs, id: id === null ? null : id.toString('hex') };
+      }
+    }
+  }
+
+  // ---- internals --------------------------------------------------------------------------------
+
+  /** Leaf l's references, or null when the whole leaf reads as zeros. */
+  private async leafRefs(l: number): Promise<Buffer | null> {
+    const ctx = { point: this.point.id, offset: l * this.store.fanout * this.cs };
+    const id = await this.store.nodeAt(this.record.root, this.record.height, 0, l, ctx);
+    return id === null ? null : this.store.readNode(id, 0, ctx);
+  }
+
+  /** The chunk ids covering chunks [a, b). */
+  private async refsFor(a: number, b: number): Promise<Array<Buffer | null>> {
+    const F = this.store.fanout;
+    const out: Array<Buffer | null> = [];
+    for (let l = Math.floor(a / F); l * F < b; l++) {
+      const refs = await this.leafRefs(l);
+      for (let j = Math.max(a, l * F); j < Math.min(b, (l + 1) * F); j++) {
+        out.push(refs === null ? null : getRef(refs, j - l * F));
+      }
+    }
+    return out;
+  }
+
+  /** Reads [offset, offset+length); `cached` uses the chunk cache (random access) or not (streams). */
+  private async readRange(offset: number, length: number, cached: boolean): Promise<Buffer> {
+    const out = Buffer.alloc(length);
+    if (length === 0) return out;
+    const cs = this.cs;
+    const a = Math.floor(offset / cs);
+    const b = Math.ceil((offset + length) / cs);
+    const refs = await this.refsFor(a, b);
+    const chunks = await this.fetch(refs, a, cached);
+    for (let j = a; j < b; j++) {
+      const plain = chunks[j - a];
+      if (plain === undefined || plain === null) continue;
+      const from = Math.max(offset, j * cs);
+      const to = Math.min(offset + length, (j + 1) * cs);
+      plain.copy(out, from - offset, from - j * cs, to - j * cs);
+    }
+    return out;
+  }
+
+  /** Fetches chunks, one ranged read per run of adjacent blobs in one pack. */
+  private async fetch(
+    refs: Array<Buffer | null>,
+    first: number,
+    cached: boolean,
+  ): Promise<Array<Buffer | null>> {
+    const store = this.store;
+    const out: Array<Buffer | null> = refs.map(() => null);
+    type Item = { i: number; id: Buffer; loc: BlobLocation };
+    const runs: Item[][] = [];
+    let run: Item[] = [];
+    for (let i = 0; i < refs.length; i++) {
+      const id = refs[i];
+      if (id === null || id === undefined) continue;
+      const ctx = { point: this.point.id, offset: (first + i) * this.cs };
+      if (cached) {
+        out[i] = await store.readBlob(Buffer.from(id), BlobType.Data, ctx);
+        continue;
+      }
+      const loc = store.index.get(id);
+      if (loc === undefined) throw store.notLocated(Buffer.from(id), BlobType.Data, ctx);
+      const last = run[run.length - 1];
+      const runStart = run[0];
+      if (
+        last !== undefined &&
+        runStart !== undefined &&
+        (last.loc.pack !== loc.pack ||
+          last.loc.offset + last.loc.length !== loc.offset ||
+          loc.offset + loc.length - runStart.loc.offset > MAX_RUN_BYTES)
+      ) {
+        runs.push(run);
+        run = [];
+      }
+      run.push({ i, id: Buffer.from(id), loc });
+    }
+    if (run.length > 0) runs.push(run);
+    await mapLimit(runs, 4, async (items) => {
+      const head = items[0] as Item;
+      const tail = items[items.length - 1] as Item;
+      const ctx = { point: this.point.id, offset: (first + head.i) * this.cs };
+      let data: Buffer;
+      try {
+        data = await store.backend.getRange(
+          packKey(head.loc.pack),
+          head.loc.offset,
+          tail.loc.offset + tail.loc.length - head.loc.offset,
+        );
+      } catch (err) {
+        if (
+          isLifeboatError(err, 'LB_BACKEND_NOT_FOUND') ||
+          isLifeboatError(err, 'LB_BACKEND_RANGE')
+        ) {
+          // Fall back to one blob at a time: names the exact chunk, and retries after a repack.
+          for (const it of items) {
+            out[it.i] = await store.readBlobUncached(it.id, BlobType.Data, {
+              point: this.point.id,
+              offset: (first + it.i) * this.cs,
+            });
+          }
+          return;
+        }
+        throw store.blobReadError(err, head.id, BlobType.Data, head.loc, ctx);
+      }
+      for (const it of items) {
+        const rel = it.loc.offset - head.loc.offset;
+        out[it.i] = store.openBlob(
+          data.subarray(rel, rel + it.loc.length),
+          it.id,
+          BlobType.Data,
+          it.loc,
+          {
+            point: this.point.id,
+            offset: (first + it.i) * this.cs,
+          },
+        );
+      }
+    });
+    return out;
+  }
+
+  /** Runs of chunks in offset order, each all-zero or all-data, walking whole zero subtrees at once. */
+  private async *runs(): AsyncIterable<PointExtent> {
+    const store = this.store;
+    const cs = this.cs;
+    const size = this.size;
+    const F = store.fanout;
+    const pow = store.pow;
+    const point = this.point.id;
+    async function* walk(
+      id: Buffer | null,
+      level: number,
+      idx: number,
+    ): AsyncGenerator<PointExtent> {
+      const span = (pow[level + 1] as number) * cs;
+      const start = idx * span;
+      if (start >= size) return;
+      const length = Math.min(span, size - start);
+      if (id === null) {
+        yield { offset: start, length, zero: true };
+        return;
+      }
+      const refs = await store.readNode(id, level, { point, offset: start });
+      for (let c = 0; c < F; c++) {
+        const child = getRef(refs, c);
+        if (level === 0) {
+          const off = start + c * cs;
+          if (off >= size) return;
+          yield { offset: off, length: Math.min(cs, size - off), zero: child === null };
+        } else {
+          yield* walk(child === null ? null : Buffer.from(child), level - 1, idx * F + c);
+        }
+      }
+    }
+    yield* walk(this.record.root, this.record.height - 1, 0);
+  }
+}

@@ -1,0 +1,215 @@
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import { isLifeboatError } from '@lifeboat/protocol';
+import type { ObjectBackend } from './object-backend.js';
+import { storeError } from './store-error.js';
+
+/** Lock timings. */
+export interface LockOptions {
+  /** How often a held lock's object is rewritten with a fresh time. @default 60000 */
+  refreshMs: number;
+  /** A lock not refreshed for this long is stale: its holder is presumed dead. @default 600000 */
+  staleMs: number;
+  /** How long a writer waits for a running gc to finish before giving up. @default 30000 */
+  sharedWaitMs: number;
+}
+
+/** The content of a lock object (`locks/<id>`). */
+export interface LockRecord {
+  version: 1;
+  exclusive: boolean;
+  host: string;
+  pid: number;
+  purpose: string;
+  created: string;
+  /** Last heartbeat. */
+  time: string;
+}
+
+/** A lock this process holds; keeps it fresh until released. */
+export class HeldLock {
+  private timer: NodeJS.Timeout | undefined;
+  private lastRefresh = Date.now();
+  private lost: unknown;
+  private refreshing: Promise<void> | undefined;
+
+  constructor(
+    private readonly owner: StoreLocks,
+    readonly key: string,
+    private readonly record: LockRecord,
+  ) {
+    this.timer = setInterval(() => {
+      this.refreshing ??= this.refresh().finally(() => {
+        this.refreshing = undefined;
+      });
+    }, owner.options.refreshMs);
+    // The heartbeat must not keep a process alive on its own; release() clears it.
+    this.timer.unref();
+  }
+
+  private async refresh(): Promise<void> {
+    const now = new Date();
+    try {
+      if ((await this.owner.backend.stat(this.key)) === undefined)
+        throw new Error('lock object was removed');
+      await this.owner.backend.put(
+        this.key,
+        Buffer.from(JSON.stringify({ ...this.record, time: now.toISOString() })),
+        { overwrite: true },
+      );
+      this.lastRefresh = now.getTime();
+    } catch (err) {
+      this.lost ??= err;
+    }
+  }
+
+  /** Throws LB_STORE_LOCK_LOST when the lock may have been taken over (so committing is unsafe). */
+  async check(): Promise<void> {
+    await this.refreshing;
+    const age = Date.now() - this.lastRefresh;
+    let exists = false;
+    try {
+      exists = (await this.owner.backend.stat(this.key)) !== undefined;
+    } catch (err) {
+      this.lost ??= err;
+    }
+    if (this.lost !== undefined || !exists || age > this.owner.options.staleMs) {
+      throw storeError(
+        'LB_STORE_LOCK_LOST',
+        `The store lock ${this.key} was lost (not refreshed for ${age} ms or removed), so a gc may have run meanwhile. Nothing was committed; start the write again.`,
+        { object: this.key, ageMs: age },
+        this.lost,
+      );
+    }
+    // Refresh now so the point is written well inside the lock's lifetime.
+    await this.refresh();
+  }
+
+  /** Stops the heartbeat and deletes the lock object. */
+  async release(): Promise<void> {
+    if (this.timer === undefined) return;
+    clearInterval(this.timer);
+    this.timer = undefined;
+    await this.refreshing;
+    this.owner.forget(this);
+    await this.owner.backend.delete(this.key).catch(() => undefined);
+  }
+}
+
+/**
+ * restic-style locks on a dumb object store: each holder writes its own lock object, then lists
+ * the others. Writers hold shared locks, gc an exclusive one; whoever sees a conflict removes
+ * its own object and backs off, so two conflicting holders can never both proceed.
+ */
+export class StoreLocks {
+  readonly options: LockOptions;
+  private readonly held = new Set<HeldLock>();
+
+  constructor(
+    readonly backend: ObjectBackend,
+    options: Partial<LockOptions>,
+  ) {
+    this.options = Object.freeze({
+      refreshMs: options.refreshMs ?? 60_000,
+      staleMs: options.staleMs ?? 600_000,
+      sharedWaitMs: options.sharedWaitMs ?? 30_000,
+    });
+  }
+
+  /** Takes a lock; rejects with LB_STORE_LOCKED when a conflicting live lock exists. */
+  async acquire(exclusive: boolean, purpose: string): Promise<HeldLock> {
+    const deadline = Date.now() + (exclusive ? 0 : this.options.sharedWaitMs);
+    for (let delay = 100; ; delay = Math.min(delay * 2, 2000)) {
+      try {
+        return await this.tryAcquire(exclusive, purpose);
+      } catch (err) {
+        if (!isLifeboatError(err, 'LB_STORE_LOCKED') || Date.now() + delay > deadline) throw err;
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
+  }
+
+  private async tryAcquire(exclusive: boolean, purpose: string): Promise<HeldLock> {
+    const now = new Date().toISOString();
+    const record: LockRecord = {
+      version: 1,
+      exclusive,
+      host: hostname(),
+      pid: process.pid,
+      purpose,
+      created: now,
+      time: now,
+    };
+    const key = `locks/${randomBytes(16).toString('hex')}`;
+    await this.backend.put(key, Buffer.from(JSON.stringify(record)));
+    let conflict: { key: string; record: LockRecord } | undefined;
+    try {
+      for (const other of await this.others(key)) {
+        if (other.stale) continue;
+        if (exclusive || other.record.exclusive) {
+          conflict = other;
+          break;
+        }
+      }
+    } catch (err) {
+      await this.backend.delete(key).catch(() => undefined);
+      throw err;
+    }
+    if (conflict !== undefined) {
+      await this.backend.delete(key).catch(() => undefined);
+      const r = conflict.record;
+      throw storeError(
+        'LB_STORE_LOCKED',
+        `The store is locked ${r.exclusive ? 'exclusively' : 'by a writer'} (${r.purpose}, host ${r.host}, pid ${r.pid}, since ${r.created}). Retry when it is done; a lock whose holder died expires ${Math.round(this.options.staleMs / 1000)} s after its last heartbeat.`,
+        { object: conflict.key, holder: r },
+      );
+    }
+    const lock = new HeldLock(this, key, record);
+    this.held.add(lock);
+    return lock;
+  }
+
+  /** Every lock object except `own`, with whether it is stale. */
+  async others(own?: string): Promise<Array<{ key: string; record: LockRecord; stale: boolean }>> {
+    const out: Array<{ key: string; record: LockRecord; stale: boolean }> = [];
+    for await (const info of this.backend.list('locks/')) {
+      if (info.key === own) continue;
+      let record: LockRecord;
+      try {
+        record = JSON.parse((await this.backend.get(info.key)).toString('utf8')) as LockRecord;
+      } catch (err) {
+        if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) continue;
+        // An unreadable lock object counts as a live exclusive lock until it expires... but we
+        // cannot read its time, so treat it as stale only when it is unparsable JSON.
+        if (err instanceof SyntaxError) continue;
+        throw err;
+      }
+      out.push({ key: info.key, record, stale: this.isStale(record) });
+    }
+    return out;
+  }
+
+  /** True when a lock's holder is presumed dead. */
+  isStale(r: LockRecord): boolean {
+    const t = Date.parse(r.time);
+    if (!Number.isFinite(t) || Date.now() - t > this.options.staleMs) return true;
+    if (r.host === hostname() && r.pid !== process.pid) {
+      try {
+        process.kill(r.pid, 0);
+      } catch (err) {
+        return (err as NodeJS.ErrnoException).code === 'ESRCH';
+      }
+    }
+    return false;
+  }
+
+  /** @internal */
+  forget(lock: HeldLock): void {
+    this.held.delete(lock);
+  }
+
+  /** Releases every lock this process holds (on close). */
+  async releaseAll(): Promise<void> {
+    for (const lock of [...this.held]) await lock.release();
+  }
+}

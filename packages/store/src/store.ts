@@ -1,0 +1,775 @@
+import { randomBytes } from 'node:crypto';
+import { isLifeboatError } from '@lifeboat/protocol';
+import { ChunkIndex } from './chunk-index.js';
+import { LruCache } from './lru-cache.js';
+import { mapLimit } from './map-limit.js';
+import type { ObjectBackend } from './object-backend.js';
+import {
+  FormatError,
+  ObjectKind,
+  decodeIndex,
+  openObject,
+  packKey,
+  pointKey,
+  sealObject,
+} from './object-format.js';
+import type { BlobLocation } from './object-format.js';
+import type { PackWriter } from './pack-writer.js';
+import { decodePoint, encodePoint } from './point-record.js';
+import type { PointRecord } from './point-record.js';
+import { BlobType, StoreCrypto } from './store-crypto.js';
+import {
+  STORE_VERSION,
+  configText,
+  parseConfig,
+  parseKeyFile,
+  unwrapMasterKey,
+  wrapMasterKey,
+} from './store-config.js';
+import type { KeyFile, StoreConfig } from './store-config.js';
+import { storeError } from './store-error.js';
+import type {
+  GcReport,
+  PointFilter,
+  PointInfo,
+  PointReader,
+  Progress,
+  PruneReport,
+  RetentionPolicy,
+  StoreApi,
+  StoreInitOptions,
+  StoreOpenOptions,
+  StoreStats,
+  VerifyReport,
+  WriteSession,
+  WriteSessionOptions,
+} from './store-types.js';
+import { TreeNode, getRef } from './tree-node.js';
+import { StoreWriteSession } from './write-session.js';
+import { StorePointReader } from './point-reader.js';
+import { StoreMaintenance } from './store-maintenance.js';
+import { StoreLocks } from './store-locks.js';
+import type { LockOptions } from './store-locks.js';
+
+/** Facts about a read, for error messages and details. */
+export interface ReadContext {
+  point?: string;
+  /** Disk offset of the chunk being read. */
+  offset?: number;
+}
+
+const DEFAULT_CHUNK = 65536;
+const DEFAULT_PACK = 16 * 1024 * 1024;
+const DEFAULT_KDF = 32768;
+const DEFAULT_FANOUT = 256;
+const DEFAULT_CACHE = 64 * 1024 * 1024;
+const NODE_CACHE = 32 * 1024 * 1024;
+
+/** Extra options of {@link Store.open} and {@link Store.init} beyond the API contract. */
+export interface StoreExtraOptions {
+  /** Lock timings (tests shorten them). */
+  locks?: Partial<LockOptions>;
+}
+
+/**
+ * The replica store: content-addressed, encrypted, deduplicated recovery points over an
+ * {@link ObjectBackend}. See docs/store-format.md for every object it writes.
+ */
+export class Store implements StoreApi {
+  readonly id: string;
+  readonly chunkSize: number;
+  readonly location: string;
+  /** @internal */ readonly backend: ObjectBackend;
+  /** @internal */ readonly config: StoreConfig;
+  /** @internal */ readonly crypto: StoreCrypto;
+  /** @internal */ readonly index = new ChunkIndex();
+  /** @internal */ readonly fanout: number;
+  /** @internal */ readonly pow: number[];
+  /** @internal */ readonly locks: StoreLocks;
+  /** @internal */ readonly zeroChunk: Buffer;
+  private readonly nodeCache = new LruCache<string, Buffer>(NODE_CACHE, (b) => b.length + 64);
+  private readonly chunkCache: LruCache<string, Buffer>;
+  private readonly points = new Map<string, PointRecord>();
+  /** Point objects that could not be read, by id. */
+  private readonly damagedPoints = new Map<string, Error>();
+  private masterKey: Buffer;
+  private closed = false;
+  private indexRefresh: Promise<void> | undefined;
+
+  private constructor(
+    backend: ObjectBackend,
+    config: StoreConfig,
+    masterKey: Buffer,
+    cacheBytes: number,
+    extra: StoreExtraOptions,
+  ) {
+    this.backend = backend;
+    this.config = config;
+    this.id = config.id;
+    this.chunkSize = config.chunkSize;
+    this.fanout = config.treeFanout;
+    this.location = backend.location;
+    this.masterKey = masterKey;
+    this.crypto = new StoreCrypto(masterKey, config.id, config.compressionLevel);
+    this.chunkCache = new LruCache(cacheBytes, (b) => b.length + 64);
+    this.zeroChunk = Buffer.alloc(config.chunkSize);
+    this.pow = [1];
+    for (let i = 1; i < 12; i++) this.pow.push((this.pow[i - 1] as number) * this.fanout);
+    this.locks = new StoreLocks(backend, extra.locks ?? {});
+  }
+
+  /** Creates a new store in an empty backend. */
+  static async init(options: StoreInitOptions & StoreExtraOptions): Promise<Store> {
+    const chunkSize = options.chunkSize ?? DEFAULT_CHUNK;
+    const packSize = options.packSize ?? DEFAULT_PACK;
+    const kdfCost = options.kdfCost ?? DEFAULT_KDF;
+    const pow2 = (n: number): boolean => Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
+    if (!pow2(chunkSize) || chunkSize < 4096 || chunkSize > 1024 * 1024) {
+      throw invalid(`chunkSize must be a power of two from 4096 to 1048576, not ${chunkSize}.`);
+    }
+    if (!Number.isSafeInteger(packSize) || packSize < chunkSize || packSize > 1024 * 1024 * 1024) {
+      throw invalid(`packSize must be from chunkSize to 1 GiB, not ${packSize}.`);
+    }
+    if (!pow2(kdfCost) || kdfCost < 1024 || kdfCost > 1 << 22) {
+      throw invalid(`kdfCost must be a power of two from 1024 to 4194304, not ${kdfCost}.`);
+    }
+    if (typeof options.passphrase !== 'string' || options.passphrase.length === 0) {
+      throw invalid('The passphrase must not be empty.');
+    }
+    const backend = options.backend;
+    if ((await backend.stat('config')) !== undefined) {
+      throw storeError(
+        'LB_STORE_EXISTS',
+        `A Lifeboat store already exists at ${backend.location}. Open it instead, or choose an empty location.`,
+        { location: backend.location },
+      );
+    }
+    const masterKey = randomBytes(32);
+    const base: StoreConfig = {
+      format: 'lifeboat-store',
+      version: STORE_VERSION,
+      id: randomBytes(16).toString('hex'),
+      chunkSize,
+      packSize,
+      treeFanout: DEFAULT_FANOUT,
+      compressionLevel: 1,
+      createdAt: new Date().toISOString(),
+    };
+    const store = new Store(backend, base, masterKey, DEFAULT_CACHE, options);
+    const keyFile = await wrapMasterKey(masterKey, options.passphrase, base.id, kdfCost);
+    // The key first, then the config: a store "exists" once its config does, and then it opens.
+    await backend.put(
+      `keys/${randomBytes(16).toString('hex')}`,
+      Buffer.from(JSON.stringify(keyFile)),
+    );
+    const config = { ...base, mac: store.crypto.configMac(configText(base)) };
+    await backend.put('config', Buffer.from(JSON.stringify(config, null, 2)));
+    return store;
+  }
+
+  /** Opens an existing store. */
+  static async open(options: StoreOpenOptions & StoreExtraOptions): Promise<Store> {
+    const backend = options.backend;
+    let data: Buffer;
+    try {
+      data = await backend.get('config');
+    } catch (err) {
+      if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) {
+        throw storeError(
+          'LB_STORE_NOT_FOUND',
+          `There is no Lifeboat store at ${backend.location}. Check the location, or create one with init.`,
+          { location: backend.location },
+          err,
+        );
+      }
+      throw err;
+    }
+    const config = parseConfig(data, backend.location);
+    const keys: Array<{ key: string; file: KeyFile }> = [];
+    let damaged: unknown;
+    for await (const info of backend.list('keys/')) {
+      try {
+        keys.push({
+          key: info.key,
+          file: parseKeyFile(await backend.get(info.key), info.key, backend.location),
+        });
+      } catch (err) {
+        if (isLifeboatError(err, 'LB_STORE_UNSUPPORTED_VERSION')) throw err;
+        damaged ??= err;
+      }
+    }
+    let masterKey: Buffer | undefined;
+    for (const k of keys) {
+      masterKey = await unwrapMasterKey(k.file, options.passphrase, config.id);
+      if (masterKey !== undefined) break;
+    }
+    if (masterKey === undefined) {
+      if (keys.length === 0) {
+        throw (
+          damaged ??
+          storeError(
+            'LB_STORE_CORRUPT_KEY',
+            `The store at ${backend.location} has no key object, so it cannot be opened. Restore keys/ from a copy of the store.`,
+            { location: backend.location, object: 'keys/' },
+          )
+        );
+      }
+      throw storeError(
+        'LB_STORE_WRONG_PASSPHRASE',
+        `The passphrase does not open the store at ${backend.location}. Check it (LIFEBOAT_PASSPHRASE or --passphrase-file) and try again.`,
+        { location: backend.location },
+      );
+    }
+    const { mac, ...plain } = config;
+    const store = new Store(
+      backend,
+      plain,
+      masterKey,
+      options.cacheBytes ?? DEFAULT_CACHE,
+      options,
+    );
+    if (store.crypto.configMac(configText(plain)) !== mac) {
+      throw storeError(
+        'LB_STORE_CORRUPT_CONFIG',
+        `The config object of the store at ${backend.location} fails its authentication check: it was changed or damaged. Restore it from a copy of the store.`,
+        { object: 'config', location: backend.location },
+      );
+    }
+    await store.refreshIndex(true);
+    return store;
+  }
+
+  // ---- points -------------------------------------------------------------------------------
+
+  async beginWrite(options: WriteSessionOptions): Promise<WriteSession> {
+    this.throwIfClosed();
+    return StoreWriteSession.begin(this, options);
+  }
+
+  async listPoints(filter: PointFilter = {}): Promise<PointInfo[]> {
+    this.throwIfClosed();
+    await this.refreshPoints();
+    const out: PointInfo[] = [];
+    for (const r of this.points.values()) {
+      const p = r.info;
+      if (filter.machine !== undefined && p.machine !== filter.machine) continue;
+      if (filter.disk !== undefined && p.disk !== filter.disk) continue;
+      if (filter.kind !== undefined && p.kind !== filter.kind) continue;
+      if (filter.consistencyGroup !== undefined && p.consistencyGroup !== filter.consistencyGroup)
+        continue;
+      if (filter.cut !== undefined && p.cut !== filter.cut) continue;
+      if (filter.since !== undefined && p.time < filter.since) continue;
+      if (filter.until !== undefined && p.time > filter.until) continue;
+      out.push(clonePoint(p));
+    }
+    return out.sort(comparePoints);
+  }
+
+  async getPoint(id: string): Promise<PointInfo> {
+    return clonePoint((await this.loadPoint(id)).info);
+  }
+
+  async latestPoint(machine: string, disk: string): Promise<PointInfo | undefined> {
+    const all = await this.listPoints({ machine, disk });
+    return all[all.length - 1];
+  }
+
+  async openPoint(id: string): Promise<PointReader> {
+    this.throwIfClosed();
+    return new StorePointReader(this, await this.loadPoint(id));
+  }
+
+  chunkIdOf(data: Uint8Array): string {
+    if (data.length !== this.chunkSize) {
+      throw invalid(
+        `chunkIdOf takes a whole chunk of ${this.chunkSize} bytes, not ${data.length}.`,
+      );
+    }
+    if (isZero(data)) return this.crypto.chunkId(this.zeroChunk).toString('hex');
+    return this.crypto.chunkId(data).toString('hex');
+  }
+
+  async deletePoints(ids: string[]): Promise<void> {
+    this.throwIfClosed();
+    for (const id of ids) {
+      checkPointId(id);
+      await this.backend.delete(pointKey(id));
+      this.points.delete(id);
+      this.damagedPoints.delete(id);
+    }
+  }
+
+  /** Points whose objects could not be read at the last listing, with the reason. */
+  damagedPointObjects(): Array<{ id: string; object: string; error: Error }> {
+    return [...this.damagedPoints].map(([id, error]) => ({ id, object: pointKey(id), error }));
+  }
+
+  // ---- maintenance --------------------------------------------------------------------------
+
+  async stats(): Promise<StoreStats> {
+    this.throwIfClosed();
+    return new StoreMaintenance(this).stats();
+  }
+
+  async verify(options: { onProgress?: (p: Progress) => void } = {}): Promise<VerifyReport> {
+    this.throwIfClosed();
+    return new StoreMaintenance(this).verify(options.onProgress);
+  }
+
+  async prune(
+    policy: RetentionPolicy,
+    options: { now?: Date; dryRun?: boolean; machine?: string } = {},
+  ): Promise<PruneReport> {
+    this.throwIfClosed();
+    return new StoreMaintenance(this).prune(policy, options);
+  }
+
+  async gc(options: { onProgress?: (p: Progress) => void } = {}): Promise<GcReport> {
+    this.throwIfClosed();
+    return new StoreMaintenance(this).gc(options.onProgress);
+  }
+
+  async changePassphrase(newPassphrase: string): Promise<void> {
+    this.throwIfClosed();
+    if (typeof newPassphrase !== 'string' || newPassphrase.length === 0) {
+      throw invalid('The new passphrase must not be empty.');
+    }
+    const old: string[] = [];
+    let cost = DEFAULT_KDF;
+    for await (const info of this.backend.list('keys/')) {
+      old.push(info.key);
+      try {
+        cost = parseKeyFile(await this.backend.get(info.key), info.key, this.location).N;
+      } catch {
+        // A damaged old key object is replaced all the same.
+      }
+    }
+    const keyFile = await wrapMasterKey(this.masterKey, newPassphrase, this.id, cost);
+    // New key first, then drop the old ones: a crash in between leaves both passphrases working.
+    await this.backend.put(
+      `keys/${randomBytes(16).toString('hex')}`,
+      Buffer.from(JSON.stringify(keyFile)),
+    );
+    for (const key of old) await this.backend.delete(key);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.chunkCache.clear();
+    this.nodeCache.clear();
+    this.index.clear();
+    this.masterKey.fill(0);
+    await this.locks.releaseAll();
+    await this.backend.close();
+  }
+
+  // ---- internals shared with sessions, readers and maintenance -------------------------------
+
+  /** @internal Loads index objects written since the last call; reloads all when one vanished (gc). */
+  async refreshIndex(full = false): Promise<void> {
+    if (this.indexRefresh !== undefined) return this.indexRefresh;
+    this.indexRefresh = this.doRefreshIndex(full).finally(() => {
+      this.indexRefresh = undefined;
+    });
+    return this.indexRefresh;
+  }
+
+  private async doRefreshIndex(full: boolean): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      const keys: string[] = [];
+      for await (const info of this.backend.list('index/')) keys.push(info.key);
+      const present = new Set(keys);
+      const vanished = [...this.index.loaded].some((k) => !present.has(k));
+      if (full || vanished) this.index.clear();
+      full = false;
+      const fresh = keys.filter((k) => !this.index.loaded.has(k) && !this.index.damaged.has(k));
+      let raced = false;
+      await mapLimit(fresh, 8, async (key) => {
+        try {
+          const content = decodeIndex(
+            openObject(this.crypto, ObjectKind.Index, key, await this.backend.get(key)),
+          );
+          for (const p of content.packs) this.index.addPack(p.pack, p.entries);
+          this.index.loaded.add(key);
+        } catch (err) {
+          if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) {
+            raced = true;
+            return;
+          }
+          if (err instanceof FormatError && err.unsupportedVersion !== undefined) {
+            throw storeError(
+              'LB_STORE_UNSUPPORTED_VERSION',
+              `Index object ${key} has format version ${err.unsupportedVersion}; this Lifeboat reads version ${STORE_VERSION}. Use a newer Lifeboat.`,
+              { object: key, version: err.unsupportedVersion, location: this.location },
+            );
+          }
+          if (err instanceof FormatError) this.index.damaged.set(key, err);
+          else throw err;
+        }
+      });
+      if (!raced || attempt >= 3) return;
+      full = true;
+    }
+  }
+
+  /** @internal Reloads the point list from the backend. */
+  async refreshPoints(): Promise<void> {
+    const ids: string[] = [];
+    for await (const info of this.backend.list('points/')) {
+      const id = info.key.slice('points/'.length);
+      if (/^[0-9a-f]{32}$/.test(id)) ids.push(id);
+    }
+    const present = new Set(ids);
+    for (const id of [...this.points.keys()]) if (!present.has(id)) this.points.delete(id);
+    for (const id of [...this.damagedPoints.keys()])
+      if (!present.has(id)) this.damagedPoints.delete(id);
+    await mapLimit(
+      ids.filter((id) => !this.points.has(id)),
+      16,
+      async (id) => {
+        try {
+          await this.loadPoint(id);
+        } catch (err) {
+          if (isLifeboatError(err, 'LB_STORE_POINT_NOT_FOUND')) return;
+          if (isLifeboatError(err) && err.code.startsWith('LB_STORE_')) {
+            this.damagedPoints.set(id, err);
+            return;
+          }
+          throw err;
+        }
+      },
+    );
+  }
+
+  /** @internal A point's record (cached; point objects are immutable). */
+  async loadPoint(id: string): Promise<PointRecord> {
+    checkPointId(id);
+    const cached = this.points.get(id);
+    if (cached !== undefined) return cached;
+    const key = pointKey(id);
+    let data: Buffer;
+    try {
+      data = await this.backend.get(key);
+    } catch (err) {
+      if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) {
+        throw storeError(
+          'LB_STORE_POINT_NOT_FOUND',
+          `Recovery point ${id} does not exist in the store at ${this.location}. List the points to pick another.`,
+          { point: id, object: key },
+          err,
+        );
+      }
+      throw err;
+    }
+    let record: PointRecord;
+    try {
+      record = decodePoint(openObject(this.crypto, ObjectKind.Point, key, data), id);
+    } catch (err) {
+      if (err instanceof FormatError && err.unsupportedVersion !== undefined) {
+        throw storeError(
+          'LB_STORE_UNSUPPORTED_VERSION',
+          `Point object ${key} has format version ${err.unsupportedVersion}; this Lifeboat reads version ${STORE_VERSION}. Use a newer Lifeboat.`,
+          { point: id, object: key, version: err.unsupportedVersion },
+        );
+      }
+      throw storeError(
+        'LB_STORE_CORRUPT_POINT',
+        `Point object ${key} is damaged (${(err as Error).message}); recovery point ${id} cannot be read. Other points are unaffected; pick another point or restore the object from a copy.`,
+        { point: id, object: key, location: this.location },
+        err,
+      );
+    }
+    this.points.set(id, record);
+    return record;
+  }
+
+  /** @internal Writes a point object (the last step of a commit). */
+  async putPoint(record: PointRecord): Promise<void> {
+    const key = pointKey(record.info.id);
+    await this.backend.put(
+      key,
+      sealObject(this.crypto, ObjectKind.Point, key, encodePoint(record)),
+    );
+    this.points.set(record.info.id, record);
+  }
+
+  /** @internal Where a blob lives: this session's writer first, then the index. */
+  locate(
+    id: Buffer,
+    writer?: PackWriter,
+  ): { loc: BlobLocation; data: Buffer | undefined } | undefined {
+    const pending = writer?.locate(id);
+    if (pending !== undefined) return pending;
+    const loc = this.index.get(id);
+    return loc === undefined ? undefined : { loc, data: undefined };
+  }
+
+  /** @internal Reads, decrypts and checks one blob; errors name the point, offset and object. */
+  async readBlob(
+    id: Buffer,
+    type: BlobType,
+    ctx: ReadContext,
+    writer?: PackWriter,
+  ): Promise<Buffer> {
+    const cacheKey = type === BlobType.Data ? id.toString('latin1') : undefined;
+    if (cacheKey !== undefined) {
+      const hit = this.chunkCache.get(cacheKey);
+      if (hit !== undefined) return hit;
+    }
+    const plain = await this.readBlobUncached(id, type, ctx, writer);
+    if (cacheKey !== undefined) this.chunkCache.set(cacheKey, plain);
+    return plain;
+  }
+
+  /** @internal Like readBlob, without the chunk cache (for streaming whole disks). */
+  async readBlobUncached(
+    id: Buffer,
+    type: BlobType,
+    ctx: ReadContext,
+    writer?: PackWriter,
+  ): Promise<Buffer> {
+    for (let attempt = 0; ; attempt++) {
+      const where = this.locate(id, writer);
+      if (where === undefined) throw this.notLocated(id, type, ctx);
+      let sealed = where.data;
+      if (sealed === undefined) {
+        try {
+          sealed = await this.backend.getRange(
+            packKey(where.loc.pack),
+            where.loc.offset,
+            where.loc.length,
+          );
+        } catch (err) {
+          // gc may have repacked it since this process loaded the index: look again once.
+          if (attempt === 0 && isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) {
+            await this.refreshIndex();
+            continue;
+          }
+          throw this.blobReadError(err, id, type, where.loc, ctx);
+        }
+      }
+      return this.openBlob(sealed, id, type, where.loc, ctx);
+    }
+  }
+
+  /** @internal Decrypts a sealed blob already read; errors name the point, offset and pack. */
+  openBlob(
+    sealed: Buffer,
+    id: Buffer,
+    type: BlobType,
+    loc: BlobLocation,
+    ctx: ReadContext,
+  ): Buffer {
+    let plain: Buffer;
+    try {
+      plain = this.crypto.openChunk(type, id, sealed);
+      if (plain.length !== loc.rawLength)
+        throw new Error(`length ${plain.length}, expected ${loc.rawLength}`);
+    } catch (err) {
+      throw this.corruptBlob(id, type, loc, ctx, (err as Error).message, err);
+    }
+    return plain;
+  }
+
+  /** @internal The error for a blob whose bytes fail their check. */
+  corruptBlob(
+    id: Buffer,
+    type: BlobType,
+    loc: BlobLocation,
+    ctx: ReadContext,
+    why: string,
+    cause?: unknown,
+  ): Error {
+    const what = type === BlobType.Tree ? 'Tree node' : 'Chunk';
+    return storeError(
+      type === BlobType.Tree ? 'LB_STORE_CORRUPT_TREE' : 'LB_STORE_CORRUPT_CHUNK',
+      `${what} ${id.toString('hex')} in ${packKey(loc.pack)} at byte ${loc.offset} is damaged (${why})${describe(ctx)}. That data cannot be read; run verify to list every affected point, and restore the pack from a copy if you have one.`,
+      {
+        ...ctxDetails(ctx),
+        chunk: id.toString('hex'),
+        object: packKey(loc.pack),
+        packOffset: loc.offset,
+      },
+      cause,
+    );
+  }
+
+  /** @internal The error for a blob that no index lists. */
+  notLocated(id: Buffer, type: BlobType, ctx: ReadContext): Error {
+    const what = type === BlobType.Tree ? 'Tree node' : 'Chunk';
+    if (this.index.damaged.size > 0) {
+      const damaged = [...this.index.damaged.keys()];
+      return storeError(
+        'LB_STORE_CORRUPT_INDEX',
+        `${what} ${id.toString('hex')}${describe(ctx)} is not in any readable index; index object(s) ${damaged.join(', ')} are damaged. Run gc to rebuild the index from the packs, then retry.`,
+        { ...ctxDetails(ctx), chunk: id.toString('hex'), object: damaged[0], objects: damaged },
+      );
+    }
+    return storeError(
+      'LB_STORE_MISSING_CHUNK',
+      `${what} ${id.toString('hex')}${describe(ctx)} is in no pack of the store at ${this.location}: its data is lost. Run verify to list every affected point; pick another point.`,
+      { ...ctxDetails(ctx), chunk: id.toString('hex'), object: `chunk ${id.toString('hex')}` },
+    );
+  }
+
+  /** @internal Maps a backend failure while reading a blob to a store error. */
+  blobReadError(
+    err: unknown,
+    id: Buffer,
+    type: BlobType,
+    loc: BlobLocation,
+    ctx: ReadContext,
+  ): unknown {
+    const object = packKey(loc.pack);
+    const details = {
+      ...ctxDetails(ctx),
+      chunk: id.toString('hex'),
+      object,
+      packOffset: loc.offset,
+    };
+    if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) {
+      return storeError(
+        'LB_STORE_MISSING_OBJECT',
+        `Pack ${object} is missing from the store at ${this.location}${describe(ctx)}. Its data cannot be read; run verify to list every affected point, and restore the pack from a copy if you have one.`,
+        details,
+        err,
+      );
+    }
+    if (isLifeboatError(err, 'LB_BACKEND_RANGE')) {
+      return storeError(
+        'LB_STORE_TRUNCATED_OBJECT',
+        `Pack ${object} is shorter than its index says (truncated)${describe(ctx)}. The data past its end cannot be read; run verify to list every affected point.`,
+        details,
+        err,
+      );
+    }
+    return err;
+  }
+
+  /** @internal A tree node's references (cached). */
+  async readNode(
+    id: Buffer,
+    level: number,
+    ctx: ReadContext,
+    writer?: PackWriter,
+  ): Promise<Buffer> {
+    const key = id.toString('latin1');
+    const hit = this.nodeCache.get(key);
+    if (hit !== undefined) return hit;
+    const plain = await this.readBlobUncached(id, BlobType.Tree, ctx, writer);
+    let refs: Buffer;
+    try {
+      if (!this.crypto.treeId(plain).equals(id))
+        throw new FormatError('node id does not match its content');
+      refs = TreeNode.decode(plain, this.fanout, level);
+    } catch (err) {
+      const loc = this.locate(id, writer)?.loc;
+      throw loc === undefined
+        ? err
+        : this.corruptBlob(id, BlobType.Tree, loc, ctx, (err as Error).message, err);
+    }
+    this.nodeCache.set(key, refs);
+    return refs;
+  }
+
+  /** @internal The id of node (level, idx) of a tree, or null when that subtree reads as zeros. */
+  async nodeAt(
+    root: Buffer | null,
+    height: number,
+    level: number,
+    idx: number,
+    ctx: ReadContext,
+    writer?: PackWriter,
+  ): Promise<Buffer | null> {
+    if (level >= height) return idx === 0 && level === height - 1 ? root : null;
+    if (idx >= (this.pow[height - 1 - level] as number)) return null;
+    let id = root;
+    for (let l = height - 1; l > level && id !== null; l--) {
+      const refs = await this.readNode(id, l, ctx, writer);
+      id = getRef(refs, Math.floor(idx / (this.pow[l - 1 - level] as number)) % this.fanout);
+    }
+    return id;
+  }
+
+  private throwIfClosed(): void {
+    if (this.closed)
+      throw storeError('LB_STORE_CLOSED', 'The store was closed. Open it again.', {});
+  }
+}
+
+function invalid(message: string): Error {
+  return storeError('LB_STORE_INVALID_ARGUMENT', message, {});
+}
+
+function checkPointId(id: string): void {
+  if (typeof id !== 'string' || !/^[0-9a-f]{32}$/.test(id)) {
+    throw storeError(
+      'LB_STORE_POINT_NOT_FOUND',
+      `${JSON.stringify(id)} is not a recovery point id (32 hex digits). List the points to pick one.`,
+      { point: id },
+    );
+  }
+}
+
+function describe(ctx: ReadContext): string {
+  const parts: string[] = [];
+  if (ctx.point !== undefined) parts.push(`point ${ctx.point}`);
+  if (ctx.offset !== undefined) parts.push(`disk offset ${ctx.offset}`);
+  return parts.length === 0 ? '' : ` (${parts.join(', ')})`;
+}
+
+function ctxDetails(ctx: ReadContext): Record<string, unknown> {
+  const d: Record<string, unknown> = {};
+  if (ctx.point !== undefined) d['point'] = ctx.point;
+  if (ctx.offset !== undefined) d['offset'] = ctx.offset;
+  return d;
+}
+
+/** True when every byte of `data` is zero. */
+export function isZero(data: Uint8Array): boolean {
+  const buf = Buffer.isBuffer(data)
+    ? data
+    : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  const len = buf.length;
+  if (len === 0) return true;
+  // Cheap early exits on the first and last 8 bytes before comparing the whole range.
+  if (buf[0] !== 0 || buf[len - 1] !== 0) return false;
+  return (
+    buf.compare(
+      ZEROS_64K,
+      0,
+      Math.min(len, ZEROS_64K.length),
+      0,
+      Math.min(len, ZEROS_64K.length),
+    ) === 0 &&
+    (len <= ZEROS_64K.length || isZeroLong(buf))
+  );
+}
+
+const ZEROS_64K = Buffer.alloc(65536);
+
+function isZeroLong(buf: Buffer): boolean {
+  for (let pos = 0; pos < buf.length; pos += ZEROS_64K.length) {
+    const n = Math.min(ZEROS_64K.length, buf.length - pos);
+    if (buf.compare(ZEROS_64K, 0, n, pos, pos + n) !== 0) return false;
+  }
+  return true;
+}
+
+function clonePoint(p: PointInfo): PointInfo {
+  return {
+    ...p,
+    time: new Date(p.time),
+    committedAt: new Date(p.committedAt),
+    labels: { ...p.labels },
+  };
+}
+
+function comparePoints(a: PointInfo, b: PointInfo): number {
+  return (
+    a.time.getTime() - b.time.getTime() ||
+    a.committedAt.getTime() - b.committedAt.getTime() ||
+    (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)
+  );
+}
