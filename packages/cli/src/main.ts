@@ -1,0 +1,145 @@
+import { readFileSync } from 'node:fs';
+import { Command, CommanderError } from 'commander';
+import type { CliContext, CliIo } from './cli-context.js';
+import { processEnvironment } from './config.js';
+import { ExitCode, exitCodeFor } from './exit-codes.js';
+import type { ExitCodeValue } from './exit-codes.js';
+import { reportError } from './report-error.js';
+import { registerStoreCommands } from './commands/store.js';
+
+/** Adds one group of subcommands (`lifeboat store ...`, `lifeboat vault ...`) to the program. */
+export type CommandGroup = (program: Command, ctx: CliContext) => void;
+
+// Every command group, one line each. To add a group, write commands/<group>.ts exporting
+// `register<Group>Commands(program, ctx)` and add it here.
+const COMMAND_GROUPS: readonly CommandGroup[] = [registerStoreCommands];
+
+function version(): string {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
+      version?: string;
+    };
+    return pkg.version ?? '0.0.0';
+  } catch {
+    return '0.0.0';
+  }
+}
+
+/** Builds the `lifeboat` program: global options, then every command group. */
+export function buildProgram(ctx: CliContext): Command {
+  const { io } = ctx;
+  const program = new Command('lifeboat')
+    .description('Site recovery for virtual machines and Linux servers')
+    .version(version(), '-V, --version')
+    // Settings made before the groups are registered are inherited by every subcommand.
+    .exitOverride()
+    .configureOutput({
+      writeOut: (s) => void io.stdout.write(s),
+      writeErr: (s) => void io.stderr.write(s),
+      // Usage errors are printed by runCli as `error LB_CLI_USAGE: ...`.
+      outputError: () => undefined,
+    })
+    .showSuggestionAfterError(true)
+    // Environment fallbacks are applied by config.ts (the one module that reads them).
+    .option(
+      '--store <location>',
+      'store: a directory or an Azure container URL (or LIFEBOAT_STORE)',
+    )
+    .option(
+      '--azure-connection-string <string>',
+      'Azure Storage connection string (or AZURE_STORAGE_CONNECTION_STRING)',
+    )
+    .option(
+      '--passphrase-file <file>',
+      'read the store passphrase from the first line of a file (or LIFEBOAT_PASSPHRASE)',
+    )
+    .option('--json', 'machine-readable output on stdout')
+    .option('--progress', 'show progress on stderr even when it is not a terminal');
+  for (const register of COMMAND_GROUPS) register(program, ctx);
+  return program;
+}
+
+/** Options of {@link runCli}. */
+export interface RunCliOptions {
+  /** Streams, environment and working directory. @default this process's */
+  io?: CliIo;
+  /** Aborts long work (Ctrl-C). */
+  signal?: AbortSignal;
+}
+
+/** Runs `lifeboat <args>` and resolves with the exit code; never throws, never exits. */
+export async function runCli(
+  args: readonly string[],
+  options: RunCliOptions = {},
+): Promise<ExitCodeValue> {
+  const io = options.io ?? {
+    stdout: process.stdout,
+    stderr: process.stderr,
+    stdin: process.stdin,
+    env: processEnvironment(),
+    cwd: process.cwd(),
+  };
+  const ctx: CliContext = {
+    io,
+    exitCode: ExitCode.ok,
+    cleanups: [],
+    signal: options.signal ?? new AbortController().signal,
+  };
+  // Before config is validated we only know --json from the raw arguments.
+  const json = args.includes('--json');
+  const debug = (io.env['LIFEBOAT_DEBUG'] ?? '0') !== '0';
+  try {
+    const program = buildProgram(ctx);
+    await program.parseAsync([...args], { from: 'user' });
+    return ctx.exitCode;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.exitCode === 0) return ExitCode.ok;
+      const message = err.message.replace(/^error: /, '');
+      io.stderr.write(`error LB_CLI_USAGE: ${message}\nRun "lifeboat --help" for usage.\n`);
+      if (json) {
+        io.stdout.write(
+          `${JSON.stringify({ error: { code: 'LB_CLI_USAGE', message, details: { commander: err.code } } }, null, 2)}\n`,
+        );
+      }
+      return ExitCode.usage;
+    }
+    reportError(err, io, { json, debug });
+    return exitCodeFor(err);
+  } finally {
+    await runCleanups(ctx);
+  }
+}
+
+/** Runs the invocation's cleanups newest first; a failing cleanup does not stop the others. */
+export async function runCleanups(ctx: CliContext): Promise<void> {
+  while (ctx.cleanups.length > 0) {
+    const cleanup = ctx.cleanups.pop();
+    try {
+      await cleanup?.();
+    } catch (err) {
+      ctx.io.stderr.write(`warning: cleanup failed: ${(err as Error).message}\n`);
+    }
+  }
+}
+
+/** Entry point of bin/lifeboat.js: runs with this process's arguments and sets its exit code. */
+export async function main(): Promise<void> {
+  const controller = new AbortController();
+  let interrupted = 0;
+  const onSignal = (): void => {
+    interrupted += 1;
+    // The second Ctrl-C leaves at once; the first lets the command abort and clean up.
+    if (interrupted > 1) process.exit(130);
+    process.stderr.write('\ninterrupted, cleaning up (Ctrl-C again to quit at once)\n');
+    controller.abort(new Error('interrupted'));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const code: ExitCodeValue | 130 = await runCli(process.argv.slice(2), {
+    signal: controller.signal,
+  });
+  process.off('SIGINT', onSignal);
+  process.off('SIGTERM', onSignal);
+  process.exitCode = interrupted > 0 && code !== ExitCode.ok ? 130 : code;
+}

@@ -1,0 +1,122 @@
+import { open, rename, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { LifeboatError } from '@lifeboat/protocol';
+import type { PointInfo, StoreApi } from '@lifeboat/store';
+
+/** Options of {@link restorePoint}. */
+export interface RestorePointOptions {
+  store: StoreApi;
+  /** Id of the point to restore. */
+  pointId: string;
+  /** Raw image file to write; must not exist unless `force`. */
+  out: string;
+  /** Replace an existing file. @default false */
+  force?: boolean;
+  /** Called as data is written: done and total bytes of non-zero data. */
+  onProgress?: (done: number, total: number) => void;
+  signal?: AbortSignal;
+  /** Bytes per read from the store. @default 4 MiB */
+  blockBytes?: number;
+  /** Reads from the store in flight at once. @default 4 */
+  readAhead?: number;
+}
+
+/** What {@link restorePoint} wrote. */
+export interface RestoreResult {
+  point: PointInfo;
+  out: string;
+  /** Logical size of the file. */
+  size: number;
+  /** Bytes of data written (the rest are holes). */
+  bytesData: number;
+}
+
+/**
+ * Writes a point as a sparse raw image: data extents are read from the store and written at
+ * their offsets, zero extents stay holes. It streams with a bounded read-ahead, writes into a
+ * temporary file beside `out`, fsyncs and renames, so `out` is never a half-restored disk.
+ */
+export async function restorePoint(options: RestorePointOptions): Promise<RestoreResult> {
+  const { store, out, signal } = options;
+  const block = options.blockBytes ?? 4 * 1024 * 1024;
+  const depth = Math.max(1, options.readAhead ?? 4);
+  const existing = await stat(out).catch(() => undefined);
+  if (existing !== undefined) {
+    if (!existing.isFile()) {
+      throw new LifeboatError(
+        'LB_CLI_RESTORE_TARGET',
+        `${out} exists and is not a regular file. Restore into a new file (a raw image).`,
+        { details: { out } },
+      );
+    }
+    if (options.force !== true) {
+      throw new LifeboatError(
+        'LB_CLI_RESTORE_TARGET',
+        `${out} already exists. Choose another path, or pass --force to replace it.`,
+        { details: { out } },
+      );
+    }
+  }
+  const reader = await store.openPoint(options.pointId);
+  const extents: Array<{ offset: number; length: number }> = [];
+  let total = 0;
+  for await (const e of reader.extents()) {
+    if (e.zero) continue;
+    extents.push({ offset: e.offset, length: e.length });
+    total += e.length;
+  }
+  const blocks: Array<{ offset: number; length: number }> = [];
+  for (const e of extents) {
+    for (let pos = e.offset; pos < e.offset + e.length;) {
+      const to = Math.min(e.offset + e.length, (Math.floor(pos / block) + 1) * block);
+      blocks.push({ offset: pos, length: to - pos });
+      pos = to;
+    }
+  }
+  const tmp = join(dirname(out), `.${basename(out)}.lifeboat-partial-${process.pid}`);
+  const fh = await open(tmp, 'wx', 0o600);
+  let done = 0;
+  let ok = false;
+  try {
+    options.onProgress?.(0, total);
+    const inFlight: Array<Promise<Buffer>> = [];
+    let nextToRead = 0;
+    const fill = (): void => {
+      while (inFlight.length < depth && nextToRead < blocks.length) {
+        const b = blocks[nextToRead++] as { offset: number; length: number };
+        const p = reader.readAt(b.offset, b.length);
+        p.catch(() => undefined);
+        inFlight.push(p);
+      }
+    };
+    for (let i = 0; i < blocks.length; i++) {
+      if (signal?.aborted === true) {
+        throw new LifeboatError('LB_CLI_ABORTED', `Restore interrupted; ${out} was not written.`);
+      }
+      fill();
+      const data = await (inFlight.shift() as Promise<Buffer>);
+      const b = blocks[i] as { offset: number; length: number };
+      let written = 0;
+      while (written < data.length) {
+        const { bytesWritten } = await fh.write(
+          data,
+          written,
+          data.length - written,
+          b.offset + written,
+        );
+        written += bytesWritten;
+      }
+      done += data.length;
+      options.onProgress?.(done, total);
+    }
+    // The tail of the disk may be a hole: truncate gives the file its full logical size.
+    await fh.truncate(reader.size);
+    await fh.sync();
+    ok = true;
+  } finally {
+    await fh.close();
+    if (!ok) await unlink(tmp).catch(() => undefined);
+  }
+  await rename(tmp, out);
+  return { point: reader.point, out, size: reader.size, bytesData: done };
+}
