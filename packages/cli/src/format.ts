@@ -7,7 +7,10 @@ export function formatBytes(bytes: number): string {
     value /= 1024;
     unit += 1;
   }
-  return unit === 0 ? `${value} B` : `${value.toFixed(value < 10 ? 2 : 1)} ${units[unit]}`;
+  if (unit === 0) return `${value} B`;
+  // Whole figures (chunk sizes, disk sizes) read better without decimals.
+  const text = Number.isInteger(value) ? String(value) : value.toFixed(value < 10 ? 2 : 1);
+  return `${text} ${units[unit]}`;
 }
 
 /** A rate in bytes per second as `312.4 MB/s` (decimal, as disks and networks are quoted). */
