@@ -1,0 +1,543 @@
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  BlobServiceClient,
+  ContainerClient,
+  type BlobDownloadResponseParsed,
+  type StoragePipelineOptions,
+} from '@azure/storage-blob';
+import { LifeboatError } from '@lifeboat/protocol';
+import type { ObjectBackend, ObjectInfo, PutOptions } from '@lifeboat/store';
+import {
+  resolveAzureBlobBackendOptions,
+  type AzureBlobBackendOptions,
+  type ResolvedAzureBlobBackendOptions,
+} from './azure-backend-options.js';
+import {
+  errorCodeOf,
+  isTransient,
+  statusOf,
+  toLifeboatError,
+  unavailableError,
+  type RequestFacts,
+} from './azure-errors.js';
+import { RequestLimiter } from './request-limiter.js';
+import { withRetry } from './retry.js';
+
+/** The service's limit on committed blocks per blob. */
+const MAX_BLOCKS = 50_000;
+/** Longest blob name the service accepts, in characters. */
+const MAX_KEY_LENGTH = 1024;
+
+/**
+ * Our own retry loop (with a total time bound and stable error codes) replaces the SDK's, so
+ * the SDK makes exactly one try per call.
+ */
+const PIPELINE_OPTIONS: StoragePipelineOptions = {
+  retryOptions: { maxTries: 1 },
+  keepAliveOptions: { enable: true },
+  userAgentOptions: { userAgentPrefix: 'lifeboat' },
+};
+
+function configError(message: string, cause?: unknown): LifeboatError {
+  return new LifeboatError(
+    'LB_BACKEND_INVALID_OPTIONS',
+    message,
+    cause === undefined ? {} : { cause },
+  );
+}
+
+function makeContainerClient(o: ResolvedAzureBlobBackendOptions): ContainerClient {
+  if (o.containerUrl === undefined) {
+    let service: BlobServiceClient;
+    try {
+      service = BlobServiceClient.fromConnectionString(o.connectionString ?? '', PIPELINE_OPTIONS);
+    } catch (cause) {
+      throw configError(
+        'The Azure Storage connection string is not valid. Copy it from the storage account ' +
+          '(Access keys) or build it as DefaultEndpointsProtocol=https;AccountName=…;AccountKey=…',
+        cause,
+      );
+    }
+    return service.getContainerClient(o.container ?? '');
+  }
+  const url = new URL(o.containerUrl);
+  const name = url.pathname
+    .split('/')
+    .filter((s) => s !== '')
+    .at(-1);
+  if (name === undefined) throw configError(`The URL ${o.containerUrl} names no container.`);
+  if (o.connectionString === undefined) {
+    // A SAS URL carries its own authorisation.
+    return new ContainerClient(o.containerUrl, undefined, PIPELINE_OPTIONS);
+  }
+  const service = (() => {
+    try {
+      return BlobServiceClient.fromConnectionString(o.connectionString, PIPELINE_OPTIONS);
+    } catch (cause) {
+      throw configError('The Azure Storage connection string is not valid.', cause);
+    }
+  })();
+  const client = service.getContainerClient(decodeURIComponent(name));
+  const strip = (u: string): string => {
+    const p = new URL(u);
+    return `${p.origin}${p.pathname.replace(/\/+$/, '')}`.toLowerCase();
+  };
+  if (strip(client.url) !== strip(o.containerUrl)) {
+    throw configError(
+      `The container URL ${o.containerUrl} is not in the storage account of the connection ` +
+        `string (${service.url}). Give the connection string of the account that holds the container.`,
+    );
+  }
+  return client;
+}
+
+/**
+ * Keys of the store format (`packs/3f/3f9a…`): slash-separated segments of letters, digits, `.`,
+ * `_` and `-`, none starting with `.`. The directory backend accepts exactly the same, so a store
+ * can be copied between backends; it also keeps clear of what URLs would mangle (`..`, `\`).
+ */
+const KEY_RE = /^[A-Za-z0-9_-][A-Za-z0-9._-]*(\/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$/;
+
+function checkKey(key: string, location: string): void {
+  if (key.length > MAX_KEY_LENGTH || !KEY_RE.test(key)) {
+    throw new LifeboatError(
+      'LB_BACKEND_INVALID_KEY',
+      `Invalid object key ${JSON.stringify(key.slice(0, 200))} for ${location}: use at most ` +
+        `${MAX_KEY_LENGTH} characters in slash-separated segments of letters, digits, ".", "_" ` +
+        `and "-", none starting with ".".`,
+      { details: { key, location } },
+    );
+  }
+}
+
+function rangeError(
+  key: string,
+  location: string,
+  details: Record<string, unknown>,
+): LifeboatError {
+  return new LifeboatError(
+    'LB_BACKEND_RANGE',
+    `The range read from ${key} in ${location} is outside the object.`,
+    { details: { key, location, ...details } },
+  );
+}
+
+/** An incomplete body is retried like a dropped connection. */
+class ShortBodyError extends Error {
+  readonly code = 'ERR_STREAM_PREMATURE_CLOSE';
+}
+
+/** Reads a download's body into one buffer, checking its length against Content-Length. */
+async function readBody(
+  response: BlobDownloadResponseParsed,
+  signal: AbortSignal,
+): Promise<Buffer> {
+  const expected = response.contentLength ?? 0;
+  const body = response.readableStreamBody;
+  if (body === undefined) {
+    if (expected === 0) return Buffer.alloc(0);
+    throw new ShortBodyError('the response has no body');
+  }
+  const stream = body as NodeJS.ReadableStream & { destroy?: (err?: Error) => void };
+  const onAbort = (): void => stream.destroy?.(signal.reason as Error);
+  signal.addEventListener('abort', onAbort, { once: true });
+  try {
+    const out = Buffer.allocUnsafe(expected);
+    let at = 0;
+    for await (const chunk of stream) {
+      const c = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+      if (at + c.length > expected)
+        throw new ShortBodyError('the response is longer than announced');
+      c.copy(out, at);
+      at += c.length;
+    }
+    if (at !== expected)
+      throw new ShortBodyError(`the response ended after ${at} of ${expected} bytes`);
+    return out;
+  } catch (err) {
+    if (signal.aborted) throw signal.reason;
+    throw err;
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+  }
+}
+
+/** Total size from a Content-Range header (`bytes 0-9/10`). */
+function sizeFromContentRange(contentRange: string | undefined): number | undefined {
+  const m = /\/(\d+)$/.exec(contentRange ?? '');
+  return m?.[1] === undefined ? undefined : Number(m[1]);
+}
+
+/**
+ * The target store's objects in an Azure Blob Storage container, as block blobs. Implements
+ * the {@link ObjectBackend} contract: puts are atomic (one Put Blob, or blocks made visible at
+ * once by Put Block List) and never replace an object unless asked to (a conditional
+ * `If-None-Match: *`), transient faults are retried with exponential backoff and jitter within a
+ * bounded time, and at most `maxConcurrency` requests are in flight per instance.
+ */
+export class AzureBlobBackend implements ObjectBackend {
+  /** `azure:<account>/<container>`. */
+  readonly location: string;
+  /** The validated options. */
+  readonly options: ResolvedAzureBlobBackendOptions;
+  private readonly client: ContainerClient;
+  private readonly limiter: RequestLimiter;
+  private ready: Promise<void> | undefined;
+  private closed = false;
+  private readonly pending = new Set<Promise<unknown>>();
+
+  /** Validates the options (throws `LB_BACKEND_INVALID_OPTIONS`); no request is made until first use. */
+  constructor(options: AzureBlobBackendOptions) {
+    this.options = resolveAzureBlobBackendOptions(options);
+    this.client = makeContainerClient(this.options);
+    this.limiter = new RequestLimiter(this.options.maxConcurrency);
+    this.location = `azure:${this.client.accountName}/${this.client.containerName}`;
+  }
+
+  /**
+   * A backend for the container at `containerUrl`, authorised by `connectionString` (or by a SAS
+   * in the URL when the connection string is omitted).
+   */
+  static fromContainerUrl(
+    containerUrl: string,
+    connectionString?: string,
+    options: Omit<AzureBlobBackendOptions, 'container' | 'containerUrl' | 'connectionString'> = {},
+  ): AzureBlobBackend {
+    return new AzureBlobBackend({
+      ...options,
+      containerUrl,
+      ...(connectionString === undefined ? {} : { connectionString }),
+    });
+  }
+
+  /** Requests in flight now (for tests and metrics). */
+  get inFlight(): number {
+    return this.limiter.inFlight;
+  }
+
+  async put(key: string, data: Uint8Array, options: PutOptions = {}): Promise<void> {
+    return this.track(async () => {
+      checkKey(key, this.location);
+      const { signal } = options;
+      await this.ensureReady(signal);
+      const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+      // Stored with the blob: lets a retried put recognise its own earlier success (below).
+      const md5 = createHash('md5').update(buf).digest();
+      const conditions = options.overwrite === true ? {} : { ifNoneMatch: '*' };
+      const blob = this.client.getBlockBlobClient(key);
+      const facts = { location: this.location, operation: 'put', key };
+      let attempts = 0;
+      try {
+        if (buf.length <= this.options.maxSinglePutSize) {
+          await this.retried(facts, signal, (s) => {
+            attempts++;
+            return blob.upload(buf, buf.length, {
+              conditions,
+              blobHTTPHeaders: { blobContentMD5: md5 },
+              abortSignal: s,
+            });
+          });
+        } else {
+          const blockIds = await this.stageBlocks(key, buf, signal);
+          await this.retried(facts, signal, (s) => {
+            attempts++;
+            return blob.commitBlockList(blockIds, {
+              conditions,
+              blobHTTPHeaders: { blobContentMD5: md5 },
+              abortSignal: s,
+            });
+          });
+        }
+      } catch (err) {
+        const code = errorCodeOf(err);
+        const exists =
+          code === 'BlobAlreadyExists' || (statusOf(err) === 412 && options.overwrite !== true);
+        if (!exists) throw this.mapError(err, facts, signal);
+        // An earlier attempt may have succeeded with its answer lost: then the blob is ours.
+        if (attempts > 1 && (await this.sameContent(key, buf.length, md5, signal))) return;
+        throw new LifeboatError(
+          'LB_BACKEND_EXISTS',
+          `Object ${key} already exists in ${this.location}; objects are immutable unless overwritten explicitly.`,
+          { cause: err, details: { key, location: this.location } },
+        );
+      }
+    });
+  }
+
+  async get(key: string, signal?: AbortSignal): Promise<Buffer> {
+    return this.track(async () => {
+      checkKey(key, this.location);
+      await this.ensureReady(signal);
+      const blob = this.client.getBlobClient(key);
+      const facts = { location: this.location, operation: 'get', key };
+      try {
+        return await this.retried(facts, signal, async (s) =>
+          readBody(await blob.download(0, undefined, { abortSignal: s }), s),
+        );
+      } catch (err) {
+        throw this.mapError(err, facts, signal);
+      }
+    });
+  }
+
+  async getRange(
+    key: string,
+    offset: number,
+    length: number,
+    signal?: AbortSignal,
+  ): Promise<Buffer> {
+    return this.track(async () => {
+      checkKey(key, this.location);
+      if (
+        !Number.isSafeInteger(offset) ||
+        !Number.isSafeInteger(length) ||
+        offset < 0 ||
+        length < 0
+      ) {
+        throw rangeError(key, this.location, { offset, length });
+      }
+      await this.ensureReady(signal);
+      if (length === 0) {
+        // The service reads "no count" as "to the end", so an empty range is answered from stat.
+        const info = await this.stat(key);
+        if (info === undefined) throw this.notFound(key);
+        if (offset > info.size)
+          throw rangeError(key, this.location, { offset, length, size: info.size });
+        return Buffer.alloc(0);
+      }
+      const blob = this.client.getBlobClient(key);
+      const facts = { location: this.location, operation: 'getRange', key };
+      let response: { data: Buffer; size: number | undefined };
+      try {
+        response = await this.retried(facts, signal, async (s) => {
+          const r = await blob.download(offset, length, { abortSignal: s });
+          return { data: await readBody(r, s), size: sizeFromContentRange(r.contentRange) };
+        });
+      } catch (err) {
+        if (statusOf(err) === 416) throw rangeError(key, this.location, { offset, length });
+        throw this.mapError(err, facts, signal);
+      }
+      // Past the end the service returns what there is (or, at the end, Azurite even all of it).
+      if (
+        response.data.length !== length ||
+        (response.size !== undefined && offset + length > response.size)
+      ) {
+        throw rangeError(key, this.location, { offset, length, size: response.size });
+      }
+      return response.data;
+    });
+  }
+
+  async stat(key: string): Promise<ObjectInfo | undefined> {
+    return this.track(async () => {
+      checkKey(key, this.location);
+      await this.ensureReady(undefined);
+      const blob = this.client.getBlobClient(key);
+      const facts = { location: this.location, operation: 'stat', key };
+      try {
+        const props = await this.retried(facts, undefined, (s) =>
+          blob.getProperties({ abortSignal: s }),
+        );
+        return { key, size: props.contentLength ?? 0 };
+      } catch (err) {
+        if (statusOf(err) === 404 && errorCodeOf(err) !== 'ContainerNotFound') return undefined;
+        throw this.mapError(err, facts);
+      }
+    });
+  }
+
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    this.checkOpen();
+    await this.ensureReady(undefined);
+    const facts = { location: this.location, operation: 'list', key: `${prefix}*` };
+    let continuationToken: string | undefined;
+    do {
+      const token = continuationToken;
+      let page;
+      try {
+        page = await this.track(() =>
+          this.retried(facts, undefined, (s) =>
+            this.client
+              .listBlobsFlat({ prefix, abortSignal: s })
+              .byPage({
+                maxPageSize: this.options.listPageSize,
+                ...(token === undefined ? {} : { continuationToken: token }),
+              })
+              .next(),
+          ),
+        );
+      } catch (err) {
+        throw this.mapError(err, facts);
+      }
+      if (page.done === true) return;
+      for (const item of page.value.segment.blobItems) {
+        yield { key: item.name, size: item.properties.contentLength ?? 0 };
+      }
+      continuationToken =
+        page.value.continuationToken === '' ? undefined : page.value.continuationToken;
+    } while (continuationToken !== undefined);
+  }
+
+  async delete(key: string): Promise<void> {
+    return this.track(async () => {
+      checkKey(key, this.location);
+      await this.ensureReady(undefined);
+      const blob = this.client.getBlobClient(key);
+      const facts = { location: this.location, operation: 'delete', key };
+      try {
+        // deleteIfExists: a retry after a lost answer finds the blob gone, which is success.
+        await this.retried(facts, undefined, (s) => blob.deleteIfExists({ abortSignal: s }));
+      } catch (err) {
+        throw this.mapError(err, facts);
+      }
+    });
+  }
+
+  /** Waits for requests in flight, then refuses new ones. Idle keep-alive sockets do not hold the process. */
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.allSettled([...this.pending]);
+  }
+
+  private checkOpen(): void {
+    if (this.closed) {
+      throw new LifeboatError(
+        'LB_BACKEND_CLOSED',
+        `The backend for ${this.location} was closed; open it again.`,
+        {
+          details: { location: this.location },
+        },
+      );
+    }
+  }
+
+  /** Runs an operation, counted so close() can wait for it. */
+  private track<T>(op: () => Promise<T>): Promise<T> {
+    this.checkOpen();
+    const p = op();
+    this.pending.add(p);
+    const forget = (): void => {
+      this.pending.delete(p);
+    };
+    p.then(forget, forget);
+    return p;
+  }
+
+  /** Creates the container once when asked to; a failure is retried on the next call. */
+  private ensureReady(signal: AbortSignal | undefined): Promise<void> {
+    if (!this.options.createContainer) return Promise.resolve();
+    this.ready ??= (async () => {
+      const facts = { location: this.location, operation: 'create container' };
+      try {
+        await this.retried(facts, undefined, (s) =>
+          this.client.createIfNotExists({ abortSignal: s }),
+        );
+      } catch (err) {
+        this.ready = undefined;
+        throw this.mapError(err, facts, signal);
+      }
+    })();
+    return this.ready;
+  }
+
+  private retried<T>(
+    facts: RequestFacts,
+    signal: AbortSignal | undefined,
+    attempt: (signal: AbortSignal) => Promise<T>,
+  ): Promise<T> {
+    return withRetry(attempt, {
+      options: this.options.retry,
+      isTransient,
+      giveUp: (g) => unavailableError(facts, g.lastError, g.attempts, g.elapsedMs),
+      limiter: this.limiter,
+      signal,
+    });
+  }
+
+  private mapError(err: unknown, facts: RequestFacts, signal?: AbortSignal): unknown {
+    // An abort is the caller's own doing: pass its reason through untouched.
+    if (signal?.aborted === true) return signal.reason;
+    if (err instanceof LifeboatError) return err;
+    return toLifeboatError(err, facts);
+  }
+
+  private notFound(key: string): LifeboatError {
+    return new LifeboatError(
+      'LB_BACKEND_NOT_FOUND',
+      `Object ${key} does not exist in ${this.location}.`,
+      {
+        details: { key, location: this.location },
+      },
+    );
+  }
+
+  /** Uploads `buf` as uncommitted blocks (in parallel, within the request limit); returns their ids. */
+  private async stageBlocks(
+    key: string,
+    buf: Buffer,
+    signal: AbortSignal | undefined,
+  ): Promise<string[]> {
+    const blockSize = Math.max(this.options.blockSize, Math.ceil(buf.length / MAX_BLOCKS));
+    const count = Math.ceil(buf.length / blockSize);
+    // Ids unique to this upload: two writers staging the same blob cannot mix their blocks.
+    const nonce = randomBytes(12).toString('hex');
+    const ids = Array.from({ length: count }, (_, i) =>
+      Buffer.from(`${nonce}-${String(i).padStart(6, '0')}`).toString('base64'),
+    );
+    const blob = this.client.getBlockBlobClient(key);
+    const stop = new AbortController();
+    const onAbort = (): void => stop.abort(signal?.reason);
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      await Promise.all(
+        ids.map(async (id, i) => {
+          const part = buf.subarray(i * blockSize, Math.min(buf.length, (i + 1) * blockSize));
+          const md5 = createHash('md5').update(part).digest();
+          try {
+            await this.retried(
+              { location: this.location, operation: 'put (stage block)', key },
+              stop.signal,
+              (s) =>
+                blob.stageBlock(id, part, part.length, {
+                  transactionalContentMD5: md5,
+                  abortSignal: s,
+                }),
+            );
+          } catch (err) {
+            // One block failed for good: the others need not keep the connections busy.
+            stop.abort(err);
+            throw err;
+          }
+        }),
+      );
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason;
+      // The first failure aborted the rest; report it, not their aborts.
+      throw stop.signal.aborted ? stop.signal.reason : err;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+    return ids;
+  }
+
+  /** True when `key` holds exactly the bytes whose MD5 is `md5`. */
+  private async sameContent(
+    key: string,
+    size: number,
+    md5: Buffer,
+    signal: AbortSignal | undefined,
+  ): Promise<boolean> {
+    const blob = this.client.getBlobClient(key);
+    const facts = { location: this.location, operation: 'stat', key };
+    try {
+      const p = await this.retried(facts, signal, (s) => blob.getProperties({ abortSignal: s }));
+      return (
+        p.contentLength === size &&
+        p.contentMD5 !== undefined &&
+        Buffer.from(p.contentMD5).equals(md5)
+      );
+    } catch {
+      return false;
+    }
+  }
+}
