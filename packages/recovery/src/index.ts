@@ -1,2 +1,43 @@
-/** @lifeboat/recovery: public API. */
-export {};
+/** @lifeboat/recovery: the recovery host's public API. */
+export {
+  RecoveryHost,
+  type MachineSpec,
+  type MachineDiskSpec,
+  type BootedMachine,
+} from './recovery-host.js';
+export type { RecoveryHostOptions, ResolvedRecoveryHostOptions } from './recovery-host-options.js';
+export {
+  RecoveryMachine,
+  exportUri,
+  machineMac,
+  type DiskExport,
+  type MachineBoot,
+  type MachineNic,
+  type MachineDisk,
+  type RecoveryMachineOptions,
+} from './recovery-machine.js';
+export { PointExport, type PointExportOptions } from './point-export.js';
+export {
+  CachedPointSource,
+  type CachedPointSourceOptions,
+  type PointReadFault,
+} from './cached-point-source.js';
+export { IsolatedSegment } from './isolated-segment.js';
+export {
+  buildSeedDisk,
+  networkConfig,
+  type SeedDiskOptions,
+  type StaticAddress,
+} from './seed-disk.js';
+export { ppmToPng, pngSize, type ImageSize } from './png.js';
+export { listeningSockets, type ListeningSocket } from './listening-sockets.js';
+export { selectPoints, type PointSelector } from './point-selector.js';
+export {
+  RecoveryJob,
+  type RecoveryJobKind,
+  type RecoveryJobRecord,
+  type RecoveryJobStep,
+  type RecoveryJobState,
+  type RecoveryJobListener,
+} from './recovery-job.js';
+export type { QmpSession } from './qmp-session.js';

@@ -1,0 +1,148 @@
+import { isLifeboatError } from '@lifeboat/protocol';
+import type { PointExtent, PointReader } from '@lifeboat/store';
+
+/** A failed read of a point, as the job reports it. */
+export interface PointReadFault {
+  pointId: string;
+  /** The range the client asked for. */
+  offset: number;
+  length: number;
+  /** The store's error code (`LB_STORE_*`), or `LB_RECOVERY_READ` for an unknown error. */
+  code: string;
+  message: string;
+}
+
+/** Options for {@link CachedPointSource}. */
+export interface CachedPointSourceOptions {
+  /** Size of a cache block; use the store's chunk size so a block is one chunk. @default 65536 */
+  blockSize?: number;
+  /** Bytes of blocks kept in memory (least recently used out first). @default 67108864 */
+  cacheBytes?: number;
+  /** Blocks read ahead once reads are sequential. @default 16 */
+  readAheadBlocks?: number;
+  /** Called for each failed read (the NBD client gets an I/O error for it). */
+  onFault?: (fault: PointReadFault) => void;
+}
+
+/**
+ * The NBD source of one recovery point: `size`, `readAt` and `extents` over a
+ * {@link PointReader}, with a block cache sized by option and read-ahead when the client
+ * reads sequentially (a booting guest and a hydration both do). A failed read rejects with
+ * the store's error (so the NBD server answers EIO, never zeros) and is reported to `onFault`.
+ */
+export class CachedPointSource {
+  /** Logical size of the point's disk in bytes. */
+  readonly size: number;
+  /** Every failed read so far, oldest first. */
+  readonly faults: PointReadFault[] = [];
+  /** Blocks served from memory, for figures. */
+  hits = 0;
+  /** Blocks read from the store, for figures. */
+  misses = 0;
+  private readonly blockSize: number;
+  private readonly maxBlocks: number;
+  private readonly readAheadBlocks: number;
+  private readonly onFault: ((fault: PointReadFault) => void) | undefined;
+  // Insertion order is recency order: a hit re-inserts. Values are promises so concurrent
+  // readers (and read-ahead) of one block share a single store read.
+  private readonly blocks = new Map<number, Promise<Buffer>>();
+  private nextSequential = -1;
+  private streak = 0;
+  private prefetchedTo = -1;
+
+  constructor(
+    private readonly reader: PointReader,
+    options: CachedPointSourceOptions = {},
+  ) {
+    this.size = reader.size;
+    this.blockSize = options.blockSize ?? 65536;
+    this.maxBlocks = Math.max(
+      1,
+      Math.floor((options.cacheBytes ?? 64 * 1024 * 1024) / this.blockSize),
+    );
+    this.readAheadBlocks = Math.max(
+      0,
+      Math.min(options.readAheadBlocks ?? 16, Math.floor(this.maxBlocks / 2)),
+    );
+    this.onFault = options.onFault;
+  }
+
+  /** The point this source serves. */
+  get pointId(): string {
+    return this.reader.point.id;
+  }
+
+  /** Reads `length` bytes at `offset`; rejects with the store's error for a damaged range. */
+  async readAt(offset: number, length: number): Promise<Buffer> {
+    if (length === 0) return Buffer.alloc(0);
+    const first = Math.floor(offset / this.blockSize);
+    const last = Math.floor((offset + length - 1) / this.blockSize);
+    this.noteAccess(offset, length, last);
+    try {
+      const parts: Buffer[] = [];
+      for (let b = first; b <= last; b++) parts.push(await this.block(b));
+      const whole = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+      const start = offset - first * this.blockSize;
+      return whole.subarray(start, start + length);
+    } catch (err) {
+      const fault: PointReadFault = {
+        pointId: this.reader.point.id,
+        offset,
+        length,
+        code: isLifeboatError(err) ? err.code : 'LB_RECOVERY_READ',
+        message: err instanceof Error ? err.message : String(err),
+      };
+      this.faults.push(fault);
+      this.onFault?.(fault);
+      throw err;
+    }
+  }
+
+  /** The point's allocation map, for NBD block status. */
+  extents(): AsyncIterable<PointExtent> {
+    return this.reader.extents();
+  }
+
+  private noteAccess(offset: number, length: number, lastBlock: number): void {
+    this.streak = offset === this.nextSequential ? this.streak + 1 : 0;
+    this.nextSequential = offset + length;
+    if (this.streak === 0) this.prefetchedTo = -1;
+    if (this.streak < 2 || this.readAheadBlocks === 0) return;
+    // Keep the window `readAheadBlocks` ahead of the reader, fetching only what is new.
+    const end = Math.min(lastBlock + this.readAheadBlocks, this.lastBlock());
+    for (let b = Math.max(lastBlock + 1, this.prefetchedTo + 1); b <= end; b++) {
+      if (!this.blocks.has(b)) {
+        // A failed read-ahead is forgotten (block() drops it); a real read retries and reports.
+        this.block(b, false).catch(() => undefined);
+      }
+    }
+    this.prefetchedTo = Math.max(this.prefetchedTo, end);
+  }
+
+  private lastBlock(): number {
+    return Math.ceil(this.size / this.blockSize) - 1;
+  }
+
+  private block(index: number, countHit = true): Promise<Buffer> {
+    const cached = this.blocks.get(index);
+    if (cached) {
+      this.blocks.delete(index);
+      this.blocks.set(index, cached);
+      if (countHit) this.hits++;
+      return cached;
+    }
+    this.misses++;
+    const start = index * this.blockSize;
+    const pending = this.reader.readAt(start, Math.min(this.blockSize, this.size - start));
+    this.blocks.set(index, pending);
+    pending.catch(() => {
+      if (this.blocks.get(index) === pending) this.blocks.delete(index);
+    });
+    while (this.blocks.size > this.maxBlocks) {
+      const oldest = this.blocks.keys().next().value;
+      if (oldest === undefined) break;
+      this.blocks.delete(oldest);
+    }
+    return pending;
+  }
+}

@@ -1,0 +1,228 @@
+import { mkdir, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { LifeboatError } from '@lifeboat/protocol';
+import type { StoreApi } from '@lifeboat/store';
+import { kvmWorks } from './kvm-works.js';
+import { PointExport } from './point-export.js';
+import { resolveRecoveryHostOptions } from './recovery-host-options.js';
+import type { RecoveryHostOptions, ResolvedRecoveryHostOptions } from './recovery-host-options.js';
+import { RecoveryJob, type RecoveryJobKind } from './recovery-job.js';
+import {
+  RecoveryMachine,
+  type DiskExport,
+  type MachineBoot,
+  type MachineNic,
+} from './recovery-machine.js';
+import { buildSeedDisk, type SeedDiskOptions } from './seed-disk.js';
+import type { QmpSession } from './qmp-session.js';
+import { connectQmpSession } from './qmp-connect.js';
+
+/** A disk of a machine to boot: a point of the store, or an export that already runs. */
+export type MachineDiskSpec = { pointId: string } | { export: DiskExport };
+
+/** A machine to boot, as recorded for the protected machine (CPU, memory, disks, boot). */
+export interface MachineSpec {
+  /** Name, unique on this recovery host: letters, digits and dashes, at most 24. */
+  name: string;
+  /** Disks in boot order. */
+  disks: MachineDiskSpec[];
+  /** @default 1 */
+  cpus?: number;
+  /** @default 512 */
+  memoryMiB?: number;
+  boot: MachineBoot;
+  /** @default 'nvme' */
+  diskBus?: 'nvme' | 'virtio';
+  /** @default [] (no network) */
+  nics?: MachineNic[];
+  /** A cloud-init NoCloud seed disk (host name, static addresses). @default none */
+  seed?: Omit<SeedDiskOptions, 'dir'>;
+  /** A QEMU guest agent channel. @default false */
+  guestAgent?: boolean;
+}
+
+/** A machine booted by the recovery host, with the exports it owns. */
+export interface BootedMachine {
+  machine: RecoveryMachine;
+  /** Exports started for this machine (closed with it). */
+  exports: PointExport[];
+  /** The seed disk, when one was built. */
+  seedDisk?: string;
+  /** The machine's directory (overlays, console, sockets). */
+  dir: string;
+}
+
+const NAME = /^[a-z0-9][a-z0-9-]{0,23}$/;
+
+/**
+ * The recovery host: serves recovery points over NBD and boots them with QEMU. Everything it
+ * creates lives in its private run directory; `close()` stops every machine and export.
+ */
+export class RecoveryHost {
+  private readonly machines = new Map<string, BootedMachine>();
+  private readonly exports = new Set<PointExport>();
+  private exportSeq = 0;
+
+  private constructor(
+    /** The validated options. */
+    readonly options: ResolvedRecoveryHostOptions,
+    /** The accelerator machines use. */
+    readonly accel: 'kvm' | 'tcg',
+    private readonly connectQmp: (socketPath: string) => Promise<QmpSession>,
+  ) {}
+
+  /** Creates the run directory and picks the accelerator (KVM only when it really works). */
+  static async start(options: RecoveryHostOptions): Promise<RecoveryHost> {
+    const o = resolveRecoveryHostOptions(options);
+    await mkdir(o.runDir, { recursive: true, mode: 0o700 });
+    await mkdir(join(o.runDir, 'x'), { recursive: true, mode: 0o700 });
+    await mkdir(join(o.runDir, 'm'), { recursive: true, mode: 0o700 });
+    await mkdir(join(o.runDir, 'jobs'), { recursive: true, mode: 0o700 });
+    const accel = o.accel === 'auto' ? ((await kvmWorks()) ? 'kvm' : 'tcg') : o.accel;
+    return new RecoveryHost(o, accel, o.connectQmp ?? connectQmpSession);
+  }
+
+  /** Starts a job whose record is kept in `<runDir>/jobs/<id>/job.json`. */
+  newJob(kind: RecoveryJobKind, target: Record<string, unknown>): RecoveryJob {
+    return new RecoveryJob(kind, target, join(this.options.runDir, 'jobs'), this.options.onJob);
+  }
+
+  /** Serves a point read-only over NBD on a UNIX socket in the run directory. */
+  async exportPoint(
+    store: StoreApi,
+    pointId: string,
+    options: { name?: string } = {},
+  ): Promise<PointExport> {
+    const name = options.name ?? `p${++this.exportSeq}-${pointId.slice(0, 12)}`;
+    const e = await PointExport.start(store, pointId, {
+      name,
+      dir: join(this.options.runDir, 'x'),
+      cacheBytes: this.options.cacheBytes,
+      readAheadChunks: this.options.readAheadChunks,
+    });
+    this.exports.add(e);
+    return e;
+  }
+
+  /** Stops serving an export. */
+  async closeExport(e: PointExport): Promise<void> {
+    this.exports.delete(e);
+    await e.close();
+  }
+
+  /** Machines running now, by name. */
+  get running(): ReadonlyMap<string, BootedMachine> {
+    return this.machines;
+  }
+
+  /**
+   * Boots a machine: exports its points (if given as point ids), creates a qcow2 overlay per
+   * disk backed by the export, builds the seed disk, and starts QEMU. Resolves once QEMU runs
+   * (not once the guest has booted: see RecoveryMachine.waitForConsole).
+   */
+  async bootMachine(store: StoreApi | undefined, spec: MachineSpec): Promise<BootedMachine> {
+    if (!NAME.test(spec.name)) {
+      throw new LifeboatError(
+        'LB_RECOVERY_BAD_MACHINE',
+        `Machine name "${spec.name}" must be 1-24 lowercase letters, digits or dashes.`,
+        { details: { name: spec.name } },
+      );
+    }
+    if (this.machines.has(spec.name)) {
+      throw new LifeboatError(
+        'LB_RECOVERY_MACHINE_EXISTS',
+        `A machine named ${spec.name} already runs on this recovery host. Clean it up first or choose another name.`,
+        { details: { name: spec.name } },
+      );
+    }
+    const dir = join(this.options.runDir, 'm', spec.name);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const owned: PointExport[] = [];
+    try {
+      const disks: DiskExport[] = [];
+      for (const [i, d] of spec.disks.entries()) {
+        if ('export' in d) {
+          disks.push(d.export);
+          continue;
+        }
+        if (!store) {
+          throw new LifeboatError(
+            'LB_RECOVERY_BAD_MACHINE',
+            `Disk ${i} of ${spec.name} names a point but no store was given.`,
+          );
+        }
+        const e = await this.exportPoint(store, d.pointId, { name: `${spec.name}-d${i}` });
+        owned.push(e);
+        disks.push(e);
+      }
+      const seedDisk = spec.seed ? await buildSeedDisk({ ...spec.seed, dir }) : undefined;
+      const machine = await RecoveryMachine.start({
+        name: spec.name,
+        dir,
+        disks,
+        boot: spec.boot,
+        accel: this.accel,
+        connectQmp: this.connectQmp,
+        qemuBinary: this.options.qemuBinary,
+        qemuImg: this.options.qemuImg,
+        ...(spec.cpus !== undefined ? { cpus: spec.cpus } : {}),
+        ...(spec.memoryMiB !== undefined ? { memoryMiB: spec.memoryMiB } : {}),
+        ...(spec.diskBus !== undefined ? { diskBus: spec.diskBus } : {}),
+        ...(spec.nics !== undefined ? { nics: spec.nics } : {}),
+        ...(seedDisk !== undefined ? { seedDisk } : {}),
+        ...(spec.guestAgent !== undefined ? { guestAgent: spec.guestAgent } : {}),
+      });
+      const booted: BootedMachine = {
+        machine,
+        exports: owned,
+        dir,
+        ...(seedDisk !== undefined ? { seedDisk } : {}),
+      };
+      this.machines.set(spec.name, booted);
+      return booted;
+    } catch (err) {
+      for (const e of owned) await this.closeExport(e);
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  /**
+   * Stops a machine and removes what it owned: QEMU, its overlays, seed disk, sockets and the
+   * exports started for it. Returns what was removed, for the job's record.
+   */
+  async removeMachine(name: string, options: { keep?: string[] } = {}): Promise<string[]> {
+    const b = this.machines.get(name);
+    if (!b) return [];
+    const removed: string[] = [];
+    await b.machine.stop();
+    removed.push(`machine ${name} (QEMU pid ${b.machine.pid ?? '?'})`);
+    for (const e of b.exports) {
+      await this.closeExport(e);
+      removed.push(`export ${e.name} of point ${e.pointId} (${e.socketPath})`);
+    }
+    for (const d of b.machine.disks) {
+      if (options.keep?.includes(d.overlay)) continue;
+      const size = await stat(d.overlay)
+        .then((s) => s.size)
+        .catch(() => undefined);
+      if (size !== undefined) removed.push(`overlay ${d.overlay} (${size} bytes)`);
+    }
+    if (b.seedDisk !== undefined) removed.push(`seed disk ${b.seedDisk}`);
+    if (!options.keep?.length) {
+      await rm(b.dir, { recursive: true, force: true });
+    } else {
+      for (const d of b.machine.disks) {
+        if (!options.keep.includes(d.overlay)) await rm(d.overlay, { force: true });
+      }
+    }
+    this.machines.delete(name);
+    return removed;
+  }
+
+  /** Stops every machine and export. */
+  async close(): Promise<void> {
+    for (const name of [...this.machines.keys()]) await this.removeMachine(name);
+    for (const e of [...this.exports]) await this.closeExport(e);
+  }
+}
