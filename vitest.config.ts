@@ -3,7 +3,10 @@ import { defineConfig } from 'vitest/config';
 
 // Tests import each package's TypeScript sources directly through the "source" export
 // condition (see each package.json), so no build is needed between an edit and a test run.
-const conditions = ['source', ...defaultServerConditions];
+// 'module' is left out: vitest passes these conditions to Node (--conditions) in its worker
+// processes, and packages such as @opentelemetry/api (required by prom-client) map 'module' to a
+// bundler-only ESM build that Node cannot load.
+const conditions = ['source', ...defaultServerConditions.filter((c) => c !== 'module')];
 
 export default defineConfig({
   resolve: { conditions },
