@@ -1,2 +1,7 @@
 /** @lifeboat/process-server: public API. */
-export {};
+export { ProcessServer } from './process-server.js';
+export type { DiskHealth, MachineHealth, ProcessServerHealth } from './process-server.js';
+export type { ProcessServerOptions, ProcessServerTls } from './process-server-options.js';
+export type { CommittedCut } from './machine-replicator.js';
+export { Journal, journalDiskUsage } from './journal.js';
+export type { JournalOptions } from './journal.js';

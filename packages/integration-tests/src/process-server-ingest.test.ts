@@ -1,0 +1,180 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ProcessServer } from '@lifeboat/process-server';
+import type { ProcessServerHealth } from '@lifeboat/process-server';
+import { ReplicationClient } from '@lifeboat/protocol';
+import { DirectoryBackend, Store } from '@lifeboat/store';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  SourceMachine,
+  createTestPki,
+  prng,
+  randomExtent,
+  verifyPoints,
+  waitUntil,
+} from './process-server-fixtures.js';
+import type { TestPki } from './process-server-fixtures.js';
+
+let dir: string;
+let pki: TestPki;
+let store: Store;
+let server: ProcessServer;
+const clients: ReplicationClient[] = [];
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'lb-ps-ingest-'));
+  pki = await createTestPki(dir);
+  store = await Store.init({
+    backend: new DirectoryBackend({ path: join(dir, 'store') }),
+    passphrase: 'test',
+    kdfCost: 1024,
+  });
+  server = await ProcessServer.start({
+    store,
+    journalDir: join(dir, 'ps'),
+    tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
+    host: '127.0.0.1',
+    port: 0,
+    healthPort: 0,
+    logLevel: 'silent',
+  });
+});
+
+afterAll(async () => {
+  for (const c of clients) await c.close();
+  await server?.stop();
+  await store?.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+function client(src: SourceMachine): ReplicationClient {
+  const c = new ReplicationClient({
+    host: '127.0.0.1',
+    port: server.port,
+    servername: 'localhost',
+    ca: pki.ca,
+    cert: pki.client.cert,
+    key: pki.client.key,
+    machine: src.machine,
+    disks: src.helloDisks(),
+    maxInFlightBytes: 256 * 1024,
+  });
+  clients.push(c);
+  return c;
+}
+
+/** Streams `cycles` cycles of random extents and a cut each; the source model follows. */
+async function stream(
+  src: SourceMachine,
+  c: ReplicationClient,
+  cycles: number,
+  seed: number,
+): Promise<void> {
+  const rnd = prng(seed);
+  for (let cycle = 0; cycle < cycles; cycle++) {
+    if (cycle === Math.floor(cycles / 2) && src.disks.has('vdb')) {
+      // A disk grows mid-stream; the next writes use the new space.
+      const grown = src.disks.get('vdb')!.length + 256 * 1024;
+      await c.resize('vdb', grown);
+      src.resize('vdb', grown);
+    }
+    for (let i = 0; i < 12; i++) {
+      for (const [disk, buf] of src.disks) {
+        const e = randomExtent(buf.length, rnd);
+        if (e.kind === 'write') {
+          const data = Buffer.alloc(e.length);
+          for (let k = 0; k < data.length; k += 4) data.writeUInt32LE((rnd() * 2 ** 32) >>> 0, k);
+          await c.write(disk, e.offset, data);
+          src.write(disk, e.offset, data);
+        } else {
+          await (e.kind === 'zero'
+            ? c.writeZeroes(disk, e.offset, e.length)
+            : c.trim(disk, e.offset, e.length));
+          src.zero(disk, e.offset, e.length);
+        }
+      }
+    }
+    const { cutId } = await c.cut({ kind: cycle % 3 === 0 ? 'app' : 'crash' });
+    src.cut(cutId);
+  }
+  await c.waitForAck();
+}
+
+async function getJson(path: string): Promise<ProcessServerHealth> {
+  const res = await fetch(`http://127.0.0.1:${server.healthPort}${path}`);
+  expect(res.status).toBe(200);
+  return (await res.json()) as ProcessServerHealth;
+}
+
+describe('process server ingest', () => {
+  it('turns the cuts of several machines into byte-exact points, and reports health and metrics', async () => {
+    const sources = [1, 2, 3].map(
+      (i) =>
+        new SourceMachine(`machine-${i}`, [
+          { name: 'vda', size: 1024 * 1024 },
+          { name: 'vdb', size: 512 * 1024 },
+        ]),
+    );
+    const cs = sources.map((s) => client(s));
+    await Promise.all(cs.map((c) => c.start()));
+    await Promise.all(sources.map((s, i) => stream(s, cs[i]!, 6, 100 + i)));
+    // Every acknowledged cut becomes points of both disks.
+    await waitUntil(
+      async () => (await store.listPoints()).length === 3 * 6 * 2,
+      'all points committed',
+    );
+    for (const s of sources) expect(await verifyPoints(store, s)).toBe(12);
+
+    const health = await getJson('/health');
+    expect(health.machines.map((m) => m.machine)).toEqual(['machine-1', 'machine-2', 'machine-3']);
+    for (const m of health.machines) {
+      expect(m.connected).toBe(true);
+      expect(m.backlogBytes).toBe(0);
+      expect(m.committedSeq).toBe(m.lastSeq);
+      expect(m.disks.map((d) => d.disk)).toEqual(['vda', 'vdb']);
+      expect(m.disks[1]!.size).toBe(768 * 1024);
+      for (const d of m.disks) expect(d.rpoSeconds).not.toBeNull();
+    }
+    expect(health.journal.maxBytes).toBeGreaterThan(0);
+    expect(health.process.rssBytes).toBeGreaterThan(0);
+    const metrics = await (await fetch(`http://127.0.0.1:${server.healthPort}/metrics`)).text();
+    expect(metrics).toContain('lifeboat_ps_disk_rpo_seconds{machine="machine-1",disk="vda"}');
+    expect(metrics).toContain('lifeboat_ps_journal_used_bytes');
+  });
+
+  it('resumes a machine after its client reconnects, without resending what was acknowledged', async () => {
+    const src = new SourceMachine('machine-resume', [{ name: 'vda', size: 256 * 1024 }]);
+    const c1 = client(src);
+    await c1.start();
+    await stream(src, c1, 2, 7);
+    const acked = c1.lastAckedSeq;
+    await c1.close();
+    const c2 = client(src);
+    await c2.start();
+    // The new client continues the machine's sequence where the server's durable frames end.
+    expect(c2.nextSeq).toBe(acked + 1);
+    await stream(src, c2, 2, 8);
+    await waitUntil(
+      async () => (await store.listPoints({ machine: 'machine-resume' })).length === 4,
+      'points of the resumed machine',
+    );
+    expect(await verifyPoints(store, src)).toBe(4);
+  });
+
+  it('applies bandwidth limits changed at run time without failing the agents', async () => {
+    server.setBandwidthLimits({ total: 2 * 1024 * 1024, perMachine: 1024 * 1024 });
+    const src = new SourceMachine('machine-limited', [{ name: 'vda', size: 512 * 1024 }]);
+    const c = client(src);
+    await c.start();
+    await stream(src, c, 2, 9);
+    const h = await getJson('/health');
+    expect(h.ingest.machineBandwidthBytesPerSecond).toBe(1024 * 1024);
+    server.setBandwidthLimits({ total: 0, perMachine: 0 });
+    await waitUntil(
+      async () => (await store.listPoints({ machine: 'machine-limited' })).length === 2,
+      'points of the limited machine',
+    );
+    expect(await verifyPoints(store, src)).toBe(2);
+  });
+});

@@ -1,0 +1,450 @@
+import { EventEmitter } from 'node:events';
+import { mkdir, open, readdir, rm, stat } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { crc32 } from 'node:zlib';
+import { LifeboatError } from '@lifeboat/protocol';
+
+/** Kinds of journal records (the sequenced frame types). */
+export type JournalRecordKind = 'data' | 'zero' | 'trim' | 'resize' | 'cut';
+
+const KIND_CODE: Record<JournalRecordKind, number> = {
+  data: 1,
+  zero: 2,
+  trim: 3,
+  resize: 4,
+  cut: 5,
+};
+const CODE_KIND: Record<number, JournalRecordKind> = {
+  1: 'data',
+  2: 'zero',
+  3: 'trim',
+  4: 'resize',
+  5: 'cut',
+};
+const RECORD_MAGIC = 0x4c424a31; // "LBJ1"
+/** Fixed bytes before a record's names and body. */
+export const RECORD_HEADER_BYTES = 40;
+const SEGMENT_RE = /^seg-(\d{12})\.lbj$/;
+
+/** What is appended: one sequenced frame of one machine, with the disk named (not indexed). */
+export interface JournalInput {
+  kind: JournalRecordKind;
+  machine: string;
+  /** Disk name; empty for cuts. */
+  disk: string;
+  seq: number;
+  /** data/zero/trim: offset; resize: new size; cut: the agent's time (ms). */
+  a: number;
+  /** zero/trim: length; otherwise 0. */
+  b: number;
+  /** data: the bytes; cut: JSON metadata; otherwise empty. */
+  body: Buffer;
+}
+
+/** A durable record: where its body lives, so it can be read back without keeping it in memory. */
+export interface JournalRecord {
+  kind: JournalRecordKind;
+  machine: string;
+  disk: string;
+  seq: number;
+  a: number;
+  b: number;
+  segment: number;
+  bodyPosition: number;
+  bodyLength: number;
+  /** Bytes the record takes in the journal. */
+  recordBytes: number;
+}
+
+/** Options for {@link Journal.open}. */
+export interface JournalOptions {
+  /** Directory of the journal's segment files (created if missing). */
+  dir: string;
+  /** Journal size limit in bytes; `full` is true above it. @default 1073741824 */
+  maxBytes?: number;
+  /** A segment is closed and a new one started above this size. @default 67108864 */
+  segmentBytes?: number;
+  /** Skip fsync (benchmarks of the fsync cost only; never in production). @default false */
+  noSync?: boolean;
+}
+
+/** Result of {@link Journal.open}: the journal and every record found on disk, in append order. */
+export interface JournalOpenResult {
+  journal: Journal;
+  records: JournalRecord[];
+  /** Segments whose middle was damaged (not a torn tail): machines with records there need a resync. */
+  corruptSegments: Array<{ segment: number; position: number }>;
+}
+
+interface Segment {
+  id: number;
+  path: string;
+  bytes: number;
+  /** Highest sequence number per machine in this segment. */
+  machines: Map<string, number>;
+}
+
+interface Queued {
+  parts: Buffer[];
+  bytes: number;
+  record: Omit<JournalRecord, 'segment' | 'bodyPosition'>;
+  bodyOffset: number;
+  resolve: (r: JournalRecord) => void;
+  reject: (e: unknown) => void;
+}
+
+/**
+ * The process server's cache journal: an append-only log of frames in segment files shared by
+ * all machines. Appends are batched: every append that arrives while a write+fdatasync is in
+ * flight goes into the next one (group commit across sessions), and an append's promise
+ * resolves only after its bytes are synced — the moment the server may acknowledge it. A
+ * segment is deleted once every record in it is released (committed to the store or dropped).
+ * Events: `space` when usage drops below the limit.
+ */
+export class Journal extends EventEmitter {
+  private readonly segments = new Map<number, Segment>();
+  private active!: Segment;
+  private fh!: FileHandle;
+  private queue: Queued[] = [];
+  private queuedBytes = 0;
+  private flushing: Promise<void> | undefined;
+  private rotating: Promise<void> | undefined;
+  private broken: LifeboatError | undefined;
+  private readonly released = new Map<string, number>();
+  private readonly readers = new Map<number, Promise<FileHandle>>();
+  private closed = false;
+  /** Records appended, and fsyncs done: appends/fsyncs is the group-commit factor. */
+  readonly counters = { appends: 0, syncs: 0, bytes: 0 };
+
+  private constructor(
+    private readonly dir: string,
+    /** Size limit in bytes. */
+    readonly maxBytes: number,
+    private readonly segmentBytes: number,
+    private readonly noSync: boolean,
+  ) {
+    super();
+  }
+
+  /** Opens (or creates) the journal, scans every segment and truncates a torn tail. */
+  static async open(options: JournalOptions): Promise<JournalOpenResult> {
+    const maxBytes = options.maxBytes ?? 1024 * 1024 * 1024;
+    const segmentBytes = options.segmentBytes ?? 64 * 1024 * 1024;
+    await mkdir(options.dir, { recursive: true });
+    const j = new Journal(
+      options.dir,
+      maxBytes,
+      Math.min(segmentBytes, Math.max(1024 * 1024, Math.floor(maxBytes / 4))),
+      options.noSync ?? false,
+    );
+    const ids = (await readdir(options.dir))
+      .map((n) => SEGMENT_RE.exec(n)?.[1])
+      .filter((x): x is string => x !== undefined)
+      .map(Number)
+      .sort((a, b) => a - b);
+    const records: JournalRecord[] = [];
+    const corruptSegments: Array<{ segment: number; position: number }> = [];
+    for (const [i, id] of ids.entries()) {
+      const path = j.segmentPath(id);
+      const seg: Segment = { id, path, bytes: 0, machines: new Map() };
+      const fh = await open(path, 'r+');
+      try {
+        const { size } = await fh.stat();
+        const valid = await scanSegment(fh, id, size, (r) => {
+          records.push(r);
+          seg.machines.set(r.machine, Math.max(seg.machines.get(r.machine) ?? 0, r.seq));
+        });
+        if (valid < size) {
+          // Only the newest segment can end in a torn write (crash mid-append); elsewhere it is damage.
+          if (i !== ids.length - 1) corruptSegments.push({ segment: id, position: valid });
+          await fh.truncate(valid);
+          await fh.sync();
+        }
+        seg.bytes = valid;
+      } finally {
+        await fh.close();
+      }
+      j.segments.set(id, seg);
+    }
+    await j.startSegment((ids.at(-1) ?? 0) + 1);
+    return { journal: j, records, corruptSegments };
+  }
+
+  /** Bytes used on disk plus bytes waiting to be written. */
+  get usedBytes(): number {
+    let n = this.queuedBytes;
+    for (const s of this.segments.values()) n += s.bytes;
+    return n;
+  }
+
+  /** Number of segment files. */
+  get segmentCount(): number {
+    return this.segments.size;
+  }
+
+  /** True when usage is at or above the limit: stop reading from agents until `space`. */
+  get full(): boolean {
+    return this.usedBytes >= this.maxBytes;
+  }
+
+  /** The I/O error that stopped the journal, if any. */
+  get failure(): LifeboatError | undefined {
+    return this.broken;
+  }
+
+  /** Appends a record; resolves once it is durable on disk. */
+  append(input: JournalInput): Promise<JournalRecord> {
+    if (this.broken) return Promise.reject(this.broken);
+    if (this.closed)
+      return Promise.reject(
+        new LifeboatError(
+          'LB_PS_SHUTTING_DOWN',
+          'The journal is closed; the process server is stopping.',
+        ),
+      );
+    const machine = Buffer.from(input.machine, 'utf8');
+    const disk = Buffer.from(input.disk, 'utf8');
+    const header = Buffer.alloc(RECORD_HEADER_BYTES);
+    const total = RECORD_HEADER_BYTES + machine.length + disk.length + input.body.length;
+    header.writeUInt32BE(RECORD_MAGIC, 0);
+    header.writeUInt32BE(total, 4);
+    header.writeUInt8(KIND_CODE[input.kind], 12);
+    header.writeUInt8(machine.length, 13);
+    header.writeUInt8(disk.length, 14);
+    header.writeBigUInt64BE(BigInt(input.seq), 16);
+    header.writeBigUInt64BE(BigInt(input.a), 24);
+    header.writeBigUInt64BE(BigInt(input.b), 32);
+    let crc = crc32(header.subarray(12));
+    crc = crc32(machine, crc);
+    crc = crc32(disk, crc);
+    crc = crc32(input.body, crc);
+    header.writeUInt32BE(crc, 8);
+    return new Promise((resolve, reject) => {
+      this.queue.push({
+        parts: [header, machine, disk, input.body],
+        bytes: total,
+        bodyOffset: RECORD_HEADER_BYTES + machine.length + disk.length,
+        record: {
+          kind: input.kind,
+          machine: input.machine,
+          disk: input.disk,
+          seq: input.seq,
+          a: input.a,
+          b: input.b,
+          bodyLength: input.body.length,
+          recordBytes: total,
+        },
+        resolve,
+        reject,
+      });
+      this.queuedBytes += total;
+      this.kick();
+    });
+  }
+
+  /** Resolves when everything appended so far is durable (or failed). */
+  async sync(): Promise<void> {
+    while (this.flushing) await this.flushing;
+  }
+
+  /** Reads a record's body back (data bytes or cut metadata). */
+  async readBody(r: JournalRecord): Promise<Buffer> {
+    if (r.bodyLength === 0) return Buffer.alloc(0);
+    let p = this.readers.get(r.segment);
+    if (!p) {
+      p = open(this.segmentPath(r.segment), 'r');
+      this.readers.set(r.segment, p);
+    }
+    const fh = await p;
+    const buf = Buffer.allocUnsafe(r.bodyLength);
+    const { bytesRead } = await fh.read(buf, 0, r.bodyLength, r.bodyPosition);
+    if (bytesRead !== r.bodyLength) {
+      throw new LifeboatError(
+        'LB_PS_JOURNAL_CORRUPT',
+        `Journal segment ${r.segment} is shorter than a record it holds; check the journal's disk.`,
+        { details: { segment: r.segment, seq: r.seq, machine: r.machine } },
+      );
+    }
+    return buf;
+  }
+
+  /**
+   * Declares every record of `machine` up to `seq` no longer needed (committed to the store, or
+   * dropped for a resync); segments holding only such records are deleted.
+   */
+  async release(machine: string, seq: number): Promise<void> {
+    if ((this.released.get(machine) ?? 0) >= seq) return;
+    this.released.set(machine, seq);
+    const wasFull = this.full;
+    for (const seg of [...this.segments.values()]) {
+      if (seg === this.active) continue;
+      let free = true;
+      for (const [m, max] of seg.machines) {
+        if ((this.released.get(m) ?? 0) < max) {
+          free = false;
+          break;
+        }
+      }
+      if (!free) continue;
+      this.segments.delete(seg.id);
+      const reader = this.readers.get(seg.id);
+      this.readers.delete(seg.id);
+      if (reader) await reader.then((fh) => fh.close()).catch(() => undefined);
+      await rm(seg.path, { force: true });
+    }
+    // A nearly empty active segment full of released records would pin space forever: rotate it.
+    if (
+      this.active.bytes > 0 &&
+      !this.flushing &&
+      !this.rotating &&
+      [...this.active.machines].every(([m, max]) => (this.released.get(m) ?? 0) >= max)
+    ) {
+      this.rotating = this.rotate().finally(() => (this.rotating = undefined));
+      await this.rotating;
+    }
+    if (wasFull && !this.full) this.emit('space');
+  }
+
+  /** Flushes what is queued and closes files. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.sync();
+    await this.fh.close().catch(() => undefined);
+    for (const p of this.readers.values()) await p.then((fh) => fh.close()).catch(() => undefined);
+    this.readers.clear();
+  }
+
+  private segmentPath(id: number): string {
+    return join(this.dir, `seg-${String(id).padStart(12, '0')}.lbj`);
+  }
+
+  private async startSegment(id: number): Promise<void> {
+    const seg: Segment = { id, path: this.segmentPath(id), bytes: 0, machines: new Map() };
+    this.fh = await open(seg.path, 'w');
+    if (!this.noSync) await syncDir(this.dir);
+    this.segments.set(id, seg);
+    this.active = seg;
+  }
+
+  private async rotate(): Promise<void> {
+    const old = this.active;
+    const oldFh = this.fh;
+    await this.startSegment(old.id + 1);
+    await oldFh.close();
+    if (
+      old.bytes === 0 ||
+      [...old.machines].every(([m, max]) => (this.released.get(m) ?? 0) >= max)
+    ) {
+      this.segments.delete(old.id);
+      await rm(old.path, { force: true });
+    }
+  }
+
+  private kick(): void {
+    if (this.flushing) return;
+    this.flushing = this.flushLoop().finally(() => {
+      this.flushing = undefined;
+      if (this.queue.length > 0 && !this.broken) this.kick();
+    });
+  }
+
+  private async flushLoop(): Promise<void> {
+    if (this.rotating) await this.rotating;
+    while (this.queue.length > 0) {
+      const batch = this.queue;
+      this.queue = [];
+      const seg = this.active;
+      let pos = seg.bytes;
+      const parts: Buffer[] = [];
+      const done: JournalRecord[] = [];
+      for (const q of batch) {
+        done.push({ ...q.record, segment: seg.id, bodyPosition: pos + q.bodyOffset });
+        pos += q.bytes;
+        for (const p of q.parts) if (p.length > 0) parts.push(p);
+      }
+      const bytes = pos - seg.bytes;
+      try {
+        await this.fh.writev(parts, seg.bytes);
+        if (!this.noSync) await this.fh.datasync();
+      } catch (cause) {
+        this.broken = new LifeboatError(
+          'LB_PS_JOURNAL_IO',
+          `Writing the cache journal in ${this.dir} failed (${(cause as Error).message}); nothing more is acknowledged. Check the disk, then restart the process server.`,
+          { cause, details: { dir: this.dir } },
+        );
+        this.queuedBytes = 0;
+        for (const q of [...batch, ...this.queue]) q.reject(this.broken);
+        this.queue = [];
+        this.emit('failed', this.broken);
+        return;
+      }
+      seg.bytes = pos;
+      this.queuedBytes -= bytes;
+      this.counters.syncs++;
+      this.counters.appends += batch.length;
+      this.counters.bytes += bytes;
+      for (const r of done)
+        seg.machines.set(r.machine, Math.max(seg.machines.get(r.machine) ?? 0, r.seq));
+      for (const [i, q] of batch.entries()) q.resolve(done[i]!);
+      if (seg.bytes >= this.segmentBytes) await this.rotate();
+    }
+  }
+}
+
+/** Reads records of a segment in order; returns the length of its valid prefix. */
+async function scanSegment(
+  fh: FileHandle,
+  id: number,
+  size: number,
+  onRecord: (r: JournalRecord) => void,
+): Promise<number> {
+  let pos = 0;
+  const header = Buffer.alloc(RECORD_HEADER_BYTES);
+  while (pos + RECORD_HEADER_BYTES <= size) {
+    await fh.read(header, 0, RECORD_HEADER_BYTES, pos);
+    if (header.readUInt32BE(0) !== RECORD_MAGIC) break;
+    const total = header.readUInt32BE(4);
+    const mlen = header.readUInt8(13);
+    const dlen = header.readUInt8(14);
+    const kind = CODE_KIND[header.readUInt8(12)];
+    if (kind === undefined || total < RECORD_HEADER_BYTES + mlen + dlen || pos + total > size)
+      break;
+    const rest = Buffer.allocUnsafe(total - RECORD_HEADER_BYTES);
+    await fh.read(rest, 0, rest.length, pos + RECORD_HEADER_BYTES);
+    if (crc32(rest, crc32(header.subarray(12))) !== header.readUInt32BE(8)) break;
+    onRecord({
+      kind,
+      machine: rest.subarray(0, mlen).toString('utf8'),
+      disk: rest.subarray(mlen, mlen + dlen).toString('utf8'),
+      seq: Number(header.readBigUInt64BE(16)),
+      a: Number(header.readBigUInt64BE(24)),
+      b: Number(header.readBigUInt64BE(32)),
+      segment: id,
+      bodyPosition: pos + RECORD_HEADER_BYTES + mlen + dlen,
+      bodyLength: total - RECORD_HEADER_BYTES - mlen - dlen,
+      recordBytes: total,
+    });
+    pos += total;
+  }
+  return pos;
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Size of a journal directory's segment files, for status output without opening the journal. */
+export async function journalDiskUsage(dir: string): Promise<number> {
+  let n = 0;
+  for (const name of await readdir(dir).catch(() => [] as string[])) {
+    if (SEGMENT_RE.test(name)) n += (await stat(join(dir, name))).size;
+  }
+  return n;
+}

@@ -1,0 +1,276 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { LifeboatError } from '@lifeboat/protocol';
+import type { PointInfo, StoreApi, WriteSession } from '@lifeboat/store';
+import type { Logger } from 'pino';
+import type { Journal, JournalRecord } from './journal.js';
+import type { MachineState } from './machine-state-store.js';
+import type { Semaphore } from './semaphore.js';
+
+/** A cut committed to the store: one point per disk. */
+export interface CommittedCut {
+  machine: string;
+  cutId: string;
+  seq: number;
+  time: Date;
+  kind: 'crash' | 'app';
+  points: PointInfo[];
+  /** Milliseconds from the cut's arrival in the journal to its commit. */
+  latencyMs: number;
+}
+
+/** What a {@link MachineReplicator} needs from the server. */
+export interface MachineReplicatorDeps {
+  store: StoreApi;
+  journal: Journal;
+  storeLimit: Semaphore;
+  logger: Logger;
+  saveState: (state: MachineState) => Promise<void>;
+  onCommitted: (cut: CommittedCut) => void;
+  retryInitialMs: number;
+  retryMaxMs: number;
+}
+
+/** Metadata of a cut as journaled. */
+interface CutMeta {
+  cutId: string;
+  kind: 'crash' | 'app';
+  time: number;
+  consistencyGroup?: string;
+}
+
+/**
+ * Drains one machine's durable journal records into the store, oldest first: extents go into
+ * one write session per disk, and each cut commits a point of every disk of the machine. Only
+ * then is the journal released up to the cut. A store failure aborts the open sessions and
+ * retries from the first uncommitted record with backoff, so an outage only delays points.
+ */
+export class MachineReplicator {
+  private records: JournalRecord[] = [];
+  private cursor = 0;
+  private backlog = 0;
+  private readonly sessions = new Map<string, WriteSession>();
+  private wake: (() => void) | undefined;
+  private stopped = false;
+  private generation = 0;
+  /** After a restart or failure a cut may already be in the store; check before committing it again. */
+  private mayHaveCommitted = true;
+  private failures = 0;
+  private readonly arrivals = new Map<number, number>();
+  private loop: Promise<void> | undefined;
+  /** The last store error, cleared by the next commit. */
+  lastError: LifeboatError | undefined;
+  /** Bytes of data applied to the store. */
+  bytesOut = 0;
+
+  constructor(
+    readonly state: MachineState,
+    private readonly deps: MachineReplicatorDeps,
+  ) {}
+
+  /** Journal bytes of records not yet committed. */
+  get backlogBytes(): number {
+    return this.backlog;
+  }
+
+  /** Records not yet committed. */
+  get backlogRecords(): number {
+    return this.records.length;
+  }
+
+  /** Starts the drain loop. */
+  start(): void {
+    this.loop ??= this.run();
+  }
+
+  /** Adds a durable record (in sequence order). */
+  push(r: JournalRecord): void {
+    this.records.push(r);
+    this.backlog += r.recordBytes;
+    if (r.kind === 'cut') this.arrivals.set(r.seq, performance.now());
+    this.wake?.();
+  }
+
+  /** Drops every uncommitted record (the machine is marked for resync); returns bytes dropped. */
+  async dropBacklog(): Promise<number> {
+    this.generation++;
+    const dropped = this.backlog;
+    this.records = [];
+    this.cursor = 0;
+    this.backlog = 0;
+    this.arrivals.clear();
+    await this.abortSessions();
+    this.wake?.();
+    return dropped;
+  }
+
+  /** Stops after the current store operation; open sessions are aborted (records stay in the journal). */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.wake?.();
+    await this.loop;
+    await this.abortSessions();
+  }
+
+  private async run(): Promise<void> {
+    while (!this.stopped) {
+      const r = this.records[this.cursor];
+      if (!r) {
+        await new Promise<void>((resolve) => (this.wake = resolve));
+        this.wake = undefined;
+        continue;
+      }
+      const gen = this.generation;
+      try {
+        await this.apply(r, gen);
+        if (gen === this.generation) this.cursor++;
+        this.failures = 0;
+      } catch (err) {
+        if (this.stopped) break;
+        this.lastError =
+          err instanceof LifeboatError
+            ? err
+            : new LifeboatError(
+                'LB_PS_STORE_FAILED',
+                `Writing machine ${this.state.machine} to the store failed (${(err as Error).message}); retrying.`,
+                { cause: err },
+              );
+        const delay = Math.min(
+          this.deps.retryMaxMs,
+          this.deps.retryInitialMs * 2 ** Math.min(this.failures++, 16),
+        );
+        this.deps.logger.warn(
+          {
+            err: this.lastError.toJSON(),
+            machine: this.state.machine,
+            retryInMs: delay,
+            backlogBytes: this.backlog,
+          },
+          'store write failed; backlog kept in the journal',
+        );
+        await this.abortSessions();
+        this.cursor = 0;
+        this.mayHaveCommitted = true;
+        await sleep(delay * (0.75 + Math.random() * 0.5));
+      }
+    }
+  }
+
+  private async session(disk: string): Promise<WriteSession> {
+    let s = this.sessions.get(disk);
+    if (!s) {
+      const size = this.state.disks[disk]?.size ?? 0;
+      s = await this.deps.storeLimit.run(() =>
+        this.deps.store.beginWrite({ machine: this.state.machine, disk, size, base: 'latest' }),
+      );
+      this.sessions.set(disk, s);
+    }
+    return s;
+  }
+
+  private async apply(r: JournalRecord, gen: number): Promise<void> {
+    const limit = this.deps.storeLimit;
+    switch (r.kind) {
+      case 'data': {
+        const body = await this.deps.journal.readBody(r);
+        const s = await this.session(r.disk);
+        await limit.run(() => s.write(r.a, body));
+        this.bytesOut += body.length;
+        return;
+      }
+      case 'zero': {
+        const s = await this.session(r.disk);
+        await limit.run(() => s.writeZeroes(r.a, r.b));
+        return;
+      }
+      case 'trim': {
+        const s = await this.session(r.disk);
+        await limit.run(() => s.trim(r.a, r.b));
+        return;
+      }
+      case 'resize': {
+        const s = await this.session(r.disk);
+        await limit.run(() => s.resize(r.a));
+        return;
+      }
+      case 'cut':
+        await this.commitCut(r, gen);
+        return;
+    }
+  }
+
+  private async commitCut(r: JournalRecord, gen: number): Promise<void> {
+    const meta = JSON.parse((await this.deps.journal.readBody(r)).toString('utf8')) as CutMeta;
+    const disks = new Set([...Object.keys(this.state.disks), ...this.sessions.keys()]);
+    const points: PointInfo[] = [];
+    const sizes: Record<string, { size: number }> = {};
+    for (const disk of [...disks].sort()) {
+      const s = await this.session(disk);
+      sizes[disk] = { size: s.size };
+      if (this.mayHaveCommitted) {
+        // A crash between this disk's commit and the state save: the point exists, do not repeat it.
+        const existing = await limit(this.deps, () =>
+          this.deps.store.listPoints({ machine: this.state.machine, disk, cut: meta.cutId }),
+        );
+        if (existing[0]) {
+          await s.abort();
+          this.sessions.delete(disk);
+          points.push(existing[0]);
+          continue;
+        }
+      }
+      const opts: { time: Date; kind: 'crash' | 'app'; cut: string; consistencyGroup?: string } = {
+        time: new Date(meta.time),
+        kind: meta.kind,
+        cut: meta.cutId,
+      };
+      if (meta.consistencyGroup !== undefined) opts.consistencyGroup = meta.consistencyGroup;
+      const info = await this.deps.storeLimit.run(() => s.commit(opts));
+      this.sessions.delete(disk);
+      points.push(info);
+    }
+    if (gen !== this.generation) return;
+    const st = this.state;
+    st.releasedSeq = Math.max(st.releasedSeq, r.seq);
+    st.disks = { ...st.disks, ...sizes };
+    for (const p of points) st.points[p.disk] = { id: p.id, time: meta.time };
+    st.lastCut = {
+      cutId: meta.cutId,
+      seq: r.seq,
+      time: meta.time,
+      kind: meta.kind,
+      committedAt: Date.now(),
+    };
+    if (meta.consistencyGroup !== undefined) st.consistencyGroup = meta.consistencyGroup;
+    if (st.resync && r.seq > st.resync.atSeq) delete st.resync;
+    await this.deps.saveState(st);
+    await this.deps.journal.release(st.machine, r.seq);
+    if (gen !== this.generation) return;
+    const n = this.cursor + 1;
+    for (let i = 0; i < n; i++) this.backlog -= this.records[i]!.recordBytes;
+    this.records.splice(0, n);
+    this.cursor = -1; // the caller's increment makes it 0
+    this.mayHaveCommitted = false;
+    this.lastError = undefined;
+    const arrived = this.arrivals.get(r.seq);
+    this.arrivals.delete(r.seq);
+    this.deps.onCommitted({
+      machine: st.machine,
+      cutId: meta.cutId,
+      seq: r.seq,
+      time: new Date(meta.time),
+      kind: meta.kind,
+      points,
+      latencyMs: arrived === undefined ? 0 : performance.now() - arrived,
+    });
+  }
+
+  private async abortSessions(): Promise<void> {
+    const all = [...this.sessions.values()];
+    this.sessions.clear();
+    await Promise.all(all.map((s) => s.abort().catch(() => undefined)));
+  }
+}
+
+function limit<T>(deps: MachineReplicatorDeps, fn: () => Promise<T>): Promise<T> {
+  return deps.storeLimit.run(fn);
+}

@@ -1,0 +1,708 @@
+import { EventEmitter } from 'node:events';
+import { join } from 'node:path';
+import { createServer } from 'node:tls';
+import type { Server, TLSSocket } from 'node:tls';
+import { LifeboatError } from '@lifeboat/protocol';
+import type { HelloFrame, SequencedFrame, WelcomeFrame } from '@lifeboat/protocol';
+import { pino } from 'pino';
+import type { Logger } from 'pino';
+import { HealthServer } from './health-server.js';
+import { IngestSession } from './ingest-session.js';
+import { Journal } from './journal.js';
+import type { JournalInput } from './journal.js';
+import { MachineReplicator } from './machine-replicator.js';
+import type { CommittedCut } from './machine-replicator.js';
+import { MachineStateStore } from './machine-state-store.js';
+import type { MachineState } from './machine-state-store.js';
+import { resolveProcessServerOptions } from './process-server-options.js';
+import type {
+  ProcessServerOptions,
+  ResolvedProcessServerOptions,
+} from './process-server-options.js';
+import { RateMeter } from './rate-meter.js';
+import { Semaphore } from './semaphore.js';
+import { TokenBucket } from './token-bucket.js';
+
+/** Health of one disk of a machine. */
+export interface DiskHealth {
+  disk: string;
+  size: number;
+  /** Age in seconds of the newest committed point (agent's cut time), null before the first point. */
+  rpoSeconds: number | null;
+  lastPointId: string | null;
+  lastPointTime: string | null;
+}
+
+/** Health of one machine. */
+export interface MachineHealth {
+  machine: string;
+  connected: boolean;
+  /** Highest sequence number received and journaled. */
+  lastSeq: number;
+  /** Sequence number of the newest committed cut (or dropped backlog). */
+  committedSeq: number;
+  /** Journal bytes of this machine not yet committed to the store. */
+  backlogBytes: number;
+  bytesPerSecondIn: number;
+  bytesPerSecondOut: number;
+  resyncRequired: boolean;
+  resyncReason: string | null;
+  /** The last store error of this machine, until the next commit. */
+  lastError: { code: string; message: string } | null;
+  lastCut: { cutId: string; time: string; kind: 'crash' | 'app' } | null;
+  disks: DiskHealth[];
+}
+
+/** What `GET /health` returns. */
+export interface ProcessServerHealth {
+  status: 'ok' | 'degraded';
+  time: string;
+  uptimeSeconds: number;
+  process: { cpuPercent: number; rssBytes: number; heapUsedBytes: number };
+  journal: {
+    usedBytes: number;
+    maxBytes: number;
+    usedRatio: number;
+    segments: number;
+    fullForSeconds: number | null;
+    framesPerSync: number;
+    failed: string | null;
+  };
+  store: { location: string; reachable: boolean; lastError: string | null };
+  ingest: {
+    sessions: number;
+    bytesPerSecondIn: number;
+    bytesPerSecondOut: number;
+    bandwidthBytesPerSecond: number;
+    machineBandwidthBytesPerSecond: number;
+  };
+  machines: MachineHealth[];
+}
+
+interface Machine {
+  id: string;
+  state: MachineState;
+  /** True when the server has never heard of this machine (no state file). */
+  isNew: boolean;
+  receivedSeq: number;
+  durableSeq: number;
+  /** Disk sizes as of the newest received frame (RESIZE applied), for range checks. */
+  sizes: Map<string, number>;
+  replicator: MachineReplicator;
+  session: IngestSession | undefined;
+  bucket: TokenBucket;
+  helloLock: Promise<unknown>;
+  rateIn: RateMeter;
+  rateOut: RateMeter;
+}
+
+/**
+ * The process server: accepts agents over mutual TLS, journals their frames durably before
+ * acknowledging them, and commits their cuts as recovery points in the store. Events:
+ * `committed` (CommittedCut), `resync-required` ({ machine, reason }).
+ */
+export class ProcessServer extends EventEmitter {
+  private readonly machines = new Map<string, Machine>();
+  private readonly sessions = new Set<IngestSession>();
+  private readonly bucket: TokenBucket;
+  private readonly storeLimit: Semaphore;
+  private tlsServer: Server | undefined;
+  private health: HealthServer | undefined;
+  private timers: NodeJS.Timeout[] = [];
+  private fullSince = 0;
+  private stopping = false;
+  private readonly started = performance.now();
+  private cpuPrev = process.cpuUsage();
+  private cpuPrevAt = performance.now();
+  private cpuPercent = 0;
+  private readonly rateIn = new RateMeter();
+  private readonly rateOut = new RateMeter();
+  private machineLimit: number;
+  private readonly commitLatencies: number[] = [];
+
+  private constructor(
+    private readonly opts: ResolvedProcessServerOptions,
+    private readonly journal: Journal,
+    private readonly stateStore: MachineStateStore,
+    private readonly logger: Logger,
+  ) {
+    super();
+    this.bucket = new TokenBucket(opts.bandwidthBytesPerSecond);
+    this.machineLimit = opts.machineBandwidthBytesPerSecond;
+    this.storeLimit = new Semaphore(opts.storeConcurrency);
+  }
+
+  /** Opens the journal, replays it, and starts listening. */
+  static async start(options: ProcessServerOptions): Promise<ProcessServer> {
+    const opts = resolveProcessServerOptions(options);
+    const logger = opts.logger ?? pino({ name: 'process-server', level: opts.logLevel });
+    const stateStore = new MachineStateStore(join(opts.journalDir, 'machines'), opts.unsafeNoSync);
+    const states = await stateStore.loadAll();
+    const { journal, records, corruptSegments } = await Journal.open({
+      dir: join(opts.journalDir, 'journal'),
+      maxBytes: opts.journalMaxBytes,
+      segmentBytes: opts.journalSegmentBytes,
+      noSync: opts.unsafeNoSync,
+    });
+    const server = new ProcessServer(opts, journal, stateStore, logger);
+    try {
+      await server.replay(states, records, corruptSegments);
+      await server.listen();
+    } catch (err) {
+      await server.stop().catch(() => undefined);
+      throw err;
+    }
+    return server;
+  }
+
+  /** The port agents connect to. */
+  get port(): number {
+    const a = this.tlsServer?.address();
+    return typeof a === 'object' && a ? a.port : 0;
+  }
+
+  /** The health/metrics listener's port (0 when disabled). */
+  get healthPort(): number {
+    return this.health?.port ?? 0;
+  }
+
+  /** Changes the bandwidth limits at run time (bytes per second; 0 is unlimited). */
+  setBandwidthLimits(limits: { total?: number; perMachine?: number }): void {
+    if (limits.total !== undefined) this.bucket.setRate(limits.total);
+    if (limits.perMachine !== undefined) {
+      this.machineLimit = limits.perMachine;
+      for (const m of this.machines.values()) m.bucket.setRate(limits.perMachine);
+    }
+  }
+
+  /** Commit latencies (ms) of the most recent cuts, newest last, for benchmarks. */
+  recentCommitLatencies(): number[] {
+    return [...this.commitLatencies];
+  }
+
+  /** Journal counters (appends, syncs, bytes) for benchmarks. */
+  journalCounters(): { appends: number; syncs: number; bytes: number } {
+    return { ...this.journal.counters };
+  }
+
+  /** A health snapshot. */
+  healthReport(): ProcessServerHealth {
+    const now = Date.now();
+    const machines: MachineHealth[] = [...this.machines.values()]
+      .sort((a, b) => a.id.localeCompare(b.id))
+      .map((m) => {
+        const err = m.replicator.lastError;
+        return {
+          machine: m.id,
+          connected: m.session !== undefined && !m.session.isClosed,
+          lastSeq: m.receivedSeq,
+          committedSeq: m.state.releasedSeq,
+          backlogBytes: m.replicator.backlogBytes,
+          bytesPerSecondIn: m.rateIn.rate(),
+          bytesPerSecondOut: m.rateOut.rate(),
+          resyncRequired: m.state.resync !== undefined,
+          resyncReason: m.state.resync?.reason ?? null,
+          lastError: err ? { code: err.code, message: err.message } : null,
+          lastCut: m.state.lastCut
+            ? {
+                cutId: m.state.lastCut.cutId,
+                time: new Date(m.state.lastCut.time).toISOString(),
+                kind: m.state.lastCut.kind,
+              }
+            : null,
+          disks: Object.entries(m.state.disks)
+            .sort(([a], [b]) => a.localeCompare(b))
+            .map(([disk, d]) => {
+              const p = m.state.points[disk];
+              return {
+                disk,
+                size: m.sizes.get(disk) ?? d.size,
+                rpoSeconds: p ? Math.max(0, (now - p.time) / 1000) : null,
+                lastPointId: p?.id ?? null,
+                lastPointTime: p ? new Date(p.time).toISOString() : null,
+              };
+            }),
+        };
+      });
+    const storeErrors = machines.filter((m) => m.lastError !== null);
+    const mem = process.memoryUsage();
+    const c = this.journal.counters;
+    const jf = this.journal.failure;
+    return {
+      status:
+        storeErrors.length > 0 ||
+        machines.some((m) => m.resyncRequired) ||
+        jf !== undefined ||
+        this.fullSince > 0
+          ? 'degraded'
+          : 'ok',
+      time: new Date(now).toISOString(),
+      uptimeSeconds: (performance.now() - this.started) / 1000,
+      process: { cpuPercent: this.cpuPercent, rssBytes: mem.rss, heapUsedBytes: mem.heapUsed },
+      journal: {
+        usedBytes: this.journal.usedBytes,
+        maxBytes: this.journal.maxBytes,
+        usedRatio: this.journal.usedBytes / this.journal.maxBytes,
+        segments: this.journal.segmentCount,
+        fullForSeconds: this.fullSince > 0 ? (performance.now() - this.fullSince) / 1000 : null,
+        framesPerSync: c.syncs > 0 ? c.appends / c.syncs : 0,
+        failed: jf?.message ?? null,
+      },
+      store: {
+        location: this.opts.store.location,
+        reachable: storeErrors.length === 0,
+        lastError: storeErrors[0]?.lastError?.message ?? null,
+      },
+      ingest: {
+        sessions: this.sessions.size,
+        bytesPerSecondIn: this.rateIn.rate(),
+        bytesPerSecondOut: this.rateOut.rate(),
+        bandwidthBytesPerSecond: this.bucket.bytesPerSecond,
+        machineBandwidthBytesPerSecond: this.machineLimit,
+      },
+      machines,
+    };
+  }
+
+  /** Stops: refuses new sessions, tells agents, flushes the journal, stops store work. The store stays open. */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    for (const t of this.timers) clearInterval(t);
+    const closing = this.tlsServer
+      ? new Promise<void>((resolve) => this.tlsServer!.close(() => resolve()))
+      : Promise.resolve();
+    for (const s of [...this.sessions])
+      s.reject(
+        new LifeboatError(
+          'LB_PS_SHUTTING_DOWN',
+          'The process server is stopping; reconnect later (nothing acknowledged is lost).',
+        ),
+      );
+    for (const s of [...this.sessions]) s.socket.destroy();
+    await closing;
+    await this.health?.close();
+    await Promise.all([...this.machines.values()].map((m) => m.replicator.stop()));
+    await this.journal.close();
+  }
+
+  private newMachine(state: MachineState, isNew: boolean): Machine {
+    const m: Machine = {
+      id: state.machine,
+      state,
+      isNew,
+      receivedSeq: state.releasedSeq,
+      durableSeq: state.releasedSeq,
+      sizes: new Map(Object.entries(state.disks).map(([k, v]) => [k, v.size])),
+      replicator: new MachineReplicator(state, {
+        store: this.opts.store,
+        journal: this.journal,
+        storeLimit: this.storeLimit,
+        logger: this.logger,
+        saveState: (s) => this.stateStore.save(s),
+        onCommitted: (cut) => this.committed(m, cut),
+        retryInitialMs: this.opts.storeRetryInitialMs,
+        retryMaxMs: this.opts.storeRetryMaxMs,
+      }),
+      session: undefined,
+      bucket: new TokenBucket(this.machineLimit),
+      helloLock: Promise.resolve(),
+      rateIn: new RateMeter(),
+      rateOut: new RateMeter(),
+    };
+    this.machines.set(m.id, m);
+    return m;
+  }
+
+  private committed(m: Machine, cut: CommittedCut): void {
+    this.commitLatencies.push(cut.latencyMs);
+    if (this.commitLatencies.length > 10_000) this.commitLatencies.splice(0, 5_000);
+    this.logger.debug(
+      { machine: m.id, cut: cut.cutId, seq: cut.seq, latencyMs: cut.latencyMs },
+      'cut committed',
+    );
+    this.emit('committed', cut);
+  }
+
+  private async replay(
+    states: MachineState[],
+    records: Awaited<ReturnType<typeof Journal.open>>['records'],
+    corrupt: Array<{ segment: number; position: number }>,
+  ): Promise<void> {
+    for (const s of states) this.newMachine(s, false);
+    for (const c of corrupt)
+      this.logger.error(
+        { code: 'LB_PS_JOURNAL_CORRUPT', ...c },
+        'journal segment damaged in the middle; records after the damage are lost',
+      );
+    const broken = new Set<string>();
+    let replayed = 0;
+    for (const r of records) {
+      const m = this.machines.get(r.machine);
+      if (!m) {
+        // State is saved before the first welcome, so this means a lost state file.
+        broken.add(r.machine);
+        continue;
+      }
+      if (r.seq <= m.receivedSeq) continue;
+      if (r.seq !== m.receivedSeq + 1 || broken.has(m.id)) {
+        broken.add(m.id);
+        continue;
+      }
+      m.receivedSeq = m.durableSeq = r.seq;
+      if (r.kind === 'resize') m.sizes.set(r.disk, r.a);
+      m.replicator.push(r);
+      replayed++;
+    }
+    for (const id of broken) {
+      const m =
+        this.machines.get(id) ??
+        this.newMachine({ machine: id, releasedSeq: 0, disks: {}, points: {} }, false);
+      await this.markResync(m, 'journal damaged: records of this machine are missing');
+    }
+    for (const m of this.machines.values()) {
+      await this.journal.release(m.id, m.state.releasedSeq);
+      m.replicator.start();
+    }
+    if (replayed > 0)
+      this.logger.info({ records: replayed, machines: this.machines.size }, 'journal replayed');
+  }
+
+  private async listen(): Promise<void> {
+    const o = this.opts;
+    const server = createServer({
+      cert: o.tls.cert,
+      key: o.tls.key,
+      ca: o.tls.ca,
+      requestCert: true,
+      rejectUnauthorized: true,
+      minVersion: 'TLSv1.3',
+    });
+    this.tlsServer = server;
+    server.on('secureConnection', (socket: TLSSocket) => this.accept(socket));
+    server.on('tlsClientError', (err, socket) => {
+      this.logger.warn(
+        { err: err.message, remote: socket.remoteAddress },
+        'TLS handshake rejected (client certificate missing or not from the configured CA)',
+      );
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(o.port, o.host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    server.on('error', (err) => this.logger.error({ err: err.message }, 'TLS listener error'));
+    this.journal.on('space', () => {
+      this.fullSince = 0;
+      for (const s of this.sessions) s.resume('journal');
+    });
+    this.journal.on('failed', (err: LifeboatError) => {
+      this.logger.error({ err: err.toJSON() }, 'journal failed; no more acknowledgements');
+      for (const s of [...this.sessions]) s.reject(err);
+    });
+    if (o.healthPort !== null)
+      this.health = await HealthServer.start({
+        host: o.healthHost,
+        port: o.healthPort,
+        report: () => this.healthReport(),
+      });
+    this.timers.push(setInterval(() => this.tick(), 1000));
+    for (const t of this.timers) t.unref();
+  }
+
+  private tick(): void {
+    const now = performance.now();
+    const cpu = process.cpuUsage();
+    const us = cpu.user - this.cpuPrev.user + (cpu.system - this.cpuPrev.system);
+    this.cpuPercent = (us / 1000 / Math.max(1, now - this.cpuPrevAt)) * 100;
+    this.cpuPrev = cpu;
+    this.cpuPrevAt = now;
+    let out = 0;
+    for (const m of this.machines.values()) {
+      m.rateIn.sample();
+      m.rateOut.set(m.replicator.bytesOut);
+      out += m.replicator.bytesOut;
+    }
+    this.rateIn.sample();
+    this.rateOut.set(out);
+    if (this.journal.full) {
+      if (this.fullSince === 0) this.fullSince = now;
+      else if (now - this.fullSince > this.opts.overflowTimeoutMs) void this.overflow();
+    } else this.fullSince = 0;
+  }
+
+  /** The journal stayed full too long: machines blocked on it lose their backlog and must resync. */
+  private async overflow(): Promise<void> {
+    const waiting = [...this.machines.values()].filter((m) => m.session?.isPausedFor('journal'));
+    const victims =
+      waiting.length > 0
+        ? waiting
+        : [...this.machines.values()].filter((m) => m.replicator.backlogBytes > 0);
+    this.fullSince = performance.now();
+    for (const m of victims) {
+      await this.markResync(
+        m,
+        `journal full for more than ${Math.round(this.opts.overflowTimeoutMs / 1000)} s`,
+      );
+    }
+  }
+
+  private async markResync(m: Machine, reason: string): Promise<void> {
+    m.session?.reject(
+      new LifeboatError(
+        'LB_PS_RESYNC_REQUIRED',
+        `The process server dropped the backlog of machine ${m.id} (${reason}); the agent must resync its disks.`,
+        { details: { machine: m.id, reason } },
+      ),
+    );
+    await this.journal.sync();
+    const dropped = await m.replicator.dropBacklog();
+    m.durableSeq = m.receivedSeq;
+    m.state.releasedSeq = m.receivedSeq;
+    m.state.resync = { since: Date.now(), reason, atSeq: m.receivedSeq };
+    await this.stateStore.save(m.state);
+    await this.journal.release(m.id, m.receivedSeq);
+    this.logger.error(
+      { code: 'LB_PS_RESYNC_REQUIRED', machine: m.id, reason, droppedBytes: dropped },
+      'machine marked for resync',
+    );
+    this.emit('resync-required', { machine: m.id, reason });
+  }
+
+  private accept(socket: TLSSocket): void {
+    if (this.stopping) {
+      socket.destroy();
+      return;
+    }
+    const session = new IngestSession(
+      socket,
+      {
+        onHello: (s, f) => this.hello(s, f),
+        onSequenced: (s, f) => this.sequenced(s, f),
+        onBytes: (s, n) => this.bytes(s, n),
+        onClosed: (s) => this.closed(s),
+      },
+      {
+        maxPayloadBytes: this.opts.maxPayloadBytes,
+        helloTimeoutMs: this.opts.helloTimeoutMs,
+        stallTimeoutMs: this.opts.stallTimeoutMs,
+      },
+      this.logger,
+    );
+    this.sessions.add(session);
+    if (this.journal.full) session.pause('journal');
+  }
+
+  private closed(s: IngestSession): void {
+    this.sessions.delete(s);
+    if (s.machine) {
+      const m = this.machines.get(s.machine);
+      if (m?.session === s) m.session = undefined;
+    }
+  }
+
+  private hello(session: IngestSession, f: HelloFrame): Promise<WelcomeFrame> {
+    let m = this.machines.get(f.machine);
+    if (!m) {
+      m = this.newMachine({ machine: f.machine, releasedSeq: 0, disks: {}, points: {} }, true);
+      m.replicator.start();
+    }
+    const machine = m;
+    const run = machine.helloLock.then(() => this.helloLocked(session, machine, f));
+    machine.helloLock = run.catch(() => undefined);
+    return run;
+  }
+
+  private async helloLocked(
+    session: IngestSession,
+    m: Machine,
+    f: HelloFrame,
+  ): Promise<WelcomeFrame> {
+    if (this.stopping)
+      throw new LifeboatError(
+        'LB_PS_SHUTTING_DOWN',
+        'The process server is stopping; reconnect later.',
+      );
+    const old = m.session;
+    if (old && old !== session && !old.isClosed) {
+      old.reject(
+        new LifeboatError(
+          'LB_PROTO_SESSION_REPLACED',
+          `A newer session of machine ${m.id} took over this one.`,
+          { details: { machine: m.id, by: session.id } },
+        ),
+      );
+    }
+    // Everything the old session handed to the journal is durable (or failed) before we say where to resume.
+    await this.journal.sync();
+    if (this.journal.failure) throw this.journal.failure;
+    const o = f.oldestUnackedSeq;
+    if (o !== null && o > m.receivedSeq + 1) {
+      if (m.isNew) {
+        // A machine moving here from another process server: its history before `o` is that server's.
+        m.receivedSeq = m.durableSeq = o - 1;
+        m.state.releasedSeq = o - 1;
+      } else {
+        throw new LifeboatError(
+          'LB_PROTO_RESUME_GAP',
+          `Machine ${m.id} resumes at frame ${o}, but this process server has frames only up to ${m.receivedSeq}; the frames between were never received. Resync the machine.`,
+          {
+            details: { machine: m.id, oldestUnackedSeq: o, lastSeq: m.receivedSeq },
+          },
+        );
+      }
+    }
+    let changed = m.isNew;
+    for (const d of f.disks) {
+      if (m.state.disks[d.name] === undefined) {
+        m.state.disks[d.name] = { size: d.size };
+        if (!m.sizes.has(d.name)) m.sizes.set(d.name, d.size);
+        changed = true;
+      }
+    }
+    if (changed) await this.stateStore.save(m.state);
+    m.isNew = false;
+    if (session.isClosed)
+      throw new LifeboatError('LB_PROTO_CONNECTION_LOST', 'The agent left during the hello.');
+    session.diskNames = f.disks.map((d) => d.name);
+    m.session = session;
+    this.logger.info(
+      {
+        session: session.id,
+        machine: m.id,
+        agent: f.agent,
+        lastSeq: m.receivedSeq,
+        resync: m.state.resync !== undefined,
+      },
+      'session established',
+    );
+    return {
+      type: 'welcome',
+      sessionId: session.id,
+      lastSeq: m.receivedSeq,
+      maxPayloadBytes: this.opts.maxPayloadBytes,
+      resyncRequired: m.state.resync !== undefined,
+    };
+  }
+
+  private bytes(s: IngestSession, n: number): void {
+    const m = s.machine ? this.machines.get(s.machine) : undefined;
+    this.rateIn.add(n);
+    m?.rateIn.add(n);
+    const wait = Math.max(this.bucket.take(n), m ? m.bucket.take(n) : 0);
+    if (wait > 0 && !s.isPausedFor('bandwidth')) {
+      s.pause('bandwidth');
+      setTimeout(() => s.resume('bandwidth'), wait).unref();
+    }
+    if (this.journal.full) s.pause('journal');
+  }
+
+  private sequenced(s: IngestSession, f: SequencedFrame): void {
+    const m = this.machines.get(s.machine!)!;
+    if (m.session !== s) {
+      s.reject(
+        new LifeboatError(
+          'LB_PROTO_SESSION_REPLACED',
+          `A newer session of machine ${m.id} took over this one.`,
+        ),
+      );
+      return;
+    }
+    if (f.seq <= m.receivedSeq) {
+      // A resent frame we already hold: idempotent, acknowledge once durable.
+      if (f.seq <= m.durableSeq) s.ack(m.durableSeq);
+      return;
+    }
+    if (f.seq !== m.receivedSeq + 1) {
+      s.reject(
+        new LifeboatError(
+          'LB_PROTO_SEQUENCE_GAP',
+          `Frame ${f.seq} of machine ${m.id} arrived but ${m.receivedSeq + 1} was expected; frames were lost. The agent must reconnect and resend from its last acknowledged frame.`,
+          {
+            details: { machine: m.id, expected: m.receivedSeq + 1, got: f.seq },
+          },
+        ),
+      );
+      return;
+    }
+    let input: JournalInput;
+    if (f.type === 'cut') {
+      const meta: Record<string, unknown> = { cutId: f.cutId, kind: f.kind, time: f.time };
+      if (f.consistencyGroup !== undefined) meta.consistencyGroup = f.consistencyGroup;
+      input = {
+        kind: 'cut',
+        machine: m.id,
+        disk: '',
+        seq: f.seq,
+        a: f.time,
+        b: 0,
+        body: Buffer.from(JSON.stringify(meta)),
+      };
+    } else {
+      const disk = s.diskNames[f.disk];
+      if (disk === undefined) {
+        s.reject(
+          new LifeboatError(
+            'LB_PROTO_UNKNOWN_DISK',
+            `Frame ${f.seq} names disk index ${f.disk}, but the hello announced ${s.diskNames.length} disks.`,
+            { details: { machine: m.id, disk: f.disk, seq: f.seq } },
+          ),
+        );
+        return;
+      }
+      const size = m.sizes.get(disk) ?? 0;
+      if (f.type === 'resize') {
+        input = {
+          kind: 'resize',
+          machine: m.id,
+          disk,
+          seq: f.seq,
+          a: f.size,
+          b: 0,
+          body: Buffer.alloc(0),
+        };
+      } else {
+        const length = f.type === 'data' ? f.data.length : f.length;
+        if (f.offset + length > size) {
+          s.reject(
+            new LifeboatError(
+              'LB_PROTO_OUT_OF_RANGE',
+              `Frame ${f.seq} writes ${length} bytes at ${f.offset} on disk ${disk}, past its end at ${size}. Send a RESIZE first.`,
+              {
+                details: { machine: m.id, disk, seq: f.seq, offset: f.offset, length, size },
+              },
+            ),
+          );
+          return;
+        }
+        input = {
+          kind: f.type,
+          machine: m.id,
+          disk,
+          seq: f.seq,
+          a: f.offset,
+          b: f.type === 'data' ? 0 : f.length,
+          body: f.type === 'data' ? f.data : Buffer.alloc(0),
+        };
+      }
+      if (f.type === 'resize') m.sizes.set(disk, f.size);
+    }
+    m.receivedSeq = f.seq;
+    const bytes = input.body.length + 64;
+    s.unsyncedBytes += bytes;
+    if (s.unsyncedBytes > this.opts.sessionUnsyncedBytes) s.pause('unsynced');
+    this.journal.append(input).then(
+      (rec) => {
+        if (rec.seq > m.durableSeq) m.durableSeq = rec.seq;
+        // A resync may have dropped the backlog meanwhile: such a record is already released.
+        if (rec.seq > m.state.releasedSeq) m.replicator.push(rec);
+        s.unsyncedBytes -= bytes;
+        if (s.unsyncedBytes <= this.opts.sessionUnsyncedBytes / 2) s.resume('unsynced');
+        s.ack(m.durableSeq);
+      },
+      (err: unknown) => s.reject(err),
+    );
+  }
+}
