@@ -9,9 +9,9 @@ import {
 import type { AddressInfo } from 'node:net';
 import { BlobServiceClient } from '@azure/storage-blob';
 import { isLifeboatError, type LifeboatError } from '@lifeboat/protocol';
-import type { ObjectBackend, ObjectInfo } from '@lifeboat/store';
+import { DirectoryBackend, type ObjectBackend, type ObjectInfo } from '@lifeboat/store';
 import { AzureBlobBackend, type AzureBlobBackendOptions } from '@lifeboat/store-azure';
-import { startAzurite, type Azurite } from '@lifeboat/testing';
+import { makeTempDir, startAzurite, type Azurite } from '@lifeboat/testing';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 /** A backend under test and how to dispose of it. */
@@ -245,6 +245,14 @@ function describeBackendConformance(
     });
   });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Local directory
+
+describeBackendConformance('DirectoryBackend', async () => {
+  const dir = await makeTempDir('lifeboat-backend-');
+  return { backend: new DirectoryBackend({ path: dir.path }), cleanup: () => dir.remove() };
+});
 
 // ---------------------------------------------------------------------------------------------
 // Azure Blob Storage on Azurite
