@@ -1,2 +1,22 @@
 /** @lifeboat/qmp: public API. */
-export {};
+export {
+  QmpClient,
+  type QmpTarget,
+  type QmpClientOptions,
+  type QmpExecuteOptions,
+  type QmpGreeting,
+  type QmpEvent,
+} from './qmp-client.js';
+export {
+  startQemuStorageDaemon,
+  ownChild,
+  type QemuStorageDaemon,
+  type QemuStorageDaemonOptions,
+} from './qemu-storage-daemon.js';
+export { kvmAvailable, qemuAccelerator } from './kvm.js';
+export {
+  startFleecing,
+  type FleeceDisk,
+  type FleecingOptions,
+  type FleecingCut,
+} from './fleecing.js';

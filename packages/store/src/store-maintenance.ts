@@ -470,6 +470,7 @@ export class StoreMaintenance {
       oldIndexes.length > 1 ||
       store.index.damaged.size > 0;
     let bytesFreed = 0;
+    let repackedBytes = 0;
     let objectsDeleted = 0;
     if (changed) {
       // 1. Copy the live blobs of sparse packs into new packs (sealed bytes as they are).
@@ -495,6 +496,7 @@ export class StoreMaintenance {
         onProgress?.({ done: ++done, total: toRepack.length, unit: 'objects' });
       }
       const newPacks = await writer.finish();
+      repackedBytes = writer.uploadedBytes;
       // 2. New index objects listing every live blob, then 3. delete the old indexes, then
       // 4. the dead packs: a crash between steps leaves extra objects, never a dangling reference.
       const all = [...keepIndex, ...newPacks];

@@ -304,6 +304,15 @@ export class StoreWriteSession implements WriteSession {
 
   private async commitNow(options: CommitOptions): Promise<PointInfo> {
     const store = this.store;
+    if (options.kind !== undefined && options.kind !== 'crash' && options.kind !== 'app') {
+      throw invalid(`Point kind must be 'crash' or 'app', not ${JSON.stringify(options.kind)}.`);
+    }
+    if (
+      options.time !== undefined &&
+      !(options.time instanceof Date && Number.isFinite(options.time.getTime()))
+    ) {
+      throw invalid('Point time must be a valid Date.');
+    }
     for (const l of [...this.leaves.keys()].sort((a, b) => a - b)) await this.spillLeaf(l);
     const chunks = Math.ceil(this._size / this.cs);
     const height = treeHeight(Math.max(chunks, 1), this.fanout);
@@ -330,9 +339,6 @@ export class StoreWriteSession implements WriteSession {
       size: this._size,
       labels: { ...(options.labels ?? {}) },
     };
-    if (options.kind !== undefined && options.kind !== 'crash' && options.kind !== 'app') {
-      throw invalid(`Point kind must be 'crash' or 'app', not ${JSON.stringify(options.kind)}.`);
-    }
     if (options.cut !== undefined) info.cut = options.cut;
     if (options.consistencyGroup !== undefined) info.consistencyGroup = options.consistencyGroup;
     if (this.base !== undefined) info.parent = this.base.info.id;

@@ -1,0 +1,160 @@
+import { execFile } from 'node:child_process';
+import { access, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NbdClient, NBD } from '@lifeboat/nbd';
+import { startFleecing } from './fleecing.js';
+import { startQemuStorageDaemon, type QemuStorageDaemon } from './qemu-storage-daemon.js';
+
+const exec = promisify(execFile);
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const SIZE = 16 * MiB;
+const GRANULE = 64 * KiB; // qcow2's default bitmap granularity for 64 KiB clusters
+
+let dir: string;
+let qsd: QemuStorageDaemon;
+let nbdSocket: string;
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'lifeboat-fleece-'));
+  const image = join(dir, 'disk.qcow2');
+  nbdSocket = join(dir, 'nbd.sock');
+  await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(SIZE)]);
+  await exec('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x01 0 8M', image]);
+  qsd = await startQemuStorageDaemon({
+    blockdevs: [
+      { driver: 'file', 'node-name': 'disk0-file', filename: image },
+      { driver: 'qcow2', 'node-name': 'disk0', file: 'disk0-file' },
+    ],
+    nbdSocket,
+    exports: [{ type: 'nbd', id: 'live', 'node-name': 'disk0', name: 'live', writable: true }],
+  });
+});
+afterAll(async () => {
+  await qsd?.stop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** A writer on the live export that keeps an exact model of the disk and of dirty granules. */
+class Writer {
+  readonly model = Buffer.alloc(SIZE);
+  dirty = new Set<number>();
+  private seed = 12345;
+  constructor(readonly nbd: NbdClient) {}
+  private rand(n: number): number {
+    this.seed = (this.seed * 1103515245 + 12345) & 0x7fffffff;
+    return this.seed % n;
+  }
+  async writeOne(): Promise<void> {
+    const len = (1 + this.rand(16)) * 4 * KiB; // 4..64 KiB
+    const off = this.rand((SIZE - len) / (4 * KiB)) * 4 * KiB;
+    const data = Buffer.alloc(len, 1 + this.rand(250));
+    data.writeUInt32LE(off, 0); // no two writes look alike
+    await this.nbd.write(off, data);
+    data.copy(this.model, off);
+    for (let g = Math.floor(off / GRANULE); g * GRANULE < off + len; g++) this.dirty.add(g);
+  }
+}
+
+function granulesOf(extents: { offset: number; length: number; flags: number }[]): number[] {
+  const out: number[] = [];
+  for (const e of extents) {
+    if (!(e.flags & NBD.STATE_DIRTY)) continue;
+    for (let o = e.offset; o < e.offset + e.length; o += GRANULE) out.push(o / GRANULE);
+  }
+  return out.sort((a, b) => a - b);
+}
+
+describe('image fleecing on qemu-storage-daemon (QEMU 7.2)', () => {
+  it('exports the point-in-time view and its dirty extents while the live disk keeps changing', async () => {
+    const qmp = qsd.qmp;
+    await qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'b0', persistent: true });
+    const live = await NbdClient.connect({ path: nbdSocket }, { exportName: 'live' });
+    const w = new Writer(live);
+    w.model.fill(0x01, 0, 8 * MiB);
+    expect((await live.readAt(0, SIZE)).equals(w.model)).toBe(true);
+    for (let i = 0; i < 60; i++) await w.writeOne();
+
+    for (const [cycle, oldB, newB] of [
+      [1, 'b0', 'b1'],
+      [2, 'b1', 'b2'],
+    ] as const) {
+      // The cut: the writer is idle at this instant, so the expected content is exact.
+      const atCut = Buffer.from(w.model);
+      const dirtyAtCut = [...w.dirty].sort((a, b) => a - b);
+      w.dirty = new Set();
+      const overlayPath = join(dir, `fleece-${cycle}.qcow2`);
+      const cut = await startFleecing(qmp, {
+        disks: [
+          {
+            node: 'disk0',
+            oldBitmap: oldB,
+            newBitmap: newB,
+            overlayPath,
+            exportName: `fleece${cycle}`,
+          },
+        ],
+      });
+      const disk = cut.disks[0];
+      if (disk === undefined) throw new Error('no disk in the cut');
+      expect(disk.bitmapContext).toBe(`qemu:dirty-bitmap:${oldB}`);
+
+      // The guest keeps writing, also over the dirty extents, while the view is read.
+      let stop = false;
+      const writing = (async () => {
+        let n = 0;
+        while (!stop || n < 40) {
+          await w.writeOne();
+          n++;
+        }
+      })();
+
+      const view = await NbdClient.connect(
+        { path: nbdSocket },
+        { exportName: disk.exportName, metaContexts: [disk.bitmapContext] },
+      );
+      expect(view.readOnly).toBe(true);
+      const extents = [];
+      for await (const e of view.extents(disk.bitmapContext)) extents.push(e);
+      expect(granulesOf(extents)).toEqual(dirtyAtCut);
+      for (const e of extents) {
+        if (!(e.flags & NBD.STATE_DIRTY)) continue;
+        const got = await view.readAt(e.offset, e.length);
+        expect(got.equals(atCut.subarray(e.offset, e.offset + e.length))).toBe(true);
+      }
+      // The whole view, read after the writer has moved on, is still the disk at the cut.
+      stop = true;
+      await writing;
+      expect((await view.readAt(0, SIZE)).equals(atCut)).toBe(true);
+      expect(w.model.equals(atCut)).toBe(false);
+      await view.close();
+      await cut.release();
+      await expect(access(overlayPath)).rejects.toThrow();
+    }
+    // The live disk holds every write, and only the newest bitmap is left.
+    expect((await live.readAt(0, SIZE)).equals(w.model)).toBe(true);
+    const nodes = await qmp.execute<
+      { 'node-name': string; 'dirty-bitmaps'?: { name: string }[] }[]
+    >('query-named-block-nodes', { flat: true });
+    expect(nodes.map((n) => n['node-name']).filter((n) => n.startsWith('lbfleece'))).toEqual([]);
+    const bitmaps = nodes.find((n) => n['node-name'] === 'disk0')?.['dirty-bitmaps'] ?? [];
+    expect(bitmaps.map((b) => b.name)).toEqual(['b2']);
+    await live.close();
+  });
+
+  it('rolls back cleanly when the cut cannot be taken', async () => {
+    const overlayPath = join(dir, 'bad.qcow2');
+    const err = await startFleecing(qsd.qmp, {
+      disks: [{ node: 'disk0', oldBitmap: 'does-not-exist', overlayPath, exportName: 'bad' }],
+    }).catch((e: unknown) => e);
+    expect(String(err)).toMatch(/does-not-exist/);
+    await expect(access(overlayPath)).rejects.toThrow();
+    const nodes = await qsd.qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes', {
+      flat: true,
+    });
+    expect(nodes.map((n) => n['node-name']).filter((n) => n.startsWith('lbfleece'))).toEqual([]);
+  });
+});
