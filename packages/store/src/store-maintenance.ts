@@ -546,7 +546,7 @@ export class StoreMaintenance {
     return {
       packsDeleted: toDelete.length,
       packsRepacked: toRepack.length,
-      bytesFreed,
+      bytesFreed: Math.max(0, bytesFreed - repackedBytes),
       objectsDeleted,
     };
   }
