@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
 import { createServer } from 'node:tls';
 import type { Server, TLSSocket } from 'node:tls';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, encodeFrameBuffer } from '@lifeboat/protocol';
 import type { HelloFrame, SequencedFrame, WelcomeFrame } from '@lifeboat/protocol';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
@@ -375,7 +375,9 @@ export class ProcessServer extends EventEmitter {
       key: o.tls.key,
       ca: o.tls.ca,
       requestCert: true,
-      rejectUnauthorized: true,
+      // Verified in accept() instead, so a rejected agent gets an ERROR frame naming the reason
+      // rather than a bare hang-up (TLS 1.3 checks the client certificate after the handshake).
+      rejectUnauthorized: false,
       minVersion: 'TLSv1.3',
     });
     this.tlsServer = server;
@@ -474,6 +476,28 @@ export class ProcessServer extends EventEmitter {
   private accept(socket: TLSSocket): void {
     if (this.stopping) {
       socket.destroy();
+      return;
+    }
+    if (!socket.authorized) {
+      const reason = String(socket.authorizationError ?? 'no client certificate');
+      this.logger.warn({ remote: socket.remoteAddress, reason }, 'agent certificate rejected');
+      const err = new LifeboatError(
+        'LB_PROTO_UNAUTHORIZED',
+        `The process server rejected this agent's client certificate (${reason}). Give the agent a certificate issued by the CA the process server trusts.`,
+        {
+          details: { reason },
+        },
+      );
+      socket.on('error', () => undefined);
+      socket.end(
+        encodeFrameBuffer({
+          type: 'error',
+          code: err.code,
+          message: err.message,
+          details: err.details,
+        }),
+      );
+      setTimeout(() => socket.destroy(), 2000).unref();
       return;
     }
     const session = new IngestSession(
