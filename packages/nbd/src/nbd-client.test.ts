@@ -316,3 +316,56 @@ describe('NbdClient against qemu-nbd writing back a test file', () => {
     }
   });
 });
+
+describe('NbdClient honours server limits', () => {
+  /** nbdkit's pattern plugin: each 8-byte word holds its own offset, big-endian. */
+  function pattern(offset: number, length: number): Buffer {
+    const start = offset - (offset % 8);
+    const b = Buffer.alloc(Math.ceil((offset + length - start) / 8) * 8);
+    for (let i = 0; i < b.length; i += 8) b.writeBigUInt64BE(BigInt(start + i), i);
+    return b.subarray(offset - start, offset - start + length);
+  }
+
+  it('keeps to the advertised block sizes (the server errors on any violation)', async () => {
+    const sock = join(dir, 'bs.sock');
+    await start(
+      'nbdkit',
+      [
+        '-f',
+        '-U',
+        sock,
+        '--filter=blocksize-policy',
+        'memory',
+        '1M',
+        'blocksize-minimum=4096',
+        'blocksize-preferred=4096',
+        'blocksize-maximum=65536',
+        'blocksize-error-policy=error',
+      ],
+      sock,
+    );
+    const c = await NbdClient.connect({ path: sock });
+    try {
+      expect(c.blockSize).toEqual({ minimum: 4096, preferred: 4096, maximum: 65536 });
+      // One 1 MiB write: split into pieces of at most the maximum.
+      await c.write(0, pattern(0, MiB));
+      // Unaligned and bigger than the maximum: served from aligned, split requests.
+      expect((await c.readAt(1000, 200_000)).equals(pattern(1000, 200_000))).toBe(true);
+      expect((await c.readAt(MiB - 10, 10)).equals(pattern(MiB - 10, 10))).toBe(true);
+      await expectCode(c.write(100, Buffer.alloc(10)), 'LB_NBD_BAD_ARGUMENT');
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('drops a connection whose server stops answering, with LB_NBD_TIMEOUT', async () => {
+    const sock = join(dir, 'stuck.sock');
+    await start('nbdkit', ['-f', '-U', sock, '--filter=delay', 'memory', '1M', 'rdelay=30'], sock);
+    const c = await NbdClient.connect({ path: sock }, { requestTimeoutMs: 300 });
+    const a = c.readAt(0, 512);
+    const b = c.readAt(4096, 512);
+    await expectCode(a, 'LB_NBD_TIMEOUT');
+    await expectCode(b, 'LB_NBD_TIMEOUT');
+    c.destroy();
+  });
+});

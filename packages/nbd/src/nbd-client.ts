@@ -26,6 +26,12 @@ export interface NbdClientOptions {
   maxRequestBytes?: number;
   /** Requests on the wire at once; further calls wait. @default 32 */
   maxInFlight?: number;
+  /**
+   * A request without a reply after this long fails the whole connection with LB_NBD_TIMEOUT
+   * (NBD cannot cancel one request, and a late reply must not be mistaken for another), so a
+   * stuck server never hangs the caller. 0 disables it. @default 300000
+   */
+  requestTimeoutMs?: number;
 }
 
 /** Block size constraints of an export (NBD_INFO_BLOCK_SIZE, or the specification's defaults). */
@@ -84,6 +90,7 @@ interface ResolvedOptions {
   connectTimeoutMs: number;
   maxRequestBytes: number;
   maxInFlight: number;
+  requestTimeoutMs: number;
 }
 
 function resolveOptions(o: NbdClientOptions): Readonly<ResolvedOptions> {
@@ -94,7 +101,11 @@ function resolveOptions(o: NbdClientOptions): Readonly<ResolvedOptions> {
     connectTimeoutMs: o.connectTimeoutMs ?? 30_000,
     maxRequestBytes: o.maxRequestBytes ?? 4 * 1024 * 1024,
     maxInFlight: o.maxInFlight ?? 32,
+    requestTimeoutMs: o.requestTimeoutMs ?? 300_000,
   };
+  if (!Number.isFinite(r.requestTimeoutMs) || r.requestTimeoutMs < 0) {
+    badArgument('requestTimeoutMs must be 0 or a positive number');
+  }
   if (Buffer.byteLength(r.exportName) > 4096) badArgument('export name longer than 4096 bytes');
   if (r.metaContexts.length > 0 && !r.structuredReplies) {
     badArgument('meta contexts need structured replies');
@@ -414,6 +425,8 @@ interface Pending {
   /** BLOCK_STATUS: extents per context id. */
   status?: Map<number, NbdExtent[]>;
   error?: LifeboatError;
+  /** When the request was sent, for the request time limit. */
+  sentAt: number;
 }
 
 /**
@@ -444,6 +457,7 @@ export class NbdClient {
   private readonly slotWaiters: (() => void)[] = [];
   private readonly loop: Promise<void>;
   private readonly label: string;
+  private watchdog: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly socket: Socket,
@@ -461,6 +475,26 @@ export class NbdClient {
     this.metaContexts = contexts;
     this.label = label;
     this.loop = this.replyLoop();
+    if (opts.requestTimeoutMs > 0) {
+      const every = Math.max(50, Math.min(1000, opts.requestTimeoutMs / 4));
+      this.watchdog = setInterval(() => this.checkTimeouts(), every);
+      this.watchdog.unref();
+    }
+  }
+
+  private checkTimeouts(): void {
+    const now = Date.now();
+    for (const p of this.pending.values()) {
+      if (now - p.sentAt > this.opts.requestTimeoutMs) {
+        this.failure ??= new LifeboatError(
+          'LB_NBD_TIMEOUT',
+          `The NBD server at ${this.label} did not answer a ${p.command} at ${p.offset} within ${this.opts.requestTimeoutMs} ms. The connection was dropped; check the server and reconnect.`,
+          { details: { command: p.command, offset: p.offset, length: p.length } },
+        );
+        this.socket.destroy();
+        return;
+      }
+    }
   }
 
   /** True when the export refuses writes. */
@@ -621,7 +655,15 @@ export class NbdClient {
 
   /** Reads `length` bytes at `offset`; big reads are split and pipelined. */
   async readAt(offset: number, length: number): Promise<Buffer> {
-    this.checkRange('read', offset, length);
+    this.checkBounds('read', offset, length);
+    const min = this.blockSize.minimum;
+    if (min > 1 && (offset % min !== 0 || (length % min !== 0 && offset + length !== this.size))) {
+      // Reads are side-effect free, so an unaligned read is served from the aligned superset.
+      const start = offset - (offset % min);
+      const end = Math.min(this.size, Math.ceil((offset + length) / min) * min);
+      const whole = await this.readAt(start, end - start);
+      return whole.subarray(offset - start, offset - start + length);
+    }
     const out = Buffer.alloc(length);
     if (length === 0) return out;
     const step = this.maxPiece();
@@ -820,6 +862,18 @@ export class NbdClient {
   }
 
   private checkRange(what: string, offset: number, length: number): void {
+    this.checkBounds(what, offset, length);
+    const min = this.blockSize.minimum;
+    if (min > 1 && (offset % min !== 0 || (length % min !== 0 && offset + length !== this.size))) {
+      badArgument(`${what} at ${offset} of ${length} bytes is not aligned to ${min} bytes`, {
+        offset,
+        length,
+        minimum: min,
+      });
+    }
+  }
+
+  private checkBounds(what: string, offset: number, length: number): void {
     if (
       !Number.isSafeInteger(offset) ||
       !Number.isSafeInteger(length) ||
@@ -837,14 +891,6 @@ export class NbdClient {
           size: this.size,
         },
       );
-    }
-    const min = this.blockSize.minimum;
-    if (min > 1 && (offset % min !== 0 || (length % min !== 0 && offset + length !== this.size))) {
-      badArgument(`${what} at ${offset} of ${length} bytes is not aligned to ${min} bytes`, {
-        offset,
-        length,
-        minimum: min,
-      });
     }
   }
 
@@ -897,7 +943,16 @@ export class NbdClient {
       const cookie = this.nextCookie++;
       const command = commandName(type);
       const done = new Promise<unknown>((resolve, reject) => {
-        const p: Pending = { command, type, offset, length, resolve, reject, covered: 0 };
+        const p: Pending = {
+          command,
+          type,
+          offset,
+          length,
+          resolve,
+          reject,
+          covered: 0,
+          sentAt: Date.now(),
+        };
         if (into !== undefined) p.buf = into;
         if (type === NBD.CMD_BLOCK_STATUS) p.status = new Map();
         this.pending.set(cookie, p);
@@ -940,7 +995,9 @@ export class NbdClient {
           { cause: err, details: { inFlight: this.pending.size, truncatedBy: missing } },
         );
       }
-      this.failure = failure;
+      this.failure ??= failure;
+      failure = this.failure;
+      clearInterval(this.watchdog);
       this.socket.destroy();
       for (const p of this.pending.values()) p.reject(failure);
       this.pending.clear();
