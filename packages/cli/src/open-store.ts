@@ -11,9 +11,11 @@ export async function openBackend(
 ): Promise<ObjectBackend> {
   if (location.kind === 'directory') return new DirectoryBackend({ path: location.path });
   const { AzureBlobBackend } = await import('@lifeboat/store-azure');
+  // The URL, not just the container name: the backend checks that the connection string's
+  // endpoint is the one the user named, so a store URL never silently means another account.
   return new AzureBlobBackend({
     connectionString: location.connectionString,
-    container: location.container,
+    containerUrl: location.url,
     createContainer: create,
   });
 }
