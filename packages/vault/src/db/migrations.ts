@@ -1,0 +1,271 @@
+import type { Kysely, Migration, MigrationProvider } from 'kysely';
+
+// Migrations work on the untyped database: a migration describes the schema as it was at its
+// time, not as the current row types say.
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Db = Kysely<any>;
+
+async function initial(db: Db): Promise<void> {
+  const table = (name: string) =>
+    db.schema.createTable(name).addColumn('id', 'text', (c) => c.primaryKey());
+  await table('sites')
+    .addColumn('name', 'text', (c) => c.notNull().unique())
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('description', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('components')
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull())
+    .addColumn('siteId', 'text')
+    .addColumn('address', 'text')
+    .addColumn('version', 'text')
+    .addColumn('certificateSerial', 'text')
+    .addColumn('certificateExpiresAt', 'text')
+    .addColumn('lastHeartbeatAt', 'text')
+    .addColumn('health', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await db.schema.createIndex('componentsKind').on('components').columns(['kind', 'id']).execute();
+  await table('registrationKeys')
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('keyHash', 'text', (c) => c.notNull().unique())
+    .addColumn('description', 'text', (c) => c.notNull())
+    .addColumn('expiresAt', 'text', (c) => c.notNull())
+    .addColumn('usedAt', 'text')
+    .addColumn('usedByComponentId', 'text')
+    .addColumn('createdBy', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('sourceHosts')
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull().unique())
+    .addColumn('siteId', 'text')
+    .addColumn('processServerId', 'text')
+    .addColumn('credentialId', 'text')
+    .addColumn('endpoints', 'text', (c) => c.notNull())
+    .addColumn('discoveryRequestedAt', 'text')
+    .addColumn('discoveredAt', 'text')
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('machines')
+    .addColumn('sourceHostId', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull())
+    .addColumn('externalId', 'text', (c) => c.notNull())
+    .addColumn('endpoint', 'text')
+    .addColumn('cpus', 'integer')
+    .addColumn('memoryBytes', 'bigint')
+    .addColumn('os', 'text')
+    .addColumn('present', 'integer', (c) => c.notNull())
+    .addColumn('discoveredAt', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .addUniqueConstraint('machinesHostExternal', ['sourceHostId', 'externalId'])
+    .execute();
+  await table('machineDisks')
+    .addColumn('machineId', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull())
+    .addColumn('node', 'text')
+    .addColumn('sizeBytes', 'bigint', (c) => c.notNull())
+    .addUniqueConstraint('machineDisksName', ['machineId', 'name'])
+    .execute();
+  await table('targetStores')
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull().unique())
+    .addColumn('siteId', 'text')
+    .addColumn('path', 'text')
+    .addColumn('container', 'text')
+    .addColumn('connectionSealed', 'text')
+    .addColumn('passphraseSealed', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('policies')
+    .addColumn('name', 'text', (c) => c.notNull().unique())
+    .addColumn('rpoThresholdSeconds', 'integer', (c) => c.notNull())
+    .addColumn('crashConsistentIntervalSeconds', 'integer', (c) => c.notNull())
+    .addColumn('appConsistentIntervalSeconds', 'integer', (c) => c.notNull())
+    .addColumn('retention', 'text', (c) => c.notNull())
+    .addColumn('retentionIntervalSeconds', 'integer', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('protectedItems')
+    .addColumn('machineId', 'text', (c) => c.notNull())
+    .addColumn('policyId', 'text', (c) => c.notNull())
+    .addColumn('processServerId', 'text', (c) => c.notNull())
+    .addColumn('targetStoreId', 'text', (c) => c.notNull())
+    .addColumn('networkMappingId', 'text')
+    .addColumn('consistencyGroup', 'text')
+    .addColumn('state', 'text', (c) => c.notNull())
+    .addColumn('stateReason', 'text', (c) => c.notNull())
+    .addColumn('stateChangedAt', 'text', (c) => c.notNull())
+    .addColumn('generation', 'integer', (c) => c.notNull())
+    .addColumn('appliedGeneration', 'integer', (c) => c.notNull())
+    .addColumn('lastPointAt', 'text')
+    .addColumn('rpoSeconds', 'double precision')
+    .addColumn('backlogBytes', 'bigint', (c) => c.notNull())
+    .addColumn('throughputBps', 'double precision', (c) => c.notNull())
+    // Set while the item is not disabled: one active protection per machine.
+    .addColumn('activeKey', 'text', (c) => c.unique())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  for (const col of ['state', 'policyId', 'processServerId', 'targetStoreId', 'machineId']) {
+    await db.schema
+      .createIndex(`protectedItems_${col}`)
+      .on('protectedItems')
+      .columns([col, 'id'])
+      .execute();
+  }
+  await table('protectedDisks')
+    .addColumn('protectedItemId', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull())
+    .addColumn('sizeBytes', 'bigint', (c) => c.notNull())
+    .addColumn('lastPointAt', 'text')
+    .addColumn('backlogBytes', 'bigint', (c) => c.notNull())
+    .addColumn('throughputBps', 'double precision', (c) => c.notNull())
+    .addColumn('initialDoneBytes', 'bigint', (c) => c.notNull())
+    .addUniqueConstraint('protectedDisksName', ['protectedItemId', 'name'])
+    .execute();
+  await db.schema
+    .createTable('recoveryPoints')
+    .addColumn('id', 'text', (c) => c.notNull())
+    .addColumn('targetStoreId', 'text', (c) => c.notNull())
+    .addColumn('protectedItemId', 'text')
+    .addColumn('machine', 'text', (c) => c.notNull())
+    .addColumn('disk', 'text', (c) => c.notNull())
+    .addColumn('time', 'text', (c) => c.notNull())
+    .addColumn('committedAt', 'text', (c) => c.notNull())
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('size', 'bigint', (c) => c.notNull())
+    .addColumn('cut', 'text')
+    .addColumn('consistencyGroup', 'text')
+    .addColumn('labels', 'text', (c) => c.notNull())
+    .addColumn('parent', 'text')
+    .addPrimaryKeyConstraint('recoveryPointsPk', ['targetStoreId', 'id'])
+    .execute();
+  await db.schema
+    .createIndex('recoveryPointsItemTime')
+    .on('recoveryPoints')
+    .columns(['protectedItemId', 'time', 'id'])
+    .execute();
+  await db.schema
+    .createIndex('recoveryPointsTime')
+    .on('recoveryPoints')
+    .columns(['time', 'id'])
+    .execute();
+  await table('jobs')
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('state', 'text', (c) => c.notNull())
+    .addColumn('targetType', 'text')
+    .addColumn('targetId', 'text')
+    .addColumn('params', 'text', (c) => c.notNull())
+    .addColumn('result', 'text')
+    .addColumn('error', 'text')
+    .addColumn('progress', 'double precision', (c) => c.notNull())
+    .addColumn('steps', 'text', (c) => c.notNull())
+    .addColumn('attempts', 'integer', (c) => c.notNull())
+    // A scheduled job's slot (`retention:<policy>:<slot>`): unique, so no slot runs twice.
+    .addColumn('scheduleKey', 'text', (c) => c.unique())
+    .addColumn('leaseOwner', 'text')
+    .addColumn('leaseUntil', 'text')
+    .addColumn('cancelRequested', 'integer', (c) => c.notNull())
+    .addColumn('createdBy', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('startedAt', 'text')
+    .addColumn('finishedAt', 'text')
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await db.schema.createIndex('jobsState').on('jobs').columns(['state', 'id']).execute();
+  await db.schema.createIndex('jobsTarget').on('jobs').columns(['targetId', 'id']).execute();
+  await table('jobLogs')
+    .addColumn('jobId', 'text', (c) => c.notNull())
+    .addColumn('time', 'text', (c) => c.notNull())
+    .addColumn('level', 'text', (c) => c.notNull())
+    .addColumn('message', 'text', (c) => c.notNull())
+    .execute();
+  await db.schema.createIndex('jobLogsJob').on('jobLogs').columns(['jobId', 'id']).execute();
+  await table('alerts')
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('severity', 'text', (c) => c.notNull())
+    .addColumn('subjectType', 'text', (c) => c.notNull())
+    .addColumn('subjectId', 'text', (c) => c.notNull())
+    .addColumn('message', 'text', (c) => c.notNull())
+    .addColumn('details', 'text', (c) => c.notNull())
+    .addColumn('state', 'text', (c) => c.notNull())
+    // `kind:subject` while active, NULL once cleared: an active condition is raised once.
+    .addColumn('activeKey', 'text', (c) => c.unique())
+    .addColumn('raisedAt', 'text', (c) => c.notNull())
+    .addColumn('clearedAt', 'text')
+    .addColumn('acknowledgedAt', 'text')
+    .addColumn('acknowledgedBy', 'text')
+    .execute();
+  await db.schema.createIndex('alertsState').on('alerts').columns(['state', 'id']).execute();
+  await table('networkMappings')
+    .addColumn('name', 'text', (c) => c.notNull().unique())
+    .addColumn('sourceSiteId', 'text')
+    .addColumn('targetSiteId', 'text')
+    .addColumn('sourceNetwork', 'text', (c) => c.notNull())
+    .addColumn('targetNetwork', 'text', (c) => c.notNull())
+    .addColumn('testNetwork', 'text')
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('credentials')
+    .addColumn('name', 'text', (c) => c.notNull().unique())
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('username', 'text', (c) => c.notNull())
+    .addColumn('secretSealed', 'text', (c) => c.notNull())
+    .addColumn('description', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('users')
+    .addColumn('username', 'text', (c) => c.notNull().unique())
+    .addColumn('passwordHash', 'text', (c) => c.notNull())
+    .addColumn('role', 'text', (c) => c.notNull())
+    .addColumn('disabled', 'integer', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .addColumn('lastLoginAt', 'text')
+    .execute();
+  await table('tokens')
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull())
+    .addColumn('tokenHash', 'text', (c) => c.notNull().unique())
+    .addColumn('userId', 'text')
+    .addColumn('componentId', 'text')
+    .addColumn('expiresAt', 'text')
+    .addColumn('lastUsedAt', 'text')
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .execute();
+  await table('audit')
+    .addColumn('time', 'text', (c) => c.notNull())
+    .addColumn('actorType', 'text', (c) => c.notNull())
+    .addColumn('actorId', 'text', (c) => c.notNull())
+    .addColumn('actorName', 'text', (c) => c.notNull())
+    .addColumn('action', 'text', (c) => c.notNull())
+    .addColumn('targetType', 'text', (c) => c.notNull())
+    .addColumn('targetId', 'text', (c) => c.notNull())
+    .addColumn('summary', 'text', (c) => c.notNull())
+    .execute();
+  await db.schema
+    .createTable('settings')
+    .addColumn('key', 'text', (c) => c.primaryKey())
+    .addColumn('value', 'text', (c) => c.notNull())
+    .execute();
+}
+
+/** The vault's migrations, in code so a built vault needs no migration files on disk. */
+export const migrations: Record<string, Migration> = {
+  '0001-initial': { up: initial },
+};
+
+/** Hands Kysely's Migrator the migrations above. */
+export const migrationProvider: MigrationProvider = {
+  getMigrations: () => Promise.resolve(migrations),
+};

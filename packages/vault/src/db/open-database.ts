@@ -1,0 +1,86 @@
+import { mkdir } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import SQLite from 'better-sqlite3';
+import { Kysely, Migrator, PostgresDialect, SqliteDialect } from 'kysely';
+import pg from 'pg';
+import { LifeboatError } from '@lifeboat/protocol';
+import { migrationProvider } from './migrations.js';
+import type { VaultDatabase } from './schema.js';
+
+/** Which database the vault runs on. */
+export type DialectName = 'sqlite' | 'postgres';
+
+/** An open, migrated vault database. */
+export interface OpenDatabase {
+  readonly db: Kysely<VaultDatabase>;
+  readonly dialect: DialectName;
+  /** The PostgreSQL URL (for the scheduler's own lock connection), when on PostgreSQL. */
+  readonly postgresUrl?: string;
+  close(): Promise<void>;
+}
+
+// bigint (int8) columns hold byte counts below 2^53: return them as numbers, not strings.
+// Set on this pool's own type map rather than pg's global one.
+const pgTypes = {
+  getTypeParser: (oid: number, format?: 'text' | 'binary') =>
+    oid === 20 ? (v: string) => Number(v) : pg.types.getTypeParser(oid, format),
+};
+
+/**
+ * Opens the vault's database and brings its schema up to date: PostgreSQL when `postgresUrl`
+ * is given, otherwise the SQLite file (WAL mode, so readers never wait for the writer).
+ */
+export async function openDatabase(options: {
+  sqliteFile: string;
+  postgresUrl?: string | undefined;
+  poolSize?: number;
+}): Promise<OpenDatabase> {
+  let db: Kysely<VaultDatabase>;
+  let dialect: DialectName;
+  if (options.postgresUrl !== undefined) {
+    dialect = 'postgres';
+    const pool = new pg.Pool({
+      connectionString: options.postgresUrl,
+      max: options.poolSize ?? 10,
+      types: pgTypes,
+    });
+    // An idle client losing its server must not crash the vault; the next query reports it.
+    pool.on('error', () => undefined);
+    db = new Kysely<VaultDatabase>({ dialect: new PostgresDialect({ pool }) });
+  } else {
+    dialect = 'sqlite';
+    await mkdir(dirname(options.sqliteFile), { recursive: true });
+    let sqlite: SQLite.Database;
+    try {
+      sqlite = new SQLite(options.sqliteFile);
+    } catch (err) {
+      throw new LifeboatError(
+        'LB_VAULT_DATABASE_UNAVAILABLE',
+        `Cannot open the vault's SQLite database ${options.sqliteFile}. Check the data directory's permissions.`,
+        { cause: err, details: { file: options.sqliteFile } },
+      );
+    }
+    sqlite.pragma('journal_mode = WAL');
+    sqlite.pragma('synchronous = NORMAL');
+    sqlite.pragma('busy_timeout = 5000');
+    db = new Kysely<VaultDatabase>({ dialect: new SqliteDialect({ database: sqlite }) });
+  }
+  try {
+    const migrator = new Migrator({ db, provider: migrationProvider });
+    const { error } = await migrator.migrateToLatest();
+    if (error !== undefined) throw error;
+  } catch (err) {
+    await db.destroy();
+    throw new LifeboatError(
+      'LB_VAULT_DATABASE_UNAVAILABLE',
+      `Cannot open or migrate the vault's ${dialect} database: ${(err as Error).message}. Check the connection URL or file and that the server runs.`,
+      { cause: err, details: { dialect } },
+    );
+  }
+  return {
+    db,
+    dialect,
+    ...(options.postgresUrl !== undefined ? { postgresUrl: options.postgresUrl } : {}),
+    close: () => db.destroy(),
+  };
+}

@@ -1,0 +1,306 @@
+/**
+ * Row types of the vault's tables. Columns are camelCase (Kysely quotes identifiers, so both
+ * dialects keep them); times are ISO 8601 text in UTC (sortable as text on both dialects);
+ * JSON is text; booleans are integers 0/1.
+ */
+
+/** A site: a place where machines run (source) or are recovered (recovery). */
+export interface SiteRow {
+  id: string;
+  name: string;
+  kind: string;
+  description: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A registered process server, recovery host or agent. */
+export interface ComponentRow {
+  id: string;
+  kind: string;
+  name: string;
+  siteId: string | null;
+  address: string | null;
+  version: string | null;
+  certificateSerial: string | null;
+  certificateExpiresAt: string | null;
+  lastHeartbeatAt: string | null;
+  health: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A one-time registration key (stored hashed). */
+export interface RegistrationKeyRow {
+  id: string;
+  kind: string;
+  keyHash: string;
+  description: string;
+  expiresAt: string;
+  usedAt: string | null;
+  usedByComponentId: string | null;
+  createdBy: string;
+  createdAt: string;
+}
+
+/** A KVM host (or later a vCenter) whose machines can be protected. */
+export interface SourceHostRow {
+  id: string;
+  kind: string;
+  name: string;
+  siteId: string | null;
+  processServerId: string | null;
+  credentialId: string | null;
+  endpoints: string;
+  discoveryRequestedAt: string | null;
+  discoveredAt: string | null;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A machine found on a source host. */
+export interface MachineRow {
+  id: string;
+  sourceHostId: string;
+  name: string;
+  externalId: string;
+  endpoint: string | null;
+  cpus: number | null;
+  memoryBytes: number | null;
+  os: string | null;
+  present: number;
+  discoveredAt: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A disk of a discovered machine. */
+export interface MachineDiskRow {
+  id: string;
+  machineId: string;
+  name: string;
+  node: string | null;
+  sizeBytes: number;
+}
+
+/** Where recovery points are kept: a directory or an Azure Blob container. */
+export interface TargetStoreRow {
+  id: string;
+  kind: string;
+  name: string;
+  siteId: string | null;
+  path: string | null;
+  container: string | null;
+  connectionSealed: string | null;
+  passphraseSealed: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A replication policy. */
+export interface PolicyRow {
+  id: string;
+  name: string;
+  rpoThresholdSeconds: number;
+  crashConsistentIntervalSeconds: number;
+  appConsistentIntervalSeconds: number;
+  retention: string;
+  retentionIntervalSeconds: number;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A machine under protection. */
+export interface ProtectedItemRow {
+  id: string;
+  machineId: string;
+  policyId: string;
+  processServerId: string;
+  targetStoreId: string;
+  networkMappingId: string | null;
+  consistencyGroup: string | null;
+  state: string;
+  stateReason: string;
+  stateChangedAt: string;
+  generation: number;
+  appliedGeneration: number;
+  lastPointAt: string | null;
+  rpoSeconds: number | null;
+  backlogBytes: number;
+  throughputBps: number;
+  activeKey: string | null;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A disk of a protected item. */
+export interface ProtectedDiskRow {
+  id: string;
+  protectedItemId: string;
+  name: string;
+  sizeBytes: number;
+  lastPointAt: string | null;
+  backlogBytes: number;
+  throughputBps: number;
+  initialDoneBytes: number;
+}
+
+/** A recovery point in the catalogue (mirrors one committed point of the store). */
+export interface RecoveryPointRow {
+  id: string;
+  targetStoreId: string;
+  protectedItemId: string | null;
+  machine: string;
+  disk: string;
+  time: string;
+  committedAt: string;
+  kind: string;
+  size: number;
+  cut: string | null;
+  consistencyGroup: string | null;
+  labels: string;
+  parent: string | null;
+}
+
+/** A job: long work with steps, progress and a log. */
+export interface JobRow {
+  id: string;
+  kind: string;
+  state: string;
+  targetType: string | null;
+  targetId: string | null;
+  params: string;
+  result: string | null;
+  error: string | null;
+  progress: number;
+  steps: string;
+  attempts: number;
+  scheduleKey: string | null;
+  leaseOwner: string | null;
+  leaseUntil: string | null;
+  cancelRequested: number;
+  createdBy: string;
+  createdAt: string;
+  startedAt: string | null;
+  finishedAt: string | null;
+  updatedAt: string;
+}
+
+/** One line of a job's log. */
+export interface JobLogRow {
+  id: string;
+  jobId: string;
+  time: string;
+  level: string;
+  message: string;
+}
+
+/** An alert; `activeKey` is set while it is active so each condition is raised once. */
+export interface AlertRow {
+  id: string;
+  kind: string;
+  severity: string;
+  subjectType: string;
+  subjectId: string;
+  message: string;
+  details: string;
+  state: string;
+  activeKey: string | null;
+  raisedAt: string;
+  clearedAt: string | null;
+  acknowledgedAt: string | null;
+  acknowledgedBy: string | null;
+}
+
+/** Maps a source network to the network machines use after failover (and in tests). */
+export interface NetworkMappingRow {
+  id: string;
+  name: string;
+  sourceSiteId: string | null;
+  targetSiteId: string | null;
+  sourceNetwork: string;
+  targetNetwork: string;
+  testNetwork: string | null;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A stored credential (SSH, vCenter, KVM host); the secret is sealed. */
+export interface CredentialRow {
+  id: string;
+  name: string;
+  kind: string;
+  username: string;
+  secretSealed: string;
+  description: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A user of the portal, CLI and API. */
+export interface UserRow {
+  id: string;
+  username: string;
+  passwordHash: string;
+  role: string;
+  disabled: number;
+  createdAt: string;
+  updatedAt: string;
+  lastLoginAt: string | null;
+}
+
+/** A bearer token: a login session, an API token or a component's token (stored hashed). */
+export interface TokenRow {
+  id: string;
+  kind: string;
+  name: string;
+  tokenHash: string;
+  userId: string | null;
+  componentId: string | null;
+  expiresAt: string | null;
+  lastUsedAt: string | null;
+  createdAt: string;
+}
+
+/** One recorded change. */
+export interface AuditRow {
+  id: string;
+  time: string;
+  actorType: string;
+  actorId: string;
+  actorName: string;
+  action: string;
+  targetType: string;
+  targetId: string;
+  summary: string;
+}
+
+/** Small vault-wide values (the CA). */
+export interface SettingRow {
+  key: string;
+  value: string;
+}
+
+/** The vault's database. */
+export interface VaultDatabase {
+  sites: SiteRow;
+  components: ComponentRow;
+  registrationKeys: RegistrationKeyRow;
+  sourceHosts: SourceHostRow;
+  machines: MachineRow;
+  machineDisks: MachineDiskRow;
+  targetStores: TargetStoreRow;
+  policies: PolicyRow;
+  protectedItems: ProtectedItemRow;
+  protectedDisks: ProtectedDiskRow;
+  recoveryPoints: RecoveryPointRow;
+  jobs: JobRow;
+  jobLogs: JobLogRow;
+  alerts: AlertRow;
+  networkMappings: NetworkMappingRow;
+  credentials: CredentialRow;
+  users: UserRow;
+  tokens: TokenRow;
+  audit: AuditRow;
+  settings: SettingRow;
+}

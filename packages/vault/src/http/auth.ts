@@ -1,0 +1,139 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { LifeboatError } from '@lifeboat/protocol';
+import { hashToken, nowIso } from '../ids.js';
+import {
+  roleAtLeast,
+  type ComponentKind,
+  type Principal,
+  type Role,
+} from '../services/principal.js';
+import type { VaultContext } from '../vault-context.js';
+
+/**
+ * Who may call a route: `public` (no token), a minimum user role, `component` (a registered
+ * process server, recovery host or agent), or a list of those (any one suffices).
+ */
+export type Access = 'public' | Role | 'component' | Array<Role | 'component'>;
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    access?: Access;
+  }
+  interface FastifyRequest {
+    principal?: Principal;
+  }
+}
+
+/** The caller of an authenticated route (routes with access other than public). */
+export function principalOf(request: FastifyRequest): Principal {
+  const p = request.principal;
+  if (p === undefined) {
+    throw new LifeboatError(
+      'LB_VAULT_UNAUTHENTICATED',
+      'Log in first (Authorization: Bearer <token>).',
+    );
+  }
+  return p;
+}
+
+function allowed(principal: Principal, access: Exclude<Access, 'public'>): boolean {
+  const options = Array.isArray(access) ? access : [access];
+  return options.some((a) =>
+    a === 'component'
+      ? principal.type === 'component'
+      : principal.type === 'user' && roleAtLeast(principal.role, a),
+  );
+}
+
+/**
+ * Bearer authentication and role checks for every route. The default is `viewer` for GET and
+ * `admin` for everything else, so a route that forgets to say is closed rather than open.
+ */
+export function installAuth(app: FastifyInstance, vault: VaultContext): void {
+  // lastUsedAt is written at most once a minute per token: a write per request would make
+  // every read a write.
+  const lastTouched = new Map<string, number>();
+  app.addHook('onRequest', async (request) => {
+    const configured = request.routeOptions.config?.access;
+    const url = request.routeOptions.url;
+    // Unknown routes get the 404 handler; the browsable API page (its assets) is public.
+    if (url === undefined || url === '/api/docs' || url.startsWith('/api/docs/')) return;
+    const access: Access = configured ?? (request.method === 'GET' ? 'viewer' : 'admin');
+    if (access === 'public') return;
+    const header = request.headers.authorization;
+    const match = header === undefined ? null : /^Bearer\s+(\S+)$/i.exec(header);
+    if (match === null || match[1] === undefined) {
+      throw new LifeboatError(
+        'LB_VAULT_UNAUTHENTICATED',
+        'This request needs a token: log in (POST /api/auth/login) or create an API token, and send "Authorization: Bearer <token>".',
+      );
+    }
+    const token = await vault.db
+      .selectFrom('tokens')
+      .selectAll()
+      .where('tokenHash', '=', hashToken(match[1]))
+      .executeTakeFirst();
+    const now = new Date();
+    if (token === undefined || (token.expiresAt !== null && token.expiresAt < nowIso(now))) {
+      throw new LifeboatError(
+        'LB_VAULT_UNAUTHENTICATED',
+        'The token is unknown, revoked or expired. Log in again or create a new API token.',
+      );
+    }
+    let principal: Principal | undefined;
+    if (token.userId !== null) {
+      const user = await vault.db
+        .selectFrom('users')
+        .select(['id', 'username', 'role', 'disabled'])
+        .where('id', '=', token.userId)
+        .executeTakeFirst();
+      if (user !== undefined && user.disabled === 0) {
+        principal = {
+          type: 'user',
+          id: user.id,
+          name: user.username,
+          role: user.role as Role,
+          tokenId: token.id,
+        };
+      }
+    } else if (token.componentId !== null) {
+      const component = await vault.db
+        .selectFrom('components')
+        .select(['id', 'name', 'kind'])
+        .where('id', '=', token.componentId)
+        .executeTakeFirst();
+      if (component !== undefined) {
+        principal = {
+          type: 'component',
+          id: component.id,
+          name: component.name,
+          kind: component.kind as ComponentKind,
+          tokenId: token.id,
+        };
+      }
+    }
+    if (principal === undefined) {
+      throw new LifeboatError(
+        'LB_VAULT_UNAUTHENTICATED',
+        'The token belongs to a disabled user or a removed component. Ask an admin.',
+      );
+    }
+    if ((lastTouched.get(token.id) ?? 0) < now.getTime() - 60_000) {
+      lastTouched.set(token.id, now.getTime());
+      await vault.db
+        .updateTable('tokens')
+        .set({ lastUsedAt: nowIso(now) })
+        .where('id', '=', token.id)
+        .execute();
+    }
+    request.principal = principal;
+    if (!allowed(principal, access)) {
+      const needed = Array.isArray(access) ? access.join(' or ') : access;
+      throw new LifeboatError(
+        'LB_VAULT_FORBIDDEN',
+        `${principal.type === 'user' ? `Role ${principal.role}` : principal.type === 'component' ? `A ${principal.kind}` : 'The vault'} may not do this; it needs ${needed}. Ask an admin.`,
+        { details: { needed: access, method: request.method, route: request.routeOptions.url } },
+      );
+    }
+  });
+}

@@ -1,0 +1,149 @@
+import { isAbsolute, join, resolve } from 'node:path';
+import { LifeboatError } from '@lifeboat/protocol';
+import type { StoreApi } from '@lifeboat/store';
+import type { JobHandler } from './jobs/job-handler.js';
+
+/** What the vault knows of a target store when it must open it (retention, point deletion). */
+export interface TargetStoreAccess {
+  id: string;
+  kind: 'directory' | 'azure';
+  path: string | null;
+  container: string | null;
+  connectionString: string | null;
+  passphrase: string;
+}
+
+/** Options of a vault instance. */
+export interface VaultOptions {
+  /** Directory for the SQLite database, the secret key file and the initial admin password. */
+  dataDir: string;
+  /** PostgreSQL connection URL; when absent the vault uses `<dataDir>/vault.sqlite`. */
+  databaseUrl?: string;
+  /** The AES-256-GCM key sealing stored secrets; keep it out of database backups. @default `<dataDir>/secret.key` */
+  secretKeyFile?: string;
+  /** Address to listen on. @default '127.0.0.1' */
+  host?: string;
+  /** Port to listen on (0 = any free port). @default 9440 */
+  port?: number;
+  /** pino log level ('silent' in tests). @default 'info' */
+  logLevel?: string;
+  /** The first admin, created when the database has no user. @default 'admin' with a random password written to `<dataDir>/initial-admin-password` */
+  initialAdmin?: { username: string; password: string };
+  /** Lifetime of a login session. @default 43200 */
+  sessionTtlSeconds?: number;
+  /** A process server or recovery host without a heartbeat for this long is unhealthy. @default 60 */
+  heartbeatTimeoutSeconds?: number;
+  /** Journal use above this fraction raises the journal alert. @default 0.9 */
+  journalFullRatio?: number;
+  /** How often the scheduler evaluates alerts and creates scheduled jobs. @default 5000 */
+  schedulerIntervalMs?: number;
+  /** How often the job runner looks for queued jobs. @default 1000 */
+  jobPollIntervalMs?: number;
+  /** A running job whose lease is not renewed for this long is recovered by another instance. @default 30000 */
+  jobLeaseMs?: number;
+  /** Jobs run at once by this instance. @default 4 */
+  jobConcurrency?: number;
+  /** Attempts of a resumable job interrupted by a vault restart before it fails. @default 3 */
+  jobMaxAttempts?: number;
+  /** How long enabling waits for the process server to take the item. @default 600000 */
+  processServerAckTimeoutMs?: number;
+  /** How long enabling waits for initial replication to finish. @default 86400000 */
+  initialReplicationTimeoutMs?: number;
+  /** Alerts are POSTed here as JSON when raised and cleared. */
+  webhookUrl?: string;
+  /** Validity of component certificates. @default 90 */
+  certificateDays?: number;
+  /** scrypt cost N of password hashes (tests lower it). @default 16384 */
+  passwordCost?: number;
+  /** Opens a target store (retention, deleting points). @default opening with `@lifeboat/store` */
+  openStore?: (store: TargetStoreAccess) => Promise<StoreApi>;
+  /** Extra job kinds (tests, extensions). */
+  jobHandlers?: JobHandler[];
+}
+
+/** {@link VaultOptions} with defaults applied, frozen. */
+export type ResolvedVaultOptions = Readonly<
+  Required<Omit<VaultOptions, 'databaseUrl' | 'initialAdmin' | 'webhookUrl' | 'openStore'>> &
+    Pick<VaultOptions, 'databaseUrl' | 'initialAdmin' | 'webhookUrl' | 'openStore'>
+>;
+
+function positive(name: string, value: number, min = 1): number {
+  if (!Number.isFinite(value) || value < min) {
+    throw new LifeboatError(
+      'LB_VAULT_BAD_OPTION',
+      `Vault option ${name} must be a number >= ${min}, got ${value}.`,
+      { details: { option: name, value } },
+    );
+  }
+  return value;
+}
+
+/** Validates options once and applies defaults. */
+export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions {
+  if (typeof options.dataDir !== 'string' || options.dataDir === '') {
+    throw new LifeboatError('LB_VAULT_BAD_OPTION', 'Vault option dataDir is required.', {
+      details: { option: 'dataDir' },
+    });
+  }
+  const dataDir = isAbsolute(options.dataDir) ? options.dataDir : resolve(options.dataDir);
+  if (options.databaseUrl !== undefined && !/^postgres(ql)?:\/\//.test(options.databaseUrl)) {
+    throw new LifeboatError(
+      'LB_VAULT_BAD_OPTION',
+      'Vault option databaseUrl must be a postgres:// URL (leave it out for the SQLite file).',
+      { details: { option: 'databaseUrl' } },
+    );
+  }
+  const port = options.port ?? 9440;
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new LifeboatError(
+      'LB_VAULT_BAD_OPTION',
+      `Vault option port must be 0-65535, got ${port}.`,
+      {
+        details: { option: 'port', value: port },
+      },
+    );
+  }
+  const ratio = options.journalFullRatio ?? 0.9;
+  if (!(ratio > 0 && ratio <= 1)) {
+    throw new LifeboatError(
+      'LB_VAULT_BAD_OPTION',
+      'Vault option journalFullRatio must be in (0, 1].',
+      {
+        details: { option: 'journalFullRatio', value: ratio },
+      },
+    );
+  }
+  return Object.freeze({
+    dataDir,
+    ...(options.databaseUrl !== undefined ? { databaseUrl: options.databaseUrl } : {}),
+    secretKeyFile: options.secretKeyFile ?? join(dataDir, 'secret.key'),
+    host: options.host ?? '127.0.0.1',
+    port,
+    logLevel: options.logLevel ?? 'info',
+    ...(options.initialAdmin !== undefined ? { initialAdmin: options.initialAdmin } : {}),
+    sessionTtlSeconds: positive('sessionTtlSeconds', options.sessionTtlSeconds ?? 43_200),
+    heartbeatTimeoutSeconds: positive(
+      'heartbeatTimeoutSeconds',
+      options.heartbeatTimeoutSeconds ?? 60,
+    ),
+    journalFullRatio: ratio,
+    schedulerIntervalMs: positive('schedulerIntervalMs', options.schedulerIntervalMs ?? 5000, 10),
+    jobPollIntervalMs: positive('jobPollIntervalMs', options.jobPollIntervalMs ?? 1000, 10),
+    jobLeaseMs: positive('jobLeaseMs', options.jobLeaseMs ?? 30_000, 100),
+    jobConcurrency: positive('jobConcurrency', options.jobConcurrency ?? 4),
+    jobMaxAttempts: positive('jobMaxAttempts', options.jobMaxAttempts ?? 3),
+    processServerAckTimeoutMs: positive(
+      'processServerAckTimeoutMs',
+      options.processServerAckTimeoutMs ?? 600_000,
+    ),
+    initialReplicationTimeoutMs: positive(
+      'initialReplicationTimeoutMs',
+      options.initialReplicationTimeoutMs ?? 86_400_000,
+    ),
+    ...(options.webhookUrl !== undefined ? { webhookUrl: options.webhookUrl } : {}),
+    certificateDays: positive('certificateDays', options.certificateDays ?? 90),
+    passwordCost: positive('passwordCost', options.passwordCost ?? 16_384, 2),
+    ...(options.openStore !== undefined ? { openStore: options.openStore } : {}),
+    jobHandlers: options.jobHandlers ?? [],
+  });
+}

@@ -1,0 +1,192 @@
+import { randomBytes } from 'node:crypto';
+import { chmod, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { pino } from 'pino';
+import { openDatabase, type OpenDatabase } from './db/open-database.js';
+import { installAuth } from './http/auth.js';
+import { registerComponentRoutes } from './http/component-routes.js';
+import { errorHandler } from './http/error-mapping.js';
+import { registerOperationsRoutes } from './http/operations-routes.js';
+import { registerProtectionRoutes } from './http/protection-routes.js';
+import { registerSimpleResources } from './http/simple-resources.js';
+import { createUser, registerUserRoutes } from './http/user-routes.js';
+import { newId } from './ids.js';
+import { disableReplicationJob, enableReplicationJob, retentionJob } from './jobs/builtin-jobs.js';
+import { JobRunner } from './jobs/job-runner.js';
+import { Scheduler } from './jobs/scheduler.js';
+import { SecretBox } from './secret-box.js';
+import { AlertService } from './services/alert-service.js';
+import { CertificateAuthority } from './services/certificate-authority.js';
+import type { VaultContext } from './vault-context.js';
+import { VaultMetrics } from './vault-metrics.js';
+import { resolveVaultOptions, type VaultOptions } from './vault-options.js';
+
+/** A running vault instance. */
+export interface Vault {
+  /** Base URL it listens on, e.g. `http://127.0.0.1:9440`. */
+  readonly url: string;
+  /** The Fastify app (tests use `app.inject`). */
+  readonly app: FastifyInstance;
+  readonly context: VaultContext;
+  readonly scheduler: Scheduler;
+  /** Stops the HTTP server, scheduler and job runner, and closes the database. */
+  close(): Promise<void>;
+}
+
+/**
+ * Starts a vault: opens and migrates the database, loads the secret key and the CA, creates
+ * the first admin, starts the job runner (recovering jobs a previous run left), the scheduler
+ * and the HTTP API. The composition root of the vault role.
+ */
+export async function startVault(input: VaultOptions): Promise<Vault> {
+  const options = resolveVaultOptions(input);
+  const log = pino({ level: options.logLevel, base: { role: 'vault' } });
+  const secrets = await SecretBox.open(options.secretKeyFile);
+  const database: OpenDatabase = await openDatabase({
+    sqliteFile: join(options.dataDir, 'vault.sqlite'),
+    postgresUrl: options.databaseUrl,
+  });
+  let app: FastifyInstance | undefined;
+  let runner: JobRunner | undefined;
+  let scheduler: Scheduler | undefined;
+  try {
+    const ca = await CertificateAuthority.load(database.db, secrets, options.certificateDays);
+    const metrics = new VaultMetrics();
+    // The runner and the context refer to each other: the runner reads it once it is built.
+    const holder: { context?: VaultContext } = {};
+    runner = new JobRunner(() => {
+      if (holder.context === undefined) throw new Error('vault context used before it was built');
+      return holder.context;
+    });
+    const context: VaultContext = {
+      db: database.db,
+      dialect: database.dialect,
+      options,
+      secrets,
+      log,
+      metrics,
+      alerts: new AlertService(database.db, log, options.webhookUrl),
+      jobs: runner,
+      ca,
+      instanceId: newId('vault'),
+    };
+    holder.context = context;
+    for (const h of [
+      enableReplicationJob,
+      disableReplicationJob,
+      retentionJob,
+      ...options.jobHandlers,
+    ])
+      runner.register(h);
+    await ensureAdmin(context);
+
+    // pino's Logger and Fastify's base logger type differ only in optional members.
+    const fastify = Fastify({
+      loggerInstance: log,
+      ajv: {
+        customOptions: {
+          removeAdditional: false,
+          coerceTypes: 'array',
+          useDefaults: true,
+          allErrors: false,
+        },
+      },
+      bodyLimit: 16 * 1024 * 1024,
+    }) as unknown as FastifyInstance;
+    app = fastify;
+    fastify.setErrorHandler(errorHandler);
+    fastify.setNotFoundHandler((request, reply) =>
+      reply.status(404).send({
+        code: 'LB_VAULT_ROUTE_NOT_FOUND',
+        message: `No route ${request.method} ${request.url}. See /api/openapi.json.`,
+        details: { method: request.method, url: request.url },
+      }),
+    );
+    await fastify.register(swagger, {
+      openapi: {
+        info: {
+          title: 'Lifeboat vault API',
+          version: '0.1.0',
+          description: 'The control plane of Lifeboat. Errors are `{ code, message, details }`.',
+        },
+        components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
+        security: [{ bearer: [] }],
+      },
+    });
+    await fastify.register(swaggerUi, { routePrefix: '/api/docs' });
+    installAuth(fastify, context);
+    fastify.addHook('onResponse', async (request, reply) => {
+      metrics.httpRequests.observe(
+        {
+          method: request.method,
+          route: request.routeOptions.url ?? 'unknown',
+          status: String(reply.statusCode),
+        },
+        reply.elapsedTime / 1000,
+      );
+    });
+    fastify.get('/api/openapi.json', { config: { access: 'public' }, schema: { hide: true } }, () =>
+      fastify.swagger(),
+    );
+    registerUserRoutes(fastify, context);
+    registerSimpleResources(fastify, context);
+    registerComponentRoutes(fastify, context);
+    registerProtectionRoutes(fastify, context);
+    registerOperationsRoutes(fastify, context);
+    await fastify.ready();
+
+    // SQLite has one vault process, so a job still `running` belongs to a vault that stopped.
+    await runner.recoverOrphans(database.dialect === 'sqlite');
+    runner.start();
+    scheduler = new Scheduler(context);
+    scheduler.start();
+    const address = await fastify.listen({ host: options.host, port: options.port });
+    log.info({ address, database: database.dialect }, 'vault listening');
+    const ctx = context;
+    const sched = scheduler;
+    const run = runner;
+    let closed = false;
+    return {
+      url: address.replace('[::1]', '127.0.0.1'),
+      app: fastify,
+      context: ctx,
+      scheduler: sched,
+      close: async () => {
+        if (closed) return;
+        closed = true;
+        await fastify.close();
+        await sched.stop();
+        await run.stop();
+        await ctx.alerts.flush();
+        await database.close();
+      },
+    };
+  } catch (err) {
+    await app?.close().catch(() => undefined);
+    await scheduler?.stop();
+    await runner?.stop();
+    await database.close();
+    throw err;
+  }
+}
+
+async function ensureAdmin(vault: VaultContext): Promise<void> {
+  const any = await vault.db.selectFrom('users').select('id').limit(1).executeTakeFirst();
+  if (any !== undefined) return;
+  const given = vault.options.initialAdmin;
+  const username = given?.username ?? 'admin';
+  const password = given?.password ?? randomBytes(18).toString('base64url');
+  await createUser(vault, { username, password, role: 'admin' });
+  if (given === undefined) {
+    const file = join(vault.options.dataDir, 'initial-admin-password');
+    await writeFile(file, password + '\n', { mode: 0o600 });
+    await chmod(file, 0o600);
+    vault.log.warn(
+      { file },
+      `created user "admin"; its password is in ${file} (change it, then delete the file)`,
+    );
+  }
+}
