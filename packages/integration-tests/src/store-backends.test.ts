@@ -258,7 +258,7 @@ describeBackendConformance('DirectoryBackend', async () => {
 // Azure Blob Storage on Azurite
 
 /** Fault the proxy injects into the next request that matches. */
-type Fault = 'status-503' | 'reset' | 'drop-response';
+type Fault = 'status-503' | 'reset' | 'drop-response' | 'truncate-body';
 
 /**
  * An HTTP proxy in front of Azurite that counts concurrent requests and injects faults the
@@ -333,6 +333,22 @@ class FaultProxy {
           return;
         }
         res.writeHead(up.statusCode ?? 502, up.headers);
+        if (fault === 'truncate-body') {
+          // Half the body, then the connection drops.
+          const half = Math.floor(Number(up.headers['content-length'] ?? 0) / 2);
+          let sent = 0;
+          up.on('data', (chunk: Buffer) => {
+            if (sent >= half) return;
+            const part = chunk.subarray(0, half - sent);
+            sent += part.length;
+            res.write(part);
+            if (sent >= half) {
+              up.destroy();
+              req.socket.destroy();
+            }
+          });
+          return;
+        }
         up.pipe(res);
       },
     );
@@ -422,6 +438,13 @@ describe('AzureBlobBackend on Azurite', () => {
     proxy.inject('reset', (r) => r.method === 'GET');
     proxy.inject('status-503', (r) => r.method === 'GET');
     expect((await b.getRange('retried', 10, 20)).equals(data.subarray(10, 30))).toBe(true);
+    // A body cut off half-way is read again, whole.
+    proxy.inject('truncate-body', (r) => r.method === 'GET');
+    const seen = proxy.requests;
+    expect((await b.get('retried')).equals(data)).toBe(true);
+    expect(proxy.requests - seen).toBe(2);
+    proxy.inject('truncate-body', (r) => r.method === 'GET');
+    expect((await b.getRange('retried', 100, 800)).equals(data.subarray(100, 900))).toBe(true);
 
     // The first put lands but its answer is lost; the retry meets BlobAlreadyExists — of itself.
     proxy.inject('drop-response', (r) => r.method === 'PUT');

@@ -38,6 +38,12 @@ const PIPELINE_OPTIONS: StoragePipelineOptions = {
   userAgentOptions: { userAgentPrefix: 'lifeboat' },
 };
 
+/**
+ * The SDK resumes a broken download body with up to 5 further requests of its own, outside the
+ * request cap and the retry budget; a broken body fails the attempt instead and our loop retries.
+ */
+const ONE_TRY_DOWNLOAD = { maxRetryRequests: 0 } as const;
+
 function configError(message: string, cause?: unknown): LifeboatError {
   return new LifeboatError(
     'LB_BACKEND_INVALID_OPTIONS',
@@ -272,7 +278,7 @@ export class AzureBlobBackend implements ObjectBackend {
       const facts = { location: this.location, operation: 'get', key };
       try {
         return await this.retried(facts, signal, async (s) =>
-          readBody(await blob.download(0, undefined, { abortSignal: s }), s),
+          readBody(await blob.download(0, undefined, { abortSignal: s, ...ONE_TRY_DOWNLOAD }), s),
         );
       } catch (err) {
         throw this.mapError(err, facts, signal);
@@ -310,7 +316,7 @@ export class AzureBlobBackend implements ObjectBackend {
       let response: { data: Buffer; size: number | undefined };
       try {
         response = await this.retried(facts, signal, async (s) => {
-          const r = await blob.download(offset, length, { abortSignal: s });
+          const r = await blob.download(offset, length, { abortSignal: s, ...ONE_TRY_DOWNLOAD });
           return { data: await readBody(r, s), size: sizeFromContentRange(r.contentRange) };
         });
       } catch (err) {
