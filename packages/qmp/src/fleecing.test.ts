@@ -145,6 +145,48 @@ describe('image fleecing on qemu-storage-daemon (QEMU 7.2)', () => {
     await live.close();
   });
 
+  it('undoes a cut that fails after the transaction, losing no change', async () => {
+    const qmp = qsd.qmp;
+    await qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'r0' });
+    const live = await NbdClient.connect({ path: nbdSocket }, { exportName: 'live' });
+    await live.write(3 * MiB, Buffer.alloc(4096, 7));
+    // The export name is taken, so block-export-add fails after the bitmaps were switched.
+    const err = await startFleecing(qmp, {
+      disks: [
+        {
+          node: 'disk0',
+          oldBitmap: 'r0',
+          newBitmap: 'r1',
+          overlayPath: join(dir, 'r.qcow2'),
+          exportName: 'live',
+        },
+      ],
+    }).catch((e: unknown) => e);
+    expect(String(err)).toMatch(/live/);
+    const nodes = await qmp.execute<
+      { 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]
+    >('query-named-block-nodes', { flat: true });
+    const bitmaps = nodes.find((n) => n['node-name'] === 'disk0')?.['dirty-bitmaps'] ?? [];
+    expect(bitmaps.find((b) => b.name === 'r0')?.recording).toBe(true);
+    expect(bitmaps.find((b) => b.name === 'r1')).toBeUndefined();
+    await live.write(9 * MiB, Buffer.alloc(4096, 8));
+    const cut = await startFleecing(qmp, {
+      disks: [
+        { node: 'disk0', oldBitmap: 'r0', overlayPath: join(dir, 'r2.qcow2'), exportName: 'r' },
+      ],
+    });
+    const view = await NbdClient.connect(
+      { path: nbdSocket },
+      { exportName: 'r', metaContexts: ['qemu:dirty-bitmap:r0'] },
+    );
+    const ext = [];
+    for await (const e of view.extents('qemu:dirty-bitmap:r0')) ext.push(e);
+    expect(granulesOf(ext)).toEqual([(3 * MiB) / GRANULE, (9 * MiB) / GRANULE]);
+    await view.close();
+    await cut.release();
+    await live.close();
+  });
+
   it('rolls back cleanly when the cut cannot be taken', async () => {
     const overlayPath = join(dir, 'bad.qcow2');
     const err = await startFleecing(qsd.qmp, {

@@ -105,10 +105,36 @@ export async function startFleecing(
   const added: string[] = [];
   const exported: string[] = [];
   let transacted = false;
+  /** Set once the cut is handed to the caller: from then on release() must not undo it. */
+  let completed = false;
   const undo = async (): Promise<void> => {
     for (const id of exported) await deleteExport(qmp, id, timeoutMs).catch(() => undefined);
     if (transacted) {
       for (const d of disks) await cancelJob(qmp, d.jobId, timeoutMs).catch(() => undefined);
+    }
+    if (transacted && !completed) {
+      // Undo the cut so no change is lost: fold what the new bitmap saw back into the old one
+      // and let the old one record again, atomically (QEMU drains I/O around a transaction).
+      const actions: Record<string, unknown>[] = [];
+      for (const d of disks) {
+        if (d.newBitmap !== undefined) {
+          actions.push({
+            type: 'block-dirty-bitmap-merge',
+            data: { node: d.node, target: d.oldBitmap, bitmaps: [d.newBitmap] },
+          });
+        }
+        actions.push({
+          type: 'block-dirty-bitmap-enable',
+          data: { node: d.node, name: d.oldBitmap },
+        });
+        if (d.newBitmap !== undefined) {
+          actions.push({
+            type: 'block-dirty-bitmap-remove',
+            data: { node: d.node, name: d.newBitmap },
+          });
+        }
+      }
+      await exec('transaction', { actions });
     }
     for (const n of added) await exec('blockdev-del', { 'node-name': n }).catch(() => undefined);
     for (const d of disks) await rm(d.overlayPath, { force: true });
@@ -156,9 +182,10 @@ export async function startFleecing(
       exported.push(d.exportId);
     }
   } catch (err) {
-    await undo();
+    await undo().catch(() => undefined);
     throw err;
   }
+  completed = true;
 
   let released = false;
   return {
