@@ -40,6 +40,8 @@ export function buildProgram(ctx: CliContext): Command {
       outputError: () => undefined,
     })
     .showSuggestionAfterError(true)
+    // `lifeboat store points --help` lists --store, --json, ... too.
+    .configureHelp({ showGlobalOptions: true })
     // Environment fallbacks are applied by config.ts (the one module that reads them).
     .option(
       '--store <location>',
