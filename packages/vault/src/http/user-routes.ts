@@ -398,15 +398,13 @@ export function registerUserRoutes(app: FastifyInstance, vault: VaultContext): v
         { type: 'token', id: row.id },
         { after: { name: row.name, expiresAt: row.expiresAt } },
       );
-      return reply
-        .status(201)
-        .send({
-          id: row.id,
-          name: row.name,
-          token,
-          expiresAt: row.expiresAt,
-          createdAt: row.createdAt,
-        });
+      return reply.status(201).send({
+        id: row.id,
+        name: row.name,
+        token,
+        expiresAt: row.expiresAt,
+        createdAt: row.createdAt,
+      });
     },
   );
 

@@ -1,0 +1,221 @@
+import { X509Certificate } from 'node:crypto';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  DIALECTS,
+  dialectFixture,
+  startTestVault,
+  type DialectFixture,
+  type TestVault,
+} from './test-harness.js';
+
+const execFileAsync = promisify(execFile);
+
+describe.each(DIALECTS)('registration and certificates on %s', (dialect) => {
+  let fx: DialectFixture;
+  let t: TestVault;
+  beforeAll(async () => {
+    fx = await dialectFixture(dialect);
+    t = await startTestVault(await fx.fresh());
+  });
+  afterAll(async () => {
+    await t?.close();
+    await fx?.stop();
+  });
+
+  const newKey = async (
+    kind: string,
+    expiresInSeconds = 3600,
+  ): Promise<{ id: string; key: string }> => {
+    const r = await t.call('POST', '/api/registration-keys', { kind, expiresInSeconds });
+    expect(r.status).toBe(201);
+    return { id: r.body['id'] as string, key: r.body['key'] as string };
+  };
+
+  it('registers a process server with a one-time key and issues a certificate signed by the vault CA', async () => {
+    const ca = await t.vault.app.inject({ method: 'GET', url: '/api/ca.pem' });
+    const caCert = new X509Certificate(ca.body);
+    expect(caCert.ca).toBe(true);
+    const { key } = await newKey('process-server');
+    const r = await t.call(
+      'POST',
+      '/api/register',
+      { key, kind: 'process-server', name: 'ps-1', address: '10.0.0.5:9443' },
+      null,
+    );
+    expect(r.status).toBe(201);
+    const cert = new X509Certificate(r.body['certificate'] as string);
+    expect(cert.verify(caCert.publicKey)).toBe(true);
+    const component = r.body['component'] as { id: string; kind: string };
+    expect(cert.subject).toContain(`CN=${component.id}`);
+    expect(cert.subjectAltName).toContain('IP Address:10.0.0.5');
+    expect(
+      cert.checkPrivateKey(
+        (await import('node:crypto')).createPrivateKey(r.body['privateKey'] as string),
+      ),
+    ).toBe(true);
+    // Its token works for component routes, and not for user ones.
+    const token = r.body['token'] as string;
+    expect(
+      (
+        await t.call(
+          'POST',
+          '/api/components/self/heartbeat',
+          { health: { storeReachable: true } },
+          token,
+        )
+      ).status,
+    ).toBe(200);
+    expect(
+      (await t.call('POST', '/api/sites', { name: 'ps-made', kind: 'source' }, token)).status,
+    ).toBe(403);
+    const list = await t.call('GET', '/api/process-servers');
+    expect(
+      (list.body['items'] as Array<{ id: string; status: string }>).find(
+        (c) => c.id === component.id,
+      )?.status,
+    ).toBe('healthy');
+
+    // The key is one-time.
+    const again = await t.call(
+      'POST',
+      '/api/register',
+      { key, kind: 'process-server', name: 'ps-2' },
+      null,
+    );
+    expect(again.status).toBe(401);
+    expect(again.body.code).toBe('LB_VAULT_REGISTRATION_KEY_USED');
+
+    // Renewal before expiry gives a new certificate with a new serial.
+    const renewed = await t.call('POST', '/api/components/self/certificate', {}, token);
+    expect(renewed.status).toBe(200);
+    const cert2 = new X509Certificate(renewed.body['certificate'] as string);
+    expect(cert2.serialNumber).not.toBe(cert.serialNumber);
+    expect(cert2.verify(caCert.publicKey)).toBe(true);
+    const audit = await t.call('GET', `/api/audit?targetId=${component.id}`);
+    expect((audit.body['items'] as Array<{ action: string }>).map((a) => a.action)).toEqual([
+      'process-server.renew-certificate',
+      'process-server.register',
+    ]);
+  });
+
+  it('signs a CSR without ever seeing the private key, and refuses a malformed CSR', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'lifeboat-csr-'));
+    try {
+      await execFileAsync('openssl', [
+        'req',
+        '-new',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:prime256v1',
+        '-nodes',
+        '-keyout',
+        join(dir, 'k.pem'),
+        '-out',
+        join(dir, 'c.csr'),
+        '-subj',
+        '/CN=someone-else',
+      ]);
+      const csr = await readFile(join(dir, 'c.csr'), 'utf8');
+      const bad = await t.call(
+        'POST',
+        '/api/register',
+        { key: (await newKey('agent')).key, kind: 'agent', name: 'agent-bad', csr: 'not a csr' },
+        null,
+      );
+      expect(bad.status).toBe(400);
+      expect(bad.body.details?.['field']).toBe('body.csr');
+      const r = await t.call(
+        'POST',
+        '/api/register',
+        { key: (await newKey('agent')).key, kind: 'agent', name: 'agent-1', csr },
+        null,
+      );
+      expect(r.status).toBe(201);
+      expect(r.body['privateKey']).toBeUndefined();
+      const cert = new X509Certificate(r.body['certificate'] as string);
+      // The subject is the vault's id for the agent, not what the CSR claimed.
+      expect(cert.subject).not.toContain('someone-else');
+      const { createPrivateKey } = await import('node:crypto');
+      expect(cert.checkPrivateKey(createPrivateKey(await readFile(join(dir, 'k.pem'))))).toBe(true);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses an expired key, an unknown key, and a key of another kind', async () => {
+    const { id, key } = await newKey('recovery-host', 60);
+    await t.vault.context.db
+      .updateTable('registrationKeys')
+      .set({ expiresAt: new Date(Date.now() - 1000).toISOString() })
+      .where('id', '=', id)
+      .execute();
+    const expired = await t.call(
+      'POST',
+      '/api/register',
+      { key, kind: 'recovery-host', name: 'rh-1' },
+      null,
+    );
+    expect(expired.status).toBe(401);
+    expect(expired.body.code).toBe('LB_VAULT_REGISTRATION_KEY_EXPIRED');
+    const listed = await t.call('GET', '/api/registration-keys?state=expired');
+    expect(
+      (listed.body['items'] as Array<{ id: string; key?: string }>).map((k) => k.id),
+    ).toContain(id);
+    expect(JSON.stringify(listed.body)).not.toContain(key);
+    const unknown = await t.call(
+      'POST',
+      '/api/register',
+      { key: 'lbk_made-up', kind: 'recovery-host', name: 'rh-1' },
+      null,
+    );
+    expect(unknown.body.code).toBe('LB_VAULT_REGISTRATION_KEY_UNKNOWN');
+    const other = await t.call(
+      'POST',
+      '/api/register',
+      { key: (await newKey('agent')).key, kind: 'recovery-host', name: 'rh-1' },
+      null,
+    );
+    expect(other.status).toBe(400);
+    expect(other.body.details?.['field']).toBe('body.kind');
+    const tooShort = await t.call('POST', '/api/registration-keys', {
+      kind: 'agent',
+      expiresInSeconds: 5,
+    });
+    expect(tooShort.body.details?.['field']).toBe('body.expiresInSeconds');
+    const noName = await t.call('POST', '/api/register', { key: 'x', kind: 'agent' }, null);
+    expect(noName.body.details?.['field']).toBe('body.name');
+  });
+
+  it('lets two registrations race for one key and only one win', async () => {
+    const { key } = await newKey('agent');
+    const results = await Promise.all(
+      [1, 2, 3].map((i) =>
+        t.call('POST', '/api/register', { key, kind: 'agent', name: `racer-${i}` }, null),
+      ),
+    );
+    expect(results.filter((r) => r.status === 201)).toHaveLength(1);
+    expect(results.filter((r) => r.body.code === 'LB_VAULT_REGISTRATION_KEY_USED')).toHaveLength(2);
+  });
+
+  it('unregistering a component revokes its token', async () => {
+    const r = await t.call(
+      'POST',
+      '/api/register',
+      { key: (await newKey('recovery-host')).key, kind: 'recovery-host', name: 'rh-gone' },
+      null,
+    );
+    const id = (r.body['component'] as { id: string }).id;
+    expect((await t.call('DELETE', `/api/recovery-hosts/${id}`)).status).toBe(204);
+    expect(
+      (await t.call('POST', '/api/components/self/heartbeat', {}, r.body['token'] as string))
+        .status,
+    ).toBe(401);
+    expect((await t.call('GET', `/api/recovery-hosts/${id}`)).status).toBe(404);
+  });
+});
