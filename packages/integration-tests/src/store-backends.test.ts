@@ -509,6 +509,24 @@ describe('AzureBlobBackend on Azurite', () => {
     expect((await b.get('through-outage')).equals(data)).toBe(true);
   });
 
+  it('abandons requests to a hung service after tryTimeoutMs, and recovers when it answers again', async () => {
+    const b = azureBackend({
+      connectionString: azurite.connectionString,
+      retry: { initialDelayMs: 20, maxDelayMs: 100, tryTimeoutMs: 300, totalTimeoutMs: 500 },
+    });
+    const data = randomBytes(5000);
+    await b.put('before-hang', data);
+    azurite.pause();
+    try {
+      const err = await rejection(b.get('before-hang'));
+      expect(err.code).toBe('LB_BACKEND_UNAVAILABLE');
+      expect(err.message).toContain('did not finish within 300 ms');
+    } finally {
+      azurite.resume();
+    }
+    expect((await b.get('before-hang')).equals(data)).toBe(true);
+  });
+
   it('reports a wrong account key as LB_BACKEND_AUTH without retrying for long', async () => {
     const wrongKey = proxied.replace(
       /AccountKey=[^;]+/,

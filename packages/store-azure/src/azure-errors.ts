@@ -60,8 +60,10 @@ export interface RequestFacts {
 function describe(err: unknown): string {
   const status = statusOf(err);
   const code = errorCodeOf(err);
-  const parts = [status === undefined ? undefined : `HTTP ${status}`, code].filter(Boolean);
-  return parts.length > 0 ? parts.join(' ') : String((err as Error | null)?.message ?? err);
+  if (status !== undefined) return [`HTTP ${status}`, code].filter(Boolean).join(' ');
+  // A network fault: the message says where and what (`connect ECONNREFUSED 10.0.0.5:443`).
+  const message = String((err as Error | null)?.message ?? err).slice(0, 200);
+  return code === undefined || message.includes(code) ? message : `${code}: ${message}`;
 }
 
 /**
