@@ -69,6 +69,8 @@ const NODE_CACHE = 32 * 1024 * 1024;
 export interface StoreExtraOptions {
   /** Lock timings (tests shorten them). */
   locks?: Partial<LockOptions>;
+  /** References per tree node, a power of two from 4 to 4096 (init only; tests lower it). @default 256 */
+  treeFanout?: number;
 }
 
 /**
@@ -114,7 +116,9 @@ export class Store implements StoreApi {
     this.chunkCache = new LruCache(cacheBytes, (b) => b.length + 64);
     this.zeroChunk = Buffer.alloc(config.chunkSize);
     this.pow = [1];
-    for (let i = 1; i < 12; i++) this.pow.push((this.pow[i - 1] as number) * this.fanout);
+    while ((this.pow[this.pow.length - 1] as number) * this.fanout <= Number.MAX_SAFE_INTEGER) {
+      this.pow.push((this.pow[this.pow.length - 1] as number) * this.fanout);
+    }
     this.locks = new StoreLocks(backend, extra.locks ?? {});
   }
 
@@ -132,6 +136,10 @@ export class Store implements StoreApi {
     }
     if (!pow2(kdfCost) || kdfCost < 1024 || kdfCost > 1 << 22) {
       throw invalid(`kdfCost must be a power of two from 1024 to 4194304, not ${kdfCost}.`);
+    }
+    const treeFanout = options.treeFanout ?? DEFAULT_FANOUT;
+    if (!pow2(treeFanout) || treeFanout < 4 || treeFanout > 4096) {
+      throw invalid(`treeFanout must be a power of two from 4 to 4096, not ${treeFanout}.`);
     }
     if (typeof options.passphrase !== 'string' || options.passphrase.length === 0) {
       throw invalid('The passphrase must not be empty.');
@@ -151,7 +159,7 @@ export class Store implements StoreApi {
       id: randomBytes(16).toString('hex'),
       chunkSize,
       packSize,
-      treeFanout: DEFAULT_FANOUT,
+      treeFanout,
       compressionLevel: 1,
       createdAt: new Date().toISOString(),
     };
