@@ -48,13 +48,17 @@ export function storePassphrase(
  * Errors (wrong passphrase, no store there, unsupported version) come from the store with
  * their own codes.
  */
-export async function openStore(config: CliConfig, ctx: CliContext): Promise<StoreApi> {
+export async function openStore(
+  config: CliConfig,
+  ctx: CliContext,
+  options: { cacheBytes?: number } = {},
+): Promise<StoreApi> {
   const location = requireStore(config);
   const passphrase = await storePassphrase(config, ctx);
   const backend = await openBackend(location, false);
   let store: StoreApi;
   try {
-    store = await Store.open({ backend, passphrase });
+    store = await Store.open({ backend, passphrase, ...options });
   } catch (err) {
     await backend.close().catch(() => undefined);
     throw err;

@@ -254,7 +254,8 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         cmd: Command,
       ) => {
         const { config, out } = setup(ctx, cmd);
-        const target = await openStore(config, ctx);
+        // A restore reads each chunk once, in order: a big cache would only raise peak memory.
+        const target = await openStore(config, ctx, { cacheBytes: 8 * 1024 * 1024 });
         const point = await resolvePoint(target, ref, {
           ...(opts.machine === undefined ? {} : { machine: opts.machine }),
           ...(opts.disk === undefined ? {} : { disk: opts.disk }),
