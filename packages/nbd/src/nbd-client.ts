@@ -1028,8 +1028,7 @@ export class NbdClient {
     if (p.type === NBD.CMD_READ) {
       // A simple reply to a read carries the data right after the header; the request stays
       // pending until all of it came, so a cut connection rejects it.
-      const data = await this.reader.read(p.length);
-      data.copy(p.buf as Buffer);
+      await this.reader.readInto(p.buf as Buffer);
     }
     this.pending.delete(cookie);
     p.resolve(undefined);
@@ -1053,6 +1052,22 @@ export class NbdClient {
             : 16;
     if (length > limit)
       throw nbdProtocolError(`structured chunk of ${length} bytes`, { type, limit });
+    if (type === NBD.REPLY_TYPE_OFFSET_DATA && p.type === NBD.CMD_READ && length > 8) {
+      // The hot path: data goes straight from the socket into the caller's buffer.
+      const head = await this.reader.read(8);
+      const at = u64(head, 0, 'chunk offset') - p.offset;
+      const n = length - 8;
+      if (at < 0 || at + n > p.length) {
+        throw nbdProtocolError('OFFSET_DATA outside the request', {
+          offset: at + p.offset,
+          length: n,
+        });
+      }
+      await this.reader.readInto((p.buf as Buffer).subarray(at, at + n));
+      p.covered += n;
+      this.finishChunk(cookie, p, flags);
+      return;
+    }
     const data = await this.reader.read(length);
     switch (type) {
       case NBD.REPLY_TYPE_NONE:
@@ -1122,6 +1137,10 @@ export class NbdClient {
         p.error ??= nbdRequestError(errno, p.command, p.offset, p.length, msg, errOffset);
       }
     }
+    this.finishChunk(cookie, p, flags);
+  }
+
+  private finishChunk(cookie: bigint, p: Pending, flags: number): void {
     if (flags & NBD.REPLY_FLAG_DONE) {
       // A protocol error leaves the request pending so the loop's failure path rejects it.
       if (p.error === undefined && p.type === NBD.CMD_READ && p.covered !== p.length) {

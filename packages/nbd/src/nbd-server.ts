@@ -512,17 +512,24 @@ class Connection {
       return;
     }
     if (!this.structured) {
-      this.socket.write(Buffer.concat([simpleHeader(cookie, 0), data]));
+      this.socket.cork();
+      this.socket.write(simpleHeader(cookie, 0));
+      this.socket.write(data);
+      this.socket.uncork();
       return;
     }
     if (length === 0) {
       this.socket.write(chunkHeader(cookie, NBD.REPLY_FLAG_DONE, NBD.REPLY_TYPE_NONE, 0));
       return;
     }
-    const h = chunkHeader(cookie, NBD.REPLY_FLAG_DONE, NBD.REPLY_TYPE_OFFSET_DATA, 8 + length);
-    const off = Buffer.alloc(8);
-    off.writeBigUInt64BE(BigInt(offset));
-    this.socket.write(Buffer.concat([h, off, data]));
+    const h = Buffer.alloc(NBD.STRUCTURED_REPLY_SIZE + 8);
+    chunkHeader(cookie, NBD.REPLY_FLAG_DONE, NBD.REPLY_TYPE_OFFSET_DATA, 8 + length).copy(h);
+    h.writeBigUInt64BE(BigInt(offset), NBD.STRUCTURED_REPLY_SIZE);
+    // Two writes in one cork: one syscall, and no copy of the data into a joined buffer.
+    this.socket.cork();
+    this.socket.write(h);
+    this.socket.write(data);
+    this.socket.uncork();
   }
 
   private async blockStatus(

@@ -13,6 +13,9 @@ export class SocketClosedError extends Error {
 
 interface Waiter {
   length: number;
+  /** readInto: bytes go straight into this buffer as they arrive (no staging copy). */
+  dest?: Buffer;
+  filled: number;
   resolve: (buf: Buffer) => void;
   reject: (err: Error) => void;
 }
@@ -59,7 +62,17 @@ export class SocketReader {
     if (this.waiter !== undefined) throw new Error('SocketReader: concurrent read');
     if (length === 0) return Promise.resolve(Buffer.alloc(0));
     return new Promise<Buffer>((resolve, reject) => {
-      this.waiter = { length, resolve, reject };
+      this.waiter = { length, resolve, reject, filled: 0 };
+      this.pump();
+    });
+  }
+
+  /** Fills `dest` completely from the stream; saves a copy for large payloads. */
+  readInto(dest: Buffer): Promise<void> {
+    if (this.waiter !== undefined) throw new Error('SocketReader: concurrent read');
+    if (dest.length === 0) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      this.waiter = { length: dest.length, dest, filled: 0, resolve: () => resolve(), reject };
       this.pump();
     });
   }
@@ -77,7 +90,23 @@ export class SocketReader {
   private pump(): void {
     const w = this.waiter;
     if (w === undefined) return;
-    if (this.buffered >= w.length) {
+    if (w.dest !== undefined) {
+      while (w.filled < w.length && this.chunks.length > 0) {
+        const c = this.chunks[0] as Buffer;
+        const n = Math.min(c.length, w.length - w.filled);
+        c.copy(w.dest, w.filled, 0, n);
+        w.filled += n;
+        this.buffered -= n;
+        if (n === c.length) this.chunks.shift();
+        else this.chunks[0] = c.subarray(n);
+      }
+      if (w.filled === w.length) {
+        this.waiter = undefined;
+        w.resolve(w.dest);
+        if (this.buffered <= HIGH_WATER && this.socket.isPaused()) this.socket.resume();
+        return;
+      }
+    } else if (this.buffered >= w.length) {
       this.waiter = undefined;
       w.resolve(this.take(w.length));
       if (this.buffered <= HIGH_WATER && this.socket.isPaused()) this.socket.resume();
@@ -88,7 +117,7 @@ export class SocketReader {
       const e = this.ended;
       w.reject(
         e instanceof SocketClosedError
-          ? new SocketClosedError(e.message, w.length - this.buffered, e.cause)
+          ? new SocketClosedError(e.message, w.length - w.filled - this.buffered, e.cause)
           : e,
       );
       return;
