@@ -106,7 +106,7 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
     const store = await t.call('POST', '/api/target-stores', {
       name: `store-${n}`,
       kind: 'directory',
-      path: `/tmp/lifeboat-unused-${n}`,
+      path: `/nonexistent/lifeboat-store-${n}`,
       passphrase: 'store-passphrase',
     });
     return {

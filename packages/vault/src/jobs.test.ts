@@ -1,0 +1,353 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DirectoryBackend, Store } from '@lifeboat/store';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { JobHandler } from './jobs/job-handler.js';
+import {
+  DIALECTS,
+  dialectFixture,
+  startTestVault,
+  type DialectFixture,
+  type TestVault,
+} from './test-harness.js';
+
+// A job that holds until its vault stops: stands for long work that cannot resume safely.
+const holdJob: JobHandler = {
+  kind: 'hold',
+  resumable: false,
+  steps: ['hold'],
+  run: (job) =>
+    job.step(
+      'hold',
+      () =>
+        new Promise((_resolve, reject) =>
+          job.signal.addEventListener('abort', () => reject(job.signal.reason as Error)),
+        ),
+    ),
+};
+
+function countingJob(runs: Map<string, number>): JobHandler {
+  return {
+    kind: 'count',
+    resumable: true,
+    steps: ['count'],
+    run: async (job) => {
+      runs.set(job.id, (runs.get(job.id) ?? 0) + 1);
+      await new Promise((r) => setTimeout(r, 5));
+    },
+  };
+}
+
+async function waitFor(check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('condition not reached in time');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Registers a process server, a KVM host with one machine, a policy and a directory store. */
+async function protect(t: TestVault, storePath: string, retention: unknown, tag: string) {
+  const key = await t.call('POST', '/api/registration-keys', { kind: 'process-server' });
+  const reg = await t.call(
+    'POST',
+    '/api/register',
+    { key: key.body['key'], kind: 'process-server', name: `ps-${tag}` },
+    null,
+  );
+  const psToken = reg.body['token'] as string;
+  const psId = (reg.body['component'] as { id: string }).id;
+  const host = await t.call('POST', '/api/source-hosts', {
+    name: `kvm-${tag}`,
+    kind: 'kvm',
+    processServerId: psId,
+    endpoints: [],
+  });
+  await t.call(
+    'PUT',
+    `/api/source-hosts/${host.body['id'] as string}/inventory`,
+    {
+      machines: [
+        { externalId: 'vm', name: `vm-${tag}`, disks: [{ name: 'vda', sizeBytes: 1 << 20 }] },
+      ],
+    },
+    psToken,
+  );
+  const machineId =
+    (
+      (await t.call('GET', `/api/machines?sourceHostId=${host.body['id'] as string}`)).body[
+        'items'
+      ] as Array<{ id: string }>
+    )[0]?.id ?? '';
+  const policy = await t.call('POST', '/api/policies', {
+    name: `pol-${tag}`,
+    rpoThresholdSeconds: 600,
+    retention,
+  });
+  const store = await t.call('POST', '/api/target-stores', {
+    name: `st-${tag}`,
+    kind: 'directory',
+    path: storePath,
+    passphrase: 'store-passphrase',
+  });
+  const item = await t.call('POST', '/api/protected-items', {
+    machineId,
+    policyId: policy.body['id'],
+    processServerId: psId,
+    targetStoreId: store.body['id'],
+  });
+  expect(item.status).toBe(201);
+  return {
+    psToken,
+    psId,
+    machineId,
+    policyId: policy.body['id'] as string,
+    storeId: store.body['id'] as string,
+    itemId: item.body['id'] as string,
+    jobId: item.body['jobId'] as string,
+  };
+}
+
+describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
+  let fx: DialectFixture;
+  const open: TestVault[] = [];
+  const dirs: string[] = [];
+  beforeAll(async () => {
+    fx = await dialectFixture(dialect);
+  });
+  afterAll(async () => {
+    for (const v of open) await v.close();
+    for (const d of dirs) await rm(d, { recursive: true, force: true });
+    await fx?.stop();
+  });
+  const start = async (
+    where: { dataDir: string; databaseUrl?: string },
+    extra: Parameters<typeof startTestVault>[1] = {},
+  ) => {
+    const v = await startTestVault(where, { jobHandlers: [holdJob], jobLeaseMs: 500, ...extra });
+    open.push(v);
+    return v;
+  };
+
+  it('after a vault restart, a resumable job resumes and one that cannot resume fails visibly', async () => {
+    const where = await fx.fresh();
+    const a = await start(where);
+    const s = await protect(a, `${where.dataDir}/store`, { rules: [{ for: '1d' }] }, 'restart');
+    const hold = await a.vault.context.jobs.create(
+      { kind: 'hold', target: { type: 'test', id: 'x' } },
+      { type: 'system', id: 'system', name: 'test' },
+    );
+    const holdId = hold?.id ?? '';
+    await waitFor(
+      async () => (await a.call('GET', `/api/jobs/${holdId}`)).body['state'] === 'running',
+    );
+    await waitFor(
+      async () => (await a.call('GET', `/api/jobs/${s.jobId}`)).body['state'] === 'running',
+    );
+    await a.close();
+
+    const b = await start(where, { schedulerIntervalMs: 100 });
+    await waitFor(
+      async () => (await b.call('GET', `/api/jobs/${holdId}`)).body['state'] === 'failed',
+    );
+    const failed = await b.call('GET', `/api/jobs/${holdId}`);
+    expect((failed.body['error'] as { code: string }).code).toBe('LB_VAULT_JOB_INTERRUPTED');
+    const alerts = await b.call('GET', '/api/alerts?kind=job-failed&state=active');
+    expect(
+      (alerts.body['items'] as Array<{ details: { jobId: string } }>).map((x) => x.details.jobId),
+    ).toContain(holdId);
+
+    await waitFor(async () => {
+      const j = await b.call('GET', `/api/jobs/${s.jobId}`);
+      return j.body['state'] === 'running' && j.body['attempts'] === 2;
+    });
+    const logs = await b.call('GET', `/api/jobs/${s.jobId}/logs`);
+    expect(
+      (logs.body['items'] as Array<{ message: string }>).map((l) => l.message).join('\n'),
+    ).toContain('Resuming after a vault restart (attempt 2)');
+    await b.call(
+      'POST',
+      '/api/components/self/heartbeat',
+      { items: [{ id: s.itemId, state: 'initial-replication' }] },
+      s.psToken,
+    );
+    await b.call(
+      'PUT',
+      '/api/recovery-points',
+      {
+        targetStoreId: s.storeId,
+        points: [
+          {
+            id: 'pt-1',
+            machine: s.machineId,
+            disk: 'vda',
+            time: new Date().toISOString(),
+            committedAt: new Date().toISOString(),
+            kind: 'crash',
+            size: 1 << 20,
+          },
+        ],
+      },
+      s.psToken,
+    );
+    await waitFor(
+      async () => (await b.call('GET', `/api/jobs/${s.jobId}`)).body['state'] === 'succeeded',
+    );
+    await b.close();
+  });
+
+  it('runs retention as a scheduled job that prunes the store and the catalogue', async () => {
+    const storeDir = await mkdtemp(join(tmpdir(), 'lifeboat-vault-store-'));
+    dirs.push(storeDir);
+    const t = await start(await fx.fresh());
+    const s = await protect(t, storeDir, { rules: [{ for: '1d' }] }, 'retention');
+    const store = await Store.init({
+      backend: new DirectoryBackend({ path: storeDir }),
+      passphrase: 'store-passphrase',
+      kdfCost: 1024,
+    });
+    const now = Date.now();
+    const points = [];
+    try {
+      for (const [i, ageDays] of [3, 2, 0.5, 0].entries()) {
+        const w = await store.beginWrite({ machine: s.machineId, disk: 'vda', size: 1 << 20 });
+        await w.write(0, Buffer.alloc(65_536, i + 1));
+        points.push(await w.commit({ time: new Date(now - ageDays * 86_400_000) }));
+      }
+    } finally {
+      await store.close();
+    }
+    await t.call(
+      'POST',
+      '/api/components/self/heartbeat',
+      { items: [{ id: s.itemId, state: 'initial-replication' }] },
+      s.psToken,
+    );
+    const up = await t.call(
+      'PUT',
+      '/api/recovery-points',
+      {
+        targetStoreId: s.storeId,
+        points: points.map((p) => ({
+          id: p.id,
+          machine: p.machine,
+          disk: p.disk,
+          time: p.time.toISOString(),
+          committedAt: p.committedAt.toISOString(),
+          kind: p.kind,
+          size: p.size,
+        })),
+      },
+      s.psToken,
+    );
+    expect(up.body['matched']).toBe(4);
+    await t.vault.scheduler.tick();
+    const jobs = await t.call('GET', `/api/jobs?kind=retention&targetId=${s.policyId}`);
+    expect(jobs.body['total']).toBe(1);
+    const jobId = (jobs.body['items'] as Array<{ id: string }>)[0]?.id ?? '';
+    await waitFor(async () =>
+      ['succeeded', 'failed'].includes(
+        (await t.call('GET', `/api/jobs/${jobId}`)).body['state'] as string,
+      ),
+    );
+    const job = await t.call('GET', `/api/jobs/${jobId}`);
+    expect(job.body['error']).toBeNull();
+    expect(job.body['result']).toEqual({ removed: 2, kept: 2, machines: 1 });
+    const reopened = await Store.open({
+      backend: new DirectoryBackend({ path: storeDir }),
+      passphrase: 'store-passphrase',
+    });
+    try {
+      expect((await reopened.listPoints({ machine: s.machineId })).map((p) => p.id)).toEqual([
+        points[2]?.id,
+        points[3]?.id,
+      ]);
+    } finally {
+      await reopened.close();
+    }
+    const catalogue = await t.call('GET', `/api/protected-items/${s.itemId}/points`);
+    expect((catalogue.body['items'] as Array<{ id: string }>).map((p) => p.id)).toEqual([
+      points[3]?.id,
+      points[2]?.id,
+    ]);
+    // The same slot is never scheduled twice.
+    await t.vault.scheduler.tick();
+    expect(
+      (await t.call('GET', `/api/jobs?kind=retention&targetId=${s.policyId}`)).body['total'],
+    ).toBe(1);
+  });
+
+  it.runIf(dialect === 'postgres')(
+    'two vault instances on one database: one scheduler, each job run exactly once',
+    async () => {
+      const where = await fx.fresh();
+      const runs = new Map<string, number>();
+      const a = await start(
+        { ...where, dataDir: `${where.dataDir}-a` },
+        { schedulerIntervalMs: 100, jobHandlers: [countingJob(runs)] },
+      );
+      // Both instances must share the secret key file to read each other's sealed secrets.
+      const b = await start(
+        { ...where, dataDir: `${where.dataDir}-b` },
+        {
+          schedulerIntervalMs: 100,
+          jobHandlers: [countingJob(runs)],
+          secretKeyFile: `${where.dataDir}-a/secret.key`,
+        },
+      );
+      await a.call('POST', '/api/policies', {
+        name: 'ha-1',
+        rpoThresholdSeconds: 600,
+        retention: { rules: [{ for: '1d' }] },
+      });
+      await a.call('POST', '/api/policies', {
+        name: 'ha-2',
+        rpoThresholdSeconds: 600,
+        retention: { rules: [{ for: '1d' }] },
+      });
+      await waitFor(
+        async () =>
+          (await a.call('GET', '/api/jobs?kind=retention&state=succeeded')).body['total'] === 2,
+      );
+      // Many ticks later still one job per policy and slot, all created by one instance.
+      await new Promise((r) => setTimeout(r, 1000));
+      expect([a.vault.scheduler.isLeader, b.vault.scheduler.isLeader].filter(Boolean)).toHaveLength(
+        1,
+      );
+      const leader = a.vault.scheduler.isLeader ? a : b;
+      const follower = leader === a ? b : a;
+      expect(leader.vault.scheduler.created).toHaveLength(2);
+      expect(follower.vault.scheduler.created).toHaveLength(0);
+      expect((await a.call('GET', '/api/jobs?kind=retention')).body['total']).toBe(2);
+
+      // Jobs created on both instances are each run once, whichever instance claims them.
+      const system = { type: 'system', id: 'system', name: 'test' } as const;
+      const ids: string[] = [];
+      for (let i = 0; i < 20; i++) {
+        const job = await (i % 2 === 0 ? a : b).vault.context.jobs.create(
+          { kind: 'count' },
+          system,
+        );
+        ids.push(job?.id ?? '');
+      }
+      await waitFor(
+        async () =>
+          (await a.call('GET', '/api/jobs?kind=count&state=succeeded')).body['total'] === 20,
+      );
+      expect(ids.map((id) => runs.get(id))).toEqual(ids.map(() => 1));
+      const startedBy = async (v: TestVault) =>
+        (await v.vault.context.metrics.jobsStarted.get()).values.find(
+          (x) => x.labels.kind === 'count',
+        )?.value ?? 0;
+      expect((await startedBy(a)) + (await startedBy(b))).toBe(20);
+
+      // The leader stops: the other takes over the scheduler.
+      await leader.close();
+      await waitFor(() => Promise.resolve(follower.vault.scheduler.isLeader));
+      await new Promise((r) => setTimeout(r, 300));
+      expect((await follower.call('GET', '/api/jobs?kind=retention')).body['total']).toBe(2);
+      await follower.close();
+    },
+  );
+});
