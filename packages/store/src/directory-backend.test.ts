@@ -1,0 +1,63 @@
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { isLifeboatError } from '@lifeboat/protocol';
+import { DirectoryBackend } from './directory-backend.js';
+
+let dir: string;
+let b: DirectoryBackend;
+beforeEach(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'lifeboat-dirbackend-'));
+  b = new DirectoryBackend({ path: join(dir, 'store') });
+});
+afterEach(async () => {
+  await b.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+const code = (c: string) => (e: unknown) => isLifeboatError(e, c);
+
+describe('DirectoryBackend', () => {
+  it('puts, gets, ranges, stats, lists and deletes', async () => {
+    await b.put('packs/ab/abcd', Buffer.from('hello world'));
+    await b.put('config', Buffer.from('{}'));
+    expect((await b.get('packs/ab/abcd')).toString()).toBe('hello world');
+    expect((await b.getRange('packs/ab/abcd', 6, 5)).toString()).toBe('world');
+    expect(await b.stat('packs/ab/abcd')).toEqual({ key: 'packs/ab/abcd', size: 11 });
+    expect(await b.stat('packs/ab/nope')).toBeUndefined();
+    const keys: string[] = [];
+    for await (const o of b.list('packs/')) keys.push(o.key);
+    expect(keys).toEqual(['packs/ab/abcd']);
+    const all: string[] = [];
+    for await (const o of b.list('')) all.push(o.key);
+    expect(all.sort()).toEqual(['config', 'packs/ab/abcd']);
+    await b.delete('packs/ab/abcd');
+    await b.delete('packs/ab/abcd');
+    await expect(b.get('packs/ab/abcd')).rejects.toSatisfy(code('LB_BACKEND_NOT_FOUND'));
+    expect(b.location).toBe(`dir:${join(dir, 'store')}`);
+  });
+
+  it('refuses to overwrite unless asked, and leaves no temporary file', async () => {
+    await b.put('locks/x', Buffer.from('1'));
+    await expect(b.put('locks/x', Buffer.from('2'))).rejects.toSatisfy(code('LB_BACKEND_EXISTS'));
+    expect((await b.get('locks/x')).toString()).toBe('1');
+    await b.put('locks/x', Buffer.from('3'), { overwrite: true });
+    expect((await b.get('locks/x')).toString()).toBe('3');
+    expect(await readdir(join(dir, 'store', 'locks'))).toEqual(['x']);
+  });
+
+  it('rejects ranges past the end, bad keys, and hides temporary files from list', async () => {
+    await b.put('index/a', Buffer.from('abc'));
+    await expect(b.getRange('index/a', 2, 5)).rejects.toSatisfy(code('LB_BACKEND_RANGE'));
+    await expect(b.getRange('index/missing', 0, 1)).rejects.toSatisfy(code('LB_BACKEND_NOT_FOUND'));
+    await expect(b.put('../escape', Buffer.from('x'))).rejects.toSatisfy(
+      code('LB_BACKEND_INVALID_KEY'),
+    );
+    await writeFile(join(dir, 'store', 'index', '.tmp-deadbeef'), 'partial');
+    const keys: string[] = [];
+    for await (const o of b.list('index/')) keys.push(o.key);
+    expect(keys).toEqual(['index/a']);
+    expect(() => new DirectoryBackend({ path: '' })).toThrow(/path/);
+  });
+});
