@@ -144,6 +144,21 @@ describe('NbdClient refuses protocol violations', () => {
     await c.close();
   });
 
+  it('assembles a read from hole and data chunks in any order', async () => {
+    const path = await fake((s, req) => {
+      const hole = Buffer.alloc(12);
+      hole.writeBigUInt64BE(BigInt(req.offset), 0);
+      hole.writeUInt32BE(100, 8);
+      s.write(offsetData(req, req.offset + 100, Buffer.alloc(req.length - 100, 0xee), false));
+      s.write(chunk(req, NBD.REPLY_FLAG_DONE, NBD.REPLY_TYPE_OFFSET_HOLE, hole));
+    });
+    const c = await NbdClient.connect({ path });
+    const got = await c.readAt(1000, 300);
+    expect(got.subarray(0, 100).equals(Buffer.alloc(100))).toBe(true);
+    expect(got.subarray(100).equals(Buffer.alloc(200, 0xee))).toBe(true);
+    await c.close();
+  });
+
   it('fails on a bad reply magic and on an unknown cookie', async () => {
     let path = await fake((s) => s.write(Buffer.alloc(20, 0x55)));
     let c = await NbdClient.connect({ path });
