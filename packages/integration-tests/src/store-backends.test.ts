@@ -467,6 +467,23 @@ describe('AzureBlobBackend on Azurite', () => {
     expect((await b.get('large-retried')).equals(large)).toBe(true);
   });
 
+  it('lets exactly one of several writers of one large object win, with its own bytes', async () => {
+    // Blocks staged for one blob are shared by all writers until a commit discards the rest.
+    const b = azureBackend({ blockSize: 1024 * 1024, maxSinglePutSize: 1024 * 1024 });
+    const rivals = Array.from({ length: 3 }, () => randomBytes(6 * 1024 * 1024 + 17));
+    const outcomes = await Promise.all(rivals.map((d) => codeOf(b.put('contested-large', d))));
+    expect(outcomes.filter((o) => o === 'resolved').length).toBe(1);
+    expect(outcomes.filter((o) => o === 'LB_BACKEND_EXISTS').length).toBe(rivals.length - 1);
+    const winner = rivals[outcomes.indexOf('resolved')] ?? Buffer.alloc(0);
+    expect((await b.get('contested-large')).equals(winner)).toBe(true);
+
+    // Replacing writers (overwrite) all succeed; the object is one of them, whole.
+    const replacers = Array.from({ length: 3 }, () => randomBytes(3 * 1024 * 1024 + 5));
+    await Promise.all(replacers.map((d) => b.put('replaced-large', d, { overwrite: true })));
+    const final = await b.get('replaced-large');
+    expect(replacers.some((d) => d.equals(final))).toBe(true);
+  });
+
   it('reports a store that stays down as LB_BACKEND_UNAVAILABLE, and works again once it is back', async () => {
     // Straight to Azurite, not through the proxy: the client meets a refused connection.
     const b = azureBackend({

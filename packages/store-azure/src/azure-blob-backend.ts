@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   BlobServiceClient,
   ContainerClient,
@@ -25,6 +26,8 @@ import { withRetry } from './retry.js';
 
 /** The service's limit on committed blocks per blob. */
 const MAX_BLOCKS = 50_000;
+/** Times a large put stages its blocks again after a concurrent writer's commit discarded them. */
+const MAX_UPLOAD_ROUNDS = 5;
 /** Longest blob name the service accepts, in characters. */
 const MAX_KEY_LENGTH = 1024;
 
@@ -244,20 +247,38 @@ export class AzureBlobBackend implements ObjectBackend {
             });
           });
         } else {
-          const blockIds = await this.stageBlocks(key, buf, signal);
-          await this.retried(facts, signal, (s) => {
-            attempts++;
-            return blob.commitBlockList(blockIds, {
-              conditions,
-              blobHTTPHeaders: { blobContentMD5: md5 },
-              abortSignal: s,
-            });
-          });
+          for (let round = 1; ; round++) {
+            const blockIds = await this.stageBlocks(key, buf, signal);
+            try {
+              await this.retried(facts, signal, (s) => {
+                attempts++;
+                return blob.commitBlockList(blockIds, {
+                  conditions,
+                  blobHTTPHeaders: { blobContentMD5: md5 },
+                  abortSignal: s,
+                });
+              });
+              break;
+            } catch (err) {
+              // Another writer's commit of this blob discarded our uncommitted blocks: unless
+              // the blob now exists and we may not replace it, stage them again.
+              if (errorCodeOf(err) !== 'InvalidBlockList' || round >= MAX_UPLOAD_ROUNDS) throw err;
+              if (options.overwrite !== true && (await this.stat(key)) !== undefined) throw err;
+              await sleep(
+                Math.random() * 100 * round,
+                undefined,
+                signal === undefined ? {} : { signal },
+              );
+            }
+          }
         }
       } catch (err) {
         const code = errorCodeOf(err);
         const exists =
-          code === 'BlobAlreadyExists' || (statusOf(err) === 412 && options.overwrite !== true);
+          code === 'BlobAlreadyExists' ||
+          (options.overwrite !== true &&
+            (statusOf(err) === 412 ||
+              (code === 'InvalidBlockList' && (await this.stat(key)) !== undefined)));
         if (!exists) throw this.mapError(err, facts, signal);
         // An earlier attempt may have succeeded with its answer lost: then the blob is ours.
         if (attempts > 1 && (await this.sameContent(key, buf.length, md5, signal))) return;
