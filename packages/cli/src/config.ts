@@ -60,6 +60,12 @@ export function processEnvironment(): Readonly<Record<string, string | undefined
   return Object.freeze({ ...process.env });
 }
 
+/** True when LIFEBOAT_DEBUG asks for stack traces (set and not `0`). */
+export function debugEnabled(io: CliIo): boolean {
+  const value = io.env['LIFEBOAT_DEBUG'];
+  return value !== undefined && value !== '' && value !== '0';
+}
+
 function nonEmpty(value: string | undefined): string | undefined {
   return value === undefined || value === '' ? undefined : value;
 }
@@ -90,7 +96,7 @@ export function resolveConfig(options: GlobalCliOptions, io: CliIo): CliConfig {
     io,
   );
   const progress = !json && (options.progress === true || io.stderr.isTTY === true);
-  const debug = nonEmpty(env['LIFEBOAT_DEBUG']) !== undefined && env['LIFEBOAT_DEBUG'] !== '0';
+  const debug = debugEnabled(io);
   return Object.freeze({
     store: store === undefined ? undefined : Object.freeze(store),
     passphrase: Object.freeze(passphrase),

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import type { CliContext, CliIo } from './cli-context.js';
-import { processEnvironment } from './config.js';
+import { debugEnabled, processEnvironment } from './config.js';
 import { ExitCode, exitCodeFor } from './exit-codes.js';
 import type { ExitCodeValue } from './exit-codes.js';
 import { reportError } from './report-error.js';
@@ -89,7 +89,7 @@ export async function runCli(
   };
   // Before config is validated we only know --json from the raw arguments.
   const json = args.includes('--json');
-  const debug = (io.env['LIFEBOAT_DEBUG'] ?? '0') !== '0';
+  const debug = debugEnabled(io);
   try {
     const program = buildProgram(ctx);
     await program.parseAsync([...args], { from: 'user' });

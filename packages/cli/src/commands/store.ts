@@ -30,13 +30,33 @@ function setup(ctx: CliContext, cmd: Command): Setup {
   return { config, out: new CliPrinter(ctx.io, config.json) };
 }
 
-function bar(
-  ctx: CliContext,
-  config: CliConfig,
-  label: string,
-  unit: Progress['unit'] = 'bytes',
-): ProgressBar {
-  return new ProgressBar({ out: ctx.io.stderr, enabled: config.progress, label, total: 0, unit });
+function bar(ctx: CliContext, config: CliConfig, label: string): ProgressBar {
+  return new ProgressBar({ out: ctx.io.stderr, enabled: config.progress, label, total: 0 });
+}
+
+// The store's own progress reports say their unit; the bar is made on the first report.
+class StoreProgress {
+  private bar: ProgressBar | undefined;
+  constructor(
+    private readonly ctx: CliContext,
+    private readonly config: CliConfig,
+    private readonly label: string,
+  ) {}
+
+  readonly update = (p: Progress): void => {
+    this.bar ??= new ProgressBar({
+      out: this.ctx.io.stderr,
+      enabled: this.config.progress,
+      label: this.label,
+      total: p.total,
+      unit: p.unit,
+    });
+    this.bar.update(p.done, p.total);
+  };
+
+  finish(): void {
+    this.bar?.finish();
+  }
 }
 
 function shortId(id: string): string {
@@ -285,10 +305,8 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     .action(async (_opts: unknown, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);
       const target = await openStore(config, ctx);
-      const progress = bar(ctx, config, 'verify');
-      const report = await target.verify({
-        onProgress: (p) => progress.update(p.done, p.total),
-      });
+      const progress = new StoreProgress(ctx, config, 'verify');
+      const report = await target.verify({ onProgress: progress.update });
       progress.finish();
       out.json(report);
       out.line(
@@ -332,8 +350,8 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         });
         let gc;
         if (!dryRun && opts.gc && report.removed.length > 0) {
-          const progress = bar(ctx, config, 'gc', 'objects');
-          gc = await target.gc({ onProgress: (p) => progress.update(p.done, p.total) });
+          const progress = new StoreProgress(ctx, config, 'gc');
+          gc = await target.gc({ onProgress: progress.update });
           progress.finish();
         }
         out.json({
@@ -362,8 +380,8 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     .action(async (_opts: unknown, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);
       const target = await openStore(config, ctx);
-      const progress = bar(ctx, config, 'gc', 'objects');
-      const gc = await target.gc({ onProgress: (p) => progress.update(p.done, p.total) });
+      const progress = new StoreProgress(ctx, config, 'gc');
+      const gc = await target.gc({ onProgress: progress.update });
       progress.finish();
       out.json(gc);
       out.line(

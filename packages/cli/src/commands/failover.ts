@@ -1,0 +1,228 @@
+import { readFile, readdir, rm } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import type { Command } from 'commander';
+import { LifeboatError } from '@lifeboat/protocol';
+import { Failover, RecoveryHost, runTestFailover, selectPoints } from '@lifeboat/recovery';
+import type { MachineBoot, PointSelector, RecoveryJobRecord } from '@lifeboat/recovery';
+import type { CliContext } from '../cli-context.js';
+import { CliPrinter } from '../cli-printer.js';
+import { resolveConfig } from '../config.js';
+import type { GlobalCliOptions } from '../config.js';
+import { openStore } from '../open-store.js';
+import { intOption, recoveryRunDir, untilAborted } from './recovery.js';
+
+interface MachineOpts {
+  machine: string;
+  point?: string;
+  latestApp?: boolean;
+  at?: string;
+  kernel?: string;
+  append?: string;
+  uefi?: boolean;
+  cpus: string;
+  memoryMib: string;
+  port?: string;
+  runDir?: string;
+  name?: string;
+}
+
+function withMachineOptions(cmd: Command): Command {
+  return cmd
+    .requiredOption('--machine <machine>', 'the protected machine')
+    .option('--point <id>', 'a point id (default: the latest)')
+    .option('--latest-app', 'the latest app-consistent point')
+    .option('--at <time>', 'the latest point at or before this ISO time')
+    .option('--kernel <file>', 'boot this kernel directly (otherwise firmware boots the disk)')
+    .option('--append <cmdline>', 'kernel command line with --kernel')
+    .option('--uefi', 'boot with UEFI firmware (OVMF) instead of BIOS')
+    .option('--cpus <n>', 'virtual CPUs', '1')
+    .option('--memory-mib <n>', 'memory in MiB', '512')
+    .option('--port <n>', 'guest TCP port forwarded from 127.0.0.1 (and verified by test)')
+    .option('--name <name>', 'name of the recovered machine (default: the machine)')
+    .option(
+      '--run-dir <dir>',
+      'private directory for overlays, sockets, jobs (default: a new temporary one)',
+    );
+}
+
+function selector(o: MachineOpts): PointSelector {
+  if (o.point !== undefined) return { pointId: o.point };
+  let at: Date | undefined;
+  if (o.at !== undefined) {
+    at = new Date(o.at);
+    if (Number.isNaN(at.getTime())) {
+      throw new LifeboatError(
+        'LB_CLI_BAD_OPTION',
+        `--at ${o.at}: give an ISO time like 2026-11-25T10:00:00Z.`,
+        {
+          details: { option: '--at', value: o.at },
+        },
+      );
+    }
+  }
+  return {
+    machine: o.machine,
+    ...(o.latestApp ? { pick: 'latest-app' as const } : {}),
+    ...(at ? { at } : {}),
+  };
+}
+
+function bootOf(o: MachineOpts): MachineBoot {
+  if (o.kernel !== undefined)
+    return { kernel: resolve(o.kernel), ...(o.append !== undefined ? { append: o.append } : {}) };
+  return { firmware: o.uefi ? 'uefi' : 'bios' };
+}
+
+function printJob(out: CliPrinter, job: RecoveryJobRecord): void {
+  out.line(
+    `job ${job.id} (${job.kind}): ${job.state}${job.durationMs !== undefined ? ` in ${job.durationMs} ms` : ''}`,
+  );
+  out.table(
+    ['STEP', 'STATE', 'MS', 'DETAIL'],
+    job.steps.map((s) => [
+      s.name,
+      s.state,
+      String(s.durationMs ?? ''),
+      s.error
+        ? `${s.error.code}: ${s.error.message}`
+        : JSON.stringify(s.detail ?? {}).slice(0, 100),
+    ]),
+  );
+  for (const [name, path] of Object.entries(job.artifacts)) out.line(`${name}: ${path}`);
+}
+
+/** `lifeboat failover test|start|cleanup`: standalone, from the store and its passphrase. */
+export function registerFailoverCommands(program: Command, ctx: CliContext): void {
+  const group = program
+    .command('failover')
+    .description('test failover and failover of protected machines');
+
+  withMachineOptions(group.command('test'))
+    .description(
+      'boot a point in an isolated network, verify it, clean up (or keep it with --keep until Ctrl-C)',
+    )
+    .option('--console <regex>', 'console pattern that proves the boot')
+    .option('--keep', 'keep the machine running until Ctrl-C, then clean up')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/store failover test --machine web --kernel vmlinuz --append "console=ttyS0 root=/dev/nvme0n1" --console LIFEBOAT-READY --port 22',
+    )
+    .action(async (o: MachineOpts & { console?: string; keep?: boolean }, cmd: Command) => {
+      const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      const out = new CliPrinter(ctx.io, config.json);
+      const store = await openStore(config, ctx);
+      const host = await RecoveryHost.start({ runDir: await recoveryRunDir(o.runDir, ctx.io.cwd) });
+      ctx.cleanups.push(() => host.close());
+      const port = o.port !== undefined ? intOption('--port', o.port) : undefined;
+      const tf = await runTestFailover(host, store, {
+        machines: [
+          {
+            name:
+              o.name ??
+              o.machine
+                .toLowerCase()
+                .replace(/[^a-z0-9-]/g, '-')
+                .slice(0, 24),
+            points: selector(o),
+            boot: bootOf(o),
+            cpus: intOption('--cpus', o.cpus),
+            memoryMiB: intOption('--memory-mib', o.memoryMib),
+          },
+        ],
+        verify: {
+          ...(o.console !== undefined ? { console: new RegExp(o.console) } : {}),
+          ...(port !== undefined ? { port: { guestPort: port } } : {}),
+          screenshot: true,
+        },
+      });
+      printJob(out, tf.job);
+      if (o.keep) {
+        for (const b of tf.machines) {
+          out.line(
+            `${b.machine.name}: console ${b.machine.consolePath}; ports ${[...b.machine.ports].map(([g, h]) => `${g}->127.0.0.1:${h}`).join(', ')}`,
+          );
+        }
+        out.note('running until Ctrl-C');
+        await untilAborted(ctx.signal);
+      }
+      const cleanup = await tf.cleanup();
+      printJob(out, cleanup);
+      out.json({ job: tf.job, cleanup });
+    });
+
+  withMachineOptions(group.command('start'))
+    .description(
+      'fail over from a point (unplanned); with --commit and --hydrate-to, make it final and move the disks to local files while it runs; runs until Ctrl-C',
+    )
+    .option('--commit', 'commit the failover once the machine runs')
+    .option(
+      '--hydrate-to <dir>',
+      'after commit, copy the disks into local qcow2 files here and switch to them',
+    )
+    .action(async (o: MachineOpts & { commit?: boolean; hydrateTo?: string }, cmd: Command) => {
+      const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      const out = new CliPrinter(ctx.io, config.json);
+      if (o.hydrateTo !== undefined && !o.commit) {
+        throw new LifeboatError(
+          'LB_CLI_BAD_OPTION',
+          '--hydrate-to needs --commit: only a committed failover is hydrated.',
+        );
+      }
+      const store = await openStore(config, ctx);
+      const host = await RecoveryHost.start({ runDir: await recoveryRunDir(o.runDir, ctx.io.cwd) });
+      ctx.cleanups.push(() => host.close());
+      const points = await selectPoints(store, selector(o));
+      const port = o.port !== undefined ? intOption('--port', o.port) : undefined;
+      const f = await Failover.start(host, store, {
+        name:
+          o.name ??
+          o.machine
+            .toLowerCase()
+            .replace(/[^a-z0-9-]/g, '-')
+            .slice(0, 24),
+        pointIds: points.map((p) => p.id),
+        boot: bootOf(o),
+        cpus: intOption('--cpus', o.cpus),
+        memoryMiB: intOption('--memory-mib', o.memoryMib),
+        nics: [{ kind: 'isolated-user', ...(port !== undefined ? { forwardPorts: [port] } : {}) }],
+      });
+      if (o.commit) await f.commit();
+      if (o.hydrateTo !== undefined) await f.hydrate({ dir: resolve(ctx.io.cwd, o.hydrateTo) });
+      for (const j of f.jobs) printJob(out, j);
+      out.json({ jobs: f.jobs, state: f.state, localDisks: f.localDisks });
+      out.note(
+        `machine ${f.machine.name} runs (console ${f.machine.consolePath}); Ctrl-C stops it`,
+      );
+      await untilAborted(ctx.signal);
+      printJob(out, await f.cleanup());
+    });
+
+  group
+    .command('cleanup')
+    .description('stop machines and remove overlays a recovery host left in its run directory')
+    .requiredOption('--run-dir <dir>', 'the recovery host run directory')
+    .action(async (o: { runDir: string }, cmd: Command) => {
+      const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      const out = new CliPrinter(ctx.io, config.json);
+      const runDir = resolve(ctx.io.cwd, o.runDir);
+      const removed: string[] = [];
+      const machines = await readdir(join(runDir, 'm')).catch(() => [] as string[]);
+      for (const m of machines) {
+        const pid = Number(
+          (await readFile(join(runDir, 'm', m, 'qemu.pid'), 'utf8').catch(() => '')).trim(),
+        );
+        const cmdline =
+          pid > 0 ? await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
+        // Only a QEMU whose command line names this machine's directory is ours to stop.
+        if (cmdline.includes(join(runDir, 'm', m))) {
+          process.kill(pid, 'SIGKILL');
+          removed.push(`machine ${m} (QEMU pid ${pid})`);
+        }
+        await rm(join(runDir, 'm', m), { recursive: true, force: true });
+        removed.push(`overlays and sockets of ${m}`);
+      }
+      out.json({ removed });
+      for (const r of removed) out.line(`removed ${r}`);
+      if (removed.length === 0) out.line(`nothing to remove in ${runDir}`);
+    });
+}
