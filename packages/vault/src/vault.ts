@@ -6,7 +6,7 @@ import swaggerUi from '@fastify/swagger-ui';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { openDatabase, type OpenDatabase } from './db/open-database.js';
-import { installAuth } from './http/auth.js';
+import { installAuth, type Access } from './http/auth.js';
 import { registerComponentRoutes } from './http/component-routes.js';
 import { errorHandler } from './http/error-mapping.js';
 import { registerOperationsRoutes } from './http/operations-routes.js';
@@ -32,6 +32,8 @@ export interface Vault {
   readonly app: FastifyInstance;
   readonly context: VaultContext;
   readonly scheduler: Scheduler;
+  /** Every API route with who may call it (for the route table in docs and the tests). */
+  readonly routes: ReadonlyArray<{ method: string; url: string; access: Access }>;
   /** Stops the HTTP server, scheduler and job runner, and closes the database. */
   close(): Promise<void>;
 }
@@ -117,6 +119,19 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       },
     });
     await fastify.register(swaggerUi, { routePrefix: '/api/docs' });
+    const routes: Array<{ method: string; url: string; access: Access }> = [];
+    fastify.addHook('onRoute', (route) => {
+      const methods = Array.isArray(route.method) ? route.method : [route.method];
+      for (const method of methods) {
+        if (method === 'HEAD' || route.url.startsWith('/api/docs')) continue;
+        const configured = (route.config as { access?: Access } | undefined)?.access;
+        routes.push({
+          method,
+          url: route.url,
+          access: configured ?? (method === 'GET' ? 'viewer' : 'admin'),
+        });
+      }
+    });
     installAuth(fastify, context);
     fastify.addHook('onResponse', async (request, reply) => {
       metrics.httpRequests.observe(
@@ -154,6 +169,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       app: fastify,
       context: ctx,
       scheduler: sched,
+      routes,
       close: async () => {
         if (closed) return;
         closed = true;
