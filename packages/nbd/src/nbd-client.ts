@@ -279,6 +279,16 @@ function wrapClosed(err: unknown, when: string): unknown {
 }
 
 function openSocket(target: NbdTarget, timeoutMs: number): Promise<Socket> {
+  if ('path' in target && Buffer.byteLength(target.path) > 107) {
+    // Node.js would silently truncate the path and connect to another socket.
+    return Promise.reject(
+      new LifeboatError(
+        'LB_NBD_CONNECT',
+        `The NBD socket path is longer than 107 bytes (a UNIX socket limit): ${target.path}. Use a shorter directory.`,
+        { details: { path: target.path } },
+      ),
+    );
+  }
   return new Promise<Socket>((resolve, reject) => {
     const socket =
       'path' in target

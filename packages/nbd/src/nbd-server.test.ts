@@ -228,6 +228,13 @@ describe('NbdServer with the project client', () => {
     }
   });
 
+  it('refuses a UNIX socket path longer than the kernel allows instead of truncating it', async () => {
+    const long = join(dir, `${'x'.repeat(120)}.sock`);
+    const s = new NbdServer();
+    expect(await fails(s.listen({ path: long }))).toBe('LB_NBD_LISTEN');
+    expect(await fails(NbdClient.connect({ path: long }))).toBe('LB_NBD_CONNECT');
+  });
+
   it('answers a failing read with EIO for that request only', async () => {
     const c = await NbdClient.connect({ path: sock }, { exportName: 'broken' });
     try {

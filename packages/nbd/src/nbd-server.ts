@@ -51,6 +51,8 @@ const MAX_OPTION_SKIP = 16 * 1024 * 1024;
 /** NBD strings (export names, context queries) are at most 4096 bytes. */
 const MAX_STRING = 4096;
 const BASE_ALLOCATION_ID = 1;
+/** sun_path holds 108 bytes including the terminating NUL. */
+const MAX_UNIX_PATH = 107;
 
 /** The flags every read-only export advertises. Flush is a no-op on a read-only export. */
 const EXPORT_FLAGS =
@@ -154,6 +156,14 @@ export class NbdServer {
   async listen(target: NbdTarget): Promise<NbdTarget> {
     if (this.server !== undefined) {
       throw new LifeboatError('LB_NBD_INVALID_OPTIONS', 'The NBD server is already listening.');
+    }
+    if ('path' in target && Buffer.byteLength(target.path) > MAX_UNIX_PATH) {
+      // Node.js would silently truncate the path and listen somewhere else.
+      throw new LifeboatError(
+        'LB_NBD_LISTEN',
+        `The NBD socket path is longer than ${MAX_UNIX_PATH} bytes (a UNIX socket limit): ${target.path}. Use a shorter directory.`,
+        { details: { path: target.path } },
+      );
     }
     const server = createServer((s) => this.accept(s));
     this.server = server;

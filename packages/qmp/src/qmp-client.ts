@@ -90,6 +90,13 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [Lifeboa
       throw new LifeboatError('LB_QMP_INVALID_OPTIONS', 'QMP timeouts must be positive numbers.');
     }
     const where = label(target);
+    if ('path' in target && Buffer.byteLength(target.path) > 107) {
+      // Node.js would silently truncate the path and connect to another socket.
+      throw new LifeboatError(
+        'LB_QMP_CONNECT',
+        `The QMP socket path is longer than 107 bytes (a UNIX socket limit): ${target.path}. Use a shorter directory.`,
+      );
+    }
     const socket = await new Promise<Socket>((resolve, reject) => {
       const s = 'path' in target ? netConnect({ path: target.path }) : netConnect(target);
       const timer = setTimeout(() => {
