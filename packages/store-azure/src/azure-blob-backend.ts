@@ -16,6 +16,7 @@ import {
 import {
   errorCodeOf,
   isTransient,
+  retryAfterMs,
   statusOf,
   toLifeboatError,
   unavailableError,
@@ -475,6 +476,7 @@ export class AzureBlobBackend implements ObjectBackend {
     return withRetry(attempt, {
       options: this.options.retry,
       isTransient,
+      retryAfterMs,
       giveUp: (g) => unavailableError(facts, g.lastError, g.attempts, g.elapsedMs),
       limiter: this.limiter,
       signal,

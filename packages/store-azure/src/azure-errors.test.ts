@@ -1,6 +1,6 @@
 import { RestError } from '@azure/storage-blob';
 import { describe, expect, it } from 'vitest';
-import { isTransient, toLifeboatError, unavailableError } from './azure-errors.js';
+import { isTransient, retryAfterMs, toLifeboatError, unavailableError } from './azure-errors.js';
 
 const facts = { location: 'azure:acct/c1', operation: 'get', key: 'packs/ab/abcd' };
 
@@ -43,5 +43,15 @@ describe('Azure error classification', () => {
     expect(down.code).toBe('LB_BACKEND_UNAVAILABLE');
     expect(down.message).toContain('azure:acct/c1');
     expect(down.details).toMatchObject({ attempts: 4, location: 'azure:acct/c1' });
+  });
+
+  it('reads Retry-After in seconds, capped at a minute', () => {
+    const withHeader = (v: string): unknown => ({
+      response: { headers: { get: (n: string) => (n === 'retry-after' ? v : undefined) } },
+    });
+    expect(retryAfterMs(withHeader('3'))).toBe(3000);
+    expect(retryAfterMs(withHeader('86400'))).toBe(60_000);
+    expect(retryAfterMs(withHeader('Wed, 21 Oct 2015 07:28:00 GMT'))).toBeUndefined();
+    expect(retryAfterMs(rest(503))).toBeUndefined();
   });
 });

@@ -50,6 +50,19 @@ export function isTransient(err: unknown): boolean {
   return cause !== undefined && cause !== err && isTransient(cause);
 }
 
+/**
+ * The wait a throttled (429) or busy (503) answer asks for in its `Retry-After` header, in ms.
+ * Capped at a minute so that a bogus header cannot stall the caller.
+ */
+export function retryAfterMs(err: unknown): number | undefined {
+  const headers = (
+    err as { response?: { headers?: { get?: (name: string) => string | undefined } } } | null
+  )?.response?.headers;
+  const value = typeof headers?.get === 'function' ? headers.get('retry-after') : undefined;
+  if (value === undefined || !/^\d+$/.test(value.trim())) return undefined;
+  return Math.min(Number(value) * 1000, 60_000);
+}
+
 /** Facts about one failed request, for messages and `details`. */
 export interface RequestFacts {
   location: string;

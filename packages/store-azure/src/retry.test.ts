@@ -154,6 +154,28 @@ describe('withRetry', () => {
     await expect(p2).rejects.toBe(reason);
   });
 
+  it('waits at least what the service asked for in Retry-After, and counts it against the budget', async () => {
+    let calls = 0;
+    const asked: unknown[] = [];
+    const err = await withRetry<never>(
+      async () => {
+        calls++;
+        throw Object.assign(transientError(), { retryAfter: 60_000 });
+      },
+      ctx({
+        options: { ...fast, totalTimeoutMs: 1000 },
+        retryAfterMs: (e) => {
+          asked.push(e);
+          return (e as { retryAfter: number }).retryAfter;
+        },
+      }),
+    ).catch((e: unknown) => e as { giveUp: { attempts: number } });
+    // A one-minute wait does not fit a one-second budget: it gives up instead of sleeping.
+    expect(calls).toBe(1);
+    expect(asked.length).toBe(1);
+    expect(err.giveUp.attempts).toBe(1);
+  });
+
   it('holds a limiter slot only while an attempt runs', async () => {
     const limiter = new RequestLimiter(1);
     let calls = 0;

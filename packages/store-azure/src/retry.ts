@@ -59,6 +59,8 @@ export interface RetryContext {
   limiter?: RequestLimiter;
   /** The caller's signal: aborting it ends the operation at once with the signal's reason. */
   signal?: AbortSignal | undefined;
+  /** The delay the service asked for (a `Retry-After` header), if any; a floor for the backoff. */
+  retryAfterMs?: (err: unknown) => number | undefined;
   /** Source of randomness for jitter, for tests. @default Math.random */
   random?: () => number;
 }
@@ -114,7 +116,8 @@ export async function withRetry<T>(
     const lastError = timedOut ? (controller.signal.reason as unknown) : failure;
     if (!timedOut && !ctx.isTransient(failure)) throw failure;
     const elapsedMs = performance.now() - start;
-    const delay = backoffDelay(n, options, ctx.random);
+    const asked = timedOut ? undefined : ctx.retryAfterMs?.(failure);
+    const delay = Math.max(backoffDelay(n, options, ctx.random), asked ?? 0);
     if (n >= options.maxAttempts || elapsedMs + delay > options.totalTimeoutMs) {
       throw ctx.giveUp({ lastError, attempts: n, elapsedMs: Math.round(elapsedMs) });
     }
