@@ -239,6 +239,37 @@ describe('lifeboat store', () => {
     expect(stdout).not.toContain(dir);
   });
 
+  it('refuses what it cannot import with a clear code, committing nothing', async () => {
+    const vmdk = join(dir, 'disk.vmdk');
+    await exec('qemu-img', ['create', '-q', '-f', 'vmdk', vmdk, '1M']);
+    const unsupported = await lifeboat(['store', 'import', vmdk]);
+    expect(unsupported.code).toBe(1);
+    expect(unsupported.stderr).toMatch(/^error LB_CLI_UNSUPPORTED_FORMAT: .*qemu-img convert/);
+    const missing = await lifeboat(['store', 'import', join(dir, 'nope.raw')]);
+    expect(missing.stderr).toMatch(/^error LB_CLI_IMAGE_NOT_FOUND: /);
+    const odd = join(dir, 'odd.raw');
+    await writeFile(odd, Buffer.alloc(1000, 1));
+    expect((await lifeboat(['store', 'import', odd])).stderr).toMatch(/^error LB_CLI_IMAGE_SIZE: /);
+    const extents = join(dir, 'one.txt');
+    await writeFile(extents, '0 512\n');
+    const noBase = await lifeboat([
+      'store',
+      'import',
+      rawPath,
+      '--disk',
+      'new-disk',
+      '--changed-extents',
+      extents,
+    ]);
+    expect(noBase.code).toBe(1);
+    expect(noBase.stderr).toMatch(/^error LB_CLI_NO_BASE_POINT: /);
+    const usageJson = await lifeboat(['store', 'import', '--json']);
+    expect(usageJson.code).toBe(2);
+    expect(JSON.parse(usageJson.stdout)).toMatchObject({ error: { code: 'LB_CLI_USAGE' } });
+    const { points } = await json<{ points: PointJson[] }>(['store', 'points']);
+    expect(points).toHaveLength(5);
+  });
+
   it('lists points, stats and prune as JSON', async () => {
     const { points } = await json<{ points: PointJson[] }>(['store', 'points']);
     expect(points.length).toBe(5);
