@@ -321,9 +321,16 @@ class Raw {
     this.option(NBD.OPT_GO, d);
     for (;;) if ((await this.reply()).type === NBD.REP_ACK) break;
   }
-  request(type: number, offset: number, length: number, magic: number = NBD.REQUEST_MAGIC): void {
+  request(
+    type: number,
+    offset: number,
+    length: number,
+    magic: number = NBD.REQUEST_MAGIC,
+    flags = 0,
+  ): void {
     const q = Buffer.alloc(28);
     q.writeUInt32BE(magic, 0);
+    q.writeUInt16BE(flags, 4);
     q.writeUInt16BE(type, 6);
     q.writeBigUInt64BE(42n, 8);
     q.writeBigUInt64BE(BigInt(offset), 16);
@@ -411,6 +418,11 @@ describe('NbdServer refuses bad client input and keeps serving', () => {
     expect(await errnoOf()).toBe(NBD.EINVAL);
     c.request(NBD.CMD_FLUSH, 0, 0);
     expect(await errnoOf()).toBe(0);
+    c.request(NBD.CMD_READ, 0, 16, NBD.REQUEST_MAGIC, 0x4000);
+    expect(await errnoOf()).toBe(NBD.EINVAL);
+    c.request(NBD.CMD_READ, 0, 16, NBD.REQUEST_MAGIC, NBD.CMD_FLAG_FUA);
+    expect(await errnoOf()).toBe(0);
+    expect((await c.r.read(16)).equals(disk.subarray(0, 16))).toBe(true);
     // A write larger than the maximum block size: refused, then the connection ends.
     c.request(NBD.CMD_WRITE, 0, 0x7fffffff);
     expect(await errnoOf()).toBe(NBD.EINVAL);

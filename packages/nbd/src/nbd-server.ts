@@ -51,6 +51,13 @@ const MAX_OPTION_SKIP = 16 * 1024 * 1024;
 /** NBD strings (export names, context queries) are at most 4096 bytes. */
 const MAX_STRING = 4096;
 const BASE_ALLOCATION_ID = 1;
+/** FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO: every flag this specification version defines. */
+const KNOWN_COMMAND_FLAGS =
+  NBD.CMD_FLAG_FUA |
+  NBD.CMD_FLAG_NO_HOLE |
+  NBD.CMD_FLAG_DF |
+  NBD.CMD_FLAG_REQ_ONE |
+  NBD.CMD_FLAG_FAST_ZERO;
 /** sun_path holds 108 bytes including the terminating NUL. */
 const MAX_UNIX_PATH = 107;
 
@@ -450,6 +457,16 @@ class Connection {
         this.replyError(cookie, errno, msg);
         this.releaseSlot();
       };
+      if ((flags & ~KNOWN_COMMAND_FLAGS) !== 0 && type !== NBD.CMD_DISC) {
+        // The specification asks for EINVAL on unknown command flags; a write's payload is
+        // still consumed so the stream stays in step.
+        if (type === NBD.CMD_WRITE) {
+          if (length > max) throw new Hangup('oversized write');
+          await this.reader.skip(length);
+        }
+        error(NBD.EINVAL, `unknown command flags 0x${flags.toString(16)}`);
+        continue;
+      }
       switch (type) {
         case NBD.CMD_DISC:
           this.releaseSlot();
