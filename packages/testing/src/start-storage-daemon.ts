@@ -32,6 +32,7 @@ export interface StartStorageDaemonOptions {
 export interface StorageDaemon {
   /** The launcher's handle: QMP client, sockets, pid, stderr. */
   readonly daemon: QemuStorageDaemon;
+  /** A QMP monitor free for the test or the agent (the launcher's own is `daemon.qmpSocket`). */
   readonly qmpSocket: string;
   /** The NBD server's UNIX socket, when started. */
   readonly nbdSocket: string | undefined;
@@ -79,13 +80,22 @@ export async function startStorageDaemon(
       });
     }
   });
+  // The launcher keeps its own QMP connection (a monitor serves one client at a time), so
+  // the test and the agent get a second monitor of their own.
+  const qmpSocket = join(dir, 'qmp.sock');
   let daemon: QemuStorageDaemon;
   try {
     daemon = await startQemuStorageDaemon({
       blockdevs,
       exports,
-      qmpSocket: join(dir, 'qmp.sock'),
+      qmpSocket: join(dir, 'launcher-qmp.sock'),
       ...(nbdSocket === undefined ? {} : { nbdSocket }),
+      extraArgs: [
+        '--chardev',
+        `socket,path=${qmpSocket},server=on,wait=off,id=lbqmp-test`,
+        '--monitor',
+        'chardev=lbqmp-test',
+      ],
     });
   } catch (err) {
     await rm(dir, { recursive: true, force: true });
@@ -93,7 +103,7 @@ export async function startStorageDaemon(
   }
   return {
     daemon,
-    qmpSocket: daemon.qmpSocket,
+    qmpSocket,
     nbdSocket,
     nodeNames,
     nbdUri(exportName) {

@@ -1,0 +1,272 @@
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { NbdClient } from '@lifeboat/nbd';
+import { DirectoryBackend, Store } from '@lifeboat/store';
+import { runCommand, startStorageDaemon } from '@lifeboat/testing';
+import type { StorageDaemon } from '@lifeboat/testing';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { Agent } from './agent.js';
+import type { CutReport, SyncProgressReport } from './agent.js';
+import { StoreSink } from './store-sink.js';
+
+const MiB = 1024 * 1024;
+
+/** A "guest" writing through a second NBD export of the same node the agent tracks. */
+class Writer {
+  readonly model: Buffer;
+  writes = 0;
+  private paused = false;
+  private running = false;
+  private loop: Promise<void> | undefined;
+  private inFlight: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly nbd: NbdClient,
+    size: number,
+  ) {
+    this.model = Buffer.alloc(size);
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    await this.nbd.write(offset, data);
+    data.copy(this.model, offset);
+    this.writes++;
+  }
+
+  start(): void {
+    this.running = true;
+    this.loop = (async () => {
+      while (this.running) {
+        if (this.paused) {
+          await new Promise((r) => setTimeout(r, 5));
+          continue;
+        }
+        const len = 4096 * (1 + Math.floor(Math.random() * 16));
+        const offset = 4096 * Math.floor(Math.random() * ((this.model.length - len) / 4096));
+        const op = this.write(offset, randomBytes(len));
+        this.inFlight = op;
+        await op;
+      }
+    })();
+  }
+
+  /** Stops issuing writes and waits for the one in flight: the model is then the disk. */
+  async pause(): Promise<void> {
+    this.paused = true;
+    await this.inFlight;
+  }
+
+  resume(): void {
+    this.paused = false;
+  }
+
+  async stop(): Promise<void> {
+    this.running = false;
+    await this.loop;
+  }
+}
+
+async function readAll(store: Store, pointId: string): Promise<Buffer> {
+  const r = await store.openPoint(pointId);
+  return r.readAt(0, r.size);
+}
+
+function waitFor<T>(
+  agent: Agent,
+  event: string,
+  pred: (v: T) => boolean,
+  ms = 120_000,
+): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      agent.off(event, on);
+      agent.off('failed', onFail);
+      reject(new Error(`timed out waiting for ${event}; status ${JSON.stringify(agent.status())}`));
+    }, ms);
+    const on = (v: T): void => {
+      if (!pred(v)) return;
+      clearTimeout(timer);
+      agent.off(event, on);
+      agent.off('failed', onFail);
+      resolve(v);
+    };
+    const onFail = (e: Error): void => {
+      clearTimeout(timer);
+      agent.off(event, on);
+      reject(e);
+    };
+    agent.on(event, on);
+    agent.on('failed', onFail);
+  });
+}
+
+describe('agent against qemu-storage-daemon', () => {
+  let dir: string;
+  let store: Store;
+  const cleanups: Array<() => Promise<unknown>> = [];
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'lifeboat-agent-'));
+    store = await Store.init({
+      backend: new DirectoryBackend({ path: join(dir, 'store') }),
+      passphrase: 'test',
+      kdfCost: 1024,
+    });
+  });
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c().catch(() => undefined);
+    await store.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  async function daemon(
+    images: Array<{ path: string; format?: 'qcow2' | 'raw' }>,
+  ): Promise<StorageDaemon> {
+    const qsd = await startStorageDaemon({
+      disks: images.map((d, i) => ({ ...d, exportName: `guest${i}` })),
+    });
+    cleanups.push(() => qsd.stop());
+    return qsd;
+  }
+
+  async function guest(qsd: StorageDaemon, i: number): Promise<NbdClient> {
+    const nbd = await NbdClient.connect(
+      { path: qsd.nbdSocket as string },
+      { exportName: `guest${i}` },
+    );
+    cleanups.push(() => nbd.close());
+    return nbd;
+  }
+
+  function agentFor(
+    qsd: StorageDaemon,
+    sink: StoreSink,
+    extra: Partial<ConstructorParameters<typeof Agent>[0]> = {},
+  ): Agent {
+    const agent = new Agent({
+      qmpSocket: qsd.qmpSocket,
+      nbdSocket: qsd.nbdSocket as string,
+      machine: 'vm1',
+      sink,
+      stateDir: join(dir, 'agent'),
+      intervalMs: 1000,
+      ...extra,
+    });
+    cleanups.push(() => agent.stop());
+    return agent;
+  }
+
+  it('replicates initially (allocated ranges only), then every committed point is byte-exact at its cut while the guest writes', async () => {
+    const img = join(dir, 'disk.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '32M']);
+    const qsd = await daemon([{ path: img }]);
+    const writer = new Writer(await guest(qsd, 0), 32 * MiB);
+    // 3 MiB of data before protection starts; the rest of the disk is never written.
+    for (let i = 0; i < 6; i++) await writer.write(i * 5 * MiB, randomBytes(MiB / 2));
+    await writer.write(31 * MiB, randomBytes(MiB));
+
+    const sink = new StoreSink(store, 'vm1');
+    const snapshots = new Map<string, Buffer>();
+    const progress: SyncProgressReport[] = [];
+    const agent = agentFor(qsd, sink, {
+      hooks: {
+        // The test's way to know the disk at each cut: hold the guest for the transaction only.
+        beforeCut: async (cutId) => {
+          await writer.pause();
+          snapshots.set(cutId, Buffer.from(writer.model));
+        },
+        afterCut: () => writer.resume(),
+      },
+    });
+    agent.on('progress', (p: SyncProgressReport) => progress.push(p));
+    // The guest starts writing once the initial scan of allocated ranges is done.
+    agent.once('progress', () => writer.start());
+    await agent.start();
+    await waitFor<CutReport>(agent, 'cut', () => sink.committed.length >= 4);
+    await writer.stop();
+    await agent.stop();
+
+    const last = progress[progress.length - 1] as SyncProgressReport;
+    expect(last.kind).toBe('initial');
+    expect(last.totalBytes).toBe(4 * MiB);
+    expect(last.doneBytes).toBe(4 * MiB);
+    expect(writer.writes).toBeGreaterThan(20);
+    for (const cut of sink.committed) {
+      const point = cut.points[0];
+      expect(point?.cut).toBe(cut.cutId);
+      const expected = snapshots.get(cut.cutId) as Buffer;
+      const actual = await readAll(store, point?.id as string);
+      expect(
+        actual.equals(expected),
+        `point of cut ${cut.cutId} differs from the disk at the cut`,
+      ).toBe(true);
+    }
+    // Later cuts carried only changes, not the disk.
+    expect(agent.bytesSent).toBeLessThan(4 * MiB + writer.writes * 64 * 1024 + 8 * MiB);
+  });
+
+  it('resumes an interrupted initial replication, and after agent and QEMU are killed resyncs only what differs', async () => {
+    const img = join(dir, 'disk.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '48M']);
+    let qsd = await daemon([{ path: img }]);
+    let nbd = await guest(qsd, 0);
+    const model = Buffer.alloc(48 * MiB);
+    const put = async (offset: number, data: Buffer): Promise<void> => {
+      await nbd.write(offset, data);
+      data.copy(model, offset);
+    };
+    await put(0, randomBytes(40 * MiB));
+    const sink = new StoreSink(store, 'vm1');
+    const opts = { readBytes: MiB, checkpointBytes: 4 * MiB };
+
+    const first = agentFor(qsd, sink, opts);
+    await first.start();
+    await waitFor<SyncProgressReport>(first, 'progress', (p) => p.doneBytes >= 16 * MiB);
+    await first.stop({ crash: true });
+    const sentBefore = first.bytesSent;
+
+    const second = agentFor(qsd, sink, opts);
+    const resumedAt: number[] = [];
+    second.on('progress', (p: SyncProgressReport) => resumedAt.push(p.doneBytes));
+    await second.start();
+    await waitFor<CutReport>(second, 'cut', () => true);
+    await second.stop();
+    // It went on from a checkpoint instead of starting over.
+    expect(resumedAt[0]).toBeGreaterThanOrEqual(12 * MiB);
+    expect(sentBefore + second.bytesSent).toBeLessThan(40 * MiB + 8 * MiB);
+    const point1 = sink.committed[0]?.points[0];
+    expect((await readAll(store, point1?.id as string)).equals(model)).toBe(true);
+
+    // Changes the agent never cut, then kill everything.
+    await put(3 * 65536, randomBytes(65536));
+    await put(100 * 65536, randomBytes(65536));
+    // A guest flushes what it needs durable; unflushed qcow2 metadata dies with QEMU.
+    await nbd.flush();
+    await nbd.close();
+    await qsd.stop({ kill: true });
+    qsd = await daemon([{ path: img }]);
+    nbd = await guest(qsd, 0);
+    await put(200 * 65536, randomBytes(2 * 65536));
+
+    const third = agentFor(qsd, sink, opts);
+    const sentAt: number[] = [];
+    const origWrite = sink.write.bind(sink);
+    sink.write = async (disk, offset, data) => {
+      sentAt.push(offset / 65536);
+      await origWrite(disk, offset, data);
+    };
+    const warnings: string[] = [];
+    third.on('warning', (w: { code: string }) => warnings.push(w.code));
+    await third.start();
+    await waitFor<CutReport>(third, 'cut', () => true);
+    await third.stop();
+    expect(warnings).toContain('LB_AGENT_RESYNC');
+    const point2 = sink.committed[sink.committed.length - 1]?.points[0];
+    expect((await readAll(store, point2?.id as string)).equals(model)).toBe(true);
+    expect(sentAt).toEqual([3, 100, 200, 201]);
+    // Four chunks differ from the latest point; nothing else is sent.
+    expect(third.bytesSent).toBe(4 * 65536);
+  });
+});
