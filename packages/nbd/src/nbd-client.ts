@@ -170,6 +170,8 @@ interface OptionReply {
 class Negotiation {
   /** True when both sides dropped the 124 zero bytes after NBD_OPT_EXPORT_NAME. */
   noZeroes = false;
+  timer: NodeJS.Timeout | undefined;
+  timedOut: LifeboatError | undefined;
 
   constructor(
     readonly socket: Socket,
@@ -180,23 +182,32 @@ class Negotiation {
     const socket = await openSocket(target, timeoutMs);
     const reader = new SocketReader(socket);
     const n = new Negotiation(socket, reader);
-    const timer = setTimeout(() => {
-      socket.destroy(
-        new LifeboatError(
-          'LB_NBD_CONNECT',
-          `The NBD server at ${targetLabel(target)} did not finish the handshake within ${timeoutMs} ms. Check that it is an NBD server and not overloaded.`,
-        ),
+    // One time limit for the whole negotiation; done() ends it once transmission starts.
+    n.timer = setTimeout(() => {
+      n.timedOut = new LifeboatError(
+        'LB_NBD_CONNECT',
+        `The NBD server at ${targetLabel(target)} did not finish negotiating within ${timeoutMs} ms. Check that it is an NBD server and not overloaded.`,
       );
+      socket.destroy();
     }, timeoutMs);
     try {
       await n.handshake(target);
     } catch (err) {
+      n.done();
       socket.destroy();
-      throw wrapClosed(err, 'during the handshake');
-    } finally {
-      clearTimeout(timer);
+      throw n.wrap(err, 'during the handshake');
     }
     return n;
+  }
+
+  /** Ends the negotiation time limit. */
+  done(): void {
+    clearTimeout(this.timer);
+  }
+
+  /** The error to report for a failure while negotiating: the time limit wins if it fired. */
+  wrap(err: unknown, when: string): unknown {
+    return this.timedOut ?? wrapClosed(err, when);
   }
 
   private async handshake(target: NbdTarget): Promise<void> {
@@ -516,9 +527,6 @@ export class NbdClient {
   static async connect(target: NbdTarget, options: NbdClientOptions = {}): Promise<NbdClient> {
     const opts = resolveOptions(options);
     const n = await Negotiation.open(target, opts.connectTimeoutMs);
-    const timer = setTimeout(() => {
-      n.socket.destroy();
-    }, opts.connectTimeoutMs);
     try {
       let structured = false;
       if (opts.structuredReplies) {
@@ -559,7 +567,7 @@ export class NbdClient {
       }
       let info = await infoOrGo(n, NBD.OPT_GO, opts.exportName);
       if (info === 'unsupported') info = await exportNameFallback(n, opts.exportName);
-      clearTimeout(timer);
+      n.done();
       return new NbdClient(
         n.socket,
         n.reader,
@@ -570,9 +578,9 @@ export class NbdClient {
         targetLabel(target),
       );
     } catch (err) {
-      clearTimeout(timer);
+      n.done();
       n.socket.destroy();
-      throw wrapClosed(err, 'while negotiating');
+      throw n.wrap(err, 'while negotiating');
     }
   }
 
@@ -601,8 +609,9 @@ export class NbdClient {
       return out;
     } catch (err) {
       n.socket.destroy();
-      throw wrapClosed(err, 'while listing exports');
+      throw n.wrap(err, 'while listing exports');
     } finally {
+      n.done();
       await n.abort();
     }
   }
@@ -625,8 +634,9 @@ export class NbdClient {
       return info;
     } catch (err) {
       n.socket.destroy();
-      throw wrapClosed(err, 'while asking for export information');
+      throw n.wrap(err, 'while asking for export information');
     } finally {
+      n.done();
       await n.abort();
     }
   }
@@ -657,8 +667,9 @@ export class NbdClient {
       return out;
     } catch (err) {
       n.socket.destroy();
-      throw wrapClosed(err, 'while listing meta contexts');
+      throw n.wrap(err, 'while listing meta contexts');
     } finally {
+      n.done();
       await n.abort();
     }
   }
