@@ -189,6 +189,30 @@ describe('QmpClient against a misbehaving peer', () => {
     return path;
   }
 
+  it('speaks over TCP too, ignores late replies and refuses commands after close', async () => {
+    await fake((s, msg) => {
+      // A late answer to the timed-out command, then the real one, then an event.
+      if (msg.execute === 'slow') return;
+      s.write(`{"return": {"late": true}, "id": "lb-2"}\r\n`);
+      s.write(`{"return": {"ok": 1}, "id": ${JSON.stringify(msg.id)}}\r\n`);
+    });
+    // The same fake handler on a TCP listener (ephemeral port).
+    const handler = server?.listeners('connection')[0] as (s: Socket) => void;
+    const tcpServer = createServer(handler);
+    await new Promise<void>((r) => tcpServer.listen(0, '127.0.0.1', r));
+    const port = (tcpServer.address() as { port: number }).port;
+    try {
+      const qmp = await QmpClient.connect({ host: '127.0.0.1', port });
+      expect(await code(qmp.execute('slow', undefined, { timeoutMs: 50 }))).toBe('LB_QMP_TIMEOUT');
+      expect(await qmp.execute('query-version')).toEqual({ ok: 1 });
+      await qmp.close();
+      expect(await code(qmp.execute('query-version'))).toBe('LB_QMP_CLOSED');
+    } finally {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((r) => tcpServer.close(() => r()));
+    }
+  });
+
   it('times out a command that gets no answer, and rejects pending ones when the connection drops', async () => {
     let peer: Socket | undefined;
     const path = await fake((s) => (peer = s));
