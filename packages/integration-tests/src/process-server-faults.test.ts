@@ -190,7 +190,7 @@ describe('process server faults', () => {
       offset: 0,
       data: Buffer.alloc(4096, 7),
     });
-    f[f.length - 10] ^= 0x40;
+    f[f.length - 10] = f[f.length - 10]! ^ 0x40;
     damaged.sendBytes(f);
     expect(await damaged.errorCode()).toBe('LB_PROTO_BAD_CHECKSUM');
   });
