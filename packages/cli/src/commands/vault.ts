@@ -33,7 +33,11 @@ function bad(message: string, details: Record<string, unknown> = {}): LifeboatEr
 function client(ctx: CliContext, cmd: Command, needToken = true): Client {
   const opts = cmd.optsWithGlobals<VaultCliOptions>();
   // The environment arrives through ctx.io.env (the CLI's io), never process.env.
-  const url = (opts.vaultUrl ?? ctx.io.env['LIFEBOAT_VAULT_URL'] ?? 'http://127.0.0.1:9440').replace(/\/+$/, '');
+  const url = (
+    opts.vaultUrl ??
+    ctx.io.env['LIFEBOAT_VAULT_URL'] ??
+    'http://127.0.0.1:9440'
+  ).replace(/\/+$/, '');
   const token = opts.token ?? ctx.io.env['LIFEBOAT_VAULT_TOKEN'];
   if (needToken && (token === undefined || token === '')) {
     throw new LifeboatError(
@@ -96,10 +100,21 @@ function cell(v: unknown): string {
 function listCommand(
   parent: Command,
   ctx: CliContext,
-  spec: { name?: string; path: string; description: string; columns: string[]; filters?: string[]; example: string },
+  spec: {
+    name?: string;
+    path: string;
+    description: string;
+    columns: string[];
+    filters?: string[];
+    example: string;
+  },
 ): void {
   const cmd = parent.command(spec.name ?? 'list').description(spec.description);
-  for (const f of spec.filters ?? []) cmd.option(`--${f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} <value>`, `only with this ${f}`);
+  for (const f of spec.filters ?? [])
+    cmd.option(
+      `--${f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} <value>`,
+      `only with this ${f}`,
+    );
   cmd
     .option('--limit <n>', 'rows per page (1-1000)', '100')
     .option('--all', 'fetch every page')
@@ -115,7 +130,10 @@ function listCommand(
       const items: Row[] = [];
       let total = 0;
       for (;;) {
-        const page = await c.call<{ items: Row[]; nextCursor: string | null; total: number }>('GET', `${spec.path}?${params}`);
+        const page = await c.call<{ items: Row[]; nextCursor: string | null; total: number }>(
+          'GET',
+          `${spec.path}?${params}`,
+        );
         items.push(...page.items);
         total = page.total;
         if (o['all'] !== true || page.nextCursor === null) break;
@@ -126,7 +144,8 @@ function listCommand(
         spec.columns,
         items.map((r) => spec.columns.map((k) => cell(r[k]))),
       );
-      if (items.length < total) c.out.note(`${items.length} of ${total} shown; use --all or --limit.`);
+      if (items.length < total)
+        c.out.note(`${items.length} of ${total} shown; use --all or --limit.`);
     });
 }
 
@@ -139,7 +158,13 @@ function printObject(c: Client, value: Row): void {
 }
 
 async function followJob(ctx: CliContext, c: Client, jobId: string): Promise<Row> {
-  const bar = new ProgressBar({ out: ctx.io.stderr, enabled: c.progress, label: `job ${jobId}`, total: 1000, unit: 'points' });
+  const bar = new ProgressBar({
+    out: ctx.io.stderr,
+    enabled: c.progress,
+    label: `job ${jobId}`,
+    total: 1000,
+    unit: 'points',
+  });
   for (;;) {
     const job = await c.call<Row>('GET', `/api/jobs/${jobId}`);
     bar.update(Math.round(Number(job['progress']) * 1000));
@@ -158,7 +183,10 @@ function parseListen(value: string): { host: string; port: number } {
   if (m === null || !Number.isInteger(port) || port > 65535) {
     throw bad(`--listen ${value}: give host:port or a port, e.g. 127.0.0.1:9440.`, { value });
   }
-  return { host: m[1] === undefined || m[1] === '' ? '127.0.0.1' : m[1].replace(/^\[|\]$/g, ''), port };
+  return {
+    host: m[1] === undefined || m[1] === '' ? '127.0.0.1' : m[1].replace(/^\[|\]$/g, ''),
+    port,
+  };
 }
 
 /** Registers `lifeboat vault ...`. */
@@ -167,48 +195,78 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     .command('vault')
     .description('Run the vault (control plane) or use its API')
     .option('--vault-url <url>', 'the vault API (or LIFEBOAT_VAULT_URL)', undefined)
-    .option('--token <token>', 'bearer token from "vault login" or "vault token create" (or LIFEBOAT_VAULT_TOKEN)');
+    .option(
+      '--token <token>',
+      'bearer token from "vault login" or "vault token create" (or LIFEBOAT_VAULT_TOKEN)',
+    );
 
   vault
     .command('start')
     .description('Start a vault: API, database, scheduler and job runner (runs until Ctrl-C)')
     .requiredOption('--data-dir <dir>', 'database (SQLite), secret key and initial admin password')
     .option('--listen <host:port>', 'address to listen on', '127.0.0.1:9440')
-    .option('--database-url <url>', 'PostgreSQL URL instead of the SQLite file (several vaults may share it)')
+    .option(
+      '--database-url <url>',
+      'PostgreSQL URL instead of the SQLite file (several vaults may share it)',
+    )
     .option('--webhook-url <url>', 'POST raised and cleared alerts here')
-    .option('--admin-password-file <file>', 'first admin password (else a random one in <data-dir>/initial-admin-password)')
+    .option(
+      '--admin-password-file <file>',
+      'first admin password (else a random one in <data-dir>/initial-admin-password)',
+    )
     .option('--log-level <level>', 'pino log level', 'info')
-    .addHelpText('after', '\nExample:\n  lifeboat vault start --data-dir /var/lib/lifeboat/vault --listen 0.0.0.0:9440\n')
-    .action(async (opts: { dataDir: string; listen: string; databaseUrl?: string; webhookUrl?: string; adminPasswordFile?: string; logLevel: string }) => {
-      const { host, port } = parseListen(opts.listen);
-      const admin = opts.adminPasswordFile === undefined ? undefined : { username: 'admin', password: await readSecretFile(ctx, opts.adminPasswordFile) };
-      const v = await startVault({
-        dataDir: resolve(ctx.io.cwd, opts.dataDir),
-        host,
-        port,
-        logLevel: opts.logLevel,
-        ...(opts.databaseUrl !== undefined ? { databaseUrl: opts.databaseUrl } : {}),
-        ...(opts.webhookUrl !== undefined ? { webhookUrl: opts.webhookUrl } : {}),
-        ...(admin !== undefined ? { initialAdmin: admin } : {}),
-      });
-      ctx.io.stderr.write(`vault listening on ${v.url} (API docs: ${v.url}/api/docs)\n`);
-      // Serves until the invocation is aborted (SIGINT/SIGTERM), then closes cleanly.
-      await new Promise<void>((done) => {
-        if (ctx.signal.aborted) done();
-        ctx.signal.addEventListener('abort', () => done(), { once: true });
-      });
-      await v.close();
-    });
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault start --data-dir /var/lib/lifeboat/vault --listen 0.0.0.0:9440\n',
+    )
+    .action(
+      async (opts: {
+        dataDir: string;
+        listen: string;
+        databaseUrl?: string;
+        webhookUrl?: string;
+        adminPasswordFile?: string;
+        logLevel: string;
+      }) => {
+        const { host, port } = parseListen(opts.listen);
+        const admin =
+          opts.adminPasswordFile === undefined
+            ? undefined
+            : { username: 'admin', password: await readSecretFile(ctx, opts.adminPasswordFile) };
+        const v = await startVault({
+          dataDir: resolve(ctx.io.cwd, opts.dataDir),
+          host,
+          port,
+          logLevel: opts.logLevel,
+          ...(opts.databaseUrl !== undefined ? { databaseUrl: opts.databaseUrl } : {}),
+          ...(opts.webhookUrl !== undefined ? { webhookUrl: opts.webhookUrl } : {}),
+          ...(admin !== undefined ? { initialAdmin: admin } : {}),
+        });
+        ctx.io.stderr.write(`vault listening on ${v.url} (API docs: ${v.url}/api/docs)\n`);
+        // Serves until the invocation is aborted (SIGINT/SIGTERM), then closes cleanly.
+        await new Promise<void>((done) => {
+          if (ctx.signal.aborted) done();
+          ctx.signal.addEventListener('abort', () => done(), { once: true });
+        });
+        await v.close();
+      },
+    );
 
   vault
     .command('login')
     .description('Log in with a password; prints a session token to export as LIFEBOAT_VAULT_TOKEN')
     .requiredOption('--username <name>', 'user name')
     .requiredOption('--password-file <file>', 'file whose first line is the password')
-    .addHelpText('after', '\nExample:\n  export LIFEBOAT_VAULT_TOKEN=$(lifeboat vault login --username admin --password-file pw.txt)\n')
+    .addHelpText(
+      'after',
+      '\nExample:\n  export LIFEBOAT_VAULT_TOKEN=$(lifeboat vault login --username admin --password-file pw.txt)\n',
+    )
     .action(async (opts: { username: string; passwordFile: string }, command: Command) => {
       const c = client(ctx, command, false);
-      const r = await c.call<Row>('POST', '/api/auth/login', { username: opts.username, password: await readSecretFile(ctx, opts.passwordFile) });
+      const r = await c.call<Row>('POST', '/api/auth/login', {
+        username: opts.username,
+        password: await readSecretFile(ctx, opts.passwordFile),
+      });
       c.out.json(r);
       c.out.line(String(r['token']));
     });
@@ -226,13 +284,34 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     .command('add <username>')
     .description('Create a user')
     .requiredOption('--role <role>', 'admin, operator or viewer')
-    .requiredOption('--password-file <file>', 'file whose first line is the password (8+ characters)')
-    .addHelpText('after', '\nExample:\n  lifeboat vault user add alice --role operator --password-file alice.txt\n')
-    .action(async (username: string, opts: { role: string; passwordFile: string }, command: Command) => {
-      const c = client(ctx, command);
-      printObject(c, await c.call('POST', '/api/users', { username, role: opts.role, password: await readSecretFile(ctx, opts.passwordFile) }));
-    });
-  listCommand(user, ctx, { path: '/api/users', description: 'List users', columns: ['id', 'username', 'role', 'disabled', 'lastLoginAt'], filters: ['role'], example: 'lifeboat vault user list --role admin' });
+    .requiredOption(
+      '--password-file <file>',
+      'file whose first line is the password (8+ characters)',
+    )
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault user add alice --role operator --password-file alice.txt\n',
+    )
+    .action(
+      async (username: string, opts: { role: string; passwordFile: string }, command: Command) => {
+        const c = client(ctx, command);
+        printObject(
+          c,
+          await c.call('POST', '/api/users', {
+            username,
+            role: opts.role,
+            password: await readSecretFile(ctx, opts.passwordFile),
+          }),
+        );
+      },
+    );
+  listCommand(user, ctx, {
+    path: '/api/users',
+    description: 'List users',
+    columns: ['id', 'username', 'role', 'disabled', 'lastLoginAt'],
+    filters: ['role'],
+    example: 'lifeboat vault user list --role admin',
+  });
   user
     .command('remove <id>')
     .description('Delete a user and their tokens')
@@ -251,62 +330,118 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     .addHelpText('after', '\nExample:\n  lifeboat vault token create ci --expires-in-days 90\n')
     .action(async (name: string, opts: { expiresInDays?: string }, command: Command) => {
       const c = client(ctx, command);
-      const r = await c.call<Row>('POST', '/api/tokens', { name, ...(opts.expiresInDays !== undefined ? { expiresInDays: Number(opts.expiresInDays) } : {}) });
+      const r = await c.call<Row>('POST', '/api/tokens', {
+        name,
+        ...(opts.expiresInDays !== undefined ? { expiresInDays: Number(opts.expiresInDays) } : {}),
+      });
       c.out.json(r);
       c.out.line(String(r['token']));
     });
-  listCommand(token, ctx, { path: '/api/tokens', description: 'List your API tokens', columns: ['id', 'name', 'expiresAt', 'lastUsedAt'], example: 'lifeboat vault token list' });
+  listCommand(token, ctx, {
+    path: '/api/tokens',
+    description: 'List your API tokens',
+    columns: ['id', 'name', 'expiresAt', 'lastUsedAt'],
+    example: 'lifeboat vault token list',
+  });
 
   const key = vault.command('key').description('One-time registration keys (admin)');
   key
     .command('create')
-    .description('Create a registration key for a process server, recovery host or agent (printed once)')
+    .description(
+      'Create a registration key for a process server, recovery host or agent (printed once)',
+    )
     .requiredOption('--kind <kind>', 'process-server, recovery-host or agent')
     .option('--expires-in <seconds>', 'validity in seconds', '86400')
     .option('--description <text>', 'what it is for')
-    .addHelpText('after', '\nExample:\n  lifeboat vault key create --kind process-server --expires-in 3600\n')
-    .action(async (opts: { kind: string; expiresIn: string; description?: string }, command: Command) => {
-      const c = client(ctx, command);
-      const r = await c.call<Row>('POST', '/api/registration-keys', { kind: opts.kind, expiresInSeconds: Number(opts.expiresIn), ...(opts.description !== undefined ? { description: opts.description } : {}) });
-      c.out.json(r);
-      c.out.line(String(r['key']));
-      c.out.note(`key ${String(r['id'])} for a ${opts.kind}, valid until ${String(r['expiresAt'])}`);
-    });
-  listCommand(key, ctx, { path: '/api/registration-keys', description: 'List registration keys', columns: ['id', 'kind', 'state', 'expiresAt', 'usedByComponentId'], filters: ['kind', 'state'], example: 'lifeboat vault key list --state unused' });
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault key create --kind process-server --expires-in 3600\n',
+    )
+    .action(
+      async (opts: { kind: string; expiresIn: string; description?: string }, command: Command) => {
+        const c = client(ctx, command);
+        const r = await c.call<Row>('POST', '/api/registration-keys', {
+          kind: opts.kind,
+          expiresInSeconds: Number(opts.expiresIn),
+          ...(opts.description !== undefined ? { description: opts.description } : {}),
+        });
+        c.out.json(r);
+        c.out.line(String(r['key']));
+        c.out.note(
+          `key ${String(r['id'])} for a ${opts.kind}, valid until ${String(r['expiresAt'])}`,
+        );
+      },
+    );
+  listCommand(key, ctx, {
+    path: '/api/registration-keys',
+    description: 'List registration keys',
+    columns: ['id', 'kind', 'state', 'expiresAt', 'usedByComponentId'],
+    filters: ['kind', 'state'],
+    example: 'lifeboat vault key list --state unused',
+  });
 
   vault
     .command('register')
-    .description('Register this machine as a component with a key; writes its certificate, key and token to a directory')
+    .description(
+      'Register this machine as a component with a key; writes its certificate, key and token to a directory',
+    )
     .requiredOption('--key <key>', 'the one-time registration key')
     .requiredOption('--kind <kind>', 'process-server, recovery-host or agent')
     .requiredOption('--name <name>', 'name of this component')
     .requiredOption('--out <dir>', 'directory for cert.pem, key.pem, ca.pem and token')
     .option('--address <host:port>', 'where others reach it')
-    .addHelpText('after', '\nExample:\n  lifeboat vault register --key lbk_... --kind process-server --name ps1 --out /etc/lifeboat/ps1\n')
-    .action(async (opts: { key: string; kind: string; name: string; out: string; address?: string }, command: Command) => {
-      const c = client(ctx, command, false);
-      const r = await c.call<Row>('POST', '/api/register', { key: opts.key, kind: opts.kind, name: opts.name, ...(opts.address !== undefined ? { address: opts.address } : {}) });
-      const dir = resolve(ctx.io.cwd, opts.out);
-      await mkdir(dir, { recursive: true, mode: 0o700 });
-      await writeFile(join(dir, 'cert.pem'), String(r['certificate']));
-      await writeFile(join(dir, 'ca.pem'), String(r['caCertificate']));
-      if (typeof r['privateKey'] === 'string') await writeFile(join(dir, 'key.pem'), r['privateKey'], { mode: 0o600 });
-      await writeFile(join(dir, 'token'), `${String(r['token'])}\n`, { mode: 0o600 });
-      await chmod(join(dir, 'token'), 0o600);
-      const component = r['component'] as Row;
-      c.out.json({ component, certificateExpiresAt: r['certificateExpiresAt'], dir });
-      c.out.line(`registered ${opts.kind} ${String(component['id'])}; credentials in ${dir}`);
-    });
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault register --key lbk_... --kind process-server --name ps1 --out /etc/lifeboat/ps1\n',
+    )
+    .action(
+      async (
+        opts: { key: string; kind: string; name: string; out: string; address?: string },
+        command: Command,
+      ) => {
+        const c = client(ctx, command, false);
+        const r = await c.call<Row>('POST', '/api/register', {
+          key: opts.key,
+          kind: opts.kind,
+          name: opts.name,
+          ...(opts.address !== undefined ? { address: opts.address } : {}),
+        });
+        const dir = resolve(ctx.io.cwd, opts.out);
+        await mkdir(dir, { recursive: true, mode: 0o700 });
+        await writeFile(join(dir, 'cert.pem'), String(r['certificate']));
+        await writeFile(join(dir, 'ca.pem'), String(r['caCertificate']));
+        if (typeof r['privateKey'] === 'string')
+          await writeFile(join(dir, 'key.pem'), r['privateKey'], { mode: 0o600 });
+        await writeFile(join(dir, 'token'), `${String(r['token'])}\n`, { mode: 0o600 });
+        await chmod(join(dir, 'token'), 0o600);
+        const component = r['component'] as Row;
+        c.out.json({ component, certificateExpiresAt: r['certificateExpiresAt'], dir });
+        c.out.line(`registered ${opts.kind} ${String(component['id'])}; credentials in ${dir}`);
+      },
+    );
 
   const simple = (
     name: string,
     path: string,
     columns: string[],
     filters: string[],
-    add: { args: string; options: Array<[string, string, boolean]>; body: (args: string[], o: Record<string, string | undefined>) => Row; example: string } | undefined,
+    add:
+      | {
+          args: string;
+          options: Array<[string, string, boolean]>;
+          body: (args: string[], o: Record<string, string | undefined>) => Row;
+          example: string;
+        }
+      | undefined,
   ): Command => {
     const group = vault.command(name).description(`${name}s`);
-    listCommand(group, ctx, { path, description: `List ${name}s`, columns, filters, example: `lifeboat vault ${name} list --json` });
+    listCommand(group, ctx, {
+      path,
+      description: `List ${name}s`,
+      columns,
+      filters,
+      example: `lifeboat vault ${name} list --json`,
+    });
     group
       .command('show <id>')
       .description(`Show one ${name}`)
@@ -320,12 +455,21 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         if (required) cmd.requiredOption(flag, desc);
         else cmd.option(flag, desc);
       }
-      cmd.addHelpText('after', `\nExample:\n  ${add.example}\n`).action(async (...args: unknown[]) => {
-        const command = args[args.length - 1] as Command;
-        const positional = args.slice(0, -2) as string[];
-        const c = client(ctx, command);
-        printObject(c, await c.call('POST', path, add.body(positional, command.opts<Record<string, string | undefined>>())));
-      });
+      cmd
+        .addHelpText('after', `\nExample:\n  ${add.example}\n`)
+        .action(async (...args: unknown[]) => {
+          const command = args[args.length - 1] as Command;
+          const positional = args.slice(0, -2) as string[];
+          const c = client(ctx, command);
+          printObject(
+            c,
+            await c.call(
+              'POST',
+              path,
+              add.body(positional, command.opts<Record<string, string | undefined>>()),
+            ),
+          );
+        });
       group
         .command('remove <id>')
         .description(`Delete a ${name}`)
@@ -338,39 +482,57 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     }
     return group;
   };
-  const opt = (o: Record<string, string | undefined>, k: string) => (o[k] === undefined ? {} : { [k]: o[k] });
-  const num = (o: Record<string, string | undefined>, k: string, as = k) => (o[k] === undefined ? {} : { [as]: Number(o[k]) });
+  const opt = (o: Record<string, string | undefined>, k: string) =>
+    o[k] === undefined ? {} : { [k]: o[k] };
+  const num = (o: Record<string, string | undefined>, k: string, as = k) =>
+    o[k] === undefined ? {} : { [as]: Number(o[k]) };
 
   simple('site', '/api/sites', ['id', 'name', 'kind', 'description'], ['kind'], {
     args: '<name>',
-    options: [['--kind <kind>', 'source or recovery', true], ['--description <text>', 'free text', false]],
+    options: [
+      ['--kind <kind>', 'source or recovery', true],
+      ['--description <text>', 'free text', false],
+    ],
     body: ([n], o) => ({ name: n, kind: o['kind'], ...opt(o, 'description') }),
     example: 'lifeboat vault site add london --kind source',
   });
-  simple('policy', '/api/policies', ['id', 'name', 'rpoThresholdSeconds', 'crashConsistentIntervalSeconds', 'appConsistentIntervalSeconds', 'retention'], [], {
-    args: '<name>',
-    options: [
-      ['--rpo <seconds>', 'RPO threshold: alert above it', true],
-      ['--crash-interval <seconds>', 'crash-consistent point every N seconds', false],
-      ['--app-interval <seconds>', 'app-consistent point every N seconds (0 = none)', false],
-      ['--keep <rules>', 'retention rules, e.g. "24h,7d/1h,90d/1d" (for[/every])', true],
-      ['--retention-interval <seconds>', 'how often retention runs', false],
+  simple(
+    'policy',
+    '/api/policies',
+    [
+      'id',
+      'name',
+      'rpoThresholdSeconds',
+      'crashConsistentIntervalSeconds',
+      'appConsistentIntervalSeconds',
+      'retention',
     ],
-    body: ([n], o) => ({
-      name: n,
-      rpoThresholdSeconds: Number(o['rpo']),
-      ...num(o, 'crashInterval', 'crashConsistentIntervalSeconds'),
-      ...num(o, 'appInterval', 'appConsistentIntervalSeconds'),
-      ...num(o, 'retentionInterval', 'retentionIntervalSeconds'),
-      retention: {
-        rules: (o['keep'] ?? '').split(',').map((r) => {
-          const [f, every] = r.trim().split('/');
-          return every === undefined ? { for: f } : { for: f, every };
-        }),
-      },
-    }),
-    example: 'lifeboat vault policy add gold --rpo 60 --crash-interval 15 --keep 24h,7d/1h',
-  });
+    [],
+    {
+      args: '<name>',
+      options: [
+        ['--rpo <seconds>', 'RPO threshold: alert above it', true],
+        ['--crash-interval <seconds>', 'crash-consistent point every N seconds', false],
+        ['--app-interval <seconds>', 'app-consistent point every N seconds (0 = none)', false],
+        ['--keep <rules>', 'retention rules, e.g. "24h,7d/1h,90d/1d" (for[/every])', true],
+        ['--retention-interval <seconds>', 'how often retention runs', false],
+      ],
+      body: ([n], o) => ({
+        name: n,
+        rpoThresholdSeconds: Number(o['rpo']),
+        ...num(o, 'crashInterval', 'crashConsistentIntervalSeconds'),
+        ...num(o, 'appInterval', 'appConsistentIntervalSeconds'),
+        ...num(o, 'retentionInterval', 'retentionIntervalSeconds'),
+        retention: {
+          rules: (o['keep'] ?? '').split(',').map((r) => {
+            const [f, every] = r.trim().split('/');
+            return every === undefined ? { for: f } : { for: f, every };
+          }),
+        },
+      }),
+      example: 'lifeboat vault policy add gold --rpo 60 --crash-interval 15 --keep 24h,7d/1h',
+    },
+  );
   simple('store', '/api/target-stores', ['id', 'name', 'kind', 'path', 'container'], ['kind'], {
     args: '<name>',
     options: [
@@ -378,45 +540,66 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       ['--path <dir>', 'directory of a directory store', false],
       ['--container <name>', 'Azure container', false],
       ['--connection-string-file <file>', 'file with the Azure connection string', false],
-      ['--passphrase-file <file>', "file with the store's passphrase", true],
+      ['--store-passphrase-file <file>', "file with the store's passphrase", true],
     ],
     body: () => ({}),
-    example: 'lifeboat vault store add dr --kind directory --path /srv/lifeboat --passphrase-file pp.txt',
+    example:
+      'lifeboat vault store add dr --kind directory --path /srv/lifeboat --store-passphrase-file pp.txt',
   });
   simple('credential', '/api/credentials', ['id', 'name', 'kind', 'username'], ['kind'], undefined);
-  simple('mapping', '/api/network-mappings', ['id', 'name', 'sourceNetwork', 'targetNetwork', 'testNetwork'], [], {
-    args: '<name>',
-    options: [
-      ['--source-network <net>', 'network on the source site', true],
-      ['--target-network <net>', 'network after failover', true],
-      ['--test-network <net>', 'isolated network for test failover', false],
-    ],
-    body: ([n], o) => ({ name: n, sourceNetwork: o['sourceNetwork'], targetNetwork: o['targetNetwork'], ...opt(o, 'testNetwork') }),
-    example: 'lifeboat vault mapping add lan --source-network br0 --target-network dr-br0 --test-network isolated',
-  });
-  const host = simple('host', '/api/source-hosts', ['id', 'name', 'kind', 'processServerId', 'discoveredAt'], ['processServerId'], {
-    args: '<name>',
-    options: [
-      ['--process-server <id>', 'the process server that serves and discovers it', true],
-      ['--qmp <name=socket...>', 'a machine and its QMP socket, repeatable as name=path,name=path', false],
-      ['--site <id>', 'its site', false],
-    ],
-    body: ([n], o) => ({
-      name: n,
-      kind: 'kvm',
-      processServerId: o['processServer'],
-      ...(o['site'] !== undefined ? { siteId: o['site'] } : {}),
-      endpoints: (o['qmp'] ?? '')
-        .split(',')
-        .filter((e) => e !== '')
-        .map((e) => {
-          const [name, qmp] = e.split('=');
-          if (name === undefined || qmp === undefined) throw bad(`--qmp ${e}: give name=socket-path.`);
-          return { name, qmp };
-        }),
-    }),
-    example: 'lifeboat vault host add kvm1 --process-server ps_... --qmp web=/run/web.qmp,db=/run/db.qmp',
-  });
+  simple(
+    'mapping',
+    '/api/network-mappings',
+    ['id', 'name', 'sourceNetwork', 'targetNetwork', 'testNetwork'],
+    [],
+    {
+      args: '<name>',
+      options: [
+        ['--source-network <net>', 'network on the source site', true],
+        ['--target-network <net>', 'network after failover', true],
+        ['--test-network <net>', 'isolated network for test failover', false],
+      ],
+      body: ([n], o) => ({
+        name: n,
+        sourceNetwork: o['sourceNetwork'],
+        targetNetwork: o['targetNetwork'],
+        ...opt(o, 'testNetwork'),
+      }),
+      example:
+        'lifeboat vault mapping add lan --source-network br0 --target-network dr-br0 --test-network isolated',
+    },
+  );
+  const host = simple(
+    'host',
+    '/api/source-hosts',
+    ['id', 'name', 'kind', 'processServerId', 'discoveredAt'],
+    ['processServerId'],
+    {
+      args: '<name>',
+      options: [
+        ['--process-server <id>', 'the process server that serves and discovers it', true],
+        ['--qmp <list>', 'machines and their QMP sockets: name=path,name=path', false],
+        ['--site <id>', 'its site', false],
+      ],
+      body: ([n], o) => ({
+        name: n,
+        kind: 'kvm',
+        processServerId: o['processServer'],
+        ...(o['site'] !== undefined ? { siteId: o['site'] } : {}),
+        endpoints: (o['qmp'] ?? '')
+          .split(',')
+          .filter((e) => e !== '')
+          .map((e) => {
+            const [name, qmp] = e.split('=');
+            if (name === undefined || qmp === undefined)
+              throw bad(`--qmp ${e}: give name=socket-path.`);
+            return { name, qmp };
+          }),
+      }),
+      example:
+        'lifeboat vault host add kvm1 --process-server ps_... --qmp web=/run/web.qmp,db=/run/db.qmp',
+    },
+  );
   host
     .command('discover <id>')
     .description("Ask the host's process server to discover its machines")
@@ -424,44 +607,90 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       const c = client(ctx, command);
       printObject(c, await c.call('POST', `/api/source-hosts/${encodeURIComponent(id)}/discover`));
     });
-  simple('machine', '/api/machines', ['id', 'name', 'sourceHostId', 'present', 'discoveredAt'], ['sourceHostId'], undefined);
-  simple('process-server', '/api/process-servers', ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'], ['siteId'], undefined);
-  simple('recovery-host', '/api/recovery-hosts', ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'], ['siteId'], undefined);
+  simple(
+    'machine',
+    '/api/machines',
+    ['id', 'name', 'sourceHostId', 'present', 'discoveredAt'],
+    ['sourceHostId'],
+    undefined,
+  );
+  simple(
+    'process-server',
+    '/api/process-servers',
+    ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
+    ['siteId'],
+    undefined,
+  );
+  simple(
+    'recovery-host',
+    '/api/recovery-hosts',
+    ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
+    ['siteId'],
+    undefined,
+  );
 
   // Store add reads secret files, so it replaces the generic body.
-  const storeAdd = vault.commands.find((c) => c.name() === 'store')?.commands.find((c) => c.name() === 'add');
-  storeAdd?.action(async (name: string, o: Record<string, string | undefined>, command: Command) => {
-    const c = client(ctx, command);
-    printObject(
-      c,
-      await c.call('POST', '/api/target-stores', {
-        name,
-        kind: o['kind'],
-        ...opt(o, 'path'),
-        ...opt(o, 'container'),
-        ...(o['connectionStringFile'] !== undefined ? { connectionString: await readSecretFile(ctx, o['connectionStringFile']) } : {}),
-        passphrase: await readSecretFile(ctx, o['passphraseFile'] ?? ''),
-      }),
-    );
-  });
+  const storeAdd = vault.commands
+    .find((c) => c.name() === 'store')
+    ?.commands.find((c) => c.name() === 'add');
+  storeAdd?.action(
+    async (name: string, o: Record<string, string | undefined>, command: Command) => {
+      const c = client(ctx, command);
+      printObject(
+        c,
+        await c.call('POST', '/api/target-stores', {
+          name,
+          kind: o['kind'],
+          ...opt(o, 'path'),
+          ...opt(o, 'container'),
+          ...(o['connectionStringFile'] !== undefined
+            ? { connectionString: await readSecretFile(ctx, o['connectionStringFile']) }
+            : {}),
+          passphrase: await readSecretFile(ctx, o['storePassphraseFile'] ?? ''),
+        }),
+      );
+    },
+  );
 
-  const item = simple('item', '/api/protected-items', ['id', 'machineId', 'state', 'policyId', 'lastPointAt', 'rpoSeconds'], ['state', 'policyId', 'processServerId'], undefined);
+  const item = simple(
+    'item',
+    '/api/protected-items',
+    ['id', 'machineId', 'state', 'policyId', 'lastPointAt', 'rpoSeconds'],
+    ['state', 'policyId', 'processServerId'],
+    undefined,
+  );
   vault
     .command('protect <machineId>')
-    .description('Enable replication of a machine; follows the job until initial replication ends (or --no-wait)')
+    .description(
+      'Enable replication of a machine; follows the job until initial replication ends (or --no-wait)',
+    )
     .requiredOption('--policy <id>', 'replication policy')
     .requiredOption('--process-server <id>', 'process server that replicates it')
-    .requiredOption('--store <id>', 'target store')
+    .requiredOption('--target-store <id>', 'target store')
     .option('--no-wait', 'return once the job is created')
-    .addHelpText('after', '\nExample:\n  lifeboat vault protect vm_... --policy pol_... --process-server ps_... --store ts_...\n')
-    .action(async (machineId: string, o: { policy: string; processServer: string; store: string; wait: boolean }, command: Command) => {
-      const c = client(ctx, command);
-      const created = await c.call<Row>('POST', '/api/protected-items', { machineId, policyId: o.policy, processServerId: o.processServer, targetStoreId: o.store });
-      c.out.note(`protected item ${String(created['id'])}, job ${String(created['jobId'])}`);
-      const job = o.wait ? await followJob(ctx, c, String(created['jobId'])) : undefined;
-      printObject(c, { ...created, ...(job !== undefined ? { jobState: job['state'] } : {}) });
-      if (job !== undefined && job['state'] !== 'succeeded') ctx.exitCode = 1;
-    });
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault protect vm_... --policy pol_... --process-server ps_... --target-store ts_...\n',
+    )
+    .action(
+      async (
+        machineId: string,
+        o: { policy: string; processServer: string; targetStore: string; wait: boolean },
+        command: Command,
+      ) => {
+        const c = client(ctx, command);
+        const created = await c.call<Row>('POST', '/api/protected-items', {
+          machineId,
+          policyId: o.policy,
+          processServerId: o.processServer,
+          targetStoreId: o.targetStore,
+        });
+        c.out.note(`protected item ${String(created['id'])}, job ${String(created['jobId'])}`);
+        const job = o.wait ? await followJob(ctx, c, String(created['jobId'])) : undefined;
+        printObject(c, { ...created, ...(job !== undefined ? { jobState: job['state'] } : {}) });
+        if (job !== undefined && job['state'] !== 'succeeded') ctx.exitCode = 1;
+      },
+    );
   for (const [action, desc] of [
     ['disable', 'Disable replication (add --delete-points to delete its points too)'],
     ['resync', 'Mark for resync'],
@@ -471,11 +700,21 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     const cmd = item.command(`${action} <id>`).description(desc);
     if (action === 'disable') cmd.option('--delete-points', 'also delete its recovery points');
     if (action === 'failover') cmd.option('--point <id>', 'the recovery point');
-    cmd.action(async (id: string, o: { deletePoints?: boolean; point?: string }, command: Command) => {
-      const c = client(ctx, command);
-      const body = action === 'disable' ? { deletePoints: o.deletePoints === true } : action === 'failover' && o.point !== undefined ? { pointId: o.point } : {};
-      printObject(c, await c.call('POST', `/api/protected-items/${encodeURIComponent(id)}/${action}`, body));
-    });
+    cmd.action(
+      async (id: string, o: { deletePoints?: boolean; point?: string }, command: Command) => {
+        const c = client(ctx, command);
+        const body =
+          action === 'disable'
+            ? { deletePoints: o.deletePoints === true }
+            : action === 'failover' && o.point !== undefined
+              ? { pointId: o.point }
+              : {};
+        printObject(
+          c,
+          await c.call('POST', `/api/protected-items/${encodeURIComponent(id)}/${action}`, body),
+        );
+      },
+    );
   }
 
   const points = vault.command('points').description('Recovery points in the catalogue');
@@ -488,18 +727,38 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
   });
 
   const jobs = vault.command('jobs').description('Jobs with steps, progress and logs');
-  listCommand(jobs, ctx, { path: '/api/jobs', description: 'List jobs, newest first', columns: ['id', 'kind', 'state', 'progress', 'targetId', 'createdAt'], filters: ['state', 'kind', 'targetId'], example: 'lifeboat vault jobs list --state running' });
+  listCommand(jobs, ctx, {
+    path: '/api/jobs',
+    description: 'List jobs, newest first',
+    columns: ['id', 'kind', 'state', 'progress', 'targetId', 'createdAt'],
+    filters: ['state', 'kind', 'targetId'],
+    example: 'lifeboat vault jobs list --state running',
+  });
   jobs
     .command('show <id>')
     .description('Show a job, its steps and its log')
     .action(async (id: string, _o: unknown, command: Command) => {
       const c = client(ctx, command);
       const job = await c.call<Row>('GET', `/api/jobs/${encodeURIComponent(id)}`);
-      const logs = await c.call<{ items: Row[] }>('GET', `/api/jobs/${encodeURIComponent(id)}/logs?limit=1000`);
+      const logs = await c.call<{ items: Row[] }>(
+        'GET',
+        `/api/jobs/${encodeURIComponent(id)}/logs?limit=1000`,
+      );
       c.out.json({ ...job, logs: logs.items });
-      c.out.line(`${String(job['kind'])} ${String(job['state'])} ${Math.round(Number(job['progress']) * 100)}%`);
-      c.out.table(['step', 'state', 'started', 'finished'], (job['steps'] as Row[]).map((s) => [cell(s['name']), cell(s['state']), cell(s['startedAt']), cell(s['finishedAt'])]));
-      for (const l of logs.items) c.out.line(`${String(l['time'])} ${String(l['level'])} ${String(l['message'])}`);
+      c.out.line(
+        `${String(job['kind'])} ${String(job['state'])} ${Math.round(Number(job['progress']) * 100)}%`,
+      );
+      c.out.table(
+        ['step', 'state', 'started', 'finished'],
+        (job['steps'] as Row[]).map((s) => [
+          cell(s['name']),
+          cell(s['state']),
+          cell(s['startedAt']),
+          cell(s['finishedAt']),
+        ]),
+      );
+      for (const l of logs.items)
+        c.out.line(`${String(l['time'])} ${String(l['level'])} ${String(l['message'])}`);
     });
   jobs
     .command('wait <id>')
@@ -518,8 +777,16 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       printObject(c, await c.call('POST', `/api/jobs/${encodeURIComponent(id)}/cancel`));
     });
 
-  const alerts = vault.command('alerts').description('Alerts: RPO, process server health, resync, failed jobs');
-  listCommand(alerts, ctx, { path: '/api/alerts', description: 'List alerts, newest first', columns: ['id', 'kind', 'severity', 'state', 'subjectId', 'acknowledgedBy', 'message'], filters: ['state', 'kind', 'severity'], example: 'lifeboat vault alerts list --state active' });
+  const alerts = vault
+    .command('alerts')
+    .description('Alerts: RPO, process server health, resync, failed jobs');
+  listCommand(alerts, ctx, {
+    path: '/api/alerts',
+    description: 'List alerts, newest first',
+    columns: ['id', 'kind', 'severity', 'state', 'subjectId', 'acknowledgedBy', 'message'],
+    filters: ['state', 'kind', 'severity'],
+    example: 'lifeboat vault alerts list --state active',
+  });
   alerts
     .command('ack <id>')
     .description('Acknowledge an alert')
@@ -528,7 +795,14 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       printObject(c, await c.call('POST', `/api/alerts/${encodeURIComponent(id)}/acknowledge`));
     });
 
-  listCommand(vault, ctx, { name: 'audit', path: '/api/audit', description: 'The audit log, newest first', columns: ['time', 'actorName', 'action', 'targetType', 'targetId'], filters: ['action', 'targetId'], example: 'lifeboat vault audit --target-id pi_...' });
+  listCommand(vault, ctx, {
+    name: 'audit',
+    path: '/api/audit',
+    description: 'The audit log, newest first',
+    columns: ['time', 'actorName', 'action', 'targetType', 'targetId'],
+    filters: ['action', 'targetId'],
+    example: 'lifeboat vault audit --target-id pi_...',
+  });
 
   vault
     .command('summary')
@@ -538,9 +812,25 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       const s = await c.call<Row>('GET', '/api/summary');
       c.out.json(s);
       const items = s['protectedItems'] as { total: number; byState: Record<string, number> };
-      c.out.line(`protected items: ${items.total} (${Object.entries(items.byState).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'})`);
+      c.out.line(
+        `protected items: ${items.total} (${
+          Object.entries(items.byState)
+            .map(([k, v]) => `${k} ${v}`)
+            .join(', ') || 'none'
+        })`,
+      );
       const al = s['alerts'] as { active: Record<string, number>; unacknowledged: number };
-      c.out.line(`active alerts: ${Object.values(al.active).reduce((a, b) => a + b, 0)} (${al.unacknowledged} unacknowledged)`);
-      c.out.table(['component', 'kind', 'status', 'last heartbeat'], (s['components'] as Row[]).map((x) => [cell(x['name']), cell(x['kind']), cell(x['status']), cell(x['lastHeartbeatAt'])]));
+      c.out.line(
+        `active alerts: ${Object.values(al.active).reduce((a, b) => a + b, 0)} (${al.unacknowledged} unacknowledged)`,
+      );
+      c.out.table(
+        ['component', 'kind', 'status', 'last heartbeat'],
+        (s['components'] as Row[]).map((x) => [
+          cell(x['name']),
+          cell(x['kind']),
+          cell(x['status']),
+          cell(x['lastHeartbeatAt']),
+        ]),
+      );
     });
 }
