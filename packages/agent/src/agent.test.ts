@@ -68,6 +68,19 @@ class Writer {
   }
 }
 
+/** Retries an operation that fails while the agent's cut views hold the node (a second or two). */
+async function retry(op: () => Promise<unknown>): Promise<void> {
+  for (let i = 0; ; i++) {
+    try {
+      await op();
+      return;
+    } catch (err) {
+      if (i > 200) throw err;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
 async function readAll(store: Store, pointId: string): Promise<Buffer> {
   const r = await store.openPoint(pointId);
   return r.readAt(0, r.size);
@@ -268,5 +281,116 @@ describe('agent against qemu-storage-daemon', () => {
     expect(sentAt).toEqual([3, 100, 200, 201]);
     // Four chunks differ from the latest point; nothing else is sent.
     expect(third.bytesSent).toBe(4 * 65536);
+  });
+
+  it('cuts both disks of a machine at one instant, follows a resize and an added disk, and stops clearly when a disk vanishes', async () => {
+    const imgs = [join(dir, 'a.qcow2'), join(dir, 'b.qcow2')];
+    for (const p of imgs) await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', p, '16M']);
+    const qsd = await daemon(imgs.map((path) => ({ path })));
+    const a = await guest(qsd, 0);
+    const b = await guest(qsd, 1);
+    const stamp = (n: number): Buffer => {
+      const buf = Buffer.alloc(4096);
+      buf.write(`STAMP ${n}\n`);
+      return buf;
+    };
+    const readStamp = (buf: Buffer): number =>
+      Number(/STAMP (\d+)/.exec(buf.toString('latin1'))?.[1] ?? 0);
+    // The writer stamps the same counter on disk a, then on disk b, one write at a time.
+    let running = true;
+    let n = 0;
+    const writing = (async () => {
+      while (running) {
+        n++;
+        await a.write(0, stamp(n));
+        await b.write(0, stamp(n));
+      }
+    })();
+    const sink = new StoreSink(store, 'vm1');
+    const agent = agentFor(qsd, sink);
+    const failed = new Promise<Error>((resolve) => agent.once('failed', resolve));
+    await agent.start();
+    await waitFor<CutReport>(agent, 'cut', () => sink.committed.length >= 4);
+    running = false;
+    await writing;
+
+    let previous = -1;
+    for (const cut of sink.committed) {
+      const pa = cut.points.find((p) => p.disk === 'disk0');
+      const pb = cut.points.find((p) => p.disk === 'disk1');
+      expect(pa?.cut).toBe(cut.cutId);
+      expect(pb?.cut).toBe(cut.cutId);
+      const sa = readStamp(await (await store.openPoint(pa?.id as string)).readAt(0, 4096));
+      const sb = readStamp(await (await store.openPoint(pb?.id as string)).readAt(0, 4096));
+      // Disk b is stamped after disk a: at one instant it shows a's counter or the one before.
+      expect([sa - 1, sa]).toContain(sb);
+      expect(sa).toBeGreaterThanOrEqual(previous);
+      previous = sa;
+    }
+    expect(previous).toBeGreaterThan(0);
+
+    // Grow disk a: the next point has the new size and the same bytes.
+    // (An NBD export forbids resizing its node: the guest's export goes away meanwhile, and
+    // the agent's short-lived cut views may make a try fail.)
+    await a.close();
+    await qsd.daemon.qmp.execute('block-export-del', { id: 'export-0' });
+    await retry(() =>
+      qsd.daemon.qmp.execute('block_resize', { 'node-name': 'disk0', size: 24 * MiB }),
+    );
+    await qsd.daemon.qmp.execute('block-export-add', {
+      type: 'nbd',
+      id: 'export-0b',
+      'node-name': 'disk0',
+      name: 'guest0b',
+      writable: true,
+    });
+    const a2 = await NbdClient.connect(
+      { path: qsd.nbdSocket as string },
+      { exportName: 'guest0b' },
+    );
+    cleanups.push(() => a2.close());
+    const tail = randomBytes(65536);
+    await a2.write(20 * MiB, tail);
+    const before = sink.committed.length;
+    await waitFor<CutReport>(agent, 'cut', () => sink.committed.length > before + 1);
+    const grown = sink.committed[sink.committed.length - 1]?.points.find((p) => p.disk === 'disk0');
+    expect(grown?.size).toBe(24 * MiB);
+    expect(
+      (await (await store.openPoint(grown?.id as string)).readAt(20 * MiB, 65536)).equals(tail),
+    ).toBe(true);
+
+    // Add a disk: it is replicated and joins the cuts.
+    const c = join(dir, 'c.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', c, '8M']);
+    await runCommand('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 1M', c]);
+    await qsd.daemon.qmp.execute('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'disk2',
+      file: { driver: 'file', filename: c },
+    });
+    await waitFor<CutReport>(
+      agent,
+      'cut',
+      () => (sink.committed[sink.committed.length - 1]?.points.length ?? 0) === 3,
+    );
+    const added = sink.committed[sink.committed.length - 1]?.points.find((p) => p.disk === 'disk2');
+    expect(
+      (await (await store.openPoint(added?.id as string)).readAt(0, MiB)).equals(
+        Buffer.alloc(MiB, 0x5a),
+      ),
+    ).toBe(true);
+
+    // Disk b vanishes: replication stops with a clear error; the points already made stay.
+    await b.close();
+    await qsd.daemon.qmp.execute('block-export-del', { id: 'export-1' });
+    const pointsOfB = (await store.listPoints({ machine: 'vm1', disk: 'disk1' })).length;
+    await retry(() => qsd.daemon.qmp.execute('blockdev-del', { 'node-name': 'disk1' }));
+    const err = (await failed) as Error & { code?: string };
+    expect(err.code).toBe('LB_AGENT_DISK_VANISHED');
+    expect(err.message).toContain('disk1');
+    expect(agent.status().phase).toBe('failed');
+    const kept = await store.listPoints({ machine: 'vm1', disk: 'disk1' });
+    expect(kept.length).toBeGreaterThanOrEqual(pointsOfB);
+    await store.openPoint(kept[kept.length - 1]?.id as string);
   });
 });

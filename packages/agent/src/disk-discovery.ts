@@ -86,7 +86,8 @@ export async function discoverDisks(
     roots = nodes
       .filter((n) => !NOT_A_DISK.has(n.drv) && !n['node-name'].startsWith(AGENT_NODE_PREFIX))
       .filter((n) => !n['node-name'].startsWith('#'))
-      .map((n) => n['node-name']);
+      .map((n) => n['node-name'])
+      .sort();
   }
   if (only) roots = roots.filter((r) => only.includes(r));
   const out: DiscoveredDisk[] = [];
