@@ -387,6 +387,10 @@ describe('NbdServer refuses bad client input and keeps serving', () => {
     expect(await a.closed()).toBe(true);
     const b = await Raw.open(0x80);
     expect(await b.closed()).toBe(true);
+    const ab = await Raw.open();
+    ab.option(NBD.OPT_ABORT, Buffer.alloc(0));
+    expect((await ab.reply()).type).toBe(NBD.REP_ACK);
+    expect(await ab.closed()).toBe(true);
     const c = await Raw.open();
     await c.go('point', false);
     c.request(NBD.CMD_READ, 0, 16, 0xdeadbeef);

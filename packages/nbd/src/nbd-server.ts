@@ -239,13 +239,17 @@ class Connection {
 
   async run(): Promise<void> {
     const timer = setTimeout(() => this.socket.destroy(), this.opts.handshakeTimeoutMs);
-    let entry: ExportEntry | undefined;
+    let entry: ExportEntry | 'abort' | undefined;
     try {
       entry = await this.negotiate();
     } catch {
       entry = undefined;
     } finally {
       clearTimeout(timer);
+    }
+    if (entry === 'abort') {
+      this.endGently();
+      return;
     }
     if (entry === undefined) {
       this.socket.destroy();
@@ -258,7 +262,11 @@ class Connection {
       this.socket.destroy();
     }
     await Promise.allSettled([...this.handlers]);
-    // After NBD_CMD_DISC: let the last replies reach the client, then close.
+    this.endGently();
+  }
+
+  /** After NBD_OPT_ABORT or NBD_CMD_DISC: let the last replies reach the client, then close. */
+  private endGently(): void {
     const linger = setTimeout(() => this.socket.destroy(), 5000);
     this.socket.once('close', () => clearTimeout(linger));
     this.socket.end();
@@ -266,7 +274,7 @@ class Connection {
 
   // ---- negotiation -----------------------------------------------------------------------
 
-  private async negotiate(): Promise<ExportEntry | undefined> {
+  private async negotiate(): Promise<ExportEntry | 'abort' | undefined> {
     const hello = Buffer.alloc(18);
     hello.writeBigUInt64BE(NBD.INIT_MAGIC, 0);
     hello.writeBigUInt64BE(NBD.OPTS_MAGIC, 8);
@@ -290,7 +298,6 @@ class Connection {
       }
       const data = await this.reader.read(length);
       const done = await this.option(opt, data);
-      if (done === 'abort') return undefined;
       if (done !== undefined) return done;
     }
   }
@@ -318,7 +325,6 @@ class Connection {
       }
       case NBD.OPT_ABORT:
         this.reply(opt, NBD.REP_ACK);
-        await new Promise<void>((r) => this.socket.end(r));
         return 'abort';
       case NBD.OPT_LIST:
         if (data.length !== 0)
