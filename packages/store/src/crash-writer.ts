@@ -11,7 +11,12 @@ if (dir === undefined || passphrase === undefined || sizeText === undefined) {
   process.exit(2);
 }
 const size = Number(sizeText);
-const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
+// Small index batches so kills also land between mid-session index objects.
+const store = await Store.open({
+  backend: new DirectoryBackend({ path: dir }),
+  passphrase,
+  indexEveryBlobs: 4,
+});
 process.stdout.write('READY\n');
 for (;;) {
   const seed = randomInt(1, 2 ** 31);

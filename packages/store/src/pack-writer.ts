@@ -28,11 +28,23 @@ export class PackWriter {
   /** Bytes uploaded. */
   uploadedBytes = 0;
 
+  private publishing: Promise<void> = Promise.resolve();
+  private unpublished = 0;
+
+  /**
+   * `publish`, when given, is called with packs that are durable, in batches of about
+   * `publishEvery` blobs, to write an index object for them; their blobs are then forgotten
+   * here (the store's index knows them), which keeps a long import's memory bounded.
+   */
   constructor(
     private readonly backend: ObjectBackend,
     private readonly crypto: StoreCrypto,
     private readonly packSize: number,
     private readonly maxInFlight = 2,
+    private readonly publish?: (
+      packs: Array<{ pack: string; entries: PackEntry[] }>,
+    ) => Promise<void>,
+    private readonly publishEvery = 65_536,
   ) {}
 
   /** True when this writer already holds a blob with this id. */
@@ -104,6 +116,8 @@ export class PackWriter {
           const b = this.blobs.get(e.id.toString('latin1'));
           if (b !== undefined) b.data = undefined;
         }
+        this.unpublished += entries.length;
+        if (this.unpublished >= this.publishEvery) this.startPublish();
       },
       (err: unknown) => {
         this.failure ??= err;
@@ -113,10 +127,16 @@ export class PackWriter {
     this.inFlight.add(tracked);
   }
 
-  /** Uploads everything and waits until every pack is durable. */
+  /**
+   * Uploads everything and waits until every pack is durable (and, with `publish`, indexed).
+   * Returns the packs not handed to `publish`.
+   */
   async finish(): Promise<Array<{ pack: string; entries: PackEntry[] }>> {
     await this.flush();
     await Promise.all(this.inFlight);
+    this.throwIfFailed();
+    if (this.publish !== undefined && this.written.length > 0) this.startPublish();
+    await this.publishing;
     this.throwIfFailed();
     return this.written;
   }
@@ -124,6 +144,24 @@ export class PackWriter {
   /** Waits for uploads without raising their errors (for abort). */
   async settle(): Promise<void> {
     await Promise.allSettled(this.inFlight);
+    await this.publishing;
+  }
+
+  private startPublish(): void {
+    const publish = this.publish;
+    if (publish === undefined || this.written.length === 0) return;
+    const batch = this.written.splice(0);
+    this.unpublished = 0;
+    this.publishing = this.publishing.then(async () => {
+      if (this.failure !== undefined) return;
+      try {
+        await publish(batch);
+        for (const p of batch)
+          for (const e of p.entries) this.blobs.delete(e.id.toString('latin1'));
+      } catch (err) {
+        this.failure ??= err;
+      }
+    });
   }
 
   private throwIfFailed(): void {

@@ -107,7 +107,12 @@ describe('property: any sequence of writes, commits, crashes and prunes keeps ev
         fc.array(step, { minLength: 1, maxLength: 10 }),
         fc.constantFrom(4, 8, 256),
         async (steps, fanout) => {
-          const t = await tempStore({ chunkSize: CS, packSize: 16 * 1024, treeFanout: fanout });
+          const t = await tempStore({
+            chunkSize: CS,
+            packSize: 16 * 1024,
+            treeFanout: fanout,
+            indexEveryBlobs: 6,
+          });
           try {
             const store = t.store;
             const model = new Map<string, Buffer>();

@@ -69,6 +69,8 @@ const NODE_CACHE = 32 * 1024 * 1024;
 export interface StoreExtraOptions {
   /** Lock timings (tests shorten them). */
   locks?: Partial<LockOptions>;
+  /** Blobs a write session collects before it writes an index object for them (tests lower it). @default 65536 */
+  indexEveryBlobs?: number;
   /** References per tree node, a power of two from 4 to 4096 (init only; tests lower it). @default 256 */
   treeFanout?: number;
 }
@@ -89,6 +91,7 @@ export class Store implements StoreApi {
   /** @internal */ readonly pow: number[];
   /** @internal */ readonly locks: StoreLocks;
   /** @internal */ readonly zeroChunk: Buffer;
+  /** @internal */ readonly indexEveryBlobs: number;
   private readonly nodeCache = new LruCache<string, Buffer>(NODE_CACHE, (b) => b.length + 64);
   private readonly chunkCache: LruCache<string, Buffer>;
   private readonly points = new Map<string, PointRecord>();
@@ -120,6 +123,7 @@ export class Store implements StoreApi {
       this.pow.push((this.pow[this.pow.length - 1] as number) * this.fanout);
     }
     this.locks = new StoreLocks(backend, extra.locks ?? {});
+    this.indexEveryBlobs = Math.max(1, extra.indexEveryBlobs ?? 65_536);
   }
 
   /** Creates a new store in an empty backend. */

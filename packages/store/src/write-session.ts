@@ -47,7 +47,23 @@ export class StoreWriteSession implements WriteSession {
     this.fanout = store.fanout;
     this._size = base?.info.size ?? 0;
     this.baseChunks = Math.ceil(this._size / this.cs);
-    this.writer = new PackWriter(store.backend, store.crypto, store.config.packSize);
+    // Index objects are written as packs become durable (not only at commit), so a long
+    // import keeps no per-chunk state beyond the store's index. Blobs a session never commits
+    // are garbage gc removes, like those of a crashed session.
+    this.writer = new PackWriter(
+      store.backend,
+      store.crypto,
+      store.config.packSize,
+      3,
+      async (packs) => {
+        const key = indexKey(randomBytes(16).toString('hex'));
+        const body = encodeIndex({ supersedes: [], packs });
+        await store.backend.put(key, sealObject(store.crypto, ObjectKind.Index, key, body));
+        for (const p of packs) store.index.addPack(p.pack, p.entries);
+        store.index.loaded.add(key);
+      },
+      store.indexEveryBlobs,
+    );
     this.ctx = base === undefined ? {} : { point: base.info.id };
   }
 
@@ -318,14 +334,9 @@ export class StoreWriteSession implements WriteSession {
     const height = treeHeight(Math.max(chunks, 1), this.fanout);
     const dirty = [...this.flushed.keys()].sort((a, b) => a - b);
     const root = await this.build(height - 1, 0, chunks, dirty);
-    // Write order: packs, then the index that lists them, then the point that references them.
-    const packs = await this.writer.finish();
-    let written: string | undefined;
-    if (packs.length > 0) {
-      written = indexKey(randomBytes(16).toString('hex'));
-      const body = encodeIndex({ supersedes: [], packs });
-      await store.backend.put(written, sealObject(store.crypto, ObjectKind.Index, written, body));
-    }
+    // Write order: packs, then the index objects that list them (finish waits for both),
+    // then the point that references them.
+    await this.writer.finish();
     // Refuse to publish a point whose data a gc could have judged garbage.
     await this.lock.check();
     const now = new Date();
@@ -343,8 +354,6 @@ export class StoreWriteSession implements WriteSession {
     if (options.consistencyGroup !== undefined) info.consistencyGroup = options.consistencyGroup;
     if (this.base !== undefined) info.parent = this.base.info.id;
     await store.putPoint({ info, root, height });
-    for (const p of packs) store.index.addPack(p.pack, p.entries);
-    if (written !== undefined) store.index.loaded.add(written);
     return { ...info, labels: { ...info.labels } };
   }
 
