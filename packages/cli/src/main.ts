@@ -7,13 +7,18 @@ import type { ExitCodeValue } from './exit-codes.js';
 import { reportError } from './report-error.js';
 import { registerStoreCommands } from './commands/store.js';
 import { registerVaultCommands } from './commands/vault.js';
+import { registerProcessServerCommands } from './commands/process-server.js';
 
 /** Adds one group of subcommands (`lifeboat store ...`, `lifeboat vault ...`) to the program. */
 export type CommandGroup = (program: Command, ctx: CliContext) => void;
 
 // Every command group, one line each. To add a group, write commands/<group>.ts exporting
 // `register<Group>Commands(program, ctx)` and add it here.
-const COMMAND_GROUPS: readonly CommandGroup[] = [registerStoreCommands, registerVaultCommands];
+const COMMAND_GROUPS: readonly CommandGroup[] = [
+  registerStoreCommands,
+  registerVaultCommands,
+  registerProcessServerCommands,
+];
 
 function version(): string {
   try {

@@ -1,0 +1,209 @@
+import { readFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import type { Command } from 'commander';
+import { ProcessServer } from '@lifeboat/process-server';
+import type { ProcessServerHealth } from '@lifeboat/process-server';
+import { LifeboatError } from '@lifeboat/protocol';
+import type { CliContext } from '../cli-context.js';
+import { CliPrinter } from '../cli-printer.js';
+import { resolveConfig } from '../config.js';
+import type { GlobalCliOptions } from '../config.js';
+import { formatBytes, formatDuration, formatRate } from '../format.js';
+import { openStore } from '../open-store.js';
+
+// `process-server start` runs the data gateway until Ctrl-C; `process-server status` reads its
+// health listener (GET /health), so it works against any running process server.
+
+function bad(message: string, details: Record<string, unknown> = {}): LifeboatError {
+  return new LifeboatError('LB_CLI_BAD_OPTION', message, { details });
+}
+
+function parseHostPort(
+  value: string,
+  option: string,
+  defaultHost: string,
+): { host: string; port: number } {
+  const m = /^(?:(.*):)?(\d+)$/.exec(value);
+  const port = Number(m?.[2]);
+  if (m === null || !Number.isInteger(port) || port > 65535)
+    throw bad(`${option} ${value}: give host:port or a port.`, { value });
+  return {
+    host: m[1] === undefined || m[1] === '' ? defaultHost : m[1].replace(/^\[|\]$/g, ''),
+    port,
+  };
+}
+
+function parseBytes(value: string, option: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?$/i.exec(value.trim());
+  if (!m) throw bad(`${option} ${value}: give a number of bytes, e.g. 10G or 512MiB.`, { value });
+  const unit = (m[2] ?? '').toLowerCase()[0];
+  const mult =
+    unit === 'k'
+      ? 1024
+      : unit === 'm'
+        ? 1024 ** 2
+        : unit === 'g'
+          ? 1024 ** 3
+          : unit === 't'
+            ? 1024 ** 4
+            : 1;
+  return Math.floor(Number(m[1]) * mult);
+}
+
+async function readPem(ctx: CliContext, file: string, what: string): Promise<Buffer> {
+  try {
+    return await readFile(resolve(ctx.io.cwd, file));
+  } catch (err) {
+    throw bad(`Cannot read the ${what} ${file}: ${(err as Error).message}.`, { file });
+  }
+}
+
+/** Prints a health report for humans. */
+function printHealth(out: CliPrinter, h: ProcessServerHealth): void {
+  out.line(
+    `status ${h.status}   uptime ${formatDuration(h.uptimeSeconds)}   cpu ${h.process.cpuPercent.toFixed(0)}%   rss ${formatBytes(h.process.rssBytes)}`,
+  );
+  out.line(
+    `journal ${formatBytes(h.journal.usedBytes)} of ${formatBytes(h.journal.maxBytes)} (${(h.journal.usedRatio * 100).toFixed(1)}%)${h.journal.fullForSeconds !== null ? `, FULL for ${formatDuration(h.journal.fullForSeconds)}` : ''}`,
+  );
+  out.line(
+    `store ${h.store.location}: ${h.store.reachable ? 'reachable' : `UNREACHABLE (${h.store.lastError ?? ''})`}`,
+  );
+  out.line(
+    `ingest ${formatRate(h.ingest.bytesPerSecondIn)} in, ${formatRate(h.ingest.bytesPerSecondOut)} to the store, ${h.ingest.sessions} sessions`,
+  );
+  out.line();
+  const rows: string[][] = [];
+  for (const m of h.machines) {
+    for (const d of m.disks) {
+      rows.push([
+        m.machine,
+        d.disk,
+        m.connected ? 'yes' : 'no',
+        d.rpoSeconds === null ? '-' : formatDuration(d.rpoSeconds),
+        formatBytes(m.backlogBytes),
+        formatRate(m.bytesPerSecondIn),
+        m.resyncRequired
+          ? `RESYNC: ${m.resyncReason ?? ''}`
+          : m.lastError
+            ? `${m.lastError.code}`
+            : 'ok',
+      ]);
+    }
+  }
+  out.table(
+    ['machine', 'disk', 'connected', 'rpo', 'backlog', 'in', 'state'],
+    rows,
+    new Set([3, 4, 5]),
+  );
+}
+
+/** Registers `lifeboat process-server ...`. */
+export function registerProcessServerCommands(program: Command, ctx: CliContext): void {
+  const ps = program
+    .command('process-server')
+    .description(
+      'The data gateway: receives agents’ change streams, journals them, commits recovery points',
+    );
+
+  ps.command('start')
+    .description(
+      'Run a process server (until Ctrl-C); uses the global --store and --passphrase-file',
+    )
+    .requiredOption(
+      '--journal-dir <dir>',
+      'local directory of the cache journal (fast disk, fsync honoured)',
+    )
+    .requiredOption('--cert <file>', 'server certificate (PEM)')
+    .requiredOption('--key <file>', 'server private key (PEM)')
+    .requiredOption('--client-ca <file>', 'CA whose client certificates agents must present (PEM)')
+    .option('--listen <host:port>', 'address agents connect to', '0.0.0.0:9443')
+    .option(
+      '--health <host:port>',
+      'health and metrics listener (GET /health, /metrics)',
+      '127.0.0.1:9444',
+    )
+    .option('--journal-size <bytes>', 'journal size limit (e.g. 20G)', '1G')
+    .option('--bandwidth <bytes-per-second>', 'ingest limit of the whole server (0 = none)', '0')
+    .option('--machine-bandwidth <bytes-per-second>', 'ingest limit per machine (0 = none)', '0')
+    .option('--store-concurrency <n>', 'store operations at once', '8')
+    .option('--log-level <level>', 'pino log level', 'info')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pw process-server start \\\n    --journal-dir /var/lib/lifeboat/journal --cert ps.crt --key ps.key --client-ca ca.crt\n',
+    )
+    .action(
+      async (
+        opts: {
+          journalDir: string;
+          cert: string;
+          key: string;
+          clientCa: string;
+          listen: string;
+          health: string;
+          journalSize: string;
+          bandwidth: string;
+          machineBandwidth: string;
+          storeConcurrency: string;
+          logLevel: string;
+        },
+        command: Command,
+      ) => {
+        const config = resolveConfig(command.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+        const listen = parseHostPort(opts.listen, '--listen', '0.0.0.0');
+        const health = parseHostPort(opts.health, '--health', '127.0.0.1');
+        const store = await openStore(config, ctx);
+        const server = await ProcessServer.start({
+          store,
+          journalDir: resolve(ctx.io.cwd, opts.journalDir),
+          tls: {
+            cert: await readPem(ctx, opts.cert, 'certificate'),
+            key: await readPem(ctx, opts.key, 'key'),
+            ca: await readPem(ctx, opts.clientCa, 'client CA'),
+          },
+          host: listen.host,
+          port: listen.port,
+          healthHost: health.host,
+          healthPort: health.port,
+          journalMaxBytes: parseBytes(opts.journalSize, '--journal-size'),
+          bandwidthBytesPerSecond: parseBytes(opts.bandwidth, '--bandwidth'),
+          machineBandwidthBytesPerSecond: parseBytes(opts.machineBandwidth, '--machine-bandwidth'),
+          storeConcurrency: Number(opts.storeConcurrency),
+          logLevel: opts.logLevel as 'info',
+        });
+        ctx.io.stderr.write(
+          `process server listening on ${listen.host}:${server.port} (health: http://${health.host}:${server.healthPort}/health)\n`,
+        );
+        await new Promise<void>((done) => {
+          if (ctx.signal.aborted) done();
+          ctx.signal.addEventListener('abort', () => done(), { once: true });
+        });
+        await server.stop();
+      },
+    );
+
+  ps.command('status')
+    .description(
+      'Show a running process server’s health: RPO per disk, backlog, journal, throughput',
+    )
+    .option('--health <host:port>', 'its health listener', '127.0.0.1:9444')
+    .action(async (opts: { health: string }, command: Command) => {
+      const config = resolveConfig(command.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      const out = new CliPrinter(ctx.io, config.json);
+      const { host, port } = parseHostPort(opts.health, '--health', '127.0.0.1');
+      const url = `http://${host.includes(':') ? `[${host}]` : host}:${port}/health`;
+      let h: ProcessServerHealth;
+      try {
+        const res = await fetch(url, { signal: ctx.signal });
+        h = (await res.json()) as ProcessServerHealth;
+      } catch (err) {
+        throw new LifeboatError(
+          'LB_CLI_PS_UNREACHABLE',
+          `Cannot read the process server's health at ${url}: ${(err as Error).message}. Is it running, and is --health its health address?`,
+          { cause: err, details: { url } },
+        );
+      }
+      out.json(h);
+      printHealth(out, h);
+    });
+}
