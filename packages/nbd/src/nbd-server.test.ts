@@ -193,6 +193,17 @@ describe('NbdServer with the project client', () => {
     const addr = await tcp.listen({ host: '127.0.0.1', port: 0 });
     try {
       expect('port' in addr && addr.port > 0).toBe(true);
+      const port = 'port' in addr ? addr.port : 0;
+      // QEMU's own client over TCP.
+      await run('qemu-img', [
+        'compare',
+        '-f',
+        'raw',
+        '-F',
+        'raw',
+        `nbd://127.0.0.1:${port}/point`,
+        join(dir, 'expected.raw'),
+      ]);
       const clients = await Promise.all([
         NbdClient.connect({ path: sock }, { exportName: 'point', metaContexts: [BASE_ALLOCATION] }),
         NbdClient.connect({ path: sock }, { exportName: 'point', structuredReplies: false }),
