@@ -54,6 +54,7 @@ export async function importImage(options: ImportImageOptions): Promise<ImportRe
   const chunk = store.chunkSize;
   const block = Math.max(chunk, Math.floor((options.blockBytes ?? DEFAULT_BLOCK) / chunk) * chunk);
   let baseId: string | undefined;
+  let changedRanges = options.changed;
   if (options.changed !== undefined) {
     const latest = await store.latestPoint(machine, disk);
     if (latest === undefined) {
@@ -64,13 +65,17 @@ export async function importImage(options: ImportImageOptions): Promise<ImportRe
       );
     }
     baseId = latest.id;
+    // A disk that grew since its base point: the new tail is new data whether listed or not.
+    if (size > latest.size) {
+      changedRanges = [...options.changed, { offset: latest.size, length: size - latest.size }];
+    }
   }
   let map = await image.map();
   if (image.info.format === 'raw') map = coarsenRawMap(map, chunk, size);
   const ranges =
-    options.changed === undefined
+    changedRanges === undefined
       ? [{ offset: 0, length: size }]
-      : alignRanges(options.changed, chunk, size);
+      : alignRanges(changedRanges, chunk, size);
   const pieces = planImport(map, ranges);
   const total = pieces.reduce((sum, p) => sum + (p.kind === 'data' ? p.length : 0), 0);
   const covered = ranges.reduce((sum, r) => sum + r.length, 0);
