@@ -649,7 +649,7 @@ export class Agent extends EventEmitter {
     let warning: string | undefined;
     const wantApp =
       this.opts.appConsistentIntervalMs > 0 &&
-      Date.now() - this.lastAppAt >= this.opts.appConsistentIntervalMs;
+      started - this.lastAppAt >= this.opts.appConsistentIntervalMs;
     const qga = this.opts.guestAgentSocket
       ? new GuestAgentClient(this.opts.guestAgentSocket, this.opts.guestAgentTimeoutMs)
       : undefined;
@@ -703,7 +703,8 @@ export class Agent extends EventEmitter {
       }
       await this.opts.hooks.afterCut?.(cutId);
     }
-    if (kind === 'app') this.lastAppAt = time;
+    // Measured from cycle start to cycle start, so "every N ms" with N = interval means every cut.
+    if (kind === 'app') this.lastAppAt = started;
     let bytes = 0;
     let acked = false;
     try {

@@ -1,0 +1,178 @@
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import type { Server, Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DirectoryBackend, Store } from '@lifeboat/store';
+import {
+  buildTestImage,
+  checkExt4,
+  createRootOverlay,
+  readExt4File,
+  replayExt4Journal,
+  runCommand,
+  startVm,
+  testImageAppend,
+} from '@lifeboat/testing';
+import type { TestVm } from '@lifeboat/testing';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Agent } from './agent.js';
+import type { CutReport } from './agent.js';
+import { StoreSink } from './store-sink.js';
+
+/** Writes a point to a sparse raw file, only its non-zero extents. */
+async function restore(store: Store, pointId: string, path: string): Promise<void> {
+  const r = await store.openPoint(pointId);
+  const fh = await open(path, 'w');
+  try {
+    await fh.truncate(r.size);
+    for await (const e of r.extents()) {
+      if (e.zero) continue;
+      for (let off = e.offset; off < e.offset + e.length; off += 8 << 20) {
+        const len = Math.min(8 << 20, e.offset + e.length - off);
+        await fh.write(await r.readAt(off, len), 0, len, off);
+      }
+    }
+  } finally {
+    await fh.close();
+  }
+}
+
+function nextCut(agent: Agent, ms = 180_000): Promise<CutReport> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`no cut within ${ms} ms: ${JSON.stringify(agent.status())}`)),
+      ms,
+    );
+    agent.once('cut', (c: CutReport) => {
+      clearTimeout(timer);
+      resolve(c);
+    });
+    agent.once('failed', (e: Error) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+  });
+}
+
+/** Checks a restored root file system: clean, and every file the index names finished. */
+async function checkGuestFiles(raw: string): Promise<number> {
+  const check = await checkExt4(raw);
+  expect(check.clean, check.output).toBe(true);
+  const index = Number((await readExt4File(raw, '/var/lifeboat/index'))?.toString().trim());
+  expect(index).toBeGreaterThan(0);
+  // The writer keeps the newest 100 files; each was fsynced before the index named it.
+  for (let n = Math.max(1, index - 20); n <= index; n++) {
+    const file = await readExt4File(raw, `/var/lifeboat/files/${n}.dat`);
+    expect(file?.length, `file ${n} of index ${index}`).toBe(16384);
+    expect(file?.toString().startsWith(`LIFEBOAT-FILE ${n}\n`)).toBe(true);
+  }
+  return index;
+}
+
+describe('agent protecting a real VM (test image, writer, guest agent)', () => {
+  let dir: string;
+  let store: Store;
+  let vm: TestVm | undefined;
+  let silent: Server | undefined;
+  const silentClients = new Set<Socket>();
+  const agents: Agent[] = [];
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'lifeboat-agent-vm-'));
+    store = await Store.init({
+      backend: new DirectoryBackend({ path: join(dir, 'store') }),
+      passphrase: 'test',
+      kdfCost: 1024,
+    });
+  });
+  afterAll(async () => {
+    for (const a of agents) await a.stop().catch(() => undefined);
+    await vm?.stop({ kill: true });
+    for (const c of silentClients) c.destroy();
+    await new Promise((r) => (silent ? silent.close(r) : r(undefined)));
+    await store.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('app-consistent points freeze the guest; without an answering guest agent the point is crash-consistent with a warning; both restore clean with the files finished before the cut', async () => {
+    const image = await buildTestImage();
+    const root = await createRootOverlay(image, join(dir, 'root.qcow2'));
+    const data = join(dir, 'data.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', data, '4M']);
+    vm = await startVm({
+      kernel: image.kernel,
+      disks: [{ path: root }, { path: data }],
+      append: testImageAppend({ hostname: 'prot1', writer: true, writerIntervalMs: 50 }),
+      guestAgent: true,
+    });
+    await vm.waitForConsole('LIFEBOAT-QGA-STARTED', 180_000);
+    await vm.waitForConsole('LIFEBOAT-WROTE 5', 180_000);
+
+    const sink = new StoreSink(store, 'prot1');
+    const stateDir = join(dir, 'agent');
+    const app = new Agent({
+      qmpSocket: vm.qmpSocket,
+      machine: 'prot1',
+      sink,
+      stateDir,
+      intervalMs: 1000,
+      guestAgentSocket: vm.qgaSocket as string,
+      appConsistentIntervalMs: 1000,
+    });
+    agents.push(app);
+    await app.start();
+    const first = await nextCut(app);
+    expect(first.kind).toBe('app');
+    const second = await nextCut(app);
+    expect(second.kind).toBe('app');
+    await app.stop();
+
+    const appPoints = sink.committed[sink.committed.length - 1]?.points ?? [];
+    const appRoot = join(dir, 'app-root.raw');
+    await restore(store, appPoints.find((p) => p.disk === 'disk0')?.id as string, appRoot);
+    // A frozen ext4 has its journal checkpointed: clean without any replay.
+    const index = await checkGuestFiles(appRoot);
+    const stampDisk = await store.openPoint(
+      appPoints.find((p) => p.disk === 'disk1')?.id as string,
+    );
+    const stamp = Number(
+      /LIFEBOAT-STAMP (\d+)/.exec((await stampDisk.readAt(0, 512)).toString('latin1'))?.[1],
+    );
+    expect([index - 1, index]).toContain(stamp);
+
+    // A guest agent socket that accepts and never answers, as QEMU's does when no agent runs.
+    const dead = join(dir, 'dead-qga.sock');
+    silent = createServer((c) => silentClients.add(c));
+    await new Promise<void>((r) => silent?.listen(dead, r));
+    const crash = new Agent({
+      qmpSocket: vm.qmpSocket,
+      machine: 'prot1',
+      sink,
+      stateDir,
+      intervalMs: 1000,
+      guestAgentSocket: dead,
+      appConsistentIntervalMs: 1000,
+      guestAgentTimeoutMs: 1000,
+    });
+    agents.push(crash);
+    const warnings: Array<{ code: string; message: string }> = [];
+    crash.on('warning', (w: { code: string; message: string }) => warnings.push(w));
+    await crash.start();
+    const fallback = await nextCut(crash);
+    await crash.stop();
+    expect(fallback.kind).toBe('crash');
+    expect(fallback.warning).toMatch(/did not answer/);
+    expect(warnings.map((w) => w.code)).toContain('LB_AGENT_APP_CONSISTENT_FAILED');
+    // The restart continued from the bitmaps: no resync, only changes.
+    expect(warnings.map((w) => w.code)).not.toContain('LB_AGENT_RESYNC');
+    const crashRoot = join(dir, 'crash-root.raw');
+    const crashPoints = sink.committed[sink.committed.length - 1]?.points ?? [];
+    expect(crashPoints[0]?.kind).toBe('crash');
+    await restore(store, crashPoints.find((p) => p.disk === 'disk0')?.id as string, crashRoot);
+    // Crash-consistent: the journal is replayed first, as mounting would.
+    await replayExt4Journal(crashRoot);
+    const later = await checkGuestFiles(crashRoot);
+    expect(later).toBeGreaterThanOrEqual(index);
+  }, 300_000);
+});
