@@ -162,6 +162,46 @@ describe('NbdServer with QEMU and libnbd clients', () => {
     expect((await readFile(out)).equals(disk)).toBe(true);
   });
 
+  it('backs a qcow2 overlay that takes the writes, as a recovery boot does', async () => {
+    const overlay = join(dir, 'boot.qcow2');
+    await run('qemu-img', [
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-F',
+      'raw',
+      '-b',
+      uri('point'),
+      overlay,
+    ]);
+    await run('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -P 0x99 5M 64k',
+      '-c',
+      'write -P 0x98 2M 4k',
+      overlay,
+    ]);
+    const expected = Buffer.from(disk);
+    expected.fill(0x99, 5 * MiB, 5 * MiB + 64 * KiB);
+    expected.fill(0x98, 2 * MiB, 2 * MiB + 4 * KiB);
+    const out = join(dir, 'boot.raw');
+    await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', overlay, out]);
+    expect((await readFile(out)).equals(expected)).toBe(true);
+    // The export itself is untouched.
+    await run('qemu-img', [
+      'compare',
+      '-f',
+      'raw',
+      '-F',
+      'raw',
+      uri('point'),
+      join(dir, 'expected.raw'),
+    ]);
+  });
+
   it('a source read error reaches QEMU as an I/O error, never as zeros', async () => {
     const out = join(dir, 'broken.raw');
     const err = await run('qemu-img', [
