@@ -75,6 +75,8 @@ export interface ProcessServerHealth {
     bytesPerSecondOut: number;
     bandwidthBytesPerSecond: number;
     machineBandwidthBytesPerSecond: number;
+    /** Time from a cut's arrival (durable in the journal) to its committed points, over the last 1000 cuts. */
+    commitLatencyMs: { p50: number; p99: number; samples: number };
   };
   machines: MachineHealth[];
 }
@@ -259,6 +261,7 @@ export class ProcessServer extends EventEmitter {
         bytesPerSecondOut: this.rateOut.rate(),
         bandwidthBytesPerSecond: this.bucket.bytesPerSecond,
         machineBandwidthBytesPerSecond: this.machineLimit,
+        commitLatencyMs: percentiles(this.commitLatencies.slice(-1000)),
       },
       machines,
     };
@@ -729,4 +732,11 @@ export class ProcessServer extends EventEmitter {
       (err: unknown) => s.reject(err),
     );
   }
+}
+
+function percentiles(values: number[]): { p50: number; p99: number; samples: number } {
+  if (values.length === 0) return { p50: 0, p99: 0, samples: 0 };
+  const v = [...values].sort((a, b) => a - b);
+  const at = (q: number): number => v[Math.min(v.length - 1, Math.floor(q * v.length))]!;
+  return { p50: at(0.5), p99: at(0.99), samples: v.length };
 }

@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
+import { isIP } from 'node:net';
 import { connect } from 'node:tls';
 import type { TLSSocket } from 'node:tls';
 import { DATA_PREFIX_BYTES, FrameDecoder, encodeFrame } from './frame-codec.js';
@@ -340,7 +341,8 @@ export class ReplicationClient extends EventEmitter {
       ca: this.opts.ca,
       cert: this.opts.cert,
       key: this.opts.key,
-      servername: this.opts.servername,
+      // SNI must not carry an IP address (RFC 6066); the certificate is still checked against it.
+      ...(isIP(this.opts.servername) === 0 ? { servername: this.opts.servername } : {}),
       minVersion: 'TLSv1.3',
     });
     let settled = false;
