@@ -145,6 +145,77 @@ describe('image fleecing on qemu-storage-daemon (QEMU 7.2)', () => {
     await live.close();
   });
 
+  it('cuts two disks at one instant while a writer stamps a counter on both', async () => {
+    const qmp = qsd.qmp;
+    const second = join(dir, 'disk1.qcow2');
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', second, String(SIZE)]);
+    await qmp.execute('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'disk1',
+      file: { driver: 'file', filename: second },
+    });
+    await qmp.execute('block-export-add', {
+      type: 'nbd',
+      id: 'live1',
+      'node-name': 'disk1',
+      name: 'live1',
+      writable: true,
+    });
+    for (const node of ['disk0', 'disk1']) {
+      await qmp.execute('block-dirty-bitmap-add', { node, name: 'm0' });
+    }
+    const a = await NbdClient.connect({ path: nbdSocket }, { exportName: 'live' });
+    const b = await NbdClient.connect({ path: nbdSocket }, { exportName: 'live1' });
+    // The writer stamps n on disk0, then on disk1, and never waits for the cut.
+    let n = 0;
+    let stop = false;
+    const stamp = (v: number): Buffer => {
+      const buf = Buffer.alloc(4096);
+      buf.writeUInt32LE(v, 0);
+      return buf;
+    };
+    const writer = (async () => {
+      while (!stop) {
+        n++;
+        await a.write(12 * MiB, stamp(n));
+        await b.write(12 * MiB, stamp(n));
+      }
+    })();
+    while (n < 20) await new Promise((r) => setTimeout(r, 5));
+    const cut = await startFleecing(qmp, {
+      disks: ['disk0', 'disk1'].map((node) => ({
+        node,
+        oldBitmap: 'm0',
+        newBitmap: 'm1',
+        persistent: false,
+        overlayPath: join(dir, `m-${node}.qcow2`),
+        exportName: `m-${node}`,
+      })),
+    });
+    const atCut = n;
+    const counters: number[] = [];
+    for (const d of cut.disks) {
+      const v = await NbdClient.connect({ path: nbdSocket }, { exportName: d.exportName });
+      counters.push((await v.readAt(12 * MiB, 4)).readUInt32LE(0));
+      await v.close();
+    }
+    const [c0, c1] = counters as [number, number];
+    // The writer went on after the cut (wait for it rather than assume it).
+    while (n <= c0 + 2) await new Promise((r) => setTimeout(r, 5));
+    stop = true;
+    await writer;
+    // One instant: disk1 holds the same stamp as disk0, or the one before (disk0 is written first).
+    expect(c0 - c1 === 0 || c0 - c1 === 1).toBe(true);
+    expect(c0).toBeGreaterThan(0);
+    expect(c0).toBeLessThanOrEqual(atCut);
+    await cut.release();
+    await a.close();
+    await b.close();
+    for (const node of ['disk0', 'disk1']) {
+      await qmp.execute('block-dirty-bitmap-remove', { node, name: 'm1' });
+    }
+  });
+
   it('undoes a cut that fails after the transaction, losing no change', async () => {
     const qmp = qsd.qmp;
     await qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'r0' });
