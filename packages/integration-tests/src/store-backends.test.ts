@@ -505,14 +505,16 @@ describe('AzureBlobBackend on Azurite', () => {
     } finally {
       await azurite.restart();
     }
+    // The same backend instance works again (its short budget is enough for a live service).
     expect((await b.get('before-outage')).equals(before)).toBe(true);
     await b.put('after-outage', Buffer.from('back'));
     expect((await b.get('after-outage')).toString()).toBe('back');
   });
 
   it('rides out a short outage within its retry budget', async () => {
+    // Bounded by time only: a restart on a busy machine may take many short retries.
     const b = azureBackend({
-      retry: { initialDelayMs: 50, maxDelayMs: 500, totalTimeoutMs: 60_000 },
+      retry: { maxAttempts: 1000, initialDelayMs: 50, maxDelayMs: 500, totalTimeoutMs: 60_000 },
     });
     await b.put('warm', Buffer.from('x'));
     await azurite.kill();
@@ -541,7 +543,12 @@ describe('AzureBlobBackend on Azurite', () => {
     } finally {
       azurite.resume();
     }
-    expect((await b.get('before-hang')).equals(data)).toBe(true);
+    // A thawed Azurite on a busy machine may answer slowly at first: read with default patience.
+    const patient = azureBackend({
+      connectionString: azurite.connectionString,
+      container: b.location.split('/')[1] ?? '',
+    });
+    expect((await patient.get('before-hang')).equals(data)).toBe(true);
   });
 
   it('reports a wrong account key as LB_BACKEND_AUTH without retrying for long', async () => {

@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   BlobServiceClient,
@@ -29,6 +29,8 @@ import { withRetry } from './retry.js';
 const MAX_BLOCKS = 50_000;
 /** Times a large put stages its blocks again after a concurrent writer's commit discarded them. */
 const MAX_UPLOAD_ROUNDS = 5;
+/** Metadata name of the id each put gives its blob (metadata names are C# identifiers). */
+const UPLOAD_ID = 'lifeboatupload';
 /** Longest blob name the service accepts, in characters. */
 const MAX_KEY_LENGTH = 1024;
 
@@ -231,8 +233,11 @@ export class AzureBlobBackend implements ObjectBackend {
       const { signal } = options;
       await this.ensureReady(signal);
       const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-      // Stored with the blob: lets a retried put recognise its own earlier success (below).
-      const md5 = createHash('md5').update(buf).digest();
+      // Stored as blob metadata: lets a retried put recognise its own earlier success (below).
+      // A random id rather than a content hash: hashing every pack cost more CPU than the upload
+      // itself; integrity is the store's own AEAD per chunk, and TLS's in transit.
+      const uploadId = randomBytes(12).toString('hex');
+      const metadata = { [UPLOAD_ID]: uploadId };
       const conditions = options.overwrite === true ? {} : { ifNoneMatch: '*' };
       const blob = this.client.getBlockBlobClient(key);
       const facts = { location: this.location, operation: 'put', key };
@@ -243,7 +248,7 @@ export class AzureBlobBackend implements ObjectBackend {
             attempts++;
             return blob.upload(buf, buf.length, {
               conditions,
-              blobHTTPHeaders: { blobContentMD5: md5 },
+              metadata,
               abortSignal: s,
             });
           });
@@ -255,7 +260,7 @@ export class AzureBlobBackend implements ObjectBackend {
                 attempts++;
                 return blob.commitBlockList(blockIds, {
                   conditions,
-                  blobHTTPHeaders: { blobContentMD5: md5 },
+                  metadata,
                   abortSignal: s,
                 });
               });
@@ -282,7 +287,7 @@ export class AzureBlobBackend implements ObjectBackend {
               (code === 'InvalidBlockList' && (await this.stat(key)) !== undefined)));
         if (!exists) throw this.mapError(err, facts, signal);
         // An earlier attempt may have succeeded with its answer lost: then the blob is ours.
-        if (attempts > 1 && (await this.sameContent(key, buf.length, md5, signal))) return;
+        if (attempts > 1 && (await this.isOwnUpload(key, uploadId, signal))) return;
         throw new LifeboatError(
           'LB_BACKEND_EXISTS',
           `Object ${key} already exists in ${this.location}; objects are immutable unless overwritten explicitly.`,
@@ -521,16 +526,11 @@ export class AzureBlobBackend implements ObjectBackend {
       await Promise.all(
         ids.map(async (id, i) => {
           const part = buf.subarray(i * blockSize, Math.min(buf.length, (i + 1) * blockSize));
-          const md5 = createHash('md5').update(part).digest();
           try {
             await this.retried(
               { location: this.location, operation: 'put (stage block)', key },
               stop.signal,
-              (s) =>
-                blob.stageBlock(id, part, part.length, {
-                  transactionalContentMD5: md5,
-                  abortSignal: s,
-                }),
+              (s) => blob.stageBlock(id, part, part.length, { abortSignal: s }),
             );
           } catch (err) {
             // One block failed for good: the others need not keep the connections busy.
@@ -549,22 +549,17 @@ export class AzureBlobBackend implements ObjectBackend {
     return ids;
   }
 
-  /** True when `key` holds exactly the bytes whose MD5 is `md5`. */
-  private async sameContent(
+  /** True when the blob under `key` was committed by the put whose id is `uploadId`. */
+  private async isOwnUpload(
     key: string,
-    size: number,
-    md5: Buffer,
+    uploadId: string,
     signal: AbortSignal | undefined,
   ): Promise<boolean> {
     const blob = this.client.getBlobClient(key);
     const facts = { location: this.location, operation: 'stat', key };
     try {
       const p = await this.retried(facts, signal, (s) => blob.getProperties({ abortSignal: s }));
-      return (
-        p.contentLength === size &&
-        p.contentMD5 !== undefined &&
-        Buffer.from(p.contentMD5).equals(md5)
-      );
+      return p.metadata?.[UPLOAD_ID] === uploadId;
     } catch {
       return false;
     }
