@@ -179,8 +179,11 @@ export class StorePointReader implements PointReader {
       if (id === null || id === undefined) continue;
       const ctx = { point: this.point.id, offset: (first + i) * this.cs };
       if (cached) {
-        out[i] = await store.readBlob(Buffer.from(id), BlobType.Data, ctx);
-        continue;
+        const hit = store.cachedChunk(id);
+        if (hit !== undefined) {
+          out[i] = hit;
+          continue;
+        }
       }
       const loc = store.index.get(id);
       if (loc === undefined) throw store.notLocated(Buffer.from(id), BlobType.Data, ctx);
@@ -228,7 +231,7 @@ export class StorePointReader implements PointReader {
       }
       for (const it of items) {
         const rel = it.loc.offset - head.loc.offset;
-        out[it.i] = store.openBlob(
+        const plain = store.openBlob(
           data.subarray(rel, rel + it.loc.length),
           it.id,
           BlobType.Data,
@@ -238,6 +241,8 @@ export class StorePointReader implements PointReader {
             offset: (first + it.i) * this.cs,
           },
         );
+        if (cached) store.cacheChunk(it.id, plain);
+        out[it.i] = plain;
       }
     });
     return out;

@@ -534,6 +534,16 @@ export class Store implements StoreApi {
     return plain;
   }
 
+  /** @internal A decrypted data chunk from the cache, if there. */
+  cachedChunk(id: Buffer): Buffer | undefined {
+    return this.chunkCache.get(id.toString('latin1'));
+  }
+
+  /** @internal Remembers a decrypted data chunk. */
+  cacheChunk(id: Buffer, plain: Buffer): void {
+    this.chunkCache.set(id.toString('latin1'), plain);
+  }
+
   /** @internal Like readBlob, without the chunk cache (for streaming whole disks). */
   async readBlobUncached(
     id: Buffer,
