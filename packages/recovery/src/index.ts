@@ -41,3 +41,20 @@ export {
   type RecoveryJobListener,
 } from './recovery-job.js';
 export type { QmpSession } from './qmp-session.js';
+export {
+  runTestFailover,
+  damagedPointError,
+  type TestFailover,
+  type TestFailoverPlan,
+  type TestFailoverMachine,
+  type BootVerification,
+} from './test-failover.js';
+export {
+  Failover,
+  type FailoverPlan,
+  type FailoverState,
+  type HydrationOptions,
+  type PlannedFailoverSource,
+} from './failover.js';
+export { GuestAgent, type GuestExecResult } from './guest-agent.js';
+export { kvmBootsKernel } from './kvm-boots-kernel.js';

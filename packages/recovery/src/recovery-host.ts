@@ -2,13 +2,15 @@ import { mkdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
 import type { StoreApi } from '@lifeboat/store';
-import { kvmWorks } from './kvm-works.js';
+import { kvmAvailable } from '@lifeboat/qmp';
+import { kvmBootsKernel } from './kvm-boots-kernel.js';
 import { PointExport } from './point-export.js';
 import { resolveRecoveryHostOptions } from './recovery-host-options.js';
 import type { RecoveryHostOptions, ResolvedRecoveryHostOptions } from './recovery-host-options.js';
 import { RecoveryJob, type RecoveryJobKind } from './recovery-job.js';
 import {
   RecoveryMachine,
+  machineMac,
   type DiskExport,
   type MachineBoot,
   type MachineNic,
@@ -78,7 +80,8 @@ export class RecoveryHost {
     await mkdir(join(o.runDir, 'x'), { recursive: true, mode: 0o700 });
     await mkdir(join(o.runDir, 'm'), { recursive: true, mode: 0o700 });
     await mkdir(join(o.runDir, 'jobs'), { recursive: true, mode: 0o700 });
-    const accel = o.accel === 'auto' ? ((await kvmWorks()) ? 'kvm' : 'tcg') : o.accel;
+    const accel =
+      o.accel === 'auto' ? ((await kvmAvailable(o.qemuBinary)) ? 'kvm' : 'tcg') : o.accel;
     return new RecoveryHost(o, accel, o.connectQmp ?? connectQmpSession);
   }
 
@@ -155,13 +158,29 @@ export class RecoveryHost {
         owned.push(e);
         disks.push(e);
       }
-      const seedDisk = spec.seed ? await buildSeedDisk({ ...spec.seed, dir }) : undefined;
+      // Static addresses without a MAC belong to the NIC of the same index.
+      const seedDisk = spec.seed
+        ? await buildSeedDisk({
+            ...spec.seed,
+            dir,
+            addresses: (spec.seed.addresses ?? []).map((a, i) => ({
+              ...a,
+              mac: a.mac ?? spec.nics?.[i]?.mac ?? machineMac(spec.name, i),
+            })),
+          })
+        : undefined;
+      // KVM that starts QEMU may still hang on a real kernel (nested virtualisation): when
+      // booting a kernel under 'auto', prove KVM runs it once, else use TCG.
+      let accel = this.accel;
+      if (accel === 'kvm' && this.options.accel === 'auto' && 'kernel' in spec.boot) {
+        if (!(await kvmBootsKernel(spec.boot.kernel, this.options.qemuBinary))) accel = 'tcg';
+      }
       const machine = await RecoveryMachine.start({
         name: spec.name,
         dir,
         disks,
         boot: spec.boot,
-        accel: this.accel,
+        accel,
         connectQmp: this.connectQmp,
         qemuBinary: this.options.qemuBinary,
         qemuImg: this.options.qemuImg,

@@ -218,6 +218,9 @@ export class RecoveryMachine {
       `file:${this.consolePath}`,
       '-qmp',
       `unix:${this.qmpSocket},server=on,wait=off`,
+      // Lets `lifeboat failover cleanup` find machines a crashed process left behind.
+      '-pidfile',
+      join(this.dir, 'qemu.pid'),
     ];
     if ('kernel' in o.boot) {
       args.push('-kernel', o.boot.kernel, '-append', o.boot.append ?? '');

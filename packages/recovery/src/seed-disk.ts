@@ -5,8 +5,11 @@ import { runTool } from './run-tool.js';
 
 /** A static address for one interface of a recovered machine (network mapping target). */
 export interface StaticAddress {
-  /** MAC address of the interface the address belongs to (how cloud-init matches it). */
-  mac: string;
+  /**
+   * MAC address of the interface the address belongs to (how cloud-init matches it).
+   * @default the MAC the recovery host gives the machine's NIC of the same index
+   */
+  mac?: string;
   /** Address with prefix length, `A.B.C.D/N`. */
   address: string;
   /** Default gateway. @default none */
@@ -52,11 +55,11 @@ function checkIpv4(value: string, cidr: boolean, field: string): void {
 export function networkConfig(addresses: readonly StaticAddress[]): string {
   const lines = ['version: 2', 'ethernets:'];
   addresses.forEach((a, i) => {
-    const mac = a.mac.toLowerCase();
+    const mac = (a.mac ?? '').toLowerCase();
     if (!MAC.test(mac)) {
       throw new LifeboatError(
         'LB_RECOVERY_BAD_NETWORK',
-        `MAC address "${a.mac}" is not six colon-separated hex bytes. Correct the network mapping.`,
+        `MAC address "${a.mac ?? ''}" is not six colon-separated hex bytes. Correct the network mapping.`,
         { details: { field: 'mac', value: a.mac } },
       );
     }
