@@ -8,6 +8,8 @@ import { reportError } from './report-error.js';
 import { registerStoreCommands } from './commands/store.js';
 import { registerVaultCommands } from './commands/vault.js';
 import { registerProcessServerCommands } from './commands/process-server.js';
+import { registerRecoveryCommands } from './commands/recovery.js';
+import { registerFailoverCommands } from './commands/failover.js';
 
 /** Adds one group of subcommands (`lifeboat store ...`, `lifeboat vault ...`) to the program. */
 export type CommandGroup = (program: Command, ctx: CliContext) => void;
@@ -18,6 +20,8 @@ const COMMAND_GROUPS: readonly CommandGroup[] = [
   registerStoreCommands,
   registerVaultCommands,
   registerProcessServerCommands,
+  registerRecoveryCommands,
+  registerFailoverCommands,
 ];
 
 function version(): string {
