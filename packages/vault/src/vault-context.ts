@@ -1,6 +1,7 @@
 import type { Kysely } from 'kysely';
 import type { Logger } from 'pino';
 import type { DialectName } from './db/open-database.js';
+import type { AuthCache } from './http/auth.js';
 import type { VaultDatabase } from './db/schema.js';
 import type { JobRunner } from './jobs/job-runner.js';
 import type { SecretBox } from './secret-box.js';
@@ -20,6 +21,8 @@ export interface VaultContext {
   readonly alerts: AlertService;
   readonly jobs: JobRunner;
   readonly ca: CertificateAuthority;
+  /** Resolved bearer tokens; clear it after changing tokens, users or components. */
+  readonly authCache: AuthCache;
   /** Random id of this running instance (job leases name it). */
   readonly instanceId: string;
 }

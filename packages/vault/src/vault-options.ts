@@ -29,6 +29,11 @@ export interface VaultOptions {
   logLevel?: string;
   /** The first admin, created when the database has no user. @default 'admin' with a random password written to `<dataDir>/initial-admin-password` */
   initialAdmin?: { username: string; password: string };
+  /**
+   * How long a resolved token is cached; a revocation on another vault instance takes effect
+   * after at most this long (on this instance at once). 0 turns the cache off. @default 5000
+   */
+  authCacheMs?: number;
   /** Lifetime of a login session. @default 43200 */
   sessionTtlSeconds?: number;
   /** A process server or recovery host without a heartbeat for this long is unhealthy. @default 60 */
@@ -121,6 +126,7 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
     port,
     logLevel: options.logLevel ?? 'info',
     ...(options.initialAdmin !== undefined ? { initialAdmin: options.initialAdmin } : {}),
+    authCacheMs: positive('authCacheMs', options.authCacheMs ?? 5000, 0),
     sessionTtlSeconds: positive('sessionTtlSeconds', options.sessionTtlSeconds ?? 43_200),
     heartbeatTimeoutSeconds: positive(
       'heartbeatTimeoutSeconds',

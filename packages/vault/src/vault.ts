@@ -6,7 +6,7 @@ import swaggerUi from '@fastify/swagger-ui';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { openDatabase, type OpenDatabase } from './db/open-database.js';
-import { installAuth, type Access } from './http/auth.js';
+import { AuthCache, installAuth, type Access } from './http/auth.js';
 import { registerComponentRoutes } from './http/component-routes.js';
 import { errorHandler } from './http/error-mapping.js';
 import { registerOperationsRoutes } from './http/operations-routes.js';
@@ -73,6 +73,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       alerts: new AlertService(database.db, log, options.webhookUrl),
       jobs: runner,
       ca,
+      authCache: new AuthCache(options.authCacheMs),
       instanceId: newId('vault'),
     };
     holder.context = context;

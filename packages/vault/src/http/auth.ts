@@ -24,6 +24,40 @@ declare module 'fastify' {
   }
 }
 
+/**
+ * Recently resolved bearer tokens (hash → principal), so a busy dashboard does not cost two
+ * queries per request. Entries live `ttlMs`; this instance clears them on every logout,
+ * revocation, user or component change, so only another instance's changes wait for the TTL.
+ */
+export class AuthCache {
+  private readonly entries = new Map<
+    string,
+    { principal: Principal; until: number; tokenExpiresAt: string | null }
+  >();
+
+  constructor(private readonly ttlMs: number) {}
+
+  get(
+    hash: string,
+    now: number,
+  ): { principal: Principal; tokenExpiresAt: string | null } | undefined {
+    const e = this.entries.get(hash);
+    if (e === undefined || e.until < now) return undefined;
+    return e;
+  }
+
+  set(hash: string, principal: Principal, tokenExpiresAt: string | null, now: number): void {
+    if (this.ttlMs <= 0) return;
+    if (this.entries.size > 10_000) this.entries.clear();
+    this.entries.set(hash, { principal, tokenExpiresAt, until: now + this.ttlMs });
+  }
+
+  /** Forgets every cached token (after any change to tokens, users or components). */
+  clear(): void {
+    this.entries.clear();
+  }
+}
+
 /** The caller of an authenticated route (routes with access other than public). */
 export function principalOf(request: FastifyRequest): Principal {
   const p = request.principal;
@@ -68,62 +102,76 @@ export function installAuth(app: FastifyInstance, vault: VaultContext): void {
         'This request needs a token: log in (POST /api/auth/login) or create an API token, and send "Authorization: Bearer <token>".',
       );
     }
-    const token = await vault.db
-      .selectFrom('tokens')
-      .selectAll()
-      .where('tokenHash', '=', hashToken(match[1]))
-      .executeTakeFirst();
+    const hash = hashToken(match[1]);
     const now = new Date();
-    if (token === undefined || (token.expiresAt !== null && token.expiresAt < nowIso(now))) {
+    const cached = vault.authCache.get(hash, now.getTime());
+    let principal: Principal | undefined = cached?.principal;
+    if (
+      cached !== undefined &&
+      cached.tokenExpiresAt !== null &&
+      cached.tokenExpiresAt < nowIso(now)
+    ) {
+      principal = undefined;
+    }
+    if (cached === undefined) {
+      const token = await vault.db
+        .selectFrom('tokens')
+        .selectAll()
+        .where('tokenHash', '=', hash)
+        .executeTakeFirst();
+      if (token === undefined || (token.expiresAt !== null && token.expiresAt < nowIso(now))) {
+        throw new LifeboatError(
+          'LB_VAULT_UNAUTHENTICATED',
+          'The token is unknown, revoked or expired. Log in again or create a new API token.',
+        );
+      }
+      if (token.userId !== null) {
+        const user = await vault.db
+          .selectFrom('users')
+          .select(['id', 'username', 'role', 'disabled'])
+          .where('id', '=', token.userId)
+          .executeTakeFirst();
+        if (user !== undefined && user.disabled === 0) {
+          principal = {
+            type: 'user',
+            id: user.id,
+            name: user.username,
+            role: user.role as Role,
+            tokenId: token.id,
+          };
+        }
+      } else if (token.componentId !== null) {
+        const component = await vault.db
+          .selectFrom('components')
+          .select(['id', 'name', 'kind'])
+          .where('id', '=', token.componentId)
+          .executeTakeFirst();
+        if (component !== undefined) {
+          principal = {
+            type: 'component',
+            id: component.id,
+            name: component.name,
+            kind: component.kind as ComponentKind,
+            tokenId: token.id,
+          };
+        }
+      }
+      if (principal !== undefined)
+        vault.authCache.set(hash, principal, token.expiresAt, now.getTime());
+    }
+    if (principal === undefined || principal.type === 'system') {
       throw new LifeboatError(
         'LB_VAULT_UNAUTHENTICATED',
-        'The token is unknown, revoked or expired. Log in again or create a new API token.',
+        'The token is expired, or belongs to a disabled user or a removed component. Log in again or ask an admin.',
       );
     }
-    let principal: Principal | undefined;
-    if (token.userId !== null) {
-      const user = await vault.db
-        .selectFrom('users')
-        .select(['id', 'username', 'role', 'disabled'])
-        .where('id', '=', token.userId)
-        .executeTakeFirst();
-      if (user !== undefined && user.disabled === 0) {
-        principal = {
-          type: 'user',
-          id: user.id,
-          name: user.username,
-          role: user.role as Role,
-          tokenId: token.id,
-        };
-      }
-    } else if (token.componentId !== null) {
-      const component = await vault.db
-        .selectFrom('components')
-        .select(['id', 'name', 'kind'])
-        .where('id', '=', token.componentId)
-        .executeTakeFirst();
-      if (component !== undefined) {
-        principal = {
-          type: 'component',
-          id: component.id,
-          name: component.name,
-          kind: component.kind as ComponentKind,
-          tokenId: token.id,
-        };
-      }
-    }
-    if (principal === undefined) {
-      throw new LifeboatError(
-        'LB_VAULT_UNAUTHENTICATED',
-        'The token belongs to a disabled user or a removed component. Ask an admin.',
-      );
-    }
-    if ((lastTouched.get(token.id) ?? 0) < now.getTime() - 60_000) {
-      lastTouched.set(token.id, now.getTime());
+    const tokenId = principal.tokenId;
+    if ((lastTouched.get(tokenId) ?? 0) < now.getTime() - 60_000) {
+      lastTouched.set(tokenId, now.getTime());
       await vault.db
         .updateTable('tokens')
         .set({ lastUsedAt: nowIso(now) })
-        .where('id', '=', token.id)
+        .where('id', '=', tokenId)
         .execute();
     }
     request.principal = principal;

@@ -585,6 +585,7 @@ export function registerComponentRoutes(app: FastifyInstance, vault: VaultContex
         await requireRef(db, 'sites', body.siteId, 'body.siteId', 'site');
         const changes = { ...body, updatedAt: nowIso() };
         await db.updateTable('components').set(changes).where('id', '=', id).execute();
+        vault.authCache.clear();
         await audit(
           db,
           principalOf(request),
@@ -627,6 +628,7 @@ export function registerComponentRoutes(app: FastifyInstance, vault: VaultContex
         }
         await db.deleteFrom('tokens').where('componentId', '=', id).execute();
         await db.deleteFrom('components').where('id', '=', id).execute();
+        vault.authCache.clear();
         await audit(
           db,
           principalOf(request),

@@ -129,6 +129,7 @@ export function registerUserRoutes(app: FastifyInstance, vault: VaultContext): v
     async (request, reply) => {
       const p = principalOf(request);
       if (p.type !== 'system') await db.deleteFrom('tokens').where('id', '=', p.tokenId).execute();
+      vault.authCache.clear();
       return reply.status(204).send();
     },
   );
@@ -263,6 +264,7 @@ export function registerUserRoutes(app: FastifyInstance, vault: VaultContext): v
         updatedAt: nowIso(),
       };
       await db.updateTable('users').set(changes).where('id', '=', id).execute();
+      vault.authCache.clear();
       if (body.password !== undefined || body.disabled === true) {
         // A changed password or a disabled user ends the user's sessions (API tokens stay).
         await db
@@ -300,6 +302,7 @@ export function registerUserRoutes(app: FastifyInstance, vault: VaultContext): v
       const before = (await getRow(db, 'users', id, 'user')) as unknown as UserRow;
       await refuseLastAdmin(vault, before);
       await db.deleteFrom('tokens').where('userId', '=', id).execute();
+      vault.authCache.clear();
       await db.deleteFrom('users').where('id', '=', id).execute();
       await audit(
         db,
@@ -430,6 +433,7 @@ export function registerUserRoutes(app: FastifyInstance, vault: VaultContext): v
         });
       }
       await db.deleteFrom('tokens').where('id', '=', id).execute();
+      vault.authCache.clear();
       await audit(db, p, 'token.delete', { type: 'token', id }, { before: { name: row.name } });
       return reply.status(204).send();
     },
