@@ -446,7 +446,7 @@ export class Agent extends EventEmitter {
       ];
       // Frames of this disk the sink holds but has not committed describe a disk state the
       // resync cannot see any more (the lost bitmap knew about them): drop them first.
-      if (kind === 'resync') await this.opts.sink.discardPending?.(d.name);
+      await this.opts.sink.discardPending?.(d.name);
       if (prev && prev.size !== d.size) await this.opts.sink.resize(d.name, d.size);
       this.st.disks[d.name] = {
         node: d.node,
@@ -456,7 +456,9 @@ export class Agent extends EventEmitter {
       await this.save();
     }
     const ds = this.st.disks[d.name] as DiskState;
-    const baseline = kind === 'resync' ? await this.opts.sink.resyncBaseline?.(d.name) : undefined;
+    // Even an "initial" read compares with a point when the sink has one (a lost state file, a
+    // machine protected again): only what differs is sent.
+    const baseline = await this.opts.sink.resyncBaseline?.(d.name);
     const chunk = baseline?.chunkSize ?? this.opts.chunkSize;
     const exportId = `${AGENT_NODE_PREFIX}live-${d.node}`;
     await this.q.execute('block-export-add', {
