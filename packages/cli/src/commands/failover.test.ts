@@ -1,0 +1,107 @@
+import { EventEmitter } from 'node:events';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { RecoveryJobRecord } from '@lifeboat/recovery';
+import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
+import type { CliInput } from '../cli-context.js';
+import { runCli } from '../main.js';
+
+// `lifeboat failover test` end to end, in-process: a store holding the test image (imported
+// with `lifeboat store import`), booted through the recovery host with the store alone.
+
+let dir: string;
+let image: TestImage;
+const PASS = 'failover test passphrase';
+
+async function lifeboat(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  let stdout = '';
+  let stderr = '';
+  const stdin = Object.assign(new EventEmitter(), {
+    isTTY: false,
+    resume: () => undefined,
+    pause: () => undefined,
+  }) as CliInput;
+  const code = await runCli(args, {
+    io: {
+      stdout: { write: (s: string) => (stdout += s) },
+      stderr: { write: (s: string) => (stderr += s), isTTY: false },
+      stdin,
+      env: { LIFEBOAT_STORE: join(dir, 'store'), LIFEBOAT_PASSPHRASE: PASS },
+      cwd: dir,
+    },
+  });
+  return { code, stdout, stderr };
+}
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'lb-cli-fo-'));
+  image = await buildTestImage();
+  expect((await lifeboat(['store', 'init'])).code).toBe(0);
+  const imported = await lifeboat([
+    'store',
+    'import',
+    image.rootImage,
+    '--machine',
+    'web',
+    '--disk',
+    'root',
+  ]);
+  expect(imported.code).toBe(0);
+}, 600_000);
+
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('lifeboat failover', () => {
+  it('test: boots the latest point, verifies console, port and screenshot, then cleans up', async () => {
+    const runDir = join(dir, 'run');
+    const r = await lifeboat([
+      '--json',
+      'failover',
+      'test',
+      '--machine',
+      'web',
+      '--kernel',
+      image.kernel,
+      '--append',
+      testImageAppend(),
+      '--memory-mib',
+      '256',
+      '--console',
+      'LIFEBOAT-READY',
+      '--port',
+      '22',
+      '--run-dir',
+      runDir,
+    ]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const out = JSON.parse(r.stdout) as { job: RecoveryJobRecord; cleanup: RecoveryJobRecord };
+    expect(out.job.state).toBe('succeeded');
+    expect(out.job.steps.map((s) => s.name)).toContain('port 22 of web');
+    expect(existsSync(out.job.artifacts['web-screenshot']!)).toBe(true);
+    expect(out.cleanup.state).toBe('succeeded');
+    expect(existsSync(join(runDir, 'm', 'web'))).toBe(false);
+    // Nothing left behind for cleanup to find.
+    const c = await lifeboat(['failover', 'cleanup', '--run-dir', runDir]);
+    expect(c.code).toBe(0);
+    expect(c.stdout).toMatch(/nothing to remove/);
+  }, 300_000);
+
+  it('start refuses --hydrate-to without --commit, before touching anything', async () => {
+    const r = await lifeboat([
+      'failover',
+      'start',
+      '--machine',
+      'web',
+      '--hydrate-to',
+      join(dir, 'x'),
+    ]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/LB_CLI_BAD_OPTION/);
+  });
+});
