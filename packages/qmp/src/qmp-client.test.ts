@@ -63,6 +63,14 @@ describe('QmpClient against qemu-storage-daemon', () => {
     expect(await code(qmp.execute('no-such-command'))).toBe('LB_QMP_COMMAND');
   });
 
+  it('says so when the monitor is held by another client', async () => {
+    const busy = QmpClient.connect(
+      { path: (qsd as QemuStorageDaemon).qmpSocket },
+      { connectTimeoutMs: 300 },
+    );
+    expect(await code(busy)).toBe('LB_QMP_TIMEOUT');
+  });
+
   it('adds persistent bitmaps and cuts in one transaction (add new, disable old)', async () => {
     const qmp = (qsd as QemuStorageDaemon).qmp;
     await qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'b0', persistent: true });

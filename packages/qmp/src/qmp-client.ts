@@ -390,7 +390,16 @@ function readGreeting(
           `The QMP monitor at ${where} closed before its greeting. Another client may hold it (QMP serves one at a time).`,
         ),
       );
-    const timer = setTimeout(() => done(bad(`nothing within ${timeoutMs} ms`)), timeoutMs);
+    const timer = setTimeout(
+      () =>
+        done(
+          new LifeboatError(
+            'LB_QMP_TIMEOUT',
+            `The QMP monitor at ${where} sent no greeting within ${timeoutMs} ms. A QMP monitor serves one client at a time: another client may hold it; or QEMU is hung.`,
+          ),
+        ),
+      timeoutMs,
+    );
     socket.on('data', onData);
     socket.once('close', onClose);
   });
