@@ -158,6 +158,22 @@ describe('NbdClient against qemu-nbd', () => {
         [2 * MiB, 64 * KiB],
         [3 * MiB, 64 * KiB],
       ]);
+      // Every dirty extent read with reads ahead, in order, in pieces.
+      const dirtyRanges = (async function* () {
+        for await (const e of c.extents(bitmap)) if (e.flags & NBD.STATE_DIRTY) yield e;
+      })();
+      const pieces: { offset: number; data: Buffer }[] = [];
+      for await (const p of c.readRanges(dirtyRanges, { pieceBytes: 48 * KiB, readAhead: 3 })) {
+        pieces.push(p);
+      }
+      expect(pieces.reduce((s, p) => s + p.data.length, 0)).toBe(320 * KiB);
+      for (const p of pieces) {
+        expect(p.data.length).toBeLessThanOrEqual(48 * KiB);
+        expect(p.data.equals(expected.subarray(p.offset, p.offset + p.data.length))).toBe(true);
+      }
+      expect(pieces.map((p) => p.offset)).toEqual(
+        [...pieces.map((p) => p.offset)].sort((a, b) => a - b),
+      );
       // A range in the middle is clipped to what was asked.
       const part = await c.blockStatus(BASE_ALLOCATION, 32 * KiB, 64 * KiB);
       expect(part[0]).toEqual({ offset: 32 * KiB, length: 32 * KiB, flags: 0 });
@@ -253,6 +269,14 @@ describe('NbdClient against nbdkit (error injection)', () => {
       const e = await expectCode(c.readAt(4096, 8192), 'LB_NBD_IO');
       expect(e.details['errnoName']).toBe('EIO');
       await expectCode(c.write(0, Buffer.alloc(4096, 1)), 'LB_NBD_NO_SPACE');
+      const all = async (): Promise<void> => {
+        for await (const _ of c.readRanges([{ offset: 0, length: 64 * 1024 }], {
+          pieceBytes: 4096,
+        })) {
+          throw new Error('a piece was yielded although every read fails');
+        }
+      };
+      await expectCode(all(), 'LB_NBD_IO');
       // The connection stays usable after request errors.
       await expectCode(c.readAt(0, 512), 'LB_NBD_IO');
     } finally {
