@@ -17,7 +17,8 @@ interface PendingBlob {
  */
 export class PackWriter {
   private readonly blobs = new Map<string, PendingBlob>();
-  private parts: Buffer[] = [];
+  /** The pack being filled: sealed blobs are copied in as they come, so a pack is one buffer. */
+  private buf: Buffer | undefined;
   private partsBytes = 0;
   private entries: PackEntry[] = [];
   private pack = newPackId();
@@ -69,7 +70,23 @@ export class PackWriter {
       rawLength,
       type,
     };
-    this.blobs.set(key, { loc, data: sealed });
+    if (this.buf === undefined || this.partsBytes + sealed.length > this.buf.length) {
+      // Room for a full pack plus one large blob; the trailer usually fits in the slack too.
+      const slack = Math.max(2 * sealed.length, Math.min(this.packSize, 2 * 1024 * 1024));
+      const cap = Math.max(this.packSize + slack, this.partsBytes + sealed.length);
+      const grown = Buffer.allocUnsafe(cap);
+      if (this.buf !== undefined) {
+        this.buf.copy(grown, 0, 0, this.partsBytes);
+        for (const e of this.entries) {
+          const b = this.blobs.get(e.id.toString('latin1'));
+          if (b !== undefined && b.loc.pack === this.pack)
+            b.data = grown.subarray(e.offset, e.offset + e.length);
+        }
+      }
+      this.buf = grown;
+    }
+    sealed.copy(this.buf, this.partsBytes);
+    this.blobs.set(key, { loc, data: this.buf.subarray(loc.offset, loc.offset + sealed.length) });
     this.entries.push({
       id: Buffer.from(id),
       type,
@@ -77,7 +94,6 @@ export class PackWriter {
       length: sealed.length,
       rawLength,
     });
-    this.parts.push(sealed);
     this.partsBytes += sealed.length;
     if (this.partsBytes >= this.packSize) await this.flush();
   }
@@ -96,17 +112,24 @@ export class PackWriter {
     this.throwIfFailed();
     const pack = this.pack;
     const entries = this.entries;
-    const parts = this.parts;
+    const buf = this.buf as Buffer;
+    const used = this.partsBytes;
     this.pack = newPackId();
     this.entries = [];
-    this.parts = [];
+    this.buf = undefined;
     this.partsBytes = 0;
-    const body = Buffer.concat([...parts, encodePackTrailer(this.crypto, pack, entries)]);
-    // Point pending blobs at the one concatenated buffer so the parts can be freed.
-    for (const e of entries) {
-      const b = this.blobs.get(e.id.toString('latin1'));
-      if (b !== undefined && b.loc.pack === pack)
-        b.data = body.subarray(e.offset, e.offset + e.length);
+    const trailer = encodePackTrailer(this.crypto, pack, entries);
+    let body: Buffer;
+    if (used + trailer.length <= buf.length) {
+      trailer.copy(buf, used);
+      body = buf.subarray(0, used + trailer.length);
+    } else {
+      body = Buffer.concat([buf.subarray(0, used), trailer]);
+      for (const e of entries) {
+        const b = this.blobs.get(e.id.toString('latin1'));
+        if (b !== undefined && b.loc.pack === pack)
+          b.data = body.subarray(e.offset, e.offset + e.length);
+      }
     }
     const upload = this.backend.put(packKey(pack), body).then(
       () => {

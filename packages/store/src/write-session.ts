@@ -54,7 +54,7 @@ export class StoreWriteSession implements WriteSession {
       store.backend,
       store.crypto,
       store.config.packSize,
-      3,
+      2,
       async (packs) => {
         const key = indexKey(randomBytes(16).toString('hex'));
         const body = encodeIndex({ supersedes: [], packs });
