@@ -1,6 +1,6 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
@@ -96,6 +96,7 @@ export class Agent extends EventEmitter {
   private syncReport: SyncProgressReport | undefined;
   private failure: LifeboatError | undefined;
   private lastAppAt = 0;
+  private statusWrittenAt = 0;
   private readonly statePath: string;
   /** Disks whose tracking bitmap was lost while running (QEMU restarted): resync before the next cut. */
   private readonly needResync = new Set<string>();
@@ -154,6 +155,7 @@ export class Agent extends EventEmitter {
     await this.qmp?.close().catch(() => undefined);
     if (this.ownNbdDir) await rm(this.ownNbdDir, { recursive: true, force: true });
     if (this.phase !== 'failed') this.phase = 'stopped';
+    if (!options.crash) await this.writeStatus(true);
   }
 
   /** Resolves when replication ends (after stop or a failure). */
@@ -179,6 +181,27 @@ export class Agent extends EventEmitter {
       sync: this.syncReport,
       error: this.failure ? { code: this.failure.code, message: this.failure.message } : undefined,
     };
+  }
+
+  /**
+   * Writes status() to `<stateDir>/status.json` for `lifeboat agent status` (at most once a
+   * second unless `force`); a failure to write is not a replication failure.
+   */
+  private async writeStatus(force: boolean): Promise<void> {
+    const now = Date.now();
+    if (!force && now - this.statusWrittenAt < 1000) return;
+    this.statusWrittenAt = now;
+    const path = join(this.opts.stateDir, 'status.json');
+    const tmp = `${path}.${process.pid}.tmp`;
+    try {
+      await writeFile(
+        tmp,
+        JSON.stringify({ ...this.status(), updatedAt: new Date(now).toISOString() }, null, 1),
+      );
+      await rename(tmp, path);
+    } catch {
+      // The status file is informational only.
+    }
   }
 
   private get q(): QmpClient {
@@ -309,6 +332,7 @@ export class Agent extends EventEmitter {
         'replication stopped',
       );
       this.emit('failed', e);
+      await this.writeStatus(true);
     }
   }
 
@@ -529,6 +553,7 @@ export class Agent extends EventEmitter {
         etaSeconds: rate > 0 ? (total - done) / rate : undefined,
       };
       this.emit('progress', this.syncReport);
+      void this.writeStatus(false);
     };
     const zero = async (from: number, to: number): Promise<void> => {
       if (to <= from) return;
@@ -756,6 +781,7 @@ export class Agent extends EventEmitter {
       ...(warning ? { warning } : {}),
     };
     this.emit('cut', report);
+    await this.writeStatus(true);
   }
 
   /** Reads the extents a bitmap marks dirty from a point-in-time export and sends them. */

@@ -10,6 +10,7 @@ import { registerVaultCommands } from './commands/vault.js';
 import { registerProcessServerCommands } from './commands/process-server.js';
 import { registerRecoveryCommands } from './commands/recovery.js';
 import { registerFailoverCommands } from './commands/failover.js';
+import { registerAgentCommands } from './commands/agent.js';
 
 /** Adds one group of subcommands (`lifeboat store ...`, `lifeboat vault ...`) to the program. */
 export type CommandGroup = (program: Command, ctx: CliContext) => void;
@@ -22,6 +23,7 @@ const COMMAND_GROUPS: readonly CommandGroup[] = [
   registerProcessServerCommands,
   registerRecoveryCommands,
   registerFailoverCommands,
+  registerAgentCommands,
 ];
 
 function version(): string {
