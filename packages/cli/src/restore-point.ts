@@ -15,7 +15,7 @@ export interface RestorePointOptions {
   /** Called as data is written: done and total bytes of non-zero data. */
   onProgress?: (done: number, total: number) => void;
   signal?: AbortSignal;
-  /** Bytes per read from the store. @default 4 MiB */
+  /** Bytes per read from the store. @default 1 MiB */
   blockBytes?: number;
   /** Reads from the store in flight at once. @default 4 */
   readAhead?: number;
@@ -38,7 +38,8 @@ export interface RestoreResult {
  */
 export async function restorePoint(options: RestorePointOptions): Promise<RestoreResult> {
   const { store, out, signal } = options;
-  const block = options.blockBytes ?? 4 * 1024 * 1024;
+  // 1 MiB reads, 4 in flight, measured fastest (and leanest) against 4 MiB reads.
+  const block = options.blockBytes ?? 1024 * 1024;
   const depth = Math.max(1, options.readAhead ?? 4);
   const existing = await stat(out).catch(() => undefined);
   if (existing !== undefined) {
