@@ -55,7 +55,15 @@ export class DirectoryBackend implements ObjectBackend {
       } else {
         // link fails atomically when the name exists, which rename would silently replace.
         try {
-          await link(tmp, file);
+          await link(tmp, file).catch(async (err: unknown) => {
+            // File systems without hard links: check, then rename (racy only against
+            // another writer of the same key, which random object names make moot).
+            if (!['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS'].includes(errCode(err) ?? ''))
+              throw err;
+            if ((await this.stat(key)) !== undefined)
+              throw Object.assign(new Error('exists'), { code: 'EEXIST' });
+            await rename(tmp, file);
+          });
         } catch (err) {
           if (errCode(err) === 'EEXIST') {
             throw new LifeboatError(
@@ -68,7 +76,9 @@ export class DirectoryBackend implements ObjectBackend {
           }
           throw err;
         }
-        await unlink(tmp);
+        await unlink(tmp).catch((err: unknown) => {
+          if (errCode(err) !== 'ENOENT') throw err;
+        });
       }
       await fsyncDir(dir);
     } catch (err) {

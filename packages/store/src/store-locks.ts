@@ -83,6 +83,14 @@ export class HeldLock {
     }
     // Refresh now so the point is written well inside the lock's lifetime.
     await this.refresh();
+    if (this.lost !== undefined) {
+      throw storeError(
+        'LB_STORE_LOCK_LOST',
+        `The store lock ${this.key} could not be refreshed, so a gc may run meanwhile. Nothing was committed; start the write again.`,
+        { object: this.key },
+        this.lost,
+      );
+    }
   }
 
   /** Stops the heartbeat and deletes the lock object. */
