@@ -118,7 +118,12 @@ export async function startQemuStorageDaemon(
     try {
       qmp = await QmpClient.connect({ path: qmpSocket }, { connectTimeoutMs: 5000 });
     } catch (e) {
-      if (!isLifeboatError(e, 'LB_QMP_CONNECT') || Date.now() > deadline) {
+      // Not listening yet, or too slow to greet under load: retry until the deadline.
+      const retriable =
+        isLifeboatError(e, 'LB_QMP_CONNECT') ||
+        isLifeboatError(e, 'LB_QMP_TIMEOUT') ||
+        isLifeboatError(e, 'LB_QMP_CONNECTION_LOST');
+      if (!retriable || Date.now() > deadline) {
         await cleanup();
         throw new LifeboatError(
           'LB_QMP_START_FAILED',
