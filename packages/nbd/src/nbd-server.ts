@@ -540,7 +540,7 @@ class Connection {
         );
       }
     } catch (err) {
-      this.opts.onSourceError?.(err, { exportName: entry.name, operation: 'read', offset, length });
+      this.reportSourceError(err, { exportName: entry.name, operation: 'read', offset, length });
       this.replyError(cookie, NBD.EIO, errorText(err));
       return;
     }
@@ -596,7 +596,7 @@ class Connection {
         if (out.length === 0) push(length, 0);
       }
     } catch (err) {
-      this.opts.onSourceError?.(err, {
+      this.reportSourceError(err, {
         exportName: entry.name,
         operation: 'block-status',
         offset,
@@ -611,6 +611,14 @@ class Connection {
     for (let i = 0; i < n; i++) payload.writeUInt32BE(out[i] as number, 4 + i * 4);
     const h = chunkHeader(cookie, NBD.REPLY_FLAG_DONE, NBD.REPLY_TYPE_BLOCK_STATUS, payload.length);
     this.socket.write(Buffer.concat([h, payload]));
+  }
+
+  /**
+   * Reports a source failure, unless the client is already gone: a read that fails because the
+   * server is being shut down (the store closed under it) is not a fault of the point.
+   */
+  private reportSourceError(err: unknown, where: NbdSourceErrorContext): void {
+    if (!this.socket.destroyed) this.opts.onSourceError?.(err, where);
   }
 
   private replyOk(cookie: Buffer): void {
