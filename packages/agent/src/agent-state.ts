@@ -36,6 +36,13 @@ export interface AgentState {
   disks: Record<string, DiskState>;
   /** Id and time of the last acknowledged cut. */
   lastCut?: { id: string; time: number; kind: 'crash' | 'app' };
+  /** A cut whose marker was sent but not yet acknowledged, with the bitmaps created at it. */
+  pendingCut?: {
+    id: string;
+    time: number;
+    kind: 'crash' | 'app';
+    bitmaps: Record<string, string>;
+  };
 }
 
 /** Reads the agent's state file, or returns an empty state when there is none. */

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { copyFile, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
@@ -435,5 +435,52 @@ describe('agent against qemu-storage-daemon', () => {
     expect(again.bytesSent).toBe(65536);
     const last = sink.committed[sink.committed.length - 1]?.points[0];
     expect((await readAll(store, last?.id as string)).equals(model)).toBe(true);
+  });
+
+  it('resyncs when its bitmap counts from an older point than the latest (image and state restored from a backup)', async () => {
+    const img = join(dir, 'disk.qcow2');
+    const stateFile = join(dir, 'agent', 'agent-state.json');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '8M']);
+    const sink = new StoreSink(store, 'vm1');
+    const session = async (
+      work: (put: (offset: number, data: Buffer) => Promise<void>) => Promise<void>,
+    ): Promise<{ warnings: string[] }> => {
+      const qsd = await startStorageDaemon({ disks: [{ path: img, exportName: 'guest0' }] });
+      const nbd = await NbdClient.connect(
+        { path: qsd.nbdSocket as string },
+        { exportName: 'guest0' },
+      );
+      const agent = agentFor(qsd, sink);
+      const warnings: string[] = [];
+      agent.on('warning', (w: { message: string }) => warnings.push(w.message));
+      try {
+        await work((offset, data) => nbd.write(offset, data));
+        await nbd.flush();
+        await agent.start();
+        await waitFor<CutReport>(agent, 'cut', () => true);
+        await agent.stop();
+      } finally {
+        await nbd.close();
+        await qsd.stop();
+      }
+      return { warnings };
+    };
+    const base = randomBytes(2 * MiB);
+    await session((put) => put(0, base));
+    // A backup of the machine (image with its persistent bitmap) and of the agent's state.
+    await copyFile(img, `${img}.bak`);
+    await copyFile(stateFile, `${stateFile}.bak`);
+    await session((put) => put(4 * MiB, randomBytes(MiB)));
+    // Restored from the backup, then the guest writes again.
+    await copyFile(`${img}.bak`, img);
+    await copyFile(`${stateFile}.bak`, stateFile);
+    const after = randomBytes(65536);
+    const { warnings } = await session((put) => put(MiB, after));
+    expect(warnings.join('\n')).toMatch(/older than the last committed point/);
+    const expected = Buffer.alloc(8 * MiB);
+    base.copy(expected, 0);
+    after.copy(expected, MiB);
+    const last = sink.committed[sink.committed.length - 1]?.points[0];
+    expect((await readAll(store, last?.id as string)).equals(expected)).toBe(true);
   });
 });

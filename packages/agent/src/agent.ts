@@ -351,6 +351,34 @@ export class Agent extends EventEmitter {
 
   /** Brings every disk to "tracked since the last acknowledged cut", reading disks fully where needed. */
   private async prepare(): Promise<void> {
+    const latest = await this.opts.sink.latestCut?.();
+    const pending = this.st.pendingCut;
+    if (pending && latest?.cutId === pending.id) {
+      // The last cut was acknowledged before the agent could record it: its bitmaps track.
+      for (const [disk, bitmap] of Object.entries(pending.bitmaps)) {
+        const ds = this.st.disks[disk];
+        if (ds) ds.tracking = bitmap;
+      }
+      this.st.lastCut = { id: pending.id, time: pending.time, kind: pending.kind };
+    }
+    delete this.st.pendingCut;
+    if (latest && latest.cutId !== this.st.lastCut?.id) {
+      // The sink holds a newer point than this agent's last cut (state or image restored from
+      // a backup, another agent): bitmaps count changes from an older point, so every disk
+      // with one is resynced against the latest point.
+      for (const d of this.disks) {
+        const ds = this.st.disks[d.name];
+        if (!ds?.tracking) continue;
+        this.warn(
+          'LB_AGENT_RESYNC',
+          `Disk ${d.name} needs a resync: its bitmap is older than the last committed point (cut ${latest.cutId} of ${new Date(latest.time).toISOString()}; this agent's last cut is ${this.st.lastCut?.id ?? 'none'}). Only chunks that differ from the latest point are sent.`,
+          { disk: d.name },
+        );
+        delete ds.tracking;
+        await this.fullRead(d, 'resync', 0);
+        if (this.stopping) return;
+      }
+    }
     for (const d of this.disks) {
       await this.prepareDisk(d);
       if (this.stopping) return;
@@ -744,6 +772,15 @@ export class Agent extends EventEmitter {
         bytes += await this.sendDirty(t.d.name, view.exportName, view.bitmapContext);
       }
       this.checkCrash();
+      // Recorded before the marker goes out: if the agent dies between the sink's ack and the
+      // save below, a restart that finds this cut committed adopts its bitmaps (no resync).
+      this.st.pendingCut = {
+        id: cutId,
+        time,
+        kind,
+        bitmaps: Object.fromEntries(tracked.map((t) => [t.d.name, t.newBitmap])),
+      };
+      await this.save();
       await this.opts.sink.cut({
         cutId,
         kind,
@@ -757,6 +794,7 @@ export class Agent extends EventEmitter {
         t.ds.size = t.d.size;
       }
       this.st.lastCut = { id: cutId, time, kind };
+      delete this.st.pendingCut;
       await this.save();
     } finally {
       if (!this.crashing) await cut.release();

@@ -53,4 +53,9 @@ export interface ReplicationSink {
    * which a resync would then skip.
    */
   discardPending?(disk: string): Promise<void>;
+  /**
+   * The newest committed cut of the machine, so an agent can tell that its bitmaps count from
+   * an older point (a restored state or image) and resync. Without it the check is skipped.
+   */
+  latestCut?(): Promise<{ cutId: string; time: number } | undefined>;
 }

@@ -85,6 +85,15 @@ export class StoreSink implements ReplicationSink {
     await s?.abort();
   }
 
+  async latestCut(): Promise<{ cutId: string; time: number } | undefined> {
+    const points = await this.store.listPoints({ machine: this.machine });
+    let newest: PointInfo | undefined;
+    for (const p of points) {
+      if (p.cut !== undefined && (!newest || p.time.getTime() > newest.time.getTime())) newest = p;
+    }
+    return newest ? { cutId: newest.cut as string, time: newest.time.getTime() } : undefined;
+  }
+
   async resyncBaseline(disk: string): Promise<ResyncBaseline | undefined> {
     const latest = await this.store.latestPoint(this.machine, disk);
     if (!latest) return undefined;
