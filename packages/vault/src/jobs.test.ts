@@ -271,6 +271,23 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
       points[3]?.id,
       points[2]?.id,
     ]);
+    // The catalogue is rebuilt from the store alone (a vault that lost its database).
+    await t.vault.context.db.deleteFrom('recoveryPoints').execute();
+    const sync = await t.call('POST', `/api/target-stores/${s.storeId}/sync`);
+    expect(sync.status).toBe(202);
+    await waitFor(
+      async () =>
+        (await t.call('GET', `/api/jobs/${sync.body['jobId'] as string}`)).body['state'] ===
+        'succeeded',
+    );
+    expect(
+      (await t.call('GET', `/api/jobs/${sync.body['jobId'] as string}`)).body['result'],
+    ).toEqual({ points: 2, matched: 2, removed: 0 });
+    const rebuilt = await t.call('GET', `/api/protected-items/${s.itemId}/points`);
+    expect((rebuilt.body['items'] as Array<{ id: string }>).map((p) => p.id)).toEqual([
+      points[3]?.id,
+      points[2]?.id,
+    ]);
     // The same slot is never scheduled twice.
     await t.vault.scheduler.tick();
     expect(

@@ -14,7 +14,12 @@ import { registerProtectionRoutes } from './http/protection-routes.js';
 import { registerSimpleResources } from './http/simple-resources.js';
 import { createUser, registerUserRoutes } from './http/user-routes.js';
 import { newId } from './ids.js';
-import { disableReplicationJob, enableReplicationJob, retentionJob } from './jobs/builtin-jobs.js';
+import {
+  catalogueSyncJob,
+  disableReplicationJob,
+  enableReplicationJob,
+  retentionJob,
+} from './jobs/builtin-jobs.js';
 import { JobRunner } from './jobs/job-runner.js';
 import { Scheduler } from './jobs/scheduler.js';
 import { SecretBox } from './secret-box.js';
@@ -81,6 +86,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       enableReplicationJob,
       disableReplicationJob,
       retentionJob,
+      catalogueSyncJob,
       ...options.jobHandlers,
     ])
       runner.register(h);

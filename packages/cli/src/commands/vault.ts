@@ -629,6 +629,22 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     undefined,
   );
 
+  vault.commands
+    .find((c) => c.name() === 'store')
+    ?.command('sync <id>')
+    .description('Bring the catalogue in step with the store (rebuilds it after a lost database)')
+    .option('--no-wait', 'return once the job is created')
+    .action(async (id: string, o: { wait: boolean }, command: Command) => {
+      const c = client(ctx, command);
+      const r = await c.call<Row>('POST', `/api/target-stores/${encodeURIComponent(id)}/sync`);
+      const job = o.wait ? await followJob(ctx, c, String(r['jobId'])) : undefined;
+      printObject(c, {
+        jobId: r['jobId'],
+        ...(job !== undefined ? { state: job['state'], result: job['result'] } : {}),
+      });
+      if (job !== undefined && job['state'] !== 'succeeded') ctx.exitCode = 1;
+    });
+
   // Store add reads secret files, so it replaces the generic body.
   const storeAdd = vault.commands
     .find((c) => c.name() === 'store')

@@ -5,6 +5,7 @@ import { newId, nowIso } from '../ids.js';
 import { audit } from '../services/audit.js';
 import { invalid, notFound } from '../services/errors.js';
 import { listPage, pageQuerySchema } from '../services/list-page.js';
+import { upsertPoints } from '../services/catalogue.js';
 import { transition } from '../services/protection.js';
 import type { VaultContext } from '../vault-context.js';
 import { principalOf } from './auth.js';
@@ -59,6 +60,29 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         .execute();
       await audit(db, principalOf(request), 'source-host.discover', { type: 'source-host', id });
       return reply.status(202).send({ id, discoveryRequestedAt: now });
+    },
+  );
+
+  app.post(
+    '/api/target-stores/:id/sync',
+    {
+      config: { access: 'operator' },
+      schema: {
+        tags: ['target stores'],
+        summary: 'Bring the catalogue in step with the store (starts a catalogue-sync job)',
+        params: idParams,
+      },
+    },
+    async (request, reply) => {
+      const { id } = request.params as { id: string };
+      await getRow(db, 'targetStores', id, 'target store');
+      const p = principalOf(request);
+      const job = await vault.jobs.create(
+        { kind: 'catalogue-sync', target: { type: 'target-store', id } },
+        p,
+      );
+      await audit(db, p, 'target-store.sync', { type: 'target-store', id });
+      return reply.status(202).send({ jobId: job?.id });
     },
   );
 
@@ -900,91 +924,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         'body.targetStoreId',
         'target store',
       );
-      const machines = [...new Set(body.points.map((pt) => pt.machine))];
-      const items = await db
-        .selectFrom('protectedItems')
-        .selectAll()
-        .where('machineId', 'in', machines)
-        .where('targetStoreId', '=', body.targetStoreId)
-        .where('activeKey', 'is not', null)
-        .execute();
-      const byMachine = new Map(items.map((i) => [i.machineId, i]));
-      const rows: RecoveryPointRow[] = body.points.map((pt) => ({
-        id: pt.id,
-        targetStoreId: body.targetStoreId,
-        protectedItemId: byMachine.get(pt.machine)?.id ?? null,
-        machine: pt.machine,
-        disk: pt.disk,
-        time: new Date(pt.time).toISOString(),
-        committedAt: new Date(pt.committedAt).toISOString(),
-        kind: pt.kind,
-        size: pt.size,
-        cut: pt.cut ?? null,
-        consistencyGroup: pt.consistencyGroup ?? null,
-        labels: JSON.stringify(pt.labels ?? {}),
-        parent: pt.parent ?? null,
-      }));
-      await db.transaction().execute(async (tx) => {
-        for (const row of rows) {
-          await tx
-            .insertInto('recoveryPoints')
-            .values(row)
-            .onConflict((oc) =>
-              oc.columns(['targetStoreId', 'id']).doUpdateSet({
-                protectedItemId: row.protectedItemId,
-                time: row.time,
-                committedAt: row.committedAt,
-                kind: row.kind,
-                size: row.size,
-                cut: row.cut,
-                consistencyGroup: row.consistencyGroup,
-                labels: row.labels,
-                parent: row.parent,
-              }),
-            )
-            .execute();
-          if (row.protectedItemId !== null) {
-            await tx
-              .updateTable('protectedDisks')
-              .set({ lastPointAt: row.time })
-              .where('protectedItemId', '=', row.protectedItemId)
-              .where('name', '=', row.disk)
-              .where((eb) =>
-                eb.or([eb('lastPointAt', 'is', null), eb('lastPointAt', '<', row.time)]),
-              )
-              .execute();
-          }
-        }
-      });
-      const p = principalOf(request);
-      for (const item of items) {
-        const disks = await db
-          .selectFrom('protectedDisks')
-          .select(['lastPointAt'])
-          .where('protectedItemId', '=', item.id)
-          .execute();
-        const times = disks.map((d) => d.lastPointAt);
-        // The item's RPO is that of its oldest disk: a machine is only as recent as its stalest disk.
-        const oldest = times.includes(null) ? null : ((times as string[]).sort()[0] ?? null);
-        await db
-          .updateTable('protectedItems')
-          .set({ lastPointAt: oldest })
-          .where('id', '=', item.id)
-          .execute();
-        if (oldest !== null && item.state === 'initial-replication') {
-          await transition(
-            vault,
-            item,
-            'protected',
-            'initial replication finished: every disk has a point',
-            p,
-          ).catch(() => undefined);
-        }
-      }
-      return {
-        upserted: rows.length,
-        matched: rows.filter((r) => r.protectedItemId !== null).length,
-      };
+      return upsertPoints(vault, body.targetStoreId, body.points, principalOf(request));
     },
   );
 

@@ -1,5 +1,6 @@
 import { LifeboatError } from '@lifeboat/protocol';
 import type { RetentionPolicy } from '@lifeboat/store';
+import { upsertPoints } from '../services/catalogue.js';
 import { SYSTEM } from '../services/principal.js';
 import { transition } from '../services/protection.js';
 import type { JobHandler } from './job-handler.js';
@@ -214,5 +215,59 @@ export const retentionJob: JobHandler = {
       }
     });
     return { removed: removed.length, kept, machines: items.length };
+  },
+};
+
+/**
+ * catalogue-sync: makes the catalogue of one target store equal to the store (the truth):
+ * upserts every point the store has, removes catalogue rows of points the store no longer
+ * has. Rebuilds the catalogue of a vault whose database was lost, from the store alone.
+ */
+export const catalogueSyncJob: JobHandler = {
+  kind: 'catalogue-sync',
+  resumable: true,
+  steps: ['list-store', 'upsert', 'remove-missing'],
+  async run(job) {
+    const db = job.vault.db;
+    const storeId = job.targetId ?? '';
+    const points = await job.step('list-store', async () => {
+      const store = await openTargetStore(job.vault, storeId);
+      try {
+        return await store.listPoints();
+      } finally {
+        await store.close();
+      }
+    });
+    await job.log(`The store has ${points.length} points.`);
+    const { matched } = await job.step('upsert', () =>
+      upsertPoints(
+        job.vault,
+        storeId,
+        points.map((p) => ({ ...p, labels: p.labels })),
+        SYSTEM,
+      ),
+    );
+    await job.progress(0.8);
+    const removed = await job.step('remove-missing', async () => {
+      const inStore = new Set(points.map((p) => p.id));
+      const rows = await db
+        .selectFrom('recoveryPoints')
+        .select('id')
+        .where('targetStoreId', '=', storeId)
+        .execute();
+      const gone = rows.map((r) => r.id).filter((id) => !inStore.has(id));
+      for (let i = 0; i < gone.length; i += 500) {
+        await db
+          .deleteFrom('recoveryPoints')
+          .where('targetStoreId', '=', storeId)
+          .where('id', 'in', gone.slice(i, i + 500))
+          .execute();
+      }
+      return gone.length;
+    });
+    await job.log(
+      `Catalogue in step: ${points.length} points (${matched} of protected items), ${removed} removed.`,
+    );
+    return { points: points.length, matched, removed };
   },
 };
