@@ -12,6 +12,7 @@ import { isLifeboatError, type LifeboatError } from '@lifeboat/protocol';
 import { DirectoryBackend, type ObjectBackend, type ObjectInfo } from '@lifeboat/store';
 import { AzureBlobBackend, type AzureBlobBackendOptions } from '@lifeboat/store-azure';
 import { makeTempDir, startAzurite, type Azurite } from '@lifeboat/testing';
+import fc from 'fast-check';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 /** A backend under test and how to dispose of it. */
@@ -231,6 +232,97 @@ function describeBackendConformance(
         expect(await codeOf(b.get(key)), JSON.stringify(key)).toBe('LB_BACKEND_INVALID_KEY');
       }
       expect(await collect(b.list(''))).toEqual([]);
+    });
+
+    it('behaves like a map under any sequence of puts, overwrites, deletes and reads', async () => {
+      const b = await fresh();
+      // As in the store format, no key is a path prefix of another ('a' and 'a/b'): a directory
+      // cannot be a file too. Shared directories ('b/c', 'b/d') and string prefixes ('a', 'ab') are.
+      const keys = ['a', 'ab', 'b/c', 'b/d', 'e/f/g'];
+      const key = fc.constantFrom(...keys);
+      const op = fc.oneof(
+        fc.record({
+          kind: fc.constant('put' as const),
+          key,
+          size: fc.nat(300),
+          overwrite: fc.boolean(),
+        }),
+        fc.record({ kind: fc.constant('delete' as const), key }),
+        fc.record({ kind: fc.constant('get' as const), key }),
+        fc.record({
+          kind: fc.constant('range' as const),
+          key,
+          offset: fc.nat(320),
+          length: fc.nat(64),
+        }),
+        fc.record({
+          kind: fc.constant('list' as const),
+          prefix: fc.constantFrom('', 'a', 'b/', 'b', 'e/f', 'x'),
+        }),
+      );
+      let run = 0;
+      await fc.assert(
+        fc.asyncProperty(fc.array(op, { minLength: 4, maxLength: 20 }), async (ops) => {
+          // A fresh prefix per run instead of a fresh backend: creating one per run is slow.
+          const root = `run${run++}/`;
+          const model = new Map<string, Buffer>();
+          for (const o of ops) {
+            if (o.kind === 'put') {
+              const data = randomBytes(o.size);
+              const code = await codeOf(b.put(root + o.key, data, { overwrite: o.overwrite }));
+              const expected = model.has(o.key) && !o.overwrite ? 'LB_BACKEND_EXISTS' : 'resolved';
+              expect(code, `put ${o.key}`).toBe(expected);
+              if (expected === 'resolved') model.set(o.key, data);
+            } else if (o.kind === 'delete') {
+              await b.delete(root + o.key);
+              model.delete(o.key);
+            } else if (o.kind === 'get') {
+              const want = model.get(o.key);
+              if (want === undefined)
+                expect(await codeOf(b.get(root + o.key))).toBe('LB_BACKEND_NOT_FOUND');
+              else expect((await b.get(root + o.key)).equals(want)).toBe(true);
+              expect(await b.stat(root + o.key)).toEqual(
+                want === undefined ? undefined : { key: root + o.key, size: want.length },
+              );
+            } else if (o.kind === 'range') {
+              const want = model.get(o.key);
+              const p = b.getRange(root + o.key, o.offset, o.length);
+              if (want === undefined) expect(await codeOf(p)).toBe('LB_BACKEND_NOT_FOUND');
+              else if (o.offset + o.length > want.length)
+                expect(await codeOf(p)).toBe('LB_BACKEND_RANGE');
+              else
+                expect((await p).equals(want.subarray(o.offset, o.offset + o.length))).toBe(true);
+            } else {
+              const listed = await collect(b.list(root + o.prefix));
+              const want = [...model.keys()]
+                .filter((k) => k.startsWith(o.prefix))
+                .map((k) => root + k);
+              expect(sortedKeys(listed)).toEqual(want.sort());
+            }
+          }
+          // Whatever happened, the backend now holds exactly the model's objects.
+          const all = await collect(b.list(root));
+          expect(sortedKeys(all)).toEqual([...model.keys()].map((k) => root + k).sort());
+          for (const [k, v] of model) expect((await b.get(root + k)).equals(v), k).toBe(true);
+        }),
+        { numRuns: 30 },
+      );
+    });
+
+    it('leaves a large put aborted in flight either absent or whole', async () => {
+      const b = await fresh();
+      const data = randomBytes(12 * 1024 * 1024);
+      const ac = new AbortController();
+      const pending = b.put('aborted-large', data, { signal: ac.signal });
+      setImmediate(() => ac.abort(new Error('caller gave up')));
+      const outcome = await codeOf(pending);
+      const info = await b.stat('aborted-large');
+      if (outcome === 'resolved') {
+        expect((await b.get('aborted-large')).equals(data)).toBe(true);
+      } else {
+        expect(info).toBeUndefined();
+        expect(sortedKeys(await collect(b.list('')))).toEqual([]);
+      }
     });
 
     it('honours an aborted signal and stores nothing', async () => {
