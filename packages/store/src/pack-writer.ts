@@ -19,6 +19,8 @@ export class PackWriter {
   private readonly blobs = new Map<string, PendingBlob>();
   /** The pack being filled: sealed blobs are copied in as they come, so a pack is one buffer. */
   private buf: Buffer | undefined;
+  /** Pack buffers whose upload finished, reused so the kernel need not fault in fresh pages. */
+  private readonly free: Buffer[] = [];
   private partsBytes = 0;
   private entries: PackEntry[] = [];
   private pack = newPackId();
@@ -74,7 +76,8 @@ export class PackWriter {
       // Room for a full pack plus one large blob; the trailer usually fits in the slack too.
       const slack = Math.max(2 * sealed.length, Math.min(this.packSize, 2 * 1024 * 1024));
       const cap = Math.max(this.packSize + slack, this.partsBytes + sealed.length);
-      const grown = Buffer.allocUnsafe(cap);
+      const spare = this.free.pop();
+      const grown = spare !== undefined && spare.length >= cap ? spare : Buffer.allocUnsafe(cap);
       if (this.buf !== undefined) {
         this.buf.copy(grown, 0, 0, this.partsBytes);
         for (const e of this.entries) {
@@ -139,6 +142,8 @@ export class PackWriter {
           const b = this.blobs.get(e.id.toString('latin1'));
           if (b !== undefined) b.data = undefined;
         }
+        // Nothing refers to the pack's buffer any more: keep it for the next pack.
+        if (this.free.length < this.maxInFlight) this.free.push(buf);
         this.unpublished += entries.length;
         if (this.unpublished >= this.publishEvery) this.startPublish();
       },
