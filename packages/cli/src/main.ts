@@ -5,26 +5,78 @@ import { debugEnabled, processEnvironment } from './config.js';
 import { ExitCode, exitCodeFor } from './exit-codes.js';
 import type { ExitCodeValue } from './exit-codes.js';
 import { reportError } from './report-error.js';
-import { registerStoreCommands } from './commands/store.js';
-import { registerVaultCommands } from './commands/vault.js';
-import { registerProcessServerCommands } from './commands/process-server.js';
-import { registerRecoveryCommands } from './commands/recovery.js';
-import { registerFailoverCommands } from './commands/failover.js';
-import { registerAgentCommands } from './commands/agent.js';
 
 /** Adds one group of subcommands (`lifeboat store ...`, `lifeboat vault ...`) to the program. */
 export type CommandGroup = (program: Command, ctx: CliContext) => void;
 
-// Every command group, one line each. To add a group, write commands/<group>.ts exporting
-// `register<Group>Commands(program, ctx)` and add it here.
-const COMMAND_GROUPS: readonly CommandGroup[] = [
-  registerStoreCommands,
-  registerVaultCommands,
-  registerProcessServerCommands,
-  registerRecoveryCommands,
-  registerFailoverCommands,
-  registerAgentCommands,
+/** A top-level command and how to load the module that registers it. */
+export interface CommandGroupEntry {
+  /** The top-level command the group registers (`store`, `vault`, ...). */
+  name: string;
+  /** One line for `lifeboat --help`. */
+  summary: string;
+  /** Imports the group's module; only the group being run is loaded. */
+  load: () => Promise<CommandGroup>;
+}
+
+// Every command group, one entry each. To add a group, write commands/<group>.ts exporting
+// `register<Group>Commands(program, ctx)` (registering the top-level command `name`) and add
+// an entry here. Groups load lazily: importing every role (fastify, pg, QEMU helpers, ...) on
+// each run cost seconds of startup, even for `lifeboat store points`.
+const COMMAND_GROUPS: readonly CommandGroupEntry[] = [
+  {
+    name: 'store',
+    summary: 'the target store: import disk images, list, restore and check recovery points',
+    load: async () => (await import('./commands/store.js')).registerStoreCommands,
+  },
+  {
+    name: 'vault',
+    summary: 'Run the vault (control plane) or use its API',
+    load: async () => (await import('./commands/vault.js')).registerVaultCommands,
+  },
+  {
+    name: 'process-server',
+    summary:
+      'The data gateway: receives agents’ change streams, journals them, commits recovery points',
+    load: async () => (await import('./commands/process-server.js')).registerProcessServerCommands,
+  },
+  {
+    name: 'recovery-host',
+    summary: 'the recovery host: serve recovery points over NBD and boot them',
+    load: async () => (await import('./commands/recovery.js')).registerRecoveryCommands,
+  },
+  {
+    name: 'failover',
+    summary: 'test failover and failover of protected machines',
+    load: async () => (await import('./commands/failover.js')).registerFailoverCommands,
+  },
+  {
+    name: 'agent',
+    summary: 'The agent for QEMU/KVM: exact change tracking and a consistent cut every few seconds',
+    load: async () => (await import('./commands/agent.js')).registerAgentCommands,
+  },
 ];
+
+/**
+ * The top-level command an argument list runs (`help <name>` counts as `<name>`), skipping
+ * the global options and their values.
+ */
+function selectedCommand(program: Command, args: readonly string[]): string | undefined {
+  const takesValue = new Set(
+    program.options.filter((o) => o.required || o.optional).flatMap((o) => [o.long, o.short]),
+  );
+  const operands: string[] = [];
+  for (let i = 0; i < args.length && operands.length < 2; i++) {
+    const arg = args[i] as string;
+    if (arg === '--') break;
+    if (arg.startsWith('-')) {
+      if (takesValue.has(arg)) i++;
+      continue;
+    }
+    operands.push(arg);
+  }
+  return operands[0] === 'help' ? operands[1] : operands[0];
+}
 
 function version(): string {
   try {
@@ -37,8 +89,12 @@ function version(): string {
   }
 }
 
-/** Builds the `lifeboat` program: global options, then every command group. */
-export function buildProgram(ctx: CliContext): Command {
+/**
+ * Builds the `lifeboat` program: global options, then the command groups. Only the group that
+ * `args` runs is loaded and registered in full; the others appear in help by name and summary.
+ * Without `args` every group is loaded.
+ */
+export async function buildProgram(ctx: CliContext, args?: readonly string[]): Promise<Command> {
   const { io } = ctx;
   const program = new Command('lifeboat')
     .description('Site recovery for virtual machines and Linux servers')
@@ -69,7 +125,14 @@ export function buildProgram(ctx: CliContext): Command {
     )
     .option('--json', 'machine-readable output on stdout')
     .option('--progress', 'show progress on stderr even when it is not a terminal');
-  for (const register of COMMAND_GROUPS) register(program, ctx);
+  const selected = args === undefined ? undefined : selectedCommand(program, args);
+  for (const group of COMMAND_GROUPS) {
+    if (args === undefined || group.name === selected) {
+      (await group.load())(program, ctx);
+    } else {
+      program.command(group.name).description(group.summary);
+    }
+  }
   return program;
 }
 
@@ -103,7 +166,7 @@ export async function runCli(
   const json = args.includes('--json');
   const debug = debugEnabled(io);
   try {
-    const program = buildProgram(ctx);
+    const program = await buildProgram(ctx, args);
     await program.parseAsync([...args], { from: 'user' });
     return ctx.exitCode;
   } catch (err) {
