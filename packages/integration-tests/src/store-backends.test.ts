@@ -7,7 +7,7 @@ import {
   type ServerResponse,
 } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { BlobServiceClient } from '@azure/storage-blob';
+import { BlobServiceClient, ContainerSASPermissions } from '@azure/storage-blob';
 import { isLifeboatError, type LifeboatError } from '@lifeboat/protocol';
 import { DirectoryBackend, type ObjectBackend, type ObjectInfo } from '@lifeboat/store';
 import { AzureBlobBackend, type AzureBlobBackendOptions } from '@lifeboat/store-azure';
@@ -682,6 +682,37 @@ describe('AzureBlobBackend on Azurite', () => {
     backends.push(byUrl);
     expect(byUrl.location).toBe(writer.location);
     expect((await byUrl.get('via-name')).toString()).toBe('hello');
+  });
+
+  it('works with a container SAS URL alone, and a read-only SAS cannot write', async () => {
+    const writer = azureBackend();
+    await writer.put('shared', Buffer.from('by key'));
+    const container = BlobServiceClient.fromConnectionString(
+      azurite.connectionString,
+    ).getContainerClient(writer.location.split('/')[1] ?? '');
+    const expiresOn = new Date(Date.now() + 3_600_000);
+    const fullSas = await container.generateSasUrl({
+      permissions: ContainerSASPermissions.parse('racwdl'),
+      expiresOn,
+    });
+    const full = AzureBlobBackend.fromContainerUrl(fullSas);
+    backends.push(full);
+    expect(full.location).toBe(writer.location);
+    expect((await full.get('shared')).toString()).toBe('by key');
+    await full.put('via-sas', Buffer.from('sas'));
+    expect(sortedKeys(await collect(full.list('')))).toEqual(['shared', 'via-sas']);
+    await full.delete('via-sas');
+
+    const readOnly = AzureBlobBackend.fromContainerUrl(
+      await container.generateSasUrl({
+        permissions: ContainerSASPermissions.parse('rl'),
+        expiresOn,
+      }),
+    );
+    backends.push(readOnly);
+    expect((await readOnly.get('shared')).toString()).toBe('by key');
+    expect(await codeOf(readOnly.put('nope', Buffer.from('x')))).toBe('LB_BACKEND_AUTH');
+    expect(await codeOf(readOnly.delete('shared'))).toBe('LB_BACKEND_AUTH');
   });
 
   it('refuses work after close', async () => {
