@@ -1,7 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { readFile, rm } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
@@ -418,7 +418,6 @@ export class RecoveryMachine {
       // QEMU built without PNG support: take a PPM and convert it here.
       const ppm = `${path}.ppm`;
       await this.qmp.execute('screendump', { filename: ppm });
-      const { writeFile } = await import('node:fs/promises');
       await writeFile(path, ppmToPng(await readFile(ppm)));
       await rm(ppm, { force: true });
     }
