@@ -17,6 +17,8 @@ export interface ChildConfig {
   tls: { certPath: string; keyPath: string; caPath: string };
   journalMaxBytes?: number;
   overflowTimeoutMs?: number;
+  /** Store work on this many worker threads (directory stores only), as `lifeboat process-server start` does. */
+  storeWorkers?: number;
 }
 
 async function main(): Promise<void> {
@@ -32,7 +34,14 @@ async function main(): Promise<void> {
         });
   const store = await Store.open({ backend, passphrase: cfg.passphrase });
   const options: Parameters<typeof ProcessServer.start>[0] = {
-    store,
+    ...(cfg.storeWorkers !== undefined && 'dir' in cfg.store
+      ? {
+          storeWorkers: {
+            count: cfg.storeWorkers,
+            spec: { kind: 'directory' as const, path: cfg.store.dir, passphrase: cfg.passphrase },
+          },
+        }
+      : { store }),
     journalDir: cfg.journalDir,
     tls: {
       cert: readFileSync(cfg.tls.certPath),

@@ -39,6 +39,7 @@ async function startChild(): Promise<ChildProcess> {
     journalDir: join(dir, 'ps'),
     port,
     tls: { certPath: pki.server.certPath, keyPath: pki.server.keyPath, caPath: pki.caPath },
+    storeWorkers: 2,
   };
   const c = spawn(
     process.execPath,

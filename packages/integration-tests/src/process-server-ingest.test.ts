@@ -177,4 +177,63 @@ describe('process server ingest', () => {
     );
     expect(await verifyPoints(store, src)).toBe(2);
   });
+
+  it('runs store work on worker threads, with the same byte-exact points', async () => {
+    const workers = await ProcessServer.start({
+      storeWorkers: {
+        count: 2,
+        spec: { kind: 'directory', path: join(dir, 'store'), passphrase: 'test' },
+      },
+      journalDir: join(dir, 'ps-workers'),
+      tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
+      host: '127.0.0.1',
+      port: 0,
+      healthPort: null,
+      logLevel: 'silent',
+    });
+    try {
+      const sources = [1, 2, 3].map(
+        (i) =>
+          new SourceMachine(`worker-m${i}`, [
+            { name: 'vda', size: 512 * 1024 },
+            { name: 'vdb', size: 256 * 1024 },
+          ]),
+      );
+      const cs = sources.map((src) => {
+        const c = new ReplicationClient({
+          host: '127.0.0.1',
+          port: workers.port,
+          servername: 'localhost',
+          ca: pki.ca,
+          cert: pki.client.cert,
+          key: pki.client.key,
+          machine: src.machine,
+          disks: src.helloDisks(),
+        });
+        clients.push(c);
+        return c;
+      });
+      await Promise.all(cs.map((c) => c.start()));
+      await Promise.all(sources.map((src, i) => stream(src, cs[i]!, 4, 300 + i)));
+      await waitUntil(
+        () =>
+          workers
+            .healthReport()
+            .machines.every((m) => m.backlogBytes === 0 && m.committedSeq === m.lastSeq),
+        'worker commits',
+      );
+      // A fresh reader: the points were written by other Store instances (the workers').
+      const reader = await Store.open({
+        backend: new DirectoryBackend({ path: join(dir, 'store') }),
+        passphrase: 'test',
+      });
+      try {
+        for (const src of sources) expect(await verifyPoints(reader, src)).toBe(8);
+      } finally {
+        await reader.close();
+      }
+    } finally {
+      await workers.stop();
+    }
+  });
 });

@@ -5,3 +5,6 @@ export type { ProcessServerOptions, ProcessServerTls } from './process-server-op
 export type { CommittedCut } from './machine-replicator.js';
 export { Journal, journalDiskUsage } from './journal.js';
 export type { JournalOptions } from './journal.js';
+export type { StoreWorkerOptions } from './store-worker-pool.js';
+export { openWorkerStore } from './worker-store-opener.js';
+export type { WorkerStoreSpec } from './worker-store-opener.js';

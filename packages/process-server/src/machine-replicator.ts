@@ -1,10 +1,11 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { LifeboatError } from '@lifeboat/protocol';
-import type { PointInfo, StoreApi, WriteSession } from '@lifeboat/store';
+import type { PointInfo, WriteSession } from '@lifeboat/store';
 import type { Logger } from 'pino';
 import type { Journal, JournalRecord } from './journal.js';
 import type { MachineState } from './machine-state-store.js';
 import type { Semaphore } from './semaphore.js';
+import type { ReplicatorStore } from './store-worker-pool.js';
 
 /** A cut committed to the store: one point per disk. */
 export interface CommittedCut {
@@ -20,7 +21,7 @@ export interface CommittedCut {
 
 /** What a {@link MachineReplicator} needs from the server. */
 export interface MachineReplicatorDeps {
-  store: StoreApi;
+  store: ReplicatorStore;
   journal: Journal;
   storeLimit: Semaphore;
   logger: Logger;
@@ -173,8 +174,9 @@ export class MachineReplicator {
       case 'data': {
         const body = await this.deps.journal.readBody(r);
         const s = await this.session(r.disk);
+        const n = body.length; // the bytes may be transferred to a worker thread (detached)
         await limit.run(() => s.write(r.a, body));
-        this.bytesOut += body.length;
+        this.bytesOut += n;
         return;
       }
       case 'zero': {

@@ -1,6 +1,7 @@
 import { DEFAULT_MAX_PAYLOAD_BYTES, LifeboatError } from '@lifeboat/protocol';
 import type { StoreApi } from '@lifeboat/store';
 import type { Logger } from 'pino';
+import type { StoreWorkerOptions } from './store-worker-pool.js';
 
 /** PEM material of the process server's TLS endpoint. */
 export interface ProcessServerTls {
@@ -14,8 +15,13 @@ export interface ProcessServerTls {
 
 /** Options for {@link ProcessServer.start}. */
 export interface ProcessServerOptions {
-  /** The target store points are committed to (owned by the caller: not closed by stop). */
-  store: StoreApi;
+  /**
+   * The target store points are committed to (owned by the caller: not closed by stop). Store
+   * work then runs on the ingest thread; give `storeWorkers` instead to run it on worker threads.
+   */
+  store?: StoreApi;
+  /** Run store work (hashing, compression, encryption, uploads) on worker threads that open their own store. */
+  storeWorkers?: StoreWorkerOptions;
   /** Directory of the cache journal and machine state (local disk, fsync honoured). */
   journalDir: string;
   /** TLS certificate, key and client CA. */
@@ -62,9 +68,11 @@ export interface ProcessServerOptions {
 
 /** Validated, frozen options. */
 export type ResolvedProcessServerOptions = Readonly<
-  Required<Omit<ProcessServerOptions, 'logger' | 'healthPort'>> & {
+  Required<Omit<ProcessServerOptions, 'logger' | 'healthPort' | 'store' | 'storeWorkers'>> & {
     healthPort: number | null;
     logger: Logger | undefined;
+    store: StoreApi | undefined;
+    storeWorkers: StoreWorkerOptions | undefined;
   }
 >;
 
@@ -82,6 +90,8 @@ function nonNegative(name: string, v: number): number {
 /** Checks options once and fills defaults. */
 export function resolveProcessServerOptions(o: ProcessServerOptions): ResolvedProcessServerOptions {
   if (!o.journalDir) throw invalid('journalDir is required');
+  if ((o.store === undefined) === (o.storeWorkers === undefined))
+    throw invalid('give exactly one of store and storeWorkers');
   if (!o.tls?.cert || !o.tls.key || !o.tls.ca)
     throw invalid('tls.cert, tls.key and tls.ca are required (mutual TLS)');
   const port = o.port ?? 9443;
@@ -102,6 +112,7 @@ export function resolveProcessServerOptions(o: ProcessServerOptions): ResolvedPr
     throw invalid('storeConcurrency must be a positive integer');
   return Object.freeze({
     store: o.store,
+    storeWorkers: o.storeWorkers,
     journalDir: o.journalDir,
     tls: o.tls,
     host: o.host ?? '0.0.0.0',

@@ -21,6 +21,7 @@ import type {
 } from './process-server-options.js';
 import { RateMeter } from './rate-meter.js';
 import { Semaphore } from './semaphore.js';
+import { StoreWorkerPool } from './store-worker-pool.js';
 import { TokenBucket } from './token-bucket.js';
 
 /** Health of one disk of a machine. */
@@ -121,6 +122,8 @@ export class ProcessServer extends EventEmitter {
   private readonly rateOut = new RateMeter();
   private machineLimit: number;
   private readonly commitLatencies: number[] = [];
+  private readonly pool: StoreWorkerPool | undefined;
+  private readonly storeLocation: string;
 
   private constructor(
     private readonly opts: ResolvedProcessServerOptions,
@@ -132,6 +135,13 @@ export class ProcessServer extends EventEmitter {
     this.bucket = new TokenBucket(opts.bandwidthBytesPerSecond);
     this.machineLimit = opts.machineBandwidthBytesPerSecond;
     this.storeLimit = new Semaphore(opts.storeConcurrency);
+    const w = opts.storeWorkers;
+    this.pool = w ? new StoreWorkerPool(w) : undefined;
+    this.storeLocation =
+      opts.store?.location ??
+      (w?.spec.kind === 'directory'
+        ? `dir:${w.spec.path}`
+        : `azure:${w?.spec.kind === 'azure' ? (w.spec.containerUrl ?? w.spec.container ?? '') : ''}`);
   }
 
   /** Opens the journal, replays it, and starts listening. */
@@ -251,7 +261,7 @@ export class ProcessServer extends EventEmitter {
         failed: jf?.message ?? null,
       },
       store: {
-        location: this.opts.store.location,
+        location: this.storeLocation,
         reachable: storeErrors.length === 0,
         lastError: storeErrors[0]?.lastError?.message ?? null,
       },
@@ -286,6 +296,7 @@ export class ProcessServer extends EventEmitter {
     await closing;
     await this.health?.close();
     await Promise.all([...this.machines.values()].map((m) => m.replicator.stop()));
+    await this.pool?.close();
     await this.journal.close();
   }
 
@@ -298,7 +309,7 @@ export class ProcessServer extends EventEmitter {
       durableSeq: state.releasedSeq,
       sizes: new Map(Object.entries(state.disks).map(([k, v]) => [k, v.size])),
       replicator: new MachineReplicator(state, {
-        store: this.opts.store,
+        store: this.pool ? this.pool.forMachine(state.machine) : this.opts.store!,
         journal: this.journal,
         storeLimit: this.storeLimit,
         logger: this.logger,

@@ -2,14 +2,18 @@ import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { ProcessServer } from '@lifeboat/process-server';
-import type { ProcessServerHealth } from '@lifeboat/process-server';
+import type {
+  ProcessServerHealth,
+  ProcessServerOptions,
+  WorkerStoreSpec,
+} from '@lifeboat/process-server';
 import { LifeboatError } from '@lifeboat/protocol';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
-import { resolveConfig } from '../config.js';
+import { requireStore, resolveConfig } from '../config.js';
 import type { GlobalCliOptions } from '../config.js';
 import { formatBytes, formatDuration, formatRate } from '../format.js';
-import { openStore } from '../open-store.js';
+import { openStore, storePassphrase } from '../open-store.js';
 
 // `process-server start` runs the data gateway until Ctrl-C; `process-server status` reads its
 // health listener (GET /health), so it works against any running process server.
@@ -127,6 +131,11 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
     .option('--bandwidth <bytes-per-second>', 'ingest limit of the whole server (0 = none)', '0')
     .option('--machine-bandwidth <bytes-per-second>', 'ingest limit per machine (0 = none)', '0')
     .option('--store-concurrency <n>', 'store operations at once', '8')
+    .option(
+      '--store-workers <n>',
+      'worker threads for hashing, compression, encryption (0 = on the main thread)',
+      '2',
+    )
     .option('--log-level <level>', 'pino log level', 'info')
     .addHelpText(
       'after',
@@ -145,6 +154,7 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
           bandwidth: string;
           machineBandwidth: string;
           storeConcurrency: string;
+          storeWorkers: string;
           logLevel: string;
         },
         command: Command,
@@ -152,9 +162,29 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
         const config = resolveConfig(command.optsWithGlobals<GlobalCliOptions>(), ctx.io);
         const listen = parseHostPort(opts.listen, '--listen', '0.0.0.0');
         const health = parseHostPort(opts.health, '--health', '127.0.0.1');
-        const store = await openStore(config, ctx);
+        const workers = Number(opts.storeWorkers);
+        if (!Number.isInteger(workers) || workers < 0 || workers > 64)
+          throw bad(`--store-workers ${opts.storeWorkers}: give 0 to 64.`);
+        let storeChoice: Pick<ProcessServerOptions, 'store' | 'storeWorkers'>;
+        if (workers === 0) storeChoice = { store: await openStore(config, ctx) };
+        else {
+          // Each worker thread opens the store itself; check here once that it opens at all.
+          await openStore(config, ctx);
+          const location = requireStore(config);
+          const passphrase = await storePassphrase(config, ctx);
+          const spec: WorkerStoreSpec =
+            location.kind === 'directory'
+              ? { kind: 'directory', path: location.path, passphrase }
+              : {
+                  kind: 'azure',
+                  connectionString: location.connectionString,
+                  containerUrl: location.url,
+                  passphrase,
+                };
+          storeChoice = { storeWorkers: { count: workers, spec } };
+        }
         const server = await ProcessServer.start({
-          store,
+          ...storeChoice,
           journalDir: resolve(ctx.io.cwd, opts.journalDir),
           tls: {
             cert: await readPem(ctx, opts.cert, 'certificate'),

@@ -1,0 +1,81 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import type { StoreApi, WriteSession } from '@lifeboat/store';
+import { serializeError } from './store-worker-protocol.js';
+import type { StoreWorkerRequest, StoreWorkerResponse } from './store-worker-protocol.js';
+
+// Entry point of a store worker thread: opens its own Store with the module the server was
+// configured with, and runs the requests of the machines assigned to it. Hashing, zstd and
+// AES-GCM of those machines happen here, off the ingest thread.
+
+interface WorkerInit {
+  module: string;
+  options: unknown;
+}
+
+const init = workerData as WorkerInit;
+const port = parentPort!;
+const sessions = new Map<number, WriteSession>();
+let nextSession = 1;
+
+const storePromise: Promise<StoreApi> = import(init.module).then(
+  (m: { openWorkerStore: (o: unknown) => Promise<StoreApi> }) => m.openWorkerStore(init.options),
+);
+
+async function handle(req: StoreWorkerRequest): Promise<unknown> {
+  const store = await storePromise;
+  const session = (id: number): WriteSession => {
+    const s = sessions.get(id);
+    if (!s) throw new Error(`unknown write session ${id}`);
+    return s;
+  };
+  switch (req.op) {
+    case 'beginWrite': {
+      const s = await store.beginWrite(req.args);
+      const id = nextSession++;
+      sessions.set(id, s);
+      return { session: id, size: s.size };
+    }
+    case 'write':
+      return session(req.session).write(req.offset, req.data);
+    case 'writeZeroes':
+      return session(req.session).writeZeroes(req.offset, req.length);
+    case 'trim':
+      return session(req.session).trim(req.offset, req.length);
+    case 'resize':
+      return session(req.session).resize(req.size);
+    case 'commit': {
+      const s = session(req.session);
+      sessions.delete(req.session);
+      return s.commit(req.options);
+    }
+    case 'abort': {
+      const s = sessions.get(req.session);
+      sessions.delete(req.session);
+      return s?.abort();
+    }
+    case 'listPoints':
+      return store.listPoints(req.filter);
+    case 'close':
+      for (const s of sessions.values()) await s.abort().catch(() => undefined);
+      sessions.clear();
+      await store.close();
+      return undefined;
+  }
+}
+
+port.on('message', (req: StoreWorkerRequest) => {
+  handle(req).then(
+    (value) =>
+      port.postMessage({
+        id: req.id,
+        ok: true,
+        value: value ?? null,
+      } satisfies StoreWorkerResponse),
+    (err: unknown) =>
+      port.postMessage({
+        id: req.id,
+        ok: false,
+        error: serializeError(err),
+      } satisfies StoreWorkerResponse),
+  );
+});

@@ -1,0 +1,192 @@
+import { createHash } from 'node:crypto';
+import { Worker } from 'node:worker_threads';
+import { LifeboatError } from '@lifeboat/protocol';
+import type {
+  CommitOptions,
+  PointFilter,
+  PointInfo,
+  WriteSession,
+  WriteSessionOptions,
+} from '@lifeboat/store';
+import type { StoreWorkerRequest, StoreWorkerResponse } from './store-worker-protocol.js';
+import type { WorkerStoreSpec } from './worker-store-opener.js';
+
+/** Store work on worker threads: how each thread opens its own instance of the target store. */
+export interface StoreWorkerOptions {
+  /** The store every worker opens (directory or Azure, with the passphrase). */
+  spec: WorkerStoreSpec;
+  /** Worker threads. @default 2 */
+  count?: number;
+  /** A module exporting `openWorkerStore(spec): Promise<StoreApi>` instead of the built-in one (file URL). */
+  module?: string;
+}
+
+/** The part of the store API the process server's replicators use. */
+export interface ReplicatorStore {
+  beginWrite(options: WriteSessionOptions): Promise<WriteSession>;
+  listPoints(filter?: PointFilter): Promise<PointInfo[]>;
+}
+
+interface Pending {
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+}
+
+class WorkerHandle {
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private dead: LifeboatError | undefined;
+
+  constructor(readonly worker: Worker) {
+    worker.on('message', (m: StoreWorkerResponse) => {
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.pending.delete(m.id);
+      if (m.ok) p.resolve(m.value);
+      else p.reject(new LifeboatError(m.error.code, m.error.message, { details: m.error.details }));
+    });
+    const fail = (err: unknown): void => {
+      this.dead = new LifeboatError(
+        'LB_PS_STORE_FAILED',
+        `A store worker thread stopped (${(err as Error)?.message ?? String(err)}); restart the process server.`,
+        { cause: err },
+      );
+      for (const p of this.pending.values()) p.reject(this.dead);
+      this.pending.clear();
+    };
+    worker.on('error', fail);
+    worker.on('exit', (code) => fail(new Error(`exit code ${code}`)));
+  }
+
+  call(req: Omit<StoreWorkerRequest, 'id'>, transfer: ArrayBuffer[] = []): Promise<unknown> {
+    if (this.dead) return Promise.reject(this.dead);
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ ...req, id }, transfer);
+    });
+  }
+}
+
+/**
+ * Store work on worker threads: each machine is assigned to one worker (by a hash of its id,
+ * so its points stay in order), which owns its own Store instance. The ingest thread only
+ * reads the journal and posts bytes; chunk hashing, compression and encryption run in the
+ * workers, in parallel with TLS, framing and the journal.
+ */
+export class StoreWorkerPool {
+  private readonly workers: WorkerHandle[];
+
+  constructor(options: StoreWorkerOptions) {
+    const count = options.count ?? 2;
+    if (!Number.isInteger(count) || count < 1 || count > 64) {
+      throw new LifeboatError(
+        'LB_PS_INVALID_OPTIONS',
+        'Invalid process server option: storeWorkers.count must be 1-64.',
+      );
+    }
+    const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
+    const entry = new URL(`./store-worker-main${ext}`, import.meta.url);
+    const module = options.module ?? new URL(`./worker-store-opener${ext}`, import.meta.url).href;
+    const workerData = { module, options: options.spec };
+    this.workers = Array.from({ length: count }, () => {
+      if (ext === '.js') return new WorkerHandle(new Worker(entry, { workerData }));
+      // Running from TypeScript sources (tests, tsx): loader hooks do not reach worker threads
+      // in Node 20, so the worker registers tsx itself before importing its entry.
+      const boot = `import('tsx/esm/api').then((api) => { api.register(); return import(${JSON.stringify(entry.href)}); })`;
+      return new WorkerHandle(new Worker(boot, { eval: true, workerData }));
+    });
+  }
+
+  /** The store API for one machine, served by that machine's worker. */
+  forMachine(machine: string): ReplicatorStore {
+    const h =
+      this.workers[
+        createHash('sha1').update(machine).digest().readUInt32BE(0) % this.workers.length
+      ]!;
+    return {
+      beginWrite: async (o) => {
+        const { session, size } = (await h.call({
+          op: 'beginWrite',
+          args:
+            o.base === undefined
+              ? { machine: o.machine, disk: o.disk, size: o.size }
+              : { machine: o.machine, disk: o.disk, size: o.size, base: o.base },
+        } as Omit<StoreWorkerRequest, 'id'>)) as { session: number; size: number };
+        return new WorkerWriteSession(h, session, o.machine, o.disk, size);
+      },
+      listPoints: async (filter) =>
+        (await h.call({ op: 'listPoints', filter: { ...filter } } as Omit<
+          StoreWorkerRequest,
+          'id'
+        >)) as PointInfo[],
+    };
+  }
+
+  /** Closes every worker's store and ends the threads. */
+  async close(): Promise<void> {
+    await Promise.all(
+      this.workers.map(async (h) => {
+        await h.call({ op: 'close' } as Omit<StoreWorkerRequest, 'id'>).catch(() => undefined);
+        await h.worker.terminate();
+      }),
+    );
+  }
+}
+
+class WorkerWriteSession implements WriteSession {
+  constructor(
+    private readonly h: WorkerHandle,
+    private readonly id: number,
+    readonly machine: string,
+    readonly disk: string,
+    private _size: number,
+  ) {}
+
+  get size(): number {
+    return this._size;
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    // Transfer whole, unpooled buffers (journal reads are); copy the rest.
+    const own =
+      data.byteOffset === 0 &&
+      data.byteLength === data.buffer.byteLength &&
+      data.buffer instanceof ArrayBuffer;
+    const bytes = own ? data : new Uint8Array(data);
+    await this.h.call(
+      { op: 'write', session: this.id, offset, data: bytes } as Omit<StoreWorkerRequest, 'id'>,
+      [bytes.buffer as ArrayBuffer],
+    );
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.h.call({ op: 'writeZeroes', session: this.id, offset, length } as Omit<
+      StoreWorkerRequest,
+      'id'
+    >);
+  }
+
+  async trim(offset: number, length: number): Promise<void> {
+    await this.h.call({ op: 'trim', session: this.id, offset, length } as Omit<
+      StoreWorkerRequest,
+      'id'
+    >);
+  }
+
+  async resize(size: number): Promise<void> {
+    await this.h.call({ op: 'resize', session: this.id, size } as Omit<StoreWorkerRequest, 'id'>);
+    this._size = size;
+  }
+
+  async commit(options: CommitOptions = {}): Promise<PointInfo> {
+    return (await this.h.call({ op: 'commit', session: this.id, options } as Omit<
+      StoreWorkerRequest,
+      'id'
+    >)) as PointInfo;
+  }
+
+  async abort(): Promise<void> {
+    await this.h.call({ op: 'abort', session: this.id } as Omit<StoreWorkerRequest, 'id'>);
+  }
+}

@@ -1,0 +1,28 @@
+import { DirectoryBackend, Store } from '@lifeboat/store';
+import type { ObjectBackend, StoreApi } from '@lifeboat/store';
+
+/** How a store worker thread opens the target store (cloneable: it crosses to the thread). */
+export type WorkerStoreSpec =
+  | { kind: 'directory'; path: string; passphrase: string }
+  | {
+      kind: 'azure';
+      connectionString: string;
+      container?: string;
+      containerUrl?: string;
+      passphrase: string;
+    };
+
+/** Opens the store described by `spec`; the default module of store workers. */
+export async function openWorkerStore(spec: WorkerStoreSpec): Promise<StoreApi> {
+  let backend: ObjectBackend;
+  if (spec.kind === 'directory') backend = new DirectoryBackend({ path: spec.path });
+  else {
+    const { AzureBlobBackend } = await import('@lifeboat/store-azure');
+    backend = new AzureBlobBackend({
+      connectionString: spec.connectionString,
+      ...(spec.container !== undefined ? { container: spec.container } : {}),
+      ...(spec.containerUrl !== undefined ? { containerUrl: spec.containerUrl } : {}),
+    });
+  }
+  return Store.open({ backend, passphrase: spec.passphrase });
+}
