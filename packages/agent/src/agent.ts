@@ -830,19 +830,31 @@ export class Agent extends EventEmitter {
     );
     let bytes = 0;
     try {
+      const pieces: Array<[number, number]> = [];
       for await (const e of nbd.extents(context)) {
         if (!(e.flags & 1)) continue; // NBD_STATE_DIRTY
         for (let off = e.offset; off < e.offset + e.length; off += this.opts.readBytes) {
-          this.checkCrash();
-          const len = Math.min(this.opts.readBytes, e.offset + e.length - off);
-          const buf = await nbd.readAt(off, len);
-          if (isZero(buf)) {
-            await this.opts.sink.writeZeroes(disk, off, len);
-          } else {
-            await this.opts.sink.write(disk, off, buf);
-            bytes += len;
-            this.sentBytes += len;
-          }
+          pieces.push([off, Math.min(this.opts.readBytes, e.offset + e.length - off)]);
+        }
+      }
+      // A few reads in flight hide the round trips; the sink still gets the pieces in order.
+      const reads: Array<Promise<Buffer>> = [];
+      let next = 0;
+      for (const [off, len] of pieces) {
+        while (reads.length < READ_AHEAD && next < pieces.length) {
+          const [o, l] = pieces[next++] as [number, number];
+          const read = nbd.readAt(o, l);
+          read.catch(() => undefined); // awaited below, in order
+          reads.push(read);
+        }
+        this.checkCrash();
+        const buf = await (reads.shift() as Promise<Buffer>);
+        if (isZero(buf)) {
+          await this.opts.sink.writeZeroes(disk, off, len);
+        } else {
+          await this.opts.sink.write(disk, off, buf);
+          bytes += len;
+          this.sentBytes += len;
         }
       }
     } finally {
@@ -851,6 +863,9 @@ export class Agent extends EventEmitter {
     return bytes;
   }
 }
+
+/** NBD reads kept in flight while sending dirty extents. */
+const READ_AHEAD = 4;
 
 /** Errors after which retrying the cycle cannot help. */
 const FATAL = new Set(['LB_AGENT_DISK_VANISHED', 'LB_AGENT_STATE_MACHINE', 'LB_PROTO_CLOSED']);
