@@ -162,10 +162,14 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
       const j = await b.call('GET', `/api/jobs/${s.jobId}`);
       return j.body['state'] === 'running' && j.body['attempts'] === 2;
     });
-    const logs = await b.call('GET', `/api/jobs/${s.jobId}/logs`);
-    expect(
-      (logs.body['items'] as Array<{ message: string }>).map((l) => l.message).join('\n'),
-    ).toContain('Resuming after a vault restart (attempt 2)');
+    // The log line is written just after the claim: wait for it rather than race it.
+    await waitFor(async () =>
+      (
+        (await b.call('GET', `/api/jobs/${s.jobId}/logs`)).body['items'] as Array<{
+          message: string;
+        }>
+      ).some((l) => l.message.includes('Resuming after a vault restart (attempt 2)')),
+    );
     await b.call(
       'POST',
       '/api/components/self/heartbeat',

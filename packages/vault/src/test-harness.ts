@@ -69,6 +69,7 @@ export async function startTestVault(
     initialAdmin: { username: 'admin', password: 'admin-password' },
     schedulerIntervalMs: 3_600_000,
     jobPollIntervalMs: 50,
+    summaryCacheMs: 0,
     ...overrides,
   });
   const call = async (

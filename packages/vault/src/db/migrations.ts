@@ -260,9 +260,25 @@ async function initial(db: Db): Promise<void> {
     .execute();
 }
 
+// Indexes for the portal's busiest reads with 10,000 items: the machines table sorted by RPO
+// (newest point), filtered by state, and the dashboard's worst RPOs.
+async function rpoIndexes(db: Db): Promise<void> {
+  await db.schema
+    .createIndex('protectedItemsLastPoint')
+    .on('protectedItems')
+    .columns(['lastPointAt', 'id'])
+    .execute();
+  await db.schema
+    .createIndex('protectedItemsStateLastPoint')
+    .on('protectedItems')
+    .columns(['state', 'lastPointAt', 'id'])
+    .execute();
+}
+
 /** The vault's migrations, in code so a built vault needs no migration files on disk. */
 export const migrations: Record<string, Migration> = {
   '0001-initial': { up: initial },
+  '0002-rpo-indexes': { up: rpoIndexes },
 };
 
 /** Hands Kysely's Migrator the migrations above. */

@@ -293,6 +293,17 @@ export function registerOperationsRoutes(app: FastifyInstance, vault: VaultConte
     },
     async () => {
       const now = Date.now();
+      // Many dashboards poll this at once: compute it at most once per summaryCacheMs.
+      if (summaryCache !== undefined && summaryCache.until > now) return summaryCache.value;
+      const value = await computeSummary(now);
+      summaryCache = { until: now + vault.options.summaryCacheMs, value };
+      return value;
+    },
+  );
+
+  let summaryCache: { until: number; value: unknown } | undefined;
+  const computeSummary = async (now: number): Promise<unknown> => {
+    {
       const byState = await db
         .selectFrom('protectedItems')
         .select(['state', (eb) => eb.fn.countAll().as('n')])
@@ -364,8 +375,8 @@ export function registerOperationsRoutes(app: FastifyInstance, vault: VaultConte
           health: JSON.parse(c.health) as unknown,
         })),
       };
-    },
-  );
+    }
+  };
 
   app.get(
     '/api/health',
