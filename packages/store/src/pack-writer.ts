@@ -62,9 +62,22 @@ export class PackWriter {
 
   /** Adds an already sealed blob; uploads the pack when it is full. */
   async addSealed(type: BlobType, id: Buffer, rawLength: number, sealed: Buffer): Promise<void> {
+    await this.addParts(type, id, rawLength, [sealed]);
+  }
+
+  /** Adds a sealed blob given as consecutive parts, copied straight into the pack buffer. */
+  private async addParts(
+    type: BlobType,
+    id: Buffer,
+    rawLength: number,
+    parts: Buffer[],
+  ): Promise<void> {
     this.throwIfFailed();
     const key = id.toString('latin1');
     if (this.blobs.has(key)) return;
+    let length = 0;
+    for (const part of parts) length += part.length;
+    const sealed = { length };
     const loc: BlobLocation = {
       pack: this.pack,
       offset: this.partsBytes,
@@ -88,7 +101,8 @@ export class PackWriter {
       }
       this.buf = grown;
     }
-    sealed.copy(this.buf, this.partsBytes);
+    let pos = this.partsBytes;
+    for (const part of parts) pos += part.copy(this.buf, pos);
     this.blobs.set(key, { loc, data: this.buf.subarray(loc.offset, loc.offset + sealed.length) });
     this.entries.push({
       id: Buffer.from(id),
@@ -104,7 +118,7 @@ export class PackWriter {
   /** Seals and adds a blob. */
   async add(type: BlobType, id: Buffer, plain: Uint8Array): Promise<void> {
     if (this.has(id)) return;
-    await this.addSealed(type, id, plain.length, this.crypto.sealChunk(type, id, plain));
+    await this.addParts(type, id, plain.length, this.crypto.sealChunkParts(type, id, plain));
   }
 
   /** Starts uploading the current pack (if it holds anything); waits while too many upload. */

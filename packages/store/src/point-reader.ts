@@ -84,16 +84,16 @@ export class StorePointReader implements PointReader {
       );
     }
     const window = WINDOW_CHUNKS * this.cs;
-    const readRange = (from: number, to: number): Promise<Buffer> =>
-      this.readRange(from, to - from, false);
+    const readParts = (from: number, to: number): Promise<Buffer[]> =>
+      this.readParts(from, to - from, false);
     async function* windows(): AsyncGenerator<Buffer> {
-      const queue: Array<Promise<Buffer>> = [];
+      const queue: Array<Promise<Buffer[]>> = [];
       let next = start;
       const fill = (): void => {
         while (queue.length < READ_AHEAD && next < end) {
           // Windows are aligned to chunks so each chunk is fetched once.
           const stop = Math.min(end, (Math.floor(next / window) + 1) * window);
-          const p = readRange(next, stop);
+          const p = readParts(next, stop);
           // Attach a handler now; the error surfaces when this window is awaited below.
           p.catch(() => undefined);
           queue.push(p);
@@ -102,9 +102,9 @@ export class StorePointReader implements PointReader {
       };
       fill();
       while (queue.length > 0) {
-        const buf = await (queue.shift() as Promise<Buffer>);
+        const parts = await (queue.shift() as Promise<Buffer[]>);
         fill();
-        yield buf;
+        yield* parts;
       }
     }
     return Readable.from(windows(), { objectMode: false, highWaterMark: 1 });
@@ -146,21 +146,39 @@ export class StorePointReader implements PointReader {
 
   /** Reads [offset, offset+length); `cached` uses the chunk cache (random access) or not (streams). */
   private async readRange(offset: number, length: number, cached: boolean): Promise<Buffer> {
-    const out = Buffer.alloc(length);
-    if (length === 0) return out;
+    const parts = await this.readParts(offset, length, cached);
+    return parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts, length);
+  }
+
+  /**
+   * Reads [offset, offset+length) as consecutive pieces: slices of decrypted chunks (no copy)
+   * and freshly allocated zero runs. Streams yield these directly.
+   */
+  private async readParts(offset: number, length: number, cached: boolean): Promise<Buffer[]> {
+    if (length === 0) return [Buffer.alloc(0)];
     const cs = this.cs;
     const a = Math.floor(offset / cs);
     const b = Math.ceil((offset + length) / cs);
     const refs = await this.refsFor(a, b);
     const chunks = await this.fetch(refs, a, cached);
+    const parts: Buffer[] = [];
+    let zeros = 0;
     for (let j = a; j < b; j++) {
       const plain = chunks[j - a];
-      if (plain === undefined || plain === null) continue;
       const from = Math.max(offset, j * cs);
       const to = Math.min(offset + length, (j + 1) * cs);
-      plain.copy(out, from - offset, from - j * cs, to - j * cs);
+      if (plain === undefined || plain === null) {
+        zeros += to - from;
+        continue;
+      }
+      if (zeros > 0) parts.push(Buffer.alloc(zeros));
+      zeros = 0;
+      // Cached chunks are shared: hand out copies; uncached ones belong to this read alone.
+      const slice = plain.subarray(from - j * cs, to - j * cs);
+      parts.push(cached ? Buffer.from(slice) : slice);
     }
-    return out;
+    if (zeros > 0) parts.push(Buffer.alloc(zeros));
+    return parts;
   }
 
   /** Fetches chunks, one ranged read per run of adjacent blobs in one pack. */

@@ -64,8 +64,30 @@ export class StoreCrypto {
 
   /** Compresses (when it pays) and encrypts one blob; the id and type are authenticated. */
   sealChunk(type: BlobType, id: Buffer, plain: Uint8Array): Buffer {
-    let body: Uint8Array = plain;
-    let flag = RAW;
+    const { flag, body } = this.encode(plain);
+    return Buffer.concat(this.sealParts(type, id, flag, body));
+  }
+
+  /**
+   * Like {@link sealChunk}, but returns the sealed blob as consecutive parts (nonce, ciphertext
+   * pieces, tag) so a pack writer can copy them straight into its pack buffer.
+   */
+  sealChunkParts(type: BlobType, id: Buffer, plain: Uint8Array): Buffer[] {
+    const { flag, body } = this.encode(plain);
+    return this.sealParts(type, id, flag, body);
+  }
+
+  private sealParts(type: BlobType, id: Buffer, flag: number, body: Uint8Array): Buffer[] {
+    const nonce = randomBytes(NONCE_BYTES);
+    const cipher = createCipheriv('aes-256-gcm', this.dataKey, nonce);
+    cipher.setAAD(chunkAad(type, id));
+    const parts = [nonce, cipher.update(Buffer.of(flag)), cipher.update(body), cipher.final()];
+    parts.push(cipher.getAuthTag());
+    return parts;
+  }
+
+  /** Chooses raw or zstd for a plaintext. */
+  private encode(plain: Uint8Array): { flag: number; body: Uint8Array } {
     // Try a 4 KiB sample first: on incompressible (encrypted, already compressed) data that
     // saves most of zstd's cost. Data stored raw also skips decompression on every read.
     const sample = plain.length > 16384 ? plain.subarray(0, 4096) : undefined;
@@ -74,22 +96,9 @@ export class StoreCrypto {
       this.compressor.compress(sample).length < sample.length - (sample.length >> 5)
     ) {
       const packed = this.compressor.compress(plain);
-      if (packed.length < plain.length - (plain.length >> 5)) {
-        body = packed;
-        flag = ZSTD;
-      }
+      if (packed.length < plain.length - (plain.length >> 5)) return { flag: ZSTD, body: packed };
     }
-    const out = Buffer.allocUnsafe(NONCE_BYTES + 1 + body.length + TAG_BYTES);
-    const nonce = randomBytes(NONCE_BYTES);
-    nonce.copy(out, 0);
-    const cipher = createCipheriv('aes-256-gcm', this.dataKey, nonce);
-    cipher.setAAD(chunkAad(type, id));
-    let pos = NONCE_BYTES;
-    pos += cipher.update(Buffer.of(flag)).copy(out, pos);
-    pos += cipher.update(body).copy(out, pos);
-    pos += cipher.final().copy(out, pos);
-    cipher.getAuthTag().copy(out, pos);
-    return out;
+    return { flag: RAW, body: plain };
   }
 
   /** Decrypts and decompresses one blob; throws when it fails authentication. */
@@ -118,7 +127,10 @@ export class StoreCrypto {
     decipher.setAAD(aad);
     decipher.setAuthTag(blob.subarray(blob.length - TAG_BYTES));
     const body = blob.subarray(NONCE_BYTES, blob.length - TAG_BYTES);
-    return Buffer.concat([decipher.update(body), decipher.final()]);
+    const head = decipher.update(body);
+    const tail = decipher.final();
+    // GCM's final() yields no bytes; skip the copy concat would make.
+    return tail.length === 0 ? head : Buffer.concat([head, tail]);
   }
 }
 
