@@ -200,7 +200,31 @@ function describeBackendConformance(
     it('stores a large object (20 MiB) byte-exact and reads ranges across it', async () => {
       const b = await fresh();
       const data = randomBytes(20 * 1024 * 1024);
-      await b.put('packs/large', data);
+      // Readers polling while it is written never see part of it.
+      let done = false;
+      const observed = new Set<string>();
+      const watcher = (async () => {
+        while (!done) {
+          const info = await b.stat('packs/large');
+          observed.add(
+            info === undefined
+              ? 'absent'
+              : info.size === data.length
+                ? 'whole'
+                : `partial ${info.size}`,
+          );
+          const head = await b
+            .getRange('packs/large', data.length - 16, 16)
+            .catch((e: unknown) => e);
+          if (Buffer.isBuffer(head))
+            observed.add(head.equals(data.subarray(-16)) ? 'whole' : 'wrong tail');
+        }
+      })();
+      await b.put('packs/large', data).finally(() => {
+        done = true;
+      });
+      await watcher;
+      expect([...observed].filter((o) => o !== 'absent' && o !== 'whole')).toEqual([]);
       expect((await b.stat('packs/large'))?.size).toBe(data.length);
       expect((await b.get('packs/large')).equals(data)).toBe(true);
       // Ranges straddling 4 MiB boundaries (block boundaries of the Azure backend under test).

@@ -231,7 +231,7 @@ export class AzureBlobBackend implements ObjectBackend {
     return this.track(async () => {
       checkKey(key, this.location);
       const { signal } = options;
-      await this.ensureReady(signal);
+      await this.ensureReady();
       const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
       // Stored as blob metadata: lets a retried put recognise its own earlier success (below).
       // A random id rather than a content hash: hashing every pack cost more CPU than the upload
@@ -300,7 +300,7 @@ export class AzureBlobBackend implements ObjectBackend {
   async get(key: string, signal?: AbortSignal): Promise<Buffer> {
     return this.track(async () => {
       checkKey(key, this.location);
-      await this.ensureReady(signal);
+      await this.ensureReady();
       const blob = this.client.getBlobClient(key);
       const facts = { location: this.location, operation: 'get', key };
       try {
@@ -329,7 +329,7 @@ export class AzureBlobBackend implements ObjectBackend {
       ) {
         throw rangeError(key, this.location, { offset, length });
       }
-      await this.ensureReady(signal);
+      await this.ensureReady();
       if (length === 0) {
         // The service reads "no count" as "to the end", so an empty range is answered from stat.
         const info = await this.stat(key);
@@ -364,7 +364,7 @@ export class AzureBlobBackend implements ObjectBackend {
   async stat(key: string): Promise<ObjectInfo | undefined> {
     return this.track(async () => {
       checkKey(key, this.location);
-      await this.ensureReady(undefined);
+      await this.ensureReady();
       const blob = this.client.getBlobClient(key);
       const facts = { location: this.location, operation: 'stat', key };
       try {
@@ -381,7 +381,7 @@ export class AzureBlobBackend implements ObjectBackend {
 
   async *list(prefix: string): AsyncIterable<ObjectInfo> {
     this.checkOpen();
-    await this.ensureReady(undefined);
+    await this.ensureReady();
     const facts = { location: this.location, operation: 'list', key: `${prefix}*` };
     let continuationToken: string | undefined;
     do {
@@ -414,7 +414,7 @@ export class AzureBlobBackend implements ObjectBackend {
   async delete(key: string): Promise<void> {
     return this.track(async () => {
       checkKey(key, this.location);
-      await this.ensureReady(undefined);
+      await this.ensureReady();
       const blob = this.client.getBlobClient(key);
       const facts = { location: this.location, operation: 'delete', key };
       try {
@@ -456,8 +456,11 @@ export class AzureBlobBackend implements ObjectBackend {
     return p;
   }
 
-  /** Creates the container once when asked to; a failure is retried on the next call. */
-  private ensureReady(signal: AbortSignal | undefined): Promise<void> {
+  /**
+   * Creates the container once when asked to; a failure is retried on the next call. Shared by
+   * every caller, so no one caller's signal ends it.
+   */
+  private ensureReady(): Promise<void> {
     if (!this.options.createContainer) return Promise.resolve();
     this.ready ??= (async () => {
       const facts = { location: this.location, operation: 'create container' };
@@ -467,7 +470,7 @@ export class AzureBlobBackend implements ObjectBackend {
         );
       } catch (err) {
         this.ready = undefined;
-        throw this.mapError(err, facts, signal);
+        throw this.mapError(err, facts);
       }
     })();
     return this.ready;
