@@ -483,4 +483,31 @@ describe('agent against qemu-storage-daemon', () => {
     const last = sink.committed[sink.committed.length - 1]?.points[0];
     expect((await readAll(store, last?.id as string)).equals(expected)).toBe(true);
   });
+
+  it('resyncs on request (process server dropped its backlog), sending only what differs', async () => {
+    const img = join(dir, 'disk.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '4M']);
+    const qsd = await daemon([{ path: img }]);
+    const nbd = await guest(qsd, 0);
+    const model = Buffer.alloc(4 * MiB);
+    const put = async (offset: number, data: Buffer): Promise<void> => {
+      await nbd.write(offset, data);
+      data.copy(model, offset);
+    };
+    await put(0, randomBytes(MiB));
+    const sink = new StoreSink(store, 'vm1');
+    const agent = agentFor(qsd, sink);
+    const warnings: string[] = [];
+    agent.on('warning', (w: { message: string }) => warnings.push(w.message));
+    await agent.start();
+    await waitFor<CutReport>(agent, 'cut', () => true);
+    const before = agent.bytesSent;
+    await put(2 * MiB, randomBytes(65536));
+    agent.requestResync('the process server dropped this machine’s backlog');
+    await waitFor<CutReport>(agent, 'cut', () => warnings.some((w) => /dropped/.test(w)));
+    await agent.stop();
+    expect(agent.bytesSent - before).toBe(65536);
+    const last = sink.committed[sink.committed.length - 1]?.points[0];
+    expect((await readAll(store, last?.id as string)).equals(model)).toBe(true);
+  });
 });

@@ -99,7 +99,7 @@ export class Agent extends EventEmitter {
   private statusWrittenAt = 0;
   private readonly statePath: string;
   /** Disks whose tracking bitmap was lost while running (QEMU restarted): resync before the next cut. */
-  private readonly needResync = new Set<string>();
+  private readonly needResync = new Map<string, string>();
 
   constructor(options: AgentOptions) {
     super();
@@ -125,14 +125,27 @@ export class Agent extends EventEmitter {
       { commandTimeoutMs: this.opts.qmpTimeoutMs },
     );
     this.qmp.on('close', () => this.wake?.());
-    await this.cleanupLeftovers();
-    await this.ensureNbdServer();
-    this.disks = await discoverDisks(this.qmp, this.opts.disks);
-    if (this.disks.length === 0) {
-      throw new LifeboatError(
-        'LB_AGENT_NO_DISKS',
-        `QEMU at ${this.opts.qmpSocket} has no disk to protect${this.opts.disks ? ` among ${this.opts.disks.join(', ')}` : ''}. Check the QMP socket and the disk names (query-block).`,
-        { details: { qmp: this.opts.qmpSocket, disks: this.opts.disks } },
+    try {
+      await this.cleanupLeftovers();
+      await this.ensureNbdServer();
+      this.disks = await discoverDisks(this.qmp, this.opts.disks);
+      if (this.disks.length === 0) {
+        throw new LifeboatError(
+          'LB_AGENT_NO_DISKS',
+          `QEMU at ${this.opts.qmpSocket} has no disk to protect${this.opts.disks ? ` among ${this.opts.disks.join(', ')}` : ''}. Check the QMP socket and the disk names (query-block).`,
+          { details: { qmp: this.opts.qmpSocket, disks: this.opts.disks } },
+        );
+      }
+    } catch (err) {
+      await this.qmp.close().catch(() => undefined);
+      if (this.ownNbdDir) await rm(this.ownNbdDir, { recursive: true, force: true });
+      throw err;
+    }
+    // A ReplicationClient says when the process server dropped this machine's backlog.
+    const events = this.opts.sink as Partial<Pick<EventEmitter, 'on'>>;
+    if (typeof events.on === 'function') {
+      events.on.call(this.opts.sink, 'resync-required', () =>
+        this.requestResync('the process server dropped this machine’s backlog'),
       );
     }
     for (const d of this.disks) this.opts.sink.addDisk({ name: d.name, size: d.size });
@@ -156,6 +169,15 @@ export class Agent extends EventEmitter {
     if (this.ownNbdDir) await rm(this.ownNbdDir, { recursive: true, force: true });
     if (this.phase !== 'failed') this.phase = 'stopped';
     if (!options.crash) await this.writeStatus(true);
+  }
+
+  /**
+   * Makes the next cycle resync every disk first (read it, send what differs from the latest
+   * point), e.g. after the process server dropped frames it had not committed.
+   */
+  requestResync(reason: string): void {
+    for (const d of this.disks) this.needResync.set(d.name, reason);
+    this.wake?.();
   }
 
   /** Resolves when replication ends (after stop or a failure). */
@@ -686,13 +708,16 @@ export class Agent extends EventEmitter {
       known.bitmaps = f.bitmaps;
       const ds = this.st.disks[f.name];
       if (ds?.tracking && !f.bitmaps.some((b) => b.name === ds.tracking))
-        this.needResync.add(f.name);
+        this.needResync.set(f.name, 'its bitmap disappeared while running (QEMU restarted?)');
     }
-    for (const name of this.needResync) {
+    for (const [name, reason] of this.needResync) {
       const d = this.disks.find((x) => x.name === name) as DiscoveredDisk;
-      this.warn('LB_AGENT_RESYNC', `Disk ${name} lost its bitmap while running; resyncing.`, {
-        disk: name,
-      });
+      this.warn(
+        'LB_AGENT_RESYNC',
+        `Disk ${name} needs a resync: ${reason}. Only chunks that differ from the latest point are sent.`,
+        { disk: name },
+      );
+      delete (this.st.disks[name] as DiskState).tracking;
       await this.fullRead(d, 'resync', 0);
       this.needResync.delete(name);
       this.phase = 'continuous';
