@@ -12,6 +12,8 @@ export interface LockOptions {
   staleMs: number;
   /** How long a writer waits for a running gc to finish before giving up. @default 30000 */
   sharedWaitMs: number;
+  /** How long gc waits for running writers to finish (new ones wait for gc). @default 300000 */
+  exclusiveWaitMs: number;
 }
 
 /** The content of a lock object (`locks/<id>`). */
@@ -121,6 +123,7 @@ export class StoreLocks {
       refreshMs: options.refreshMs ?? 60_000,
       staleMs: options.staleMs ?? 600_000,
       sharedWaitMs: options.sharedWaitMs ?? 30_000,
+      exclusiveWaitMs: options.exclusiveWaitMs ?? 300_000,
     });
   }
 
@@ -151,13 +154,34 @@ export class StoreLocks {
     const key = `locks/${randomBytes(16).toString('hex')}`;
     await this.backend.put(key, Buffer.from(JSON.stringify(record)));
     let conflict: { key: string; record: LockRecord } | undefined;
+    // gc keeps its lock object while it waits for running writers to finish: new writers see
+    // it and wait, so a store that is written continuously still gets its gc.
+    const drainUntil = exclusive ? Date.now() + this.options.exclusiveWaitMs : 0;
     try {
-      for (const other of await this.others(key)) {
-        if (other.stale) continue;
-        if (exclusive || other.record.exclusive) {
-          conflict = other;
-          break;
+      for (let delay = 100; ; delay = Math.min(delay * 2, 2000)) {
+        conflict = undefined;
+        let writers = false;
+        for (const other of await this.others(key)) {
+          if (other.stale) continue;
+          if (other.record.exclusive) {
+            conflict = other;
+            break;
+          }
+          if (exclusive) {
+            conflict = other;
+            writers = true;
+          }
         }
+        if (conflict === undefined || !writers || Date.now() + delay > drainUntil) break;
+        await new Promise((r) => setTimeout(r, delay));
+        // Keep the waiting lock fresh, so it is never taken for a dead holder's.
+        await this.backend.put(
+          key,
+          Buffer.from(JSON.stringify({ ...record, time: new Date().toISOString() })),
+          {
+            overwrite: true,
+          },
+        );
       }
     } catch (err) {
       await this.backend.delete(key).catch(() => undefined);

@@ -114,10 +114,30 @@ describe('stats, prune, gc, passphrase, locks, concurrent writers', () => {
     t = await tempStore({ chunkSize: CS, locks: { sharedWaitMs: 300 } });
     const w = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 });
     await w.write(0, pseudoRandom(CS * 4, 1));
-    const other = await t.reopen(TEST_PASSPHRASE, { locks: { sharedWaitMs: 300 } });
+    const other = await t.reopen(TEST_PASSPHRASE, {
+      locks: { sharedWaitMs: 300, exclusiveWaitMs: 300 },
+    });
     await expect(other.gc()).rejects.toSatisfy(code('LB_STORE_LOCKED'));
     await w.commit();
     await other.gc();
+    // gc waits for a running writer; meanwhile a new writer waits for gc, then proceeds.
+    const patient = await t.reopen(TEST_PASSPHRASE, {
+      locks: { exclusiveWaitMs: 60_000, sharedWaitMs: 60_000 },
+    });
+    const running = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 });
+    const gcDone = patient.gc();
+    let gcFinished = false;
+    void gcDone.then(() => (gcFinished = true));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(gcFinished).toBe(false);
+    await running.write(0, pseudoRandom(CS * 4, 2));
+    const p = await running.commit();
+    await gcDone;
+    const after = await patient.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 });
+    await after.abort();
+    expect(
+      (await (await patient.openPoint(p.id)).readAt(0, CS * 4)).equals(pseudoRandom(CS * 4, 2)),
+    ).toBe(true);
     // A lock left by a dead process on this host does not block; gc removes it.
     await writeFile(
       join(t.dir, 'locks', 'ffffffffffffffffffffffffffffffff'),
