@@ -58,3 +58,9 @@ export {
 } from './failover.js';
 export { GuestAgent, type GuestExecResult } from './guest-agent.js';
 export { kvmBootsKernel } from './kvm-boots-kernel.js';
+export {
+  serveFailoverControl,
+  failoverControlRequest,
+  type FailoverControlRequest,
+  type FailoverControlReply,
+} from './failover-control.js';

@@ -1,8 +1,10 @@
 import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RecoveryJobRecord } from '@lifeboat/recovery';
 import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
@@ -12,11 +14,15 @@ import { runCli } from '../main.js';
 // `lifeboat failover test` end to end, in-process: a store holding the test image (imported
 // with `lifeboat store import`), booted through the recovery host with the store alone.
 
+const run = promisify(execFile);
 let dir: string;
 let image: TestImage;
 const PASS = 'failover test passphrase';
 
-async function lifeboat(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+async function lifeboat(
+  args: string[],
+  signal?: AbortSignal,
+): Promise<{ code: number; stdout: string; stderr: string }> {
   let stdout = '';
   let stderr = '';
   const stdin = Object.assign(new EventEmitter(), {
@@ -32,6 +38,7 @@ async function lifeboat(args: string[]): Promise<{ code: number; stdout: string;
       env: { LIFEBOAT_STORE: join(dir, 'store'), LIFEBOAT_PASSPHRASE: PASS },
       cwd: dir,
     },
+    ...(signal ? { signal } : {}),
   });
   return { code, stdout, stderr };
 }
@@ -90,6 +97,75 @@ describe('lifeboat failover', () => {
     const c = await lifeboat(['failover', 'cleanup', '--run-dir', runDir]);
     expect(c.code).toBe(0);
     expect(c.stdout).toMatch(/nothing to remove/);
+  }, 300_000);
+
+  it('start runs the machine; commit from another invocation makes it final and hydrates it while it runs', async () => {
+    const runDir = join(dir, 'run-fo');
+    const stop = new AbortController();
+    const started = lifeboat(
+      [
+        '--json',
+        'failover',
+        'start',
+        '--machine',
+        'web',
+        '--kernel',
+        image.kernel,
+        '--append',
+        testImageAppend({ mark: 'AFTER-FAILOVER' }),
+        '--memory-mib',
+        '256',
+        '--run-dir',
+        runDir,
+      ],
+      stop.signal,
+    );
+    try {
+      const deadline = Date.now() + 120_000;
+      while (!existsSync(join(runDir, 'control.sock')) && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      // Let the guest boot and write before the commit, so the copy must carry its writes.
+      const consoleLog = join(runDir, 'm', 'web', 'console.log');
+      while (Date.now() < deadline) {
+        const text = existsSync(consoleLog) ? await readFile(consoleLog, 'latin1') : '';
+        if (text.includes('LIFEBOAT-READY')) break;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      const local = join(dir, 'local');
+      const c = await lifeboat([
+        '--json',
+        'failover',
+        'commit',
+        '--run-dir',
+        runDir,
+        '--hydrate-to',
+        local,
+        '--verify',
+      ]);
+      expect(c.stderr).toBe('');
+      expect(c.code).toBe(0);
+      const replies = c.stdout
+        .trim()
+        .split(/\n(?=\{)/)
+        .map((j) => JSON.parse(j) as { ok: boolean; state: string; localDisks: string[] });
+      expect(replies.map((r) => r.state)).toEqual(['committed', 'hydrated']);
+      const copy = replies[1]!.localDisks[0]!;
+      const raw = join(dir, 'copy.raw');
+      await run('qemu-img', ['convert', '-U', '-O', 'raw', copy, raw]);
+      expect((await readFile(raw)).includes('AFTER-FAILOVER')).toBe(true);
+      await rm(raw);
+      // A second commit is refused with the failover's state.
+      const again = await lifeboat(['failover', 'commit', '--run-dir', runDir]);
+      expect(again.code).not.toBe(0);
+      expect(again.stderr).toMatch(/LB_RECOVERY_FAILOVER_STATE/);
+    } finally {
+      stop.abort();
+      const s = await started;
+      expect(s.code).toBe(0);
+    }
+    expect(existsSync(join(runDir, 'm', 'web'))).toBe(false);
+    expect(existsSync(join(dir, 'local', 'web-disk0.qcow2'))).toBe(true);
   }, 300_000);
 
   it('start refuses --hydrate-to without --commit, before touching anything', async () => {

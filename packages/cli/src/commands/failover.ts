@@ -2,8 +2,20 @@ import { readFile, readdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { LifeboatError } from '@lifeboat/protocol';
-import { Failover, RecoveryHost, runTestFailover, selectPoints } from '@lifeboat/recovery';
-import type { MachineBoot, PointSelector, RecoveryJobRecord } from '@lifeboat/recovery';
+import {
+  Failover,
+  RecoveryHost,
+  failoverControlRequest,
+  runTestFailover,
+  selectPoints,
+  serveFailoverControl,
+} from '@lifeboat/recovery';
+import type {
+  FailoverControlReply,
+  MachineBoot,
+  PointSelector,
+  RecoveryJobRecord,
+} from '@lifeboat/recovery';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
 import { resolveConfig } from '../config.js';
@@ -91,7 +103,21 @@ function printJob(out: CliPrinter, job: RecoveryJobRecord): void {
   for (const [name, path] of Object.entries(job.artifacts)) out.line(`${name}: ${path}`);
 }
 
-/** `lifeboat failover test|start|cleanup`: standalone, from the store and its passphrase. */
+function report(out: CliPrinter, reply: FailoverControlReply): void {
+  if (reply.job) printJob(out, reply.job);
+  out.json(reply);
+  if (!reply.ok) {
+    throw new LifeboatError(
+      reply.error?.code ?? 'LB_RECOVERY_CONTROL',
+      reply.error?.message ?? 'The failover refused.',
+    );
+  }
+  out.line(
+    `failover ${reply.state ?? '?'}; points ${(reply.pointIds ?? []).join(', ')}${reply.localDisks?.length ? `; local disks ${reply.localDisks.join(', ')}` : ''}`,
+  );
+}
+
+/** `lifeboat failover test|start|change-point|commit|cleanup`: standalone, from the store and its passphrase. */
 export function registerFailoverCommands(program: Command, ctx: CliContext): void {
   const group = program
     .command('failover')
@@ -188,14 +214,79 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       });
       if (o.commit) await f.commit();
       if (o.hydrateTo !== undefined) await f.hydrate({ dir: resolve(ctx.io.cwd, o.hydrateTo) });
+      // Later invocations (failover commit, failover change-point) reach it here.
+      const control = join(host.options.runDir, 'control.sock');
+      const server = await serveFailoverControl(f, control);
+      ctx.cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
       for (const j of f.jobs) printJob(out, j);
-      out.json({ jobs: f.jobs, state: f.state, localDisks: f.localDisks });
+      out.json({
+        jobs: f.jobs,
+        state: f.state,
+        localDisks: f.localDisks,
+        runDir: host.options.runDir,
+      });
       out.note(
-        `machine ${f.machine.name} runs (console ${f.machine.consolePath}); Ctrl-C stops it`,
+        `machine ${f.machine.name} runs (console ${f.machine.consolePath}); "lifeboat failover commit --run-dir ${host.options.runDir}" commits it; Ctrl-C stops it`,
       );
       await untilAborted(ctx.signal);
       printJob(out, await f.cleanup());
     });
+
+  group
+    .command('change-point')
+    .description('boot other points in a failover that runs (before commit; the guest restarts)')
+    .requiredOption('--run-dir <dir>', 'the run directory of "failover start"')
+    .requiredOption('--point <id...>', 'point ids, one per disk in boot order')
+    .action(async (o: { runDir: string; point: string[] }, cmd: Command) => {
+      const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      const out = new CliPrinter(ctx.io, config.json);
+      const reply = await failoverControlRequest(
+        join(resolve(ctx.io.cwd, o.runDir), 'control.sock'),
+        {
+          op: 'change-point',
+          pointIds: o.point,
+        },
+      );
+      report(out, reply);
+    });
+
+  group
+    .command('commit')
+    .description(
+      'make a running failover final; with --hydrate-to, then move its disks to local files while it runs',
+    )
+    .requiredOption('--run-dir <dir>', 'the run directory of "failover start"')
+    .option(
+      '--hydrate-to <dir>',
+      'copy the disks into local files here and switch the machine to them',
+    )
+    .option('--raw', 'hydrate into raw files instead of qcow2')
+    .option(
+      '--verify',
+      "pause the guest briefly to compare each copy with the point plus the guest's writes",
+    )
+    .action(
+      async (
+        o: { runDir: string; hydrateTo?: string; raw?: boolean; verify?: boolean },
+        cmd: Command,
+      ) => {
+        const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+        const out = new CliPrinter(ctx.io, config.json);
+        const socket = join(resolve(ctx.io.cwd, o.runDir), 'control.sock');
+        const replies = [await failoverControlRequest(socket, { op: 'commit' })];
+        if (replies[0]!.ok && o.hydrateTo !== undefined) {
+          replies.push(
+            await failoverControlRequest(socket, {
+              op: 'hydrate',
+              dir: resolve(ctx.io.cwd, o.hydrateTo),
+              format: o.raw ? 'raw' : 'qcow2',
+              ...(o.verify ? { verify: true } : {}),
+            }),
+          );
+        }
+        for (const r of replies) report(out, r);
+      },
+    );
 
   group
     .command('cleanup')
