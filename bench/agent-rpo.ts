@@ -45,9 +45,7 @@ function pct(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? NaN;
 }
 
-async function pki(
-  dir: string,
-): Promise<{
+async function pki(dir: string): Promise<{
   ca: Buffer;
   server: { cert: Buffer; key: Buffer };
   client: { cert: Buffer; key: Buffer };
