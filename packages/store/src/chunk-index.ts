@@ -7,11 +7,11 @@ import type { BlobLocation, PackEntry } from './object-format.js';
  * docs/store-format.md for the planned on-disk alternative.
  */
 export class ChunkIndex {
-  private readonly map = new Map<string, BlobLocation>();
+  private map = new Map<string, BlobLocation>();
   /** Index objects whose entries are loaded. */
-  readonly loaded = new Set<string>();
+  loaded = new Set<string>();
   /** Index objects that could not be read, with the reason. */
-  readonly damaged = new Map<string, Error>();
+  damaged = new Map<string, Error>();
 
   /** Adds a pack's entries (a later entry for the same id replaces the earlier one). */
   addPack(pack: string, entries: readonly PackEntry[]): void {
@@ -41,6 +41,13 @@ export class ChunkIndex {
   /** Every entry, as [id, location]. */
   *entries(): IterableIterator<[Buffer, BlobLocation]> {
     for (const [k, v] of this.map) yield [Buffer.from(k, 'latin1'), v];
+  }
+
+  /** Takes over another index's content in one step, so concurrent readers never see it empty. */
+  adopt(other: ChunkIndex): void {
+    this.map = other.map;
+    this.loaded = other.loaded;
+    this.damaged = other.damaged;
   }
 
   clear(): void {

@@ -203,7 +203,12 @@ export class StorePointReader implements PointReader {
           continue;
         }
       }
-      const loc = store.index.get(id);
+      let loc = store.index.get(id);
+      if (loc === undefined) {
+        // Another process may have committed it after this one loaded the index.
+        await store.refreshIndex();
+        loc = store.index.get(id);
+      }
       if (loc === undefined) throw store.notLocated(Buffer.from(id), BlobType.Data, ctx);
       const last = run[run.length - 1];
       const runStart = run[0];

@@ -228,6 +228,31 @@ describe('stats, prune, gc, passphrase, locks, concurrent writers', () => {
     expect((await c.listPoints()).length).toBe(3);
   });
 
+  it('a store opened earlier reads points committed later by another handle, and after its gc', async () => {
+    t = await tempStore({ chunkSize: CS, packSize: 16 * 1024 });
+    const reader = await t.reopen();
+    expect(await reader.listPoints()).toEqual([]);
+    const id1 = await commitDisk(t.store, 'vda', pseudoRandom(CS * 16, 5));
+    const r1 = await reader.openPoint((await reader.listPoints())[0]?.id ?? '');
+    expect((await r1.readAt(0, CS * 16)).equals(pseudoRandom(CS * 16, 5))).toBe(true);
+    // A second point replaces most data; gc by the writer repacks what the reader indexed.
+    const s = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 16 });
+    await s.write(0, pseudoRandom(CS * 14, 6));
+    const p2 = await s.commit();
+    await t.store.deletePoints([id1]);
+    const report = await t.store.gc();
+    expect(report.packsDeleted + report.packsRepacked).toBeGreaterThan(0);
+    const want = Buffer.concat([
+      pseudoRandom(CS * 14, 6),
+      pseudoRandom(CS * 16, 5).subarray(CS * 14),
+    ]);
+    const r2 = await reader.openPoint(p2.id);
+    expect((await r2.readAt(0, CS * 16)).equals(want)).toBe(true);
+    const parts: Buffer[] = [];
+    for await (const c of r2.stream()) parts.push(c as Buffer);
+    expect(Buffer.concat(parts).equals(want)).toBe(true);
+  });
+
   it('rejects bad arguments with coded errors', async () => {
     t = await tempStore({ chunkSize: CS });
     await expect(t.store.beginWrite({ machine: 'm', disk: 'd', size: 1000 })).rejects.toSatisfy(

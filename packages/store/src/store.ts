@@ -393,17 +393,18 @@ export class Store implements StoreApi {
       for await (const info of this.backend.list('index/')) keys.push(info.key);
       const present = new Set(keys);
       const vanished = [...this.index.loaded].some((k) => !present.has(k));
-      if (full || vanished) this.index.clear();
+      // A full reload fills a new index and swaps it in, so readers never see an empty one.
+      const target = full || vanished ? new ChunkIndex() : this.index;
       full = false;
-      const fresh = keys.filter((k) => !this.index.loaded.has(k) && !this.index.damaged.has(k));
+      const fresh = keys.filter((k) => !target.loaded.has(k) && !target.damaged.has(k));
       let raced = false;
       await mapLimit(fresh, 8, async (key) => {
         try {
           const content = decodeIndex(
             openObject(this.crypto, ObjectKind.Index, key, await this.backend.get(key)),
           );
-          for (const p of content.packs) this.index.addPack(p.pack, p.entries);
-          this.index.loaded.add(key);
+          for (const p of content.packs) target.addPack(p.pack, p.entries);
+          target.loaded.add(key);
         } catch (err) {
           if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) {
             raced = true;
@@ -416,10 +417,11 @@ export class Store implements StoreApi {
               { object: key, version: err.unsupportedVersion, location: this.location },
             );
           }
-          if (err instanceof FormatError) this.index.damaged.set(key, err);
+          if (err instanceof FormatError) target.damaged.set(key, err);
           else throw err;
         }
       });
+      if (target !== this.index) this.index.adopt(target);
       if (!raced || attempt >= 3) return;
       full = true;
     }
@@ -553,7 +555,14 @@ export class Store implements StoreApi {
   ): Promise<Buffer> {
     for (let attempt = 0; ; attempt++) {
       const where = this.locate(id, writer);
-      if (where === undefined) throw this.notLocated(id, type, ctx);
+      if (where === undefined) {
+        // Another process may have committed it after this one loaded the index.
+        if (attempt === 0) {
+          await this.refreshIndex();
+          continue;
+        }
+        throw this.notLocated(id, type, ctx);
+      }
       let sealed = where.data;
       if (sealed === undefined) {
         try {
