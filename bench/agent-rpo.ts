@@ -19,6 +19,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { Agent } from '@lifeboat/agent';
+import type { CutReport } from '@lifeboat/agent';
 import { NbdClient } from '@lifeboat/nbd';
 import { ProcessServer } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
@@ -217,8 +218,12 @@ async function main(): Promise<void> {
       };
       server.on('committed', onCommit);
       let lagged = 0;
-      agent.on('cut', (c: { lagMs: number }) => {
+      const parts = { cut: [] as number[], send: [] as number[], ack: [] as number[] };
+      agent.on('cut', (c: CutReport) => {
         if (c.lagMs > 0) lagged++;
+        parts.cut.push(c.cutMs);
+        parts.send.push(c.sendMs);
+        parts.ack.push(c.ackMs);
       });
       await agent.start();
       while (newest === 0) await new Promise((r) => setTimeout(r, 50));
@@ -238,7 +243,7 @@ async function main(): Promise<void> {
       await qsd.stop();
       await rm(img, { force: true });
       const written = onRate * SECONDS;
-      const row = `| ${rate} | ${pct(rpo, 50).toFixed(1)} | ${pct(rpo, 99).toFixed(1)} | ${(refRate / MB).toFixed(1)} | ${(onRate / MB).toFixed(1)} | ${(onRate / refRate).toFixed(3)} | ${(sent / written).toFixed(2)} | ${lagged} |`;
+      const row = `| ${rate} | ${pct(rpo, 50).toFixed(1)} | ${pct(rpo, 99).toFixed(1)} | ${(refRate / MB).toFixed(1)} | ${(onRate / MB).toFixed(1)} | ${(onRate / refRate).toFixed(3)} | ${(sent / written).toFixed(2)} | ${lagged} | ${pct(parts.cut, 50).toFixed(0)} / ${pct(parts.send, 50).toFixed(0)} / ${pct(parts.ack, 50).toFixed(0)} |`;
       rows.push(row);
       console.log(row);
     }

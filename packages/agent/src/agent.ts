@@ -42,6 +42,12 @@ export interface CutReport {
   bytes: number;
   /** Milliseconds from the cycle's start to the acknowledgement. */
   durationMs: number;
+  /** Of which: the cut itself (freeze, overlays, transaction, thaw). */
+  cutMs: number;
+  /** Of which: reading the dirty extents and queueing them to the sink. */
+  sendMs: number;
+  /** Of which: waiting for the sink to acknowledge the cut. */
+  ackMs: number;
   /** How far the cycle ran over the interval (0 when on time). */
   lagMs: number;
   /** Why an app-consistent point fell back to crash-consistent, if it did. */
@@ -787,6 +793,9 @@ export class Agent extends EventEmitter {
     if (kind === 'app') this.lastAppAt = started;
     let bytes = 0;
     let acked = false;
+    const cutAt = Date.now();
+    let sentAt = cutAt;
+    let ackedAt = cutAt;
     try {
       for (const [i, t] of tracked.entries()) {
         const view = cut.disks[i];
@@ -812,7 +821,9 @@ export class Agent extends EventEmitter {
         time,
         ...(this.opts.consistencyGroup ? { consistencyGroup: this.opts.consistencyGroup } : {}),
       });
+      sentAt = Date.now();
       await this.opts.sink.waitForAck();
+      ackedAt = Date.now();
       acked = true;
       for (const t of tracked) {
         t.ds.tracking = t.newBitmap;
@@ -840,6 +851,9 @@ export class Agent extends EventEmitter {
       time,
       bytes,
       durationMs: Date.now() - started,
+      cutMs: cutAt - time,
+      sendMs: sentAt - cutAt,
+      ackMs: ackedAt - sentAt,
       lagMs: Math.max(0, Date.now() - started - this.opts.intervalMs),
       ...(warning ? { warning } : {}),
     };
