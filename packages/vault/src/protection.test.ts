@@ -344,6 +344,95 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
     expect(await kinds()).toEqual(['process-server-no-heartbeat']);
   });
 
+  it("shows a recovery host's own jobs with their steps, and fails them when the host goes silent", async () => {
+    const key = await t.call('POST', '/api/registration-keys', { kind: 'recovery-host' });
+    const reg = await t.call(
+      'POST',
+      '/api/register',
+      { key: key.body['key'], kind: 'recovery-host', name: 'rh-jobs' },
+      null,
+    );
+    const rh = reg.body['token'] as string;
+    const started = new Date().toISOString();
+    const running = await t.call(
+      'PUT',
+      '/api/components/self/jobs/tf-1',
+      {
+        kind: 'test-failover',
+        target: { machine: 'web' },
+        state: 'running',
+        steps: [
+          { name: 'export', state: 'succeeded', startedAt: started, endedAt: started },
+          { name: 'boot', state: 'running', startedAt: started },
+        ],
+      },
+      rh,
+    );
+    expect(running.status).toBe(200);
+    const jobId = running.body['id'] as string;
+    const shown = await t.call('GET', `/api/jobs/${jobId}`);
+    expect(shown.body['state']).toBe('running');
+    expect(
+      (shown.body['steps'] as Array<{ name: string; state: string }>).map(
+        (x) => `${x.name}:${x.state}`,
+      ),
+    ).toEqual(['export:done', 'boot:running']);
+    expect(shown.body['progress']).toBe(0.5);
+    const failed = await t.call(
+      'PUT',
+      '/api/components/self/jobs/tf-1',
+      {
+        kind: 'test-failover',
+        target: { machine: 'web' },
+        state: 'failed',
+        steps: [
+          { name: 'export', state: 'succeeded' },
+          {
+            name: 'boot',
+            state: 'failed',
+            error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
+          },
+        ],
+        error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
+      },
+      rh,
+    );
+    expect(failed.status).toBe(200);
+    expect((await t.call('GET', `/api/jobs/${jobId}`)).body['state']).toBe('failed');
+    const logs = await t.call('GET', `/api/jobs/${jobId}/logs`);
+    expect((logs.body['items'] as Array<{ message: string }>).map((l) => l.message)).toContain(
+      'Step boot failed: no console marker',
+    );
+    expect(
+      (await t.call('GET', '/api/alerts?kind=job-failed&subjectId=test-failover:web&state=active'))
+        .body['total'],
+    ).toBe(1);
+    const reopen = await t.call(
+      'PUT',
+      '/api/components/self/jobs/tf-1',
+      { kind: 'test-failover', state: 'running', steps: [] },
+      rh,
+    );
+    expect(reopen.status).toBe(409);
+    const users = await t.call('PUT', '/api/components/self/jobs/tf-9', {
+      kind: 'x',
+      state: 'running',
+      steps: [],
+    });
+    expect(users.status).toBe(403);
+    // A host that stops reporting leaves no job running forever.
+    const second = await t.call(
+      'PUT',
+      '/api/components/self/jobs/tf-2',
+      { kind: 'test-failover', target: { machine: 'db' }, state: 'running', steps: [] },
+      rh,
+    );
+    await t.vault.scheduler.evaluateAlerts(new Date(Date.now() + 120_000));
+    const orphan = await t.call('GET', `/api/jobs/${second.body['id'] as string}`);
+    expect(orphan.body['state']).toBe('failed');
+    expect((orphan.body['error'] as { code: string }).code).toBe('LB_VAULT_JOB_INTERRUPTED');
+  });
+
   it('follows the state machine: resync, failover, reprotect, disable; refuses what it does not allow', async () => {
     const s = await setup();
     const created = await t.call('POST', '/api/protected-items', {

@@ -6,6 +6,7 @@ import { audit } from '../services/audit.js';
 import { notFound } from '../services/errors.js';
 import { listPage, pageQuerySchema } from '../services/list-page.js';
 import type { ComponentKind, Principal } from '../services/principal.js';
+import { reportComponentJob } from '../services/component-jobs.js';
 import { applyItemReports, assignmentsFor } from '../services/protection.js';
 import type { VaultContext } from '../vault-context.js';
 import { principalOf } from './auth.js';
@@ -501,6 +502,82 @@ export function registerComponentRoutes(app: FastifyInstance, vault: VaultContex
     async (request) => {
       const p = asComponent(principalOf(request), 'process-server');
       return assignmentsFor(vault, p.id);
+    },
+  );
+
+  app.put(
+    '/api/components/self/jobs/:id',
+    {
+      config: { access: 'component' },
+      schema: {
+        tags: ['jobs'],
+        summary:
+          "Report a job a component runs itself (a recovery host's test failover): the vault shows it with its steps, and fails it if the component stops reporting",
+        params: idParams,
+        body: {
+          type: 'object',
+          properties: {
+            kind: { type: 'string', minLength: 1, maxLength: 100 },
+            target: { type: 'object', additionalProperties: true },
+            state: { type: 'string', enum: ['running', 'succeeded', 'failed'] },
+            progress: { type: 'number', minimum: 0, maximum: 1 },
+            steps: {
+              type: 'array',
+              maxItems: 200,
+              items: {
+                type: 'object',
+                properties: {
+                  name: { type: 'string', minLength: 1, maxLength: 200 },
+                  state: {
+                    type: 'string',
+                    enum: ['pending', 'running', 'succeeded', 'failed', 'done'],
+                  },
+                  startedAt: { type: 'string', format: 'date-time' },
+                  endedAt: { type: 'string', format: 'date-time' },
+                  durationMs: { type: 'number' },
+                  detail: { type: 'object', additionalProperties: true },
+                  error: { type: 'object', additionalProperties: true },
+                },
+                required: ['name', 'state'],
+                additionalProperties: false,
+              },
+            },
+            error: {
+              type: 'object',
+              properties: {
+                code: { type: 'string' },
+                message: { type: 'string' },
+                details: { type: 'object', additionalProperties: true },
+              },
+              required: ['code', 'message'],
+              additionalProperties: false,
+            },
+            result: { type: 'object', additionalProperties: true },
+          },
+          required: ['kind', 'state', 'steps'],
+          additionalProperties: false,
+        },
+      },
+    },
+    async (request) => {
+      const p = asComponent(principalOf(request));
+      const { id: externalId } = request.params as { id: string };
+      const body = request.body as {
+        kind: string;
+        target?: Record<string, unknown>;
+        state: 'running' | 'succeeded' | 'failed';
+        progress?: number;
+        steps: Array<{
+          name: string;
+          state: string;
+          startedAt?: string;
+          endedAt?: string;
+          error?: { message?: string };
+        }>;
+        error?: { code: string; message: string; details?: Record<string, unknown> };
+        result?: Record<string, unknown>;
+      };
+      return reportComponentJob(vault, p, externalId, body);
     },
   );
 

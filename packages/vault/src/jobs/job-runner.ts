@@ -365,7 +365,15 @@ export class JobRunner {
    */
   async recoverOrphans(all: boolean): Promise<number> {
     const now = nowIso();
-    let query = this.vault.db.selectFrom('jobs').selectAll().where('state', '=', 'running');
+    // Jobs that components run themselves (leaseOwner component:<id>) are not the runner's:
+    // they fail when their component stops sending heartbeats (see the scheduler).
+    let query = this.vault.db
+      .selectFrom('jobs')
+      .selectAll()
+      .where('state', '=', 'running')
+      .where((eb) =>
+        eb.or([eb('leaseOwner', 'is', null), eb('leaseOwner', 'not like', 'component:%')]),
+      );
     if (!all) query = query.where('leaseUntil', '<', now);
     const orphans = (await query.execute()).filter((j) => !this.running.has(j.id));
     for (const job of orphans) {

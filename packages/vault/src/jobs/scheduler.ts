@@ -1,5 +1,6 @@
 import pg from 'pg';
 import { componentStatus } from '../http/component-routes.js';
+import { failJobsOfSilentComponent } from '../services/component-jobs.js';
 import { SYSTEM } from '../services/principal.js';
 import type { VaultContext } from '../vault-context.js';
 
@@ -231,6 +232,9 @@ export class Scheduler {
             subjectId: c.id,
             message,
           });
+        }
+        if (cond.kind.endsWith('no-heartbeat')) {
+          await failJobsOfSilentComponent(this.vault, c.id, `${c.kind} ${c.name}`);
         }
       }
       for (const id of active)
