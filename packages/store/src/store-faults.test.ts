@@ -247,6 +247,27 @@ describe('bad input and faults give a coded error naming what is affected', () =
     expect(byCode.get('LB_STORE_TRUNCATED_OBJECT')?.object).toBe(short.key);
   });
 
+  it('a write that fails half-way fails the session: no point can be committed from it', async () => {
+    const f = await twoPoints();
+    t = f.t;
+    // Damage the base chunk a partial write must merge with.
+    const loc = await chunkLocation(t.store, f.p2.id, 3);
+    await flipByte(join(t.dir, ...loc.key.split('/')), loc.offset + 20);
+    const s = await t.reopen();
+    const w = await s.beginWrite({ machine: 'm', disk: 'vda', size: SIZE });
+    await expect(w.write(CS * 3 + 10, Buffer.alloc(10, 1))).rejects.toSatisfy(
+      code('LB_STORE_CORRUPT_CHUNK'),
+    );
+    await expect(w.commit()).rejects.toSatisfy(code('LB_STORE_SESSION_CLOSED'));
+    await w.abort();
+    expect((await s.listPoints()).map((p) => p.id)).toEqual([f.p1.id, f.p2.id]);
+    // Bad arguments do not fail the session.
+    const w2 = await s.beginWrite({ machine: 'm', disk: 'vda', size: SIZE });
+    await expect(w2.write(SIZE, Buffer.alloc(1))).rejects.toSatisfy(code('LB_STORE_OUT_OF_RANGE'));
+    await w2.write(0, Buffer.alloc(CS, 2));
+    await w2.commit();
+  });
+
   it('a truncated point object', async () => {
     const f = await twoPoints();
     t = f.t;

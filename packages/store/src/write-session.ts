@@ -105,14 +105,14 @@ export class StoreWriteSession implements WriteSession {
       const buf = Buffer.isBuffer(data)
         ? data
         : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-      await this.putRange(offset, buf.length, buf);
+      await this.mutate(() => this.putRange(offset, buf.length, buf));
     });
   }
 
   writeZeroes(offset: number, length: number): Promise<void> {
     return this.serial(async () => {
       this.checkRange(offset, length);
-      await this.putRange(offset, length, undefined);
+      await this.mutate(() => this.putRange(offset, length, undefined));
     });
   }
 
@@ -124,7 +124,7 @@ export class StoreWriteSession implements WriteSession {
   resize(size: number): Promise<void> {
     return this.serial(async () => {
       checkSize(size);
-      await this.resizeNow(size);
+      await this.mutate(() => this.resizeNow(size));
     });
   }
 
@@ -157,12 +157,28 @@ export class StoreWriteSession implements WriteSession {
 
   // ---- internals --------------------------------------------------------------------------------
 
+  /**
+   * Runs a change of the session's state. A change that fails half-way (a pack upload, a base
+   * chunk that cannot be read) fails the session: committing it would publish a point with
+   * part of a write missing.
+   */
+  private async mutate(fn: () => Promise<void>): Promise<void> {
+    try {
+      await fn();
+    } catch (err) {
+      this.state = 'failed';
+      throw err;
+    }
+  }
+
   private serial<T>(fn: () => Promise<T>): Promise<T> {
     const run = this.tail.then(() => {
       if (this.state !== 'open') {
         throw storeError(
           'LB_STORE_SESSION_CLOSED',
-          `The write session of ${this.machine}/${this.disk} is ${this.state}. Begin a new session.`,
+          this.state === 'failed'
+            ? `The write session of ${this.machine}/${this.disk} failed earlier (see that error), so it cannot commit. Abort it and begin a new session.`
+            : `The write session of ${this.machine}/${this.disk} is ${this.state}. Begin a new session.`,
           { machine: this.machine, disk: this.disk, state: this.state },
         );
       }
