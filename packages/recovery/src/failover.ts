@@ -5,6 +5,7 @@ import type { StoreApi } from '@lifeboat/store';
 import type { BootedMachine, MachineSpec, RecoveryHost } from './recovery-host.js';
 import type { RecoveryJobRecord } from './recovery-job.js';
 import { exportUri } from './recovery-machine.js';
+import { mapNetworks, type NetworkMapping, type SourceNic } from './network-mapping.js';
 import { runTool } from './run-tool.js';
 import { damagedPointError } from './test-failover.js';
 
@@ -26,6 +27,29 @@ export interface FailoverPlan extends Omit<MachineSpec, 'disks'> {
   pointIds: string[];
   /** A planned failover: last sync, then stop the source, then boot the new point. */
   planned?: PlannedFailoverSource;
+  /** The machine's NICs at the source; with `networkMappings`, they replace `nics`. */
+  sourceNics?: SourceNic[];
+  /** Source network -> recovery network (and static addresses, through cloud-init). */
+  networkMappings?: NetworkMapping[];
+}
+
+/** The machine spec a failover boots: its points, and its NICs and seed from the network mapping. */
+export function failoverMachineSpec(plan: FailoverPlan, pointIds: string[]): MachineSpec {
+  const { pointIds: _p, planned: _pl, sourceNics, networkMappings, ...spec } = plan;
+  const out: MachineSpec = { ...spec, disks: pointIds.map((pointId) => ({ pointId })) };
+  if (sourceNics !== undefined) {
+    const mapped = mapNetworks(spec.name, sourceNics, networkMappings ?? []);
+    out.nics = mapped.nics;
+    if (mapped.addresses.length > 0) {
+      out.seed = {
+        instanceId: `${spec.name}-failover`,
+        hostname: spec.name,
+        ...spec.seed,
+        addresses: mapped.addresses,
+      };
+    }
+  }
+  return out;
 }
 
 /** Where hydration writes the machine's disks. */
@@ -88,11 +112,7 @@ export class Failover {
         await job.step('stop the source', () => source.stopSource());
       }
       const booted = await job.step(`boot ${plan.name}`, async (d) => {
-        const { pointIds: _p, planned: _pl, ...spec } = plan;
-        const b = await host.bootMachine(store, {
-          ...spec,
-          disks: pointIds.map((pointId) => ({ pointId })),
-        });
+        const b = await host.bootMachine(store, failoverMachineSpec(plan, pointIds));
         d['points'] = pointIds;
         d['accelerator'] = b.machine.accel;
         return b;
@@ -130,11 +150,7 @@ export class Failover {
         d['removed'] = await this.host.removeMachine(this.plan.name);
       });
       this.booted = await job.step(`boot ${this.plan.name}`, async (d) => {
-        const { pointIds: _p, planned: _pl, ...spec } = this.plan;
-        const b = await this.host.bootMachine(this.store, {
-          ...spec,
-          disks: pointIds.map((pointId) => ({ pointId })),
-        });
+        const b = await this.host.bootMachine(this.store, failoverMachineSpec(this.plan, pointIds));
         d['points'] = pointIds;
         return b;
       });

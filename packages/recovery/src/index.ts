@@ -64,3 +64,9 @@ export {
   type FailoverControlRequest,
   type FailoverControlReply,
 } from './failover-control.js';
+export {
+  mapNetworks,
+  type NetworkMapping,
+  type SourceNic,
+  type MappedNetworks,
+} from './network-mapping.js';

@@ -228,10 +228,31 @@ describe('failover', () => {
       pointIds: [pointA.id],
       boot: boot({ mark: 'WRITTEN-BY-GUEST' }),
       memoryMiB: 256,
-      nics: [{ kind: 'isolated-user', forwardPorts: [80] }],
+      // Network mapping: the source network "prod" lands on an isolated network here, and
+      // the NIC keeps its source MAC and gets its static target address through cloud-init.
+      sourceNics: [{ network: 'prod', mac: '52:54:00:0a:0b:0c' }],
+      networkMappings: [
+        {
+          source: 'prod',
+          target: { kind: 'isolated-user', forwardPorts: [80] },
+          addresses: {
+            '52:54:00:0a:0b:0c': { address: '192.168.50.10/24', gateway: '192.168.50.1' },
+          },
+        },
+      ],
     });
     try {
       await f.machine.waitForConsole(/LIFEBOAT-BOOT-OK \S+ MARK-A/, 180_000);
+      expect(f.machine.macs).toEqual(['52:54:00:0a:0b:0c']);
+      const { stdout: net } = await run('isoinfo', [
+        '-i',
+        f.booted.seedDisk!,
+        '-J',
+        '-x',
+        '/network-config',
+      ]);
+      expect(net).toContain('macaddress: "52:54:00:0a:0b:0c"');
+      expect(net).toContain('addresses: ["192.168.50.10/24"]');
       await f.changePoint([pointB.id]);
       await f.machine.waitForConsole(
         /LIFEBOAT-BOOT-OK \S+ MARK-B[\s\S]*LIFEBOAT-MARK-WRITTEN WRITTEN-BY-GUEST[\s\S]*LIFEBOAT-READY/,
