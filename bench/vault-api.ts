@@ -1,0 +1,315 @@
+// Benchmark of issue 5 (the vault): latency of the API under 50 concurrent clients with a large
+// catalogue, on SQLite and on PostgreSQL in the same run. Run after the README's setup (the
+// packages must be built, `tsc -b`):
+//
+//   npx tsx bench/vault-api.ts [--items 10000] [--points 100] [--seconds 10] [--connections 50]
+//
+// Seeds N protected items with M recovery points each straight into the vault's database (the
+// API would only make seeding slower; what is measured is reading), then drives with autocannon:
+//   - GET /api/health                              (the reference: a route with one trivial query)
+//   - GET /api/protected-items?limit=50            (first page of the machines table)
+//   - GET /api/protected-items?state=protected&sort=lastPointAt&limit=50  (filtered, sorted)
+//   - GET /api/protected-items/<random>/points?limit=50  (the timeline of one machine)
+//   - GET /api/summary                             (the dashboard's health summary)
+// and prints p50/p99 latency and each route's p99 as a ratio to the reference's p99.
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import autocannon from 'autocannon';
+import { sql } from 'kysely';
+import { startPostgres, type PostgresServer } from '@lifeboat/testing';
+import { startVault, type Vault } from '@lifeboat/vault';
+
+const args = process.argv.slice(2);
+const arg = (name: string, fallback: number): number => {
+  const i = args.indexOf(name);
+  return i >= 0 ? Number(args[i + 1]) : fallback;
+};
+const ITEMS = arg('--items', 10_000);
+const POINTS = arg('--points', 100);
+const SECONDS = arg('--seconds', 10);
+const CONNECTIONS = arg('--connections', 50);
+
+interface Result {
+  dialect: string;
+  route: string;
+  p50: number;
+  p99: number;
+  rps: number;
+  errors: number;
+}
+
+async function seed(vault: Vault): Promise<string[]> {
+  const db = vault.context.db;
+  const now = Date.now();
+  const iso = (ms: number) => new Date(ms).toISOString();
+  const id = (prefix: string, i: number) =>
+    `${prefix}_${String(i).padStart(8, '0')}${randomBytes(3).toString('hex')}`;
+  const t = iso(now);
+  await db
+    .insertInto('policies')
+    .values({
+      id: 'pol_bench',
+      name: 'bench',
+      rpoThresholdSeconds: 300,
+      crashConsistentIntervalSeconds: 30,
+      appConsistentIntervalSeconds: 3600,
+      retention: '{"rules":[{"for":"1d"}]}',
+      retentionIntervalSeconds: 86_400,
+      createdAt: t,
+      updatedAt: t,
+    })
+    .execute();
+  await db
+    .insertInto('targetStores')
+    .values({
+      id: 'ts_bench',
+      kind: 'directory',
+      name: 'bench',
+      siteId: null,
+      path: '/nonexistent',
+      container: null,
+      connectionSealed: null,
+      passphraseSealed: vault.context.secrets.seal('x'),
+      createdAt: t,
+      updatedAt: t,
+    })
+    .execute();
+  await db
+    .insertInto('components')
+    .values({
+      id: 'ps_bench',
+      kind: 'process-server',
+      name: 'ps-bench',
+      siteId: null,
+      address: null,
+      version: null,
+      certificateSerial: null,
+      certificateExpiresAt: null,
+      lastHeartbeatAt: t,
+      health: '{}',
+      createdAt: t,
+      updatedAt: t,
+    })
+    .execute();
+  await db
+    .insertInto('sourceHosts')
+    .values({
+      id: 'sh_bench',
+      kind: 'kvm',
+      name: 'kvm-bench',
+      siteId: null,
+      processServerId: 'ps_bench',
+      credentialId: null,
+      endpoints: '[]',
+      discoveryRequestedAt: null,
+      discoveredAt: t,
+      createdAt: t,
+      updatedAt: t,
+    })
+    .execute();
+  const itemIds: string[] = [];
+  const states = [
+    'protected',
+    'protected',
+    'protected',
+    'protected',
+    'initial-replication',
+    'resync-needed',
+    'enabling',
+  ];
+  const BATCH = 500;
+  for (let start = 0; start < ITEMS; start += BATCH) {
+    const machines = [];
+    const items = [];
+    const points = [];
+    for (let i = start; i < Math.min(ITEMS, start + BATCH); i++) {
+      const machineId = id('vm', i);
+      const itemId = id('pi', i);
+      itemIds.push(itemId);
+      const last = now - (i % 600) * 1000;
+      machines.push({
+        id: machineId,
+        sourceHostId: 'sh_bench',
+        name: `vm-${i}`,
+        externalId: `vm-${i}`,
+        endpoint: null,
+        cpus: 2,
+        memoryBytes: 2 ** 31,
+        os: 'linux',
+        present: 1,
+        discoveredAt: t,
+        createdAt: t,
+        updatedAt: t,
+      });
+      items.push({
+        id: itemId,
+        machineId,
+        policyId: 'pol_bench',
+        processServerId: 'ps_bench',
+        targetStoreId: 'ts_bench',
+        networkMappingId: null,
+        consistencyGroup: null,
+        state: states[i % states.length] ?? 'protected',
+        stateReason: 'seeded',
+        stateChangedAt: t,
+        generation: 1,
+        appliedGeneration: 1,
+        lastPointAt: iso(last),
+        rpoSeconds: null,
+        backlogBytes: 0,
+        throughputBps: 0,
+        activeKey: machineId,
+        createdAt: t,
+        updatedAt: t,
+      });
+      for (let p = 0; p < POINTS; p++) {
+        points.push({
+          id: `${itemId}-${p}`,
+          targetStoreId: 'ts_bench',
+          protectedItemId: itemId,
+          machine: machineId,
+          disk: 'vda',
+          time: iso(last - p * 30_000),
+          committedAt: iso(last - p * 30_000 + 500),
+          kind: p % 20 === 0 ? 'app' : 'crash',
+          size: 2 ** 34,
+          cut: null,
+          consistencyGroup: null,
+          labels: '{}',
+          parent: null,
+        });
+      }
+    }
+    await db.transaction().execute(async (tx) => {
+      await tx.insertInto('machines').values(machines).execute();
+      await tx.insertInto('protectedItems').values(items).execute();
+      for (let p = 0; p < points.length; p += 1000)
+        await tx
+          .insertInto('recoveryPoints')
+          .values(points.slice(p, p + 1000))
+          .execute();
+    });
+    process.stderr.write(`\r  seeded ${Math.min(ITEMS, start + BATCH)}/${ITEMS} items`);
+  }
+  process.stderr.write('\n');
+  return itemIds;
+}
+
+async function measure(
+  url: string,
+  token: string,
+  route: string,
+  paths: string[],
+): Promise<Omit<Result, 'dialect'>> {
+  // The load generator runs in its own worker thread, so it does not share the vault's event
+  // loop; each connection cycles through the given paths (random item ids for the timeline).
+  const result = await autocannon({
+    url,
+    connections: CONNECTIONS,
+    duration: SECONDS,
+    workers: 1,
+    headers: { authorization: `Bearer ${token}` },
+    requests: paths.map((path) => ({ method: 'GET' as const, path })),
+  });
+  return {
+    route,
+    p50: result.latency.p50,
+    p99: result.latency.p99,
+    rps: result.requests.average,
+    errors: result.errors + result.non2xx,
+  };
+}
+
+async function runDialect(
+  dialect: 'sqlite' | 'postgres',
+  pg: PostgresServer | undefined,
+): Promise<Result[]> {
+  const dataDir = await mkdtemp(join(tmpdir(), 'lifeboat-bench-vault-'));
+  const databaseUrl =
+    pg === undefined
+      ? undefined
+      : await pg.createDatabase(`bench_${randomBytes(3).toString('hex')}`);
+  const vault = await startVault({
+    dataDir,
+    port: 0,
+    logLevel: 'silent',
+    initialAdmin: { username: 'admin', password: 'bench-password' },
+    ...(databaseUrl !== undefined ? { databaseUrl } : {}),
+  });
+  try {
+    process.stderr.write(`${dialect}:\n`);
+    const started = performance.now();
+    const ids = await seed(vault);
+    process.stderr.write(`  seeding took ${((performance.now() - started) / 1000).toFixed(1)} s\n`);
+    // Fresh statistics, as autovacuum would have after a bulk load.
+    if (dialect === 'postgres') await sql`analyze`.execute(vault.context.db);
+    const login = await fetch(`${vault.url}/api/auth/login`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ username: 'admin', password: 'bench-password' }),
+    });
+    const { token } = (await login.json()) as { token: string };
+    const random = Array.from(
+      { length: 200 },
+      () => ids[Math.floor(Math.random() * ids.length)] ?? '',
+    );
+    const routes: Array<[string, string[]]> = [
+      ['health (reference)', ['/api/health']],
+      ['list items, first page', ['/api/protected-items?limit=50']],
+      [
+        'list items, filtered+sorted',
+        ['/api/protected-items?state=protected&sort=lastPointAt&limit=50'],
+      ],
+      ['points of one item', random.map((id) => `/api/protected-items/${id}/points?limit=50`)],
+      ['health summary', ['/api/summary']],
+    ];
+    const out: Result[] = [];
+    for (const [route, path] of routes) {
+      const r = await measure(vault.url, token, route, path);
+      out.push({ dialect, ...r });
+      process.stderr.write(
+        `  ${route}: p50 ${r.p50} ms, p99 ${r.p99} ms, ${Math.round(r.rps)} req/s${r.errors > 0 ? `, ${r.errors} errors` : ''}\n`,
+      );
+    }
+    return out;
+  } finally {
+    await vault.close();
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}
+
+const pg = await startPostgres();
+try {
+  console.log(
+    `vault API benchmark: ${ITEMS} items x ${POINTS} points, ${CONNECTIONS} connections, ${SECONDS} s per route`,
+  );
+  console.log(
+    `machine: ${cpus().length} CPUs (${cpus()[0]?.model ?? '?'}), load average ${loadavg()
+      .map((l) => l.toFixed(1))
+      .join(' ')}`,
+  );
+  const results = [
+    ...(await runDialect('sqlite', undefined)),
+    ...(await runDialect('postgres', pg)),
+  ];
+  console.log('');
+  console.log('| database | route | p50 ms | p99 ms | p99 / reference p99 | req/s | errors |');
+  console.log('|---|---|---|---|---|---|---|');
+  for (const r of results) {
+    const ref = results.find((x) => x.dialect === r.dialect && x.route.startsWith('health ('));
+    console.log(
+      `| ${r.dialect} | ${r.route} | ${r.p50} | ${r.p99} | ${ref !== undefined && ref.p99 > 0 ? (r.p99 / ref.p99).toFixed(2) : '-'} | ${Math.round(r.rps)} | ${r.errors} |`,
+    );
+  }
+  const over = results.filter((r) => !r.route.startsWith('health (') && r.p99 >= 50);
+  console.log('');
+  console.log(
+    over.length === 0
+      ? 'target met: every p99 under 50 ms'
+      : `target missed (p99 >= 50 ms): ${over.map((r) => `${r.dialect} ${r.route} ${r.p99} ms`).join('; ')}`,
+  );
+} finally {
+  await pg.stop();
+}
