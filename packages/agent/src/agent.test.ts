@@ -3,6 +3,7 @@ import { copyFile, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
+import { LifeboatError } from '@lifeboat/protocol';
 import { DirectoryBackend, Store } from '@lifeboat/store';
 import { runCommand, startStorageDaemon } from '@lifeboat/testing';
 import type { StorageDaemon } from '@lifeboat/testing';
@@ -507,6 +508,44 @@ describe('agent against qemu-storage-daemon', () => {
     await waitFor<CutReport>(agent, 'cut', () => warnings.some((w) => /dropped/.test(w)));
     await agent.stop();
     expect(agent.bytesSent - before).toBe(65536);
+    const last = sink.committed[sink.committed.length - 1]?.points[0];
+    expect((await readAll(store, last?.id as string)).equals(model)).toBe(true);
+  });
+
+  it('loses no change when a cycle fails before its cut is acknowledged', async () => {
+    const img = join(dir, 'disk.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '4M']);
+    const qsd = await daemon([{ path: img }]);
+    const nbd = await guest(qsd, 0);
+    const model = Buffer.alloc(4 * MiB);
+    const put = async (offset: number, data: Buffer): Promise<void> => {
+      await nbd.write(offset, data);
+      data.copy(model, offset);
+    };
+    await put(0, randomBytes(MiB));
+    // A sink that refuses one cut marker, as a process server that goes away would.
+    let refuse = false;
+    class FlakySink extends StoreSink {
+      override async cut(options: Parameters<StoreSink['cut']>[0]): Promise<void> {
+        if (refuse) {
+          refuse = false;
+          throw new LifeboatError('LB_TEST_SINK_DOWN', 'The sink is down.');
+        }
+        await super.cut(options);
+      }
+    }
+    const sink = new FlakySink(store, 'vm1');
+    const agent = agentFor(qsd, sink);
+    const warnings: string[] = [];
+    agent.on('warning', (w: { code: string }) => warnings.push(w.code));
+    await agent.start();
+    await waitFor<CutReport>(agent, 'cut', () => true);
+    await put(MiB, randomBytes(65536));
+    refuse = true;
+    while (!warnings.includes('LB_TEST_SINK_DOWN')) await new Promise((r) => setTimeout(r, 50));
+    await put(2 * MiB, randomBytes(65536));
+    await waitFor<CutReport>(agent, 'cut', () => true);
+    await agent.stop();
     const last = sink.committed[sink.committed.length - 1]?.points[0];
     expect((await readAll(store, last?.id as string)).equals(model)).toBe(true);
   });

@@ -833,15 +833,29 @@ export class Agent extends EventEmitter {
       delete this.st.pendingCut;
       await this.save();
     } finally {
-      if (!this.crashing) await cut.release();
-    }
-    for (const t of tracked) {
-      if (acked) {
-        // The old bitmap's changes are in an acknowledged cut now.
-        await this.q.execute('block-dirty-bitmap-remove', { node: t.d.node, name: t.old });
-      } else {
-        // Not acknowledged: fold the new bitmap back into the old one, which records again.
-        await this.normalizeBitmaps(t.d, t.old, [t.old, t.newBitmap]);
+      if (!this.crashing) {
+        await cut.release();
+        // Also when the cycle failed: a failed cycle must leave the old bitmap recording with
+        // everything the new one saw, or the next cut would miss those writes.
+        for (const t of tracked) {
+          if (acked) {
+            // The old bitmap's changes are in an acknowledged cut now.
+            await this.q.execute('block-dirty-bitmap-remove', { node: t.d.node, name: t.old });
+          } else {
+            // Not acknowledged: fold the new bitmap back into the old one, which records again,
+            // in one transaction so no write falls between them.
+            await this.q.execute('transaction', {
+              actions: [
+                {
+                  type: 'block-dirty-bitmap-merge',
+                  data: { node: t.d.node, target: t.old, bitmaps: [t.newBitmap] },
+                },
+                { type: 'block-dirty-bitmap-enable', data: { node: t.d.node, name: t.old } },
+                { type: 'block-dirty-bitmap-remove', data: { node: t.d.node, name: t.newBitmap } },
+              ],
+            });
+          }
+        }
       }
     }
     this.cycles++;
