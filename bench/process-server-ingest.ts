@@ -7,7 +7,7 @@
 // - commit latency cut -> committed point (p50, p99) with 10 machines at half the sustained rate;
 // - peak RSS of the process server with 100 machines.
 //
-//   npx tsx bench/process-server-ingest.ts [--seconds 10] [--machines 1,10,100]
+//   npx tsx bench/process-server-ingest.ts [--seconds 10] [--machines 1,10,100] [--workers 2]
 //
 // Everything lives in a temp dir under bench/out/ and is removed at the end.
 import { spawn } from 'node:child_process';
@@ -28,6 +28,9 @@ const DISK = 1024 * MiB;
 const EXTENT = 256 * 1024;
 const CUT_EVERY = 4 * MiB;
 const REF_MB_S = 23;
+const WORKERS = Number(
+  process.argv.includes('--workers') ? process.argv[process.argv.indexOf('--workers') + 1] : 2,
+);
 const run = promisify(execFile);
 
 const args = process.argv.slice(2);
@@ -42,18 +45,30 @@ interface ServeConfig {
   certPath: string;
   keyPath: string;
   caPath: string;
+  workers: number;
 }
 
 /** The process server child. */
 async function serve(cfg: ServeConfig): Promise<void> {
   const { ProcessServer } = await import('@lifeboat/process-server');
   const { DirectoryBackend, Store } = await import('@lifeboat/store');
-  const store = await Store.open({
-    backend: new DirectoryBackend({ path: cfg.storeDir }),
-    passphrase: 'bench',
-  });
+  // Store work on worker threads, as `lifeboat process-server start` does by default (--workers 0: on the ingest thread).
+  const store =
+    cfg.workers === 0
+      ? await Store.open({
+          backend: new DirectoryBackend({ path: cfg.storeDir }),
+          passphrase: 'bench',
+        })
+      : undefined;
   const server = await ProcessServer.start({
-    store,
+    ...(store
+      ? { store }
+      : {
+          storeWorkers: {
+            count: cfg.workers,
+            spec: { kind: 'directory' as const, path: cfg.storeDir, passphrase: 'bench' },
+          },
+        }),
     journalDir: cfg.journalDir,
     tls: {
       cert: await readFile(cfg.certPath),
@@ -70,7 +85,7 @@ async function serve(cfg: ServeConfig): Promise<void> {
   process.on('SIGTERM', () => {
     void server
       .stop()
-      .then(() => store.close())
+      .then(() => store?.close())
       .finally(() => process.exit(0));
   });
 }
@@ -260,6 +275,7 @@ async function phase(
     certPath: p.certPath,
     keyPath: p.keyPath,
     caPath: p.caPath,
+    workers: WORKERS,
   });
   let peakRss = 0;
   let last: Health | undefined;
@@ -360,7 +376,7 @@ async function main(): Promise<void> {
     const p = await pki(base);
     const src = new ExtentSource();
     console.log(
-      `process server ingest: ${cpus().length} CPUs, ${seconds} s per phase, extents of ${EXTENT / 1024} KiB (random, no dedup), cut every ${CUT_EVERY / MiB} MiB per machine`,
+      `process server ingest: ${cpus().length} CPUs, ${WORKERS} store worker threads, ${seconds} s per phase, extents of ${EXTENT / 1024} KiB (random, no dedup), cut every ${CUT_EVERY / MiB} MiB per machine`,
     );
     await newStore(join(base, 'ref-store'));
     const ref = await storeImportRate(join(base, 'ref-store'), seconds, src);

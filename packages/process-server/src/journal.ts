@@ -100,7 +100,7 @@ interface Queued {
  * flight goes into the next one (group commit across sessions), and an append's promise
  * resolves only after its bytes are synced — the moment the server may acknowledge it. A
  * segment is deleted once every record in it is released (committed to the store or dropped).
- * Events: `space` when usage drops below the limit.
+ * Events: `space` when usage drops below the limit, `flushed` after each synced batch.
  */
 export class Journal extends EventEmitter {
   private readonly segments = new Map<number, Segment>();
@@ -176,6 +176,11 @@ export class Journal extends EventEmitter {
     let n = this.queuedBytes;
     for (const s of this.segments.values()) n += s.bytes;
     return n;
+  }
+
+  /** Bytes appended and not yet written and synced. */
+  get pendingBytes(): number {
+    return this.queuedBytes;
   }
 
   /** Number of segment files. */
@@ -388,6 +393,7 @@ export class Journal extends EventEmitter {
       for (const r of done)
         seg.machines.set(r.machine, Math.max(seg.machines.get(r.machine) ?? 0, r.seq));
       for (const [i, q] of batch.entries()) q.resolve(done[i]!);
+      this.emit('flushed');
       if (seg.bytes >= this.segmentBytes) await this.rotate();
     }
   }

@@ -24,6 +24,8 @@ export interface MachineReplicatorDeps {
   store: ReplicatorStore;
   journal: Journal;
   storeLimit: Semaphore;
+  /** Machines applying a cut at once (bounds memory: each holds open write sessions). */
+  applySlots: Semaphore;
   logger: Logger;
   saveState: (state: MachineState) => Promise<void>;
   onCommitted: (cut: CommittedCut) => void;
@@ -56,6 +58,8 @@ export class MachineReplicator {
   /** After a restart or failure a cut may already be in the store; check before committing it again. */
   private mayHaveCommitted = true;
   private failures = 0;
+  /** Cuts received and not yet committed: work starts only when a whole cut is in the journal. */
+  private cutsQueued = 0;
   private readonly arrivals = new Map<number, number>();
   private loop: Promise<void> | undefined;
   /** The last store error, cleared by the next commit. */
@@ -87,7 +91,10 @@ export class MachineReplicator {
   push(r: JournalRecord): void {
     this.records.push(r);
     this.backlog += r.recordBytes;
-    if (r.kind === 'cut') this.arrivals.set(r.seq, performance.now());
+    if (r.kind === 'cut') {
+      this.arrivals.set(r.seq, performance.now());
+      this.cutsQueued++;
+    }
     this.wake?.();
   }
 
@@ -98,6 +105,7 @@ export class MachineReplicator {
     this.records = [];
     this.cursor = 0;
     this.backlog = 0;
+    this.cutsQueued = 0;
     this.arrivals.clear();
     await this.abortSessions();
     this.wake?.();
@@ -114,16 +122,25 @@ export class MachineReplicator {
 
   private async run(): Promise<void> {
     while (!this.stopped) {
-      const r = this.records[this.cursor];
-      if (!r) {
+      if (this.cutsQueued === 0) {
         await new Promise<void>((resolve) => (this.wake = resolve));
         this.wake = undefined;
         continue;
       }
       const gen = this.generation;
       try {
-        await this.apply(r, gen);
-        if (gen === this.generation) this.cursor++;
+        // A cut's records are applied and committed in one go while holding a slot: memory
+        // (open sessions, partial packs) is bounded by the slots, not by the number of machines.
+        await this.deps.applySlots.run(async () => {
+          while (!this.stopped && gen === this.generation) {
+            const r = this.records[this.cursor];
+            if (!r) return;
+            await this.apply(r, gen);
+            if (gen !== this.generation) return;
+            this.cursor++;
+            if (r.kind === 'cut') return;
+          }
+        });
         this.failures = 0;
       } catch (err) {
         if (this.stopped) break;
@@ -251,6 +268,7 @@ export class MachineReplicator {
     for (let i = 0; i < n; i++) this.backlog -= this.records[i]!.recordBytes;
     this.records.splice(0, n);
     this.cursor = -1; // the caller's increment makes it 0
+    this.cutsQueued--;
     this.mayHaveCommitted = false;
     this.lastError = undefined;
     const arrived = this.arrivals.get(r.seq);

@@ -24,6 +24,9 @@ import { Semaphore } from './semaphore.js';
 import { StoreWorkerPool } from './store-worker-pool.js';
 import { TokenBucket } from './token-bucket.js';
 
+/** Bytes of all sessions waiting for the journal's fsync before sessions stop being read. */
+const JOURNAL_PENDING_LIMIT = 32 * 1024 * 1024;
+
 /** Health of one disk of a machine. */
 export interface DiskHealth {
   disk: string;
@@ -109,6 +112,7 @@ export class ProcessServer extends EventEmitter {
   private readonly sessions = new Set<IngestSession>();
   private readonly bucket: TokenBucket;
   private readonly storeLimit: Semaphore;
+  private readonly applySlots: Semaphore;
   private tlsServer: Server | undefined;
   private health: HealthServer | undefined;
   private timers: NodeJS.Timeout[] = [];
@@ -135,6 +139,7 @@ export class ProcessServer extends EventEmitter {
     this.bucket = new TokenBucket(opts.bandwidthBytesPerSecond);
     this.machineLimit = opts.machineBandwidthBytesPerSecond;
     this.storeLimit = new Semaphore(opts.storeConcurrency);
+    this.applySlots = new Semaphore(opts.storeConcurrency);
     const w = opts.storeWorkers;
     this.pool = w ? new StoreWorkerPool(w) : undefined;
     this.storeLocation =
@@ -312,6 +317,7 @@ export class ProcessServer extends EventEmitter {
         store: this.pool ? this.pool.forMachine(state.machine) : this.opts.store!,
         journal: this.journal,
         storeLimit: this.storeLimit,
+        applySlots: this.applySlots,
         logger: this.logger,
         saveState: (s) => this.stateStore.save(s),
         onCommitted: (cut) => this.committed(m, cut),
@@ -410,6 +416,11 @@ export class ProcessServer extends EventEmitter {
       });
     });
     server.on('error', (err) => this.logger.error({ err: err.message }, 'TLS listener error'));
+    this.journal.on('flushed', () => {
+      if (this.journal.pendingBytes > JOURNAL_PENDING_LIMIT / 2) return;
+      for (const s of this.sessions)
+        if (s.unsyncedBytes <= this.opts.sessionUnsyncedBytes / 2) s.resume('unsynced');
+    });
     this.journal.on('space', () => {
       this.fullSince = 0;
       for (const s of this.sessions) s.resume('journal');
@@ -730,14 +741,18 @@ export class ProcessServer extends EventEmitter {
     m.receivedSeq = f.seq;
     const bytes = input.body.length + 64;
     s.unsyncedBytes += bytes;
-    if (s.unsyncedBytes > this.opts.sessionUnsyncedBytes) s.pause('unsynced');
+    // Bytes waiting for the fsync are in memory: bound them per session and for all sessions.
+    if (
+      s.unsyncedBytes > this.opts.sessionUnsyncedBytes ||
+      this.journal.pendingBytes > JOURNAL_PENDING_LIMIT
+    )
+      s.pause('unsynced');
     this.journal.append(input).then(
       (rec) => {
         if (rec.seq > m.durableSeq) m.durableSeq = rec.seq;
         // A resync may have dropped the backlog meanwhile: such a record is already released.
         if (rec.seq > m.state.releasedSeq) m.replicator.push(rec);
         s.unsyncedBytes -= bytes;
-        if (s.unsyncedBytes <= this.opts.sessionUnsyncedBytes / 2) s.resume('unsynced');
         s.ack(m.durableSeq);
       },
       (err: unknown) => s.reject(err),

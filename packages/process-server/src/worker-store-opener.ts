@@ -24,5 +24,6 @@ export async function openWorkerStore(spec: WorkerStoreSpec): Promise<StoreApi> 
       ...(spec.containerUrl !== undefined ? { containerUrl: spec.containerUrl } : {}),
     });
   }
-  return Store.open({ backend, passphrase: spec.passphrase });
+  // A writer reads only the base points' tree nodes: a small chunk cache keeps RSS per worker low.
+  return Store.open({ backend, passphrase: spec.passphrase, cacheBytes: 8 * 1024 * 1024 });
 }
