@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { connect } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -40,5 +41,44 @@ describe('startAzurite', () => {
     expect(existsSync(azurite.location)).toBe(false);
     expect(azurite.running).toBe(false);
     expect(await answers(azurite.port)).toBe(false);
+  });
+});
+
+describe('startAzurite when the test process dies', () => {
+  it('ends Azurite and removes its directory when its parent is killed without stopping it', async () => {
+    // A parent that starts Azurite, reports it, and is then killed with SIGKILL (no exit handler runs).
+    const script = `import { startAzurite } from ${JSON.stringify(new URL('./azurite.ts', import.meta.url).pathname)};
+const a = await startAzurite();
+console.log(JSON.stringify({ port: a.port, location: a.location }));
+setInterval(() => {}, 1000);`;
+    const parent = spawn(
+      process.execPath,
+      ['--import', 'tsx', '--input-type=module', '-e', script],
+      {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      },
+    );
+    try {
+      const line = await new Promise<string>((resolve, reject) => {
+        let out = '';
+        parent.stdout?.on('data', (c: Buffer) => {
+          out += c.toString();
+          if (out.includes('\n')) resolve(out.split('\n')[0] ?? '');
+        });
+        parent.once('exit', (code) =>
+          reject(new Error(`parent exited (${code}) before reporting: ${out}`)),
+        );
+      });
+      const { port, location } = JSON.parse(line) as { port: number; location: string };
+      expect(await answers(port)).toBe(true);
+      parent.kill('SIGKILL');
+      const deadline = Date.now() + 60_000;
+      while ((await answers(port)) || existsSync(location)) {
+        if (Date.now() > deadline) throw new Error('the orphaned Azurite is still there');
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    } finally {
+      parent.kill('SIGKILL');
+    }
   });
 });

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -51,6 +52,26 @@ function azuriteBlobBin(): string {
   return join(dirname(require.resolve('azurite/package.json')), 'dist', 'src', 'blob', 'main.js');
 }
 
+/**
+ * Preloaded into Azurite: when the test process dies without stopping it (SIGKILL, a worker
+ * killed on timeout, where no exit handler runs), Azurite notices it was orphaned, ends itself
+ * and removes its directory, so no test run leaves an emulator behind.
+ */
+function watchParentScript(parentPid: number, dir: string): string {
+  return `'use strict';
+const { rmSync } = require('node:fs');
+const parent = ${parentPid};
+let orphaned = false;
+setInterval(() => {
+  if (orphaned || process.ppid === parent) return;
+  orphaned = true;
+  process.on('exit', () => rmSync(${JSON.stringify(dir)}, { recursive: true, force: true }));
+  process.kill(process.pid, 'SIGTERM');
+  setTimeout(() => process.exit(1), 10000).unref();
+}, 1000).unref();
+`;
+}
+
 /** A child process that ended before listening, with what it said. */
 class AzuriteStartError extends Error {
   constructor(
@@ -64,12 +85,15 @@ class AzuriteStartError extends Error {
 /** Spawns azurite-blob on `port` (0: any free port) and resolves with the port it listens on. */
 async function spawnAzurite(
   location: string,
+  preload: string,
   port: number,
   timeoutMs: number,
 ): Promise<{ child: ChildProcess; port: number }> {
   const child = spawn(
     process.execPath,
     [
+      '--require',
+      preload,
       azuriteBlobBin(),
       '--blobHost',
       '127.0.0.1',
@@ -156,6 +180,10 @@ async function endProcess(
 export async function startAzurite(options: AzuriteOptions = {}): Promise<Azurite> {
   const timeoutMs = options.startTimeoutMs ?? 60_000;
   const dir = await makeTempDir('lifeboat-azurite-');
+  const dataDir = join(dir.path, 'data');
+  const preload = join(dir.path, 'watch-parent.cjs');
+  await mkdir(dataDir);
+  await writeFile(preload, watchParentScript(process.pid, dir.path));
   let child: ChildProcess | undefined;
   let port = 0;
   // Last resort so a crashed test run leaves no Azurite behind (exit handlers must be sync).
@@ -168,7 +196,7 @@ export async function startAzurite(options: AzuriteOptions = {}): Promise<Azurit
     // The port of a previous run may be taken by someone else for a moment: retry.
     for (let attempt = 1; ; attempt++) {
       try {
-        const started = await spawnAzurite(dir.path, port, timeoutMs);
+        const started = await spawnAzurite(dataDir, preload, port, timeoutMs);
         child = started.child;
         port = started.port;
         return;
@@ -202,7 +230,7 @@ export async function startAzurite(options: AzuriteOptions = {}): Promise<Azurit
       `AccountKey=${AZURITE_ACCOUNT_KEY};BlobEndpoint=${blobEndpoint};`,
     blobEndpoint,
     port,
-    location: dir.path,
+    location: dataDir,
     get running() {
       return child !== undefined && child.exitCode === null && child.signalCode === null;
     },
