@@ -749,6 +749,9 @@ export class Agent extends EventEmitter {
         frozen = true;
         kind = 'app';
       } catch (err) {
+        // Try again at the next app-consistent time, not every cycle: each try may cost the
+        // guest agent's whole time limit.
+        this.lastAppAt = started;
         warning = `App-consistent point not possible, this point is crash-consistent: ${(err as Error).message}`;
         this.warn('LB_AGENT_APP_CONSISTENT_FAILED', warning);
       }
