@@ -1,4 +1,4 @@
-import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -58,6 +58,12 @@ describe('DirectoryBackend', () => {
     const keys: string[] = [];
     for await (const o of b.list('index/')) keys.push(o.key);
     expect(keys).toEqual(['index/a']);
+    // A temporary file of a put killed long ago is removed by the next listing.
+    const old = join(dir, 'store', 'index', '.tmp-0ld');
+    await writeFile(old, 'abandoned');
+    await utimes(old, new Date(Date.now() - 2 * 3_600_000), new Date(Date.now() - 2 * 3_600_000));
+    for await (const _ of b.list('index/')) void _;
+    expect((await readdir(join(dir, 'store', 'index'))).sort()).toEqual(['.tmp-deadbeef', 'a']);
     expect(() => new DirectoryBackend({ path: '' })).toThrow(/path/);
   });
 });

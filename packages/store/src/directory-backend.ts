@@ -13,6 +13,7 @@ export interface DirectoryBackendOptions {
 
 // Temporary files live beside their final name so rename stays within one file system.
 const TMP_PREFIX = '.tmp-';
+const ABANDONED_TMP_MS = 3_600_000;
 const KEY_RE = /^[A-Za-z0-9_-][A-Za-z0-9._-]*(\/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$/;
 
 /**
@@ -180,7 +181,10 @@ export class DirectoryBackend implements ObjectBackend {
       throw this.wrap(err, dirKey);
     }
     for (const entry of entries) {
-      if (entry.name.startsWith(TMP_PREFIX)) continue;
+      if (entry.name.startsWith(TMP_PREFIX)) {
+        await this.removeIfAbandoned(join(dir, entry.name));
+        continue;
+      }
       const key = dirKey === '' ? entry.name : `${dirKey}/${entry.name}`;
       if (entry.isDirectory()) {
         // Descend only where keys below can still match the prefix.
@@ -193,6 +197,19 @@ export class DirectoryBackend implements ObjectBackend {
           if (errCode(err) !== 'ENOENT') throw this.wrap(err, key);
         }
       }
+    }
+  }
+
+  /**
+   * A temporary file older than an hour is left by a put that was killed (no put takes that
+   * long): remove it, since no object name refers to it.
+   */
+  private async removeIfAbandoned(path: string): Promise<void> {
+    try {
+      const s = await stat(path);
+      if (Date.now() - s.mtimeMs > ABANDONED_TMP_MS) await unlink(path);
+    } catch {
+      // Gone already, or not ours to judge: leave it.
     }
   }
 
