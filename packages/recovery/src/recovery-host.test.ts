@@ -226,7 +226,8 @@ describe('failover', () => {
     const f = await Failover.start(host, store, {
       name: 'fo',
       pointIds: [pointA.id],
-      boot: boot({ mark: 'WRITTEN-BY-GUEST' }),
+      // The guest keeps writing files (each fsynced) the whole time, hydration included.
+      boot: boot({ mark: 'WRITTEN-BY-GUEST', writer: true, writerIntervalMs: 100 }),
       memoryMiB: 256,
       // Network mapping: the source network "prod" lands on an isolated network here, and
       // the NIC keeps its source MAC and gets its static target address through cloud-init.
@@ -274,6 +275,9 @@ describe('failover', () => {
         send: 'GET / HTTP/1.0\r\n\r\n',
         expect: /LIFEBOAT-HTTP-OK/,
       });
+      // It kept writing after the switch, onto the local file.
+      const afterSwitch = (await f.machine.consoleText()).length;
+      await f.machine.waitForConsole(/LIFEBOAT-WROTE \d+/, 60_000, afterSwitch);
       const { stdout: info } = await run('qemu-img', ['info', '-U', '--output=json', target]);
       expect(JSON.parse(info)['backing-filename']).toBeUndefined();
       // Byte-exact: verified inside the job (paused guest, mirrors in sync, qemu-img compare).
@@ -283,9 +287,13 @@ describe('failover', () => {
       // ...and the local file holds what the guest wrote, which the point does not.
       const raw = join(dir, 'local.raw');
       await f.machine.qmp.execute('stop');
+      const wrote = [...(await f.machine.consoleText()).matchAll(/LIFEBOAT-WROTE (\d+)/g)];
+      const last = wrote.at(-1)![1]!;
       await run('qemu-img', ['convert', '-U', '-O', 'raw', target, raw]);
       await f.machine.qmp.execute('cont');
       expect((await readFile(raw)).includes('WRITTEN-BY-GUEST')).toBe(true);
+      // The newest file the guest reported durable before the pause is in the local file.
+      expect((await readFile(raw)).includes(`LIFEBOAT-FILE ${last}\n`)).toBe(true);
       await rm(raw);
     } finally {
       const c = await f.cleanup();

@@ -343,12 +343,15 @@ export class RecoveryMachine {
     return existsSync(this.consolePath) ? readFile(this.consolePath, 'latin1') : '';
   }
 
-  /** Waits until the console matches `pattern`; rejects on timeout or when QEMU exits. */
-  async waitForConsole(pattern: RegExp, timeoutMs: number): Promise<RegExpMatchArray> {
+  /**
+   * Waits until the console matches `pattern` (looking only after character `from`); rejects
+   * on timeout or when QEMU exits.
+   */
+  async waitForConsole(pattern: RegExp, timeoutMs: number, from = 0): Promise<RegExpMatchArray> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       const text = await this.consoleText();
-      const m = text.match(pattern);
+      const m = text.slice(from).match(pattern);
       if (m) return m;
       if (this.exit || Date.now() > deadline) {
         throw new LifeboatError(
