@@ -156,10 +156,21 @@ describe('process server ingest', () => {
     expect(c2.nextSeq).toBe(acked + 1);
     await stream(src, c2, 2, 8);
     await waitUntil(
-      async () => (await store.listPoints({ machine: 'machine-resume' })).length === 4,
+      async () => (await store.listPoints({ machine: 'machine-resume' })).length >= 4,
       'points of the resumed machine',
     );
     expect(await verifyPoints(store, src)).toBe(4);
+    // Labels of a cut reach its points (agents mark checkpoints of an initial sync this way).
+    const labelled = await c2.cut({ kind: 'app', labels: { 'lifeboat.partial': 'initial-sync' } });
+    src.cut(labelled.cutId);
+    await c2.waitForAck();
+    await waitUntil(
+      async () =>
+        (await store.listPoints({ machine: 'machine-resume', cut: labelled.cutId })).length === 1,
+      'the labelled point',
+    );
+    const [p] = await store.listPoints({ machine: 'machine-resume', cut: labelled.cutId });
+    expect(p).toMatchObject({ kind: 'app', labels: { 'lifeboat.partial': 'initial-sync' } });
   });
 
   it('applies bandwidth limits changed at run time without failing the agents', async () => {

@@ -39,6 +39,7 @@ interface CutMeta {
   kind: 'crash' | 'app';
   time: number;
   consistencyGroup?: string;
+  labels?: Record<string, string>;
 }
 
 /**
@@ -237,12 +238,19 @@ export class MachineReplicator {
           continue;
         }
       }
-      const opts: { time: Date; kind: 'crash' | 'app'; cut: string; consistencyGroup?: string } = {
+      const opts: {
+        time: Date;
+        kind: 'crash' | 'app';
+        cut: string;
+        consistencyGroup?: string;
+        labels?: Record<string, string>;
+      } = {
         time: new Date(meta.time),
         kind: meta.kind,
         cut: meta.cutId,
       };
       if (meta.consistencyGroup !== undefined) opts.consistencyGroup = meta.consistencyGroup;
+      if (meta.labels !== undefined) opts.labels = meta.labels;
       const info = await this.deps.storeLimit.run(() => s.commit(opts));
       this.sessions.delete(disk);
       points.push(info);

@@ -680,6 +680,7 @@ export class ProcessServer extends EventEmitter {
     if (f.type === 'cut') {
       const meta: Record<string, unknown> = { cutId: f.cutId, kind: f.kind, time: f.time };
       if (f.consistencyGroup !== undefined) meta.consistencyGroup = f.consistencyGroup;
+      if (f.labels !== undefined) meta.labels = f.labels;
       input = {
         kind: 'cut',
         machine: m.id,

@@ -53,6 +53,7 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
       kind: fc.constantFrom('crash' as const, 'app' as const),
       time: u,
       consistencyGroup: name,
+      labels: fc.dictionary(name, fc.string({ maxLength: 20 }), { maxKeys: 3 }),
     },
     { requiredKeys: ['type', 'seq', 'cutId', 'kind', 'time'] },
   ),

@@ -99,6 +99,8 @@ export interface CutFrame {
   time: number;
   /** Consistency group of the machine, if any. */
   consistencyGroup?: string;
+  /** Labels of the points (at most 32; keys and values up to 128 characters), e.g. marking a partial initial sync. */
+  labels?: Record<string, string>;
 }
 
 /** Server → client: every frame up to `seq` is durable. */
@@ -142,6 +144,20 @@ function checkName(v: unknown, what: string): string {
   if (typeof v !== 'string' || !NAME_RE.test(v))
     throw malformed(`${what} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -`);
   return v;
+}
+
+function checkLabels(v: unknown): Record<string, string> {
+  if (typeof v !== 'object' || v === null || Array.isArray(v))
+    throw malformed('cut labels must be an object');
+  const entries = Object.entries(v);
+  if (entries.length > 32) throw malformed('at most 32 cut labels');
+  const out: Record<string, string> = {};
+  for (const [k, val] of entries) {
+    if (k.length === 0 || k.length > 128 || typeof val !== 'string' || val.length > 128)
+      throw malformed('cut label keys and values must be strings of up to 128 characters');
+    out[k] = val;
+  }
+  return out;
 }
 
 function parseJson(payload: Buffer): Record<string, unknown> {
@@ -229,6 +245,7 @@ export function encodeFrame(frame: Frame): Buffer[] {
         time: frame.time,
       };
       if (frame.consistencyGroup !== undefined) body.consistencyGroup = frame.consistencyGroup;
+      if (frame.labels !== undefined) body.labels = frame.labels;
       payload = [jsonPayload(body)];
       break;
     }
@@ -369,6 +386,7 @@ function decodePayload(type: number, seq: number, payload: Buffer): Frame {
       const cut: CutFrame = { type: 'cut', seq, cutId, kind: j.kind, time: j.time };
       if (j.consistencyGroup !== undefined)
         cut.consistencyGroup = checkName(j.consistencyGroup, 'consistencyGroup');
+      if (j.labels !== undefined) cut.labels = checkLabels(j.labels);
       return cut;
     }
     case FrameType.ack:

@@ -58,6 +58,8 @@ export interface CutOptions {
   time?: number;
   /** Consistency group of the machine. */
   consistencyGroup?: string;
+  /** Labels of the points, e.g. `{ 'lifeboat.partial': 'initial-sync' }` for a checkpoint during initial replication. */
+  labels?: Record<string, string>;
 }
 
 /** Counters of a {@link ReplicationClient}. */
@@ -248,6 +250,7 @@ export class ReplicationClient extends EventEmitter {
       time: options.time ?? Date.now(),
     };
     if (options.consistencyGroup !== undefined) frame.consistencyGroup = options.consistencyGroup;
+    if (options.labels !== undefined) frame.labels = options.labels;
     const seq = await this.enqueue(frame, 128);
     return { seq, cutId };
   }
