@@ -51,6 +51,11 @@ const COMMAND_GROUPS: readonly CommandGroupEntry[] = [
     load: async () => (await import('./commands/failover.js')).registerFailoverCommands,
   },
   {
+    name: 'up',
+    summary: 'run all four roles in one process on embedded defaults (--demo: the guided tour)',
+    load: async () => (await import('./commands/up.js')).registerUpCommands,
+  },
+  {
     name: 'agent',
     summary: 'The agent for QEMU/KVM: exact change tracking and a consistent cut every few seconds',
     load: async () => (await import('./commands/agent.js')).registerAgentCommands,

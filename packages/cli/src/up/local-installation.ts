@@ -1,0 +1,207 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ProcessServer } from '@lifeboat/process-server';
+import { LifeboatError } from '@lifeboat/protocol';
+import { RecoveryHost } from '@lifeboat/recovery';
+import type { Store } from '@lifeboat/store';
+import { startVault } from '@lifeboat/vault';
+import type { Vault } from '@lifeboat/vault';
+import { componentCredentials } from './component-credentials.js';
+import type { ComponentCredentials } from './component-credentials.js';
+import { LocalAgents } from './local-agents.js';
+import { ProcessServerLink } from './process-server-link.js';
+import { testFailoverJob } from './test-failover-job.js';
+import { openUpStore, upPaths } from './up-data-dir.js';
+import type { UpPaths } from './up-data-dir.js';
+import { VaultApi } from './vault-api.js';
+import type { ApiObject } from './vault-api.js';
+
+/** Options of {@link startLocalInstallation}. */
+export interface LocalInstallationOptions {
+  /** The data directory (absolute). */
+  dataDir: string;
+  /** The vault API's address. @default '127.0.0.1' */
+  host?: string;
+  /** The vault API's port (0 = any free one). @default 0 */
+  port?: number;
+  /** pino log level of the roles. @default 'warn' */
+  logLevel?: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+  /** A background failure (vault unreachable, agent failed); the roles keep running. */
+  onError?: (what: string, err: unknown) => void;
+}
+
+/** The four roles of one machine, wired together. */
+export interface LocalInstallation {
+  readonly paths: UpPaths;
+  readonly storeCreated: boolean;
+  readonly store: Store;
+  readonly vault: Vault;
+  /** The vault API as the admin. */
+  readonly admin: VaultApi;
+  readonly adminToken: string;
+  readonly processServer: ProcessServer;
+  readonly processServerCredentials: ComponentCredentials;
+  readonly agents: LocalAgents;
+  readonly link: ProcessServerLink;
+  readonly recoveryHost: RecoveryHost;
+  /** The vault's id of the data directory's target store. */
+  readonly targetStoreId: string;
+  /** Stops every role, newest first; never throws. */
+  close(): Promise<void>;
+}
+
+const PS_NAME = 'local-process-server';
+
+/**
+ * Starts the vault, a process server, the agents and a recovery host in this process on the
+ * data directory's embedded defaults (SQLite, a directory store), all on loopback: the
+ * composition root of `lifeboat up`. The process server's certificates come from the vault's
+ * CA through a registration key `up` creates for itself; agents are started by the vault's
+ * assignments (enable replication), not by `up`.
+ */
+export async function startLocalInstallation(
+  options: LocalInstallationOptions,
+): Promise<LocalInstallation> {
+  const paths = upPaths(options.dataDir);
+  const logLevel = options.logLevel ?? 'warn';
+  const onError = options.onError ?? (() => undefined);
+  const closers: Array<() => Promise<void>> = [];
+  const close = async (): Promise<void> => {
+    while (closers.length > 0)
+      await closers
+        .pop()?.()
+        .catch(() => undefined);
+  };
+  try {
+    const { store, created } = await openUpStore(paths);
+    closers.push(() => store.close());
+    const recoveryHost = await RecoveryHost.start({ runDir: paths.recovery });
+    closers.push(() => recoveryHost.close());
+    const vault = await startVault({
+      dataDir: paths.vault,
+      host: options.host ?? '127.0.0.1',
+      port: options.port ?? 0,
+      logLevel,
+      jobHandlers: [testFailoverJob(recoveryHost, store)],
+    });
+    closers.push(() => vault.close());
+    const anonymous = new VaultApi(vault.url, undefined);
+    const password = await readFile(join(paths.vault, 'initial-admin-password'), 'utf8').catch(
+      () => {
+        throw new LifeboatError(
+          'LB_UP_NO_ADMIN_PASSWORD',
+          `The vault in ${paths.vault} has users but ${join(paths.vault, 'initial-admin-password')} is gone, so lifeboat up cannot log in as admin. Put the admin password back in that file (first line).`,
+          { details: { vault: paths.vault } },
+        );
+      },
+    );
+    const login = await anonymous.call<ApiObject>('POST', '/api/auth/login', {
+      username: 'admin',
+      password: password.split('\n')[0]?.trim() ?? '',
+    });
+    const adminToken = String(login['token']);
+    const admin = anonymous.as(adminToken);
+
+    const psCreds = await componentCredentials(
+      admin,
+      join(paths.credentials, 'process-server'),
+      'process-server',
+      PS_NAME,
+    );
+    const agentCreds = await componentCredentials(
+      admin,
+      join(paths.credentials, 'agent'),
+      'agent',
+      'local-agent',
+    );
+    const rhCreds = await componentCredentials(
+      admin,
+      join(paths.credentials, 'recovery-host'),
+      'recovery-host',
+      'local-recovery-host',
+    );
+    const processServer = await ProcessServer.start({
+      store,
+      journalDir: paths.journal,
+      tls: { cert: psCreds.cert, key: psCreds.key, ca: psCreds.ca },
+      host: '127.0.0.1',
+      port: 0,
+      healthHost: '127.0.0.1',
+      healthPort: 0,
+      journalMaxBytes: 1024 ** 3,
+      logLevel,
+    });
+    closers.push(() => processServer.stop());
+    const agents = new LocalAgents({
+      processServer: { host: '127.0.0.1', port: processServer.port, name: PS_NAME },
+      credentials: agentCreds,
+      stateDir: paths.agents,
+    });
+    closers.push(() => agents.close());
+    agents.on('failed', (item: string, err: unknown) => onError(`agent of item ${item}`, err));
+    const link = new ProcessServerLink({
+      api: admin.as(psCreds.token),
+      server: processServer,
+      agents,
+      onError: (err) => onError('process server link', err),
+    });
+    link.start();
+    closers.push(() => link.stop());
+    // The recovery host and agent have no poll loop of their own yet: a heartbeat shows them alive.
+    const beat = setInterval(() => {
+      for (const c of [rhCreds, agentCreds]) {
+        admin
+          .as(c.token)
+          .call('POST', '/api/components/self/heartbeat', {})
+          .catch((err) => onError(`heartbeat of ${c.name}`, err));
+      }
+    }, 10_000);
+    closers.push(async () => clearInterval(beat));
+
+    const targetStoreId = await ensureTargetStore(
+      admin,
+      paths.store,
+      await readPassphraseOf(paths),
+    );
+    return {
+      paths,
+      storeCreated: created,
+      store,
+      vault,
+      admin,
+      adminToken,
+      processServer,
+      processServerCredentials: psCreds,
+      agents,
+      link,
+      recoveryHost,
+      targetStoreId,
+      close,
+    };
+  } catch (err) {
+    await close();
+    throw err;
+  }
+}
+
+async function readPassphraseOf(paths: UpPaths): Promise<string> {
+  return (await readFile(paths.passphraseFile, 'utf8')).split('\n')[0]?.trim() ?? '';
+}
+
+/** Registers the data directory's store in the vault once (step 5), by path. */
+async function ensureTargetStore(
+  admin: VaultApi,
+  path: string,
+  passphrase: string,
+): Promise<string> {
+  const list = await admin.call<{ items: ApiObject[] }>('GET', '/api/target-stores?limit=1000');
+  const known = list.items.find((s) => s['kind'] === 'directory' && s['path'] === path);
+  if (known !== undefined) return String(known['id']);
+  const created = await admin.call<ApiObject>('POST', '/api/target-stores', {
+    name: 'local',
+    kind: 'directory',
+    path,
+    passphrase,
+  });
+  return String(created['id']);
+}
