@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -167,6 +167,51 @@ describe('lifeboat failover', () => {
     expect(existsSync(join(runDir, 'm', 'web'))).toBe(false);
     expect(existsSync(join(dir, 'local', 'web-disk0.qcow2'))).toBe(true);
   }, 300_000);
+
+  it('recovery-host start serves the latest point over NBD until stopped', async () => {
+    const runDir = join(dir, 'run-rh');
+    const stop = new AbortController();
+    const served = lifeboat(
+      [
+        '--json',
+        'recovery-host',
+        'start',
+        '--export',
+        'latest',
+        '--machine',
+        'web',
+        '--run-dir',
+        runDir,
+      ],
+      stop.signal,
+    );
+    try {
+      const deadline = Date.now() + 60_000;
+      let socket: string | undefined;
+      while (socket === undefined && Date.now() < deadline) {
+        const names = existsSync(join(runDir, 'x')) ? await readdir(join(runDir, 'x')) : [];
+        const found = names.find((n) => n.endsWith('.nbd.sock'));
+        if (found) socket = join(runDir, 'x', found);
+        else await new Promise((r) => setTimeout(r, 100));
+      }
+      const name = socket!.slice(join(runDir, 'x').length + 1, -'.nbd.sock'.length);
+      const { stdout } = await run('qemu-img', [
+        'info',
+        '--output=json',
+        `nbd+unix:///${name}?socket=${socket!}`,
+      ]);
+      expect((JSON.parse(stdout) as { 'virtual-size': number })['virtual-size']).toBe(
+        (await stat(image.rootImage)).size,
+      );
+    } finally {
+      stop.abort();
+    }
+    const r = await served;
+    expect(r.code).toBe(0);
+    const out = JSON.parse(r.stdout) as { exports: Array<{ machine: string; uri: string }> };
+    expect(out.exports.map((e) => e.machine)).toEqual(['web']);
+    expect(await readdir(join(runDir, 'x'))).toEqual([]);
+  }, 120_000);
 
   it('start refuses --hydrate-to without --commit, before touching anything', async () => {
     const r = await lifeboat([
