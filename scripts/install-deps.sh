@@ -20,9 +20,15 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+if [ ! -d node_modules ]; then
   echo "lifeboat: installing npm packages (native addons build from source; first time takes a few minutes)"
   npm ci --no-audit --no-fund --loglevel=error
+elif [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  # Never `npm ci` over an existing node_modules: it deletes it first, which breaks every other
+  # process using this tree (tests, a running `lifeboat up`) until it is done. `npm install`
+  # brings it in line with the lock in place; the lock file serialises concurrent installs.
+  echo "lifeboat: updating npm packages to package-lock.json"
+  flock /tmp/lifeboat-npm.lock npm install --no-audit --no-fund --loglevel=error
 fi
 echo "lifeboat: building"
 tsc -b
