@@ -36,7 +36,7 @@ export function upPaths(dataDir: string): UpPaths {
     credentials: join(dataDir, 'credentials'),
     agents: join(dataDir, 'agents'),
     recovery: join(dataDir, 'recovery'),
-    demo: join(dataDir, 'demo'),
+    demo: join(dataDir, 'demo-vm'),
   };
 }
 
