@@ -82,6 +82,8 @@ describe('test failover of a replicated machine', () => {
     const points = await store.listPoints({ machine: 'prod' });
     expect(points.length).toBeGreaterThan(0);
 
+    let cutsDuring = 0;
+    agent.on('cut', () => cutsDuring++);
     host = await RecoveryHost.start({ runDir: join(dir, 'run') });
     const tf = await runTestFailover(host, store, {
       machines: [
@@ -106,7 +108,8 @@ describe('test failover of a replicated machine', () => {
       });
       const listening = await tf.machines[0]!.machine.listening();
       expect(listening.every((l) => l.address === '127.0.0.1')).toBe(true);
-      // The source never stopped: it is still writing.
+      // Replication went on during the test failover, and the source is still writing.
+      expect(cutsDuring).toBeGreaterThan(0);
       const before = (await vm.consoleText()).length;
       await vm.waitForConsole(/LIFEBOAT-WROTE \d+/, 60_000, before);
     } finally {
