@@ -433,6 +433,46 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
     expect((orphan.body['error'] as { code: string }).code).toBe('LB_VAULT_JOB_INTERRUPTED');
   });
 
+  it('streams changes as server-sent events', async () => {
+    const controller = new AbortController();
+    const res = await fetch(`${t.vault.url}/api/events`, {
+      headers: { authorization: `Bearer ${t.adminToken}` },
+      signal: controller.signal,
+    });
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toBe('text/event-stream');
+    const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+    const decoder = new TextDecoder();
+    let text = '';
+    const until = async (pattern: RegExp): Promise<void> => {
+      while (!pattern.test(text)) {
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`stream ended before ${String(pattern)}: ${text}`);
+        text += decoder.decode(value);
+      }
+    };
+    try {
+      await until(/event: ready/);
+      const s = await setup();
+      const created = await t.call('POST', '/api/protected-items', {
+        machineId: s.machineId,
+        policyId: s.policyId,
+        processServerId: s.psId,
+        targetStoreId: s.storeId,
+      });
+      await until(
+        new RegExp(`event: protected-item\ndata: [^\n]*"id":"${created.body['id'] as string}"`),
+      );
+      await until(new RegExp(`event: job\ndata: [^\n]*"id":"${created.body['jobId'] as string}"`));
+      await until(new RegExp(`event: component\ndata: [^\n]*"id":"${s.psId}"`));
+    } finally {
+      controller.abort();
+      await reader.cancel().catch(() => undefined);
+    }
+    // Without a token: refused like every route.
+    expect((await fetch(`${t.vault.url}/api/events`)).status).toBe(401);
+  });
+
   it('follows the state machine: resync, failover, reprotect, disable; refuses what it does not allow', async () => {
     const s = await setup();
     const created = await t.call('POST', '/api/protected-items', {

@@ -34,6 +34,8 @@ export interface VaultOptions {
    * after at most this long (on this instance at once). 0 turns the cache off. @default 5000
    */
   authCacheMs?: number;
+  /** How often GET /api/events looks for changes while a client listens. @default 1000 */
+  eventPollMs?: number;
   /** How long GET /api/summary may be served from memory (0 = always fresh). @default 1000 */
   summaryCacheMs?: number;
   /** Lifetime of a login session. @default 43200 */
@@ -129,6 +131,7 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
     logLevel: options.logLevel ?? 'info',
     ...(options.initialAdmin !== undefined ? { initialAdmin: options.initialAdmin } : {}),
     authCacheMs: positive('authCacheMs', options.authCacheMs ?? 5000, 0),
+    eventPollMs: positive('eventPollMs', options.eventPollMs ?? 1000, 10),
     summaryCacheMs: positive('summaryCacheMs', options.summaryCacheMs ?? 1000, 0),
     sessionTtlSeconds: positive('sessionTtlSeconds', options.sessionTtlSeconds ?? 43_200),
     heartbeatTimeoutSeconds: positive(

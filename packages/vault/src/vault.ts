@@ -8,6 +8,7 @@ import { pino } from 'pino';
 import { openDatabase, type OpenDatabase } from './db/open-database.js';
 import { AuthCache, installAuth, type Access } from './http/auth.js';
 import { registerComponentRoutes } from './http/component-routes.js';
+import { registerEventRoutes } from './http/event-routes.js';
 import { errorHandler } from './http/error-mapping.js';
 import { registerOperationsRoutes } from './http/operations-routes.js';
 import { registerProtectionRoutes } from './http/protection-routes.js';
@@ -158,6 +159,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     registerComponentRoutes(fastify, context);
     registerProtectionRoutes(fastify, context);
     registerOperationsRoutes(fastify, context);
+    registerEventRoutes(fastify, context, options.eventPollMs);
     await fastify.ready();
 
     // SQLite has one vault process, so a job still `running` belongs to a vault that stopped.
