@@ -217,6 +217,20 @@ describe('lifeboat vault (CLI over the vault API)', () => {
       '--store-passphrase-file',
       'pp.txt',
     ]);
+    await writeFile(join(dir, 'key.txt'), '-----BEGIN KEY-----\nabc\n-----END KEY-----\n');
+    const cred = await json([
+      'vault',
+      'credential',
+      'add',
+      'root',
+      '--kind',
+      'ssh-key',
+      '--username',
+      'root',
+      '--secret-file',
+      'key.txt',
+    ]);
+    expect(JSON.stringify(cred)).not.toContain('BEGIN KEY');
     const host = await json([
       'vault',
       'host',

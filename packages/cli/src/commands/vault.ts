@@ -645,6 +645,42 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       if (job !== undefined && job['state'] !== 'succeeded') ctx.exitCode = 1;
     });
 
+  vault.commands
+    .find((c) => c.name() === 'credential')
+    ?.command('add <name>')
+    .description('Store a credential (sealed with the vault key; never shown again)')
+    .requiredOption('--kind <kind>', 'ssh-password, ssh-key, vcenter or kvm')
+    .requiredOption('--username <user>', 'user name')
+    .requiredOption('--secret-file <file>', 'file with the password or private key')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault credential add kvm1-root --kind ssh-key --username root --secret-file id_ed25519\n',
+    )
+    .action(
+      async (
+        name: string,
+        o: { kind: string; username: string; secretFile: string },
+        command: Command,
+      ) => {
+        const c = client(ctx, command);
+        // A private key spans lines: the whole file is the secret, not its first line.
+        const secret = (await readFile(resolve(ctx.io.cwd, o.secretFile), 'utf8')).replace(
+          /\n$/,
+          '',
+        );
+        if (secret === '') throw bad(`${o.secretFile} is empty.`, { file: o.secretFile });
+        printObject(
+          c,
+          await c.call('POST', '/api/credentials', {
+            name,
+            kind: o.kind,
+            username: o.username,
+            secret,
+          }),
+        );
+      },
+    );
+
   // Store add reads secret files, so it replaces the generic body.
   const storeAdd = vault.commands
     .find((c) => c.name() === 'store')
