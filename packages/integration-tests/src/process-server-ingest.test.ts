@@ -189,6 +189,29 @@ describe('process server ingest', () => {
     expect(await verifyPoints(store, src)).toBe(2);
   });
 
+  it("discards a disk's frames since the last cut, and tells the agent which cut is committed", async () => {
+    const src = new SourceMachine('machine-discard', [{ name: 'vda', size: 64 * 1024 }]);
+    const c = client(src);
+    await c.start();
+    expect(await c.latestCut()).toBeUndefined();
+    await c.write('vda', 0, Buffer.alloc(4096, 0xaa));
+    src.write('vda', 0, Buffer.alloc(4096, 0xaa));
+    const first = await c.cut();
+    src.cut(first.cutId);
+    await c.waitForCommit();
+    expect(await c.latestCut()).toMatchObject({ cutId: first.cutId });
+    // A write read at a cut the agent can no longer trust; the disk's block changed back since.
+    await c.write('vda', 0, Buffer.alloc(4096, 0xbb));
+    await c.discardPending('vda');
+    await c.write('vda', 8192, Buffer.alloc(4096, 0xcc));
+    src.write('vda', 8192, Buffer.alloc(4096, 0xcc));
+    const second = await c.cut();
+    src.cut(second.cutId);
+    await c.waitForCommit();
+    expect(await c.latestCut()).toMatchObject({ cutId: second.cutId });
+    expect(await verifyPoints(store, src)).toBe(2);
+  });
+
   it('runs store work on worker threads, with the same byte-exact points', async () => {
     const workers = await ProcessServer.start({
       storeWorkers: {

@@ -142,6 +142,14 @@ export class IngestSession {
     });
   }
 
+  /** Tells the agent that the points of every cut up to `seq` are committed. */
+  committed(seq: number, cutId: string, time: number): void {
+    if (this.state !== 'streaming' || this.socket.destroyed || this.socket.writableNeedDrain)
+      return;
+    for (const part of encodeFrame({ type: 'committed', seq, cutId, time }))
+      this.socket.write(part);
+  }
+
   /** Sends an ERROR frame with the error's code, then closes the connection. */
   reject(err: unknown): void {
     if (this.state === 'closed') return;
@@ -256,6 +264,7 @@ export class IngestSession {
         case 'trim':
         case 'resize':
         case 'cut':
+        case 'discard':
           this.host.onSequenced(this, f);
           break;
         default:

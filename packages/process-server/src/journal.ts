@@ -6,7 +6,7 @@ import { crc32 } from 'node:zlib';
 import { LifeboatError } from '@lifeboat/protocol';
 
 /** Kinds of journal records (the sequenced frame types). */
-export type JournalRecordKind = 'data' | 'zero' | 'trim' | 'resize' | 'cut';
+export type JournalRecordKind = 'data' | 'zero' | 'trim' | 'resize' | 'cut' | 'discard';
 
 const KIND_CODE: Record<JournalRecordKind, number> = {
   data: 1,
@@ -14,6 +14,7 @@ const KIND_CODE: Record<JournalRecordKind, number> = {
   trim: 3,
   resize: 4,
   cut: 5,
+  discard: 6,
 };
 const CODE_KIND: Record<number, JournalRecordKind> = {
   1: 'data',
@@ -21,6 +22,7 @@ const CODE_KIND: Record<number, JournalRecordKind> = {
   3: 'trim',
   4: 'resize',
   5: 'cut',
+  6: 'discard',
 };
 const RECORD_MAGIC = 0x4c424a31; // "LBJ1"
 /** Fixed bytes before a record's names and body. */

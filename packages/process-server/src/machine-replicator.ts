@@ -215,6 +215,13 @@ export class MachineReplicator {
       case 'cut':
         await this.commitCut(r, gen);
         return;
+      case 'discard': {
+        // The agent lost track of this disk's changes since the last cut: start it over from its base.
+        const s = this.sessions.get(r.disk);
+        this.sessions.delete(r.disk);
+        if (s) await limit.run(() => s.abort());
+        return;
+      }
     }
   }
 

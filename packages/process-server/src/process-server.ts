@@ -341,6 +341,7 @@ export class ProcessServer extends EventEmitter {
       { machine: m.id, cut: cut.cutId, seq: cut.seq, latencyMs: cut.latencyMs },
       'cut committed',
     );
+    m.session?.committed(cut.seq, cut.cutId, cut.time.getTime());
     this.emit('committed', cut);
   }
 
@@ -633,6 +634,9 @@ export class ProcessServer extends EventEmitter {
       lastSeq: m.receivedSeq,
       maxPayloadBytes: this.opts.maxPayloadBytes,
       resyncRequired: m.state.resync !== undefined,
+      latestCut: m.state.lastCut
+        ? { seq: m.state.lastCut.seq, cutId: m.state.lastCut.cutId, time: m.state.lastCut.time }
+        : null,
     };
   }
 
@@ -703,7 +707,17 @@ export class ProcessServer extends EventEmitter {
         return;
       }
       const size = m.sizes.get(disk) ?? 0;
-      if (f.type === 'resize') {
+      if (f.type === 'discard') {
+        input = {
+          kind: 'discard',
+          machine: m.id,
+          disk,
+          seq: f.seq,
+          a: 0,
+          b: 0,
+          body: Buffer.alloc(0),
+        };
+      } else if (f.type === 'resize') {
         input = {
           kind: 'resize',
           machine: m.id,

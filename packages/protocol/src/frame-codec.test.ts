@@ -24,6 +24,13 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
     lastSeq: u,
     maxPayloadBytes: fc.integer({ min: 5000, max: 2 ** 30 }),
     resyncRequired: fc.boolean(),
+    latestCut: fc.option(fc.record({ seq: u, cutId: name, time: u }), { nil: null }),
+  }),
+  fc.record({ type: fc.constant('committed' as const), seq: u, cutId: name, time: u }),
+  fc.record({
+    type: fc.constant('discard' as const),
+    seq,
+    disk: fc.integer({ min: 0, max: 65535 }),
   }),
   fc.record({
     type: fc.constant('data' as const),

@@ -25,6 +25,8 @@ export const FrameType = {
   cut: 7,
   ack: 8,
   error: 9,
+  committed: 10,
+  discard: 11,
 } as const;
 
 /** One disk of a machine as announced in a hello. */
@@ -59,6 +61,32 @@ export interface WelcomeFrame {
   maxPayloadBytes: number;
   /** True when the server dropped this machine's backlog (journal overflow): the agent must resync. */
   resyncRequired: boolean;
+  /** The machine's newest committed cut (its points exist in the store), or null. */
+  latestCut: CommittedCutInfo | null;
+}
+
+/** A cut whose points are committed. */
+export interface CommittedCutInfo {
+  /** The cut's sequence number. */
+  seq: number;
+  cutId: string;
+  /** The agent's time of the cut, ms since the epoch. */
+  time: number;
+}
+
+/** Server → agent: the points of every cut up to `seq` are committed in the store. */
+export interface CommittedFrame {
+  type: 'committed';
+  seq: number;
+  cutId: string;
+  time: number;
+}
+
+/** Agent → server: drop the disk's frames since the last cut (its change tracking was lost; a resync follows). */
+export interface DiscardFrame {
+  type: 'discard';
+  seq: number;
+  disk: number;
 }
 
 /** Changed bytes of one disk. */
@@ -118,10 +146,11 @@ export interface ErrorFrame {
 }
 
 /** Frames that carry a sequence number and are journaled. */
-export type SequencedFrame = DataFrame | RangeFrame | ResizeFrame | CutFrame;
+export type SequencedFrame = DataFrame | RangeFrame | ResizeFrame | CutFrame | DiscardFrame;
 
 /** Every frame of the replication protocol. */
-export type Frame = HelloFrame | WelcomeFrame | SequencedFrame | AckFrame | ErrorFrame;
+export type Frame =
+  HelloFrame | WelcomeFrame | SequencedFrame | AckFrame | ErrorFrame | CommittedFrame;
 
 const NAME_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
 const CODE_RE = /^LB_[A-Z0-9_]{1,60}$/;
@@ -217,9 +246,23 @@ export function encodeFrame(frame: Frame): Buffer[] {
           lastSeq: frame.lastSeq,
           maxPayloadBytes: frame.maxPayloadBytes,
           resyncRequired: frame.resyncRequired,
+          latestCut: frame.latestCut,
         }),
       ];
       break;
+    case 'committed':
+      type = FrameType.committed;
+      seq = frame.seq;
+      payload = [jsonPayload({ cutId: frame.cutId, time: frame.time })];
+      break;
+    case 'discard': {
+      type = FrameType.discard;
+      seq = frame.seq;
+      const p = Buffer.alloc(4);
+      p.writeUInt16BE(frame.disk, 0);
+      payload = [p];
+      break;
+    }
     case 'data':
       type = FrameType.data;
       seq = frame.seq;
@@ -296,9 +339,10 @@ function decodePayload(type: number, seq: number, payload: Buffer): Frame {
     type === FrameType.zero ||
     type === FrameType.trim ||
     type === FrameType.resize ||
-    type === FrameType.cut;
+    type === FrameType.cut ||
+    type === FrameType.discard;
   if (sequenced && seq < 1) throw malformed('sequenced frame with sequence number 0');
-  if (!sequenced && type !== FrameType.ack && seq !== 0)
+  if (!sequenced && type !== FrameType.ack && type !== FrameType.committed && seq !== 0)
     throw malformed('control frame with a sequence number');
   switch (type) {
     case FrameType.hello: {
@@ -336,14 +380,33 @@ function decodePayload(type: number, seq: number, payload: Buffer): Frame {
       if (!isSafeUint(j.maxPayloadBytes) || j.maxPayloadBytes < 4096 + DATA_PREFIX_BYTES)
         throw malformed('welcome maxPayloadBytes');
       if (typeof j.resyncRequired !== 'boolean') throw malformed('welcome resyncRequired');
+      const lc = j.latestCut;
+      let latestCut: CommittedCutInfo | null = null;
+      if (lc !== null) {
+        if (typeof lc !== 'object' || Array.isArray(lc)) throw malformed('welcome latestCut');
+        const o = lc as Record<string, unknown>;
+        if (!isSafeUint(o.seq) || !isSafeUint(o.time))
+          throw malformed('welcome latestCut seq and time');
+        latestCut = { seq: o.seq, cutId: checkName(o.cutId, 'cutId'), time: o.time };
+      }
       return {
         type: 'welcome',
         sessionId: j.sessionId,
         lastSeq: j.lastSeq,
         maxPayloadBytes: j.maxPayloadBytes,
         resyncRequired: j.resyncRequired,
+        latestCut,
       };
     }
+    case FrameType.committed: {
+      const j = parseJson(payload);
+      if (!isSafeUint(j.time)) throw malformed('committed time');
+      return { type: 'committed', seq, cutId: checkName(j.cutId, 'cutId'), time: j.time };
+    }
+    case FrameType.discard:
+      if (payload.length !== 4) throw malformed('DISCARD payload must be 4 bytes');
+      if (payload.readUInt16BE(2) !== 0) throw malformed('reserved field is not zero');
+      return { type: 'discard', seq, disk: payload.readUInt16BE(0) };
     case FrameType.data: {
       if (payload.length < DATA_PREFIX_BYTES + 1)
         throw malformed('DATA frame shorter than its prefix plus one byte');

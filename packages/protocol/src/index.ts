@@ -15,6 +15,9 @@ export {
 } from './frame-codec.js';
 export type {
   AckFrame,
+  CommittedCutInfo,
+  CommittedFrame,
+  DiscardFrame,
   CutFrame,
   DataFrame,
   ErrorFrame,

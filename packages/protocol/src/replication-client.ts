@@ -4,7 +4,13 @@ import { isIP } from 'node:net';
 import { connect } from 'node:tls';
 import type { TLSSocket } from 'node:tls';
 import { DATA_PREFIX_BYTES, FrameDecoder, encodeFrame } from './frame-codec.js';
-import type { Frame, HelloDisk, SequencedFrame, WelcomeFrame } from './frame-codec.js';
+import type {
+  CommittedCutInfo,
+  Frame,
+  HelloDisk,
+  SequencedFrame,
+  WelcomeFrame,
+} from './frame-codec.js';
 import { LifeboatError } from './lifeboat-error.js';
 
 /** The few logger methods the client uses (pino's logger fits). */
@@ -101,7 +107,8 @@ const noopLogger: ReplicationLogger = { info() {}, warn() {}, error() {} };
  * `maxInFlightBytes` are unacknowledged (backpressure). Buffers passed to {@link write} are
  * kept by reference until acknowledged: do not reuse them.
  *
- * Events: `connected` (WelcomeFrame), `ack` (seq), `disconnected` (LifeboatError),
+ * Events: `connected` (WelcomeFrame), `ack` (seq), `committed` (CommittedCutInfo: the
+ * cut's points are in the store), `disconnected` (LifeboatError),
  * `server-error` (LifeboatError sent by the server), `resync-required` (the server dropped
  * this machine's backlog: resync the disks), `failed` (LifeboatError; fatal, the client stopped).
  */
@@ -127,6 +134,10 @@ export class ReplicationClient extends EventEmitter {
   private spaceWaiters: Array<() => void> = [];
   private ackWaiters: Array<{ seq: number; resolve: () => void; reject: (e: unknown) => void }> =
     [];
+  private commitWaiters: Array<{ seq: number; resolve: () => void; reject: (e: unknown) => void }> =
+    [];
+  private committedCut: CommittedCutInfo | null = null;
+  private lastCutSeq = 0;
   private readonly counters = { framesSent: 0, bytesSent: 0, framesResent: 0, reconnects: 0 };
   private everConnected = false;
 
@@ -252,7 +263,33 @@ export class ReplicationClient extends EventEmitter {
     if (options.consistencyGroup !== undefined) frame.consistencyGroup = options.consistencyGroup;
     if (options.labels !== undefined) frame.labels = options.labels;
     const seq = await this.enqueue(frame, 128);
+    this.lastCutSeq = seq;
     return { seq, cutId };
+  }
+
+  /**
+   * Drops the disk's frames sent since the last cut, on the server too (a DISCARD frame): use
+   * before a resync when the change tracking of an interrupted cycle is lost. Cuts already sent
+   * stay; call {@link waitForCommit} before reading the latest point as a resync baseline.
+   */
+  async discardPending(disk: string): Promise<void> {
+    await this.enqueue({ type: 'discard', seq: 0, disk: this.diskIndex(disk) }, 4);
+  }
+
+  /** The machine's newest cut whose points are committed in the store (known once connected). */
+  async latestCut(): Promise<{ cutId: string; time: number } | undefined> {
+    await this.awaitReady();
+    return this.committedCut === null
+      ? undefined
+      : { cutId: this.committedCut.cutId, time: this.committedCut.time };
+  }
+
+  /** Resolves when the points of every cut up to `seq` (default: the last cut sent) are committed in the store. */
+  waitForCommit(seq: number = this.lastCutSeq): Promise<void> {
+    if (seq <= (this.committedCut?.seq ?? 0)) return Promise.resolve();
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.closed) return Promise.reject(closedError());
+    return new Promise((resolve, reject) => this.commitWaiters.push({ seq, resolve, reject }));
   }
 
   /** Adds a disk to the machine; the session is re-established so the server learns it. */
@@ -439,6 +476,7 @@ export class ReplicationClient extends EventEmitter {
         connected();
         this.welcome = f;
         this.attempt = 0;
+        if (f.latestCut) this.applyCommitted(f.latestCut);
         this.maxData = Math.min(this.opts.maxFrameDataBytes, f.maxPayloadBytes - DATA_PREFIX_BYTES);
         if (f.resyncRequired) {
           // The server no longer holds this machine's backlog; what we hold is moot too.
@@ -488,6 +526,9 @@ export class ReplicationClient extends EventEmitter {
         this.applyAck(f.seq);
         this.emit('ack', f.seq);
         break;
+      case 'committed':
+        this.applyCommitted({ seq: f.seq, cutId: f.cutId, time: f.time });
+        break;
       case 'error': {
         const err = new LifeboatError(f.code, f.message, { details: f.details });
         this.opts.logger.error(
@@ -528,6 +569,17 @@ export class ReplicationClient extends EventEmitter {
     this.wakeSpace();
   }
 
+  private applyCommitted(c: CommittedCutInfo): void {
+    if (c.seq <= (this.committedCut?.seq ?? 0)) return;
+    this.committedCut = c;
+    this.commitWaiters = this.commitWaiters.filter((w) => {
+      if (w.seq > c.seq) return true;
+      w.resolve();
+      return false;
+    });
+    this.emit('committed', c);
+  }
+
   private wakeSpace(): void {
     for (const w of this.spaceWaiters.splice(0)) w();
   }
@@ -535,6 +587,7 @@ export class ReplicationClient extends EventEmitter {
   private rejectAll(err: LifeboatError): void {
     for (const w of this.readyWaiters.splice(0)) w.reject(err);
     for (const w of this.ackWaiters.splice(0)) w.reject(err);
+    for (const w of this.commitWaiters.splice(0)) w.reject(err);
     this.wakeSpace();
   }
 }
