@@ -141,6 +141,7 @@ describe('lifeboat failover', () => {
         runDir,
         '--hydrate-to',
         local,
+        '--raw',
         '--verify',
       ]);
       expect(c.stderr).toBe('');
@@ -150,11 +151,15 @@ describe('lifeboat failover', () => {
         .split(/\n(?=\{)/)
         .map((j) => JSON.parse(j) as { ok: boolean; state: string; localDisks: string[] });
       expect(replies.map((r) => r.state)).toEqual(['committed', 'hydrated']);
+      // A raw file: the guest's writes are in it as they are on its disk.
       const copy = replies[1]!.localDisks[0]!;
-      const raw = join(dir, 'copy.raw');
-      await run('qemu-img', ['convert', '-U', '-O', 'raw', copy, raw]);
-      expect((await readFile(raw)).includes('AFTER-FAILOVER')).toBe(true);
-      await rm(raw);
+      expect(copy).toBe(join(local, 'web-disk0.raw'));
+      const { stdout: info } = await run('qemu-img', ['info', '-U', '--output=json', copy]);
+      expect(JSON.parse(info)).toMatchObject({
+        format: 'raw',
+        'virtual-size': (await stat(image.rootImage)).size,
+      });
+      expect((await readFile(copy)).includes('AFTER-FAILOVER')).toBe(true);
       // A second commit is refused with the failover's state.
       const again = await lifeboat(['failover', 'commit', '--run-dir', runDir]);
       expect(again.code).not.toBe(0);
@@ -165,7 +170,7 @@ describe('lifeboat failover', () => {
       expect(s.code).toBe(0);
     }
     expect(existsSync(join(runDir, 'm', 'web'))).toBe(false);
-    expect(existsSync(join(dir, 'local', 'web-disk0.qcow2'))).toBe(true);
+    expect(existsSync(join(dir, 'local', 'web-disk0.raw'))).toBe(true);
   }, 300_000);
 
   it('recovery-host start serves the latest point over NBD until stopped', async () => {
