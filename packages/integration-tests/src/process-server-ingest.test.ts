@@ -141,6 +141,7 @@ describe('process server ingest', () => {
     const metrics = await (await fetch(`http://127.0.0.1:${server.healthPort}/metrics`)).text();
     expect(metrics).toContain('lifeboat_ps_disk_rpo_seconds{machine="machine-1",disk="vda"}');
     expect(metrics).toContain('lifeboat_ps_journal_used_bytes');
+    expect(metrics).toContain('lifeboat_ps_commit_latency_ms{quantile="0.99"}');
   });
 
   it('resumes a machine after its client reconnects, without resending what was acknowledged', async () => {

@@ -106,6 +106,15 @@ function registerGauges(registry: Registry, report: () => ProcessServerHealth): 
   gauge('lifeboat_ps_store_bytes_per_second', 'Bytes per second written to the store', [], (g, h) =>
     g.set(h.ingest.bytesPerSecondOut),
   );
+  gauge(
+    'lifeboat_ps_commit_latency_ms',
+    'Time from a cut durable in the journal to its committed points (last 1000 cuts)',
+    ['quantile'],
+    (g, h) => {
+      g.set({ quantile: '0.5' }, h.ingest.commitLatencyMs.p50);
+      g.set({ quantile: '0.99' }, h.ingest.commitLatencyMs.p99);
+    },
+  );
   gauge('lifeboat_ps_cpu_percent', 'CPU use of the process server (100 = one core)', [], (g, h) =>
     g.set(h.process.cpuPercent),
   );
