@@ -50,6 +50,8 @@ describe('DirectoryBackend', () => {
   it('rejects ranges past the end, bad keys, and hides temporary files from list', async () => {
     await b.put('index/a', Buffer.from('abc'));
     await expect(b.getRange('index/a', 2, 5)).rejects.toSatisfy(code('LB_BACKEND_RANGE'));
+    expect((await b.getRange('index/a', 3, 0)).length).toBe(0);
+    await expect(b.getRange('index/a', 4, 0)).rejects.toSatisfy(code('LB_BACKEND_RANGE'));
     await expect(b.getRange('index/missing', 0, 1)).rejects.toSatisfy(code('LB_BACKEND_NOT_FOUND'));
     await expect(b.put('../escape', Buffer.from('x'))).rejects.toSatisfy(
       code('LB_BACKEND_INVALID_KEY'),

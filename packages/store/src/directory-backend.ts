@@ -120,6 +120,9 @@ export class DirectoryBackend implements ObjectBackend {
       throw this.wrap(err, key);
     }
     try {
+      // An empty range is valid up to the object's end, like on Azure; past it, it is not.
+      if (length === 0 && offset > (await handle.stat()).size)
+        throw this.rangeError(key, offset, length, 0);
       const buf = Buffer.allocUnsafe(length);
       let done = 0;
       while (done < length) {
@@ -127,13 +130,8 @@ export class DirectoryBackend implements ObjectBackend {
         if (bytesRead === 0) break;
         done += bytesRead;
       }
-      if (done < length) {
-        throw new LifeboatError(
-          'LB_BACKEND_RANGE',
-          `Range ${offset}+${length} is past the end of ${key} in ${this.location} (the object may be truncated).`,
-          { details: { key, offset, length, available: done } },
-        );
-      }
+      if (done < length) throw this.rangeError(key, offset, length, done);
+
       return buf;
     } catch (err) {
       throw this.wrap(err, key);
@@ -211,6 +209,19 @@ export class DirectoryBackend implements ObjectBackend {
     } catch {
       // Gone already, or not ours to judge: leave it.
     }
+  }
+
+  private rangeError(
+    key: string,
+    offset: number,
+    length: number,
+    available: number,
+  ): LifeboatError {
+    return new LifeboatError(
+      'LB_BACKEND_RANGE',
+      `Range ${offset}+${length} is past the end of ${key} in ${this.location} (the object may be truncated).`,
+      { details: { key, offset, length, available } },
+    );
   }
 
   private file(key: string): string {

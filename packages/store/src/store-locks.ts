@@ -26,6 +26,8 @@ export interface LockRecord {
   created: string;
   /** Last heartbeat. */
   time: string;
+  /** An exclusive lock whose holder still waits for writers to finish (it deletes nothing yet). */
+  waiting?: boolean;
 }
 
 /** A lock this process holds; keeps it fresh until released. */
@@ -51,6 +53,12 @@ export class HeldLock {
 
   private async refresh(): Promise<void> {
     const now = new Date();
+    if (this.lost !== undefined) return;
+    if (now.getTime() - this.lastRefresh > this.owner.options.staleMs) {
+      // Others may already have judged this lock dead (the process stalled): never revive it.
+      this.lost = new Error(`lock not refreshed for ${now.getTime() - this.lastRefresh} ms`);
+      return;
+    }
     try {
       if ((await this.owner.backend.stat(this.key)) === undefined)
         throw new Error('lock object was removed');
@@ -85,6 +93,14 @@ export class HeldLock {
     }
     // Refresh now so the point is written well inside the lock's lifetime.
     await this.refresh();
+    // A live exclusive lock means a gc runs: it can only have started by taking this one for dead.
+    if (this.record.exclusive === false) {
+      for (const other of await this.owner.others(this.key)) {
+        if (!other.stale && other.record.exclusive && other.record.waiting !== true) {
+          this.lost ??= new Error(`gc lock ${other.key} is held`);
+        }
+      }
+    }
     if (this.lost !== undefined) {
       throw storeError(
         'LB_STORE_LOCK_LOST',
@@ -150,6 +166,7 @@ export class StoreLocks {
       purpose,
       created: now,
       time: now,
+      ...(exclusive ? { waiting: true } : {}),
     };
     const key = `locks/${randomBytes(16).toString('hex')}`;
     await this.backend.put(key, Buffer.from(JSON.stringify(record)));
@@ -195,6 +212,17 @@ export class StoreLocks {
         `The store is locked ${r.exclusive ? 'exclusively' : 'by a writer'} (${r.purpose}, host ${r.host}, pid ${r.pid}, since ${r.created}). Retry when it is done; a lock whose holder died expires ${Math.round(this.options.staleMs / 1000)} s after its last heartbeat.`,
         { object: conflict.key, holder: r },
       );
+    }
+    if (exclusive) {
+      // From here on gc may delete: say so, so writers that outlived their lock notice.
+      delete record.waiting;
+      record.time = new Date().toISOString();
+      try {
+        await this.backend.put(key, Buffer.from(JSON.stringify(record)), { overwrite: true });
+      } catch (err) {
+        await this.backend.delete(key).catch(() => undefined);
+        throw err;
+      }
     }
     const lock = new HeldLock(this, key, record);
     this.held.add(lock);

@@ -196,6 +196,13 @@ describe('stats, prune, gc, passphrase, locks, concurrent writers', () => {
     await expect(w.commit()).rejects.toSatisfy(code('LB_STORE_LOCK_LOST'));
     expect(await t.store.listPoints()).toEqual([]);
     await expect(w.write(0, Buffer.alloc(512))).rejects.toSatisfy(code('LB_STORE_SESSION_CLOSED'));
+    // A writer that stalled past the stale time never revives its lock.
+    const slow = await t.reopen(TEST_PASSPHRASE, { locks: { staleMs: 200, refreshMs: 60_000 } });
+    const w2 = await slow.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 });
+    await w2.write(0, pseudoRandom(CS * 4, 2));
+    await new Promise((r) => setTimeout(r, 400));
+    await expect(w2.commit()).rejects.toSatisfy(code('LB_STORE_LOCK_LOST'));
+    expect(await slow.listPoints()).toEqual([]);
   });
 
   it('several writers on different disks at once, from two store handles, interleaved', async () => {
