@@ -70,3 +70,8 @@ export {
   type SourceNic,
   type MappedNetworks,
 } from './network-mapping.js';
+export {
+  recordedMachineConfig,
+  MACHINE_LABELS,
+  type RecordedMachineConfig,
+} from './recorded-config.js';

@@ -138,6 +138,8 @@ export async function runTestFailover(
         };
         const started = await host.bootMachine(store, spec);
         d['accelerator'] = started.machine.accel;
+        d['cpus'] = spec.cpus ?? 1;
+        d['memoryMiB'] = spec.memoryMiB ?? 512;
         d['points'] = chosen[i];
         d['overlays'] = started.machine.disks.map((x) => x.overlay);
         return started;

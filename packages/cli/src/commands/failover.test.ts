@@ -55,6 +55,9 @@ beforeAll(async () => {
     'web',
     '--disk',
     'root',
+    // The machine's recorded hardware, which failover uses when the command line does not say.
+    '--label',
+    'machine.memory-mib=256',
   ]);
   expect(imported.code).toBe(0);
 }, 600_000);
@@ -76,8 +79,6 @@ describe('lifeboat failover', () => {
       image.kernel,
       '--append',
       testImageAppend(),
-      '--memory-mib',
-      '256',
       '--console',
       'LIFEBOAT-READY',
       '--port',
@@ -90,6 +91,10 @@ describe('lifeboat failover', () => {
     const out = JSON.parse(r.stdout) as { job: RecoveryJobRecord; cleanup: RecoveryJobRecord };
     expect(out.job.state).toBe('succeeded');
     expect(out.job.steps.map((s) => s.name)).toContain('port 22 of web');
+    expect(out.job.steps.find((s) => s.name === 'boot web')?.detail).toMatchObject({
+      cpus: 1,
+      memoryMiB: 256,
+    });
     expect(existsSync(out.job.artifacts['web-screenshot']!)).toBe(true);
     expect(out.cleanup.state).toBe('succeeded');
     expect(existsSync(join(runDir, 'm', 'web'))).toBe(false);

@@ -6,6 +6,7 @@ import {
   Failover,
   RecoveryHost,
   failoverControlRequest,
+  recordedMachineConfig,
   runTestFailover,
   selectPoints,
   serveFailoverControl,
@@ -16,6 +17,7 @@ import type {
   PointSelector,
   RecoveryJobRecord,
 } from '@lifeboat/recovery';
+import type { PointInfo } from '@lifeboat/store';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
 import { resolveConfig } from '../config.js';
@@ -31,8 +33,8 @@ interface MachineOpts {
   kernel?: string;
   append?: string;
   uefi?: boolean;
-  cpus: string;
-  memoryMib: string;
+  cpus?: string;
+  memoryMib?: string;
   port?: string;
   runDir?: string;
   name?: string;
@@ -47,14 +49,27 @@ function withMachineOptions(cmd: Command): Command {
     .option('--kernel <file>', 'boot this kernel directly (otherwise firmware boots the disk)')
     .option('--append <cmdline>', 'kernel command line with --kernel')
     .option('--uefi', 'boot with UEFI firmware (OVMF) instead of BIOS')
-    .option('--cpus <n>', 'virtual CPUs', '1')
-    .option('--memory-mib <n>', 'memory in MiB', '512')
+    .option('--cpus <n>', "virtual CPUs (default: the point's machine.cpus label, else 1)")
+    .option(
+      '--memory-mib <n>',
+      "memory in MiB (default: the point's machine.memory-mib label, else 512)",
+    )
     .option('--port <n>', 'guest TCP port forwarded from 127.0.0.1 (and verified by test)')
     .option('--name <name>', 'name of the recovered machine (default: the machine)')
     .option(
       '--run-dir <dir>',
       'private directory for overlays, sockets, jobs (default: a new temporary one)',
     );
+}
+
+function machineName(o: MachineOpts): string {
+  return (
+    o.name ??
+    o.machine
+      .toLowerCase()
+      .replace(/[^a-z0-9-]/g, '-')
+      .slice(0, 24)
+  );
 }
 
 function selector(o: MachineOpts): PointSelector {
@@ -79,10 +94,28 @@ function selector(o: MachineOpts): PointSelector {
   };
 }
 
-function bootOf(o: MachineOpts): MachineBoot {
-  if (o.kernel !== undefined)
-    return { kernel: resolve(o.kernel), ...(o.append !== undefined ? { append: o.append } : {}) };
-  return { firmware: o.uefi ? 'uefi' : 'bios' };
+/** CPUs, memory, firmware and disk bus: the command line's, else the point's recorded ones. */
+function hardware(
+  o: MachineOpts,
+  points: readonly PointInfo[],
+): {
+  boot: MachineBoot;
+  cpus: number;
+  memoryMiB: number;
+  diskBus?: 'nvme' | 'virtio';
+} {
+  const rec = points[0] ? recordedMachineConfig(points[0]) : {};
+  const boot: MachineBoot =
+    o.kernel !== undefined
+      ? { kernel: resolve(o.kernel), ...(o.append !== undefined ? { append: o.append } : {}) }
+      : { firmware: o.uefi ? 'uefi' : (rec.firmware ?? 'bios') };
+  return {
+    boot,
+    cpus: o.cpus !== undefined ? intOption('--cpus', o.cpus) : (rec.cpus ?? 1),
+    memoryMiB:
+      o.memoryMib !== undefined ? intOption('--memory-mib', o.memoryMib) : (rec.memoryMiB ?? 512),
+    ...(rec.diskBus !== undefined ? { diskBus: rec.diskBus } : {}),
+  };
 }
 
 function printJob(out: CliPrinter, job: RecoveryJobRecord): void {
@@ -140,19 +173,13 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       const host = await RecoveryHost.start({ runDir: await recoveryRunDir(o.runDir, ctx.io.cwd) });
       ctx.cleanups.push(() => host.close());
       const port = o.port !== undefined ? intOption('--port', o.port) : undefined;
+      const points = await selectPoints(store, selector(o));
       const tf = await runTestFailover(host, store, {
         machines: [
           {
-            name:
-              o.name ??
-              o.machine
-                .toLowerCase()
-                .replace(/[^a-z0-9-]/g, '-')
-                .slice(0, 24),
-            points: selector(o),
-            boot: bootOf(o),
-            cpus: intOption('--cpus', o.cpus),
-            memoryMiB: intOption('--memory-mib', o.memoryMib),
+            name: machineName(o),
+            points: { pointIds: points.map((p) => p.id) },
+            ...hardware(o, points),
           },
         ],
         verify: {
@@ -200,16 +227,9 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       const points = await selectPoints(store, selector(o));
       const port = o.port !== undefined ? intOption('--port', o.port) : undefined;
       const f = await Failover.start(host, store, {
-        name:
-          o.name ??
-          o.machine
-            .toLowerCase()
-            .replace(/[^a-z0-9-]/g, '-')
-            .slice(0, 24),
+        name: machineName(o),
         pointIds: points.map((p) => p.id),
-        boot: bootOf(o),
-        cpus: intOption('--cpus', o.cpus),
-        memoryMiB: intOption('--memory-mib', o.memoryMib),
+        ...hardware(o, points),
         nics: [{ kind: 'isolated-user', ...(port !== undefined ? { forwardPorts: [port] } : {}) }],
       });
       if (o.commit) await f.commit();
