@@ -4,6 +4,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { request as httpsRequest } from 'node:https';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   DIALECTS,
@@ -201,6 +202,100 @@ describe.each(DIALECTS)('registration and certificates on %s', (dialect) => {
     );
     expect(results.filter((r) => r.status === 201)).toHaveLength(1);
     expect(results.filter((r) => r.body.code === 'LB_VAULT_REGISTRATION_KEY_USED')).toHaveLength(2);
+  });
+
+  it('serves HTTPS with a certificate from its own CA and checks components’ client certificates', async () => {
+    const v = await startTestVault(await fx.fresh(), {
+      tls: 'internal',
+      requireComponentCertificates: true,
+    });
+    try {
+      expect(v.vault.url).toMatch(/^https:/);
+      const ca = (await v.vault.app.inject({ method: 'GET', url: '/api/ca.pem' })).body;
+      const call = (
+        path: string,
+        options: {
+          method?: string;
+          token?: string;
+          cert?: string;
+          key?: string;
+          body?: unknown;
+        } = {},
+      ) =>
+        new Promise<{ status: number; body: Record<string, unknown> }>((resolve, reject) => {
+          const req = httpsRequest(
+            `${v.vault.url}${path}`,
+            {
+              method: options.method ?? 'GET',
+              ca,
+              ...(options.cert !== undefined ? { cert: options.cert, key: options.key } : {}),
+              headers: {
+                ...(options.token !== undefined
+                  ? { authorization: `Bearer ${options.token}` }
+                  : {}),
+                ...(options.body !== undefined ? { 'content-type': 'application/json' } : {}),
+              },
+            },
+            (res) => {
+              let text = '';
+              res.on('data', (c: Buffer) => (text += c.toString()));
+              res.on('end', () =>
+                resolve({
+                  status: res.statusCode ?? 0,
+                  body: text === '' ? {} : (JSON.parse(text) as Record<string, unknown>),
+                }),
+              );
+            },
+          );
+          req.on('error', reject);
+          req.end(options.body === undefined ? undefined : JSON.stringify(options.body));
+        });
+      // The server certificate verifies against the vault's CA (no insecure flag anywhere).
+      expect((await call('/api/health')).status).toBe(200);
+      const register = async (name: string) => {
+        const key = await v.call('POST', '/api/registration-keys', { kind: 'process-server' });
+        const r = await call('/api/register', {
+          method: 'POST',
+          body: { key: key.body['key'], kind: 'process-server', name },
+        });
+        expect(r.status).toBe(201);
+        return {
+          token: r.body['token'] as string,
+          cert: r.body['certificate'] as string,
+          key: r.body['privateKey'] as string,
+        };
+      };
+      const a = await register('tls-a');
+      const b = await register('tls-b');
+      const own = await call('/api/components/self/heartbeat', {
+        method: 'POST',
+        token: a.token,
+        cert: a.cert,
+        key: a.key,
+        body: {},
+      });
+      expect(own.status).toBe(200);
+      const none = await call('/api/components/self/heartbeat', {
+        method: 'POST',
+        token: a.token,
+        body: {},
+      });
+      expect(none.status).toBe(401);
+      expect(none.body['code']).toBe('LB_VAULT_CLIENT_CERTIFICATE');
+      const other = await call('/api/components/self/heartbeat', {
+        method: 'POST',
+        token: a.token,
+        cert: b.cert,
+        key: b.key,
+        body: {},
+      });
+      expect(other.status).toBe(401);
+      expect(other.body['code']).toBe('LB_VAULT_CLIENT_CERTIFICATE');
+      // Users need no client certificate.
+      expect((await call('/api/sites', { token: v.adminToken })).status).toBe(200);
+    } finally {
+      await v.close();
+    }
   });
 
   it('unregistering a component revokes its token', async () => {

@@ -25,6 +25,16 @@ export interface VaultOptions {
   host?: string;
   /** Port to listen on (0 = any free port). @default 9440 */
   port?: number;
+  /**
+   * Serve HTTPS: `'internal'` with a server certificate the vault issues itself from its own CA
+   * at every start (clients trust `GET /api/ca.pem`, e.g. with NODE_EXTRA_CA_CERTS), or PEM
+   * files. With HTTPS, a component that presents a client certificate must present its own
+   * (signed by the vault's CA, subject = its id); `requireComponentCertificates` makes that
+   * mandatory for component routes (mutual TLS). @default plain HTTP
+   */
+  tls?: 'internal' | { certFile: string; keyFile: string };
+  /** With `tls`, refuse component calls without their client certificate. @default false */
+  requireComponentCertificates?: boolean;
   /** pino log level ('silent' in tests). @default 'info' */
   logLevel?: string;
   /** The first admin, created when the database has no user. @default 'admin' with a random password written to `<dataDir>/initial-admin-password` */
@@ -72,8 +82,10 @@ export interface VaultOptions {
 
 /** {@link VaultOptions} with defaults applied, frozen. */
 export type ResolvedVaultOptions = Readonly<
-  Required<Omit<VaultOptions, 'databaseUrl' | 'initialAdmin' | 'webhookUrl' | 'openStore'>> &
-    Pick<VaultOptions, 'databaseUrl' | 'initialAdmin' | 'webhookUrl' | 'openStore'>
+  Required<
+    Omit<VaultOptions, 'databaseUrl' | 'initialAdmin' | 'webhookUrl' | 'openStore' | 'tls'>
+  > &
+    Pick<VaultOptions, 'databaseUrl' | 'initialAdmin' | 'webhookUrl' | 'openStore' | 'tls'>
 >;
 
 function positive(name: string, value: number, min = 1): number {
@@ -129,6 +141,8 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
     host: options.host ?? '127.0.0.1',
     port,
     logLevel: options.logLevel ?? 'info',
+    ...(options.tls !== undefined ? { tls: options.tls } : {}),
+    requireComponentCertificates: options.requireComponentCertificates ?? false,
     ...(options.initialAdmin !== undefined ? { initialAdmin: options.initialAdmin } : {}),
     authCacheMs: positive('authCacheMs', options.authCacheMs ?? 5000, 0),
     eventPollMs: positive('eventPollMs', options.eventPollMs ?? 1000, 10),

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { chmod, writeFile } from 'node:fs/promises';
+import { chmod, readFile, writeFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
@@ -28,7 +29,11 @@ import { AlertService } from './services/alert-service.js';
 import { CertificateAuthority } from './services/certificate-authority.js';
 import type { VaultContext } from './vault-context.js';
 import { VaultMetrics } from './vault-metrics.js';
-import { resolveVaultOptions, type VaultOptions } from './vault-options.js';
+import {
+  resolveVaultOptions,
+  type ResolvedVaultOptions,
+  type VaultOptions,
+} from './vault-options.js';
 
 /** A running vault instance. */
 export interface Vault {
@@ -94,8 +99,10 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     await ensureAdmin(context);
 
     // pino's Logger and Fastify's base logger type differ only in optional members.
+    const https = await serverTls(options, ca);
     const fastify = Fastify({
       loggerInstance: log,
+      ...(https !== undefined ? { https } : {}),
       ajv: {
         customOptions: {
           removeAdditional: false,
@@ -196,6 +203,32 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     await database.close();
     throw err;
   }
+}
+
+async function serverTls(
+  options: ResolvedVaultOptions,
+  ca: CertificateAuthority,
+): Promise<
+  | { key: string; cert: string; ca: string; requestCert: true; rejectUnauthorized: false }
+  | undefined
+> {
+  if (options.tls === undefined) return undefined;
+  let key: string;
+  let cert: string;
+  if (options.tls === 'internal') {
+    const names = [options.host, 'localhost', '127.0.0.1', hostname()].filter(
+      (n) => n !== '0.0.0.0' && n !== '::',
+    );
+    const issued = await ca.issue(`vault-${hostname()}`, names, undefined);
+    key = issued.privateKey ?? '';
+    cert = `${issued.certificate}${ca.certificate}`;
+  } else {
+    key = await readFile(options.tls.keyFile, 'utf8');
+    cert = await readFile(options.tls.certFile, 'utf8');
+  }
+  // Client certificates are asked for but checked per route (components only), so browsers
+  // and the CLI connect without one.
+  return { key, cert, ca: ca.certificate, requestCert: true, rejectUnauthorized: false };
 }
 
 async function ensureAdmin(vault: VaultContext): Promise<void> {

@@ -189,6 +189,21 @@ function parseListen(value: string): { host: string; port: number } {
   };
 }
 
+function tls(opts: { tlsInternal?: boolean; tlsCert?: string; tlsKey?: string }): {
+  tls?: 'internal' | { certFile: string; keyFile: string };
+} {
+  if (opts.tlsInternal === true) {
+    if (opts.tlsCert !== undefined)
+      throw bad('Give --tls-internal or --tls-cert/--tls-key, not both.');
+    return { tls: 'internal' };
+  }
+  if (opts.tlsCert === undefined && opts.tlsKey === undefined) return {};
+  if (opts.tlsCert === undefined || opts.tlsKey === undefined) {
+    throw bad('--tls-cert and --tls-key go together.');
+  }
+  return { tls: { certFile: opts.tlsCert, keyFile: opts.tlsKey } };
+}
+
 /** Registers `lifeboat vault ...`. */
 export function registerVaultCommands(program: Command, ctx: CliContext): void {
   const vault = program
@@ -215,6 +230,16 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       'first admin password (else a random one in <data-dir>/initial-admin-password)',
     )
     .option('--log-level <level>', 'pino log level', 'info')
+    .option(
+      '--tls-internal',
+      'serve HTTPS with a certificate from the vault’s own CA (clients: NODE_EXTRA_CA_CERTS=ca.pem)',
+    )
+    .option('--tls-cert <file>', 'serve HTTPS with this certificate (PEM, with --tls-key)')
+    .option('--tls-key <file>', 'private key of --tls-cert')
+    .option(
+      '--require-component-certificates',
+      'with HTTPS, components must present their client certificate (mutual TLS)',
+    )
     .addHelpText(
       'after',
       '\nExample:\n  lifeboat vault start --data-dir /var/lib/lifeboat/vault --listen 0.0.0.0:9440\n',
@@ -227,6 +252,10 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         webhookUrl?: string;
         adminPasswordFile?: string;
         logLevel: string;
+        tlsInternal?: boolean;
+        tlsCert?: string;
+        tlsKey?: string;
+        requireComponentCertificates?: boolean;
       }) => {
         const { host, port } = parseListen(opts.listen);
         const admin =
@@ -241,6 +270,12 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
           ...(opts.databaseUrl !== undefined ? { databaseUrl: opts.databaseUrl } : {}),
           ...(opts.webhookUrl !== undefined ? { webhookUrl: opts.webhookUrl } : {}),
           ...(admin !== undefined ? { initialAdmin: admin } : {}),
+          ...tls({
+            ...opts,
+            ...(opts.tlsCert !== undefined ? { tlsCert: resolve(ctx.io.cwd, opts.tlsCert) } : {}),
+            ...(opts.tlsKey !== undefined ? { tlsKey: resolve(ctx.io.cwd, opts.tlsKey) } : {}),
+          }),
+          requireComponentCertificates: opts.requireComponentCertificates === true,
         });
         ctx.io.stderr.write(`vault listening on ${v.url} (API docs: ${v.url}/api/docs)\n`);
         // Serves until the invocation is aborted (SIGINT/SIGTERM), then closes cleanly.

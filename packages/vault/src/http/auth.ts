@@ -1,3 +1,4 @@
+import type { TLSSocket } from 'node:tls';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { LifeboatError } from '@lifeboat/protocol';
 import { hashToken, nowIso } from '../ids.js';
@@ -55,6 +56,39 @@ export class AuthCache {
   /** Forgets every cached token (after any change to tokens, users or components). */
   clear(): void {
     this.entries.clear();
+  }
+}
+
+/**
+ * Over HTTPS, a component's client certificate (when presented, or always with
+ * requireComponentCertificates) must be signed by the vault's CA and name the component whose
+ * token is used: a stolen token is useless without the matching key.
+ */
+function checkClientCertificate(
+  request: FastifyRequest,
+  componentId: string,
+  vault: VaultContext,
+): void {
+  const socket = request.raw.socket as TLSSocket;
+  if (typeof socket.getPeerCertificate !== 'function') return; // plain HTTP
+  const peer = socket.getPeerCertificate();
+  const presented = peer !== null && Object.keys(peer).length > 0;
+  if (!presented) {
+    if (vault.options.requireComponentCertificates) {
+      throw new LifeboatError(
+        'LB_VAULT_CLIENT_CERTIFICATE',
+        'This vault requires components to present their client certificate (from registration). Configure the certificate and key.',
+      );
+    }
+    return;
+  }
+  const cn = peer.subject?.CN;
+  if (!socket.authorized || cn !== componentId) {
+    throw new LifeboatError(
+      'LB_VAULT_CLIENT_CERTIFICATE',
+      `The client certificate ${socket.authorized ? `names ${String(cn)}, not the token's component ${componentId}` : `is not signed by this vault's CA (${String(socket.authorizationError)})`}. Use the certificate issued at registration.`,
+      { details: { componentId, subject: cn ?? null } },
+    );
   }
 }
 
@@ -174,6 +208,7 @@ export function installAuth(app: FastifyInstance, vault: VaultContext): void {
         .where('id', '=', tokenId)
         .execute();
     }
+    if (principal.type === 'component') checkClientCertificate(request, principal.id, vault);
     request.principal = principal;
     if (!allowed(principal, access)) {
       const needed = Array.isArray(access) ? access.join(' or ') : access;
