@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ProcessServer } from '@lifeboat/process-server';
@@ -211,6 +211,70 @@ describe('process server ingest', () => {
     await c.waitForCommit();
     expect(await c.latestCut()).toMatchObject({ cutId: second.cutId });
     expect(await verifyPoints(store, src)).toBe(2);
+  });
+
+  it('marks a machine for resync when its journal records are damaged, and says so to its agent', async () => {
+    const journalDir = join(dir, 'ps-damaged');
+    const start = (): Promise<ProcessServer> =>
+      ProcessServer.start({
+        store,
+        journalDir,
+        journalMaxBytes: 4 * 1024 * 1024,
+        tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
+        host: '127.0.0.1',
+        port: 0,
+        healthPort: null,
+        logLevel: 'silent',
+      });
+    let ps = await start();
+    const src = new SourceMachine('machine-damaged', [{ name: 'vda', size: 4 * 1024 * 1024 }]);
+    let c = new ReplicationClient({
+      host: '127.0.0.1',
+      port: ps.port,
+      servername: 'localhost',
+      ca: pki.ca,
+      cert: pki.client.cert,
+      key: pki.client.key,
+      machine: src.machine,
+      disks: src.helloDisks(),
+    });
+    await c.start();
+    // 3 MiB without a cut: records in several 1 MiB segments, none committed.
+    for (let i = 0; i < 48; i++) await c.write('vda', i * 65536, Buffer.alloc(65536, i + 1));
+    await c.waitForAck();
+    await c.close();
+    await ps.stop();
+    const segs = (await readdir(join(journalDir, 'journal')))
+      .filter((n) => n.endsWith('.lbj'))
+      .sort();
+    expect(segs.length).toBeGreaterThanOrEqual(2);
+    const first = join(journalDir, 'journal', segs[0]!);
+    const bytes = await readFile(first);
+    bytes[Math.floor(bytes.length / 2)] ^= 0xff;
+    await writeFile(first, bytes);
+
+    ps = await start();
+    try {
+      const h = ps.healthReport().machines.find((m) => m.machine === 'machine-damaged')!;
+      expect(h.resyncRequired).toBe(true);
+      expect(h.resyncReason).toMatch(/journal damaged/);
+      c = new ReplicationClient({
+        host: '127.0.0.1',
+        port: ps.port,
+        servername: 'localhost',
+        ca: pki.ca,
+        cert: pki.client.cert,
+        key: pki.client.key,
+        machine: src.machine,
+        disks: src.helloDisks(),
+      });
+      const told = new Promise<void>((resolve) => c.once('resync-required', () => resolve()));
+      await c.start();
+      await told;
+    } finally {
+      await c.close();
+      await ps.stop();
+    }
   });
 
   it('runs store work on worker threads, with the same byte-exact points', async () => {

@@ -357,6 +357,12 @@ export class ProcessServer extends EventEmitter {
         'journal segment damaged in the middle; records after the damage are lost',
       );
     const broken = new Set<string>();
+    // Damage in the middle of a segment loses records whose machines cannot be known (the
+    // machine id is in the lost bytes): every machine must resync, none may resume silently.
+    if (corrupt.length > 0) {
+      for (const id of this.machines.keys()) broken.add(id);
+      for (const r of records) broken.add(r.machine);
+    }
     let replayed = 0;
     for (const r of records) {
       const m = this.machines.get(r.machine);
