@@ -127,7 +127,12 @@ export class LocalAgents extends EventEmitter implements AgentControl {
     const r = this.agents.get(itemId);
     if (r === undefined) return;
     this.agents.delete(itemId);
-    await r.agent.stop().catch(() => undefined);
+    // An agent waiting for an acknowledgement that cannot come (process server gone) would
+    // wait forever: closing the client after a grace period ends the wait.
+    let timer: NodeJS.Timeout | undefined;
+    const grace = new Promise<void>((resolve) => (timer = setTimeout(resolve, 10_000)));
+    await Promise.race([r.agent.stop().catch(() => undefined), grace]);
+    clearTimeout(timer);
     await r.client.close();
   }
 

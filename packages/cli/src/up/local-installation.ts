@@ -51,6 +51,18 @@ export interface LocalInstallation {
 }
 
 const PS_NAME = 'local-process-server';
+const CLOSE_TIMEOUT_MS = 20_000;
+
+/** Resolves true when `p` settles within `ms`, false otherwise (`p` keeps running). */
+async function within(p: Promise<void>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
+  try {
+    return await Promise.race([p.then(() => true), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 /**
  * Starts the vault, a process server, the agents and a recovery host in this process on the
@@ -65,18 +77,31 @@ export async function startLocalInstallation(
   const paths = upPaths(options.dataDir);
   const logLevel = options.logLevel ?? 'warn';
   const onError = options.onError ?? (() => undefined);
-  const closers: Array<() => Promise<void>> = [];
+  const closers: Array<{ what: string; close: () => Promise<void> }> = [];
+  const add = (what: string, close: () => Promise<void>): void =>
+    void closers.push({ what, close });
   const close = async (): Promise<void> => {
-    while (closers.length > 0)
-      await closers
-        .pop()?.()
-        .catch(() => undefined);
+    while (closers.length > 0) {
+      const c = closers.pop();
+      if (c === undefined) break;
+      // A role that does not stop in time must not keep the others running.
+      const stopped = await within(c.close(), CLOSE_TIMEOUT_MS).catch((err) => {
+        onError(`stopping ${c.what}`, err);
+        return true;
+      });
+      if (!stopped) {
+        onError(
+          `stopping ${c.what}`,
+          new Error(`did not stop within ${CLOSE_TIMEOUT_MS / 1000} s; going on with the others`),
+        );
+      }
+    }
   };
   try {
     const { store, created } = await openUpStore(paths);
-    closers.push(() => store.close());
+    add('the store', () => store.close());
     const recoveryHost = await RecoveryHost.start({ runDir: paths.recovery });
-    closers.push(() => recoveryHost.close());
+    add('the recovery host', () => recoveryHost.close());
     const vault = await startVault({
       dataDir: paths.vault,
       host: options.host ?? '127.0.0.1',
@@ -84,7 +109,7 @@ export async function startLocalInstallation(
       logLevel,
       jobHandlers: [testFailoverJob(recoveryHost, store)],
     });
-    closers.push(() => vault.close());
+    add('the vault', () => vault.close());
     const anonymous = new VaultApi(vault.url, undefined);
     const password = await readFile(join(paths.vault, 'initial-admin-password'), 'utf8').catch(
       () => {
@@ -131,13 +156,13 @@ export async function startLocalInstallation(
       journalMaxBytes: 1024 ** 3,
       logLevel,
     });
-    closers.push(() => processServer.stop());
+    add('the process server', () => processServer.stop());
     const agents = new LocalAgents({
       processServer: { host: '127.0.0.1', port: processServer.port, name: PS_NAME },
       credentials: agentCreds,
       stateDir: paths.agents,
     });
-    closers.push(() => agents.close());
+    add('the agents', () => agents.close());
     agents.on('failed', (item: string, err: unknown) => onError(`agent of item ${item}`, err));
     const link = new ProcessServerLink({
       api: admin.as(psCreds.token),
@@ -146,7 +171,7 @@ export async function startLocalInstallation(
       onError: (err) => onError('process server link', err),
     });
     link.start();
-    closers.push(() => link.stop());
+    add('the process server link', () => link.stop());
     // The recovery host and agent have no poll loop of their own yet: a heartbeat shows them alive.
     const beat = setInterval(() => {
       for (const c of [rhCreds, agentCreds]) {
@@ -156,7 +181,7 @@ export async function startLocalInstallation(
           .catch((err) => onError(`heartbeat of ${c.name}`, err));
       }
     }, 10_000);
-    closers.push(async () => clearInterval(beat));
+    add('heartbeats', async () => clearInterval(beat));
 
     const targetStoreId = await ensureTargetStore(
       admin,
