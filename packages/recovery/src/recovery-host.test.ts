@@ -87,6 +87,28 @@ afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
+describe('point export', () => {
+  it('reads byte-exact with nbdcopy and reports the zero ranges to nbdinfo --map', async () => {
+    const e = await host.exportPoint(store, pointA.id);
+    try {
+      const uri = exportUri(e);
+      const copy = join(dir, 'nbdcopy.raw');
+      await run('nbdcopy', [uri, copy]);
+      await run('cmp', [copy, join(dir, 'root-MARK-A.raw')]);
+      await rm(copy);
+      const { stdout } = await run('nbdinfo', ['--map', '--json', uri]);
+      const map = JSON.parse(stdout) as Array<{ offset: number; length: number; type: number }>;
+      // Holes of the sparse root file system are reported as zero (type bit 2), data as data.
+      expect(map.some((x) => (x.type & 2) !== 0)).toBe(true);
+      expect(map.some((x) => x.type === 0)).toBe(true);
+      expect(map.reduce((n, x) => n + x.length, 0)).toBe(pointA.size);
+      expect(e.faults).toEqual([]);
+    } finally {
+      await host.closeExport(e);
+    }
+  });
+});
+
 describe('test failover', () => {
   it('boots a point through the NBD export, verifies console, port and screenshot, exposes nothing, and cleans up', async () => {
     const tf: TestFailover = await runTestFailover(host, store, {
