@@ -134,7 +134,11 @@ describe('process server ingest', () => {
       expect(m.committedSeq).toBe(m.lastSeq);
       expect(m.disks.map((d) => d.disk)).toEqual(['vda', 'vdb']);
       expect(m.disks[1]!.size).toBe(768 * 1024);
-      for (const d of m.disks) expect(d.rpoSeconds).not.toBeNull();
+      for (const d of m.disks) {
+        expect(d.rpoSeconds).not.toBeNull();
+        expect(d.bytesPerSecondIn).toBeGreaterThanOrEqual(0);
+        expect(d.bytesPerSecondOut).toBeGreaterThanOrEqual(0);
+      }
     }
     expect(health.journal.maxBytes).toBeGreaterThan(0);
     expect(health.process.rssBytes).toBeGreaterThan(0);

@@ -67,6 +67,8 @@ export class MachineReplicator {
   lastError: LifeboatError | undefined;
   /** Bytes of data applied to the store. */
   bytesOut = 0;
+  /** Bytes of data applied to the store, per disk. */
+  readonly diskBytesOut = new Map<string, number>();
 
   constructor(
     readonly state: MachineState,
@@ -195,6 +197,7 @@ export class MachineReplicator {
         const n = body.length; // the bytes may be transferred to a worker thread (detached)
         await limit.run(() => s.write(r.a, body));
         this.bytesOut += n;
+        this.diskBytesOut.set(r.disk, (this.diskBytesOut.get(r.disk) ?? 0) + n);
         return;
       }
       case 'zero': {

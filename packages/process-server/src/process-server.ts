@@ -35,6 +35,10 @@ export interface DiskHealth {
   rpoSeconds: number | null;
   lastPointId: string | null;
   lastPointTime: string | null;
+  /** Changed bytes received for this disk per second (last 10 s). */
+  bytesPerSecondIn: number;
+  /** Changed bytes written to the store for this disk per second (last 10 s). */
+  bytesPerSecondOut: number;
 }
 
 /** Health of one machine. */
@@ -100,6 +104,7 @@ interface Machine {
   helloLock: Promise<unknown>;
   rateIn: RateMeter;
   rateOut: RateMeter;
+  diskRates: Map<string, { in: RateMeter; out: RateMeter }>;
 }
 
 /**
@@ -237,6 +242,8 @@ export class ProcessServer extends EventEmitter {
                 rpoSeconds: p ? Math.max(0, (now - p.time) / 1000) : null,
                 lastPointId: p?.id ?? null,
                 lastPointTime: p ? new Date(p.time).toISOString() : null,
+                bytesPerSecondIn: m.diskRates.get(disk)?.in.rate() ?? 0,
+                bytesPerSecondOut: m.diskRates.get(disk)?.out.rate() ?? 0,
               };
             }),
         };
@@ -329,6 +336,7 @@ export class ProcessServer extends EventEmitter {
       helloLock: Promise.resolve(),
       rateIn: new RateMeter(),
       rateOut: new RateMeter(),
+      diskRates: new Map(),
     };
     this.machines.set(m.id, m);
     return m;
@@ -457,6 +465,10 @@ export class ProcessServer extends EventEmitter {
     for (const m of this.machines.values()) {
       m.rateIn.sample();
       m.rateOut.set(m.replicator.bytesOut);
+      for (const [disk, r] of m.diskRates) {
+        r.in.sample();
+        r.out.set(m.replicator.diskBytesOut.get(disk) ?? 0);
+      }
       out += m.replicator.bytesOut;
     }
     this.rateIn.sample();
@@ -760,6 +772,7 @@ export class ProcessServer extends EventEmitter {
       if (f.type === 'resize') m.sizes.set(disk, f.size);
     }
     m.receivedSeq = f.seq;
+    if (input.kind === 'data') diskRate(m, input.disk).in.add(input.body.length);
     const bytes = input.body.length + 64;
     s.unsyncedBytes += bytes;
     // Bytes waiting for the fsync are in memory: bound them per session and for all sessions.
@@ -786,4 +799,13 @@ function percentiles(values: number[]): { p50: number; p99: number; samples: num
   const v = [...values].sort((a, b) => a - b);
   const at = (q: number): number => v[Math.min(v.length - 1, Math.floor(q * v.length))]!;
   return { p50: at(0.5), p99: at(0.99), samples: v.length };
+}
+
+function diskRate(m: Machine, disk: string): { in: RateMeter; out: RateMeter } {
+  let r = m.diskRates.get(disk);
+  if (!r) {
+    r = { in: new RateMeter(), out: new RateMeter() };
+    m.diskRates.set(disk, r);
+  }
+  return r;
 }

@@ -86,7 +86,8 @@ function printHealth(out: CliPrinter, h: ProcessServerHealth): void {
         m.connected ? 'yes' : 'no',
         d.rpoSeconds === null ? '-' : formatDuration(d.rpoSeconds),
         formatBytes(m.backlogBytes),
-        formatRate(m.bytesPerSecondIn),
+        formatRate(d.bytesPerSecondIn),
+        formatRate(d.bytesPerSecondOut),
         m.resyncRequired
           ? `RESYNC: ${m.resyncReason ?? ''}`
           : m.lastError
@@ -96,9 +97,9 @@ function printHealth(out: CliPrinter, h: ProcessServerHealth): void {
     }
   }
   out.table(
-    ['machine', 'disk', 'connected', 'rpo', 'backlog', 'in', 'state'],
+    ['machine', 'disk', 'connected', 'rpo', 'backlog', 'in', 'out', 'state'],
     rows,
-    new Set([3, 4, 5]),
+    new Set([3, 4, 5, 6]),
   );
 }
 
