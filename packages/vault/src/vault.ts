@@ -12,6 +12,7 @@ import { registerComponentRoutes } from './http/component-routes.js';
 import { registerEventRoutes } from './http/event-routes.js';
 import { errorHandler } from './http/error-mapping.js';
 import { registerOperationsRoutes } from './http/operations-routes.js';
+import { registerPortalRoutes } from './http/portal-routes.js';
 import { registerProtectionRoutes } from './http/protection-routes.js';
 import { registerSimpleResources } from './http/simple-resources.js';
 import { createUser, registerUserRoutes } from './http/user-routes.js';
@@ -134,6 +135,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       },
     });
     await fastify.register(swaggerUi, { routePrefix: '/api/docs' });
+    registerPortalRoutes(fastify); // the built portal at / (not an API route: before onRoute)
     const routes: Array<{ method: string; url: string; access: Access }> = [];
     fastify.addHook('onRoute', (route) => {
       const methods = Array.isArray(route.method) ? route.method : [route.method];
