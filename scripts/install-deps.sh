@@ -32,3 +32,5 @@ elif [ package-lock.json -nt node_modules/.package-lock.json ]; then
 fi
 echo "lifeboat: building"
 tsc -b
+# The portal (React, packages/web) is bundled by Vite into packages/web/dist; the vault serves it.
+vite build packages/web --logLevel warn

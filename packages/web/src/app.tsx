@@ -1,0 +1,94 @@
+import { useEffect, useSyncExternalStore } from 'react';
+import { api, getSession, onSessionChange, setSession } from './api';
+import { useLiveStatus } from './live';
+import { Link, navigate, useLocation } from './router';
+import { AlertsPage } from './pages/alerts-page';
+import { DashboardPage } from './pages/dashboard-page';
+import { JobPage, JobsPage } from './pages/jobs-page';
+import { LoginPage } from './pages/login-page';
+import { MachinePage } from './pages/machine-page';
+import { MachinesPage } from './pages/machines-page';
+
+const NAV = [
+  { to: '/', label: 'Dashboard' },
+  { to: '/machines', label: 'Machines' },
+  { to: '/alerts', label: 'Alerts' },
+  { to: '/jobs', label: 'Jobs' },
+];
+
+/** The portal: login when logged out, otherwise the layout with the page for the path. */
+export function App() {
+  const session = useSyncExternalStore(onSessionChange, getSession);
+  const { path } = useLocation();
+  const live = useLiveStatus();
+
+  // Move focus to the new page's heading so keyboard and screen-reader users know it changed.
+  useEffect(() => {
+    document.getElementById('page-title')?.focus();
+  }, [path]);
+
+  if (session === null) return <LoginPage />;
+
+  const logout = () => {
+    void api('POST', '/api/auth/logout').catch(() => undefined);
+    setSession(null);
+    navigate('/');
+  };
+
+  const machine = /^\/machines\/([^/]+)$/.exec(path);
+  const job = /^\/jobs\/([^/]+)$/.exec(path);
+  let page;
+  if (path === '/') page = <DashboardPage />;
+  else if (path === '/machines') page = <MachinesPage />;
+  else if (machine?.[1] !== undefined) page = <MachinePage id={decodeURIComponent(machine[1])} />;
+  else if (path === '/alerts') page = <AlertsPage role={session.role} />;
+  else if (path === '/jobs') page = <JobsPage />;
+  else if (job?.[1] !== undefined)
+    page = <JobPage id={decodeURIComponent(job[1])} role={session.role} />;
+  else
+    page = (
+      <>
+        <h1 id="page-title" tabIndex={-1}>
+          Not found
+        </h1>
+        <p>
+          There is no page at {path}. Go to the <Link to="/">dashboard</Link>.
+        </p>
+      </>
+    );
+
+  const active = (to: string) => (to === '/' ? path === '/' : path.startsWith(to));
+  return (
+    <>
+      <a className="skip" href="#main">
+        Skip to content
+      </a>
+      <header className="top">
+        <span className="brand">Lifeboat</span>
+        <nav aria-label="Main">
+          <ul>
+            {NAV.map((n) => (
+              <li key={n.to}>
+                <Link to={n.to} aria-current={active(n.to) ? 'page' : undefined}>
+                  {n.label}
+                </Link>
+              </li>
+            ))}
+          </ul>
+        </nav>
+        <div className="who">
+          <span className={`live live-${live}`} title="How this page stays current">
+            {live === 'live' ? 'Live' : 'Polling'}
+          </span>
+          <span data-testid="who">
+            {session.username} <span className="role">({session.role})</span>
+          </span>
+          <button type="button" onClick={logout}>
+            Log out
+          </button>
+        </div>
+      </header>
+      <main id="main">{page}</main>
+    </>
+  );
+}

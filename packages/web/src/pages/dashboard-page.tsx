@@ -1,0 +1,185 @@
+import type { Page } from '../api';
+import { ago, duration, STATE_LABELS } from '../format';
+import { useLiveRefresh } from '../live';
+import { Link } from '../router';
+import type { Job, Summary } from '../types';
+import { useApi } from '../use-api';
+import { Badge, ErrorBox, PageHeader, Progress } from '../ui';
+
+const STATES = [
+  'protected',
+  'initial-replication',
+  'enabling',
+  'resync-needed',
+  'failed-over',
+  'disabled',
+];
+const SEVERITIES = ['critical', 'error', 'warning'];
+
+/** Health at a glance: machines by state, worst RPOs, alerts, running jobs, components. */
+export function DashboardPage() {
+  const summary = useApi<Summary>('/api/summary');
+  const running = useApi<Page<Job>>('/api/jobs?state=running&limit=5');
+  useLiveRefresh(
+    ['job', 'protected-item', 'alert', 'component'],
+    () => {
+      summary.reload();
+      running.reload();
+    },
+    5000,
+  );
+  const s = summary.data;
+
+  return (
+    <>
+      <PageHeader title="Dashboard" />
+      <ErrorBox error={summary.error} />
+      {s === undefined ? (
+        summary.error === undefined ? (
+          <p aria-busy="true">Loading…</p>
+        ) : null
+      ) : (
+        <div className="grid" data-testid="dashboard">
+          <section className="card" aria-labelledby="machines-h">
+            <h2 id="machines-h">Protected machines</h2>
+            <p className="big">
+              <Link to="/machines" data-testid="count-total">
+                {s.protectedItems.total}
+              </Link>
+            </p>
+            <ul className="counts">
+              {STATES.map((st) => (
+                <li key={st}>
+                  <Link to={`/machines?state=${st}`}>
+                    <Badge value={st} label={STATE_LABELS[st] ?? st} />{' '}
+                    <span data-testid={`count-${st}`}>{s.protectedItems.byState[st] ?? 0}</span>
+                  </Link>
+                </li>
+              ))}
+            </ul>
+          </section>
+
+          <section className="card" aria-labelledby="alerts-h">
+            <h2 id="alerts-h">Active alerts</h2>
+            <p className="big">
+              <Link to="/alerts" data-testid="count-alerts">
+                {Object.values(s.alerts.active).reduce((a, b) => a + b, 0)}
+              </Link>
+            </p>
+            <ul className="counts">
+              {SEVERITIES.map((sev) => (
+                <li key={sev}>
+                  <Badge value={sev} /> {s.alerts.active[sev] ?? 0}
+                </li>
+              ))}
+              <li>
+                Not acknowledged:{' '}
+                <span data-testid="count-unacknowledged">{s.alerts.unacknowledged}</span>
+              </li>
+            </ul>
+          </section>
+
+          <section className="card" aria-labelledby="jobs-h">
+            <h2 id="jobs-h">Jobs</h2>
+            <p className="big">
+              <Link to="/jobs?state=running" data-testid="count-running-jobs">
+                {s.jobs['running'] ?? 0}
+              </Link>{' '}
+              <span className="muted small">running, {s.jobs['queued'] ?? 0} queued</span>
+            </p>
+            {running.data !== undefined && running.data.items.length > 0 ? (
+              <ul className="plain">
+                {running.data.items.map((j) => (
+                  <li key={j.id}>
+                    <Link to={`/jobs/${encodeURIComponent(j.id)}`}>{j.kind}</Link>{' '}
+                    <Progress value={j.progress} label={`${j.kind} progress`} />
+                  </li>
+                ))}
+              </ul>
+            ) : (
+              <p className="muted">No job is running.</p>
+            )}
+          </section>
+
+          <section className="card wide" aria-labelledby="rpo-h">
+            <h2 id="rpo-h">Worst RPOs</h2>
+            {s.worstRpo.length === 0 ? (
+              <p className="muted">No machine has a recovery point yet.</p>
+            ) : (
+              <div className="table-wrap">
+                <table>
+                  <thead>
+                    <tr>
+                      <th scope="col">Machine</th>
+                      <th scope="col">State</th>
+                      <th scope="col">RPO</th>
+                      <th scope="col">Last point</th>
+                    </tr>
+                  </thead>
+                  <tbody data-testid="worst-rpo">
+                    {s.worstRpo.map((w) => (
+                      <tr key={w.id}>
+                        <td>
+                          <Link to={`/machines/${encodeURIComponent(w.id)}`}>{w.machineName}</Link>
+                        </td>
+                        <td>
+                          <Badge value={w.state} label={STATE_LABELS[w.state] ?? w.state} />
+                        </td>
+                        <td className="num">{duration(w.rpoSeconds)}</td>
+                        <td>{ago(w.lastPointAt)}</td>
+                      </tr>
+                    ))}
+                  </tbody>
+                </table>
+              </div>
+            )}
+          </section>
+
+          <section className="card wide" aria-labelledby="components-h">
+            <h2 id="components-h">Process servers and recovery hosts</h2>
+            {s.components.length === 0 ? (
+              <p className="muted">None registered yet.</p>
+            ) : (
+              <div className="table-wrap">
+                <table>
+                  <thead>
+                    <tr>
+                      <th scope="col">Name</th>
+                      <th scope="col">Role</th>
+                      <th scope="col">Health</th>
+                      <th scope="col">Last heartbeat</th>
+                      <th scope="col">Journal</th>
+                    </tr>
+                  </thead>
+                  <tbody data-testid="components">
+                    {s.components.map((c) => {
+                      const used = c.health['journalUsedBytes'];
+                      const cap = c.health['journalCapacityBytes'];
+                      return (
+                        <tr key={c.id}>
+                          <td>{c.name}</td>
+                          <td>
+                            {c.kind === 'process-server' ? 'Process server' : 'Recovery host'}
+                          </td>
+                          <td>
+                            <Badge value={c.status} />
+                          </td>
+                          <td>{ago(c.lastHeartbeatAt)}</td>
+                          <td className="num">
+                            {typeof used === 'number' && typeof cap === 'number' && cap > 0
+                              ? `${Math.round((used / cap) * 100)}% used`
+                              : '—'}
+                          </td>
+                        </tr>
+                      );
+                    })}
+                  </tbody>
+                </table>
+              </div>
+            )}
+          </section>
+        </div>
+      )}
+    </>
+  );
+}

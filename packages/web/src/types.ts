@@ -1,0 +1,137 @@
+/** Shapes of the vault's API answers that the portal reads (see /api/openapi.json). */
+
+/** `GET /api/summary`. */
+export interface Summary {
+  protectedItems: { total: number; byState: Record<string, number> };
+  worstRpo: Array<{
+    id: string;
+    machineName: string;
+    state: string;
+    lastPointAt: string | null;
+    policyId: string;
+    rpoSeconds: number | null;
+  }>;
+  alerts: { active: Record<string, number>; unacknowledged: number };
+  jobs: Record<string, number>;
+  components: Array<{
+    id: string;
+    kind: string;
+    name: string;
+    status: string;
+    lastHeartbeatAt: string | null;
+    health: Record<string, unknown>;
+  }>;
+}
+
+/** A protected item (`GET /api/protected-items`). */
+export interface ProtectedItem {
+  id: string;
+  machineId: string;
+  policyId: string;
+  processServerId: string;
+  targetStoreId: string;
+  networkMappingId: string | null;
+  consistencyGroup: string | null;
+  state: string;
+  stateReason: string;
+  stateChangedAt: string;
+  lastPointAt: string | null;
+  rpoSeconds: number | null;
+  backlogBytes: number;
+  throughputBps: number;
+  disks?: ProtectedDisk[];
+}
+
+/** A disk of a protected item. */
+export interface ProtectedDisk {
+  id: string;
+  name: string;
+  sizeBytes: number;
+  lastPointAt: string | null;
+  backlogBytes: number;
+  throughputBps: number;
+  initialDoneBytes: number;
+}
+
+/** A discovered machine (`GET /api/machines/:id`). */
+export interface Machine {
+  id: string;
+  name: string;
+  sourceHostId: string;
+  os: string | null;
+  cpus: number | null;
+  memoryBytes: number | null;
+  present: boolean;
+  disks?: Array<{ id: string; name: string; sizeBytes: number }>;
+}
+
+/** A replication policy. */
+export interface Policy {
+  id: string;
+  name: string;
+  rpoThresholdSeconds: number;
+  crashConsistentIntervalSeconds: number;
+  appConsistentIntervalSeconds: number;
+}
+
+/** A recovery point in the catalogue. */
+export interface RecoveryPoint {
+  id: string;
+  targetStoreId: string;
+  machine: string;
+  disk: string;
+  time: string;
+  committedAt: string;
+  kind: 'crash' | 'app';
+  size: number;
+  cut: string | null;
+  consistencyGroup: string | null;
+}
+
+/** A step of a job. */
+export interface JobStep {
+  name: string;
+  state: 'pending' | 'running' | 'done' | 'failed';
+  startedAt: string | null;
+  finishedAt: string | null;
+}
+
+/** A job with steps and progress. */
+export interface Job {
+  id: string;
+  kind: string;
+  state: string;
+  targetType: string | null;
+  targetId: string | null;
+  progress: number;
+  steps: JobStep[];
+  error: { code?: string; message?: string } | null;
+  createdBy: string;
+  createdAt: string;
+  startedAt: string | null;
+  finishedAt: string | null;
+  cancelRequested: boolean;
+}
+
+/** A line of a job's log. */
+export interface JobLog {
+  id: string;
+  time: string;
+  level: string;
+  message: string;
+}
+
+/** An alert. */
+export interface Alert {
+  id: string;
+  kind: string;
+  severity: string;
+  subjectType: string;
+  subjectId: string;
+  message: string;
+  state: string;
+  raisedAt: string;
+  clearedAt: string | null;
+  acknowledgedAt: string | null;
+  acknowledgedBy: string | null;
+}
