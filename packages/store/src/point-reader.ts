@@ -15,6 +15,8 @@ const WINDOW_CHUNKS = 64;
 const READ_AHEAD = 3;
 // Adjacent blobs of one pack are fetched in one ranged read up to this size.
 const MAX_RUN_BYTES = 8 * 1024 * 1024;
+// readAt of at least this many bytes bypasses the chunk cache.
+const LARGE_READ = 1024 * 1024;
 
 /** Reads one point: walks its tree (never a chain of deltas) and fetches chunks from packs. */
 export class StorePointReader implements PointReader {
@@ -51,7 +53,9 @@ export class StorePointReader implements PointReader {
         { point: this.point.id, offset, length, size: this.size },
       );
     }
-    return this.readRange(offset, length, true);
+    // Large reads are restores or copies: they would only flush the cache that small random
+    // reads (a booting guest) benefit from.
+    return this.readRange(offset, length, length < LARGE_READ);
   }
 
   async *extents(): AsyncIterable<PointExtent> {
