@@ -201,6 +201,29 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     await b.close();
   });
 
+  it('cancels a queued or running job, and refuses to cancel one that ended', async () => {
+    const t = await start(await fx.fresh(), { jobConcurrency: 1 });
+    const system = { type: 'system', id: 'system', name: 'test' } as const;
+    const first = await t.vault.context.jobs.create({ kind: 'hold' }, system);
+    const second = await t.vault.context.jobs.create({ kind: 'hold' }, system);
+    await waitFor(
+      async () => (await t.call('GET', `/api/jobs/${first?.id ?? ''}`)).body['state'] === 'running',
+    );
+    const queued = await t.call('POST', `/api/jobs/${second?.id ?? ''}/cancel`);
+    expect(queued.body['state']).toBe('cancelled');
+    const running = await t.call('POST', `/api/jobs/${first?.id ?? ''}/cancel`);
+    expect(running.body['cancelRequested']).toBe(true);
+    await waitFor(
+      async () =>
+        (await t.call('GET', `/api/jobs/${first?.id ?? ''}`)).body['state'] === 'cancelled',
+    );
+    const again = await t.call('POST', `/api/jobs/${first?.id ?? ''}/cancel`);
+    expect(again.status).toBe(409);
+    expect(again.body.code).toBe('LB_VAULT_INVALID_STATE');
+    // A cancelled job is no failure: no alert.
+    expect((await t.call('GET', '/api/alerts?kind=job-failed&state=active')).body['total']).toBe(0);
+  });
+
   it('runs retention as a scheduled job that prunes the store and the catalogue', async () => {
     const storeDir = await mkdtemp(join(tmpdir(), 'lifeboat-vault-store-'));
     dirs.push(storeDir);

@@ -311,6 +311,34 @@ describe.each(DIALECTS)('vault API on %s', (dialect) => {
         )
       ).status,
     ).toBe(401);
+    // Users change their own password; a wrong current one is refused naming the field.
+    const self = await t.userToken('operator');
+    const wrongCurrent = await t.call(
+      'POST',
+      '/api/auth/password',
+      { currentPassword: 'nope', newPassword: 'new-password-1' },
+      self,
+    );
+    expect(wrongCurrent.body.details?.['field']).toBe('body.currentPassword');
+    expect(
+      (
+        await t.call(
+          'POST',
+          '/api/auth/password',
+          { currentPassword: 'password-123', newPassword: 'new-password-1' },
+          self,
+        )
+      ).status,
+    ).toBe(204);
+    const who = (await t.call('GET', '/api/auth/me', undefined, self)).body['name'] as string;
+    expect(
+      (await t.call('POST', '/api/auth/login', { username: who, password: 'new-password-1' }, null))
+        .status,
+    ).toBe(200);
+    const logins = await t.call('GET', '/api/audit?action=user.login&limit=100');
+    expect(
+      (logins.body['items'] as Array<{ actorName: string }>).map((a) => a.actorName),
+    ).toContain(who);
     const me = await t.call('GET', '/api/auth/me');
     const last = await t.call('DELETE', `/api/users/${me.body['id'] as string}`);
     expect(last.status).toBe(409);

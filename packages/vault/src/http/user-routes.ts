@@ -5,6 +5,7 @@ import { hashToken, newId, newSecret, nowIso } from '../ids.js';
 import { hashPassword, verifyPassword } from '../passwords.js';
 import { audit } from '../services/audit.js';
 import { conflict, isUniqueViolation } from '../services/errors.js';
+import type { Role } from '../services/principal.js';
 import { listPage, pageQuerySchema } from '../services/list-page.js';
 import type { VaultContext } from '../vault-context.js';
 import { principalOf } from './auth.js';
@@ -116,7 +117,77 @@ export function registerUserRoutes(app: FastifyInstance, vault: VaultContext): v
         .set({ lastLoginAt: nowIso(now) })
         .where('id', '=', user.id)
         .execute();
+      await audit(
+        db,
+        { type: 'user', id: user.id, name: user.username, role: user.role as Role, tokenId: '' },
+        'user.login',
+        { type: 'user', id: user.id },
+        { after: { ip: request.ip } },
+      );
       return { token, expiresAt, user: userToApi(user) };
+    },
+  );
+
+  app.post(
+    '/api/auth/password',
+    {
+      config: { access: 'viewer' },
+      schema: {
+        tags: ['auth'],
+        summary: 'Change your own password (ends your other sessions)',
+        body: {
+          type: 'object',
+          properties: {
+            currentPassword: { type: 'string', minLength: 1, maxLength: 1024 },
+            newPassword: password,
+          },
+          required: ['currentPassword', 'newPassword'],
+          additionalProperties: false,
+        },
+      },
+    },
+    async (request, reply) => {
+      const p = principalOf(request);
+      if (p.type !== 'user')
+        throw new LifeboatError('LB_VAULT_FORBIDDEN', 'Only users have passwords.');
+      const body = request.body as { currentPassword: string; newPassword: string };
+      const user = await db
+        .selectFrom('users')
+        .selectAll()
+        .where('id', '=', p.id)
+        .executeTakeFirstOrThrow();
+      if (!(await verifyPassword(body.currentPassword, user.passwordHash))) {
+        throw new LifeboatError(
+          'LB_VAULT_INVALID_INPUT',
+          'Invalid body.currentPassword: it is not your current password.',
+          {
+            details: { field: 'body.currentPassword' },
+          },
+        );
+      }
+      await db
+        .updateTable('users')
+        .set({
+          passwordHash: await hashPassword(body.newPassword, vault.options.passwordCost),
+          updatedAt: nowIso(),
+        })
+        .where('id', '=', p.id)
+        .execute();
+      await db
+        .deleteFrom('tokens')
+        .where('userId', '=', p.id)
+        .where('kind', '=', 'session')
+        .where('id', '!=', p.tokenId)
+        .execute();
+      vault.authCache.clear();
+      await audit(
+        db,
+        p,
+        'user.password',
+        { type: 'user', id: p.id },
+        { after: { password: 'changed' } },
+      );
+      return reply.status(204).send();
     },
   );
 
