@@ -119,7 +119,8 @@ export function registerUpCommands(program: Command, ctx: CliContext): void {
       out.line('  npx lifeboat vault item list');
       out.line('  npx lifeboat vault points list');
       out.line('  npx lifeboat vault jobs list');
-      if (demo !== undefined) out.line(`  npx lifeboat vault jobs show ${demo.testFailoverJobId}`);
+      if (demo?.testFailoverJobId !== undefined)
+        out.line(`  npx lifeboat vault jobs show ${demo.testFailoverJobId}`);
       out.line('  npx lifeboat vault alerts list');
       out.line(`  npx lifeboat ${store} store points`);
       out.line(`  open ${inst.vault.url}/api/docs`);

@@ -21,8 +21,8 @@ export interface DemoOutput {
 export interface Demo {
   readonly itemId: string;
   readonly machineId: string;
-  /** The id of the vault's test-failover job. */
-  readonly testFailoverJobId: string;
+  /** The id of the vault's test-failover job (undefined when it was skipped). */
+  readonly testFailoverJobId: string | undefined;
   /** Stops the live RPO line, the alert watch and the source VM. */
   stop(): Promise<void>;
 }
@@ -90,6 +90,7 @@ export async function runDemo(
   inst: LocalInstallation,
   out: DemoOutput,
   signal: AbortSignal,
+  options: { testFailover?: boolean } = {},
 ): Promise<Demo> {
   const stops: Array<() => Promise<void>> = [];
   const stop = async (): Promise<void> => {
@@ -209,8 +210,8 @@ export async function runDemo(
       }, 1000);
       stops.push(async () => clearInterval(ticker));
     }
-    inst.processServer.on('committed', rpoByCut);
-    stops.push(async () => void inst.processServer.off('committed', rpoByCut));
+    const unsubscribe = inst.onCommitted(rpoByCut);
+    stops.push(async () => unsubscribe());
     let itemId: string;
     let jobId: string | undefined;
     try {
@@ -273,6 +274,9 @@ export async function runDemo(
     }
     const watch = watchAlerts(inst, out);
     stops.push(watch);
+    if (options.testFailover === false) {
+      return { itemId, machineId, testFailoverJobId: undefined, stop };
+    }
 
     out.step(
       'Test failover: booting the latest point in an isolated network, verifying, cleaning up',

@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ProcessServer } from '@lifeboat/process-server';
+import type { CommittedCut } from '@lifeboat/process-server';
 import { LifeboatError } from '@lifeboat/protocol';
 import { RecoveryHost } from '@lifeboat/recovery';
 import type { Store } from '@lifeboat/store';
@@ -39,6 +40,7 @@ export interface LocalInstallation {
   /** The vault API as the admin. */
   readonly admin: VaultApi;
   readonly adminToken: string;
+  /** The running process server (a new instance after {@link startProcessServer}). */
   readonly processServer: ProcessServer;
   readonly processServerCredentials: ComponentCredentials;
   readonly agents: LocalAgents;
@@ -46,6 +48,15 @@ export interface LocalInstallation {
   readonly recoveryHost: RecoveryHost;
   /** The vault's id of the data directory's target store. */
   readonly targetStoreId: string;
+  /** Calls `listener` for every cut the process server commits, across restarts; returns the unsubscribe. */
+  onCommitted(listener: (cut: CommittedCut) => void): () => void;
+  /**
+   * Stops the process server (as if its machine went down): its journal stays, agents retry,
+   * its heartbeats stop. For the demo's fault tests.
+   */
+  stopProcessServer(): Promise<void>;
+  /** Starts the process server again, on the same port with the same journal and credentials. */
+  startProcessServer(): Promise<void>;
   /** Stops every role, newest first; never throws. */
   close(): Promise<void>;
 }
@@ -145,20 +156,34 @@ export async function startLocalInstallation(
       'recovery-host',
       'local-recovery-host',
     );
-    const processServer = await ProcessServer.start({
-      store,
-      journalDir: paths.journal,
-      tls: { cert: psCreds.cert, key: psCreds.key, ca: psCreds.ca },
-      host: '127.0.0.1',
-      port: 0,
-      healthHost: '127.0.0.1',
-      healthPort: 0,
-      journalMaxBytes: 1024 ** 3,
-      logLevel,
+    const committedListeners = new Set<(cut: CommittedCut) => void>();
+    const forward = (cut: CommittedCut): void => {
+      for (const l of committedListeners) l(cut);
+    };
+    const startPs = async (port: number, healthPort: number): Promise<ProcessServer> => {
+      const ps = await ProcessServer.start({
+        store,
+        journalDir: paths.journal,
+        tls: { cert: psCreds.cert, key: psCreds.key, ca: psCreds.ca },
+        host: '127.0.0.1',
+        port,
+        healthHost: '127.0.0.1',
+        healthPort,
+        journalMaxBytes: 1024 ** 3,
+        logLevel,
+      });
+      ps.on('committed', forward);
+      return ps;
+    };
+    let processServer: ProcessServer | undefined = await startPs(0, 0);
+    const psPort = processServer.port;
+    const psHealthPort = processServer.healthPort;
+    add('the process server', async () => {
+      await processServer?.stop();
+      processServer = undefined;
     });
-    add('the process server', () => processServer.stop());
     const agents = new LocalAgents({
-      processServer: { host: '127.0.0.1', port: processServer.port, name: PS_NAME },
+      processServer: { host: '127.0.0.1', port: psPort, name: PS_NAME },
       credentials: agentCreds,
       stateDir: paths.agents,
     });
@@ -188,14 +213,40 @@ export async function startLocalInstallation(
       paths.store,
       await readPassphraseOf(paths),
     );
+    const running = (): ProcessServer => {
+      if (processServer === undefined) {
+        throw new LifeboatError(
+          'LB_UP_PROCESS_SERVER_STOPPED',
+          'The process server of lifeboat up is stopped; start it again first.',
+        );
+      }
+      return processServer;
+    };
     return {
+      get processServer() {
+        return running();
+      },
+      onCommitted: (listener) => {
+        committedListeners.add(listener);
+        return () => void committedListeners.delete(listener);
+      },
+      stopProcessServer: async () => {
+        const ps = processServer;
+        processServer = undefined;
+        link.setServer(undefined);
+        await ps?.stop();
+      },
+      startProcessServer: async () => {
+        if (processServer !== undefined) return;
+        processServer = await startPs(psPort, psHealthPort);
+        link.setServer(processServer);
+      },
       paths,
       storeCreated: created,
       store,
       vault,
       admin,
       adminToken,
-      processServer,
       processServerCredentials: psCreds,
       agents,
       link,

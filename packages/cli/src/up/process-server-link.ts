@@ -67,17 +67,35 @@ export class ProcessServerLink {
   private timer: NodeJS.Timeout | undefined;
   private round: Promise<void> = Promise.resolve();
   private stopped = false;
+  /** The process server it speaks for; undefined while that is down (no heartbeat then). */
+  private server: ProcessServer | undefined;
   private readonly onCommitted = (cut: CommittedCut): void => this.committed(cut);
   private readonly onResync = (e: { machine: string; reason: string }): void => {
     this.resync.set(e.machine, e.reason);
   };
 
-  constructor(private readonly options: ProcessServerLinkOptions) {}
+  constructor(private readonly options: ProcessServerLinkOptions) {
+    this.server = options.server;
+  }
+
+  /**
+   * Follows another process server instance (after a restart), or none while it is down: a
+   * stopped process server sends no heartbeat, like one whose machine died.
+   */
+  setServer(server: ProcessServer | undefined): void {
+    this.server?.off('committed', this.onCommitted);
+    this.server?.off('resync-required', this.onResync);
+    this.server = server;
+    if (!this.stopped) {
+      server?.on('committed', this.onCommitted);
+      server?.on('resync-required', this.onResync);
+    }
+  }
 
   /** Starts polling (a first round at once). */
   start(): void {
-    this.options.server.on('committed', this.onCommitted);
-    this.options.server.on('resync-required', this.onResync);
+    this.server?.on('committed', this.onCommitted);
+    this.server?.on('resync-required', this.onResync);
     const tick = (): void => {
       this.round = this.round.then(() => this.once()).catch((err) => this.options.onError?.(err));
     };
@@ -96,8 +114,8 @@ export class ProcessServerLink {
     if (this.stopped) return;
     this.stopped = true;
     clearInterval(this.timer);
-    this.options.server.off('committed', this.onCommitted);
-    this.options.server.off('resync-required', this.onResync);
+    this.server?.off('committed', this.onCommitted);
+    this.server?.off('resync-required', this.onResync);
     await this.round.catch(() => undefined);
     await this.flushPoints().catch(() => undefined);
     for (const id of [...this.running]) await this.options.agents.stop(id).catch(() => undefined);
@@ -144,8 +162,9 @@ export class ProcessServerLink {
   }
 
   private async once(): Promise<void> {
-    if (this.stopped) return;
-    const { api, agents, server } = this.options;
+    const server = this.server;
+    if (this.stopped || server === undefined) return;
+    const { api, agents } = this.options;
     const a = await api.call<{
       items: AssignedItem[];
       discovery: Array<{ sourceHostId: string; endpoints: Array<{ name: string; qmp: string }> }>;
