@@ -247,7 +247,8 @@ export class Store implements StoreApi {
         { object: 'config', location: backend.location },
       );
     }
-    await store.refreshIndex(true);
+    // The index loads on first need (a read, a write session, gc): listing points stays fast
+    // on a large store.
     return store;
   }
 
