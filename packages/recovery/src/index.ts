@@ -75,3 +75,8 @@ export {
   MACHINE_LABELS,
   type RecordedMachineConfig,
 } from './recorded-config.js';
+export {
+  vaultJobReporter,
+  type VaultJobReporter,
+  type VaultJobReporterOptions,
+} from './vault-job-reporter.js';
