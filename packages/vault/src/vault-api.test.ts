@@ -41,6 +41,17 @@ describe.each(DIALECTS)('vault API on %s', (dialect) => {
     expect(metrics.body).toContain('lifeboat_vault_http_request_seconds');
   });
 
+  it.runIf(dialect === 'sqlite')(
+    'refuses a second vault on the same SQLite data directory',
+    async () => {
+      await expect(startTestVault({ dataDir: t.dataDir })).rejects.toMatchObject({
+        code: 'LB_VAULT_DATA_DIR_IN_USE',
+      });
+      // The first one still serves.
+      expect((await t.call('GET', '/api/health', undefined, null)).status).toBe(200);
+    },
+  );
+
   it('refuses a wrong password and a disabled user; logout revokes the session', async () => {
     const bad = await t.call(
       'POST',

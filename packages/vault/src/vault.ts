@@ -16,6 +16,7 @@ import { registerPortalRoutes } from './http/portal-routes.js';
 import { registerProtectionRoutes } from './http/protection-routes.js';
 import { registerSimpleResources } from './http/simple-resources.js';
 import { createUser, registerUserRoutes } from './http/user-routes.js';
+import { lockDataDir } from './data-dir-lock.js';
 import { newId } from './ids.js';
 import {
   catalogueSyncJob,
@@ -58,11 +59,20 @@ export interface Vault {
 export async function startVault(input: VaultOptions): Promise<Vault> {
   const options = resolveVaultOptions(input);
   const log = pino({ level: options.logLevel, base: { role: 'vault' } });
-  const secrets = await SecretBox.open(options.secretKeyFile);
-  const database: OpenDatabase = await openDatabase({
-    sqliteFile: join(options.dataDir, 'vault.sqlite'),
-    postgresUrl: options.databaseUrl,
-  });
+  // SQLite: one vault process per database (see lockDataDir); PostgreSQL: any number.
+  const unlock = options.databaseUrl === undefined ? await lockDataDir(options.dataDir) : undefined;
+  let secrets: SecretBox;
+  let database: OpenDatabase;
+  try {
+    secrets = await SecretBox.open(options.secretKeyFile);
+    database = await openDatabase({
+      sqliteFile: join(options.dataDir, 'vault.sqlite'),
+      postgresUrl: options.databaseUrl,
+    });
+  } catch (err) {
+    await unlock?.();
+    throw err;
+  }
   let app: FastifyInstance | undefined;
   let runner: JobRunner | undefined;
   let scheduler: Scheduler | undefined;
@@ -196,6 +206,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
         await run.stop();
         await ctx.alerts.flush();
         await database.close();
+        await unlock?.();
       },
     };
   } catch (err) {
@@ -203,6 +214,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     await scheduler?.stop();
     await runner?.stop();
     await database.close();
+    await unlock?.();
     throw err;
   }
 }
