@@ -271,6 +271,9 @@ describe('stats, prune, gc, passphrase, locks, concurrent writers', () => {
     const w = await t.store.beginWrite({ machine: 'm', disk: 'd', size: 1024 });
     await expect(w.write(1000, Buffer.alloc(100))).rejects.toSatisfy(code('LB_STORE_OUT_OF_RANGE'));
     await expect(w.write(-1, Buffer.alloc(1))).rejects.toSatisfy(code('LB_STORE_INVALID_ARGUMENT'));
+    await expect(w.commit({ time: new Date('nonsense') })).rejects.toSatisfy(
+      code('LB_STORE_INVALID_ARGUMENT'),
+    );
     const p = await w.commit();
     const r = await t.store.openPoint(p.id);
     await expect(r.readAt(512, 1024)).rejects.toSatisfy(code('LB_STORE_OUT_OF_RANGE'));

@@ -130,6 +130,19 @@ export class StoreWriteSession implements WriteSession {
 
   commit(options: CommitOptions = {}): Promise<PointInfo> {
     return this.serial(async () => {
+      // Bad metadata is refused before anything happens, so the session stays usable.
+      if (options.kind !== undefined && options.kind !== 'crash' && options.kind !== 'app') {
+        throw invalid(`Point kind must be 'crash' or 'app', not ${JSON.stringify(options.kind)}.`);
+      }
+      if (
+        options.time !== undefined &&
+        !(options.time instanceof Date && Number.isFinite(options.time.getTime()))
+      ) {
+        throw invalid('Point time must be a valid Date.');
+      }
+      for (const [k, v] of Object.entries(options.labels ?? {})) {
+        if (typeof v !== 'string') throw invalid(`Label ${JSON.stringify(k)} must be a string.`);
+      }
       this.state = 'committing';
       try {
         const info = await this.commitNow(options);
@@ -336,15 +349,6 @@ export class StoreWriteSession implements WriteSession {
 
   private async commitNow(options: CommitOptions): Promise<PointInfo> {
     const store = this.store;
-    if (options.kind !== undefined && options.kind !== 'crash' && options.kind !== 'app') {
-      throw invalid(`Point kind must be 'crash' or 'app', not ${JSON.stringify(options.kind)}.`);
-    }
-    if (
-      options.time !== undefined &&
-      !(options.time instanceof Date && Number.isFinite(options.time.getTime()))
-    ) {
-      throw invalid('Point time must be a valid Date.');
-    }
     for (const l of [...this.leaves.keys()].sort((a, b) => a - b)) await this.spillLeaf(l);
     const chunks = Math.ceil(this._size / this.cs);
     const height = treeHeight(Math.max(chunks, 1), this.fanout);
