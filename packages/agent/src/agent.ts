@@ -390,7 +390,13 @@ export class Agent extends EventEmitter {
       this.st.lastCut = { id: pending.id, time: pending.time, kind: pending.kind };
     }
     delete this.st.pendingCut;
-    if (latest && latest.cutId !== this.st.lastCut?.id) {
+    // Commits may lag acknowledgements (a process server commits after it journals), so only a
+    // committed cut newer than this agent's last one means the bitmaps are stale.
+    if (
+      latest &&
+      latest.cutId !== this.st.lastCut?.id &&
+      latest.time > (this.st.lastCut?.time ?? 0)
+    ) {
       // The sink holds a newer point than this agent's last cut (state or image restored from
       // a backup, another agent): bitmaps count changes from an older point, so every disk
       // with one is resynced against the latest point.
