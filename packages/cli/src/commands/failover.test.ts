@@ -1,12 +1,13 @@
 import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RecoveryJobRecord } from '@lifeboat/recovery';
+import { startVault, type Vault } from '@lifeboat/vault';
 import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
 import type { CliInput } from '../cli-context.js';
 import { runCli } from '../main.js';
@@ -17,6 +18,8 @@ import { runCli } from '../main.js';
 const run = promisify(execFile);
 let dir: string;
 let image: TestImage;
+let vault: Vault;
+let vaultToken: string;
 const PASS = 'failover test passphrase';
 
 async function lifeboat(
@@ -60,9 +63,47 @@ beforeAll(async () => {
     'machine.memory-mib=256',
   ]);
   expect(imported.code).toBe(0);
+  // A vault the recovery host reports its jobs to, with the host registered as a component.
+  vault = await startVault({
+    dataDir: join(dir, 'vault'),
+    port: 0,
+    logLevel: 'silent',
+    passwordCost: 1024,
+    initialAdmin: { username: 'admin', password: 'admin-password' },
+  });
+  vaultToken = await adminToken();
+  const key = (await api('POST', '/api/registration-keys', { kind: 'recovery-host' }))['key'];
+  const reg = await fetch(`${vault.url}/api/register`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ key, kind: 'recovery-host', name: 'rh' }),
+  });
+  await writeFile(join(dir, 'rh.token'), `${((await reg.json()) as { token: string }).token}\n`);
 }, 600_000);
 
+async function adminToken(): Promise<string> {
+  const res = await fetch(`${vault.url}/api/auth/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ username: 'admin', password: 'admin-password' }),
+  });
+  return ((await res.json()) as { token: string }).token;
+}
+
+async function api(method: string, path: string, body?: unknown): Promise<Record<string, unknown>> {
+  const res = await fetch(`${vault.url}${path}`, {
+    method,
+    headers: {
+      authorization: `Bearer ${vaultToken}`,
+      ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+    },
+    ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+  });
+  return (await res.json()) as Record<string, unknown>;
+}
+
 afterAll(async () => {
+  await vault?.close();
   await rm(dir, { recursive: true, force: true });
 });
 
@@ -85,6 +126,10 @@ describe('lifeboat failover', () => {
       '22',
       '--run-dir',
       runDir,
+      '--vault',
+      vault.url,
+      '--vault-token-file',
+      join(dir, 'rh.token'),
     ]);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
@@ -98,6 +143,17 @@ describe('lifeboat failover', () => {
     expect(existsSync(out.job.artifacts['web-screenshot']!)).toBe(true);
     expect(out.cleanup.state).toBe('succeeded');
     expect(existsSync(join(runDir, 'm', 'web'))).toBe(false);
+    // The vault shows both jobs, with their steps.
+    const jobs = (await api('GET', '/api/jobs?limit=50'))['items'] as Array<{
+      id: string;
+      kind: string;
+      state: string;
+    }>;
+    const tfJob = jobs.find((j) => j.kind === 'test-failover');
+    expect(tfJob?.state).toBe('succeeded');
+    expect(jobs.find((j) => j.kind === 'test-failover-cleanup')?.state).toBe('succeeded');
+    const steps = (await api('GET', `/api/jobs/${tfJob!.id}`))['steps'] as Array<{ name: string }>;
+    expect(steps.map((x) => x.name)).toEqual(out.job.steps.map((x) => x.name));
     // Nothing left behind for cleanup to find.
     const c = await lifeboat(['failover', 'cleanup', '--run-dir', runDir]);
     expect(c.code).toBe(0);

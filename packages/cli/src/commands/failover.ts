@@ -7,11 +7,13 @@ import {
   RecoveryHost,
   failoverControlRequest,
   recordedMachineConfig,
+  vaultJobReporter,
   runTestFailover,
   selectPoints,
   serveFailoverControl,
 } from '@lifeboat/recovery';
 import type {
+  VaultJobReporter,
   FailoverControlReply,
   MachineBoot,
   PointSelector,
@@ -38,11 +40,15 @@ interface MachineOpts {
   port?: string;
   runDir?: string;
   name?: string;
+  vault?: string;
+  vaultTokenFile?: string;
 }
 
 function withMachineOptions(cmd: Command): Command {
   return cmd
     .requiredOption('--machine <machine>', 'the protected machine')
+    .option('--vault <url>', 'report the jobs to this vault (with --vault-token-file)')
+    .option('--vault-token-file <file>', "the recovery host's component token (from registration)")
     .option('--point <id>', 'a point id (default: the latest)')
     .option('--latest-app', 'the latest app-consistent point')
     .option('--at <time>', 'the latest point at or before this ISO time')
@@ -92,6 +98,41 @@ function selector(o: MachineOpts): PointSelector {
     ...(o.latestApp ? { pick: 'latest-app' as const } : {}),
     ...(at ? { at } : {}),
   };
+}
+
+/** Starts the recovery host, reporting its jobs to the vault when --vault is given. */
+async function startHost(o: MachineOpts, ctx: CliContext): Promise<RecoveryHost> {
+  if ((o.vault === undefined) !== (o.vaultTokenFile === undefined)) {
+    throw new LifeboatError('LB_CLI_BAD_OPTION', '--vault and --vault-token-file go together.', {
+      details: { option: '--vault' },
+    });
+  }
+  let reporter: VaultJobReporter | undefined;
+  if (o.vault !== undefined && o.vaultTokenFile !== undefined) {
+    const token = (await readFile(resolve(ctx.io.cwd, o.vaultTokenFile), 'utf8'))
+      .split('\n')[0]!
+      .trim();
+    reporter = vaultJobReporter({
+      url: o.vault,
+      token,
+      // The recovery site goes on without the vault; say so once per failed report.
+      onError: (err, job) =>
+        void ctx.io.stderr.write(
+          `warning: job ${job.id} not reported to the vault: ${err instanceof Error ? err.message : String(err)}\n`,
+        ),
+    });
+  }
+  const host = await RecoveryHost.start({
+    runDir: await recoveryRunDir(o.runDir, ctx.io.cwd),
+    ...(reporter ? { onJob: reporter.listener } : {}),
+  });
+  // Cleanups run newest first: the host stops (its last jobs end), then the reports are sent.
+  if (reporter) {
+    const r = reporter;
+    ctx.cleanups.push(() => r.flush());
+  }
+  ctx.cleanups.push(() => host.close());
+  return host;
 }
 
 /** CPUs, memory, firmware and disk bus: the command line's, else the point's recorded ones. */
@@ -170,8 +211,7 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
       const out = new CliPrinter(ctx.io, config.json);
       const store = await openStore(config, ctx);
-      const host = await RecoveryHost.start({ runDir: await recoveryRunDir(o.runDir, ctx.io.cwd) });
-      ctx.cleanups.push(() => host.close());
+      const host = await startHost(o, ctx);
       const port = o.port !== undefined ? intOption('--port', o.port) : undefined;
       const points = await selectPoints(store, selector(o));
       const tf = await runTestFailover(host, store, {
@@ -222,8 +262,7 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
         );
       }
       const store = await openStore(config, ctx);
-      const host = await RecoveryHost.start({ runDir: await recoveryRunDir(o.runDir, ctx.io.cwd) });
-      ctx.cleanups.push(() => host.close());
+      const host = await startHost(o, ctx);
       const points = await selectPoints(store, selector(o));
       const port = o.port !== undefined ? intOption('--port', o.port) : undefined;
       const f = await Failover.start(host, store, {
