@@ -103,7 +103,7 @@ describe('bad input and faults give a coded error naming what is affected', () =
     ).rejects.toSatisfy(code('LB_STORE_EXISTS'));
   });
 
-  it('unknown format version of the config and of a point object', async () => {
+  it('unknown format version of the config, an index and a point object', async () => {
     const f = await twoPoints();
     t = f.t;
     const point = join(t.dir, 'points', f.p1.id);
@@ -114,6 +114,15 @@ describe('bad input and faults give a coded error naming what is affected', () =
     const perr = await caught(s.openPoint(f.p1.id));
     expect(perr.code).toBe('LB_STORE_UNSUPPORTED_VERSION');
     expect(perr.details['object']).toBe(`points/${f.p1.id}`);
+    const [index] = await readdir(join(t.dir, 'index'));
+    const ifile = join(t.dir, 'index', index as string);
+    const ibuf = await readFile(ifile);
+    ibuf[3] = 7;
+    await writeFile(ifile, ibuf);
+    const s2 = await t.reopen();
+    const ierr = await caught((await s2.openPoint(f.p2.id)).readAt(0, CS));
+    expect(ierr.code).toBe('LB_STORE_UNSUPPORTED_VERSION');
+    expect(ierr.details['object']).toBe(`index/${index as string}`);
     const cfgFile = join(t.dir, 'config');
     const cfg = JSON.parse(await readFile(cfgFile, 'utf8')) as Record<string, unknown>;
     await writeFile(cfgFile, JSON.stringify({ ...cfg, version: 2 }));
