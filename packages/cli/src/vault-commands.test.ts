@@ -338,6 +338,17 @@ describe('lifeboat vault (CLI over the vault API)', () => {
     const help = await lifeboat(['vault', 'policy', 'add', '--help']);
     expect(help.code).toBe(0);
     expect(help.stdout).toContain('Example:');
+    for (const cmd of [
+      ['vault', 'whoami'],
+      ['vault', 'item', 'disable'],
+      ['vault', 'jobs', 'show'],
+      ['vault', 'alerts', 'ack'],
+      ['vault', 'machine', 'list'],
+      ['vault', 'summary'],
+    ]) {
+      const h = await lifeboat([...cmd, '--help']);
+      expect(h.stdout, cmd.join(' ')).toContain('Example:');
+    }
     const unreachable = await lifeboat(['vault', 'site', 'list'], {
       LIFEBOAT_VAULT_URL: 'http://127.0.0.1:1',
     });

@@ -920,4 +920,24 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         ]),
       );
     });
+
+  // Every command gets an example in its --help: those without a hand-written one get one
+  // from their usage line (addHelpText('after') registers an 'afterHelp' listener).
+  const addExamples = (cmd: Command, path: string[]): void => {
+    for (const sub of cmd.commands) {
+      const p = [...path, sub.name()];
+      if (
+        sub.commands.length === 0 &&
+        (sub as unknown as NodeJS.EventEmitter).listenerCount('afterHelp') === 0
+      ) {
+        const usage = sub.usage().replace('[options]', '').trim();
+        sub.addHelpText(
+          'after',
+          `\nExample:\n  lifeboat ${p.join(' ')}${usage === '' ? '' : ` ${usage}`} --json\n`,
+        );
+      }
+      addExamples(sub, p);
+    }
+  };
+  addExamples(vault, ['vault']);
 }
