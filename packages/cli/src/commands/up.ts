@@ -79,6 +79,7 @@ export function registerUpCommands(program: Command, ctx: CliContext): void {
       const { host, port } = parseListen(opts.listen);
       const dataDir = resolve(ctx.io.cwd, opts.dataDir);
       const out = output(ctx);
+      const lastWarning = new Map<string, string>();
       const started = Date.now();
       const elapsed = (): string => `${((Date.now() - started) / 1000).toFixed(1)} s`;
       out.step(`Starting the vault, a process server, an agent and a recovery host in ${dataDir}`);
@@ -87,10 +88,13 @@ export function registerUpCommands(program: Command, ctx: CliContext): void {
         host,
         port,
         logLevel: opts.logLevel as 'warn',
-        onError: (what, err) =>
-          out.line(
-            `warning: ${what}: ${(err as { code?: string }).code ?? 'error'} ${(err as Error).message}`,
-          ),
+        onError: (what, err) => {
+          const text = `warning: ${what}: ${(err as { code?: string }).code ?? 'error'} ${(err as Error).message}`;
+          // A condition retried every round is said once, until it changes.
+          if (lastWarning.get(what) === text) return;
+          lastWarning.set(what, text);
+          out.line(text);
+        },
       });
       ctx.cleanups.push(() => inst.close());
       if (inst.storeCreated) {

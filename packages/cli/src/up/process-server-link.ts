@@ -180,8 +180,14 @@ export class ProcessServerLink {
     for (const item of a.items) {
       this.items.set(item.id, item);
       if (item.desired === 'replicate' && !this.running.has(item.id)) {
-        await agents.replicate(item);
-        this.running.add(item.id);
+        // One machine that cannot be protected (its QEMU is gone) must not stop the heartbeat
+        // and the other items: it is reported and tried again next round.
+        try {
+          await agents.replicate(item);
+          this.running.add(item.id);
+        } catch (err) {
+          this.options.onError?.(err);
+        }
       } else if (item.desired === 'stop' && this.running.has(item.id)) {
         await agents.stop(item.id);
         this.running.delete(item.id);
