@@ -75,7 +75,7 @@ export function AlertsPage({ role }: { role: Role }) {
                 </td>
                 <td>
                   {a.subjectType === 'protected-item' ? (
-                    <Link to={`/machines/${encodeURIComponent(a.subjectId)}`}>machine</Link>
+                    <Link to={`/machines/${encodeURIComponent(a.subjectId)}`}>Open machine</Link>
                   ) : (
                     `${a.subjectType} ${a.subjectId}`
                   )}

@@ -142,7 +142,7 @@ export function JobPage({ id, role }: { id: string; role: Role }) {
       </PageHeader>
       <ErrorBox error={job.error ?? actionError} />
       {j === undefined ? null : (
-        <div className="grid">
+        <div className="grid halves">
           <section className="card" aria-labelledby="job-h">
             <h2 id="job-h">Summary</h2>
             <dl className="facts">

@@ -56,7 +56,7 @@ export function MachinePage({ id }: { id: string }) {
       </PageHeader>
       <ErrorBox error={item.error} />
       {it === undefined ? null : (
-        <div className="grid">
+        <div className="grid halves">
           <section className="card" aria-labelledby="state-h">
             <h2 id="state-h">Replication</h2>
             <dl className="facts">
@@ -124,9 +124,11 @@ export function MachinePage({ id }: { id: string }) {
                       <td>{d.name}</td>
                       <td className="num">{bytes(d.sizeBytes)}</td>
                       <td className="num">
-                        {d.sizeBytes > 0
-                          ? `${Math.min(100, Math.round((d.initialDoneBytes / d.sizeBytes) * 100))}%`
-                          : '—'}
+                        {d.lastPointAt !== null
+                          ? 'Done'
+                          : d.sizeBytes > 0
+                            ? `${Math.min(100, Math.round((d.initialDoneBytes / d.sizeBytes) * 100))}%`
+                            : '—'}
                       </td>
                       <td>{ago(d.lastPointAt)}</td>
                       <td className="num">{bytes(d.backlogBytes)}</td>

@@ -1,0 +1,248 @@
+import { mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import type { BrowserContext, Page } from 'playwright-core';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startVault, type Vault } from '@lifeboat/vault';
+import { ensurePortalBuilt, launchChromium, REPO_ROOT } from './portal-browser.js';
+import { call, seedPortal, type PortalSeed } from './portal-seed.js';
+
+// The portal in Debian's Chromium against a real vault (SQLite) serving the built app. The
+// data is seeded through the vault's API, with the process server's part (heartbeats, points)
+// played by a registered process server token: what the portal shows comes only from the API.
+
+const SHOTS = join(REPO_ROOT, '.test-results', 'portal');
+const ADMIN = { username: 'admin', password: 'admin-password' };
+const VIEWER = { username: 'vera', password: 'viewer-password' };
+const MACHINES = 12;
+
+describe('portal', () => {
+  let dir: string;
+  let vault: Vault;
+  let seed: PortalSeed;
+  let context: BrowserContext | undefined;
+  let profile: string | undefined;
+  let page: Page;
+
+  const shot = (name: string, p: Page = page) =>
+    p.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: false });
+
+  const login = async (p: Page, who: { username: string; password: string }) => {
+    await p.goto(vault.url + '/');
+    await p.getByLabel('Username').fill(who.username);
+    await p.getByLabel('Password').fill(who.password);
+    await p.getByRole('button', { name: 'Log in' }).click();
+    await p.getByRole('heading', { name: 'Dashboard' }).waitFor();
+  };
+
+  const text = async (p: Page, testId: string) =>
+    (await p.getByTestId(testId).textContent())?.trim();
+
+  beforeAll(async () => {
+    await ensurePortalBuilt();
+    await mkdir(SHOTS, { recursive: true });
+    dir = await mkdtemp(join(tmpdir(), 'lifeboat-portal-'));
+    vault = await startVault({
+      dataDir: join(dir, 'vault'),
+      port: 0,
+      logLevel: 'silent',
+      passwordCost: 1024,
+      initialAdmin: ADMIN,
+      // Alerts are evaluated and jobs picked up quickly, so the seeded state settles in seconds.
+      schedulerIntervalMs: 300,
+      jobPollIntervalMs: 100,
+      jobConcurrency: 16,
+      summaryCacheMs: 0,
+      eventPollMs: 200,
+    });
+    seed = await seedPortal(vault.url, ADMIN, join(dir, 'store'), MACHINES);
+    await call(vault.url, seed.adminToken, 'POST', '/api/users', { ...VIEWER, role: 'viewer' });
+    // Wait for what the scheduler and the job runner derive from the seed: the RPO and resync
+    // alerts, and the two enable jobs still waiting for their items.
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const s = await call<{ alerts: { unacknowledged: number }; jobs: Record<string, number> }>(
+        vault.url,
+        seed.adminToken,
+        'GET',
+        '/api/summary',
+      );
+      if (s.alerts.unacknowledged === 3 && s.jobs['running'] === 2 && !s.jobs['queued']) break;
+      if (Date.now() > deadline) throw new Error(`seed did not settle: ${JSON.stringify(s)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    ({ context, profile } = await launchChromium());
+    page = context.pages()[0] ?? (await context.newPage());
+    page.setDefaultTimeout(30_000);
+  }, 180_000);
+
+  afterAll(async () => {
+    await context?.close().catch(() => undefined);
+    seed?.stop();
+    await vault?.close();
+    if (profile !== undefined) await rm(profile, { recursive: true, force: true });
+    if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('shows the field error on a bad login, then logs in', async () => {
+    await page.goto(vault.url + '/');
+    await page.getByLabel('Username').fill('admin');
+    await page.getByLabel('Password').fill('not-the-password');
+    await page.getByRole('button', { name: 'Log in' }).click();
+    const error = page.locator('#password-error');
+    await error.waitFor();
+    expect(await error.textContent()).toBe('Wrong username or password.');
+    expect(await page.getByLabel('Password').getAttribute('aria-invalid')).toBe('true');
+    // A username the API's rule refuses is flagged while typing, before any request.
+    await page.getByLabel('Username').fill('bad name');
+    expect(await page.locator('#username-error').textContent()).toContain('letters, digits');
+    await shot('login-error');
+    await login(page, ADMIN);
+  });
+
+  it('dashboard counts equal the seeded machines, alerts, jobs and components', async () => {
+    await page.getByTestId('count-total').waitFor();
+    expect(await text(page, 'count-total')).toBe(String(MACHINES));
+    expect(await text(page, 'count-protected')).toBe(String(seed.items.protected.length));
+    expect(await text(page, 'count-resync-needed')).toBe('2');
+    expect(await text(page, 'count-initial-replication')).toBe('1');
+    expect(await text(page, 'count-enabling')).toBe('1');
+    expect(await text(page, 'count-alerts')).toBe('3');
+    expect(await text(page, 'count-unacknowledged')).toBe('3');
+    expect(await text(page, 'count-running-jobs')).toBe('2');
+    // The stale machine (point two hours old) has the worst RPO.
+    const worst = page.getByTestId('worst-rpo').locator('tr').first();
+    expect(await worst.textContent()).toContain(seed.names[seed.staleItem]);
+    expect(await worst.textContent()).toMatch(/2 h 0 min|120 min/);
+    const components = await page.getByTestId('components').textContent();
+    expect(components).toContain('ps-east-1');
+    expect(components).toContain('rh-west-1');
+    await shot('dashboard');
+  });
+
+  it('updates the dashboard without a reload when an item changes state', async () => {
+    const id = seed.items.protected[2] ?? '';
+    await call(vault.url, seed.processServerToken, 'POST', '/api/components/self/heartbeat', {
+      items: [{ id, state: 'resync-needed', reason: 'test: bitmap lost' }],
+    });
+    await page.getByTestId('count-resync-needed').filter({ hasText: '3' }).waitFor();
+    expect(await text(page, 'count-protected')).toBe(String(seed.items.protected.length - 1));
+  });
+
+  it('lists machines a page at a time, filtered by state and searched by name', async () => {
+    await page
+      .getByRole('navigation', { name: 'Main' })
+      .getByRole('link', { name: 'Machines' })
+      .click();
+    const rows = page.getByTestId('machine-rows').locator('tr');
+    await page.getByText(`Page 1 of 1 (${MACHINES} rows)`).waitFor();
+    expect(await rows.count()).toBe(MACHINES);
+    // Names come from the machines API and replace the ids as they arrive.
+    await page.getByRole('link', { name: seed.names[seed.staleItem] ?? '' }).waitFor();
+    await page.getByLabel('State').selectOption('resync-needed');
+    await page.getByText('Page 1 of 1 (3 rows)').waitFor();
+    await page.getByLabel('State').selectOption('');
+    await page.getByLabel('Search by name').fill(seed.pointsItem.name);
+    await page.getByText('Page 1 of 1 (1 row)').waitFor();
+    await shot('machines');
+    await page.getByRole('link', { name: seed.pointsItem.name }).click();
+  });
+
+  it('opens a machine and shows its disks and points, crash and app marked differently', async () => {
+    await page.getByRole('heading', { name: seed.pointsItem.name }).waitFor();
+    const total = seed.pointsItem.crash + seed.pointsItem.app;
+    await page
+      .getByTestId('points-total')
+      .filter({ hasText: `${total} points` })
+      .waitFor();
+    expect(await page.getByTestId('disks').locator('tr').count()).toBe(2);
+    expect(await page.getByTestId('points').locator('tr').count()).toBe(total);
+    expect(
+      await page.getByTestId('points').getByText('App-consistent', { exact: true }).count(),
+    ).toBe(seed.pointsItem.app);
+    expect(await page.locator('.timeline .pt-app').count()).toBe(seed.pointsItem.app);
+    expect(await page.locator('.timeline .pt-crash').count()).toBe(seed.pointsItem.crash);
+    await shot('machine');
+    await page.getByLabel('Kind').selectOption('app');
+    await page
+      .getByTestId('points-total')
+      .filter({ hasText: `${seed.pointsItem.app} points` })
+      .waitFor();
+  });
+
+  it('acknowledges an alert as admin', async () => {
+    await page
+      .getByRole('navigation', { name: 'Main' })
+      .getByRole('link', { name: 'Alerts' })
+      .click();
+    const buttons = page.getByRole('button', { name: /^Acknowledge/ });
+    await buttons.first().waitFor();
+    // The live test above added a fourth alert (the new resync).
+    await expect.poll(() => buttons.count(), { timeout: 20_000 }).toBe(4);
+    await buttons.first().click();
+    await expect.poll(() => buttons.count(), { timeout: 20_000 }).toBe(3);
+    expect(await page.getByTestId('alert-rows').textContent()).toContain('admin,');
+    await shot('alerts');
+  });
+
+  it('shows jobs with their steps and progress', async () => {
+    await page
+      .getByRole('navigation', { name: 'Main' })
+      .getByRole('link', { name: 'Jobs' })
+      .click();
+    // The enable jobs and the scheduler's retention jobs.
+    await page
+      .getByTestId('job-rows')
+      .getByRole('link', { name: 'enable-replication' })
+      .first()
+      .waitFor();
+    await page.getByLabel('State').selectOption('running');
+    await page.getByText('Page 1 of 1 (2 rows)').waitFor();
+    await shot('jobs');
+    await page.getByTestId('job-rows').getByRole('link').first().click();
+    const steps = page.getByTestId('steps');
+    await steps.waitFor();
+    expect(await steps.textContent()).toContain('wait-for-process-server');
+    expect(await page.getByRole('button', { name: 'Cancel job' }).count()).toBe(1);
+    await shot('job');
+  });
+
+  it('a viewer sees the alerts and jobs but no button to act on them', async () => {
+    // A new tab has its own sessionStorage: a separate login.
+    const viewer = await context!.newPage();
+    try {
+      await login(viewer, VIEWER);
+      expect(await viewer.getByTestId('who').textContent()).toContain('viewer');
+      await viewer.goto(vault.url + '/alerts');
+      await viewer.getByTestId('alert-rows').locator('tr').first().waitFor();
+      await viewer.getByText('Not yet').first().waitFor();
+      expect(await viewer.getByRole('button', { name: /Acknowledge/ }).count()).toBe(0);
+      await shot('alerts-viewer', viewer);
+      await viewer.goto(vault.url + `/jobs?state=running`);
+      await viewer.getByTestId('job-rows').getByRole('link').first().click();
+      await viewer.getByTestId('steps').waitFor();
+      expect(await viewer.getByRole('button', { name: 'Cancel job' }).count()).toBe(0);
+    } finally {
+      await viewer.close();
+    }
+  });
+
+  it('fits a phone-sized screen without sideways scrolling of the page', async () => {
+    await page.setViewportSize({ width: 390, height: 844 });
+    try {
+      await page.goto(vault.url + '/');
+      await page.getByTestId('count-total').waitFor();
+      // A string: this package's type check has no DOM library.
+      const overflow = Number(
+        await page.evaluate(
+          'document.documentElement.scrollWidth - document.documentElement.clientWidth',
+        ),
+      );
+      expect(overflow).toBeLessThanOrEqual(0);
+      await shot('dashboard-phone');
+    } finally {
+      await page.setViewportSize({ width: 1280, height: 800 });
+    }
+  });
+});
