@@ -6,7 +6,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { RecoveryJobRecord } from '@lifeboat/recovery';
+import { RecoveryHost, type RecoveryJobRecord } from '@lifeboat/recovery';
+import { DirectoryBackend, Store } from '@lifeboat/store';
 import { startVault, type Vault } from '@lifeboat/vault';
 import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
 import type { CliInput } from '../cli-context.js';
@@ -277,6 +278,44 @@ describe('lifeboat failover', () => {
     const out = JSON.parse(r.stdout) as { exports: Array<{ machine: string; uri: string }> };
     expect(out.exports.map((e) => e.machine)).toEqual(['web']);
     expect(await readdir(join(runDir, 'x'))).toEqual([]);
+  }, 120_000);
+
+  it('cleanup stops the QEMU a crashed invocation left in its run directory and removes its overlays', async () => {
+    const runDir = join(dir, 'run-crashed');
+    const store = await Store.open({
+      backend: new DirectoryBackend({ path: join(dir, 'store') }),
+      passphrase: PASS,
+    });
+    // What a killed "failover start" leaves: a running QEMU, its overlay and sockets.
+    const host = await RecoveryHost.start({ runDir, accel: 'tcg' });
+    await writeFile(join(runDir, 'x', 'dead.nbd.sock'), ''); // a socket file nobody serves
+    try {
+      const [p] = await store.listPoints({ machine: 'web' });
+      const b = await host.bootMachine(store, {
+        name: 'web',
+        disks: [{ pointId: p!.id }],
+        boot: { kernel: image.kernel, append: testImageAppend() },
+        memoryMiB: 256,
+      });
+      const pid = b.machine.pid!;
+      while (!existsSync(join(runDir, 'm', 'web', 'qemu.pid')))
+        await new Promise((r) => setTimeout(r, 50));
+      const c = await lifeboat(['failover', 'cleanup', '--run-dir', runDir]);
+      expect(c.code).toBe(0);
+      expect(c.stdout).toContain(`removed machine web (QEMU pid ${pid})`);
+      const deadline = Date.now() + 10_000;
+      while (existsSync(`/proc/${pid}`) && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 50));
+      expect(existsSync(`/proc/${pid}`)).toBe(false);
+      expect(existsSync(join(runDir, 'm', 'web'))).toBe(false);
+      expect(c.stdout).toContain('stale socket');
+      expect(existsSync(join(runDir, 'x', 'dead.nbd.sock'))).toBe(false);
+      // The live export of this (still running) host is left alone.
+      expect(existsSync(b.exports[0]!.socketPath)).toBe(true);
+    } finally {
+      await host.close();
+      await store.close();
+    }
   }, 120_000);
 
   it('start refuses --hydrate-to without --commit, before touching anything', async () => {

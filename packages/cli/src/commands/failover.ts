@@ -1,4 +1,6 @@
+import { existsSync } from 'node:fs';
 import { readFile, readdir, rm } from 'node:fs/promises';
+import { connect } from 'node:net';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { LifeboatError } from '@lifeboat/protocol';
@@ -370,6 +372,25 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
         }
         await rm(join(runDir, 'm', m), { recursive: true, force: true });
         removed.push(`overlays and sockets of ${m}`);
+      }
+      // Export, segment and control sockets whose server is gone (nothing accepts on them).
+      const sockets = [
+        ...(await readdir(join(runDir, 'x')).catch(() => [] as string[])).map((n) =>
+          join(runDir, 'x', n),
+        ),
+        join(runDir, 'control.sock'),
+      ];
+      for (const path of sockets) {
+        if (!path.endsWith('.sock') || !existsSync(path)) continue;
+        const alive = await new Promise<boolean>((r) => {
+          const sock = connect(path);
+          sock.once('connect', () => (sock.destroy(), r(true)));
+          sock.once('error', () => r(false));
+        });
+        if (!alive) {
+          await rm(path, { force: true });
+          removed.push(`stale socket ${path}`);
+        }
       }
       out.json({ removed });
       for (const r of removed) out.line(`removed ${r}`);
