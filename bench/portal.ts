@@ -151,7 +151,10 @@ async function seed(vault: Vault, count: number): Promise<void> {
 async function timeDashboard(page: Page, url: string, count: number): Promise<number> {
   const start = performance.now();
   await page.goto(url + '/');
-  await page.getByTestId('count-total').filter({ hasText: new RegExp(`^${count}$`) }).waitFor();
+  await page
+    .getByTestId('count-total')
+    .filter({ hasText: new RegExp(`^${count}$`) })
+    .waitFor();
   return performance.now() - start;
 }
 
