@@ -271,6 +271,68 @@ describe.each(DIALECTS)('vault API on %s', (dialect) => {
     expect((await t.call('GET', `/api/policies/${pid}`)).status).toBe(404);
   });
 
+  it('pages a list sorted by a column with NULLs the same way on both databases', async () => {
+    const db = t.vault.context.db;
+    const now = Date.now();
+    const at = new Date(now).toISOString();
+    // Seven items, three without a point yet (lastPointAt NULL), two sharing a time.
+    const times = [
+      null,
+      '2026-01-01T00:00:02.000Z',
+      null,
+      '2026-01-01T00:00:01.000Z',
+      '2026-01-01T00:00:02.000Z',
+      null,
+      '2026-01-01T00:00:03.000Z',
+    ];
+    for (const [i, lastPointAt] of times.entries()) {
+      await db
+        .insertInto('protectedItems')
+        .values({
+          id: `pi_sort_${i}`,
+          machineId: `vm_sort_${i}`,
+          policyId: 'p',
+          processServerId: 'ps',
+          targetStoreId: 'ts',
+          networkMappingId: null,
+          consistencyGroup: 'sorting',
+          state: 'protected',
+          stateReason: '',
+          stateChangedAt: at,
+          generation: 1,
+          appliedGeneration: 1,
+          lastPointAt,
+          rpoSeconds: null,
+          backlogBytes: 0,
+          throughputBps: 0,
+          activeKey: `vm_sort_${i}`,
+          createdAt: at,
+          updatedAt: at,
+        })
+        .execute();
+    }
+    const all = async (order: 'asc' | 'desc') => {
+      const ids: string[] = [];
+      let cursor: string | null = null;
+      do {
+        const r: Awaited<ReturnType<TestVault['call']>> = await t.call(
+          'GET',
+          `/api/protected-items?sort=lastPointAt&order=${order}&limit=2${cursor !== null ? `&cursor=${cursor}` : ''}`,
+        );
+        ids.push(
+          ...(r.body['items'] as Array<{ id: string; consistencyGroup: string }>)
+            .filter((x) => x.consistencyGroup === 'sorting')
+            .map((x) => x.id.replace('pi_sort_', '')),
+        );
+        cursor = r.body['nextCursor'] as string | null;
+      } while (cursor !== null);
+      return ids.join(',');
+    };
+    expect(await all('asc')).toBe('0,2,5,3,1,4,6');
+    expect(await all('desc')).toBe('6,4,1,3,5,2,0');
+    await db.deleteFrom('protectedItems').where('consistencyGroup', '=', 'sorting').execute();
+  });
+
   it('manages users and API tokens; an API token works like a login and can be revoked', async () => {
     const user = await t.call('POST', '/api/users', {
       username: 'scripter',

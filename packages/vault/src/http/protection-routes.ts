@@ -352,7 +352,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
             machineId: q['machineId'],
           },
           where: (qb) =>
-            q['q'] === undefined
+            q['q'] === undefined || q['q'] === ''
               ? qb
               : qb.where(
                   'machineId',

@@ -88,18 +88,32 @@ export async function listPage(
     return spec.where === undefined ? qb : spec.where(qb);
   };
   let query = filtered(db.selectFrom(spec.table).selectAll());
+  // NULLs of the sort column (an item without a point yet) come first ascending and last
+  // descending on both dialects (their defaults differ), and the cursor condition follows.
   if (page.cursor !== undefined) {
     const [value, id] = decodeCursor(page.cursor);
     const op = desc ? '<' : '>';
     query =
       sort === 'id'
         ? query.where('id', op, id)
-        : query.where((eb) =>
-            eb.or([eb(sort, op, value), eb.and([eb(sort, '=', value), eb('id', op, id)])]),
-          );
+        : query.where((eb) => {
+            if (value === null) {
+              const sameNull = eb.and([eb(sort, 'is', null), eb('id', op, id)]);
+              return desc ? sameNull : eb.or([sameNull, eb(sort, 'is not', null)]);
+            }
+            const after = eb.or([
+              eb(sort, op, value),
+              eb.and([eb(sort, '=', value), eb('id', op, id)]),
+            ]);
+            return desc ? eb.or([after, eb(sort, 'is', null)]) : after;
+          });
   }
-  query = query.orderBy(sort, desc ? 'desc' : 'asc');
-  if (sort !== 'id') query = query.orderBy('id', desc ? 'desc' : 'asc');
+  query =
+    sort === 'id'
+      ? query.orderBy('id', desc ? 'desc' : 'asc')
+      : query
+          .orderBy(sort, (ob) => (desc ? ob.desc().nullsLast() : ob.asc().nullsFirst()))
+          .orderBy('id', desc ? 'desc' : 'asc');
   query = query.limit(limit + 1);
   if (page.offset !== undefined) query = query.offset(page.offset);
   const rows = (await query.execute()) as Record<string, unknown>[];
