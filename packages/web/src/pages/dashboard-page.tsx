@@ -39,69 +39,70 @@ export function DashboardPage() {
           <p aria-busy="true">Loading…</p>
         ) : null
       ) : (
-        <div className="grid" data-testid="dashboard">
-          <section className="card" aria-labelledby="machines-h">
-            <h2 id="machines-h">Protected machines</h2>
-            <p className="big">
-              <Link to="/machines" data-testid="count-total">
-                {s.protectedItems.total}
-              </Link>
-            </p>
-            <ul className="counts">
-              {STATES.map((st) => (
-                <li key={st}>
-                  <Link to={`/machines?state=${st}`}>
-                    <Badge value={st} label={STATE_LABELS[st] ?? st} />{' '}
-                    <span data-testid={`count-${st}`}>{s.protectedItems.byState[st] ?? 0}</span>
-                  </Link>
-                </li>
-              ))}
-            </ul>
-          </section>
-
-          <section className="card" aria-labelledby="alerts-h">
-            <h2 id="alerts-h">Active alerts</h2>
-            <p className="big">
-              <Link to="/alerts" data-testid="count-alerts">
-                {Object.values(s.alerts.active).reduce((a, b) => a + b, 0)}
-              </Link>
-            </p>
-            <ul className="counts">
-              {SEVERITIES.map((sev) => (
-                <li key={sev}>
-                  <Badge value={sev} /> {s.alerts.active[sev] ?? 0}
-                </li>
-              ))}
-              <li>
-                Not acknowledged:{' '}
-                <span data-testid="count-unacknowledged">{s.alerts.unacknowledged}</span>
-              </li>
-            </ul>
-          </section>
-
-          <section className="card" aria-labelledby="jobs-h">
-            <h2 id="jobs-h">Jobs</h2>
-            <p className="big">
-              <Link to="/jobs?state=running" data-testid="count-running-jobs">
-                {s.jobs['running'] ?? 0}
-              </Link>{' '}
-              <span className="muted small">running, {s.jobs['queued'] ?? 0} queued</span>
-            </p>
-            {running.data !== undefined && running.data.items.length > 0 ? (
-              <ul className="plain">
-                {running.data.items.map((j) => (
-                  <li key={j.id}>
-                    <Link to={`/jobs/${encodeURIComponent(j.id)}`}>{j.kind}</Link>{' '}
-                    <Progress value={j.progress} label={`${j.kind} progress`} />
+        <div className="stack" data-testid="dashboard">
+          <div className="grid">
+            <section className="card" aria-labelledby="machines-h">
+              <h2 id="machines-h">Protected machines</h2>
+              <p className="big">
+                <Link to="/machines" data-testid="count-total">
+                  {s.protectedItems.total}
+                </Link>
+              </p>
+              <ul className="counts">
+                {STATES.map((st) => (
+                  <li key={st}>
+                    <Link to={`/machines?state=${st}`}>
+                      <Badge value={st} label={STATE_LABELS[st] ?? st} />{' '}
+                      <span data-testid={`count-${st}`}>{s.protectedItems.byState[st] ?? 0}</span>
+                    </Link>
                   </li>
                 ))}
               </ul>
-            ) : (
-              <p className="muted">No job is running.</p>
-            )}
-          </section>
+            </section>
 
-          <section className="card wide" aria-labelledby="rpo-h">
+            <section className="card" aria-labelledby="alerts-h">
+              <h2 id="alerts-h">Active alerts</h2>
+              <p className="big">
+                <Link to="/alerts" data-testid="count-alerts">
+                  {Object.values(s.alerts.active).reduce((a, b) => a + b, 0)}
+                </Link>
+              </p>
+              <ul className="counts">
+                {SEVERITIES.map((sev) => (
+                  <li key={sev}>
+                    <Badge value={sev} /> {s.alerts.active[sev] ?? 0}
+                  </li>
+                ))}
+                <li>
+                  Not acknowledged:{' '}
+                  <span data-testid="count-unacknowledged">{s.alerts.unacknowledged}</span>
+                </li>
+              </ul>
+            </section>
+
+            <section className="card" aria-labelledby="jobs-h">
+              <h2 id="jobs-h">Jobs</h2>
+              <p className="big">
+                <Link to="/jobs?state=running" data-testid="count-running-jobs">
+                  {s.jobs['running'] ?? 0}
+                </Link>{' '}
+                <span className="muted small">running, {s.jobs['queued'] ?? 0} queued</span>
+              </p>
+              {running.data !== undefined && running.data.items.length > 0 ? (
+                <ul className="plain">
+                  {running.data.items.map((j) => (
+                    <li key={j.id}>
+                      <Link to={`/jobs/${encodeURIComponent(j.id)}`}>{j.kind}</Link>{' '}
+                      <Progress value={j.progress} label={`${j.kind} progress`} />
+                    </li>
+                  ))}
+                </ul>
+              ) : (
+                <p className="muted">No job is running.</p>
+              )}
+            </section>
+          </div>
+          <section className="card" aria-labelledby="rpo-h">
             <h2 id="rpo-h">Worst RPOs</h2>
             {s.worstRpo.length === 0 ? (
               <p className="muted">No machine has a recovery point yet.</p>
@@ -135,7 +136,7 @@ export function DashboardPage() {
             )}
           </section>
 
-          <section className="card wide" aria-labelledby="components-h">
+          <section className="card" aria-labelledby="components-h">
             <h2 id="components-h">Process servers and recovery hosts</h2>
             {s.components.length === 0 ? (
               <p className="muted">None registered yet.</p>
