@@ -20,6 +20,8 @@ export interface PortalSeed {
   pointsItem: { id: string; name: string; crash: number; app: number };
   /** The item whose newest point is hours old (it raises an RPO alert). */
   staleItem: string;
+  /** Names of discovered machines that are not protected. */
+  spares: string[];
   /** Stops the heartbeats the seed keeps sending for its process server and recovery host. */
   stop(): void;
 }
@@ -105,7 +107,18 @@ export async function seedPortal(
           ]
         : [{ name: 'vda', sizeBytes: 20 * 2 ** 30 }],
   }));
-  await a('PUT', `/api/source-hosts/${host.id}/inventory`, { machines });
+  // Two more machines are discovered but not protected (for the enable-replication wizard).
+  const spares = ['spare-0', 'spare-1'].map((name) => ({
+    externalId: name,
+    name,
+    cpus: 1,
+    memoryBytes: 2 ** 30,
+    os: 'Alpine 3.20',
+    disks: [{ name: 'vda', sizeBytes: 8 * 2 ** 30 }],
+  }));
+  await a('PUT', `/api/source-hosts/${host.id}/inventory`, {
+    machines: [...machines, ...spares],
+  });
   // A real, empty store: the vault's scheduled retention opens it (its points are catalogue
   // entries only, which is all the portal reads).
   const passphrase = 'portal-test-passphrase';
@@ -236,6 +249,7 @@ export async function seedPortal(
   }, 10_000);
   return {
     stop: () => clearInterval(timer),
+    spares: spares.map((m) => m.name),
     adminToken,
     processServerToken: ps.token,
     items,

@@ -223,6 +223,9 @@ describe('portal', () => {
       await viewer.getByTestId('job-rows').getByRole('link').first().click();
       await viewer.getByTestId('steps').waitFor();
       expect(await viewer.getByRole('button', { name: 'Cancel job' }).count()).toBe(0);
+      await viewer.goto(vault.url + '/machines');
+      await viewer.getByTestId('machine-rows').getByRole('link').first().waitFor();
+      expect(await viewer.getByRole('link', { name: 'Protect machines' }).count()).toBe(0);
     } finally {
       await viewer.close();
     }
@@ -244,5 +247,56 @@ describe('portal', () => {
     } finally {
       await page.setViewportSize({ width: 1280, height: 800 });
     }
+  });
+
+  it('protects machines through the wizard, with field errors for what is missing', async () => {
+    await page.goto(vault.url + '/machines');
+    await page.getByRole('link', { name: 'Protect machines' }).click();
+    await page.getByRole('heading', { name: 'Protect machines' }).waitFor();
+    const next = page.getByRole('button', { name: 'Next' });
+    await next.click();
+    expect(await page.locator('#protect-host-error').textContent()).toBe(
+      'Choose the source host the machines run on.',
+    );
+    await page.getByLabel('Source host').selectOption({ label: 'kvm-east-1' });
+    // The error goes as soon as the field is valid; the next one shows on the next attempt.
+    expect(await page.locator('#protect-host-error').count()).toBe(0);
+    await page
+      .getByTestId('inventory')
+      .getByText(seed.spares[0] ?? '')
+      .waitFor();
+    await next.click();
+    expect(await page.locator('#protect-machines-error').textContent()).toBe(
+      'Choose at least one machine.',
+    );
+    // Two new machines, and one already protected (the API refuses that one).
+    for (const name of [...seed.spares, seed.pointsItem.name]) {
+      await page.getByLabel('Filter machines by name').fill(name);
+      await page.getByRole('checkbox', { name: new RegExp(`^${name}\\b`) }).check();
+    }
+    await next.click();
+    await next.click();
+    expect(await page.locator('#protect-policy-error').textContent()).toBe(
+      'Choose a replication policy.',
+    );
+    await page.getByLabel('Replication policy').selectOption({ index: 1 });
+    await page.getByLabel('Target store').selectOption({ label: 'east-store (directory)' });
+    await next.click();
+    const review = await page.getByTestId('protect-review').textContent();
+    expect(review).toContain(seed.spares.join(', '));
+    await page.getByRole('button', { name: 'Protect 3 machines' }).click();
+    const results = page.getByTestId('protect-results');
+    await results.waitFor();
+    expect(await results.getByText('Replication is being enabled.').count()).toBe(2);
+    expect(await results.textContent()).toContain('LB_VAULT_CONFLICT');
+    await shot('protect-result');
+    await page
+      .getByRole('navigation', { name: 'Main' })
+      .getByRole('link', { name: 'Dashboard' })
+      .click();
+    await page
+      .getByTestId('count-total')
+      .filter({ hasText: String(MACHINES + 2) })
+      .waitFor();
   });
 });

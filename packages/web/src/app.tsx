@@ -1,5 +1,5 @@
 import { useEffect, useSyncExternalStore } from 'react';
-import { api, getSession, onSessionChange, setSession } from './api';
+import { api, getSession, onSessionChange, roleAtLeast, setSession } from './api';
 import { useLiveStatus } from './live';
 import { Link, navigate, useLocation } from './router';
 import { AlertsPage } from './pages/alerts-page';
@@ -8,6 +8,7 @@ import { JobPage, JobsPage } from './pages/jobs-page';
 import { LoginPage } from './pages/login-page';
 import { MachinePage } from './pages/machine-page';
 import { MachinesPage } from './pages/machines-page';
+import { ProtectPage } from './pages/protect-page';
 
 const NAV = [
   { to: '/', label: 'Dashboard' },
@@ -39,7 +40,8 @@ export function App() {
   const job = /^\/jobs\/([^/]+)$/.exec(path);
   let page;
   if (path === '/') page = <DashboardPage />;
-  else if (path === '/machines') page = <MachinesPage />;
+  else if (path === '/machines') page = <MachinesPage role={session.role} />;
+  else if (path === '/protect' && roleAtLeast(session.role, 'operator')) page = <ProtectPage />;
   else if (machine?.[1] !== undefined) page = <MachinePage id={decodeURIComponent(machine[1])} />;
   else if (path === '/alerts') page = <AlertsPage role={session.role} />;
   else if (path === '/jobs') page = <JobsPage />;

@@ -1,5 +1,5 @@
 import { useEffect, useState } from 'react';
-import { query, type Page } from '../api';
+import { query, roleAtLeast, type Page, type Role } from '../api';
 import { ago, bytes, duration, STATE_LABELS } from '../format';
 import { useLiveRefresh } from '../live';
 import { useMachineNames } from '../names';
@@ -11,7 +11,7 @@ import { Badge, ErrorBox, PageHeader, Pager } from '../ui';
 const LIMIT = 50;
 
 /** Protected machines: a server-side paged table with search, state and policy filters, sort. */
-export function MachinesPage() {
+export function MachinesPage({ role }: { role: Role }) {
   const { params } = useLocation();
   const state = params.get('state') ?? '';
   const policyId = params.get('policy') ?? '';
@@ -59,7 +59,13 @@ export function MachinesPage() {
 
   return (
     <>
-      <PageHeader title="Machines" />
+      <PageHeader title="Machines">
+        {roleAtLeast(role, 'operator') ? (
+          <Link to="/protect" className="button primary">
+            Protect machines
+          </Link>
+        ) : null}
+      </PageHeader>
       <form className="toolbar" role="search" onSubmit={(e) => e.preventDefault()}>
         <div className="field inline">
           <label htmlFor="machine-search">Search by name</label>
