@@ -226,6 +226,9 @@ describe('portal', () => {
       await viewer.goto(vault.url + '/machines');
       await viewer.getByTestId('machine-rows').getByRole('link').first().waitFor();
       expect(await viewer.getByRole('link', { name: 'Protect machines' }).count()).toBe(0);
+      const nav = viewer.getByRole('navigation', { name: 'Main' });
+      expect(await nav.getByRole('link', { name: 'Users' }).count()).toBe(0);
+      expect(await nav.getByRole('link', { name: 'Audit log' }).count()).toBe(0);
     } finally {
       await viewer.close();
     }
@@ -298,5 +301,38 @@ describe('portal', () => {
       .getByTestId('count-total')
       .filter({ hasText: String(MACHINES + 2) })
       .waitFor();
+  });
+
+  it('shows policies, infrastructure and the audit log, and creates a user with field checks', async () => {
+    const nav = page.getByRole('navigation', { name: 'Main' });
+    await nav.getByRole('link', { name: 'Policies' }).click();
+    await page.getByTestId('policies').getByText('gold').waitFor();
+    expect(await page.getByTestId('policies').textContent()).toContain('5 min');
+    await shot('policies');
+    await nav.getByRole('link', { name: 'Infrastructure' }).click();
+    await page.getByTestId('process-servers').getByText('ps-east-1').waitFor();
+    await page.getByTestId('recovery-hosts').getByText('rh-west-1').waitFor();
+    await page.getByTestId('source-hosts').getByText('kvm-east-1').waitFor();
+    await page.getByTestId('target-stores').getByText('east-store').waitFor();
+    expect(await page.getByTestId('process-servers').textContent()).toContain('healthy');
+    await shot('infrastructure');
+    await nav.getByRole('link', { name: 'Audit log' }).click();
+    await page.getByTestId('audit-rows').getByText('protected-item.create').first().waitFor();
+    await shot('audit');
+    await nav.getByRole('link', { name: 'Users' }).click();
+    await page.getByTestId('user-rows').getByText(VIEWER.username).waitFor();
+    await page.getByLabel('Username').fill(VIEWER.username);
+    await page.getByLabel('Password').fill('short');
+    expect(await page.locator('#new-password-error').textContent()).toBe('At least 8 characters.');
+    await page.getByLabel('Password').fill('long-enough-password');
+    await page.getByRole('button', { name: 'Create user' }).click();
+    // The vault's own refusal, shown at the field it names.
+    await page.locator('#new-username-error').filter({ hasText: 'already exists' }).waitFor();
+    await shot('users-error');
+    await page.getByLabel('Username').fill('olga');
+    await page.getByLabel('Role').selectOption('operator');
+    await page.getByRole('button', { name: 'Create user' }).click();
+    await page.getByTestId('user-rows').getByText('olga').waitFor();
+    expect(await page.getByTestId('user-rows').textContent()).toContain('operator');
   });
 });

@@ -1,8 +1,12 @@
 import { useEffect, useSyncExternalStore } from 'react';
-import { api, getSession, onSessionChange, roleAtLeast, setSession } from './api';
+import { api, getSession, onSessionChange, roleAtLeast, setSession, type Role } from './api';
 import { useLiveStatus } from './live';
 import { Link, navigate, useLocation } from './router';
 import { AlertsPage } from './pages/alerts-page';
+import { AuditPage } from './pages/audit-page';
+import { InfrastructurePage } from './pages/infrastructure-page';
+import { PoliciesPage } from './pages/policies-page';
+import { UsersPage } from './pages/users-page';
 import { DashboardPage } from './pages/dashboard-page';
 import { JobPage, JobsPage } from './pages/jobs-page';
 import { LoginPage } from './pages/login-page';
@@ -10,11 +14,15 @@ import { MachinePage } from './pages/machine-page';
 import { MachinesPage } from './pages/machines-page';
 import { ProtectPage } from './pages/protect-page';
 
-const NAV = [
-  { to: '/', label: 'Dashboard' },
-  { to: '/machines', label: 'Machines' },
-  { to: '/alerts', label: 'Alerts' },
-  { to: '/jobs', label: 'Jobs' },
+const NAV: Array<{ to: string; label: string; min: Role }> = [
+  { to: '/', label: 'Dashboard', min: 'viewer' },
+  { to: '/machines', label: 'Machines', min: 'viewer' },
+  { to: '/alerts', label: 'Alerts', min: 'viewer' },
+  { to: '/jobs', label: 'Jobs', min: 'viewer' },
+  { to: '/policies', label: 'Policies', min: 'viewer' },
+  { to: '/infrastructure', label: 'Infrastructure', min: 'viewer' },
+  { to: '/audit', label: 'Audit log', min: 'operator' },
+  { to: '/users', label: 'Users', min: 'admin' },
 ];
 
 /** The portal: login when logged out, otherwise the layout with the page for the path. */
@@ -45,6 +53,10 @@ export function App() {
   else if (machine?.[1] !== undefined) page = <MachinePage id={decodeURIComponent(machine[1])} />;
   else if (path === '/alerts') page = <AlertsPage role={session.role} />;
   else if (path === '/jobs') page = <JobsPage />;
+  else if (path === '/policies') page = <PoliciesPage />;
+  else if (path === '/infrastructure') page = <InfrastructurePage />;
+  else if (path === '/audit' && roleAtLeast(session.role, 'operator')) page = <AuditPage />;
+  else if (path === '/users' && roleAtLeast(session.role, 'admin')) page = <UsersPage />;
   else if (job?.[1] !== undefined)
     page = <JobPage id={decodeURIComponent(job[1])} role={session.role} />;
   else
@@ -69,7 +81,7 @@ export function App() {
         <span className="brand">Lifeboat</span>
         <nav aria-label="Main">
           <ul>
-            {NAV.map((n) => (
+            {NAV.filter((n) => roleAtLeast(session.role, n.min)).map((n) => (
               <li key={n.to}>
                 <Link to={n.to} aria-current={active(n.to) ? 'page' : undefined}>
                   {n.label}
