@@ -163,6 +163,10 @@ describe('portal', () => {
     ).toBe(seed.pointsItem.app);
     expect(await page.locator('.timeline .pt-app').count()).toBe(seed.pointsItem.app);
     expect(await page.locator('.timeline .pt-crash').count()).toBe(seed.pointsItem.crash);
+    // The RPO chart, derived from the points 5 min apart, against the policy's 5 min threshold.
+    const rpo = await page.locator('.chart svg').getAttribute('aria-label');
+    expect(rpo).toContain('worst 5 min');
+    expect(rpo).toContain('threshold 5 min');
     await shot('machine');
     await page.getByLabel('Kind').selectOption('app');
     await page

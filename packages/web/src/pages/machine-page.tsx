@@ -7,6 +7,7 @@ import type { Machine, Policy, ProtectedItem, RecoveryPoint, Summary } from '../
 import { useApi } from '../use-api';
 import { Badge, ErrorBox, PageHeader } from '../ui';
 import { PointTimeline } from './point-timeline';
+import { RpoChart } from './rpo-chart';
 
 const POINTS = 100;
 
@@ -162,6 +163,14 @@ export function MachinePage({ id }: { id: string }) {
               </span>
             </div>
             <ErrorBox error={points.error} />
+            {points.data !== undefined && kind === '' && cursor === undefined ? (
+              <RpoChart
+                points={points.data.items}
+                {...(policy.data !== undefined
+                  ? { thresholdSeconds: policy.data.rpoThresholdSeconds }
+                  : {})}
+              />
+            ) : null}
             {points.data !== undefined ? <PointTimeline points={points.data.items} /> : null}
             <div className="table-wrap">
               <table>
