@@ -38,6 +38,8 @@ beforeAll(async () => {
     port: 0,
     healthPort: 0,
     logLevel: 'silent',
+    // Small, so sessions pause and resume for the fsync all the time (a hang here once).
+    sessionUnsyncedBytes: 64 * 1024,
   });
 });
 

@@ -787,6 +787,12 @@ export class ProcessServer extends EventEmitter {
         // A resync may have dropped the backlog meanwhile: such a record is already released.
         if (rec.seq > m.state.releasedSeq) m.replicator.push(rec);
         s.unsyncedBytes -= bytes;
+        // 'flushed' fires before these callbacks run, so the session's own bytes are checked here.
+        if (
+          s.unsyncedBytes <= this.opts.sessionUnsyncedBytes / 2 &&
+          this.journal.pendingBytes <= JOURNAL_PENDING_LIMIT / 2
+        )
+          s.resume('unsynced');
         s.ack(m.durableSeq);
       },
       (err: unknown) => s.reject(err),
