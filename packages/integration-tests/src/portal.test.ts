@@ -339,4 +339,23 @@ describe('portal', () => {
     await page.getByTestId('user-rows').getByText('olga').waitFor();
     expect(await page.getByTestId('user-rows').textContent()).toContain('operator');
   });
+
+  it('creates a one-time registration key that registers a component once', async () => {
+    const nav = page.getByRole('navigation', { name: 'Main' });
+    await nav.getByRole('link', { name: 'Keys' }).click();
+    await page.getByLabel('Valid for (hours)').fill('0');
+    expect(await page.locator('#key-hours-error').textContent()).toContain('Between');
+    await page.getByLabel('Valid for (hours)').fill('2');
+    await page.getByLabel('For a').selectOption('recovery-host');
+    await page.getByRole('button', { name: 'Create key' }).click();
+    const key = (await page.getByTestId('new-key').textContent()) ?? '';
+    await page.getByTestId('key-rows').getByText('Unused').first().waitFor();
+    await shot('keys');
+    // The key shown works, once.
+    const body = { key, kind: 'recovery-host', name: 'rh-from-portal' };
+    await call(vault.url, null, 'POST', '/api/register', body);
+    await expect(call(vault.url, null, 'POST', '/api/register', body)).rejects.toThrow(
+      /LB_VAULT_REGISTRATION_KEY_USED/,
+    );
+  });
 });

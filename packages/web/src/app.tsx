@@ -5,6 +5,7 @@ import { Link, navigate, useLocation } from './router';
 import { AlertsPage } from './pages/alerts-page';
 import { AuditPage } from './pages/audit-page';
 import { InfrastructurePage } from './pages/infrastructure-page';
+import { KeysPage } from './pages/keys-page';
 import { PoliciesPage } from './pages/policies-page';
 import { UsersPage } from './pages/users-page';
 import { DashboardPage } from './pages/dashboard-page';
@@ -23,6 +24,7 @@ const NAV: Array<{ to: string; label: string; min: Role }> = [
   { to: '/infrastructure', label: 'Infrastructure', min: 'viewer' },
   { to: '/audit', label: 'Audit log', min: 'operator' },
   { to: '/users', label: 'Users', min: 'admin' },
+  { to: '/keys', label: 'Keys', min: 'admin' },
 ];
 
 /** The portal: login when logged out, otherwise the layout with the page for the path. */
@@ -57,6 +59,7 @@ export function App() {
   else if (path === '/infrastructure') page = <InfrastructurePage />;
   else if (path === '/audit' && roleAtLeast(session.role, 'operator')) page = <AuditPage />;
   else if (path === '/users' && roleAtLeast(session.role, 'admin')) page = <UsersPage />;
+  else if (path === '/keys' && roleAtLeast(session.role, 'admin')) page = <KeysPage />;
   else if (job?.[1] !== undefined)
     page = <JobPage id={decodeURIComponent(job[1])} role={session.role} />;
   else
