@@ -53,6 +53,8 @@ export interface AgentOptions {
   qmpTimeoutMs?: number;
   /** Consistency group of the machine, put on every cut. @default none */
   consistencyGroup?: string;
+  /** A clean stop waits this long for the current step (a cut's acknowledgement) before abandoning it. @default 10000 */
+  stopGraceMs?: number;
   /** Hooks around each cut. @default none */
   hooks?: CutHooks;
   /** Logger. @default silent */
@@ -113,6 +115,7 @@ export function resolveAgentOptions(o: AgentOptions): ResolvedAgentOptions {
     checkpointBytes: Math.max(o.checkpointBytes ?? 32 * 1024 * 1024, readBytes),
     qmpTimeoutMs: o.qmpTimeoutMs ?? 60_000,
     consistencyGroup: o.consistencyGroup,
+    stopGraceMs: o.stopGraceMs ?? 10_000,
     hooks: o.hooks ?? {},
     logger: o.logger ?? silent,
   };

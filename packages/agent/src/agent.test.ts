@@ -549,4 +549,45 @@ describe('agent against qemu-storage-daemon', () => {
     const last = sink.committed[sink.committed.length - 1]?.points[0];
     expect((await readAll(store, last?.id as string)).equals(model)).toBe(true);
   });
+
+  it('stops within its grace period when the sink never acknowledges, and the next run loses nothing', async () => {
+    const img = join(dir, 'disk.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '4M']);
+    const qsd = await daemon([{ path: img }]);
+    const nbd = await guest(qsd, 0);
+    const model = Buffer.alloc(4 * MiB);
+    const put = async (offset: number, data: Buffer): Promise<void> => {
+      await nbd.write(offset, data);
+      data.copy(model, offset);
+    };
+    await put(0, randomBytes(MiB));
+    let silent = false;
+    class SilentSink extends StoreSink {
+      override waitForAck(): Promise<void> {
+        // A process server that went away: acknowledgements stop coming.
+        return silent ? new Promise<void>(() => undefined) : super.waitForAck();
+      }
+    }
+    const first = agentFor(qsd, new SilentSink(store, 'vm1'), { stopGraceMs: 500 });
+    await first.start();
+    await waitFor<CutReport>(first, 'cut', () => true);
+    silent = true;
+    await put(MiB, randomBytes(65536));
+    await new Promise((r) => setTimeout(r, 1500));
+    await first.stop();
+    expect(first.status().phase).toBe('stopped');
+
+    await put(2 * MiB, randomBytes(65536));
+    const sink = new StoreSink(store, 'vm1');
+    const second = agentFor(qsd, sink);
+    const warnings: string[] = [];
+    second.on('warning', (w: { code: string }) => warnings.push(w.code));
+    await second.start();
+    await waitFor<CutReport>(second, 'cut', () => true);
+    await second.stop();
+    // The cut the first agent gave up on was committed by the sink: adopted, no resync.
+    expect(warnings).not.toContain('LB_AGENT_RESYNC');
+    const last = sink.committed[sink.committed.length - 1]?.points[0];
+    expect((await readAll(store, last?.id as string)).equals(model)).toBe(true);
+  });
 });

@@ -14,7 +14,7 @@ import type { AgentState, DiskState } from './agent-state.js';
 import { AGENT_NODE_PREFIX, discoverDisks } from './disk-discovery.js';
 import type { DiscoveredDisk } from './disk-discovery.js';
 import { GuestAgentClient } from './guest-agent-client.js';
-import type { ResyncBaseline } from './replication-sink.js';
+import type { ReplicationSink, ResyncBaseline } from './replication-sink.js';
 
 /** Progress of a full read of a disk (initial replication or resync). */
 export interface SyncProgressReport {
@@ -70,6 +70,46 @@ export interface AgentStatus {
 /** Thrown inside the agent to unwind on `stop({ crash: true })`. */
 class Crashed extends Error {}
 
+/** Thrown inside the agent when a stop gave up waiting for the sink. */
+class Stopped extends Error {}
+
+/**
+ * The sink as the agent uses it: every call also ends when `abandon` settles, so a stop never
+ * waits forever for an acknowledgement that cannot come (process server gone).
+ */
+function guardSink(sink: ReplicationSink, abandon: Promise<void>): ReplicationSink {
+  const guard = <T>(p: Promise<T>): Promise<T> => {
+    p.catch(() => undefined); // may settle after we gave up on it
+    return Promise.race([
+      p,
+      abandon.then(() => {
+        throw new Stopped('the agent stopped while waiting for its sink');
+      }),
+    ]);
+  };
+  const out: ReplicationSink = {
+    write: (disk, offset, data) => guard(sink.write(disk, offset, data)),
+    writeZeroes: (disk, offset, length) => guard(sink.writeZeroes(disk, offset, length)),
+    resize: (disk, size) => guard(sink.resize(disk, size)),
+    addDisk: (disk) => sink.addDisk(disk),
+    cut: (options) => guard(sink.cut(options)),
+    waitForAck: () => guard(sink.waitForAck()),
+  };
+  if (sink.resyncBaseline) {
+    const f = sink.resyncBaseline.bind(sink);
+    out.resyncBaseline = (disk) => guard(f(disk));
+  }
+  if (sink.discardPending) {
+    const f = sink.discardPending.bind(sink);
+    out.discardPending = (disk) => guard(f(disk));
+  }
+  if (sink.latestCut) {
+    const f = sink.latestCut.bind(sink);
+    out.latestCut = () => guard(f());
+  }
+  return out;
+}
+
 function isZero(b: Buffer): boolean {
   // Compare 8 bytes at a time through a BigUint64 view when aligned; fall back bytewise.
   for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
@@ -86,6 +126,8 @@ function isZero(b: Buffer): boolean {
  */
 export class Agent extends EventEmitter {
   private readonly opts: ResolvedAgentOptions;
+  private readonly sink: ReplicationSink;
+  private abandon: () => void = () => undefined;
   private qmp: QmpClient | undefined;
   private state: AgentState | undefined;
   private disks: DiscoveredDisk[] = [];
@@ -110,6 +152,7 @@ export class Agent extends EventEmitter {
   constructor(options: AgentOptions) {
     super();
     this.opts = resolveAgentOptions(options);
+    this.sink = guardSink(this.opts.sink, new Promise<void>((resolve) => (this.abandon = resolve)));
     this.statePath = join(this.opts.stateDir, 'agent-state.json');
   }
 
@@ -154,7 +197,7 @@ export class Agent extends EventEmitter {
         this.requestResync('the process server dropped this machine’s backlog'),
       );
     }
-    for (const d of this.disks) this.opts.sink.addDisk({ name: d.name, size: d.size });
+    for (const d of this.disks) this.sink.addDisk({ name: d.name, size: d.size });
     this.loop = this.run();
   }
 
@@ -167,7 +210,10 @@ export class Agent extends EventEmitter {
     this.stopping = true;
     if (options.crash) this.crashing = true;
     this.wake?.();
+    // The current step may finish for a while (a cut being acknowledged); then give up on it.
+    const giveUp = setTimeout(() => this.abandon(), options.crash ? 0 : this.opts.stopGraceMs);
     await this.loop?.catch(() => undefined);
+    clearTimeout(giveUp);
     if (!options.crash && this.qmp && this.ownNbdDir) {
       await this.qmp.execute('nbd-server-stop').catch(() => undefined);
     }
@@ -347,7 +393,7 @@ export class Agent extends EventEmitter {
         if (!this.stopping) await this.sleep(Math.max(0, this.opts.intervalMs - elapsed));
       }
     } catch (err) {
-      if (err instanceof Crashed) return;
+      if (err instanceof Crashed || err instanceof Stopped) return;
       const e = isLifeboatError(err)
         ? err
         : new LifeboatError('LB_AGENT_FAILED', `Replication stopped: ${(err as Error).message}`, {
@@ -379,7 +425,7 @@ export class Agent extends EventEmitter {
 
   /** Brings every disk to "tracked since the last acknowledged cut", reading disks fully where needed. */
   private async prepare(): Promise<void> {
-    const latest = await this.opts.sink.latestCut?.();
+    const latest = await this.sink.latestCut?.();
     const pending = this.st.pendingCut;
     if (pending && latest?.cutId === pending.id) {
       // The last cut was acknowledged before the agent could record it: its bitmaps track.
@@ -532,8 +578,8 @@ export class Agent extends EventEmitter {
       ];
       // Frames of this disk the sink holds but has not committed describe a disk state the
       // resync cannot see any more (the lost bitmap knew about them): drop them first.
-      await this.opts.sink.discardPending?.(d.name);
-      if (prev && prev.size !== d.size) await this.opts.sink.resize(d.name, d.size);
+      await this.sink.discardPending?.(d.name);
+      if (prev && prev.size !== d.size) await this.sink.resize(d.name, d.size);
       this.st.disks[d.name] = {
         node: d.node,
         size: d.size,
@@ -544,7 +590,7 @@ export class Agent extends EventEmitter {
     const ds = this.st.disks[d.name] as DiskState;
     // Even an "initial" read compares with a point when the sink has one (a lost state file, a
     // machine protected again): only what differs is sent.
-    const baseline = await this.opts.sink.resyncBaseline?.(d.name);
+    const baseline = await this.sink.resyncBaseline?.(d.name);
     const chunk = baseline?.chunkSize ?? this.opts.chunkSize;
     const exportId = `${AGENT_NODE_PREFIX}live-${d.node}`;
     await this.q.execute('block-export-add', {
@@ -566,7 +612,7 @@ export class Agent extends EventEmitter {
       if (!this.crashing) await this.deleteExport(exportId);
     }
     if (this.stopping) return;
-    await this.opts.sink.waitForAck();
+    await this.sink.waitForAck();
     ds.tracking = bitmap;
     delete ds.sync;
     ds.size = d.size;
@@ -620,7 +666,7 @@ export class Agent extends EventEmitter {
     const zero = async (from: number, to: number): Promise<void> => {
       if (to <= from) return;
       if (!baseline) {
-        await this.opts.sink.writeZeroes(d.name, from, to - from);
+        await this.sink.writeZeroes(d.name, from, to - from);
         return;
       }
       // Only chunks that are not already zero in the latest point need a zero frame.
@@ -629,14 +675,14 @@ export class Agent extends EventEmitter {
         const needs = (baseline.ids.get(c) ?? null) !== null || c >= baseline.size;
         if (needs && runStart < 0) runStart = c;
         if (!needs && runStart >= 0) {
-          await this.opts.sink.writeZeroes(d.name, runStart, c - runStart);
+          await this.sink.writeZeroes(d.name, runStart, c - runStart);
           runStart = -1;
         }
       }
-      if (runStart >= 0) await this.opts.sink.writeZeroes(d.name, runStart, to - runStart);
+      if (runStart >= 0) await this.sink.writeZeroes(d.name, runStart, to - runStart);
     };
     const checkpoint = async (offset: number): Promise<void> => {
-      await this.opts.sink.waitForAck();
+      await this.sink.waitForAck();
       this.checkCrash();
       if (ds.sync) ds.sync.offset = offset;
       await this.save();
@@ -668,7 +714,7 @@ export class Agent extends EventEmitter {
             continue;
           }
           // The sink keeps the buffer until acknowledged: give it its own copy of the piece.
-          await this.opts.sink.write(d.name, at, Buffer.from(piece));
+          await this.sink.write(d.name, at, Buffer.from(piece));
           sent += piece.length;
           this.sentBytes += piece.length;
         }
@@ -710,7 +756,7 @@ export class Agent extends EventEmitter {
       const known = this.disks.find((d) => d.name === f.name);
       if (!known) {
         this.opts.logger.info({ machine: this.opts.machine, disk: f.name }, 'disk added');
-        this.opts.sink.addDisk({ name: f.name, size: f.size });
+        this.sink.addDisk({ name: f.name, size: f.size });
         this.disks.push(f);
         await this.fullRead(f, 'initial', 0);
         this.phase = 'continuous';
@@ -810,7 +856,7 @@ export class Agent extends EventEmitter {
         const view = cut.disks[i];
         if (!view) continue;
         if (t.d.size !== t.ds.size) {
-          await this.opts.sink.resize(t.d.name, t.d.size);
+          await this.sink.resize(t.d.name, t.d.size);
         }
         bytes += await this.sendDirty(t.d.name, view.exportName, view.bitmapContext);
       }
@@ -824,14 +870,14 @@ export class Agent extends EventEmitter {
         bitmaps: Object.fromEntries(tracked.map((t) => [t.d.name, t.newBitmap])),
       };
       await this.save();
-      await this.opts.sink.cut({
+      await this.sink.cut({
         cutId,
         kind,
         time,
         ...(this.opts.consistencyGroup ? { consistencyGroup: this.opts.consistencyGroup } : {}),
       });
       sentAt = Date.now();
-      await this.opts.sink.waitForAck();
+      await this.sink.waitForAck();
       ackedAt = Date.now();
       acked = true;
       for (const t of tracked) {
@@ -863,8 +909,13 @@ export class Agent extends EventEmitter {
                 { type: 'block-dirty-bitmap-remove', data: { node: t.d.node, name: t.newBitmap } },
               ],
             });
+            // If the marker did reach the sink, the old bitmap (now a superset) is what tracks
+            // from that cut: a restart that finds it committed adopts it instead of resyncing.
+            const pending = this.st.pendingCut;
+            if (pending?.id === cutId) pending.bitmaps[t.d.name] = t.old;
           }
         }
+        if (!acked && this.st.pendingCut?.id === cutId) await this.save().catch(() => undefined);
       }
     }
     this.cycles++;
@@ -912,9 +963,9 @@ export class Agent extends EventEmitter {
         this.checkCrash();
         const buf = await (reads.shift() as Promise<Buffer>);
         if (isZero(buf)) {
-          await this.opts.sink.writeZeroes(disk, off, len);
+          await this.sink.writeZeroes(disk, off, len);
         } else {
-          await this.opts.sink.write(disk, off, buf);
+          await this.sink.write(disk, off, buf);
           bytes += len;
           this.sentBytes += len;
         }
