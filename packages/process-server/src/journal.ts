@@ -283,7 +283,6 @@ export class Journal extends EventEmitter {
   async release(machine: string, seq: number): Promise<void> {
     if ((this.released.get(machine) ?? 0) >= seq) return;
     this.released.set(machine, seq);
-    const wasFull = this.full;
     for (const seg of [...this.segments.values()]) {
       if (seg === this.active) continue;
       let free = true;
@@ -310,7 +309,8 @@ export class Journal extends EventEmitter {
       this.rotating = this.rotate().finally(() => (this.rotating = undefined));
       await this.rotating;
     }
-    if (wasFull && !this.full) this.emit('space');
+    // Also when it was not full at the start: appends may have filled it while we deleted.
+    if (!this.full) this.emit('space');
   }
 
   /** Flushes what is queued and closes files. */

@@ -455,6 +455,15 @@ export class ProcessServer extends EventEmitter {
   }
 
   private tick(): void {
+    // Safety net for the pause reasons released by events: a missed event must not stall a session.
+    for (const sess of this.sessions) {
+      if (!this.journal.full) sess.resume('journal');
+      if (
+        sess.unsyncedBytes <= this.opts.sessionUnsyncedBytes / 2 &&
+        this.journal.pendingBytes <= JOURNAL_PENDING_LIMIT / 2
+      )
+        sess.resume('unsynced');
+    }
     const now = performance.now();
     const cpu = process.cpuUsage();
     const us = cpu.user - this.cpuPrev.user + (cpu.system - this.cpuPrev.system);
