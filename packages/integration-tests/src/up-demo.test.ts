@@ -3,7 +3,7 @@ import type { ChildProcess } from 'node:child_process';
 import { readFile, readdir, mkdtemp, rm, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 // The README's first command, as a user runs it: the built `lifeboat up --demo` in a child
 // process, watched through its output, the vault's API and `lifeboat store points`; then
@@ -85,13 +85,19 @@ describe('lifeboat up --demo', () => {
     dir = await mkdtemp(join(tmpdir(), 'lb-up-demo-'));
     data = join(dir, 'data');
   });
-  afterAll(async () => {
+  // A test that failed midway leaves its `lifeboat up` running: stop it (cleanly if it can)
+  // and whatever QEMU it started, so the next test does not meet it.
+  afterEach(async () => {
     if (up !== undefined && up.child.exitCode === null && up.child.signalCode === null) {
-      up.child.kill('SIGKILL');
+      up.child.kill('SIGTERM');
+      const t = setTimeout(() => up?.child.kill('SIGKILL'), 30_000);
       await up.exited;
+      clearTimeout(t);
     }
     if (qemuPid !== undefined && alive(qemuPid)) process.kill(qemuPid, 'SIGKILL');
     for (const pid of await processesMentioning(data)) process.kill(pid, 'SIGKILL');
+  });
+  afterAll(async () => {
     await rm(dir, { recursive: true, force: true });
   });
 
@@ -162,6 +168,31 @@ describe('lifeboat up --demo', () => {
     ]);
     expect(code, u.err()).toBe(0);
     expect(u.out()).toMatch(/stopped\n$/);
+    expect(alive(qemuPid)).toBe(false);
+    expect(await processesMentioning(data)).toEqual([]);
+  }, 600_000);
+
+  it('runs again on the same data directory: the machine stays protected, a new point of the new VM, and SIGTERM in the middle of the test failover leaves nothing running', async () => {
+    const started = Date.now();
+    up = run(['up', '--demo', '--data-dir', data]);
+    const u = up;
+    qemuPid = Number((await waitForOutput(u, /QEMU pid (\d+)/, 300_000))[1]);
+    await waitForOutput(u, /machine already protected by item \S+ \(protected\)/, 300_000);
+    const first = await waitForOutput(
+      u,
+      /first recovery point committed: \S+ \(\S+, taken (\S+)\)/,
+      300_000,
+    );
+    expect(Date.parse(first[1] ?? '')).toBeGreaterThanOrEqual(started);
+    await waitForOutput(u, /job \S+ \(test-failover\)/, 60_000);
+    // Give the recovery host a moment to start booting, then interrupt.
+    await new Promise((resolve) => setTimeout(resolve, 3000));
+    u.child.kill('SIGTERM');
+    const code = await Promise.race([
+      u.exited,
+      new Promise<'timeout'>((resolve) => setTimeout(() => resolve('timeout'), 120_000)),
+    ]);
+    expect(code).not.toBe('timeout');
     expect(alive(qemuPid)).toBe(false);
     expect(await processesMentioning(data)).toEqual([]);
   }, 600_000);
