@@ -230,6 +230,12 @@ describe('portal', () => {
       await viewer.goto(vault.url + '/machines');
       await viewer.getByTestId('machine-rows').getByRole('link').first().waitFor();
       expect(await viewer.getByRole('link', { name: 'Protect machines' }).count()).toBe(0);
+      await viewer.goto(vault.url + `/machines/${seed.pointsItem.id}`);
+      await viewer.getByTestId('points').locator('tr').first().waitFor();
+      expect(await viewer.getByRole('button', { name: /Fail over|Resync|Disable/ }).count()).toBe(
+        0,
+      );
+      expect(await viewer.getByRole('heading', { name: 'Actions' }).count()).toBe(0);
       const nav = viewer.getByRole('navigation', { name: 'Main' });
       expect(await nav.getByRole('link', { name: 'Users' }).count()).toBe(0);
       expect(await nav.getByRole('link', { name: 'Audit log' }).count()).toBe(0);
@@ -357,5 +363,24 @@ describe('portal', () => {
     await expect(call(vault.url, null, 'POST', '/api/register', body)).rejects.toThrow(
       /LB_VAULT_REGISTRATION_KEY_USED/,
     );
+  });
+
+  it('fails a machine over to a chosen point from its page, then offers re-protect', async () => {
+    const id = seed.items['resync-needed'][0] ?? '';
+    await page.goto(vault.url + `/machines/${id}`);
+    await page.getByRole('button', { name: 'Fail over…' }).click();
+    await page.getByLabel('Recovery point', { exact: true }).selectOption({ index: 1 });
+    await page.getByRole('button', { name: 'Fail over now' }).click();
+    await page.getByTestId('item-state').filter({ hasText: 'Failed over' }).waitFor();
+    await page.getByRole('button', { name: 'Re-protect' }).waitFor();
+    await shot('failover');
+    const item = await call<{ state: string; stateReason: string }>(
+      vault.url,
+      seed.adminToken,
+      'GET',
+      `/api/protected-items/${id}`,
+    );
+    expect(item.state).toBe('failed-over');
+    expect(item.stateReason).toContain('to point pt-');
   });
 });

@@ -52,7 +52,8 @@ export function App() {
   if (path === '/') page = <DashboardPage />;
   else if (path === '/machines') page = <MachinesPage role={session.role} />;
   else if (path === '/protect' && roleAtLeast(session.role, 'operator')) page = <ProtectPage />;
-  else if (machine?.[1] !== undefined) page = <MachinePage id={decodeURIComponent(machine[1])} />;
+  else if (machine?.[1] !== undefined)
+    page = <MachinePage id={decodeURIComponent(machine[1])} role={session.role} />;
   else if (path === '/alerts') page = <AlertsPage role={session.role} />;
   else if (path === '/jobs') page = <JobsPage />;
   else if (path === '/policies') page = <PoliciesPage />;

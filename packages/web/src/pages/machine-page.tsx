@@ -1,18 +1,19 @@
 import { useState } from 'react';
-import { query, type Page } from '../api';
+import { query, roleAtLeast, type Page, type Role } from '../api';
 import { ago, bytes, duration, STATE_LABELS, time } from '../format';
 import { useLiveRefresh } from '../live';
 import { Link } from '../router';
 import type { Machine, Policy, ProtectedItem, RecoveryPoint, Summary } from '../types';
 import { useApi } from '../use-api';
 import { Badge, ErrorBox, PageHeader } from '../ui';
+import { MachineActions } from './machine-actions';
 import { PointTimeline } from './point-timeline';
 import { RpoChart } from './rpo-chart';
 
 const POINTS = 100;
 
 /** One protected machine: state, disks, policy, process server and its recovery points. */
-export function MachinePage({ id }: { id: string }) {
+export function MachinePage({ id, role }: { id: string; role: Role }) {
   const item = useApi<ProtectedItem>(`/api/protected-items/${encodeURIComponent(id)}`);
   const it = item.data;
   const machine = useApi<Machine>(
@@ -105,6 +106,16 @@ export function MachinePage({ id }: { id: string }) {
               </dd>
             </dl>
           </section>
+          {roleAtLeast(role, 'operator') ? (
+            <MachineActions
+              item={it}
+              points={points.data?.items ?? []}
+              onDone={() => {
+                item.reload();
+                points.reload();
+              }}
+            />
+          ) : null}
           <section className="card wide" aria-labelledby="disks-h">
             <h2 id="disks-h">Disks</h2>
             <div className="table-wrap">
@@ -159,7 +170,9 @@ export function MachinePage({ id }: { id: string }) {
                 </select>
               </div>
               <span className="muted" data-testid="points-total">
-                {points.data === undefined ? '' : `${points.data.total} points`}
+                {points.data === undefined
+                  ? ''
+                  : `${points.data.total} ${points.data.total === 1 ? 'point' : 'points'}`}
               </span>
             </div>
             <ErrorBox error={points.error} />

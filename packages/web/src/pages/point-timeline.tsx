@@ -21,7 +21,7 @@ export function PointTimeline({ points }: { points: RecoveryPoint[] }) {
       <svg
         viewBox={`0 0 ${W} ${H}`}
         role="img"
-        aria-label={`${points.length} recovery points from ${new Date(min).toLocaleString()} to ${new Date(max).toLocaleString()}: ${app} app-consistent, ${points.length - app} crash-consistent`}
+        aria-label={`${points.length} recovery ${points.length === 1 ? 'point' : 'points'} from ${new Date(min).toLocaleString()} to ${new Date(max).toLocaleString()}: ${app} app-consistent, ${points.length - app} crash-consistent`}
       >
         <line x1={10} x2={W - 10} y1={H - 12} y2={H - 12} className="axis" />
         {points.map((p) => {
