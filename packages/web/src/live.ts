@@ -88,22 +88,32 @@ class LiveStream {
   }
 
   private dispatch(frame: string): void {
-    let event = 'message';
-    const data: string[] = [];
-    for (const line of frame.split('\n')) {
-      if (line.startsWith('event:')) event = line.slice(6).trim();
-      else if (line.startsWith('data:')) data.push(line.slice(5).trimStart());
-    }
-    if (!['job', 'protected-item', 'alert', 'component'].includes(event)) return;
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(data.join('\n'));
-    } catch {
-      return;
-    }
-    for (const h of this.handlers) h(event as LiveKind, parsed);
+    const parsed = parseSseFrame(frame);
+    if (parsed === undefined) return;
+    for (const h of this.handlers) h(parsed.kind, parsed.data);
   }
 }
+
+/**
+ * One server-sent-event frame (the lines between blank lines) as a change the portal follows,
+ * or undefined for other events (`ready`), comments (keep-alives) and unreadable data.
+ */
+export function parseSseFrame(frame: string): { kind: LiveKind; data: unknown } | undefined {
+  let event = 'message';
+  const data: string[] = [];
+  for (const line of frame.split(/\r?\n/)) {
+    if (line.startsWith('event:')) event = line.slice(6).trim();
+    else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
+  }
+  if (!KINDS.includes(event as LiveKind) || data.length === 0) return undefined;
+  try {
+    return { kind: event as LiveKind, data: JSON.parse(data.join('\n')) as unknown };
+  } catch {
+    return undefined;
+  }
+}
+
+const KINDS: readonly LiveKind[] = ['job', 'protected-item', 'alert', 'component'];
 
 const stream = new LiveStream();
 
