@@ -253,9 +253,9 @@ async function main(): Promise<void> {
     await rm(dir, { recursive: true, force: true });
   }
   console.log(
-    '\n| writer MB/s (target) | RPO p50 s | RPO p99 s | writer MB/s, replication off | writer MB/s, on | on/off | bytes sent / written | late cycles |',
+    '\n| writer MB/s (target) | RPO p50 s | RPO p99 s | writer MB/s, replication off | writer MB/s, on | on/off | bytes sent / written | late cycles | agent cycle p50 ms: cut / send / ack |',
   );
-  console.log('|---|---|---|---|---|---|---|---|');
+  console.log('|---|---|---|---|---|---|---|---|---|');
   for (const r of rows) console.log(r);
 }
 
