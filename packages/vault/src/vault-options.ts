@@ -60,7 +60,11 @@ export interface VaultOptions {
   jobPollIntervalMs?: number;
   /** A running job whose lease is not renewed for this long is recovered by another instance. @default 30000 */
   jobLeaseMs?: number;
-  /** Jobs run at once by this instance. @default 4 */
+  /**
+   * Jobs run at once by this instance. Most jobs mostly wait (enabling waits for initial
+   * replication, hours), so this is high: a low value would queue every other enable behind
+   * the first few. @default 50
+   */
   jobConcurrency?: number;
   /** Attempts of a resumable job interrupted by a vault restart before it fails. @default 3 */
   jobMaxAttempts?: number;
@@ -156,7 +160,7 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
     schedulerIntervalMs: positive('schedulerIntervalMs', options.schedulerIntervalMs ?? 5000, 10),
     jobPollIntervalMs: positive('jobPollIntervalMs', options.jobPollIntervalMs ?? 1000, 10),
     jobLeaseMs: positive('jobLeaseMs', options.jobLeaseMs ?? 30_000, 100),
-    jobConcurrency: positive('jobConcurrency', options.jobConcurrency ?? 4),
+    jobConcurrency: positive('jobConcurrency', options.jobConcurrency ?? 50),
     jobMaxAttempts: positive('jobMaxAttempts', options.jobMaxAttempts ?? 3),
     processServerAckTimeoutMs: positive(
       'processServerAckTimeoutMs',

@@ -74,13 +74,21 @@ export function registerEventRoutes(
         .selectAll()
         .where('updatedAt', '>', since)
         .where('updatedAt', '<=', until)
+        .orderBy('updatedAt')
         .limit(500)
         .execute()) as ComponentRow[];
       for (const j of jobs) send('job', jobToApi(j));
       for (const i of items) send('protected-item', itemToApi(i));
       for (const a of alerts) send('alert', alertToApi(a));
       for (const c of components) send('component', componentToApi(c, vault));
-      since = until;
+      // A burst beyond one round's 500 rows continues from the last row sent, not past it.
+      let next = until;
+      for (const rows of [jobs, items, components]) {
+        const last = rows[rows.length - 1];
+        if (rows.length === 500 && last !== undefined && last.updatedAt < next)
+          next = last.updatedAt;
+      }
+      since = next;
       if (Date.now() - lastKeepAlive > 15_000) {
         lastKeepAlive = Date.now();
         for (const c of clients) c.write(': keep-alive\n\n');

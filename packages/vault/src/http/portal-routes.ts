@@ -28,11 +28,21 @@ export function registerPortalRoutes(app: FastifyInstance, dir = DEFAULT_PORTAL_
 
   const sendFile = async (reply: FastifyReply, file: string, immutable: boolean) => {
     const body = await readFile(file);
-    return reply
-      .type(TYPES[extname(file)] ?? 'application/octet-stream')
-      .header('cache-control', immutable ? 'public, max-age=31536000, immutable' : 'no-cache')
-      .header('x-content-type-options', 'nosniff')
-      .send(body);
+    return (
+      reply
+        .type(TYPES[extname(file)] ?? 'application/octet-stream')
+        .header('cache-control', immutable ? 'public, max-age=31536000, immutable' : 'no-cache')
+        .header('x-content-type-options', 'nosniff')
+        // The portal loads only its own files and talks only to this vault; it is never framed
+        // (an operator's session drives failovers: no clickjacking).
+        .header(
+          'content-security-policy',
+          "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+        )
+        .header('x-frame-options', 'DENY')
+        .header('referrer-policy', 'no-referrer')
+        .send(body)
+    );
   };
 
   const handler = async (url: string, reply: FastifyReply): Promise<unknown> => {

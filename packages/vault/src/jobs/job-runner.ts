@@ -279,7 +279,7 @@ export class JobRunner {
               { details: { what, timeoutMs } },
             );
           }
-          await sleep(Math.min(500, this.vault.options.jobPollIntervalMs), undefined, {
+          await sleep(Math.min(1000, this.vault.options.jobPollIntervalMs), undefined, {
             signal,
           }).catch(() => undefined);
         }
