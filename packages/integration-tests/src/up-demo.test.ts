@@ -118,9 +118,9 @@ describe('lifeboat up --demo', () => {
     for (const m of rpos) expect(Number(m[1])).toBeLessThan(Number(m[2]));
     // The boot verification: the marker the source wrote, the guest's port, a screenshot.
     expect(text).toMatch(
-      /verified console of demo-vm-test: succeeded .*LIFEBOAT-BOOT-OK recovered LIFEBOAT-DEMO-MARK/,
+      / {2}console of demo-vm-test: succeeded .*LIFEBOAT-BOOT-OK recovered LIFEBOAT-DEMO-MARK/,
     );
-    expect(text).toMatch(/verified port 22 of demo-vm-test: succeeded .*LIFEBOAT-TCP-OK recovered/);
+    expect(text).toMatch(/ {2}port 22 of demo-vm-test: succeeded .*LIFEBOAT-TCP-OK recovered/);
     const shot = (text.match(/demo-vm-test-screenshot: (\S+\.png)/) ?? [])[1] ?? '';
     expect((await readFile(shot)).subarray(1, 4).toString()).toBe('PNG');
 
@@ -141,11 +141,16 @@ describe('lifeboat up --demo', () => {
     >;
     const tf = jobs.find((j) => j['kind'] === 'test-failover');
     expect(tf?.['state']).toBe('succeeded');
-    expect((tf?.['steps'] as Array<{ state: string }>).map((s) => s.state)).toEqual([
-      'done',
-      'done',
-      'done',
-    ]);
+    // Reported by the recovery host with its steps: points, boot, console, port, screenshot, isolation.
+    const steps = tf?.['steps'] as Array<{ name: string; state: string }>;
+    expect(steps.map((s) => s.name)).toEqual(
+      expect.arrayContaining([
+        'console of demo-vm-test',
+        'port 22 of demo-vm-test',
+        'screenshot of demo-vm-test',
+      ]),
+    );
+    expect(steps.filter((s) => s.state !== 'done')).toEqual([]);
 
     // The store alone lists the point, as `lifeboat store points` shows it.
     const points = run([
@@ -184,7 +189,7 @@ describe('lifeboat up --demo', () => {
       300_000,
     );
     expect(Date.parse(first[1] ?? '')).toBeGreaterThanOrEqual(started);
-    await waitForOutput(u, /job \S+ \(test-failover\)/, 60_000);
+    await waitForOutput(u, /== Test failover: booting/, 60_000);
     // Give the recovery host a moment to start booting, then interrupt.
     await new Promise((resolve) => setTimeout(resolve, 3000));
     u.child.kill('SIGTERM');

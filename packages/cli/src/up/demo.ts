@@ -2,6 +2,8 @@ import { access } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { CommittedCut } from '@lifeboat/process-server';
 import { LifeboatError } from '@lifeboat/protocol';
+import { runTestFailover } from '@lifeboat/recovery';
+import type { TestFailover } from '@lifeboat/recovery';
 import type { LocalInstallation } from './local-installation.js';
 import type { ApiObject } from './vault-api.js';
 
@@ -82,8 +84,9 @@ async function findOrCreate(
  * The demo of `lifeboat up --demo`, the reference workflow on this machine: builds the test
  * image, starts a VM that writes continuously, adds it to the vault as a KVM host's machine,
  * protects it with a 5-second policy (the vault's enable-replication job hands it to the process
- * server, which starts the agent), shows the RPO live, runs a test failover as a vault job that
- * boots the latest point in an isolated network and verifies it, and cleans up. The VM keeps
+ * server, which starts the agent), shows the RPO live, runs a test failover on the recovery host
+ * (reported to the vault as a job) that boots the latest point in an isolated network and
+ * verifies it, and cleans up. The VM keeps
  * running and replicating until {@link Demo.stop}.
  */
 export async function runDemo(
@@ -283,48 +286,59 @@ export async function runDemo(
     out.step(
       'Test failover: booting the latest point in an isolated network, verifying, cleaning up',
     );
-    const created = await inst.vault.context.jobs.create(
-      {
-        kind: 'test-failover',
-        target: { type: 'protected-item', id: itemId },
-        params: {
-          machine: machineId,
-          name: 'demo-vm-test',
-          kernel: image.kernel,
-          append: testing.testImageAppend({ hostname: 'recovered' }),
-          memoryMiB: 256,
-          console: `LIFEBOAT-BOOT-OK recovered ${MARK}`,
-          port: 22,
-          portExpect: 'LIFEBOAT-TCP-OK recovered',
+    // The recovery host runs it and reports it to the vault as a job with its steps
+    // (PUT /api/components/self/jobs/:id), as a separately installed recovery host does.
+    let tf: TestFailover;
+    try {
+      tf = await runTestFailover(inst.recoveryHost, inst.store, {
+        machines: [
+          {
+            name: 'demo-vm-test',
+            points: { machine: machineId },
+            boot: {
+              kernel: image.kernel,
+              append: testing.testImageAppend({ hostname: 'recovered' }),
+            },
+            memoryMiB: 256,
+          },
+        ],
+        verify: {
+          console: new RegExp(`LIFEBOAT-BOOT-OK recovered ${MARK}`),
+          port: { guestPort: 22, expect: /LIFEBOAT-TCP-OK recovered/ },
+          screenshot: true,
         },
-      },
-      { type: 'system', id: 'system', name: 'lifeboat up --demo' },
-    );
-    const tfId = created?.id ?? '';
-    out.line(`job ${tfId} (test-failover)`);
-    const tf = await waitJob(inst, tfId, signal, () => undefined);
-    for (const s of (tf['steps'] as ApiObject[] | undefined) ?? []) {
-      out.line(`  ${String(s['name'])}: ${String(s['state'])}`);
+      });
+    } catch (err) {
+      await inst.reportJobs();
+      throw err;
     }
-    if (tf['state'] !== 'succeeded') {
-      const e = tf['error'] as { code?: string; message?: string } | null;
-      throw new LifeboatError(
-        e?.code ?? 'LB_UP_DEMO_FAILED',
-        `The test failover ${String(tf['state'])}: ${e?.message ?? ''} (job ${tfId}; lifeboat vault jobs show ${tfId}).`,
-        { details: { job: tfId } },
+    for (const s of tf.job.steps) {
+      out.line(
+        `  ${s.name}: ${s.state}${s.durationMs !== undefined ? ` in ${(s.durationMs / 1000).toFixed(1)} s` : ''} ${JSON.stringify(s.detail ?? {}).slice(0, 160)}`,
       );
     }
-    const result = tf['result'] as {
-      pointTime: string;
-      verification: Array<{ step: string; state: string; detail: ApiObject }>;
-      artifacts: Record<string, string>;
-    };
-    out.line(`booted the point taken at ${result.pointTime}`);
-    for (const v of result.verification) {
-      out.line(`  verified ${v.step}: ${v.state} ${JSON.stringify(v.detail).slice(0, 160)}`);
+    for (const [name, path] of Object.entries(tf.job.artifacts)) out.line(`  ${name}: ${path}`);
+    const cleanup = await tf.cleanup();
+    for (const s of cleanup.steps) out.line(`  ${s.name}: ${s.state}`);
+    if (cleanup.state !== 'succeeded') {
+      throw new LifeboatError(
+        'LB_UP_DEMO_FAILED',
+        `The test failover's cleanup ${cleanup.state}: ${cleanup.error?.message ?? ''}.`,
+        { details: { job: cleanup.id } },
+      );
     }
-    for (const [name, path] of Object.entries(result.artifacts)) out.line(`  ${name}: ${path}`);
-    out.line('test failover verified; the test machine and its overlay were removed');
+    await inst.reportJobs();
+    const jobs = await inst.admin.call<{ items: ApiObject[] }>(
+      'GET',
+      '/api/jobs?kind=test-failover&limit=100',
+    );
+    const reported = jobs.items.find(
+      (j) => (j['params'] as { externalId?: string } | undefined)?.externalId === tf.job.id,
+    );
+    const tfId = reported === undefined ? undefined : String(reported['id']);
+    out.line(
+      `test failover verified; the test machine and its overlay were removed${tfId !== undefined ? ` (vault job ${tfId})` : ''}`,
+    );
     return { itemId, machineId, testFailoverJobId: tfId, stop };
   } catch (err) {
     await stop();

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { ProcessServer } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
 import { LifeboatError } from '@lifeboat/protocol';
-import { RecoveryHost } from '@lifeboat/recovery';
+import { RecoveryHost, vaultJobReporter } from '@lifeboat/recovery';
 import type { Store } from '@lifeboat/store';
 import { startVault } from '@lifeboat/vault';
 import type { Vault } from '@lifeboat/vault';
@@ -11,7 +11,6 @@ import { componentCredentials } from './component-credentials.js';
 import type { ComponentCredentials } from './component-credentials.js';
 import { LocalAgents } from './local-agents.js';
 import { ProcessServerLink } from './process-server-link.js';
-import { testFailoverJob } from './test-failover-job.js';
 import { openUpStore, upPaths } from './up-data-dir.js';
 import type { UpPaths } from './up-data-dir.js';
 import { VaultApi } from './vault-api.js';
@@ -57,6 +56,8 @@ export interface LocalInstallation {
   stopProcessServer(): Promise<void>;
   /** Starts the process server again, on the same port with the same journal and credentials. */
   startProcessServer(): Promise<void>;
+  /** Resolves once the recovery host's jobs are reported to the vault. */
+  reportJobs(): Promise<void>;
   /** Stops every role, newest first; never throws. */
   close(): Promise<void>;
 }
@@ -111,14 +112,11 @@ export async function startLocalInstallation(
   try {
     const { store, created } = await openUpStore(paths);
     add('the store', () => store.close());
-    const recoveryHost = await RecoveryHost.start({ runDir: paths.recovery });
-    add('the recovery host', () => recoveryHost.close());
     const vault = await startVault({
       dataDir: paths.vault,
       host: options.host ?? '127.0.0.1',
       port: options.port ?? 0,
       logLevel,
-      jobHandlers: [testFailoverJob(recoveryHost, store)],
     });
     add('the vault', () => vault.close());
     const anonymous = new VaultApi(vault.url, undefined);
@@ -156,6 +154,18 @@ export async function startLocalInstallation(
       'recovery-host',
       'local-recovery-host',
     );
+    // The recovery host reports its jobs (test failovers) to the vault with its own token.
+    const reporter = vaultJobReporter({
+      url: vault.url,
+      token: rhCreds.token,
+      onError: (err) => onError('reporting a recovery job to the vault', err),
+    });
+    add('recovery job reports', () => reporter.flush());
+    const recoveryHost = await RecoveryHost.start({
+      runDir: paths.recovery,
+      onJob: reporter.listener,
+    });
+    add('the recovery host', () => recoveryHost.close());
     const committedListeners = new Set<(cut: CommittedCut) => void>();
     const forward = (cut: CommittedCut): void => {
       for (const l of committedListeners) l(cut);
@@ -241,6 +251,7 @@ export async function startLocalInstallation(
         processServer = await startPs(psPort, psHealthPort);
         link.setServer(processServer);
       },
+      reportJobs: () => reporter.flush(),
       paths,
       storeCreated: created,
       store,
