@@ -213,8 +213,11 @@ async function main(): Promise<void> {
         intervalMs: INTERVAL_MS,
       });
       let newest = 0;
+      const commitDelay: number[] = [];
       const onCommit = (c: CommittedCut): void => {
-        if (c.machine === machine) newest = Math.max(newest, c.time.getTime());
+        if (c.machine !== machine) return;
+        newest = Math.max(newest, c.time.getTime());
+        commitDelay.push((Date.now() - c.time.getTime()) / 1000);
       };
       server.on('committed', onCommit);
       let lagged = 0;
@@ -243,7 +246,7 @@ async function main(): Promise<void> {
       await qsd.stop();
       await rm(img, { force: true });
       const written = onRate * SECONDS;
-      const row = `| ${rate} | ${pct(rpo, 50).toFixed(1)} | ${pct(rpo, 99).toFixed(1)} | ${(refRate / MB).toFixed(1)} | ${(onRate / MB).toFixed(1)} | ${(onRate / refRate).toFixed(3)} | ${(sent / written).toFixed(2)} | ${lagged} | ${pct(parts.cut, 50).toFixed(0)} / ${pct(parts.send, 50).toFixed(0)} / ${pct(parts.ack, 50).toFixed(0)} |`;
+      const row = `| ${rate} | ${pct(rpo, 50).toFixed(1)} | ${pct(rpo, 99).toFixed(1)} | ${(refRate / MB).toFixed(1)} | ${(onRate / MB).toFixed(1)} | ${(onRate / refRate).toFixed(3)} | ${(sent / written).toFixed(2)} | ${lagged} | ${pct(parts.cut, 50).toFixed(0)} / ${pct(parts.send, 50).toFixed(0)} / ${pct(parts.ack, 50).toFixed(0)} | ${pct(commitDelay, 50).toFixed(1)} / ${pct(commitDelay, 99).toFixed(1)} |`;
       rows.push(row);
       console.log(row);
     }
@@ -253,9 +256,9 @@ async function main(): Promise<void> {
     await rm(dir, { recursive: true, force: true });
   }
   console.log(
-    '\n| writer MB/s (target) | RPO p50 s | RPO p99 s | writer MB/s, replication off | writer MB/s, on | on/off | bytes sent / written | late cycles | agent cycle p50 ms: cut / send / ack |',
+    '\n| writer MB/s (target) | RPO p50 s | RPO p99 s | writer MB/s, replication off | writer MB/s, on | on/off | bytes sent / written | late cycles | agent cycle p50 ms: cut / send / ack | cut to committed s, p50 / p99 |',
   );
-  console.log('|---|---|---|---|---|---|---|---|---|');
+  console.log('|---|---|---|---|---|---|---|---|---|---|');
   for (const r of rows) console.log(r);
 }
 
