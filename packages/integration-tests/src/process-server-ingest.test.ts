@@ -256,7 +256,8 @@ describe('process server ingest', () => {
     expect(segs.length).toBeGreaterThanOrEqual(2);
     const first = join(journalDir, 'journal', segs[0]!);
     const bytes = await readFile(first);
-    bytes[Math.floor(bytes.length / 2)] ^= 0xff;
+    const mid = Math.floor(bytes.length / 2);
+    bytes[mid] = bytes[mid]! ^ 0xff;
     await writeFile(first, bytes);
 
     ps = await start();
