@@ -1,4 +1,4 @@
-import { useEffect, useSyncExternalStore } from 'react';
+import { useEffect, useRef, useSyncExternalStore } from 'react';
 import { api, getSession, onSessionChange, roleAtLeast, setSession, type Role } from './api';
 import { useLiveStatus } from './live';
 import { Link, navigate, useLocation } from './router';
@@ -33,9 +33,14 @@ export function App() {
   const { path } = useLocation();
   const live = useLiveStatus();
 
-  // Move focus to the new page's heading so keyboard and screen-reader users know it changed.
+  // After an in-app navigation, move focus to the new page's heading so keyboard and
+  // screen-reader users know it changed (not on first load: Tab starts at the skip link).
+  const firstPath = useRef(path);
   useEffect(() => {
-    document.getElementById('page-title')?.focus();
+    if (path !== firstPath.current) {
+      firstPath.current = '';
+      document.getElementById('page-title')?.focus();
+    }
   }, [path]);
 
   if (session === null) return <LoginPage />;
