@@ -325,6 +325,20 @@ describe('portal', () => {
     await nav.getByRole('link', { name: 'Policies' }).click();
     await page.getByTestId('policies').getByText('gold').waitFor();
     expect(await page.getByTestId('policies').textContent()).toContain('5 min');
+    // A new policy: the API's rules as you type, its refusal of a taken name at the field.
+    await page.getByLabel('Name', { exact: true }).fill('gold');
+    await page.getByLabel('Crash-consistent every (s)').fill('600');
+    expect(await page.locator('#policy-crash-error').textContent()).toContain('exceed the RPO');
+    await page.getByLabel('Crash-consistent every (s)').fill('30');
+    await page.getByLabel('Keep every point for').fill('forever');
+    expect(await page.locator('#policy-keepFor-error').textContent()).toContain('24h');
+    await page.getByLabel('Keep every point for').fill('48h');
+    await page.getByRole('button', { name: 'Create policy' }).click();
+    await page.locator('#policy-name-error').filter({ hasText: 'already exists' }).waitFor();
+    await page.getByLabel('Name', { exact: true }).fill('silver');
+    await page.getByRole('button', { name: 'Create policy' }).click();
+    await page.getByTestId('policies').getByText('silver').waitFor();
+    expect(await page.getByTestId('policies').textContent()).toContain('all for 48h');
     await shot('policies');
     await nav.getByRole('link', { name: 'Infrastructure' }).click();
     await page.getByTestId('process-servers').getByText('ps-east-1').waitFor();

@@ -61,7 +61,7 @@ export function App() {
     page = <MachinePage id={decodeURIComponent(machine[1])} role={session.role} />;
   else if (path === '/alerts') page = <AlertsPage role={session.role} />;
   else if (path === '/jobs') page = <JobsPage />;
-  else if (path === '/policies') page = <PoliciesPage />;
+  else if (path === '/policies') page = <PoliciesPage role={session.role} />;
   else if (path === '/infrastructure') page = <InfrastructurePage />;
   else if (path === '/audit' && roleAtLeast(session.role, 'operator')) page = <AuditPage />;
   else if (path === '/users' && roleAtLeast(session.role, 'admin')) page = <UsersPage />;

@@ -1,6 +1,9 @@
+import { useState } from 'react';
+import { roleAtLeast, type Role } from '../api';
 import { duration } from '../format';
 import { PagedTable } from '../paged-table';
 import { PageHeader } from '../ui';
+import { PolicyForm } from './policy-form';
 
 interface PolicyRow {
   id: string;
@@ -13,14 +16,19 @@ interface PolicyRow {
 }
 
 /** Replication policies: RPO threshold, point intervals and retention. */
-export function PoliciesPage() {
+export function PoliciesPage({ role }: { role: Role }) {
+  const [created, setCreated] = useState(0);
   return (
     <>
       <PageHeader title="Policies" />
+      {roleAtLeast(role, 'operator') ? (
+        <PolicyForm onCreated={() => setCreated((n) => n + 1)} />
+      ) : null}
       <PagedTable<PolicyRow>
         path="/api/policies"
         caption="Replication policies"
         testId="policies"
+        reloadKey={created}
         columns={[
           { title: 'Name', cell: (p) => p.name },
           { title: 'RPO threshold', cell: (p) => duration(p.rpoThresholdSeconds), numeric: true },
