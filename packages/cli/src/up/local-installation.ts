@@ -199,10 +199,16 @@ export async function startLocalInstallation(
     });
     add('the agents', () => agents.close());
     agents.on('failed', (item: string, err: unknown) => onError(`agent of item ${item}`, err));
+    const targetStoreId = await ensureTargetStore(
+      admin,
+      paths.store,
+      await readPassphraseOf(paths),
+    );
     const link = new ProcessServerLink({
       api: admin.as(psCreds.token),
       server: processServer,
       agents,
+      targetStoreId,
       onError: (err) => onError('process server link', err),
     });
     link.start();
@@ -218,11 +224,6 @@ export async function startLocalInstallation(
     }, 10_000);
     add('heartbeats', async () => clearInterval(beat));
 
-    const targetStoreId = await ensureTargetStore(
-      admin,
-      paths.store,
-      await readPassphraseOf(paths),
-    );
     const running = (): ProcessServer => {
       if (processServer === undefined) {
         throw new LifeboatError(

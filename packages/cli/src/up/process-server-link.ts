@@ -48,6 +48,11 @@ export interface ProcessServerLinkOptions {
   agents: AgentControl;
   /** How often it polls the assignments and sends a heartbeat. @default 2000 */
   intervalMs?: number;
+  /**
+   * The vault's id of the store this process server writes to, for points of machines not yet
+   * in its assignments (cuts replayed from the journal right after a restart).
+   */
+  targetStoreId: string;
   /** Reports a failed round (the vault unreachable, an agent that cannot start). */
   onError?: (err: unknown) => void;
 }
@@ -124,10 +129,9 @@ export class ProcessServerLink {
 
   private committed(cut: CommittedCut): void {
     const item = [...this.items.values()].find((i) => i.storeMachine === cut.machine);
-    if (item === undefined) return;
     for (const p of cut.points) {
       this.pending.push({
-        targetStoreId: item.targetStoreId,
+        targetStoreId: item?.targetStoreId ?? this.options.targetStoreId,
         point: {
           id: p.id,
           machine: p.machine,
