@@ -63,8 +63,27 @@ async function handle(req: StoreWorkerRequest): Promise<unknown> {
   }
 }
 
+// Requests of one write session run strictly in order, one at a time (the process server
+// pipelines writes without waiting for each); after a failure the session's later requests fail
+// with the same error, so a commit never follows a lost write.
+const chains = new Map<number, Promise<unknown>>();
+
+function ordered(req: StoreWorkerRequest): Promise<unknown> {
+  if (!('session' in req)) return handle(req);
+  const prev = chains.get(req.session) ?? Promise.resolve();
+  const next = prev.then(() => handle(req));
+  chains.set(req.session, next);
+  if (req.op === 'commit' || req.op === 'abort') {
+    // The session ends here; an abort runs even after a failure, to release it.
+    const end = req.op === 'abort' ? prev.catch(() => undefined).then(() => handle(req)) : next;
+    chains.delete(req.session);
+    return end.finally(() => sessions.delete(req.session));
+  }
+  return next;
+}
+
 port.on('message', (req: StoreWorkerRequest) => {
-  handle(req).then(
+  ordered(req).then(
     (value) =>
       port.postMessage({
         id: req.id,

@@ -134,7 +134,15 @@ export class StoreWorkerPool {
   }
 }
 
+/** Writes a session may have posted and not yet seen answered (bounds memory in flight). */
+const PIPELINE = 8;
+const PIPELINE_BYTES = 4 * 1024 * 1024;
+
 class WorkerWriteSession implements WriteSession {
+  private readonly inflight: Array<{ p: Promise<unknown>; bytes: number }> = [];
+  private inflightBytes = 0;
+  private failure: unknown;
+
   constructor(
     private readonly h: WorkerHandle,
     private readonly id: number,
@@ -142,6 +150,35 @@ class WorkerWriteSession implements WriteSession {
     readonly disk: string,
     private _size: number,
   ) {}
+
+  /** Posts a request without waiting for it (the worker runs a session's requests in order). */
+  private async post(
+    req: Omit<StoreWorkerRequest, 'id'>,
+    transfer: ArrayBuffer[] = [],
+    bytes = 0,
+  ): Promise<void> {
+    if (this.failure !== undefined) throw this.failure;
+    const p = this.h.call(req, transfer);
+    p.catch((err: unknown) => {
+      this.failure ??= err;
+    });
+    this.inflight.push({ p, bytes });
+    this.inflightBytes += bytes;
+    while (this.inflight.length > PIPELINE || this.inflightBytes > PIPELINE_BYTES) {
+      const first = this.inflight.shift()!;
+      this.inflightBytes -= first.bytes;
+      await first.p.catch(() => undefined);
+    }
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  /** Waits for every posted request; throws the first failure. */
+  private async settle(): Promise<void> {
+    const all = this.inflight.splice(0);
+    this.inflightBytes = 0;
+    await Promise.allSettled(all.map((x) => x.p));
+    if (this.failure !== undefined) throw this.failure;
+  }
 
   get size(): number {
     return this._size;
@@ -154,32 +191,34 @@ class WorkerWriteSession implements WriteSession {
       data.byteLength === data.buffer.byteLength &&
       data.buffer instanceof ArrayBuffer;
     const bytes = own ? data : new Uint8Array(data);
-    await this.h.call(
+    await this.post(
       { op: 'write', session: this.id, offset, data: bytes } as Omit<StoreWorkerRequest, 'id'>,
       [bytes.buffer as ArrayBuffer],
+      bytes.byteLength,
     );
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
-    await this.h.call({ op: 'writeZeroes', session: this.id, offset, length } as Omit<
+    await this.post({ op: 'writeZeroes', session: this.id, offset, length } as Omit<
       StoreWorkerRequest,
       'id'
     >);
   }
 
   async trim(offset: number, length: number): Promise<void> {
-    await this.h.call({ op: 'trim', session: this.id, offset, length } as Omit<
+    await this.post({ op: 'trim', session: this.id, offset, length } as Omit<
       StoreWorkerRequest,
       'id'
     >);
   }
 
   async resize(size: number): Promise<void> {
-    await this.h.call({ op: 'resize', session: this.id, size } as Omit<StoreWorkerRequest, 'id'>);
+    await this.post({ op: 'resize', session: this.id, size } as Omit<StoreWorkerRequest, 'id'>);
     this._size = size;
   }
 
   async commit(options: CommitOptions = {}): Promise<PointInfo> {
+    await this.settle();
     return (await this.h.call({ op: 'commit', session: this.id, options } as Omit<
       StoreWorkerRequest,
       'id'
@@ -187,6 +226,8 @@ class WorkerWriteSession implements WriteSession {
   }
 
   async abort(): Promise<void> {
+    await Promise.allSettled(this.inflight.splice(0).map((x) => x.p));
+    this.inflightBytes = 0;
     await this.h.call({ op: 'abort', session: this.id } as Omit<StoreWorkerRequest, 'id'>);
   }
 }
