@@ -129,6 +129,8 @@ describe('portal', () => {
   });
 
   it('updates the dashboard without a reload when an item changes state', async () => {
+    // Through the vault's event stream (the header says so), not only the polling.
+    await page.getByText('Live', { exact: true }).waitFor();
     const id = seed.items.protected[2] ?? '';
     await call(vault.url, seed.processServerToken, 'POST', '/api/components/self/heartbeat', {
       items: [{ id, state: 'resync-needed', reason: 'test: bitmap lost' }],

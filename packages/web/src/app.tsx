@@ -100,9 +100,11 @@ export function App() {
           </ul>
         </nav>
         <div className="who">
-          <span className={`live live-${live}`} title="How this page stays current">
-            {live === 'live' ? 'Live' : 'Polling'}
-          </span>
+          {live !== 'idle' ? (
+            <span className={`live live-${live}`} title="How this page stays current">
+              {live === 'live' ? 'Live' : 'Polling'}
+            </span>
+          ) : null}
           <span data-testid="who">
             {session.username} <span className="role">({session.role})</span>
           </span>

@@ -1,11 +1,11 @@
 import { useEffect, useRef, useSyncExternalStore } from 'react';
-import { getSession } from './api';
+import { getSession, onSessionChange } from './api';
 
 /** Kinds of change the vault's event stream sends. */
 export type LiveKind = 'job' | 'protected-item' | 'alert' | 'component';
 
-/** Whether the event stream is connected (`live`) or pages fall back to polling. */
-export type LiveStatus = 'live' | 'polling';
+/** Whether the event stream is connected (`live`), pages fall back to polling, or no page follows changes (`idle`). */
+export type LiveStatus = 'live' | 'polling' | 'idle';
 
 type Handler = (kind: LiveKind, data: unknown) => void;
 
@@ -19,14 +19,26 @@ class LiveStream {
   private readonly statusListeners = new Set<() => void>();
   private abort: AbortController | undefined;
   private retry: ReturnType<typeof setTimeout> | undefined;
-  status: LiveStatus = 'polling';
+  private idleTimer: ReturnType<typeof setTimeout> | undefined;
+  status: LiveStatus = 'idle';
 
   subscribe(handler: Handler): () => void {
     this.handlers.add(handler);
-    if (this.handlers.size === 1) this.open();
+    if (this.idleTimer !== undefined) {
+      clearTimeout(this.idleTimer);
+      this.idleTimer = undefined;
+    }
+    if (this.abort === undefined) this.open();
     return () => {
       this.handlers.delete(handler);
-      if (this.handlers.size === 0) this.close();
+      // Going from one page to the next unsubscribes and subscribes again: keep the stream
+      // for a few seconds rather than reconnecting on every navigation.
+      if (this.handlers.size === 0 && this.idleTimer === undefined) {
+        this.idleTimer = setTimeout(() => {
+          this.idleTimer = undefined;
+          if (this.handlers.size === 0) this.close();
+        }, 5000);
+      }
     };
   }
 
@@ -41,23 +53,36 @@ class LiveStream {
     for (const l of this.statusListeners) l();
   }
 
+  /** Reconnects with the current session's token (after a login or logout). */
+  restart(): void {
+    this.close();
+    if (this.handlers.size > 0) this.open();
+  }
+
   private close(): void {
     this.abort?.abort();
     this.abort = undefined;
     if (this.retry !== undefined) clearTimeout(this.retry);
     this.retry = undefined;
-    this.setStatus('polling');
+    this.setStatus('idle');
   }
 
   private open(): void {
     const session = getSession();
-    if (session === null) return;
+    if (session === null) {
+      this.abort = undefined;
+      return;
+    }
+    this.setStatus('polling');
     const abort = new AbortController();
     this.abort = abort;
     void this.read(session.token, abort.signal).finally(() => {
+      if (this.abort !== abort) return; // closed or replaced meanwhile
       this.setStatus('polling');
-      if (this.abort === abort && !abort.signal.aborted && this.handlers.size > 0) {
+      if (!abort.signal.aborted && this.handlers.size > 0) {
         this.retry = setTimeout(() => this.open(), 3000);
+      } else {
+        this.abort = undefined;
       }
     });
   }
@@ -116,6 +141,7 @@ export function parseSseFrame(frame: string): { kind: LiveKind; data: unknown } 
 const KINDS: readonly LiveKind[] = ['job', 'protected-item', 'alert', 'component'];
 
 const stream = new LiveStream();
+onSessionChange(() => stream.restart());
 
 /** Whether live updates are connected, for the header's indicator. */
 export function useLiveStatus(): LiveStatus {
