@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
-import { readFile, readdir, mkdtemp, rm, unlink } from 'node:fs/promises';
+import { readFile, readdir, mkdtemp, rm, stat, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -107,6 +107,9 @@ describe('lifeboat up --demo', () => {
     qemuPid = Number((await waitForOutput(u, /QEMU pid (\d+)/, 300_000))[1]);
     const vaultUrl = (await waitForOutput(u, /vault: (http:\/\/\S+)/, 10_000))[1] ?? '';
     const token = (await waitForOutput(u, /admin token: (\S+)/, 10_000))[1] ?? '';
+    // The store was created with a random passphrase only its owner can read.
+    await waitForOutput(u, /created the store /, 10_000);
+    expect((await stat(join(data, 'store-passphrase'))).mode & 0o777).toBe(0o600);
     const first = await waitForOutput(u, /first recovery point committed: ([0-9a-f]+)/, 360_000);
     const firstPoint = first[1] ?? '';
     await waitForOutput(u, /test failover verified/, 360_000);
