@@ -196,6 +196,11 @@ describe('portal', () => {
     await buttons.first().click();
     await expect.poll(() => buttons.count(), { timeout: 20_000 }).toBe(3);
     expect(await page.getByTestId('alert-rows').textContent()).toContain('admin,');
+    // The subject is named by its machine, not by the item's id.
+    await page
+      .getByTestId('alert-rows')
+      .getByRole('link', { name: seed.names[seed.staleItem] ?? '' })
+      .waitFor();
     await shot('alerts');
   });
 

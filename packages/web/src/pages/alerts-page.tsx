@@ -2,6 +2,7 @@ import { useState } from 'react';
 import { api, ApiError, query, roleAtLeast, type Page, type Role } from '../api';
 import { time } from '../format';
 import { useLiveRefresh } from '../live';
+import { useItemMachineNames } from '../names';
 import { Link, navigate, useLocation } from '../router';
 import type { Alert } from '../types';
 import { useApi } from '../use-api';
@@ -21,6 +22,11 @@ export function AlertsPage({ role }: { role: Role }) {
   const [actionError, setActionError] = useState<ApiError>();
   const [busy, setBusy] = useState<string>();
   const canAck = roleAtLeast(role, 'operator');
+  const names = useItemMachineNames(
+    (alerts.data?.items ?? [])
+      .filter((a) => a.subjectType === 'protected-item')
+      .map((a) => a.subjectId),
+  );
 
   const acknowledge = async (id: string) => {
     setBusy(id);
@@ -75,7 +81,9 @@ export function AlertsPage({ role }: { role: Role }) {
                 </td>
                 <td>
                   {a.subjectType === 'protected-item' ? (
-                    <Link to={`/machines/${encodeURIComponent(a.subjectId)}`}>Open machine</Link>
+                    <Link to={`/machines/${encodeURIComponent(a.subjectId)}`}>
+                      {names[a.subjectId] ?? 'machine'}
+                    </Link>
                   ) : (
                     `${a.subjectType} ${a.subjectId}`
                   )}
