@@ -352,6 +352,7 @@ describe('portal', () => {
     await page.getByTestId('recovery-hosts').getByText('rh-west-1').waitFor();
     await page.getByTestId('source-hosts').getByText('kvm-east-1').waitFor();
     await page.getByTestId('target-stores').getByText('east-store').waitFor();
+    await page.getByTestId('network-mappings').getByText('No network mapping yet.').waitFor();
     expect(await page.getByTestId('process-servers').textContent()).toContain('healthy');
     await shot('infrastructure');
     await nav.getByRole('link', { name: 'Audit log' }).click();

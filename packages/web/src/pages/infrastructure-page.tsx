@@ -28,6 +28,13 @@ interface TargetStore {
   path: string | null;
   container: string | null;
 }
+interface NetworkMapping {
+  id: string;
+  name: string;
+  sourceNetwork: string;
+  targetNetwork: string;
+  testNetwork: string | null;
+}
 interface Site {
   id: string;
   name: string;
@@ -97,6 +104,24 @@ export function InfrastructurePage() {
               { title: 'Kind', cell: (s) => s.kind },
               { title: 'Location', cell: (s) => s.path ?? s.container ?? '—' },
             ]}
+          />
+        </section>
+        <section className="card" aria-labelledby="nm-h">
+          <h2 id="nm-h">Network mappings</h2>
+          <PagedTable<NetworkMapping>
+            path="/api/network-mappings"
+            caption="Network mappings"
+            testId="network-mappings"
+            columns={[
+              { title: 'Name', cell: (m) => m.name },
+              { title: 'Source network', cell: (m) => m.sourceNetwork },
+              { title: 'Recovery network', cell: (m) => m.targetNetwork },
+              {
+                title: 'Test failover network',
+                cell: (m) => m.testNetwork ?? '—',
+              },
+            ]}
+            empty="No network mapping yet."
           />
         </section>
         <section className="card" aria-labelledby="sites-h">
