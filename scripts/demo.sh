@@ -17,7 +17,7 @@ bash scripts/install-deps.sh
 # The data directory `lifeboat up` uses unless --data-dir says otherwise.
 DATA=.lifeboat
 for ((i = 1; i <= $#; i++)); do
-  if [ "${!i}" = "--data-dir" ]; then j=$((i + 1)); DATA="${!j}"; fi
+  if [ "${!i}" = "--data-dir" ]; then j=$((i + 1)); DATA="${!j:-$DATA}"; fi
 done
 STORE="$DATA/store"
 PASSFILE="$DATA/store-passphrase"
