@@ -15,7 +15,8 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import type { Page } from 'playwright-core';
-import { startVault, type Vault } from '@lifeboat/vault';
+import { startVault, type Vault, type VaultDatabase } from '@lifeboat/vault';
+import type { Insertable } from 'kysely';
 import {
   ensurePortalBuilt,
   launchChromium,
@@ -101,8 +102,8 @@ async function seed(vault: Vault, count: number): Promise<void> {
     .execute();
   const states = ['protected', 'protected', 'protected', 'initial-replication', 'resync-needed'];
   for (let start = 0; start < count; start += 500) {
-    const machines = [];
-    const items = [];
+    const machines: Insertable<VaultDatabase['machines']>[] = [];
+    const items: Insertable<VaultDatabase['protectedItems']>[] = [];
     for (let i = start; i < Math.min(count, start + 500); i++) {
       const machineId = id('vm', i);
       machines.push({

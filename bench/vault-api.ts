@@ -19,7 +19,8 @@ import { join } from 'node:path';
 import autocannon from 'autocannon';
 import { sql } from 'kysely';
 import { startPostgres, type PostgresServer } from '@lifeboat/testing';
-import { startVault, type Vault } from '@lifeboat/vault';
+import { startVault, type Vault, type VaultDatabase } from '@lifeboat/vault';
+import type { Insertable } from 'kysely';
 
 const args = process.argv.slice(2);
 const arg = (name: string, fallback: number): number => {
@@ -121,9 +122,9 @@ async function seed(vault: Vault): Promise<string[]> {
   ];
   const BATCH = 500;
   for (let start = 0; start < ITEMS; start += BATCH) {
-    const machines = [];
-    const items = [];
-    const points = [];
+    const machines: Insertable<VaultDatabase['machines']>[] = [];
+    const items: Insertable<VaultDatabase['protectedItems']>[] = [];
+    const points: Insertable<VaultDatabase['recoveryPoints']>[] = [];
     for (let i = start; i < Math.min(ITEMS, start + BATCH); i++) {
       const machineId = id('vm', i);
       const itemId = id('pi', i);

@@ -14,6 +14,7 @@ run_check() {
   if "$@"; then echo "ok: $name"; else echo "FAILED: $name"; failed_checks=$((failed_checks + 1)); fi
 }
 run_check "type check" tsc -b
+run_check "type check (bench)" tsc -p bench/tsconfig.json
 run_check "lint" eslint . --max-warnings=0
 run_check "format" prettier --check . --log-level=warn
 

@@ -8,3 +8,4 @@ export type { ItemState } from './services/protection.js';
 export type { Role } from './services/principal.js';
 export { statusOf } from './http/error-mapping.js';
 export type { ApiErrorBody } from './http/error-mapping.js';
+export type { VaultDatabase } from './db/schema.js';
