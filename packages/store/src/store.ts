@@ -99,7 +99,11 @@ export class Store implements StoreApi {
   private readonly damagedPoints = new Map<string, Error>();
   private masterKey: Buffer;
   private closed = false;
+  /** The index refresh running now, if any. */
   private indexRefresh: Promise<void> | undefined;
+  /** The refresh queued to start after the running one, shared by the callers waiting for it. */
+  private nextRefresh: Promise<void> | undefined;
+  private nextRefreshFull = false;
 
   private constructor(
     backend: ObjectBackend,
@@ -379,13 +383,38 @@ export class Store implements StoreApi {
 
   // ---- internals shared with sessions, readers and maintenance -------------------------------
 
-  /** @internal Loads index objects written since the last call; reloads all when one vanished (gc). */
+  /**
+   * @internal Loads index objects written since the call began (reloads all when one vanished:
+   * gc). The listing of the refresh a caller waits for always starts after its call, so a
+   * reader that has seen a point (whose index objects were written before it) finds its blobs.
+   */
   async refreshIndex(full = false): Promise<void> {
-    if (this.indexRefresh !== undefined) return this.indexRefresh;
-    this.indexRefresh = this.doRefreshIndex(full).finally(() => {
-      this.indexRefresh = undefined;
+    if (this.indexRefresh === undefined) return this.startIndexRefresh(full);
+    // One is running, but it may have listed index/ before what this caller needs was
+    // written: wait for one more that starts after it, shared by every caller arriving
+    // meanwhile (joining the running one made readers report committed chunks as lost).
+    this.nextRefreshFull ||= full;
+    this.nextRefresh ??= this.indexRefresh
+      .catch(() => undefined)
+      .then(() => {
+        this.nextRefresh = undefined;
+        const nextFull = this.nextRefreshFull;
+        this.nextRefreshFull = false;
+        // A refresh started since the last one ended also began after every queued caller.
+        if (this.indexRefresh !== undefined && !nextFull) return this.indexRefresh;
+        return this.indexRefresh === undefined
+          ? this.startIndexRefresh(nextFull)
+          : this.indexRefresh.catch(() => undefined).then(() => this.refreshIndex(true));
+      });
+    return this.nextRefresh;
+  }
+
+  private startIndexRefresh(full: boolean): Promise<void> {
+    const run: Promise<void> = this.doRefreshIndex(full).finally(() => {
+      if (this.indexRefresh === run) this.indexRefresh = undefined;
     });
-    return this.indexRefresh;
+    this.indexRefresh = run;
+    return run;
   }
 
   private async doRefreshIndex(full: boolean): Promise<void> {
@@ -638,10 +667,18 @@ export class Store implements StoreApi {
         { ...ctxDetails(ctx), chunk: id.toString('hex'), object: damaged[0], objects: damaged },
       );
     }
+    // Callers report this only after an index reload that began after they saw the point,
+    // so the blob is not merely newer than this process's view: no index object lists it.
+    const objects = this.index.loaded.size;
     return storeError(
       'LB_STORE_MISSING_CHUNK',
-      `${what} ${id.toString('hex')}${describe(ctx)} is in no pack of the store at ${this.location}: its data is lost. Run verify to list every affected point; pick another point.`,
-      { ...ctxDetails(ctx), chunk: id.toString('hex'), object: `chunk ${id.toString('hex')}` },
+      `${what} ${id.toString('hex')}${describe(ctx)} is listed by none of the ${objects} index object(s) of the store at ${this.location}, read again just now. A commit writes its packs and index objects before its point, so this is not a commit in progress: an index object or pack is missing and that data cannot be read. Run verify to list every affected point; restore the store's objects from a copy if you have one, or pick another point.`,
+      {
+        ...ctxDetails(ctx),
+        chunk: id.toString('hex'),
+        object: `chunk ${id.toString('hex')}`,
+        indexObjects: objects,
+      },
     );
   }
 
