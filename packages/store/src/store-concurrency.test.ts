@@ -103,7 +103,7 @@ async function checkAll(store: Store, points: PointInfo[]): Promise<void> {
   );
 }
 
-describe('readers and several writer processes at once', () => {
+describe('concurrent readers and writers: index reloads', () => {
   it('every point a reader can see reads back byte-exact, fresh and long-lived readers alike', async () => {
     // Tiny packs and fanout 4: many packs, index objects and tree nodes per commit.
     t = await tempStore({ chunkSize: CS, packSize: 16 * 1024, treeFanout: 4 });
@@ -178,6 +178,35 @@ describe('readers and several writer processes at once', () => {
       expect((await secondRead).equals(pseudoRandom(8 * CS, 2))).toBe(true);
     } finally {
       await reader.close();
+    }
+  });
+
+  it("a full index reload keeps the index objects this process's own session published meanwhile", async () => {
+    t = await tempStore({ chunkSize: CS, packSize: CS });
+    const gated = new GatedBackend(new DirectoryBackend({ path: t.dir }));
+    const store = await Store.open({
+      backend: gated,
+      passphrase: TEST_PASSPHRASE,
+      indexEveryBlobs: 1,
+    });
+    try {
+      const session = await store.beginWrite({ machine: 'm', disk: 'vda', size: 4 * CS });
+      const held = gated.holdNextIndexListing();
+      const reload = store.refreshIndex(true);
+      await held.listed;
+      // One chunk fills a pack; its upload publishes an index object while the reload waits.
+      const data = pseudoRandom(CS, 3);
+      await session.write(0, data);
+      const id = store.crypto.chunkId(data);
+      for (let i = 0; i < 500 && !store.index.has(id); i++)
+        await new Promise((r) => setTimeout(r, 10));
+      expect(store.index.has(id)).toBe(true);
+      held.release();
+      await reload;
+      expect(store.index.has(id), 'published blob dropped by the reload').toBe(true);
+      await session.commit();
+    } finally {
+      await store.close();
     }
   });
 });

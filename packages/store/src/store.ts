@@ -419,16 +419,18 @@ export class Store implements StoreApi {
 
   private async doRefreshIndex(full: boolean): Promise<void> {
     for (let attempt = 0; ; attempt++) {
+      // Index objects known before the listing: one a write session of this process publishes
+      // while the listing runs is not "vanished" (that would force a needless full reload).
+      const known = new Set(this.index.loaded);
       const keys: string[] = [];
       for await (const info of this.backend.list('index/')) keys.push(info.key);
       const present = new Set(keys);
-      const vanished = [...this.index.loaded].some((k) => !present.has(k));
+      const vanished = [...known].some((k) => !present.has(k));
       // A full reload fills a new index and swaps it in, so readers never see an empty one.
       const target = full || vanished ? new ChunkIndex() : this.index;
       full = false;
-      const fresh = keys.filter((k) => !target.loaded.has(k) && !target.damaged.has(k));
       let raced = false;
-      await mapLimit(fresh, 8, async (key) => {
+      const load = async (key: string): Promise<void> => {
         try {
           const content = decodeIndex(
             openObject(this.crypto, ObjectKind.Index, key, await this.backend.get(key)),
@@ -450,8 +452,27 @@ export class Store implements StoreApi {
           if (err instanceof FormatError) target.damaged.set(key, err);
           else throw err;
         }
-      });
-      if (target !== this.index) this.index.adopt(target);
+      };
+      await mapLimit(
+        keys.filter((k) => !target.loaded.has(k) && !target.damaged.has(k)),
+        8,
+        load,
+      );
+      if (target !== this.index) {
+        // Index objects a write session of this process published during the reload are in
+        // the old index only: carry them over, or its blobs would be unknown here until the
+        // next reload. No await between the last check and the swap, so none slips through.
+        const tried = new Set<string>();
+        for (;;) {
+          const late = [...this.index.loaded].filter(
+            (k) => !known.has(k) && !target.loaded.has(k) && !tried.has(k),
+          );
+          if (late.length === 0) break;
+          for (const k of late) tried.add(k);
+          await mapLimit(late, 8, load);
+        }
+        this.index.adopt(target);
+      }
       if (!raced || attempt >= 3) return;
       full = true;
     }
