@@ -14,6 +14,7 @@ export {
   type QemuStorageDaemonOptions,
 } from './qemu-storage-daemon.js';
 export { kvmAvailable, qemuAccelerator } from './kvm.js';
+export { kvmBootsKernel } from './kvm-boots-kernel.js';
 export {
   startFleecing,
   type FleeceDisk,

@@ -57,7 +57,6 @@ export {
   type PlannedFailoverSource,
 } from './failover.js';
 export { GuestAgent, type GuestExecResult } from './guest-agent.js';
-export { kvmBootsKernel } from './kvm-boots-kernel.js';
 export {
   serveFailoverControl,
   failoverControlRequest,

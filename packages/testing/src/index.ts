@@ -15,7 +15,6 @@ export type {
   StorageDaemon,
   DaemonDisk,
 } from './start-storage-daemon.js';
-export { kvmBootsLinux } from './kvm-boots-linux.js';
 export { ManagedProcess } from './managed-process.js';
 export type { StopOptions } from './managed-process.js';
 export { runCommand } from './run-command.js';

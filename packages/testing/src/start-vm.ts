@@ -4,7 +4,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
-import { kvmBootsLinux } from './kvm-boots-linux.js';
+import { kvmBootsKernel } from '@lifeboat/qmp';
 import { ManagedProcess } from './managed-process.js';
 import type { StopOptions } from './managed-process.js';
 
@@ -119,7 +119,7 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
   const consolePath = options.console ?? join(dir, 'console.log');
   const wanted = options.accel ?? 'auto';
   const accel: 'kvm' | 'tcg' =
-    wanted === 'auto' ? ((await kvmBootsLinux(options.kernel)) ? 'kvm' : 'tcg') : wanted;
+    wanted === 'auto' ? ((await kvmBootsKernel(options.kernel)) ? 'kvm' : 'tcg') : wanted;
 
   const args = [
     '-nodefaults',

@@ -4,27 +4,31 @@ import { constants, readFileSync } from 'node:fs';
 import { access, readFile, rename, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { ownChild } from './qemu-storage-daemon.js';
 
 const probes = new Map<string, Promise<boolean>>();
 
 /**
- * True when KVM really runs a Linux guest here (stronger than `@lifeboat/qmp`'s
- * `kvmAvailable`, which only checks that QEMU starts with KVM enabled): `/dev/kvm` opens read-write and `kernel`
+ * True when KVM really runs a Linux guest here (stronger than `kvmAvailable`, which only checks that QEMU starts with KVM enabled): `/dev/kvm` opens read-write and `kernel`
  * boots under `-accel kvm` to its "no root file system" panic. `/dev/kvm` can exist, let
  * QEMU start and still fail on the first real kernel code (nested virtualisation reports a
  * "KVM internal error"), so only a kernel boot proves it. The answer is kept per boot of the
  * host (in the temporary directory, keyed by the boot id and kernel) and per process.
  */
-export function kvmBootsLinux(kernel: string): Promise<boolean> {
-  let probe = probes.get(kernel);
+export function kvmBootsKernel(
+  kernel: string,
+  qemuBinary = 'qemu-system-x86_64',
+): Promise<boolean> {
+  const id = `${qemuBinary}\n${kernel}`;
+  let probe = probes.get(id);
   if (!probe) {
-    probe = cachedProbe(kernel);
-    probes.set(kernel, probe);
+    probe = cachedProbe(kernel, qemuBinary);
+    probes.set(id, probe);
   }
   return probe;
 }
 
-async function cachedProbe(kernel: string): Promise<boolean> {
+async function cachedProbe(kernel: string, qemuBinary: string): Promise<boolean> {
   try {
     await access('/dev/kvm', constants.R_OK | constants.W_OK);
   } catch {
@@ -36,24 +40,27 @@ async function cachedProbe(kernel: string): Promise<boolean> {
   } catch {
     // No boot id: the cache file is then shared only until the name changes; harmless.
   }
-  const key = createHash('sha256').update(`${bootId}\n${kernel}`).digest('hex').slice(0, 16);
+  const key = createHash('sha256')
+    .update(`${bootId}\n${qemuBinary}\n${kernel}`)
+    .digest('hex')
+    .slice(0, 16);
   const file = join(tmpdir(), `lifeboat-kvm-probe-${key}.json`);
   try {
     return (JSON.parse(await readFile(file, 'utf8')) as { kvm: boolean }).kvm;
   } catch {
     // Not probed yet on this boot.
   }
-  const kvm = await probeKvm(kernel);
+  const kvm = await probeKvm(kernel, qemuBinary);
   const tmp = `${file}.${process.pid}`;
   await writeFile(tmp, JSON.stringify({ kvm, kernel, at: new Date().toISOString() }));
   await rename(tmp, file);
   return kvm;
 }
 
-function probeKvm(kernel: string): Promise<boolean> {
+function probeKvm(kernel: string, qemuBinary: string): Promise<boolean> {
   return new Promise((resolve) => {
     const child = spawn(
-      'qemu-system-x86_64',
+      qemuBinary,
       [
         ...['-accel', 'kvm', '-M', 'q35', '-cpu', 'host', '-m', '128', '-nodefaults'],
         ...['-display', 'none', '-no-reboot', '-serial', 'stdio', '-kernel', kernel],
@@ -61,6 +68,7 @@ function probeKvm(kernel: string): Promise<boolean> {
       ],
       { stdio: ['ignore', 'pipe', 'pipe'] },
     );
+    ownChild(child);
     let out = '';
     let settled = false;
     const done = (ok: boolean): void => {
