@@ -19,7 +19,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { NbdClient, type NbdTarget } from '@lifeboat/nbd';
-import { RecoveryHost, exportUri, kvmBootsKernel, runTestFailover } from '@lifeboat/recovery';
+import { kvmBootsKernel } from '@lifeboat/qmp';
+import { RecoveryHost, exportUri, runTestFailover } from '@lifeboat/recovery';
 import { DirectoryBackend, Store, type PointInfo } from '@lifeboat/store';
 import { buildTestImage, startVm, testImageAppend } from '@lifeboat/testing';
 
