@@ -9,19 +9,18 @@
 // Kysely handle (the API would take minutes to seed 10,000; what is measured is reading). Each
 // run reloads the page and times from navigation to the page showing the vault's figures: the
 // dashboard's total equal to the seeded count, and the machines table's 50 rows with names.
-import { randomBytes } from 'node:crypto';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import type { Page } from 'playwright-core';
-import { startVault, type Vault, type VaultDatabase } from '@lifeboat/vault';
-import type { Insertable } from 'kysely';
+import { startVault, type Vault } from '@lifeboat/vault';
 import {
   ensurePortalBuilt,
   launchChromium,
   REPO_ROOT,
 } from '../packages/integration-tests/src/portal-browser.js';
+import { seedVault } from './vault-seed.js';
 
 const args = process.argv.slice(2);
 const arg = (name: string, fallback: number): number => {
@@ -33,120 +32,7 @@ const RUNS = arg('--runs', 5);
 const ADMIN = { username: 'admin', password: 'admin-password' };
 
 async function seed(vault: Vault, count: number): Promise<void> {
-  const db = vault.context.db;
-  const now = Date.now();
-  const t = new Date(now).toISOString();
-  const id = (prefix: string, i: number) =>
-    `${prefix}_${String(i).padStart(8, '0')}${randomBytes(3).toString('hex')}`;
-  await db
-    .insertInto('policies')
-    .values({
-      id: 'pol_bench',
-      name: 'bench',
-      rpoThresholdSeconds: 300,
-      crashConsistentIntervalSeconds: 30,
-      appConsistentIntervalSeconds: 3600,
-      retention: '{"rules":[{"for":"1d"}]}',
-      retentionIntervalSeconds: 86_400,
-      createdAt: t,
-      updatedAt: t,
-    })
-    .execute();
-  await db
-    .insertInto('targetStores')
-    .values({
-      id: 'ts_bench',
-      kind: 'directory',
-      name: 'bench',
-      siteId: null,
-      path: '/nonexistent',
-      container: null,
-      connectionSealed: null,
-      passphraseSealed: vault.context.secrets.seal('x'),
-      createdAt: t,
-      updatedAt: t,
-    })
-    .execute();
-  await db
-    .insertInto('components')
-    .values({
-      id: 'ps_bench',
-      kind: 'process-server',
-      name: 'ps-bench',
-      siteId: null,
-      address: null,
-      version: null,
-      certificateSerial: null,
-      certificateExpiresAt: null,
-      lastHeartbeatAt: t,
-      health: '{}',
-      createdAt: t,
-      updatedAt: t,
-    })
-    .execute();
-  await db
-    .insertInto('sourceHosts')
-    .values({
-      id: 'sh_bench',
-      kind: 'kvm',
-      name: 'kvm-bench',
-      siteId: null,
-      processServerId: 'ps_bench',
-      credentialId: null,
-      endpoints: '[]',
-      discoveryRequestedAt: null,
-      discoveredAt: t,
-      createdAt: t,
-      updatedAt: t,
-    })
-    .execute();
-  const states = ['protected', 'protected', 'protected', 'initial-replication', 'resync-needed'];
-  for (let start = 0; start < count; start += 500) {
-    const machines: Insertable<VaultDatabase['machines']>[] = [];
-    const items: Insertable<VaultDatabase['protectedItems']>[] = [];
-    for (let i = start; i < Math.min(count, start + 500); i++) {
-      const machineId = id('vm', i);
-      machines.push({
-        id: machineId,
-        sourceHostId: 'sh_bench',
-        name: `vm-${String(i).padStart(5, '0')}`,
-        externalId: `vm-${i}`,
-        endpoint: null,
-        cpus: 2,
-        memoryBytes: 2 ** 31,
-        os: 'linux',
-        present: 1,
-        discoveredAt: t,
-        createdAt: t,
-        updatedAt: t,
-      });
-      items.push({
-        id: id('pi', i),
-        machineId,
-        policyId: 'pol_bench',
-        processServerId: 'ps_bench',
-        targetStoreId: 'ts_bench',
-        networkMappingId: null,
-        consistencyGroup: null,
-        state: states[i % states.length] ?? 'protected',
-        stateReason: 'seeded',
-        stateChangedAt: t,
-        generation: 1,
-        appliedGeneration: 1,
-        lastPointAt: new Date(now - (i % 600) * 1000).toISOString(),
-        rpoSeconds: null,
-        backlogBytes: 0,
-        throughputBps: 0,
-        activeKey: machineId,
-        createdAt: t,
-        updatedAt: t,
-      });
-    }
-    await db.transaction().execute(async (tx) => {
-      await tx.insertInto('machines').values(machines).execute();
-      await tx.insertInto('protectedItems').values(items).execute();
-    });
-  }
+  await seedVault(vault, { items: count });
 }
 
 async function timeDashboard(page: Page, url: string, count: number): Promise<number> {
