@@ -1,19 +1,18 @@
 import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { runCli } from '@lifeboat/cli';
 import type { CliIo } from '@lifeboat/cli';
 import { NbdClient } from '@lifeboat/nbd';
-import { ProcessServer } from '@lifeboat/process-server';
+import type { ProcessServer } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
-import { DirectoryBackend, Store } from '@lifeboat/store';
+import type { Store } from '@lifeboat/store';
 import { runCommand, startStorageDaemon } from '@lifeboat/testing';
 import type { StorageDaemon } from '@lifeboat/testing';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createTestPki } from './process-server-fixtures.js';
-import type { TestPki } from './process-server-fixtures.js';
+import { startTestProcessServer } from './process-server-fixtures.js';
+import type { TestPki, TestProcessServer } from './process-server-fixtures.js';
 
 function io(cwd: string): CliIo & { out: () => string; err: () => string } {
   let out = '';
@@ -34,34 +33,19 @@ describe('lifeboat agent start | status', () => {
   let pki: TestPki;
   let store: Store;
   let server: ProcessServer;
+  let ps: TestProcessServer | undefined;
   let qsd: StorageDaemon;
 
   beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'lb-agent-cli-'));
-    pki = await createTestPki(dir);
-    store = await Store.init({
-      backend: new DirectoryBackend({ path: join(dir, 'store') }),
-      passphrase: 'test',
-      kdfCost: 1024,
-    });
-    server = await ProcessServer.start({
-      store,
-      journalDir: join(dir, 'ps'),
-      tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
-      host: '127.0.0.1',
-      port: 0,
-      healthPort: null,
-      logLevel: 'silent',
-    });
+    ps = await startTestProcessServer('lb-agent-cli-');
+    ({ dir, pki, store, server } = ps);
     const img = join(dir, 'disk.qcow2');
     await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '8M']);
     qsd = await startStorageDaemon({ disks: [{ path: img, exportName: 'guest' }] });
   });
   afterAll(async () => {
     await qsd?.stop();
-    await server?.stop();
-    await store?.close();
-    await rm(dir, { recursive: true, force: true });
+    await ps?.stop();
   });
 
   it('protects a machine until stopped, and status shows its last cut', async () => {

@@ -1,19 +1,17 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Agent, discoverDisks } from '@lifeboat/agent';
 import { NbdClient } from '@lifeboat/nbd';
-import { ProcessServer } from '@lifeboat/process-server';
+import type { ProcessServer } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
 import { ReplicationClient } from '@lifeboat/protocol';
 import { QmpClient } from '@lifeboat/qmp';
-import { DirectoryBackend, Store } from '@lifeboat/store';
+import type { Store } from '@lifeboat/store';
 import { runCommand, startStorageDaemon } from '@lifeboat/testing';
 import type { StorageDaemon } from '@lifeboat/testing';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createTestPki } from './process-server-fixtures.js';
-import type { TestPki } from './process-server-fixtures.js';
+import { startTestProcessServer } from './process-server-fixtures.js';
+import type { TestPki, TestProcessServer } from './process-server-fixtures.js';
 
 const MiB = 1024 * 1024;
 
@@ -22,28 +20,15 @@ describe('agent -> ReplicationClient (mTLS) -> process server -> store', () => {
   let pki: TestPki;
   let store: Store;
   let server: ProcessServer;
+  let ps: TestProcessServer | undefined;
   let qsd: StorageDaemon;
   let guest: NbdClient | undefined;
   let client: ReplicationClient | undefined;
   let agent: Agent | undefined;
 
   beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'lb-agent-ps-'));
-    pki = await createTestPki(dir);
-    store = await Store.init({
-      backend: new DirectoryBackend({ path: join(dir, 'store') }),
-      passphrase: 'test',
-      kdfCost: 1024,
-    });
-    server = await ProcessServer.start({
-      store,
-      journalDir: join(dir, 'ps'),
-      tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
-      host: '127.0.0.1',
-      port: 0,
-      healthPort: null,
-      logLevel: 'silent',
-    });
+    ps = await startTestProcessServer('lb-agent-ps-');
+    ({ dir, pki, store, server } = ps);
     const img = join(dir, 'disk.qcow2');
     await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '16M']);
     qsd = await startStorageDaemon({ disks: [{ path: img, exportName: 'guest' }] });
@@ -54,9 +39,7 @@ describe('agent -> ReplicationClient (mTLS) -> process server -> store', () => {
     await client?.close();
     await guest?.close();
     await qsd?.stop();
-    await server?.stop();
-    await store?.close();
-    await rm(dir, { recursive: true, force: true });
+    await ps?.stop();
   });
 
   it('every point the process server commits is byte-exact against the disk at its cut', async () => {

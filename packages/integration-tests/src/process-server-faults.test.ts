@@ -1,9 +1,6 @@
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { connect } from 'node:tls';
 import { crc32 } from 'node:zlib';
-import { ProcessServer } from '@lifeboat/process-server';
+import type { ProcessServer } from '@lifeboat/process-server';
 import {
   FRAME_MAGIC,
   FrameDecoder,
@@ -11,22 +8,22 @@ import {
   encodeFrameBuffer,
 } from '@lifeboat/protocol';
 import type { LifeboatError } from '@lifeboat/protocol';
-import { DirectoryBackend, Store } from '@lifeboat/store';
+import type { Store } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   RawSession,
   SourceMachine,
-  createTestPki,
+  startTestProcessServer,
   prng,
   verifyPoints,
   waitUntil,
 } from './process-server-fixtures.js';
-import type { TestPki } from './process-server-fixtures.js';
+import type { TestPki, TestProcessServer } from './process-server-fixtures.js';
 
-let dir: string;
 let pki: TestPki;
 let store: Store;
 let server: ProcessServer;
+let ps: TestProcessServer | undefined;
 const raws: RawSession[] = [];
 const clients: ReplicationClient[] = [];
 
@@ -38,23 +35,10 @@ let bystanderStop = false;
 let bystanderLoop: Promise<void>;
 
 beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'lb-ps-faults-'));
-  pki = await createTestPki(dir);
-  store = await Store.init({
-    backend: new DirectoryBackend({ path: join(dir, 'store') }),
-    passphrase: 'test',
-    kdfCost: 1024,
-  });
-  server = await ProcessServer.start({
-    store,
-    journalDir: join(dir, 'ps'),
-    tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
-    host: '127.0.0.1',
-    port: 0,
-    healthPort: null,
+  ps = await startTestProcessServer('lb-ps-faults-', {
     helloTimeoutMs: 1000,
-    logLevel: 'silent',
   });
+  ({ pki, store, server } = ps);
   bystander = agent(bystanderSrc);
   bystander.on('disconnected', () => bystanderDisconnects++);
   await bystander.start();
@@ -82,9 +66,7 @@ afterAll(async () => {
   await bystanderLoop?.catch(() => undefined);
   for (const r of raws) r.destroy();
   for (const c of clients) await c.close();
-  await server?.stop();
-  await store?.close();
-  await rm(dir, { recursive: true, force: true });
+  await ps?.stop();
 });
 
 function agent(src: SourceMachine, id = pki.client): ReplicationClient {

@@ -1,11 +1,15 @@
 import { execFile } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect } from 'node:tls';
 import type { TLSSocket } from 'node:tls';
 import { promisify } from 'node:util';
 import { FrameDecoder, encodeFrame } from '@lifeboat/protocol';
 import type { Frame, HelloDisk } from '@lifeboat/protocol';
+import { ProcessServer } from '@lifeboat/process-server';
+import type { ProcessServerOptions } from '@lifeboat/process-server';
+import { DirectoryBackend, Store } from '@lifeboat/store';
 import type { StoreApi } from '@lifeboat/store';
 
 const run = promisify(execFile);
@@ -299,4 +303,54 @@ export async function waitUntil(
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** A process server on loopback over a fresh directory store, with its own throwaway PKI. */
+export interface TestProcessServer {
+  /** The test's private directory (PKI, store, journal); removed by stop. */
+  dir: string;
+  pki: TestPki;
+  store: Store;
+  server: ProcessServer;
+  /** Stops the server, closes the store and removes the directory. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts a process server for one test file: a temp directory named with `prefix`, a test PKI,
+ * a directory store (cheap scrypt cost), and the server on 127.0.0.1 with an ephemeral port and
+ * no health listener unless `options` say otherwise.
+ */
+export async function startTestProcessServer(
+  prefix: string,
+  options: Partial<ProcessServerOptions> = {},
+): Promise<TestProcessServer> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  const pki = await createTestPki(dir);
+  const store = await Store.init({
+    backend: new DirectoryBackend({ path: join(dir, 'store') }),
+    passphrase: 'test',
+    kdfCost: 1024,
+  });
+  const server = await ProcessServer.start({
+    store,
+    journalDir: join(dir, 'ps'),
+    tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
+    host: '127.0.0.1',
+    port: 0,
+    healthPort: null,
+    logLevel: 'silent',
+    ...options,
+  });
+  return {
+    dir,
+    pki,
+    store,
+    server,
+    async stop() {
+      await server.stop();
+      await store.close();
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
 }

@@ -1,5 +1,4 @@
-import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ProcessServer } from '@lifeboat/process-server';
 import type { ProcessServerHealth } from '@lifeboat/process-server';
@@ -8,46 +7,33 @@ import { DirectoryBackend, Store } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   SourceMachine,
-  createTestPki,
+  startTestProcessServer,
   prng,
   randomExtent,
   verifyPoints,
   waitUntil,
 } from './process-server-fixtures.js';
-import type { TestPki } from './process-server-fixtures.js';
+import type { TestPki, TestProcessServer } from './process-server-fixtures.js';
 
 let dir: string;
 let pki: TestPki;
 let store: Store;
 let server: ProcessServer;
+let ps: TestProcessServer | undefined;
 const clients: ReplicationClient[] = [];
 
 beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'lb-ps-ingest-'));
-  pki = await createTestPki(dir);
-  store = await Store.init({
-    backend: new DirectoryBackend({ path: join(dir, 'store') }),
-    passphrase: 'test',
-    kdfCost: 1024,
-  });
-  server = await ProcessServer.start({
-    store,
-    journalDir: join(dir, 'ps'),
-    tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
-    host: '127.0.0.1',
-    port: 0,
+  ps = await startTestProcessServer('lb-ps-ingest-', {
     healthPort: 0,
-    logLevel: 'silent',
     // Small, so sessions pause and resume for the fsync all the time (a hang here once).
     sessionUnsyncedBytes: 64 * 1024,
   });
+  ({ dir, pki, store, server } = ps);
 });
 
 afterAll(async () => {
   for (const c of clients) await c.close();
-  await server?.stop();
-  await store?.close();
-  await rm(dir, { recursive: true, force: true });
+  await ps?.stop();
 });
 
 function client(src: SourceMachine): ReplicationClient {
