@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
 import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
-import { QmpClient, startFleecing } from '@lifeboat/qmp';
+import { GuestAgentClient, QmpClient, startFleecing } from '@lifeboat/qmp';
 import type { FleecingCut } from '@lifeboat/qmp';
 import { resolveAgentOptions } from './agent-options.js';
 import type { AgentOptions, ResolvedAgentOptions } from './agent-options.js';
@@ -13,7 +13,6 @@ import { loadAgentState, saveAgentState } from './agent-state.js';
 import type { AgentState, DiskState } from './agent-state.js';
 import { AGENT_NODE_PREFIX, discoverDisks } from './disk-discovery.js';
 import type { DiscoveredDisk } from './disk-discovery.js';
-import { GuestAgentClient } from './guest-agent-client.js';
 import type { ReplicationSink, ResyncBaseline } from './replication-sink.js';
 
 /** Progress of a full read of a disk (initial replication or resync). */

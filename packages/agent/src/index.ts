@@ -7,7 +7,6 @@ export { loadAgentState, saveAgentState } from './agent-state.js';
 export type { AgentState, DiskState, SyncProgress } from './agent-state.js';
 export { discoverDisks } from './disk-discovery.js';
 export type { BitmapInfo, DiscoveredDisk } from './disk-discovery.js';
-export { GuestAgentClient } from './guest-agent-client.js';
 export type { ReplicationSink, ResyncBaseline, SinkCutOptions } from './replication-sink.js';
 export { StoreSink } from './store-sink.js';
 export type { StoreSinkCut } from './store-sink.js';

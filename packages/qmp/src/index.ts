@@ -15,6 +15,8 @@ export {
 } from './qemu-storage-daemon.js';
 export { kvmAvailable, qemuAccelerator } from './kvm.js';
 export { kvmBootsKernel } from './kvm-boots-kernel.js';
+export { GuestAgentClient } from './guest-agent-client.js';
+export type { GuestExecResult } from './guest-agent-client.js';
 export {
   startFleecing,
   type FleeceDisk,

@@ -56,7 +56,6 @@ export {
   type HydrationOptions,
   type PlannedFailoverSource,
 } from './failover.js';
-export { GuestAgent, type GuestExecResult } from './guest-agent.js';
 export {
   serveFailoverControl,
   failoverControlRequest,

@@ -6,10 +6,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { GuestAgentClient } from '@lifeboat/qmp';
 import { DirectoryBackend, Store, type PointInfo } from '@lifeboat/store';
 import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
 import { Failover } from './failover.js';
-import { GuestAgent } from './guest-agent.js';
 import { listeningSockets } from './listening-sockets.js';
 import { pngSize } from './png.js';
 import { RecoveryHost } from './recovery-host.js';
@@ -211,19 +211,19 @@ describe('test failover', () => {
       ],
       verify: { console: /LIFEBOAT-READY/, screenshot: false },
     });
-    const agents: GuestAgent[] = [];
+    const agents: GuestAgentClient[] = [];
     try {
       expect(tf.job.state).toBe('succeeded');
       const [app, db] = tf.machines.map((b) => b.machine);
       for (const m of [app!, db!]) {
-        const a = await GuestAgent.connect(m.qgaSocket!);
+        const a = new GuestAgentClient(m.qgaSocket!, 15_000);
         agents.push(a);
-        await a.sync(120_000);
+        await a.waitUntilReady(120_000);
         // No TCP listener at all: the segment is a UNIX socket of the recovery host.
         expect(await m.listening()).toEqual([]);
       }
       // busybox nc, not wget: the static busybox's wget crashes in this guest (no NSS).
-      const connectTo = (a: GuestAgent, ip: string, port: number) =>
+      const connectTo = (a: GuestAgentClient, ip: string, port: number) =>
         a.exec('/bin/nc', ['-w', '3', ip, String(port)], 30_000);
       expect((await connectTo(agents[0]!, '10.77.0.2', 22)).stdout).toMatch(/LIFEBOAT-TCP-OK db/);
       expect((await connectTo(agents[1]!, '10.77.0.1', 22)).stdout).toMatch(/LIFEBOAT-TCP-OK app/);
@@ -235,7 +235,6 @@ describe('test failover', () => {
       }
       expect(tf.segment!.framesForwarded).toBeGreaterThan(0);
     } finally {
-      for (const a of agents) a.close();
       const cleanup = await tf.cleanup();
       expect(cleanup.state).toBe('succeeded');
       expect(existsSync(tf.segment!.socketPath)).toBe(false);

@@ -2,11 +2,20 @@ import { connect } from 'node:net';
 import type { Socket } from 'node:net';
 import { LifeboatError } from '@lifeboat/protocol';
 
+/** Result of a program run in the guest by {@link GuestAgentClient.exec}. */
+export interface GuestExecResult {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
+
 /**
  * A minimal client of the QEMU guest agent (qemu-ga) over the host side of its virtio-serial
- * port (a UNIX socket). Each call opens the socket, synchronises with `guest-sync-delimited`
- * (the stream may hold a stale reply from an earlier, timed-out caller), runs one command and
- * closes. Every step has a time limit: a guest without an agent never answers.
+ * port (a UNIX socket), used by the agent (fsfreeze for app-consistent points) and the
+ * recovery host (checks from inside a recovered machine). Each call opens the socket,
+ * synchronises with `guest-sync-delimited` (the stream may hold a stale reply from an earlier,
+ * timed-out caller), runs one command and closes. Every step has a time limit: a guest without
+ * an agent never answers.
  */
 export class GuestAgentClient {
   constructor(
@@ -22,6 +31,53 @@ export class GuestAgentClient {
   /** Thaws the guest's file systems; resolves with how many were thawed. */
   async thaw(): Promise<number> {
     return (await this.call('guest-fsfreeze-thaw')) as number;
+  }
+
+  /** Waits until the guest agent answers (it starts late in a guest's boot). */
+  async waitUntilReady(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        await this.call('guest-ping');
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
+  }
+
+  /** Runs `path args...` in the guest, waits for it to end, and returns its exit code and output. */
+  async exec(path: string, args: string[], timeoutMs = 30_000): Promise<GuestExecResult> {
+    const { pid } = (await this.call('guest-exec', {
+      path,
+      arg: args,
+      'capture-output': true,
+    })) as { pid: number };
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const s = (await this.call('guest-exec-status', { pid })) as {
+        exited: boolean;
+        exitcode?: number;
+        'out-data'?: string;
+        'err-data'?: string;
+      };
+      if (s.exited) {
+        return {
+          exitCode: s.exitcode ?? -1,
+          stdout: Buffer.from(s['out-data'] ?? '', 'base64').toString('utf8'),
+          stderr: Buffer.from(s['err-data'] ?? '', 'base64').toString('utf8'),
+        };
+      }
+      if (Date.now() > deadline) {
+        throw new LifeboatError(
+          'LB_QMP_GUEST_AGENT',
+          `${path} did not end in the guest within ${timeoutMs} ms.`,
+          { details: { path, args, timeoutMs } },
+        );
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
   }
 
   /** Runs one guest agent command and returns its `return` value. */
@@ -49,7 +105,7 @@ export class GuestAgentClient {
       };
       if (reply.error) {
         throw new LifeboatError(
-          'LB_AGENT_GUEST_AGENT',
+          'LB_QMP_GUEST_AGENT',
           `The guest agent refused ${command}: ${reply.error.desc}.`,
           { details: { command, errorClass: reply.error.class, desc: reply.error.desc } },
         );
@@ -76,7 +132,7 @@ export class GuestAgentClient {
         s.destroy();
         reject(
           new LifeboatError(
-            'LB_AGENT_GUEST_AGENT',
+            'LB_QMP_GUEST_AGENT',
             `Cannot connect to the guest agent socket ${this.socketPath}: ${err.message}.`,
             { cause: err, details: { path: this.socketPath } },
           ),
@@ -88,7 +144,7 @@ export class GuestAgentClient {
 
 function noAnswer(what: string, timeoutMs: number): LifeboatError {
   return new LifeboatError(
-    'LB_AGENT_GUEST_AGENT',
+    'LB_QMP_GUEST_AGENT',
     `The guest agent did not answer ${what} within ${timeoutMs} ms (is qemu-guest-agent running in the guest?).`,
     { details: { command: what, timeoutMs } },
   );
@@ -132,7 +188,7 @@ function lineReader(
   socket.on('close', () =>
     fail(
       new LifeboatError(
-        'LB_AGENT_GUEST_AGENT',
+        'LB_QMP_GUEST_AGENT',
         `The guest agent connection closed during ${command}.`,
         { details: { command } },
       ),
