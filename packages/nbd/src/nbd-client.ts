@@ -584,36 +584,56 @@ export class NbdClient {
     }
   }
 
+  /**
+   * Runs one query on a connection of its own that is never attached to an export: it ends
+   * with NBD_OPT_ABORT, or is destroyed when the query fails (the error says `what` it was doing).
+   */
+  private static async oneShotQuery<T>(
+    target: NbdTarget,
+    connectTimeoutMs: number | undefined,
+    what: string,
+    query: (n: Negotiation) => Promise<T>,
+  ): Promise<T> {
+    const n = await Negotiation.open(target, connectTimeoutMs ?? 30_000);
+    try {
+      return await query(n);
+    } catch (err) {
+      n.socket.destroy();
+      throw n.wrap(err, what);
+    } finally {
+      n.done();
+      await n.abort();
+    }
+  }
+
   /** Lists the server's exports (NBD_OPT_LIST). */
   static async listExports(
     target: NbdTarget,
     options: { connectTimeoutMs?: number } = {},
   ): Promise<NbdExportListing[]> {
-    const n = await Negotiation.open(target, options.connectTimeoutMs ?? 30_000);
-    try {
-      n.sendOption(NBD.OPT_LIST);
-      const out: NbdExportListing[] = [];
-      for (;;) {
-        const r = await n.readReply(NBD.OPT_LIST);
-        if (r.type === NBD.REP_ACK) break;
-        if (r.type >= NBD.REP_FLAG_ERROR) throw optionRefused(NBD.OPT_LIST, r, '');
-        if (r.type !== NBD.REP_SERVER) continue;
-        if (r.data.length < 4) throw nbdProtocolError('short NBD_REP_SERVER');
-        const len = r.data.readUInt32BE(0);
-        if (len > r.data.length - 4) throw nbdProtocolError('NBD_REP_SERVER name overruns reply');
-        out.push({
-          name: r.data.subarray(4, 4 + len).toString('utf8'),
-          description: r.data.subarray(4 + len).toString('utf8'),
-        });
-      }
-      return out;
-    } catch (err) {
-      n.socket.destroy();
-      throw n.wrap(err, 'while listing exports');
-    } finally {
-      n.done();
-      await n.abort();
-    }
+    return NbdClient.oneShotQuery(
+      target,
+      options.connectTimeoutMs,
+      'while listing exports',
+      async (n) => {
+        n.sendOption(NBD.OPT_LIST);
+        const out: NbdExportListing[] = [];
+        for (;;) {
+          const r = await n.readReply(NBD.OPT_LIST);
+          if (r.type === NBD.REP_ACK) break;
+          if (r.type >= NBD.REP_FLAG_ERROR) throw optionRefused(NBD.OPT_LIST, r, '');
+          if (r.type !== NBD.REP_SERVER) continue;
+          if (r.data.length < 4) throw nbdProtocolError('short NBD_REP_SERVER');
+          const len = r.data.readUInt32BE(0);
+          if (len > r.data.length - 4) throw nbdProtocolError('NBD_REP_SERVER name overruns reply');
+          out.push({
+            name: r.data.subarray(4, 4 + len).toString('utf8'),
+            description: r.data.subarray(4 + len).toString('utf8'),
+          });
+        }
+        return out;
+      },
+    );
   }
 
   /** Asks about one export without attaching to it (NBD_OPT_INFO). */
@@ -622,23 +642,21 @@ export class NbdClient {
     exportName = '',
     options: { connectTimeoutMs?: number } = {},
   ): Promise<NbdExportInfo> {
-    const n = await Negotiation.open(target, options.connectTimeoutMs ?? 30_000);
-    try {
-      const info = await infoOrGo(n, NBD.OPT_INFO, exportName);
-      if (info === 'unsupported') {
-        throw new LifeboatError(
-          'LB_NBD_OPTION_REFUSED',
-          `The NBD server at ${targetLabel(target)} does not support NBD_OPT_INFO.`,
-        );
-      }
-      return info;
-    } catch (err) {
-      n.socket.destroy();
-      throw n.wrap(err, 'while asking for export information');
-    } finally {
-      n.done();
-      await n.abort();
-    }
+    return NbdClient.oneShotQuery(
+      target,
+      options.connectTimeoutMs,
+      'while asking for export information',
+      async (n) => {
+        const info = await infoOrGo(n, NBD.OPT_INFO, exportName);
+        if (info === 'unsupported') {
+          throw new LifeboatError(
+            'LB_NBD_OPTION_REFUSED',
+            `The NBD server at ${targetLabel(target)} does not support NBD_OPT_INFO.`,
+          );
+        }
+        return info;
+      },
+    );
   }
 
   /** Lists the meta contexts matching `queries` (all of them when empty) for an export. */
@@ -648,30 +666,28 @@ export class NbdClient {
     queries: readonly string[] = [],
     options: { connectTimeoutMs?: number } = {},
   ): Promise<string[]> {
-    const n = await Negotiation.open(target, options.connectTimeoutMs ?? 30_000);
-    try {
-      n.sendOption(NBD.OPT_STRUCTURED_REPLY);
-      const s = await n.readReply(NBD.OPT_STRUCTURED_REPLY);
-      if (s.type !== NBD.REP_ACK) throw optionRefused(NBD.OPT_STRUCTURED_REPLY, s, exportName);
-      n.sendOption(NBD.OPT_LIST_META_CONTEXT, encodeMetaQuery(exportName, queries));
-      const out: string[] = [];
-      for (;;) {
-        const r = await n.readReply(NBD.OPT_LIST_META_CONTEXT);
-        if (r.type === NBD.REP_ACK) break;
-        if (r.type >= NBD.REP_FLAG_ERROR)
-          throw optionRefused(NBD.OPT_LIST_META_CONTEXT, r, exportName);
-        if (r.type === NBD.REP_META_CONTEXT && r.data.length >= 4) {
-          out.push(r.data.subarray(4).toString('utf8'));
+    return NbdClient.oneShotQuery(
+      target,
+      options.connectTimeoutMs,
+      'while listing meta contexts',
+      async (n) => {
+        n.sendOption(NBD.OPT_STRUCTURED_REPLY);
+        const s = await n.readReply(NBD.OPT_STRUCTURED_REPLY);
+        if (s.type !== NBD.REP_ACK) throw optionRefused(NBD.OPT_STRUCTURED_REPLY, s, exportName);
+        n.sendOption(NBD.OPT_LIST_META_CONTEXT, encodeMetaQuery(exportName, queries));
+        const out: string[] = [];
+        for (;;) {
+          const r = await n.readReply(NBD.OPT_LIST_META_CONTEXT);
+          if (r.type === NBD.REP_ACK) break;
+          if (r.type >= NBD.REP_FLAG_ERROR)
+            throw optionRefused(NBD.OPT_LIST_META_CONTEXT, r, exportName);
+          if (r.type === NBD.REP_META_CONTEXT && r.data.length >= 4) {
+            out.push(r.data.subarray(4).toString('utf8'));
+          }
         }
-      }
-      return out;
-    } catch (err) {
-      n.socket.destroy();
-      throw n.wrap(err, 'while listing meta contexts');
-    } finally {
-      n.done();
-      await n.abort();
-    }
+        return out;
+      },
+    );
   }
 
   /** Reads `length` bytes at `offset`; big reads are split and pipelined. */
