@@ -17,7 +17,6 @@ import {
 import type { TestVm } from '@lifeboat/testing';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent } from './agent.js';
-import type { CutReport } from './agent.js';
 import { StoreSink } from './store-sink.js';
 
 /** Writes a point to a sparse raw file, only its non-zero extents. */
@@ -36,23 +35,6 @@ async function restore(store: Store, pointId: string, path: string): Promise<voi
   } finally {
     await fh.close();
   }
-}
-
-function nextCut(agent: Agent, ms = 180_000): Promise<CutReport> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`no cut within ${ms} ms: ${JSON.stringify(agent.status())}`)),
-      ms,
-    );
-    agent.once('cut', (c: CutReport) => {
-      clearTimeout(timer);
-      resolve(c);
-    });
-    agent.once('failed', (e: Error) => {
-      clearTimeout(timer);
-      reject(e);
-    });
-  });
 }
 
 /** Checks a restored root file system: clean, and every file the index names finished. */
@@ -122,9 +104,9 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
     });
     agents.push(app);
     await app.start();
-    const first = await nextCut(app);
+    const first = await app.nextCut();
     expect(first.kind).toBe('app');
-    const second = await nextCut(app);
+    const second = await app.nextCut();
     expect(second.kind).toBe('app');
     await app.stop();
 
@@ -159,7 +141,7 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
     const warnings: Array<{ code: string; message: string }> = [];
     crash.on('warning', (w: { code: string; message: string }) => warnings.push(w));
     await crash.start();
-    const fallback = await nextCut(crash);
+    const fallback = await crash.nextCut();
     await crash.stop();
     expect(fallback.kind).toBe('crash');
     expect(fallback.warning).toMatch(/did not answer/);

@@ -236,6 +236,40 @@ export class Agent extends EventEmitter {
     await this.loop;
   }
 
+  /**
+   * Resolves with the next cut the agent reports; rejects when the agent fails first, or with
+   * `LB_AGENT_CUT_TIMEOUT` (naming what the agent is doing) when none comes within `timeoutMs`.
+   */
+  nextCut(timeoutMs = 180_000): Promise<CutReport> {
+    return new Promise((resolve, reject) => {
+      const settle = (): void => {
+        clearTimeout(timer);
+        this.off('cut', onCut);
+        this.off('failed', onFailed);
+      };
+      const onCut = (c: CutReport): void => {
+        settle();
+        resolve(c);
+      };
+      const onFailed = (e: unknown): void => {
+        settle();
+        reject(e);
+      };
+      const timer = setTimeout(() => {
+        settle();
+        reject(
+          new LifeboatError(
+            'LB_AGENT_CUT_TIMEOUT',
+            `The agent of ${this.opts.machine} reported no cut within ${timeoutMs} ms; see its status for the phase it is in.`,
+            { details: { timeoutMs, status: this.status() } },
+          ),
+        );
+      }, timeoutMs);
+      this.on('cut', onCut);
+      this.on('failed', onFailed);
+    });
+  }
+
   /** A snapshot of what the agent is doing. */
   status(): AgentStatus {
     return {

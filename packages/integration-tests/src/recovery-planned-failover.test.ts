@@ -2,7 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent, StoreSink, type CutReport } from '@lifeboat/agent';
+import { Agent, StoreSink } from '@lifeboat/agent';
 import { QmpClient } from '@lifeboat/qmp';
 import { Failover, RecoveryHost, type PlannedFailoverSource } from '@lifeboat/recovery';
 import { DirectoryBackend, Store } from '@lifeboat/store';
@@ -25,16 +25,6 @@ let vm: TestVm | undefined;
 let agent: Agent | undefined;
 let host: RecoveryHost | undefined;
 let monitor: QmpClient | undefined;
-
-function cutAfter(a: Agent, ms = 180_000): Promise<CutReport> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no cut within ${ms} ms`)), ms);
-    a.once('cut', (c: CutReport) => {
-      clearTimeout(timer);
-      resolve(c);
-    });
-  });
-}
 
 beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), 'lb-pf-'));
@@ -75,7 +65,7 @@ describe('planned failover', () => {
       intervalMs: 1000,
     });
     await agent.start();
-    await cutAfter(agent);
+    await agent.nextCut();
     monitor = await QmpClient.connect({ path: monitorSocket });
 
     let lastWritten = -1;
@@ -89,8 +79,8 @@ describe('planned failover', () => {
           ),
         );
         // The cut in flight may have started before the pause: the one after it did not.
-        await cutAfter(agent!);
-        await cutAfter(agent!);
+        await agent!.nextCut();
+        await agent!.nextCut();
         return sink.committed.at(-1)!.points.map((p) => p.id);
       },
       async stopSource() {

@@ -2,7 +2,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent, StoreSink, type CutReport } from '@lifeboat/agent';
+import { Agent, StoreSink } from '@lifeboat/agent';
 import { RecoveryHost, pngSize, runTestFailover } from '@lifeboat/recovery';
 import { DirectoryBackend, Store } from '@lifeboat/store';
 import {
@@ -22,20 +22,6 @@ let store: Store;
 let vm: TestVm | undefined;
 let agent: Agent | undefined;
 let host: RecoveryHost | undefined;
-
-function nextCut(a: Agent, ms = 180_000): Promise<CutReport> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no cut within ${ms} ms`)), ms);
-    a.once('cut', (c: CutReport) => {
-      clearTimeout(timer);
-      resolve(c);
-    });
-    a.once('failed', (e: Error) => {
-      clearTimeout(timer);
-      reject(e);
-    });
-  });
-}
 
 beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), 'lb-rr-'));
@@ -77,7 +63,7 @@ describe('test failover of a replicated machine', () => {
       intervalMs: 1000,
     });
     await agent.start();
-    await nextCut(agent);
+    await agent.nextCut();
     // Replication continues while the test failover runs.
     const points = await store.listPoints({ machine: 'prod' });
     expect(points.length).toBeGreaterThan(0);
