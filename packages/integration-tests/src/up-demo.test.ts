@@ -180,30 +180,37 @@ describe('lifeboat up --demo', () => {
     expect(await processesMentioning(data)).toEqual([]);
   }, 600_000);
 
-  it('runs again on the same data directory: the machine stays protected, a new point of the new VM, and SIGTERM in the middle of the test failover leaves nothing running', async () => {
-    const started = Date.now();
-    up = run(['up', '--demo', '--data-dir', data]);
-    const u = up;
-    qemuPid = Number((await waitForOutput(u, /QEMU pid (\d+)/, 300_000))[1]);
-    await waitForOutput(u, /machine already protected by item \S+ \(protected\)/, 300_000);
-    const first = await waitForOutput(
-      u,
-      /first recovery point committed: \S+ \(\S+, taken (\S+)\)/,
-      300_000,
-    );
-    expect(Date.parse(first[1] ?? '')).toBeGreaterThanOrEqual(started);
-    await waitForOutput(u, /== Test failover: booting/, 60_000);
-    // Give the recovery host a moment to start booting, then interrupt.
-    await new Promise((resolve) => setTimeout(resolve, 3000));
-    u.child.kill('SIGTERM');
-    const code = await Promise.race([
-      u.exited,
-      new Promise<'timeout'>((resolve) => setTimeout(() => resolve('timeout'), 120_000)),
-    ]);
-    expect(code).not.toBe('timeout');
-    expect(alive(qemuPid)).toBe(false);
-    expect(await processesMentioning(data)).toEqual([]);
-  }, 600_000);
+  it(
+    'runs again on the same data directory: the machine stays protected, a new point of the new VM, and SIGTERM in the middle of the test failover leaves nothing running',
+    async () => {
+      const started = Date.now();
+      up = run(['up', '--demo', '--data-dir', data]);
+      const u = up;
+      qemuPid = Number((await waitForOutput(u, /QEMU pid (\d+)/, 300_000))[1]);
+      await waitForOutput(u, /machine already protected by item \S+ \(protected\)/, 300_000);
+      const first = await waitForOutput(
+        u,
+        /first recovery point committed: \S+ \(\S+, taken (\S+)\)/,
+        300_000,
+      );
+      expect(Date.parse(first[1] ?? '')).toBeGreaterThanOrEqual(started);
+      await waitForOutput(u, /== Test failover: booting/, 60_000);
+      // Give the recovery host a moment to start booting, then interrupt.
+      await new Promise((resolve) => setTimeout(resolve, 3000));
+      u.child.kill('SIGTERM');
+      const code = await Promise.race([
+        u.exited,
+        new Promise<'timeout'>((resolve) => setTimeout(() => resolve('timeout'), 120_000)),
+      ]);
+      expect(code).not.toBe('timeout');
+      expect(alive(qemuPid)).toBe(false);
+      expect(await processesMentioning(data)).toEqual([]);
+    },
+    // Once in five full runs (2026-11-26) the second demo VM printed nothing on its console for
+    // 300 s under TCG, then passed on its own; one retry keeps that guest hang from failing CI
+    // until it is understood. Every assertion still has to hold on the attempt that passes.
+    { timeout: 600_000, retry: 1 },
+  );
 
   it('refuses to start when the store exists but its passphrase file is gone, and leaves the store as it was', async () => {
     // Runs on the store the demo filled (or an empty one when the demo test was skipped).
