@@ -289,4 +289,63 @@ describe('process server and agent managed by the vault', () => {
     }).call<{ agentId: string }>('GET', '/agent/v1/assignments');
     expect(ok.agentId).toBe(identity.id);
   }, 240_000);
+
+  it('works with an HTTPS vault that requires component certificates', async () => {
+    const secure = await startVault({
+      dataDir: join(tmp.path, 'vault-tls'),
+      port: 0,
+      logLevel: 'silent',
+      passwordCost: 1024,
+      initialAdmin: { username: 'admin', password: 'admin-password' },
+      tls: 'internal',
+      requireComponentCertificates: true,
+    });
+    const managed: { ps?: ManagedProcessServer } = {};
+    try {
+      expect(secure.url).toMatch(/^https:/);
+      const ca = secure.context.ca.certificate;
+      const anonymous = new VaultClient({ url: secure.url, tls: { ca } });
+      // Without the vault's CA, the client refuses the server's certificate.
+      const untrusted = await new VaultClient({ url: secure.url })
+        .call('GET', '/api/health')
+        .catch((e: unknown) => e);
+      expect(isLifeboatError(untrusted) && untrusted.code).toBe('LB_VAULT_CLIENT_UNREACHABLE');
+      const login = await anonymous.call('POST', '/api/auth/login', {
+        username: 'admin',
+        password: 'admin-password',
+      });
+      const key = await anonymous
+        .as(String(login['token']))
+        .call('POST', '/api/registration-keys', { kind: 'process-server' });
+      managed.ps = await startManagedProcessServer({
+        vaultUrl: secure.url,
+        vaultCa: ca,
+        stateDir: join(tmp.path, 'ps-tls'),
+        registrationKey: String(key['key']),
+        name: 'ps-tls',
+        host: '127.0.0.1',
+        port: 0,
+        healthPort: null,
+        storeWorkerCount: 0,
+        intervalMs: 300,
+        logLevel: 'silent',
+      });
+      const id = managed.ps.identity.id;
+      // Its heartbeats reach the vault over mutual TLS; a token without the certificate does not.
+      await until('the process server to be healthy', async () => {
+        const c = await anonymous
+          .as(String(login['token']))
+          .call('GET', `/api/process-servers/${id}`);
+        return c['status'] === 'healthy' ? c : undefined;
+      });
+      const bare = await anonymous
+        .as(managed.ps.identity.token)
+        .call('GET', '/api/components/self/assignments')
+        .catch((e: unknown) => e);
+      expect(isLifeboatError(bare) && bare.code).toBe('LB_VAULT_CLIENT_CERTIFICATE');
+    } finally {
+      await managed.ps?.close();
+      await secure.close();
+    }
+  }, 120_000);
 });
