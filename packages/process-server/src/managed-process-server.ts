@@ -129,13 +129,21 @@ export async function startManagedProcessServer(
   o: ManagedProcessServerOptions,
 ): Promise<ManagedProcessServer> {
   const logger = o.logger ?? pino({ name: 'process-server', level: o.logLevel ?? 'info' });
+  // The same failure every round (a host without an agent, the vault down) is logged once a minute.
+  const lastLogged = new Map<string, number>();
   const onError =
     o.onError ??
-    ((what: string, err: unknown) =>
+    ((what: string, err: unknown) => {
+      const key = `${what}|${isLifeboatError(err) ? err.code : ''}|${(err as Error).message}`;
+      const now = Date.now();
+      if (now - (lastLogged.get(key) ?? 0) < 60_000) return;
+      lastLogged.set(key, now);
+      if (lastLogged.size > 1000) lastLogged.clear();
       logger.warn(
         { err: isLifeboatError(err) ? err.toJSON() : { message: (err as Error).message } },
         what,
-      ));
+      );
+    });
   const tlsCa = o.vaultCa !== undefined ? { ca: o.vaultCa } : {};
   const anonymous = new VaultClient({ url: o.vaultUrl, tls: tlsCa });
   let identity = await identityOf(o, anonymous, logger);
