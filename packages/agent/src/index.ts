@@ -10,3 +10,16 @@ export type { BitmapInfo, DiscoveredDisk } from './disk-discovery.js';
 export type { ReplicationSink, ResyncBaseline, SinkCutOptions } from './replication-sink.js';
 export { StoreSink } from './store-sink.js';
 export type { StoreSinkCut } from './store-sink.js';
+export { AssignedMachine } from './assigned-machine.js';
+export type { AssignedMachineTarget, MachineAssignment } from './assigned-machine.js';
+export { discoverMachines } from './discover-machines.js';
+export type { DiscoverMachinesOptions, InventoryMachine } from './discover-machines.js';
+export { ManagedAgent, agentIdentity, registerAgent } from './managed-agent.js';
+export type {
+  ManagedAgentOptions,
+  ManagedAgentStatus,
+  ProcessServerAddress,
+  RegisterAgentOptions,
+} from './managed-agent.js';
+export { ProcessServerApi } from './process-server-api.js';
+export type { ProcessServerApiOptions } from './process-server-api.js';

@@ -1,11 +1,11 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EventEmitter } from 'node:events';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isLifeboatError } from '@lifeboat/protocol';
 import type { CliInput, CliIo } from './cli-context.js';
-import { parseStoreLocation, readPassphrase, resolveConfig } from './config.js';
+import { parseStoreLocation, readPassphrase, resolveConfig, resolveVaultConfig } from './config.js';
 
 function io(env: Record<string, string> = {}, tty = false): CliIo {
   const stdin = Object.assign(new EventEmitter(), {
@@ -171,5 +171,39 @@ describe('passphrase', () => {
     expect(await answer).toBe('secret');
     expect(echoed.join('')).toBe('pass: \n');
     expect(modes).toEqual([true, false]);
+  });
+});
+
+describe('the environment', () => {
+  it('gives the vault commands their URL and token, the options winning', () => {
+    const env = { LIFEBOAT_VAULT_URL: 'http://vault.example:9440/', LIFEBOAT_VAULT_TOKEN: 'lbt_x' };
+    expect(resolveVaultConfig({}, io(env))).toEqual({
+      url: 'http://vault.example:9440',
+      token: 'lbt_x',
+    });
+    expect(resolveVaultConfig({ vaultUrl: 'http://other:1', token: 'lbs_y' }, io(env))).toEqual({
+      url: 'http://other:1',
+      token: 'lbs_y',
+    });
+    expect(resolveVaultConfig({}, io({ LIFEBOAT_VAULT_TOKEN: '' }))).toEqual({
+      url: 'http://127.0.0.1:9440',
+      token: undefined,
+    });
+  });
+
+  it('is read by config.ts alone (the convention every package follows)', async () => {
+    const root = join(import.meta.dirname, '..', '..');
+    const offenders: string[] = [];
+    for (const pkg of await readdir(root)) {
+      const src = join(root, pkg, 'src');
+      const files = await readdir(src, { recursive: true }).catch(() => [] as string[]);
+      for (const f of files) {
+        if (!/\.tsx?$/.test(f) || /\.test\.tsx?$/.test(f)) continue;
+        if (pkg === 'cli' && f === 'config.ts') continue;
+        const text = await readFile(join(src, f), 'utf8');
+        if (/process\.env|\bio\.env\b|ctx\.io\.env/.test(text)) offenders.push(`${pkg}/src/${f}`);
+      }
+    }
+    expect(offenders).toEqual([]);
   });
 });

@@ -107,6 +107,33 @@ export function resolveConfig(options: GlobalCliOptions, io: CliIo): CliConfig {
   });
 }
 
+/** The `vault` commands' options that say where the vault is and who calls it. */
+export interface VaultCliOptions {
+  /** @default $LIFEBOAT_VAULT_URL, else http://127.0.0.1:9440 */
+  vaultUrl?: string;
+  /** @default $LIFEBOAT_VAULT_TOKEN */
+  token?: string;
+}
+
+/** Where the vault is and the bearer token to call it with (frozen). */
+export interface VaultCliConfig {
+  /** Base URL without a trailing slash. */
+  readonly url: string;
+  /** Undefined when neither --token nor LIFEBOAT_VAULT_TOKEN is given. */
+  readonly token: string | undefined;
+}
+
+/** Resolves the vault's URL and token from the options, then the environment. */
+export function resolveVaultConfig(options: VaultCliOptions, io: CliIo): VaultCliConfig {
+  const url = (
+    nonEmpty(options.vaultUrl) ??
+    nonEmpty(io.env['LIFEBOAT_VAULT_URL']) ??
+    'http://127.0.0.1:9440'
+  ).replace(/\/+$/, '');
+  const token = nonEmpty(options.token) ?? nonEmpty(io.env['LIFEBOAT_VAULT_TOKEN']);
+  return Object.freeze({ url, token });
+}
+
 function passphraseSource(
   file: string | undefined,
   fileOrigin: string,

@@ -273,6 +273,41 @@ describe('lifeboat vault (CLI over the vault API)', () => {
       '--no-wait',
     ]);
     expect(protect['state']).toBe('enabling');
+
+    // The KVM host gets its agent; the policy new settings; the store is checked.
+    const agentKey = await json(['vault', 'key', 'create', '--kind', 'agent']);
+    const agentReg = await json<{ component: { id: string } }>([
+      ...['vault', 'register', '--key', String(agentKey['key']), '--kind', 'agent'],
+      ...['--name', 'kvm1-agent', '--out', 'agent'],
+    ]);
+    const updated = await json([
+      ...['vault', 'host', 'update', String(host['id']), '--agent', agentReg.component.id],
+      ...['--qmp', 'web=/run/web.qmp,db=/run/db.qmp'],
+    ]);
+    expect(updated['agentId']).toBe(agentReg.component.id);
+    expect(updated['endpoints']).toEqual([
+      { name: 'web', qmp: '/run/web.qmp' },
+      { name: 'db', qmp: '/run/db.qmp' },
+    ]);
+    const agents = await json<{ items: Array<{ id: string }> }>(['vault', 'agent', 'list']);
+    expect(agents.items.map((a) => a.id)).toContain(agentReg.component.id);
+    expect(
+      (await json(['vault', 'host', 'update', String(host['id']), '--agent', 'none']))['agentId'],
+    ).toBeNull();
+    const changed = await json([
+      ...['vault', 'policy', 'update', String(policy['id']), '--crash-interval', '30'],
+      ...['--keep', '48h'],
+    ]);
+    expect(changed).toMatchObject({
+      crashConsistentIntervalSeconds: 30,
+      retention: { rules: [{ for: '48h' }] },
+    });
+    // No store was created at that path: the check fails, and says why, with exit code 1.
+    const check = await lifeboat(['vault', 'store', 'check', String(store['id']), '--json']);
+    expect(check.code).toBe(1);
+    expect(JSON.parse(check.stdout)).toMatchObject({ ok: false, error: { code: /^LB_STORE_/ } });
+    const ca = await lifeboat(['vault', 'ca']);
+    expect(ca.stdout).toMatch(/^-----BEGIN CERTIFICATE-----/);
     const items = await json<{ items: Array<{ state: string }> }>([
       'vault',
       'item',

@@ -1,7 +1,33 @@
 import { DEFAULT_MAX_PAYLOAD_BYTES, LifeboatError } from '@lifeboat/protocol';
-import type { StoreApi } from '@lifeboat/store';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from 'pino';
-import type { StoreWorkerOptions } from './store-worker-pool.js';
+import type { ReplicatorStore, StoreWorkerOptions } from './store-worker-pool.js';
+
+/** The store the process server commits to: a `Store`, or anything routing its calls to one. */
+export type ProcessServerStore = ReplicatorStore & {
+  /** Where it is (`dir:/path`, `azure:account/container`), for the health report. */
+  readonly location: string;
+};
+
+/** Who is on the other end of a connection to the mTLS port. */
+export interface PeerIdentity {
+  /** True when the client presented a certificate signed by the configured CA. */
+  authorized: boolean;
+  /** Its subject's common name (the vault id of the component), when authorized. */
+  id: string | undefined;
+  /** Why it is not authorized. */
+  reason: string | undefined;
+}
+
+/**
+ * Serves HTTP/1.1 requests that arrive on the mTLS port with ALPN `http/1.1` (agents asking
+ * for their assignments); connections without ALPN speak the replication protocol.
+ */
+export type PeerHttpHandler = (
+  request: IncomingMessage,
+  response: ServerResponse,
+  peer: PeerIdentity,
+) => void;
 
 /** PEM material of the process server's TLS endpoint. */
 export interface ProcessServerTls {
@@ -19,7 +45,7 @@ export interface ProcessServerOptions {
    * The target store points are committed to (owned by the caller: not closed by stop). Store
    * work then runs on the ingest thread; give `storeWorkers` instead to run it on worker threads.
    */
-  store?: StoreApi;
+  store?: ProcessServerStore;
   /** Run store work (hashing, compression, encryption, uploads) on worker threads that open their own store. */
   storeWorkers?: StoreWorkerOptions;
   /** Directory of the cache journal and machine state (local disk, fsync honoured). */
@@ -60,6 +86,13 @@ export interface ProcessServerOptions {
   sessionUnsyncedBytes?: number;
   /** Skip fsync of the journal (benchmarks that isolate the fsync cost only). @default false */
   unsafeNoSync?: boolean;
+  /** HTTPS routes on the mTLS port (ALPN `http/1.1`), e.g. the agents' control routes. @default none */
+  httpHandler?: PeerHttpHandler;
+  /**
+   * Decides whether an agent may open a replication session for a machine; a returned error
+   * refuses the hello with its code and message. @default any agent with a valid certificate
+   */
+  authorizeSession?: (peer: PeerIdentity, machine: string) => LifeboatError | undefined;
   /** Where logs go. @default pino at `logLevel` on stdout */
   logger?: Logger;
   /** Level of the default logger ('silent' in tests). @default 'info' */
@@ -68,11 +101,18 @@ export interface ProcessServerOptions {
 
 /** Validated, frozen options. */
 export type ResolvedProcessServerOptions = Readonly<
-  Required<Omit<ProcessServerOptions, 'logger' | 'healthPort' | 'store' | 'storeWorkers'>> & {
+  Required<
+    Omit<
+      ProcessServerOptions,
+      'logger' | 'healthPort' | 'store' | 'storeWorkers' | 'httpHandler' | 'authorizeSession'
+    >
+  > & {
     healthPort: number | null;
     logger: Logger | undefined;
-    store: StoreApi | undefined;
+    store: ProcessServerStore | undefined;
     storeWorkers: StoreWorkerOptions | undefined;
+    httpHandler: PeerHttpHandler | undefined;
+    authorizeSession: ProcessServerOptions['authorizeSession'];
   }
 >;
 
@@ -138,6 +178,8 @@ export function resolveProcessServerOptions(o: ProcessServerOptions): ResolvedPr
       o.sessionUnsyncedBytes ?? 8 * 1024 * 1024,
     ),
     unsafeNoSync: o.unsafeNoSync ?? false,
+    httpHandler: o.httpHandler,
+    authorizeSession: o.authorizeSession,
     logger: o.logger,
     logLevel: o.logLevel ?? 'info',
   });

@@ -1,4 +1,6 @@
 import { EventEmitter } from 'node:events';
+import { createServer as createHttpServer } from 'node:http';
+import type { Server as HttpServer } from 'node:http';
 import { join } from 'node:path';
 import { createServer } from 'node:tls';
 import type { Server, TLSSocket } from 'node:tls';
@@ -16,7 +18,9 @@ import { MachineStateStore } from './machine-state-store.js';
 import type { MachineState } from './machine-state-store.js';
 import { resolveProcessServerOptions } from './process-server-options.js';
 import type {
+  PeerIdentity,
   ProcessServerOptions,
+  ProcessServerTls,
   ResolvedProcessServerOptions,
 } from './process-server-options.js';
 import { RateMeter } from './rate-meter.js';
@@ -119,6 +123,8 @@ export class ProcessServer extends EventEmitter {
   private readonly storeLimit: Semaphore;
   private readonly applySlots: Semaphore;
   private tlsServer: Server | undefined;
+  /** Serves the HTTP/1.1 connections of the mTLS port (ALPN), when an httpHandler is given. */
+  private httpServer: HttpServer | undefined;
   private health: HealthServer | undefined;
   private timers: NodeJS.Timeout[] = [];
   private fullSince = 0;
@@ -195,6 +201,19 @@ export class ProcessServer extends EventEmitter {
       this.machineLimit = limits.perMachine;
       for (const m of this.machines.values()) m.bucket.setRate(limits.perMachine);
     }
+  }
+
+  /**
+   * Uses new TLS material (a renewed certificate, a new CA) for connections from now on;
+   * sessions already open keep theirs.
+   */
+  setTls(tls: ProcessServerTls): void {
+    this.tlsServer?.setSecureContext({
+      cert: tls.cert,
+      key: tls.key,
+      ca: tls.ca,
+      minVersion: 'TLSv1.3',
+    });
   }
 
   /** Commit latencies (ms) of the most recent cuts, newest last, for benchmarks. */
@@ -305,6 +324,7 @@ export class ProcessServer extends EventEmitter {
         ),
       );
     for (const s of [...this.sessions]) s.socket.destroy();
+    this.httpServer?.closeAllConnections();
     await closing;
     await this.health?.close();
     await Promise.all([...this.machines.values()].map((m) => m.replicator.stop()));
@@ -414,8 +434,18 @@ export class ProcessServer extends EventEmitter {
       // rather than a bare hang-up (TLS 1.3 checks the client certificate after the handshake).
       rejectUnauthorized: false,
       minVersion: 'TLSv1.3',
+      // Agents' HTTPS requests (ALPN http/1.1) share the port with replication sessions, which
+      // announce no ALPN protocol.
+      ...(o.httpHandler !== undefined ? { ALPNProtocols: ['http/1.1'] } : {}),
     });
     this.tlsServer = server;
+    const handler = o.httpHandler;
+    if (handler !== undefined) {
+      this.httpServer = createHttpServer((req, res) => {
+        handler(req, res, peerOf(req.socket as TLSSocket));
+      });
+      this.httpServer.keepAliveTimeout = 5000;
+    }
     server.on('secureConnection', (socket: TLSSocket) => this.accept(socket));
     server.on('tlsClientError', (err, socket) => {
       this.logger.warn(
@@ -531,6 +561,11 @@ export class ProcessServer extends EventEmitter {
       socket.destroy();
       return;
     }
+    if (this.httpServer !== undefined && socket.alpnProtocol === 'http/1.1') {
+      // HTTP routes check the peer themselves (registration needs no client certificate).
+      this.httpServer.emit('connection', socket);
+      return;
+    }
     if (!socket.authorized) {
       const reason = String(socket.authorizationError ?? 'no client certificate');
       this.logger.warn({ remote: socket.remoteAddress, reason }, 'agent certificate rejected');
@@ -612,6 +647,8 @@ export class ProcessServer extends EventEmitter {
         ),
       );
     }
+    const refused = this.opts.authorizeSession?.(peerOf(session.socket), m.id);
+    if (refused !== undefined) throw refused;
     // Everything the old session handed to the journal is durable (or failed) before we say where to resume.
     await this.journal.sync();
     if (this.journal.failure) throw this.journal.failure;
@@ -807,6 +844,19 @@ export class ProcessServer extends EventEmitter {
       (err: unknown) => s.reject(err),
     );
   }
+}
+
+/** The identity a TLS peer proved with its client certificate. */
+function peerOf(socket: TLSSocket): PeerIdentity {
+  if (!socket.authorized) {
+    return {
+      authorized: false,
+      id: undefined,
+      reason: String(socket.authorizationError ?? 'no client certificate'),
+    };
+  }
+  const cn = socket.getPeerCertificate().subject?.CN;
+  return { authorized: true, id: Array.isArray(cn) ? cn[0] : cn, reason: undefined };
 }
 
 function percentiles(values: number[]): { p50: number; p99: number; samples: number } {

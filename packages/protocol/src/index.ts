@@ -37,3 +37,14 @@ export type {
   ReplicationClientStats,
   ReplicationLogger,
 } from './replication-client.js';
+export { VaultClient } from './vault-client.js';
+export type { VaultClientOptions, VaultClientTls, VaultObject } from './vault-client.js';
+export {
+  certificateNeedsRenewal,
+  certificateSubjectId,
+  certificateValidity,
+  createKeyAndCsr,
+  loadComponentIdentity,
+  saveComponentIdentity,
+} from './component-identity.js';
+export type { ComponentIdentity, IssuedIdentity } from './component-identity.js';

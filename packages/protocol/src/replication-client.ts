@@ -140,6 +140,8 @@ export class ReplicationClient extends EventEmitter {
   private lastCutSeq = 0;
   private readonly counters = { framesSent: 0, bytesSent: 0, framesResent: 0, reconnects: 0 };
   private everConnected = false;
+  /** The TLS material of the next connection (replaced by {@link setTls} after a renewal). */
+  private tls: { ca: string | Buffer; cert: string | Buffer; key: string | Buffer };
 
   constructor(options: ReplicationClientOptions) {
     super();
@@ -167,8 +169,17 @@ export class ReplicationClient extends EventEmitter {
       logger: options.logger ?? noopLogger,
     });
     this.disks = options.disks.map((d) => ({ ...d }));
+    this.tls = { ca: options.ca, cert: options.cert, key: options.key };
     this.maxData = this.opts.maxFrameDataBytes;
     // Without a listener, EventEmitter throws on 'error'; this class never emits 'error'.
+  }
+
+  /**
+   * Uses new TLS material (a renewed certificate) from the next connection on; the current
+   * session keeps the one it was opened with.
+   */
+  setTls(tls: { ca: string | Buffer; cert: string | Buffer; key: string | Buffer }): void {
+    this.tls = { ...tls };
   }
 
   /** Highest sequence number the server acknowledged as durable. */
@@ -378,9 +389,9 @@ export class ReplicationClient extends EventEmitter {
     const socket: TLSSocket = connect({
       host: this.opts.host,
       port: this.opts.port,
-      ca: this.opts.ca,
-      cert: this.opts.cert,
-      key: this.opts.key,
+      ca: this.tls.ca,
+      cert: this.tls.cert,
+      key: this.tls.key,
       // SNI must not carry an IP address (RFC 6066); the certificate is still checked against it.
       ...(isIP(this.opts.servername) === 0 ? { servername: this.opts.servername } : {}),
       minVersion: 'TLSv1.3',

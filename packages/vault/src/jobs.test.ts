@@ -322,6 +322,103 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     ).toBe(1);
   });
 
+  it('checks a store, runs a policy retention on request, and bumps items on a new interval', async () => {
+    const storeDir = await mkdtemp(join(tmpdir(), 'lifeboat-vault-store-'));
+    dirs.push(storeDir);
+    const t = await start(await fx.fresh());
+    const s = await protect(t, storeDir, { rules: [{ for: '1h' }] }, 'now');
+    // Before the store exists the check says why it cannot open it.
+    const missing = await t.call('POST', `/api/target-stores/${s.storeId}/check`);
+    expect(missing.status).toBe(200);
+    expect(missing.body['ok']).toBe(false);
+    expect((missing.body['error'] as { code: string }).code).toMatch(/^LB_STORE_/);
+    const store = await Store.init({
+      backend: new DirectoryBackend({ path: storeDir }),
+      passphrase: 'store-passphrase',
+      kdfCost: 1024,
+    });
+    const now = Date.now();
+    try {
+      for (const age of [3, 2, 0]) {
+        const w = await store.beginWrite({ machine: s.machineId, disk: 'vda', size: 1 << 20 });
+        await w.write(0, Buffer.alloc(65_536, age + 1));
+        await w.commit({ time: new Date(now - age * 3_600_000) });
+      }
+    } finally {
+      await store.close();
+    }
+    const check = await t.call('POST', `/api/target-stores/${s.storeId}/check`);
+    expect(check.body).toMatchObject({ ok: true, points: 3, machines: 1 });
+    const wrong = await t.call('POST', '/api/target-stores', {
+      name: 'wrong-pass',
+      kind: 'directory',
+      path: storeDir,
+      passphrase: 'not-the-passphrase',
+    });
+    const refused = await t.call('POST', `/api/target-stores/${wrong.body['id'] as string}/check`);
+    expect(refused.body).toMatchObject({ ok: false, error: { code: 'LB_STORE_WRONG_PASSPHRASE' } });
+
+    const run = await t.call('POST', `/api/policies/${s.policyId}/retention`);
+    expect(run.status).toBe(202);
+    const jobId = run.body['jobId'] as string;
+    await waitFor(async () =>
+      ['succeeded', 'failed'].includes(
+        (await t.call('GET', `/api/jobs/${jobId}`)).body['state'] as string,
+      ),
+    );
+    expect((await t.call('GET', `/api/jobs/${jobId}`)).body['result']).toEqual({
+      removed: 2,
+      kept: 1,
+      machines: 1,
+    });
+    expect((await t.call('POST', '/api/policies/nope/retention')).status).toBe(404);
+
+    // A new interval is a new generation for the policy's items (their agents restart with it).
+    const before = (await t.call('GET', `/api/protected-items/${s.itemId}`)).body['generation'];
+    await t.call('PATCH', `/api/policies/${s.policyId}`, { crashConsistentIntervalSeconds: 30 });
+    const after = (await t.call('GET', `/api/protected-items/${s.itemId}`)).body['generation'];
+    expect(after).toBe((before as number) + 1);
+    await t.call('PATCH', `/api/policies/${s.policyId}`, { rpoThresholdSeconds: 900 });
+    expect((await t.call('GET', `/api/protected-items/${s.itemId}`)).body['generation']).toBe(
+      after,
+    );
+  });
+
+  it("names a KVM host's agent in the assignments, and keeps an agent that serves a host", async () => {
+    const t = await start(await fx.fresh());
+    const s = await protect(t, '/nonexistent/store', { rules: [{ for: '1h' }] }, 'agent');
+    const key = await t.call('POST', '/api/registration-keys', { kind: 'agent' });
+    const reg = await t.call(
+      'POST',
+      '/api/register',
+      { key: key.body['key'], kind: 'agent', name: 'kvm-agent' },
+      null,
+    );
+    const agentId = (reg.body['component'] as { id: string }).id;
+    const hosts = await t.call('GET', `/api/source-hosts?processServerId=${s.psId}`);
+    const hostId = (hosts.body['items'] as Array<{ id: string }>)[0]?.id ?? '';
+    // Only an agent may be a host's agent.
+    const notAgent = await t.call('PATCH', `/api/source-hosts/${hostId}`, { agentId: s.psId });
+    expect(notAgent.status).toBe(400);
+    expect(notAgent.body.details?.['field']).toBe('body.agentId');
+    expect(
+      (await t.call('PATCH', `/api/source-hosts/${hostId}`, { agentId })).body['agentId'],
+    ).toBe(agentId);
+    expect((await t.call('GET', `/api/source-hosts?agentId=${agentId}`)).body['total']).toBe(1);
+    await t.call('POST', `/api/source-hosts/${hostId}/discover`);
+    const a = await t.call('GET', '/api/components/self/assignments', undefined, s.psToken);
+    const items = a.body['items'] as Array<{ id: string; machine: { agentId: string } }>;
+    expect(items.find((i) => i.id === s.itemId)?.machine.agentId).toBe(agentId);
+    expect(a.body['discovery']).toEqual([
+      expect.objectContaining({ sourceHostId: hostId, agentId }),
+    ]);
+    const inUse = await t.call('DELETE', `/api/agents/${agentId}`);
+    expect(inUse.status).toBe(409);
+    expect(inUse.body.code).toBe('LB_VAULT_IN_USE');
+    await t.call('PATCH', `/api/source-hosts/${hostId}`, { agentId: null });
+    expect((await t.call('DELETE', `/api/agents/${agentId}`)).status).toBe(204);
+  });
+
   it.runIf(dialect === 'postgres')(
     'two vault instances on one database: one scheduler, each job run exactly once',
     async () => {

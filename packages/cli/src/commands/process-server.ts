@@ -1,7 +1,8 @@
 import { readFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { ProcessServer } from '@lifeboat/process-server';
+import { ProcessServer, startManagedProcessServer } from '@lifeboat/process-server';
 import type {
   ProcessServerHealth,
   ProcessServerOptions,
@@ -15,8 +16,10 @@ import type { GlobalCliOptions } from '../config.js';
 import { formatBytes, formatDuration, formatRate } from '../format.js';
 import { openStore, storePassphrase } from '../open-store.js';
 
-// `process-server start` runs the data gateway until Ctrl-C; `process-server status` reads its
-// health listener (GET /health), so it works against any running process server.
+// `process-server start` runs the data gateway until Ctrl-C, managed by the vault (--vault:
+// registration, certificates, target stores and agents come from it) or on its own (the global
+// --store and files for its certificates); `process-server status` reads its health listener
+// (GET /health), so it works against any running process server.
 
 function bad(message: string, details: Record<string, unknown> = {}): LifeboatError {
   return new LifeboatError('LB_CLI_BAD_OPTION', message, { details });
@@ -52,6 +55,35 @@ function parseBytes(value: string, option: string): number {
             ? 1024 ** 4
             : 1;
   return Math.floor(Number(m[1]) * mult);
+}
+
+interface ProcessServerStartOptions {
+  vault?: string;
+  registrationKeyFile?: string;
+  stateDir?: string;
+  name?: string;
+  address?: string;
+  vaultCa?: string;
+  journalDir?: string;
+  cert?: string;
+  key?: string;
+  clientCa?: string;
+  listen: string;
+  health: string;
+  journalSize: string;
+  bandwidth: string;
+  machineBandwidth: string;
+  storeConcurrency: string;
+  storeWorkers: string;
+  logLevel: string;
+}
+
+async function readFirstLine(ctx: CliContext, file: string, what: string): Promise<string> {
+  const text = (await readPem(ctx, file, what)).toString('utf8');
+  const line = text.split(/\r?\n/, 1)[0]?.trim() ?? '';
+  if (line === '')
+    throw bad(`The ${what} ${file} is empty: put the key on its first line.`, { file });
+  return line;
 }
 
 async function readPem(ctx: CliContext, file: string, what: string): Promise<Buffer> {
@@ -113,15 +145,36 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
 
   ps.command('start')
     .description(
-      'Run a process server (until Ctrl-C); uses the global --store and --passphrase-file',
+      'Run a process server (until Ctrl-C): managed by the vault (--vault), or on its own with the global --store',
     )
-    .requiredOption(
+    .option(
+      '--vault <url>',
+      'managed by this vault: certificates, target stores and agents come from it',
+    )
+    .option(
+      '--registration-key-file <file>',
+      'with --vault, first start: file with the one-time key (lifeboat vault key create --kind process-server)',
+    )
+    .option(
+      '--state-dir <dir>',
+      'with --vault: its identity (0600), target stores and, by default, its journal',
+    )
+    .option('--name <name>', 'with --vault: its name in the vault (default: this host name)')
+    .option(
+      '--address <host[:port]>',
+      "with --vault: where agents reach it, put in its certificate (default: --listen's address, else the host name)",
+    )
+    .option('--vault-ca <file>', "with an HTTPS vault: the vault's CA certificate (PEM)")
+    .option(
       '--journal-dir <dir>',
-      'local directory of the cache journal (fast disk, fsync honoured)',
+      'local directory of the cache journal (fast disk, fsync honoured); with --vault: <state-dir>/journal',
     )
-    .requiredOption('--cert <file>', 'server certificate (PEM)')
-    .requiredOption('--key <file>', 'server private key (PEM)')
-    .requiredOption('--client-ca <file>', 'CA whose client certificates agents must present (PEM)')
+    .option('--cert <file>', 'without --vault: server certificate (PEM)')
+    .option('--key <file>', 'without --vault: server private key (PEM)')
+    .option(
+      '--client-ca <file>',
+      'without --vault: CA whose client certificates agents must present (PEM)',
+    )
     .option('--listen <host:port>', 'address agents connect to', '0.0.0.0:9443')
     .option(
       '--health <host:port>',
@@ -140,32 +193,82 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
     .option('--log-level <level>', 'pino log level', 'info')
     .addHelpText(
       'after',
-      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pw process-server start \\\n    --journal-dir /var/lib/lifeboat/journal --cert ps.crt --key ps.key --client-ca ca.crt\n',
+      '\nExamples:\n  lifeboat process-server start --vault https://vault.example:9440 --state-dir /var/lib/lifeboat/ps \\\n    --registration-key-file ps.key --name ps1 --listen 0.0.0.0:9443\n  lifeboat --store /srv/lifeboat --passphrase-file pw process-server start \\\n    --journal-dir /var/lib/lifeboat/journal --cert ps.crt --key ps.key --client-ca ca.crt\n',
     )
-    .action(
-      async (
-        opts: {
-          journalDir: string;
-          cert: string;
-          key: string;
-          clientCa: string;
-          listen: string;
-          health: string;
-          journalSize: string;
-          bandwidth: string;
-          machineBandwidth: string;
-          storeConcurrency: string;
-          storeWorkers: string;
-          logLevel: string;
-        },
-        command: Command,
-      ) => {
-        const config = resolveConfig(command.optsWithGlobals<GlobalCliOptions>(), ctx.io);
-        const listen = parseHostPort(opts.listen, '--listen', '0.0.0.0');
-        const health = parseHostPort(opts.health, '--health', '127.0.0.1');
-        const workers = Number(opts.storeWorkers);
-        if (!Number.isInteger(workers) || workers < 0 || workers > 64)
-          throw bad(`--store-workers ${opts.storeWorkers}: give 0 to 64.`);
+    .action(async (opts: ProcessServerStartOptions, command: Command) => {
+      const listen = parseHostPort(opts.listen, '--listen', '0.0.0.0');
+      const health = parseHostPort(opts.health, '--health', '127.0.0.1');
+      const workers = Number(opts.storeWorkers);
+      if (!Number.isInteger(workers) || workers < 0 || workers > 64)
+        throw bad(`--store-workers ${opts.storeWorkers}: give 0 to 64.`);
+      const common = {
+        host: listen.host,
+        port: listen.port,
+        healthHost: health.host,
+        healthPort: health.port,
+        journalMaxBytes: parseBytes(opts.journalSize, '--journal-size'),
+        bandwidthBytesPerSecond: parseBytes(opts.bandwidth, '--bandwidth'),
+        machineBandwidthBytesPerSecond: parseBytes(opts.machineBandwidth, '--machine-bandwidth'),
+        storeConcurrency: Number(opts.storeConcurrency),
+        logLevel: opts.logLevel as 'info',
+      };
+      const globals = command.optsWithGlobals<GlobalCliOptions>();
+      let stop: () => Promise<void>;
+      if (opts.vault !== undefined) {
+        for (const [flag, given] of [
+          ['--cert', opts.cert],
+          ['--key', opts.key],
+          ['--client-ca', opts.clientCa],
+          ['--store', globals.store],
+        ] as const) {
+          if (given !== undefined)
+            throw bad(
+              `With --vault, leave out ${flag}: the certificates come from the vault's CA and the target stores from the process server's assignments.`,
+            );
+        }
+        if (opts.stateDir === undefined)
+          throw bad('--vault needs --state-dir (where the process server keeps its identity).');
+        const stateDir = resolve(ctx.io.cwd, opts.stateDir);
+        const name = opts.name ?? hostname();
+        const address =
+          opts.address ?? (['0.0.0.0', '::'].includes(listen.host) ? hostname() : listen.host);
+        const key =
+          opts.registrationKeyFile === undefined
+            ? undefined
+            : await readFirstLine(ctx, opts.registrationKeyFile, 'registration key file');
+        const managed = await startManagedProcessServer({
+          ...common,
+          vaultUrl: opts.vault,
+          ...(opts.vaultCa !== undefined
+            ? { vaultCa: await readPem(ctx, opts.vaultCa, 'vault CA certificate') }
+            : {}),
+          stateDir,
+          ...(key !== undefined ? { registrationKey: key } : {}),
+          name,
+          address,
+          ...(opts.journalDir !== undefined
+            ? { journalDir: resolve(ctx.io.cwd, opts.journalDir) }
+            : {}),
+          storeWorkerCount: workers,
+        });
+        const id = managed.identity;
+        ctx.io.stderr.write(
+          `process server ${id.id} (${id.name}) managed by ${opts.vault}; listening on ${listen.host}:${managed.server.port} (health: http://${health.host}:${managed.server.healthPort}/health)\n`,
+        );
+        stop = () => managed.close();
+      } else {
+        for (const [flag, given] of [
+          ['--journal-dir', opts.journalDir],
+          ['--cert', opts.cert],
+          ['--key', opts.key],
+          ['--client-ca', opts.clientCa],
+        ] as const) {
+          if (given === undefined)
+            throw bad(
+              `Give ${flag} (a process server on its own), or --vault to have the vault manage it.`,
+            );
+        }
+        const config = resolveConfig(globals, ctx.io);
         let storeChoice: Pick<ProcessServerOptions, 'store' | 'storeWorkers'>;
         if (workers === 0) storeChoice = { store: await openStore(config, ctx) };
         else {
@@ -185,33 +288,26 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
           storeChoice = { storeWorkers: { count: workers, spec } };
         }
         const server = await ProcessServer.start({
+          ...common,
           ...storeChoice,
-          journalDir: resolve(ctx.io.cwd, opts.journalDir),
+          journalDir: resolve(ctx.io.cwd, opts.journalDir as string),
           tls: {
-            cert: await readPem(ctx, opts.cert, 'certificate'),
-            key: await readPem(ctx, opts.key, 'key'),
-            ca: await readPem(ctx, opts.clientCa, 'client CA'),
+            cert: await readPem(ctx, opts.cert as string, 'certificate'),
+            key: await readPem(ctx, opts.key as string, 'key'),
+            ca: await readPem(ctx, opts.clientCa as string, 'client CA'),
           },
-          host: listen.host,
-          port: listen.port,
-          healthHost: health.host,
-          healthPort: health.port,
-          journalMaxBytes: parseBytes(opts.journalSize, '--journal-size'),
-          bandwidthBytesPerSecond: parseBytes(opts.bandwidth, '--bandwidth'),
-          machineBandwidthBytesPerSecond: parseBytes(opts.machineBandwidth, '--machine-bandwidth'),
-          storeConcurrency: Number(opts.storeConcurrency),
-          logLevel: opts.logLevel as 'info',
         });
         ctx.io.stderr.write(
           `process server listening on ${listen.host}:${server.port} (health: http://${health.host}:${server.healthPort}/health)\n`,
         );
-        await new Promise<void>((done) => {
-          if (ctx.signal.aborted) done();
-          ctx.signal.addEventListener('abort', () => done(), { once: true });
-        });
-        await server.stop();
-      },
-    );
+        stop = () => server.stop();
+      }
+      await new Promise<void>((done) => {
+        if (ctx.signal.aborted) done();
+        ctx.signal.addEventListener('abort', () => done(), { once: true });
+      });
+      await stop();
+    });
 
   ps.command('status')
     .description(

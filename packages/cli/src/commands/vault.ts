@@ -5,14 +5,14 @@ import { LifeboatError } from '@lifeboat/protocol';
 import { startVault } from '@lifeboat/vault';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
+import { resolveVaultConfig } from '../config.js';
+import type { VaultCliOptions } from '../config.js';
 import { ProgressBar } from '../progress-bar.js';
 
 // The vault commands: `vault start` runs a vault; every other command is a client of its HTTP
 // API only (the same API the portal uses), so what the CLI can do, a script with curl can too.
 
-interface VaultCliOptions {
-  vaultUrl?: string;
-  token?: string;
+interface VaultCommandOptions extends VaultCliOptions {
   json?: boolean;
   progress?: boolean;
 }
@@ -22,6 +22,8 @@ interface Client {
   json: boolean;
   progress: boolean;
   call<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<T>;
+  /** A route's body as text (the CA certificate). */
+  text(path: string): Promise<string>;
 }
 
 type Row = Record<string, unknown>;
@@ -31,53 +33,64 @@ function bad(message: string, details: Record<string, unknown> = {}): LifeboatEr
 }
 
 function client(ctx: CliContext, cmd: Command, needToken = true): Client {
-  const opts = cmd.optsWithGlobals<VaultCliOptions>();
-  // The environment arrives through ctx.io.env (the CLI's io), never process.env.
-  const url = (
-    opts.vaultUrl ??
-    ctx.io.env['LIFEBOAT_VAULT_URL'] ??
-    'http://127.0.0.1:9440'
-  ).replace(/\/+$/, '');
-  const token = opts.token ?? ctx.io.env['LIFEBOAT_VAULT_TOKEN'];
-  if (needToken && (token === undefined || token === '')) {
+  const opts = cmd.optsWithGlobals<VaultCommandOptions>();
+  // config.ts resolves the options and the environment (the one module that reads it).
+  const { url, token } = resolveVaultConfig(opts, ctx.io);
+  if (needToken && token === undefined) {
     throw new LifeboatError(
       'LB_CLI_USAGE',
       'No vault token: run "lifeboat vault login" and export LIFEBOAT_VAULT_TOKEN, or pass --token.',
     );
   }
   const json = opts.json === true;
+  const send = async (method: string, path: string, body?: unknown): Promise<Response> => {
+    try {
+      return await fetch(`${url}${path}`, {
+        method,
+        headers: {
+          ...(token !== undefined ? { authorization: `Bearer ${token}` } : {}),
+          ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+        },
+        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+        signal: ctx.signal,
+      });
+    } catch (err) {
+      throw new LifeboatError(
+        'LB_CLI_VAULT_UNREACHABLE',
+        `Cannot reach the vault at ${url}: ${(err as Error).message}. Check --vault-url (or LIFEBOAT_VAULT_URL) and that the vault runs.`,
+        { cause: err, details: { url } },
+      );
+    }
+  };
+  const failure = (res: Response, parsed: unknown): LifeboatError => {
+    const e = parsed as { code?: string; message?: string; details?: Record<string, unknown> };
+    return new LifeboatError(e.code ?? 'LB_CLI_VAULT_ERROR', e.message ?? `HTTP ${res.status}`, {
+      details: { status: res.status, ...(e.details ?? {}) },
+    });
+  };
   return {
     out: new CliPrinter(ctx.io, json),
     json,
     progress: !json && (opts.progress === true || ctx.io.stderr.isTTY === true),
     call: async <T>(method: string, path: string, body?: unknown): Promise<T> => {
-      let res: Response;
-      try {
-        res = await fetch(`${url}${path}`, {
-          method,
-          headers: {
-            ...(token !== undefined && token !== '' ? { authorization: `Bearer ${token}` } : {}),
-            ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
-          },
-          ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
-          signal: ctx.signal,
-        });
-      } catch (err) {
-        throw new LifeboatError(
-          'LB_CLI_VAULT_UNREACHABLE',
-          `Cannot reach the vault at ${url}: ${(err as Error).message}. Check --vault-url (or LIFEBOAT_VAULT_URL) and that the vault runs.`,
-          { cause: err, details: { url } },
-        );
-      }
+      const res = await send(method, path, body);
       const text = await res.text();
-      const parsed: unknown = text === '' ? {} : JSON.parse(text);
-      if (!res.ok) {
-        const e = parsed as { code?: string; message?: string; details?: Record<string, unknown> };
-        throw new LifeboatError(e.code ?? 'LB_CLI_VAULT_ERROR', e.message ?? `HTTP ${res.status}`, {
-          details: { status: res.status, ...(e.details ?? {}) },
-        });
+      let parsed: unknown;
+      try {
+        parsed = text === '' ? {} : JSON.parse(text);
+      } catch {
+        parsed = {
+          message: `HTTP ${res.status} without JSON from ${url}: is it a Lifeboat vault?`,
+        };
       }
+      if (!res.ok) throw failure(res, parsed);
       return parsed as T;
+    },
+    text: async (path: string): Promise<string> => {
+      const res = await send('GET', path);
+      const text = await res.text();
+      if (!res.ok) throw failure(res, {});
+      return text;
     },
   };
 }
@@ -87,6 +100,29 @@ async function readSecretFile(ctx: CliContext, file: string): Promise<string> {
   const first = text.split(/\r?\n/)[0] ?? '';
   if (first === '') throw bad(`${file} is empty: put the secret on its first line.`, { file });
   return first;
+}
+
+/** `--qmp name=path,name=path` as source host endpoints. */
+function qmpEndpoints(list: string | undefined): Array<{ name: string; qmp: string }> {
+  return (list ?? '')
+    .split(',')
+    .filter((e) => e !== '')
+    .map((e) => {
+      const [name, qmp] = e.split('=');
+      if (name === undefined || qmp === undefined || name === '' || qmp === '')
+        throw bad(`--qmp ${e}: give name=socket-path.`);
+      return { name, qmp };
+    });
+}
+
+/** `--keep 24h,7d/1h` as a retention policy. */
+function retentionRules(keep: string): { rules: Array<{ for: string; every?: string }> } {
+  return {
+    rules: keep.split(',').map((r) => {
+      const [f, every] = r.trim().split('/');
+      return every === undefined ? { for: f ?? '' } : { for: f ?? '', every };
+    }),
+  };
 }
 
 function cell(v: unknown): string {
@@ -558,12 +594,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         ...num(o, 'crashInterval', 'crashConsistentIntervalSeconds'),
         ...num(o, 'appInterval', 'appConsistentIntervalSeconds'),
         ...num(o, 'retentionInterval', 'retentionIntervalSeconds'),
-        retention: {
-          rules: (o['keep'] ?? '').split(',').map((r) => {
-            const [f, every] = r.trim().split('/');
-            return every === undefined ? { for: f } : { for: f, every };
-          }),
-        },
+        retention: retentionRules(o['keep'] ?? ''),
       }),
       example: 'lifeboat vault policy add gold --rpo 60 --crash-interval 15 --keep 24h,7d/1h',
     },
@@ -613,6 +644,11 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       args: '<name>',
       options: [
         ['--process-server <id>', 'the process server that serves and discovers it', true],
+        [
+          '--agent <id>',
+          'the agent running on this host, which reads its QMP sockets (lifeboat vault agent list)',
+          false,
+        ],
         ['--qmp <list>', 'machines and their QMP sockets: name=path,name=path', false],
         ['--site <id>', 'its site', false],
       ],
@@ -620,21 +656,37 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         name: n,
         kind: 'kvm',
         processServerId: o['processServer'],
+        ...(o['agent'] !== undefined ? { agentId: o['agent'] } : {}),
         ...(o['site'] !== undefined ? { siteId: o['site'] } : {}),
-        endpoints: (o['qmp'] ?? '')
-          .split(',')
-          .filter((e) => e !== '')
-          .map((e) => {
-            const [name, qmp] = e.split('=');
-            if (name === undefined || qmp === undefined)
-              throw bad(`--qmp ${e}: give name=socket-path.`);
-            return { name, qmp };
-          }),
+        endpoints: qmpEndpoints(o['qmp']),
       }),
       example:
-        'lifeboat vault host add kvm1 --process-server ps_... --qmp web=/run/web.qmp,db=/run/db.qmp',
+        'lifeboat vault host add kvm1 --process-server ps_... --agent agt_... --qmp web=/run/web.qmp,db=/run/db.qmp',
     },
   );
+  host
+    .command('update <id>')
+    .description('Change a KVM host: its agent, process server, QMP sockets or name')
+    .option('--name <name>', 'new name')
+    .option('--process-server <id>', 'the process server that serves it')
+    .option('--agent <id>', 'the agent running on the host ("none": the process server itself)')
+    .option('--qmp <list>', 'machines and their QMP sockets: name=path,name=path (replaces them)')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault host update sh_... --agent agt_... --qmp web=/run/web.qmp\n',
+    )
+    .action(async (id: string, o: Record<string, string | undefined>, command: Command) => {
+      const c = client(ctx, command);
+      const body = {
+        ...(o['name'] !== undefined ? { name: o['name'] } : {}),
+        ...(o['processServer'] !== undefined ? { processServerId: o['processServer'] } : {}),
+        ...(o['agent'] !== undefined ? { agentId: o['agent'] === 'none' ? null : o['agent'] } : {}),
+        ...(o['qmp'] !== undefined ? { endpoints: qmpEndpoints(o['qmp']) } : {}),
+      };
+      if (Object.keys(body).length === 0)
+        throw bad('Give at least one of --name, --process-server, --agent, --qmp.');
+      printObject(c, await c.call('PATCH', `/api/source-hosts/${encodeURIComponent(id)}`, body));
+    });
   host
     .command('discover <id>')
     .description("Ask the host's process server to discover its machines")
@@ -657,12 +709,94 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     undefined,
   );
   simple(
+    'agent',
+    '/api/agents',
+    ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
+    ['siteId'],
+    undefined,
+  );
+  simple(
     'recovery-host',
     '/api/recovery-hosts',
     ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
     ['siteId'],
     undefined,
   );
+
+  const policy = vault.commands.find((c) => c.name() === 'policy');
+  policy
+    ?.command('update <id>')
+    .description('Change a policy; its protected items take the new intervals at once')
+    .option('--name <name>', 'new name')
+    .option('--rpo <seconds>', 'RPO threshold: alert above it')
+    .option('--crash-interval <seconds>', 'crash-consistent point every N seconds')
+    .option('--app-interval <seconds>', 'app-consistent point every N seconds (0 = none)')
+    .option('--keep <rules>', 'retention rules, e.g. "24h,7d/1h,90d/1d" (for[/every])')
+    .option('--retention-interval <seconds>', 'how often retention runs')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault policy update pol_... --crash-interval 30 --keep 24h,30d/1d\n',
+    )
+    .action(async (id: string, o: Record<string, string | undefined>, command: Command) => {
+      const c = client(ctx, command);
+      const body = {
+        ...opt(o, 'name'),
+        ...num(o, 'rpo', 'rpoThresholdSeconds'),
+        ...num(o, 'crashInterval', 'crashConsistentIntervalSeconds'),
+        ...num(o, 'appInterval', 'appConsistentIntervalSeconds'),
+        ...num(o, 'retentionInterval', 'retentionIntervalSeconds'),
+        ...(o['keep'] !== undefined ? { retention: retentionRules(o['keep']) } : {}),
+      };
+      if (Object.keys(body).length === 0) throw bad('Give at least one setting to change.');
+      printObject(c, await c.call('PATCH', `/api/policies/${encodeURIComponent(id)}`, body));
+    });
+  policy
+    ?.command('prune <id>')
+    .description(
+      "Run the policy's retention now: prune its machines' points in the store, then the catalogue",
+    )
+    .option('--no-wait', 'return once the job is created')
+    .addHelpText('after', '\nExample:\n  lifeboat vault policy prune pol_... --json\n')
+    .action(async (id: string, o: { wait: boolean }, command: Command) => {
+      const c = client(ctx, command);
+      const r = await c.call<Row>('POST', `/api/policies/${encodeURIComponent(id)}/retention`);
+      const job = o.wait ? await followJob(ctx, c, String(r['jobId'])) : undefined;
+      printObject(c, {
+        jobId: r['jobId'],
+        ...(job !== undefined ? { state: job['state'], result: job['result'] } : {}),
+        ...(job?.['error'] ? { error: job['error'] } : {}),
+      });
+      if (job !== undefined && job['state'] !== 'succeeded') ctx.exitCode = 1;
+    });
+
+  vault.commands
+    .find((c) => c.name() === 'store')
+    ?.command('check <id>')
+    .description('Check that the vault opens the store with its passphrase and lists its points')
+    .action(async (id: string, _o: unknown, command: Command) => {
+      const c = client(ctx, command);
+      const r = await c.call<Row>('POST', `/api/target-stores/${encodeURIComponent(id)}/check`);
+      printObject(c, r);
+      if (r['ok'] !== true) ctx.exitCode = 1;
+    });
+
+  vault
+    .command('ca')
+    .description(
+      "Print the vault CA's certificate (PEM): agents need it to trust their process server",
+    )
+    .option('--out <file>', 'write it to this file instead')
+    .addHelpText('after', '\nExample:\n  lifeboat vault ca --out vault-ca.pem\n')
+    .action(async (o: { out?: string }, command: Command) => {
+      const c = client(ctx, command, false);
+      const pem = await c.text('/api/ca.pem');
+      if (o.out !== undefined) {
+        await writeFile(resolve(ctx.io.cwd, o.out), pem);
+        c.out.json({ file: resolve(ctx.io.cwd, o.out) });
+        c.out.note(`wrote the vault CA's certificate to ${o.out}`);
+      } else if (c.json) c.out.json({ certificate: pem });
+      else ctx.io.stdout.write(pem);
+    });
 
   vault.commands
     .find((c) => c.name() === 'store')

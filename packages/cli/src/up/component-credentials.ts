@@ -1,7 +1,7 @@
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { isLifeboatError } from '@lifeboat/protocol';
-import type { ApiObject, VaultApi } from './vault-api.js';
+import type { VaultClient, VaultObject as ApiObject } from '@lifeboat/protocol';
 
 /** What a component got from the vault when it registered. */
 export interface ComponentCredentials {
@@ -31,7 +31,7 @@ async function load(dir: string): Promise<ComponentCredentials | undefined> {
  * (the same two calls `lifeboat vault key create` and `lifeboat vault register` make).
  */
 export async function componentCredentials(
-  admin: VaultApi,
+  admin: VaultClient,
   dir: string,
   kind: 'process-server' | 'recovery-host' | 'agent',
   name: string,

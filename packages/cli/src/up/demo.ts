@@ -5,7 +5,7 @@ import { LifeboatError } from '@lifeboat/protocol';
 import { runTestFailover } from '@lifeboat/recovery';
 import type { TestFailover } from '@lifeboat/recovery';
 import type { LocalInstallation } from './local-installation.js';
-import type { ApiObject } from './vault-api.js';
+import type { VaultObject as ApiObject } from '@lifeboat/protocol';
 
 /** How the demo talks to the terminal. */
 export interface DemoOutput {

@@ -1,8 +1,9 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ProcessServer } from '@lifeboat/process-server';
+import { ProcessServer, VaultLink } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, VaultClient } from '@lifeboat/protocol';
+import type { VaultObject as ApiObject } from '@lifeboat/protocol';
 import { RecoveryHost, vaultJobReporter } from '@lifeboat/recovery';
 import type { Store } from '@lifeboat/store';
 import { startVault } from '@lifeboat/vault';
@@ -10,11 +11,8 @@ import type { Vault } from '@lifeboat/vault';
 import { componentCredentials } from './component-credentials.js';
 import type { ComponentCredentials } from './component-credentials.js';
 import { LocalAgents } from './local-agents.js';
-import { ProcessServerLink } from './process-server-link.js';
 import { openUpStore, upPaths } from './up-data-dir.js';
 import type { UpPaths } from './up-data-dir.js';
-import { VaultApi } from './vault-api.js';
-import type { ApiObject } from './vault-api.js';
 
 /** Options of {@link startLocalInstallation}. */
 export interface LocalInstallationOptions {
@@ -37,13 +35,13 @@ export interface LocalInstallation {
   readonly store: Store;
   readonly vault: Vault;
   /** The vault API as the admin. */
-  readonly admin: VaultApi;
+  readonly admin: VaultClient;
   readonly adminToken: string;
   /** The running process server (a new instance after {@link startProcessServer}). */
   readonly processServer: ProcessServer;
   readonly processServerCredentials: ComponentCredentials;
   readonly agents: LocalAgents;
-  readonly link: ProcessServerLink;
+  readonly link: VaultLink;
   readonly recoveryHost: RecoveryHost;
   /** The vault's id of the data directory's target store. */
   readonly targetStoreId: string;
@@ -119,7 +117,7 @@ export async function startLocalInstallation(
       logLevel,
     });
     add('the vault', () => vault.close());
-    const anonymous = new VaultApi(vault.url, undefined);
+    const anonymous = new VaultClient({ url: vault.url });
     const password = await readFile(join(paths.vault, 'initial-admin-password'), 'utf8').catch(
       () => {
         throw new LifeboatError(
@@ -204,11 +202,12 @@ export async function startLocalInstallation(
       paths.store,
       await readPassphraseOf(paths),
     );
-    const link = new ProcessServerLink({
+    const link = new VaultLink({
       api: admin.as(psCreds.token),
       server: processServer,
       agents,
-      targetStoreId,
+      // Every machine of `up` goes to the data directory's store.
+      targetStoreOf: () => targetStoreId,
       onError: (err) => onError('process server link', err),
     });
     link.start();
@@ -278,7 +277,7 @@ async function readPassphraseOf(paths: UpPaths): Promise<string> {
 
 /** Registers the data directory's store in the vault once (step 5), by path. */
 async function ensureTargetStore(
-  admin: VaultApi,
+  admin: VaultClient,
   path: string,
   passphrase: string,
 ): Promise<string> {

@@ -275,10 +275,17 @@ async function rpoIndexes(db: Db): Promise<void> {
     .execute();
 }
 
+// A KVM host's QMP sockets are local to it: the agent running there serves its machines
+// (discovery and replication), so a source host names that agent.
+async function sourceHostAgent(db: Db): Promise<void> {
+  await db.schema.alterTable('sourceHosts').addColumn('agentId', 'text').execute();
+}
+
 /** The vault's migrations, in code so a built vault needs no migration files on disk. */
 export const migrations: Record<string, Migration> = {
   '0001-initial': { up: initial },
   '0002-rpo-indexes': { up: rpoIndexes },
+  '0003-source-host-agent': { up: sourceHostAgent },
 };
 
 /** Hands Kysely's Migrator the migrations above. */

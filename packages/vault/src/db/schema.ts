@@ -50,6 +50,8 @@ export interface SourceHostRow {
   name: string;
   siteId: string | null;
   processServerId: string | null;
+  /** The agent on this host that discovers and replicates its machines (null: the process server's own). */
+  agentId: string | null;
   credentialId: string | null;
   endpoints: string;
   discoveryRequestedAt: string | null;

@@ -703,6 +703,20 @@ export function registerComponentRoutes(app: FastifyInstance, vault: VaultContex
             );
           }
         }
+        if (kind === 'agent') {
+          const host = await db
+            .selectFrom('sourceHosts')
+            .select('id')
+            .where('agentId', '=', id)
+            .executeTakeFirst();
+          if (host !== undefined) {
+            throw new LifeboatError(
+              'LB_VAULT_IN_USE',
+              `The agent "${id}" serves source host "${host.id}"; give that host another agent (or none) first.`,
+              { details: { usedBy: 'source host', id: host.id } },
+            );
+          }
+        }
         await db.deleteFrom('tokens').where('componentId', '=', id).execute();
         await db.deleteFrom('components').where('id', '=', id).execute();
         vault.authCache.clear();

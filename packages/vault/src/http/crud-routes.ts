@@ -36,6 +36,8 @@ export interface CrudSpec {
   toApi(row: Row): Row;
   /** Validated body → columns (seal secrets, check references); `existing` on PATCH. */
   toColumns(input: Row, vault: VaultContext, existing?: Row): Promise<Row>;
+  /** Runs after a PATCH is stored (e.g. a policy change tells its items' process servers). */
+  afterUpdate?(id: string, input: Row, vault: VaultContext): Promise<void>;
   /** Refuses a delete that would leave dangling references (409). */
   beforeDelete?(id: string, vault: VaultContext): Promise<void>;
 }
@@ -266,6 +268,7 @@ export function registerCrud(app: FastifyInstance, vault: VaultContext, spec: Cr
             .execute(),
         input,
       );
+      await spec.afterUpdate?.(id, input, vault);
       const after = spec.toApi({ ...existing, ...changes });
       await audit(
         db,

@@ -7,6 +7,7 @@ import { invalid, notFound } from '../services/errors.js';
 import { listPage, pageQuerySchema } from '../services/list-page.js';
 import { upsertPoints } from '../services/catalogue.js';
 import { transition } from '../services/protection.js';
+import { openTargetStore } from '../jobs/open-target-store.js';
 import type { VaultContext } from '../vault-context.js';
 import { principalOf } from './auth.js';
 import { getRow, pageSchema, requireRef, responses } from './crud-routes.js';
@@ -82,6 +83,74 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         p,
       );
       await audit(db, p, 'target-store.sync', { type: 'target-store', id });
+      return reply.status(202).send({ jobId: job?.id });
+    },
+  );
+
+  app.post(
+    '/api/target-stores/:id/check',
+    {
+      config: { access: 'operator' },
+      schema: {
+        tags: ['target stores'],
+        summary:
+          'Check that the vault can open the store with its passphrase and list its points (access and latency)',
+        params: idParams,
+      },
+    },
+    async (request) => {
+      const { id } = request.params as { id: string };
+      await getRow(db, 'targetStores', id, 'target store');
+      const started = performance.now();
+      let store: Awaited<ReturnType<typeof openTargetStore>> | undefined;
+      try {
+        store = await openTargetStore(vault, id);
+        const opened = performance.now();
+        const points = await store.listPoints();
+        const listed = performance.now();
+        return {
+          id,
+          ok: true,
+          location: store.location,
+          points: points.length,
+          machines: new Set(points.map((p) => p.machine)).size,
+          openMs: Math.round(opened - started),
+          listMs: Math.round(listed - opened),
+        };
+      } catch (err) {
+        // A store the vault cannot open is the answer to the check, not a fault of the route.
+        const e = err instanceof LifeboatError ? err : undefined;
+        return {
+          id,
+          ok: false,
+          error: {
+            code: e?.code ?? 'LB_VAULT_STORE_CHECK_FAILED',
+            message: (err as Error).message,
+          },
+        };
+      } finally {
+        await store?.close().catch(() => undefined);
+      }
+    },
+  );
+
+  app.post(
+    '/api/policies/:id/retention',
+    {
+      config: { access: 'operator' },
+      schema: {
+        tags: ['policies'],
+        summary:
+          "Run the policy's retention now (a retention job: prune the store, then the catalogue)",
+        params: idParams,
+      },
+    },
+    async (request, reply) => {
+      const { id } = request.params as { id: string };
+      await getRow(db, 'policies', id, 'policy');
+      const p = principalOf(request);
+      const job = await vault.jobs.create({ kind: 'retention', target: { type: 'policy', id } }, p);
+      await audit(db, p, 'policy.retention', { type: 'policy', id }, { after: { jobId: job?.id } });
       return reply.status(202).send({ jobId: job?.id });
     },
   );

@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import type { VaultContext } from '../vault-context.js';
+import { nowIso } from '../ids.js';
 import { invalid } from '../services/errors.js';
 import { refuseIfReferenced, registerCrud, requireRef } from './crud-routes.js';
 
@@ -115,6 +116,21 @@ export function registerSimpleResources(app: FastifyInstance, vault: VaultContex
       refuseIfReferenced(db, id, 'policy', [
         { table: 'protectedItems', column: 'policyId', noun: 'protected item' },
       ]),
+    // New intervals are a new desired state of every item under the policy: its generation
+    // moves, and the process servers (and agents) apply it.
+    afterUpdate: async (id, input) => {
+      if (
+        input['crashConsistentIntervalSeconds'] === undefined &&
+        input['appConsistentIntervalSeconds'] === undefined
+      )
+        return;
+      await db
+        .updateTable('protectedItems')
+        .set((eb) => ({ generation: eb('generation', '+', 1), updatedAt: nowIso() }))
+        .where('policyId', '=', id)
+        .where('state', '!=', 'disabled')
+        .execute();
+    },
   });
 
   registerCrud(app, vault, {
@@ -274,6 +290,7 @@ export function registerSimpleResources(app: FastifyInstance, vault: VaultContex
       kind: { type: 'string', enum: ['kvm'] },
       siteId: idRef,
       processServerId: idRef,
+      agentId: idRef,
       credentialId: idRef,
       endpoints: {
         type: 'array',
@@ -290,28 +307,29 @@ export function registerSimpleResources(app: FastifyInstance, vault: VaultContex
       },
     },
     required: ['name', 'kind', 'endpoints'],
-    filters: ['siteId', 'processServerId', 'kind'],
+    filters: ['siteId', 'processServerId', 'agentId', 'kind'],
     writeAccess: 'operator',
     toApi: (r) => ({ ...r, endpoints: JSON.parse(r['endpoints'] as string) as unknown }),
     toColumns: async (input, _v, existing) => {
       await requireRef(db, 'sites', input['siteId'], 'body.siteId', 'site');
       await requireRef(db, 'credentials', input['credentialId'], 'body.credentialId', 'credential');
-      if (input['processServerId'] !== undefined && input['processServerId'] !== null) {
-        const ps = await db
+      for (const [field, kind] of [
+        ['processServerId', 'process-server'],
+        ['agentId', 'agent'],
+      ] as const) {
+        if (input[field] === undefined || input[field] === null) continue;
+        const c = await db
           .selectFrom('components')
           .select('id')
-          .where('id', '=', input['processServerId'] as string)
-          .where('kind', '=', 'process-server')
+          .where('id', '=', input[field] as string)
+          .where('kind', '=', kind)
           .executeTakeFirst();
-        if (ps === undefined) {
-          throw invalid(
-            'body.processServerId',
-            `no process server with id "${String(input['processServerId'])}".`,
-          );
+        if (c === undefined) {
+          throw invalid(`body.${field}`, `no ${kind} with id "${String(input[field])}".`);
         }
       }
       return {
-        ...pick(input, ['name', 'kind', 'siteId', 'processServerId', 'credentialId']),
+        ...pick(input, ['name', 'kind', 'siteId', 'processServerId', 'agentId', 'credentialId']),
         ...(input['endpoints'] !== undefined
           ? { endpoints: JSON.stringify(input['endpoints']) }
           : {}),
@@ -319,6 +337,7 @@ export function registerSimpleResources(app: FastifyInstance, vault: VaultContex
           ? {
               siteId: input['siteId'] ?? null,
               processServerId: input['processServerId'] ?? null,
+              agentId: input['agentId'] ?? null,
               credentialId: input['credentialId'] ?? null,
               discoveryRequestedAt: null,
               discoveredAt: null,

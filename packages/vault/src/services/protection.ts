@@ -162,6 +162,7 @@ export async function assignmentsFor(
     .selectFrom('protectedItems')
     .innerJoin('machines', 'machines.id', 'protectedItems.machineId')
     .innerJoin('policies', 'policies.id', 'protectedItems.policyId')
+    .leftJoin('sourceHosts', 'sourceHosts.id', 'machines.sourceHostId')
     .select([
       'protectedItems.id as id',
       'protectedItems.state as state',
@@ -174,6 +175,7 @@ export async function assignmentsFor(
       'machines.externalId as externalId',
       'machines.endpoint as endpoint',
       'machines.sourceHostId as sourceHostId',
+      'sourceHosts.agentId as agentId',
       'policies.id as policyId',
       'policies.crashConsistentIntervalSeconds as crashConsistentIntervalSeconds',
       'policies.appConsistentIntervalSeconds as appConsistentIntervalSeconds',
@@ -204,7 +206,7 @@ export async function assignmentsFor(
           .execute();
   const hosts = await vault.db
     .selectFrom('sourceHosts')
-    .select(['id', 'name', 'kind', 'endpoints', 'discoveryRequestedAt', 'discoveredAt'])
+    .select(['id', 'name', 'kind', 'agentId', 'endpoints', 'discoveryRequestedAt', 'discoveredAt'])
     .where('processServerId', '=', processServerId)
     .execute();
   return {
@@ -223,6 +225,8 @@ export async function assignmentsFor(
         externalId: i.externalId,
         endpoint: i.endpoint,
         sourceHostId: i.sourceHostId,
+        // The agent on the machine's KVM host that replicates it (null: the process server's own).
+        agentId: i.agentId ?? null,
       },
       consistencyGroup: i.consistencyGroup,
       disks: disks
@@ -253,6 +257,8 @@ export async function assignmentsFor(
       .map((h) => ({
         sourceHostId: h.id,
         kind: h.kind,
+        // Who reads the host's QMP endpoints: its agent, or (null) the process server itself.
+        agentId: h.agentId,
         endpoints: JSON.parse(h.endpoints) as unknown,
       })),
   };
