@@ -8,6 +8,7 @@ import type {
   WriteSession,
   WriteSessionOptions,
 } from '@lifeboat/store';
+import type { PointDigests } from './point-digests.js';
 import type { StoreWorkerRequest, StoreWorkerResponse } from './store-worker-protocol.js';
 import type { WorkerStoreSpec } from './worker-store-opener.js';
 
@@ -25,6 +26,12 @@ export interface StoreWorkerOptions {
 export interface ReplicatorStore {
   beginWrite(options: WriteSessionOptions): Promise<WriteSession>;
   listPoints(filter?: PointFilter): Promise<PointInfo[]>;
+}
+
+/** A machine's store as served by its worker: the replicator's part and resync baselines. */
+export interface MachineStore extends ReplicatorStore {
+  /** A point's per-chunk digests under `key` (see `computePointDigests`). */
+  pointDigests(point: string, key: Uint8Array): Promise<PointDigests>;
 }
 
 interface Pending {
@@ -99,7 +106,7 @@ export class StoreWorkerPool {
   }
 
   /** The store API for one machine, served by that machine's worker. */
-  forMachine(machine: string): ReplicatorStore {
+  forMachine(machine: string): MachineStore {
     const h =
       this.workers[
         createHash('sha1').update(machine).digest().readUInt32BE(0) % this.workers.length
@@ -120,6 +127,11 @@ export class StoreWorkerPool {
           StoreWorkerRequest,
           'id'
         >)) as PointInfo[],
+      pointDigests: async (point, key) =>
+        (await h.call({ op: 'pointDigests', point, key } as Omit<
+          StoreWorkerRequest,
+          'id'
+        >)) as PointDigests,
     };
   }
 
