@@ -141,16 +141,18 @@ describe('resync through a process server after the agent and QEMU are killed', 
     const C = 65536;
     const model = Buffer.alloc(32 * MiB);
     const snapshots = new Map<string, Buffer>();
-    let nbd: NbdClient;
+    let nbd: NbdClient | undefined;
     const put = async (offset: number, data: Buffer): Promise<void> => {
+      if (!nbd) throw new Error('no guest connection');
       await nbd.write(offset, data);
       data.copy(model, offset);
     };
     const boot = async (): Promise<StorageDaemon> => {
       const q = await startStorageDaemon({ disks: [{ path: img, exportName: 'guest' }] });
       cleanups.push(() => q.stop());
-      nbd = await NbdClient.connect({ path: q.nbdSocket as string }, { exportName: 'guest' });
-      cleanups.push(() => nbd.close());
+      const g = await NbdClient.connect({ path: q.nbdSocket as string }, { exportName: 'guest' });
+      cleanups.push(() => g.close());
+      nbd = g;
       return q;
     };
     const connect = async (): Promise<ReplicationClient> => {
@@ -198,8 +200,8 @@ describe('resync through a process server after the agent and QEMU are killed', 
     // Changes the agent never cut, flushed as a guest would; then QEMU dies too.
     await put(3 * C, randomBytes(C));
     await put(100 * C, randomBytes(C));
-    await nbd.flush();
-    await nbd.close();
+    await nbd?.flush();
+    await nbd?.close();
     await qsd.stop({ kill: true });
     qsd = await boot();
     await put(200 * C, randomBytes(2 * C));
