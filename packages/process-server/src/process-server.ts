@@ -39,6 +39,7 @@ import type {
 import { RateMeter } from './rate-meter.js';
 import { Semaphore } from './semaphore.js';
 import { StoreWorkerPool } from './store-worker-pool.js';
+import type { StoreWorkerPoolHealth } from './store-worker-pool.js';
 import { TokenBucket } from './token-bucket.js';
 
 /** Bytes of all sessions waiting for the journal's fsync before sessions stop being read. */
@@ -94,6 +95,8 @@ export interface ProcessServerHealth {
     failed: string | null;
   };
   store: { location: string; reachable: boolean; lastError: string | null };
+  /** The store worker threads (null when store work runs on the ingest thread). */
+  storeWorkers: StoreWorkerPoolHealth | null;
   ingest: {
     sessions: number;
     bytesPerSecondIn: number;
@@ -169,7 +172,16 @@ export class ProcessServer extends EventEmitter {
     this.storeLimit = new Semaphore(opts.storeConcurrency);
     this.applySlots = new Semaphore(opts.storeConcurrency);
     const w = opts.storeWorkers;
-    this.pool = w ? new StoreWorkerPool(w) : undefined;
+    this.pool = w
+      ? new StoreWorkerPool(w, (e) => {
+          if (e.kind === 'died')
+            this.logger.error(
+              { code: e.error?.code, worker: e.worker, err: e.error?.toJSON() },
+              'store worker thread died; restarting it (its machines retry from the journal)',
+            );
+          else this.logger.warn({ worker: e.worker }, 'store worker thread restarted');
+        })
+      : undefined;
     this.storeLocation =
       opts.store?.location ??
       (w?.spec.kind === 'directory'
@@ -288,9 +300,11 @@ export class ProcessServer extends EventEmitter {
     const mem = process.memoryUsage();
     const c = this.journal.counters;
     const jf = this.journal.failure;
+    const workers = this.pool?.health() ?? null;
     return {
       status:
         storeErrors.length > 0 ||
+        (workers !== null && workers.alive < workers.count) ||
         machines.some((m) => m.resyncRequired) ||
         jf !== undefined ||
         this.fullSince > 0
@@ -313,6 +327,7 @@ export class ProcessServer extends EventEmitter {
         reachable: storeErrors.length === 0,
         lastError: storeErrors[0]?.lastError?.message ?? null,
       },
+      storeWorkers: workers,
       ingest: {
         sessions: this.sessions.size,
         bytesPerSecondIn: this.rateIn.rate(),
