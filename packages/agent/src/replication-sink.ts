@@ -20,6 +20,8 @@ export interface SinkCutOptions {
   /** When the cut was taken, ms since the epoch. */
   time: number;
   consistencyGroup?: string;
+  /** Labels of the points (the machine's recorded hardware, `machine.*`). */
+  labels?: Record<string, string>;
 }
 
 /**

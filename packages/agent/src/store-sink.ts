@@ -68,6 +68,7 @@ export class StoreSink implements ReplicationSink {
           kind: options.kind,
           cut: options.cutId,
           ...(options.consistencyGroup ? { consistencyGroup: options.consistencyGroup } : {}),
+          ...(options.labels ? { labels: options.labels } : {}),
         }),
       );
       this.sessions.delete(disk);
