@@ -711,7 +711,7 @@ export class Agent extends EventEmitter {
       // Only chunks that are not already zero in the latest point need a zero frame.
       let runStart = -1;
       for (let c = from; c < to; c += chunk) {
-        const needs = (baseline.ids.get(c) ?? null) !== null || c >= baseline.size;
+        const needs = baseline.idAt(c) !== null || c >= baseline.size;
         if (needs && runStart < 0) runStart = c;
         if (!needs && runStart >= 0) {
           await this.sink.writeZeroes(d.name, runStart, c - runStart);
@@ -749,7 +749,7 @@ export class Agent extends EventEmitter {
             await zero(at, at + piece.length);
             continue;
           }
-          if (baseline && piece.length === chunk && baseline.ids.get(at) === baseline.idOf(piece)) {
+          if (baseline && piece.length === chunk && baseline.idAt(at) === baseline.idOf(piece)) {
             continue;
           }
           // The sink keeps the buffer until acknowledged: give it its own copy of the piece.

@@ -104,7 +104,7 @@ export class StoreSink implements ReplicationSink {
     return {
       chunkSize: this.store.chunkSize,
       size: reader.size,
-      ids,
+      idAt: (offset) => ids.get(offset) ?? null,
       idOf: (data) => this.store.chunkIdOf(data),
     };
   }

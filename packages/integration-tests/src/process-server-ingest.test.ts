@@ -333,6 +333,47 @@ describe('process server ingest', () => {
     }
   });
 
+  it('answers a resync baseline for a large disk in many frames: digests the agent can match, zeros where the point is zero', async () => {
+    const size = 128 * 1024 * 1024 * 1024; // 2 Mi chunks: 34 MiB of entries, 35 frames
+    // Not a SourceMachine: the disk is far larger than memory; the test knows its three chunks.
+    const c = new ReplicationClient({
+      host: '127.0.0.1',
+      port: server.port,
+      servername: 'localhost',
+      ca: pki.ca,
+      cert: pki.client.cert,
+      key: pki.client.key,
+      machine: 'baseline-big',
+      disks: [{ name: 'vda', size }],
+    });
+    clients.push(c);
+    await c.start();
+    const far = 100 * 1024 * 1024 * 1024;
+    const a = randomBytes(65536);
+    const b = randomBytes(65536);
+    await c.write('vda', 65536, a);
+    await c.write('vda', far, b);
+    await c.write('vda', size - 65536, a); // the same content again: the same digest
+    await c.cut();
+    // Asked before the cut is committed: the server answers once it is.
+    const baseline = await c.resyncBaseline('vda');
+    expect(baseline).toBeDefined();
+    const bl = baseline!;
+    expect(bl.chunkSize).toBe(65536);
+    expect(bl.size).toBe(size);
+    expect(bl.idAt(0)).toBeNull();
+    expect(bl.idAt(65536)).toBe(bl.idOf(a));
+    expect(bl.idAt(far)).toBe(bl.idOf(b));
+    expect(bl.idAt(far)).not.toBe(bl.idOf(a));
+    expect(bl.idAt(far + 65536)).toBeNull();
+    expect(bl.idAt(size - 65536)).toBe(bl.idOf(a));
+    expect(bl.idAt(size)).toBeNull();
+    // A disk without a point has no baseline.
+    const fresh = client(new SourceMachine('baseline-none', [{ name: 'vda', size: 65536 }]));
+    await fresh.start();
+    expect(await fresh.resyncBaseline('vda')).toBeUndefined();
+  });
+
   it('restarts a store worker thread that dies mid-cut, and commits every acknowledged frame from the journal', async () => {
     const marker = join(dir, 'store-worker-crashed');
     const spec: CrashingStoreSpec = {

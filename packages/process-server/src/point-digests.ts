@@ -12,12 +12,15 @@ export interface PointDigests {
 
 /** Chunks read from the store in one request (contiguous data chunks). */
 const RUN_CHUNKS = 64;
+/** Store ids remembered to digest a repeated chunk once (bounded: a disk may have millions). */
+const RECENT_IDS = 4096;
 
 /**
  * Reads a point and digests each data chunk's plaintext with HMAC-SHA-256 under `key` (the
  * first 16 bytes), for an agent's resync: the agent digests its disk's chunks under the same
  * key and sends only those that differ. Zero chunks are known from the point's tree and not
- * read; chunks with the same store id are read and digested once.
+ * read; a chunk whose store id was seen recently is not read again. Memory: the entries
+ * (17 bytes per 64 KiB chunk) and one run of chunks.
  */
 export async function computePointDigests(
   store: StoreApi,
@@ -28,48 +31,48 @@ export async function computePointDigests(
   const cs = store.chunkSize;
   const n = Math.ceil(reader.size / cs);
   const entries = Buffer.alloc(n * BASELINE_ENTRY_BYTES);
-  const ids: Array<string | null> = new Array<string | null>(n).fill(null);
-  for await (const c of reader.chunkIds()) ids[c.offset / cs] = c.id;
-  const seen = new Map<string, number>(); // store id -> first chunk index with it
-  const toRead: number[] = [];
-  const copies: Array<[number, number]> = [];
-  for (let i = 0; i < n; i++) {
-    const id = ids[i];
-    if (id === null || id === undefined) continue;
-    const first = seen.get(id);
-    if (first === undefined) {
-      seen.set(id, i);
-      toRead.push(i);
-    } else copies.push([i, first]);
-  }
-  const digest = (i: number, data: Buffer): void => {
-    const at = i * BASELINE_ENTRY_BYTES;
-    entries[at] = 1;
-    createHmac('sha256', key)
-      .update(data)
-      .digest()
-      .copy(entries, at + 1, 0, BASELINE_DIGEST_BYTES);
-  };
-  for (let k = 0; k < toRead.length;) {
-    let end = k + 1;
-    while (end < toRead.length && end - k < RUN_CHUNKS && toRead[end] === toRead[end - 1]! + 1)
-      end++;
-    const from = toRead[k]! * cs;
-    const to = Math.min(reader.size, (toRead[end - 1]! + 1) * cs);
-    const buf = await reader.readAt(from, to - from);
-    for (let j = k; j < end; j++) {
-      const off = toRead[j]! * cs - from;
-      digest(toRead[j]!, buf.subarray(off, Math.min(buf.length, off + cs)));
+  const recent = new Map<string, number>(); // store id -> a chunk index holding its digest
+  let run: Array<{ index: number; id: string }> = [];
+  const flush = async (): Promise<void> => {
+    if (run.length === 0) return;
+    const first = run[0]!.index;
+    const last = run[run.length - 1]!.index;
+    const from = first * cs;
+    const buf = await reader.readAt(from, Math.min(reader.size, (last + 1) * cs) - from);
+    for (const { index, id } of run) {
+      const at = index * BASELINE_ENTRY_BYTES;
+      const off = (index - first) * cs;
+      entries[at] = 1;
+      createHmac('sha256', key)
+        .update(buf.subarray(off, Math.min(buf.length, off + cs)))
+        .digest()
+        .copy(entries, at + 1, 0, BASELINE_DIGEST_BYTES);
+      remember(id, index);
     }
-    k = end;
+    run = [];
+  };
+  const remember = (id: string, index: number): void => {
+    if (recent.size >= RECENT_IDS) recent.delete(recent.keys().next().value as string);
+    recent.set(id, index);
+  };
+  for await (const c of reader.chunkIds()) {
+    if (c.id === null) continue; // a zero chunk: entry kind 0, all zero
+    const index = c.offset / cs;
+    const known = recent.get(c.id);
+    // A partial last chunk has another length than a whole one with the same id can have.
+    if (known !== undefined && (index + 1) * cs <= reader.size) {
+      entries.copy(
+        entries,
+        index * BASELINE_ENTRY_BYTES,
+        known * BASELINE_ENTRY_BYTES,
+        (known + 1) * BASELINE_ENTRY_BYTES,
+      );
+      continue;
+    }
+    const prev = run[run.length - 1];
+    if (prev !== undefined && (prev.index !== index - 1 || run.length >= RUN_CHUNKS)) await flush();
+    run.push({ index, id: c.id });
   }
-  for (const [i, first] of copies) {
-    entries.copy(
-      entries,
-      i * BASELINE_ENTRY_BYTES,
-      first * BASELINE_ENTRY_BYTES,
-      (first + 1) * BASELINE_ENTRY_BYTES,
-    );
-  }
+  await flush();
   return { chunkSize: cs, size: reader.size, entries };
 }

@@ -99,8 +99,8 @@ export interface BaselineDigests {
   chunkSize: number;
   /** Size of the disk at the latest point. */
   size: number;
-  /** Digest at each chunk-aligned offset of the point; `null` for a zero chunk. */
-  ids: ReadonlyMap<number, string | null>;
+  /** The digest of the point's chunk at a chunk-aligned offset; `null` for a zero chunk or past the end. */
+  idAt(offset: number): string | null;
   /** The digest the server computed for a chunk with these bytes (a whole chunk). */
   idOf(data: Uint8Array): string;
 }
@@ -113,7 +113,10 @@ interface Pending {
 interface BaselineWaiter {
   disk: number;
   head: BaselineFrame | undefined;
-  ids: Map<number, string | null>;
+  /** The entries as received, per frame (17 bytes per chunk: 17 MiB for a 64 GiB disk); allocated as they come, never from the head's claim. */
+  parts: Buffer[];
+  /** First chunk index of each part. */
+  starts: number[];
   received: number;
   resolve: (b: BaselineDigests | undefined) => void;
   reject: (e: unknown) => void;
@@ -374,7 +377,8 @@ export class ReplicationClient extends EventEmitter {
       this.baselineWaiters.set(request, {
         disk,
         head: undefined,
-        ids: new Map(),
+        parts: [],
+        starts: [],
         received: 0,
         resolve,
         reject,
@@ -404,15 +408,9 @@ export class ReplicationClient extends EventEmitter {
       const n = f.entries.length / BASELINE_ENTRY_BYTES;
       if (f.first !== w.received || w.received + n > head.chunks)
         return `baseline digests for chunks ${f.first}..${f.first + n} out of order (have ${w.received} of ${head.chunks})`;
-      for (let i = 0; i < n; i++) {
-        const at = i * BASELINE_ENTRY_BYTES;
-        w.ids.set(
-          (f.first + i) * head.chunkSize,
-          f.entries[at] === 0
-            ? null
-            : f.entries.toString('hex', at + 1, at + 1 + BASELINE_DIGEST_BYTES),
-        );
-      }
+      // The decoder's buffer may be shared with the next frames: keep a copy of just this part.
+      w.parts.push(Buffer.from(f.entries));
+      w.starts.push(f.first);
       w.received += n;
     }
     const head = w.head;
@@ -423,10 +421,28 @@ export class ReplicationClient extends EventEmitter {
         return undefined;
       }
       const key = Buffer.from(head.key, 'hex');
+      const { parts, starts } = w;
+      const cs = head.chunkSize;
       w.resolve({
-        chunkSize: head.chunkSize,
+        chunkSize: cs,
         size: head.size,
-        ids: w.ids,
+        idAt: (offset) => {
+          const i = offset / cs;
+          if (!Number.isInteger(i) || i < 0 || i >= head.chunks) return null;
+          // The part holding chunk i: the last one starting at or before it.
+          let lo = 0;
+          let hi = starts.length - 1;
+          while (lo < hi) {
+            const mid = (lo + hi + 1) >> 1;
+            if (starts[mid]! <= i) lo = mid;
+            else hi = mid - 1;
+          }
+          const part = parts[lo]!;
+          const at = (i - starts[lo]!) * BASELINE_ENTRY_BYTES;
+          return part[at] === 0
+            ? null
+            : part.toString('hex', at + 1, at + 1 + BASELINE_DIGEST_BYTES);
+        },
         idOf: (data) =>
           createHmac('sha256', key).update(data).digest().toString('hex', 0, BASELINE_DIGEST_BYTES),
       });
