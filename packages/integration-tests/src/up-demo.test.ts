@@ -196,7 +196,7 @@ describe('lifeboat up --demo', () => {
         const dirOut = join(root, '.test-results', 'up-demo');
         await mkdir(dirOut, { recursive: true });
         await writeFile(join(dirOut, `second-run-${Date.now()}.log`), text);
-        process.stderr.write(text);
+        console.error(text);
         throw err;
       }
     },
