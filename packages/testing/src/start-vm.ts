@@ -119,7 +119,9 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
   const consolePath = options.console ?? join(dir, 'console.log');
   // A second monitor, never used by the test or an agent (a monitor serves one client): what
   // the guest was doing when a wait for its console fails is read through it.
-  const diagSocket = join(dir, 'diag-qmp.sock');
+  // (Left out where its path would pass the 107 bytes a UNIX socket path may have.)
+  const diag = join(dir, 'diag-qmp.sock');
+  const diagSocket = Buffer.byteLength(diag) < 100 ? diag : undefined;
   const wanted = options.accel ?? 'auto';
   const accel: 'kvm' | 'tcg' =
     wanted === 'auto' ? ((await kvmBootsKernel(options.kernel)) ? 'kvm' : 'tcg') : wanted;
@@ -146,10 +148,14 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
     `file:${consolePath}`,
     '-qmp',
     `unix:${qmpSocket},server=on,wait=off`,
-    '-chardev',
-    `socket,id=lbdiag,path=${diagSocket},server=on,wait=off`,
-    '-mon',
-    'chardev=lbdiag,mode=control',
+    ...(diagSocket === undefined
+      ? []
+      : [
+          '-chardev',
+          `socket,id=lbdiag,path=${diagSocket},server=on,wait=off`,
+          '-mon',
+          'chardev=lbdiag,mode=control',
+        ]),
   ];
   const nodeNames: string[] = [];
   options.disks.forEach((d, i) => {
@@ -230,7 +236,11 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
         if (proc.exit || broken || Date.now() > deadline) {
           const text = await consoleText();
           const tail = text.slice(-3000);
-          const state = proc.exit ? 'QEMU has exited' : await describeGuest(diagSocket);
+          const state = proc.exit
+            ? 'QEMU has exited'
+            : diagSocket === undefined
+              ? '(no diagnostic monitor: the VM directory path is too long)'
+              : await describeGuest(diagSocket);
           throw new LifeboatError(
             proc.exit || broken ? 'LB_TESTING_PROCESS_EXITED' : 'LB_TESTING_TIMEOUT',
             `The VM's console did not show ${re} ${proc.exit || broken ? 'before QEMU stopped' : `within ${timeoutMs} ms`} (accel ${accel}, console ${text.length} bytes${from > 0 ? `, looked after ${from}` : ''}). Console tail:\n${tail}\nQEMU output:\n${proc.output.slice(-2000)}\nGuest state:\n${state}`,
