@@ -17,6 +17,7 @@ import type {
   SequencedFrame,
   WelcomeFrame,
 } from '@lifeboat/protocol';
+import type { StoreApi } from '@lifeboat/store';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
 import { HealthServer } from './health-server.js';
@@ -417,6 +418,21 @@ export class ProcessServer extends EventEmitter {
     });
   }
 
+  /** The resync digests of a machine's point, from whichever store the server writes to. */
+  private pointDigests(machine: string, point: string, key: Uint8Array): Promise<PointDigests> {
+    if (this.pool) return this.pool.forMachine(machine).pointDigests(point, key);
+    const st = this.opts.store;
+    if (st?.pointDigests) return st.pointDigests(machine, point, key);
+    if (st !== undefined && 'openPoint' in st && 'chunkSize' in st)
+      return computePointDigests(st as StoreApi, point, key);
+    return Promise.reject(
+      new LifeboatError(
+        'LB_PS_STORE_FAILED',
+        'This store cannot read points for a resync baseline; the agent sends every allocated range.',
+      ),
+    );
+  }
+
   /**
    * Answers a resync baseline request: once every cut the machine sent before it is committed,
    * the latest point of the disk is read and each chunk digested under a fresh random key,
@@ -461,11 +477,7 @@ export class ProcessServer extends EventEmitter {
       let digests: PointDigests;
       const t0 = performance.now();
       try {
-        digests = await this.storeLimit.run(() =>
-          this.pool
-            ? this.pool.forMachine(m.id).pointDigests(point, key)
-            : computePointDigests(this.opts.store!, point, key),
-        );
+        digests = await this.storeLimit.run(() => this.pointDigests(m.id, point, key));
       } catch (err) {
         const e =
           err instanceof LifeboatError
