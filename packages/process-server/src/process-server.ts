@@ -301,7 +301,7 @@ export class ProcessServer extends EventEmitter {
     const mem = process.memoryUsage();
     const c = this.journal.counters;
     const jf = this.journal.failure;
-    const workers = this.pool?.health() ?? null;
+    const workers = this.pool?.health() ?? this.opts.store?.workerHealth?.() ?? null;
     return {
       status:
         storeErrors.length > 0 ||

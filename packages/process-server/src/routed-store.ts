@@ -13,7 +13,7 @@ import { computePointDigests } from './point-digests.js';
 import type { PointDigests } from './point-digests.js';
 import type { ProcessServerStore } from './process-server-options.js';
 import { StoreWorkerPool } from './store-worker-pool.js';
-import type { MachineStore } from './store-worker-pool.js';
+import type { MachineStore, StoreWorkerPoolHealth } from './store-worker-pool.js';
 import type { AssignedStore } from './vault-link.js';
 import { openWorkerStore } from './worker-store-opener.js';
 import type { WorkerStoreSpec } from './worker-store-opener.js';
@@ -32,6 +32,7 @@ interface Opened {
   location: string;
   store: StoreApi | ((machine: string) => MachineStore);
   close: () => Promise<void>;
+  pool?: StoreWorkerPool;
 }
 
 interface Persisted {
@@ -153,6 +154,23 @@ export class RoutedStore implements ProcessServerStore {
       : computePointDigests(open.store, point, key);
   }
 
+  /** The worker threads of all its stores together (null when it runs none). */
+  workerHealth(): StoreWorkerPoolHealth | null {
+    const all = [...this.opened.values()].flatMap((o) => (o.pool ? [o.pool.health()] : []));
+    if (all.length === 0) return null;
+    const last = all
+      .filter((h) => h.lastErrorAt !== null)
+      .sort((a, b) => (a.lastErrorAt ?? '').localeCompare(b.lastErrorAt ?? ''))
+      .pop();
+    return {
+      count: all.reduce((n, h) => n + h.count, 0),
+      alive: all.reduce((n, h) => n + h.alive, 0),
+      restarts: all.reduce((n, h) => n + h.restarts, 0),
+      lastError: last?.lastError ?? null,
+      lastErrorAt: last?.lastErrorAt ?? null,
+    };
+  }
+
   /** Closes every store it opened. */
   async close(): Promise<void> {
     for (const o of this.opened.values()) await o.close().catch(() => undefined);
@@ -189,6 +207,7 @@ export class RoutedStore implements ProcessServerStore {
           location: locationOf(spec),
           store: (machine) => pool.forMachine(machine),
           close: () => pool.close(),
+          pool,
         });
       } else {
         const store: StoreApi = await openWorkerStore(spec);
