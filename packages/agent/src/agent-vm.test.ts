@@ -87,6 +87,9 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
       disks: [{ path: root }, { path: data }],
       append: testImageAppend({ hostname: 'prot1', writer: true, writerIntervalMs: 50 }),
       guestAgent: true,
+      // Not the defaults, so the recorded hardware below is read from QEMU, not assumed.
+      cpus: 2,
+      memoryMiB: 320,
     });
     await vm.waitForConsole('LIFEBOAT-QGA-STARTED', 180_000);
     await vm.waitForConsole('LIFEBOAT-WROTE 5', 180_000);
@@ -111,6 +114,21 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
     await app.stop();
 
     const appPoints = sink.committed[sink.committed.length - 1]?.points ?? [];
+    // Every point records the machine's hardware, as the recovery host reads it.
+    for (const p of sink.committed.flatMap((c) => c.points)) {
+      expect(p.labels).toMatchObject({
+        'machine.cpus': '2',
+        'machine.memory-mib': '320',
+        'machine.firmware': 'bios',
+        'machine.disk-bus': 'nvme',
+      });
+    }
+    expect(app.status().hardware).toEqual({
+      cpus: 2,
+      memoryMiB: 320,
+      firmware: 'bios',
+      diskBus: 'nvme',
+    });
     const appRoot = join(dir, 'app-root.raw');
     await restore(store, appPoints.find((p) => p.disk === 'disk0')?.id as string, appRoot);
     // A frozen ext4 has its journal checkpointed: clean without any replay.

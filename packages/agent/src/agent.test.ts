@@ -280,6 +280,8 @@ describe('agent against qemu-storage-daemon', () => {
     const point2 = sink.committed[sink.committed.length - 1]?.points[0];
     expect((await readAll(store, point2?.id as string)).equals(model)).toBe(true);
     expect(sentAt).toEqual([3, 100, 200, 201]);
+    // qemu-storage-daemon has no CPUs, memory or devices: no hardware is recorded, none guessed.
+    expect(Object.keys(point2?.labels ?? {}).filter((k) => k.startsWith('machine.'))).toEqual([]);
     // Four chunks differ from the latest point; nothing else is sent.
     expect(third.bytesSent).toBe(4 * 65536);
   });

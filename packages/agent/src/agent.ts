@@ -13,6 +13,8 @@ import { loadAgentState, saveAgentState } from './agent-state.js';
 import type { AgentState, DiskState } from './agent-state.js';
 import { AGENT_NODE_PREFIX, discoverDisks } from './disk-discovery.js';
 import type { DiscoveredDisk } from './disk-discovery.js';
+import { hardwareLabels, readMachineHardware } from './machine-hardware.js';
+import type { MachineHardware } from './machine-hardware.js';
 import type { ReplicationSink, ResyncBaseline } from './replication-sink.js';
 
 /** Progress of a full read of a disk (initial replication or resync). */
@@ -63,6 +65,8 @@ export interface AgentStatus {
   lagMs: number;
   bytesSent: number;
   sync: SyncProgressReport | undefined;
+  /** The machine's hardware as last read from QEMU (recorded on every point as `machine.*` labels). */
+  hardware: MachineHardware | undefined;
   error: { code: string; message: string } | undefined;
 }
 
@@ -143,6 +147,7 @@ export class Agent extends EventEmitter {
   private syncReport: SyncProgressReport | undefined;
   private failure: LifeboatError | undefined;
   private lastAppAt = 0;
+  private hardware: MachineHardware | undefined;
   private statusWrittenAt = 0;
   private readonly statePath: string;
   /** Disks whose tracking bitmap was lost while running (QEMU restarted): resync before the next cut. */
@@ -286,6 +291,7 @@ export class Agent extends EventEmitter {
       lagMs: this.lagMs,
       bytesSent: this.sentBytes,
       sync: this.syncReport,
+      hardware: this.hardware,
       error: this.failure ? { code: this.failure.code, message: this.failure.message } : undefined,
     };
   }
@@ -705,7 +711,7 @@ export class Agent extends EventEmitter {
       // Only chunks that are not already zero in the latest point need a zero frame.
       let runStart = -1;
       for (let c = from; c < to; c += chunk) {
-        const needs = (baseline.ids.get(c) ?? null) !== null || c >= baseline.size;
+        const needs = baseline.idAt(c) !== null || c >= baseline.size;
         if (needs && runStart < 0) runStart = c;
         if (!needs && runStart >= 0) {
           await this.sink.writeZeroes(d.name, runStart, c - runStart);
@@ -743,7 +749,7 @@ export class Agent extends EventEmitter {
             await zero(at, at + piece.length);
             continue;
           }
-          if (baseline && piece.length === chunk && baseline.ids.get(at) === baseline.idOf(piece)) {
+          if (baseline && piece.length === chunk && baseline.idAt(at) === baseline.idOf(piece)) {
             continue;
           }
           // The sink keeps the buffer until acknowledged: give it its own copy of the piece.
@@ -814,6 +820,9 @@ export class Agent extends EventEmitter {
       this.phase = 'continuous';
     }
     if (this.stopping) return;
+    // The hardware the points record (CPUs and memory can be hot-plugged): read every cycle,
+    // a few QMP queries; what this QEMU does not have is left out.
+    this.hardware = await readMachineHardware(this.q, this.disks);
 
     const cutId = randomUUID();
     let kind: 'crash' | 'app' = 'crash';
@@ -908,6 +917,7 @@ export class Agent extends EventEmitter {
         kind,
         time,
         ...(this.opts.consistencyGroup ? { consistencyGroup: this.opts.consistencyGroup } : {}),
+        ...(this.hardware ? { labels: hardwareLabels(this.hardware) } : {}),
       });
       sentAt = Date.now();
       await this.sink.waitForAck();

@@ -1,4 +1,5 @@
 import type { QmpClient } from '@lifeboat/qmp';
+import { isFirmwareFlash } from './machine-hardware.js';
 
 /** A dirty bitmap as QEMU reports it on a node. */
 export interface BitmapInfo {
@@ -78,6 +79,8 @@ export async function discoverDisks(
   const nodes = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
   const blocks = await qmp.execute<BlockInfo[]>('query-block');
   let roots = blocks
+    // UEFI's flash (code and variables) is firmware, which the recovery host provides itself.
+    .filter((b) => !isFirmwareFlash(b))
     .map((b) => b.inserted?.['node-name'])
     .filter((n): n is string => n !== undefined && !n.startsWith(AGENT_NODE_PREFIX));
   if (roots.length === 0) {

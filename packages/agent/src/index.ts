@@ -7,6 +7,8 @@ export { loadAgentState, saveAgentState } from './agent-state.js';
 export type { AgentState, DiskState, SyncProgress } from './agent-state.js';
 export { discoverDisks } from './disk-discovery.js';
 export type { BitmapInfo, DiscoveredDisk } from './disk-discovery.js';
+export { HARDWARE_LABELS, hardwareLabels, readMachineHardware } from './machine-hardware.js';
+export type { MachineHardware } from './machine-hardware.js';
 export type { ReplicationSink, ResyncBaseline, SinkCutOptions } from './replication-sink.js';
 export { StoreSink } from './store-sink.js';
 export type { StoreSinkCut } from './store-sink.js';

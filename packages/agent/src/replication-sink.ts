@@ -7,8 +7,8 @@ export interface ResyncBaseline {
   chunkSize: number;
   /** Size of the disk at the latest point. */
   size: number;
-  /** Chunk id at each chunk-aligned offset of the latest point; `null` (or absent) for a zero chunk. */
-  ids: ReadonlyMap<number, string | null>;
+  /** The id of the chunk at a chunk-aligned offset of the latest point; `null` for a zero chunk or past its end. */
+  idAt(offset: number): string | null;
   /** The id the store would give `data` (one whole chunk, not all zero). */
   idOf(data: Uint8Array): string;
 }
@@ -20,6 +20,8 @@ export interface SinkCutOptions {
   /** When the cut was taken, ms since the epoch. */
   time: number;
   consistencyGroup?: string;
+  /** Labels of the points (the machine's recorded hardware, `machine.*`). */
+  labels?: Record<string, string>;
 }
 
 /**

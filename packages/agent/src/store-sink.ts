@@ -68,6 +68,7 @@ export class StoreSink implements ReplicationSink {
           kind: options.kind,
           cut: options.cutId,
           ...(options.consistencyGroup ? { consistencyGroup: options.consistencyGroup } : {}),
+          ...(options.labels ? { labels: options.labels } : {}),
         }),
       );
       this.sessions.delete(disk);
@@ -103,7 +104,7 @@ export class StoreSink implements ReplicationSink {
     return {
       chunkSize: this.store.chunkSize,
       size: reader.size,
-      ids,
+      idAt: (offset) => ids.get(offset) ?? null,
       idOf: (data) => this.store.chunkIdOf(data),
     };
   }

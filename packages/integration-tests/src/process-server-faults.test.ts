@@ -1,12 +1,16 @@
-import { connect } from 'node:tls';
+import { connect, createServer } from 'node:tls';
+import type { TLSSocket } from 'node:tls';
 import { crc32 } from 'node:zlib';
 import type { ProcessServer } from '@lifeboat/process-server';
 import {
   FRAME_MAGIC,
   FrameDecoder,
+  PROTOCOL_VERSION,
   ReplicationClient,
+  encodeFrame,
   encodeFrameBuffer,
 } from '@lifeboat/protocol';
+import type { Frame } from '@lifeboat/protocol';
 import type { LifeboatError } from '@lifeboat/protocol';
 import type { Store } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -100,11 +104,11 @@ async function raw(
   return r;
 }
 
-/** A frame with a correct header and CRC around an arbitrary payload. */
+/** A frame with a correct header and CRC around an arbitrary payload (in the session's version). */
 function frameWith(type: number, seq: number, payload: Buffer, length = payload.length): Buffer {
   const h = Buffer.alloc(24);
   h.writeUInt32BE(FRAME_MAGIC, 0);
-  h.writeUInt8(1, 4);
+  h.writeUInt8(PROTOCOL_VERSION, 4);
   h.writeUInt8(type, 5);
   h.writeUInt32BE(length, 8);
   h.writeBigUInt64BE(BigInt(seq), 12);
@@ -277,6 +281,154 @@ describe('process server faults', () => {
     );
     r.socket.resume();
     expect(await r.waitFor((f) => f.type === 'ack' && f.seq === 3001)).toBeDefined();
+  });
+
+  it('closes a session whose agent stops reading for longer than stallTimeoutMs, with LB_PROTO_STALLED', async () => {
+    // A server of its own, with a short stall limit; the bystander's server is not touched.
+    const stallPs = await startTestProcessServer('lb-ps-stall-', { stallTimeoutMs: 1500 });
+    try {
+      const r = await RawSession.connect(stallPs.server.port, stallPs.pki.ca, stallPs.pki.client);
+      raws.push(r);
+      // A big, all-zero disk: its baseline is 17 bytes per 64 KiB chunk, 34 MiB for 128 GiB,
+      // more than loopback's socket buffers hold, so the server's writes back up.
+      const size = 128 * 1024 * 1024 * 1024;
+      r.send({
+        type: 'hello',
+        machine: 'm-stall',
+        disks: [{ name: 'vda', size }],
+        oldestUnackedSeq: null,
+      });
+      await r.waitFor((f) => f.type === 'welcome');
+      r.send({ type: 'cut', seq: 1, cutId: 'stall-1', kind: 'crash', time: Date.now() });
+      await r.waitFor((f) => f.type === 'committed');
+      r.socket.pause();
+      r.send({ type: 'baseline-request', disk: 0, request: 1 });
+      const t0 = Date.now();
+      await waitUntil(
+        () => stallPs.server.healthReport().ingest.sessions === 0,
+        'the stalled session to be closed',
+        60_000,
+      );
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(1500);
+      // What the agent reads when it reads again: the digests that fitted, then the code.
+      r.socket.resume();
+      await waitUntil(() => r.closed, 'the connection to close', 30_000);
+      const err = r.frames.find((f) => f.type === 'error');
+      expect(err).toMatchObject({ type: 'error', code: 'LB_PROTO_STALLED' });
+      // The server still takes sessions.
+      const again = await RawSession.connect(
+        stallPs.server.port,
+        stallPs.pki.ca,
+        stallPs.pki.client,
+      );
+      raws.push(again);
+      again.send({
+        type: 'hello',
+        machine: 'm-stall',
+        disks: [{ name: 'vda', size }],
+        oldestUnackedSeq: null,
+      });
+      expect(await again.waitFor((f) => f.type === 'welcome')).toMatchObject({ lastSeq: 1 });
+    } finally {
+      await stallPs.stop();
+    }
+  });
+
+  it('speaks protocol version 1 to an old agent, and holds the session to it', async () => {
+    const r = await raw();
+    r.send({
+      type: 'hello',
+      machine: 'm-v1',
+      disks: [{ name: 'vda', size: 64 * 1024 }],
+      oldestUnackedSeq: null,
+      version: 1,
+    });
+    expect(await r.waitFor((f) => f.type === 'welcome')).toMatchObject({ version: 1, lastSeq: 0 });
+    for (const p of encodeFrame({ type: 'zero', seq: 1, disk: 0, offset: 0, length: 512 }, 1))
+      r.socket.write(p);
+    expect(await r.waitFor((f) => f.type === 'ack')).toMatchObject({ seq: 1 });
+    // A version-2 frame in a version-1 session.
+    r.send({ type: 'baseline-request', disk: 0, request: 1 });
+    expect(await r.errorCode()).toBe('LB_PROTO_UNSUPPORTED_VERSION');
+    // A hello of a version nobody speaks yet is refused naming the newest this server speaks.
+    const future = await raw();
+    const hello = encodeFrameBuffer({
+      type: 'hello',
+      machine: 'm-v9',
+      disks: [],
+      oldestUnackedSeq: null,
+    });
+    hello[4] = 9;
+    hello.writeUInt32BE(crc32(hello.subarray(24), crc32(hello.subarray(0, 20))), 20);
+    future.sendBytes(hello);
+    const e = await future.waitFor((f) => f.type === 'error');
+    expect(e).toMatchObject({
+      code: 'LB_PROTO_UNSUPPORTED_VERSION',
+      details: { supported: PROTOCOL_VERSION },
+    });
+  });
+
+  it('the agent library falls back to version 1 against a version-1 server, and resyncs without a baseline there', async () => {
+    // A stand-in for a process server of the previous release: it refuses version 2 as that
+    // release did (an error frame in version 1 naming the version it supports), then speaks 1.
+    const hellos: number[] = [];
+    const old = createServer({
+      cert: pki.server.cert,
+      key: pki.server.key,
+      ca: pki.ca,
+      requestCert: true,
+      minVersion: 'TLSv1.3',
+    });
+    old.on('secureConnection', (s: TLSSocket) => {
+      s.on('error', () => undefined);
+      s.once('data', (chunk: Buffer) => {
+        const version = chunk[4]!;
+        hellos.push(version);
+        const reply: Frame =
+          version === 1
+            ? {
+                type: 'welcome',
+                sessionId: 'old',
+                lastSeq: 0,
+                maxPayloadBytes: 1024 * 1024,
+                resyncRequired: false,
+                latestCut: null,
+                version: 1,
+              }
+            : {
+                type: 'error',
+                code: 'LB_PROTO_UNSUPPORTED_VERSION',
+                message: 'Protocol version 2 is not supported (this side speaks 1).',
+                details: { version, supported: 1 },
+              };
+        for (const p of encodeFrame(reply, 1)) s.write(p);
+        if (version !== 1) s.end();
+      });
+    });
+    await new Promise<void>((resolve) => old.listen(0, '127.0.0.1', resolve));
+    const addr = old.address();
+    const c = new ReplicationClient({
+      host: '127.0.0.1',
+      port: typeof addr === 'object' && addr ? addr.port : 0,
+      servername: 'localhost',
+      ca: pki.ca,
+      cert: pki.client.cert,
+      key: pki.client.key,
+      machine: 'm-old-server',
+      disks: [{ name: 'vda', size: 4096 }],
+      reconnectInitialDelayMs: 20,
+    });
+    try {
+      await c.start();
+      expect(hellos).toEqual([2, 1]);
+      expect(await c.resyncBaseline('vda')).toBeUndefined();
+    } finally {
+      await c.close();
+      await new Promise<void>((resolve) => {
+        old.close(() => resolve());
+        setTimeout(resolve, 1000).unref();
+      });
+    }
   });
 
   it('left the bystander undisturbed: no disconnect, every point exact', async () => {

@@ -324,6 +324,8 @@ export interface TestProcessServer {
 export async function startTestProcessServer(
   prefix: string,
   options: Partial<ProcessServerOptions> = {},
+  /** Run store work on this many worker threads (as `lifeboat process-server start` does) instead of the ingest thread. */
+  storeWorkers?: number,
 ): Promise<TestProcessServer> {
   const dir = await mkdtemp(join(tmpdir(), prefix));
   const pki = await createTestPki(dir);
@@ -333,7 +335,14 @@ export async function startTestProcessServer(
     kdfCost: 1024,
   });
   const server = await ProcessServer.start({
-    store,
+    ...(storeWorkers === undefined
+      ? { store }
+      : {
+          storeWorkers: {
+            count: storeWorkers,
+            spec: { kind: 'directory', path: join(dir, 'store'), passphrase: 'test' },
+          },
+        }),
     journalDir: join(dir, 'ps'),
     tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
     host: '127.0.0.1',

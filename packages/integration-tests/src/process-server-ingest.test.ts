@@ -1,3 +1,5 @@
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ProcessServer } from '@lifeboat/process-server';
@@ -5,6 +7,8 @@ import type { ProcessServerHealth } from '@lifeboat/process-server';
 import { ReplicationClient } from '@lifeboat/protocol';
 import { DirectoryBackend, Store } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CRASH_PATTERN } from './crashing-worker-store.js';
+import type { CrashingStoreSpec } from './crashing-worker-store.js';
 import {
   SourceMachine,
   startTestProcessServer,
@@ -326,6 +330,126 @@ describe('process server ingest', () => {
       }
     } finally {
       await workers.stop();
+    }
+  });
+
+  it('answers a resync baseline for a large disk in many frames: digests the agent can match, zeros where the point is zero', async () => {
+    const size = 128 * 1024 * 1024 * 1024; // 2 Mi chunks: 34 MiB of entries, 35 frames
+    // Not a SourceMachine: the disk is far larger than memory; the test knows its three chunks.
+    const c = new ReplicationClient({
+      host: '127.0.0.1',
+      port: server.port,
+      servername: 'localhost',
+      ca: pki.ca,
+      cert: pki.client.cert,
+      key: pki.client.key,
+      machine: 'baseline-big',
+      disks: [{ name: 'vda', size }],
+    });
+    clients.push(c);
+    await c.start();
+    const far = 100 * 1024 * 1024 * 1024;
+    const a = randomBytes(65536);
+    const b = randomBytes(65536);
+    await c.write('vda', 65536, a);
+    await c.write('vda', far, b);
+    await c.write('vda', size - 65536, a); // the same content again: the same digest
+    await c.cut();
+    // Asked before the cut is committed: the server answers once it is.
+    const baseline = await c.resyncBaseline('vda');
+    expect(baseline).toBeDefined();
+    const bl = baseline!;
+    expect(bl.chunkSize).toBe(65536);
+    expect(bl.size).toBe(size);
+    expect(bl.idAt(0)).toBeNull();
+    expect(bl.idAt(65536)).toBe(bl.idOf(a));
+    expect(bl.idAt(far)).toBe(bl.idOf(b));
+    expect(bl.idAt(far)).not.toBe(bl.idOf(a));
+    expect(bl.idAt(far + 65536)).toBeNull();
+    expect(bl.idAt(size - 65536)).toBe(bl.idOf(a));
+    expect(bl.idAt(size)).toBeNull();
+    // A disk without a point has no baseline.
+    const fresh = client(new SourceMachine('baseline-none', [{ name: 'vda', size: 65536 }]));
+    await fresh.start();
+    expect(await fresh.resyncBaseline('vda')).toBeUndefined();
+  });
+
+  it('restarts a store worker thread that dies mid-cut, and commits every acknowledged frame from the journal', async () => {
+    const marker = join(dir, 'store-worker-crashed');
+    const spec: CrashingStoreSpec = {
+      kind: 'directory',
+      path: join(dir, 'store'),
+      passphrase: 'test',
+      crashMarker: marker,
+    };
+    const srv = await ProcessServer.start({
+      storeWorkers: {
+        count: 1,
+        module: new URL('./crashing-worker-store.ts', import.meta.url).href,
+        spec: spec as unknown as { kind: 'directory'; path: string; passphrase: string },
+      },
+      journalDir: join(dir, 'ps-worker-crash'),
+      tls: { cert: pki.server.cert, key: pki.server.key, ca: pki.ca },
+      host: '127.0.0.1',
+      port: 0,
+      healthPort: null,
+      logLevel: 'silent',
+      storeRetryInitialMs: 100,
+    });
+    const src = new SourceMachine('worker-crash', [{ name: 'vda', size: 1024 * 1024 }]);
+    const c = new ReplicationClient({
+      host: '127.0.0.1',
+      port: srv.port,
+      servername: 'localhost',
+      ca: pki.ca,
+      cert: pki.client.cert,
+      key: pki.client.key,
+      machine: src.machine,
+      disks: src.helloDisks(),
+    });
+    clients.push(c);
+    try {
+      await c.start();
+      const put = async (offset: number, data: Buffer): Promise<void> => {
+        await c.write('vda', offset, data);
+        src.write('vda', offset, data);
+      };
+      await put(0, randomBytes(64 * 1024));
+      let cut = await c.cut();
+      src.cut(cut.cutId);
+      await c.waitForCommit();
+      expect(srv.healthReport().storeWorkers).toMatchObject({ count: 1, alive: 1, restarts: 0 });
+
+      // The second cut: every frame is acknowledged (in the journal) before the worker applies
+      // them, and it dies on the second of them, with a write session open.
+      await put(256 * 1024, randomBytes(8192));
+      const poison = Buffer.alloc(4096);
+      poison.write(CRASH_PATTERN);
+      await put(512 * 1024, poison);
+      await put(768 * 1024, randomBytes(16384));
+      cut = await c.cut();
+      src.cut(cut.cutId);
+      await c.waitForAck();
+      await c.waitForCommit();
+      expect(existsSync(marker)).toBe(true);
+      const h = srv.healthReport();
+      expect(h.storeWorkers).toMatchObject({ count: 1, alive: 1, restarts: 1 });
+      expect(h.storeWorkers?.lastError).toMatch(/exit code 1/);
+      expect(h.status).toBe('ok');
+      // Both points, byte-exact; the agent never noticed (no reconnect, no resync).
+      expect(c.stats.reconnects).toBe(0);
+      const reader = await Store.open({
+        backend: new DirectoryBackend({ path: join(dir, 'store') }),
+        passphrase: 'test',
+      });
+      try {
+        expect(await verifyPoints(reader, src)).toBe(2);
+      } finally {
+        await reader.close();
+      }
+    } finally {
+      await c.close();
+      await srv.stop();
     }
   });
 });

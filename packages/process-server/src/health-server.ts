@@ -115,6 +115,18 @@ function registerGauges(registry: Registry, report: () => ProcessServerHealth): 
       g.set({ quantile: '0.99' }, h.ingest.commitLatencyMs.p99);
     },
   );
+  gauge(
+    'lifeboat_ps_store_workers_alive',
+    'Store worker threads running (fewer than configured while one is restarted)',
+    [],
+    (g, h) => g.set(h.storeWorkers?.alive ?? 0),
+  );
+  gauge(
+    'lifeboat_ps_store_worker_restarts',
+    'Store worker threads restarted since the process server started',
+    [],
+    (g, h) => g.set(h.storeWorkers?.restarts ?? 0),
+  );
   gauge('lifeboat_ps_cpu_percent', 'CPU use of the process server (100 = one core)', [], (g, h) =>
     g.set(h.process.cpuPercent),
   );

@@ -1,7 +1,19 @@
 import { randomUUID } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
-import { FrameDecoder, LifeboatError, encodeFrame } from '@lifeboat/protocol';
-import type { Frame, HelloFrame, SequencedFrame, WelcomeFrame } from '@lifeboat/protocol';
+import {
+  FrameDecoder,
+  LifeboatError,
+  MIN_PROTOCOL_VERSION,
+  PROTOCOL_VERSION,
+  encodeFrame,
+} from '@lifeboat/protocol';
+import type {
+  BaselineRequestFrame,
+  Frame,
+  HelloFrame,
+  SequencedFrame,
+  WelcomeFrame,
+} from '@lifeboat/protocol';
 import type { Logger } from 'pino';
 
 /** Why a session's socket is paused; it reads again when no reason is left. */
@@ -13,6 +25,8 @@ export interface IngestSessionHost {
   onSequenced(session: IngestSession, frame: SequencedFrame): void;
   onBytes(session: IngestSession, n: number): void;
   onClosed(session: IngestSession): void;
+  /** A resync baseline request (version 2): the host answers with {@link IngestSession.send}. */
+  onBaselineRequest(session: IngestSession, frame: BaselineRequestFrame): void;
 }
 
 /** Limits of a session. */
@@ -36,6 +50,11 @@ export class IngestSession {
   diskNames: string[] = [];
   /** Bytes appended to the journal and not yet synced. */
   unsyncedBytes = 0;
+  /**
+   * The session's protocol version: the lower of the hello's and this server's. Frames sent
+   * before the hello (errors) use the oldest version, which every agent can read.
+   */
+  version = MIN_PROTOCOL_VERSION;
   private state: 'hello' | 'welcoming' | 'streaming' | 'closed' = 'hello';
   private readonly decoder: FrameDecoder;
   private readonly pauses = new Set<PauseReason>();
@@ -138,7 +157,8 @@ export class IngestSession {
         this.pause('acks');
         return;
       }
-      for (const part of encodeFrame({ type: 'ack', seq: this.ackSeq })) this.socket.write(part);
+      for (const part of encodeFrame({ type: 'ack', seq: this.ackSeq }, this.version))
+        this.socket.write(part);
     });
   }
 
@@ -146,8 +166,30 @@ export class IngestSession {
   committed(seq: number, cutId: string, time: number): void {
     if (this.state !== 'streaming' || this.socket.destroyed || this.socket.writableNeedDrain)
       return;
-    for (const part of encodeFrame({ type: 'committed', seq, cutId, time }))
+    for (const part of encodeFrame({ type: 'committed', seq, cutId, time }, this.version))
       this.socket.write(part);
+  }
+
+  /**
+   * Sends a control frame in the session's version; resolves when the socket can take more
+   * (so a long answer, like a baseline, never piles up in memory). False when the session closed.
+   */
+  async send(frame: Frame): Promise<boolean> {
+    if (this.state !== 'streaming' || this.socket.destroyed) return false;
+    let ok = true;
+    for (const part of encodeFrame(frame, this.version)) ok = this.socket.write(part);
+    if (!ok) {
+      await new Promise<void>((resolve) => {
+        const done = (): void => {
+          this.socket.off('drain', done);
+          this.socket.off('close', done);
+          resolve();
+        };
+        this.socket.on('drain', done);
+        this.socket.on('close', done);
+      });
+    }
+    return this.state === 'streaming' && !this.socket.destroyed;
   }
 
   /** Sends an ERROR frame with the error's code, then closes the connection. */
@@ -166,12 +208,10 @@ export class IngestSession {
     clearTimeout(this.helloTimer);
     clearInterval(this.stallTimer);
     if (!this.socket.destroyed) {
-      for (const part of encodeFrame({
-        type: 'error',
-        code: e.code,
-        message: e.message,
-        details: e.details,
-      }))
+      for (const part of encodeFrame(
+        { type: 'error', code: e.code, message: e.message, details: e.details },
+        this.version,
+      ))
         this.socket.write(part);
       this.socket.end();
       // A peer that never reads would keep the socket half-open: bound the goodbye.
@@ -245,11 +285,15 @@ export class IngestSession {
         clearTimeout(this.helloTimer);
         this.state = 'welcoming';
         this.pause('hello');
+        // Both sides speak the lower of their versions from here on, and nothing else.
+        this.version = Math.min(f.version ?? MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
+        this.decoder.lockVersion(this.version);
         this.host.onHello(this, f).then(
           (welcome) => {
             if (this.state === 'closed') return;
             this.machine = f.machine;
-            for (const part of encodeFrame(welcome)) this.socket.write(part);
+            for (const part of encodeFrame({ ...welcome, version: this.version }))
+              this.socket.write(part);
             this.state = 'streaming';
             this.resume('hello');
             if (this.stash.length > 0) this.processFrames([]);
@@ -266,6 +310,18 @@ export class IngestSession {
         case 'cut':
         case 'discard':
           this.host.onSequenced(this, f);
+          break;
+        case 'baseline-request':
+          if (this.version < 2) {
+            this.reject(
+              new LifeboatError(
+                'LB_PROTO_UNEXPECTED_FRAME',
+                `A baseline request is not part of protocol version ${this.version}, which this session speaks.`,
+              ),
+            );
+            return;
+          }
+          this.host.onBaselineRequest(this, f);
           break;
         default:
           this.reject(

@@ -1,12 +1,24 @@
 import { DEFAULT_MAX_PAYLOAD_BYTES, LifeboatError } from '@lifeboat/protocol';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from 'pino';
-import type { ReplicatorStore, StoreWorkerOptions } from './store-worker-pool.js';
+import type { PointDigests } from './point-digests.js';
+import type {
+  ReplicatorStore,
+  StoreWorkerOptions,
+  StoreWorkerPoolHealth,
+} from './store-worker-pool.js';
 
 /** The store the process server commits to: a `Store`, or anything routing its calls to one. */
 export type ProcessServerStore = ReplicatorStore & {
   /** Where it is (`dir:/path`, `azure:account/container`), for the health report. */
   readonly location: string;
+  /**
+   * A machine's point as resync digests (`computePointDigests`). A `Store` needs none (the
+   * server computes them from it); without either, resyncs send every allocated range.
+   */
+  pointDigests?(machine: string, point: string, key: Uint8Array): Promise<PointDigests>;
+  /** Its store worker threads, for health (null when it runs none). */
+  workerHealth?(): StoreWorkerPoolHealth | null;
 };
 
 /** Who is on the other end of a connection to the mTLS port. */

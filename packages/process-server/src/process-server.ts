@@ -1,11 +1,23 @@
+import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { createServer as createHttpServer } from 'node:http';
 import type { Server as HttpServer } from 'node:http';
 import { join } from 'node:path';
 import { createServer } from 'node:tls';
 import type { Server, TLSSocket } from 'node:tls';
-import { LifeboatError, encodeFrameBuffer } from '@lifeboat/protocol';
-import type { HelloFrame, SequencedFrame, WelcomeFrame } from '@lifeboat/protocol';
+import {
+  BASELINE_ENTRY_BYTES,
+  LifeboatError,
+  MIN_PROTOCOL_VERSION,
+  encodeFrame,
+} from '@lifeboat/protocol';
+import type {
+  BaselineRequestFrame,
+  HelloFrame,
+  SequencedFrame,
+  WelcomeFrame,
+} from '@lifeboat/protocol';
+import type { StoreApi } from '@lifeboat/store';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
 import { HealthServer } from './health-server.js';
@@ -15,6 +27,8 @@ import type { JournalInput } from './journal.js';
 import { MachineReplicator } from './machine-replicator.js';
 import type { CommittedCut } from './machine-replicator.js';
 import { MachineStateStore } from './machine-state-store.js';
+import { computePointDigests } from './point-digests.js';
+import type { PointDigests } from './point-digests.js';
 import type { MachineState } from './machine-state-store.js';
 import { resolveProcessServerOptions } from './process-server-options.js';
 import type {
@@ -26,6 +40,7 @@ import type {
 import { RateMeter } from './rate-meter.js';
 import { Semaphore } from './semaphore.js';
 import { StoreWorkerPool } from './store-worker-pool.js';
+import type { StoreWorkerPoolHealth } from './store-worker-pool.js';
 import { TokenBucket } from './token-bucket.js';
 
 /** Bytes of all sessions waiting for the journal's fsync before sessions stop being read. */
@@ -81,6 +96,8 @@ export interface ProcessServerHealth {
     failed: string | null;
   };
   store: { location: string; reachable: boolean; lastError: string | null };
+  /** The store worker threads (null when store work runs on the ingest thread). */
+  storeWorkers: StoreWorkerPoolHealth | null;
   ingest: {
     sessions: number;
     bytesPerSecondIn: number;
@@ -106,6 +123,10 @@ interface Machine {
   session: IngestSession | undefined;
   bucket: TokenBucket;
   helloLock: Promise<unknown>;
+  /** Sequence number of the newest cut received (journaled or on its way). */
+  lastCutSeq: number;
+  /** Baseline requests waiting for every cut received before them to be committed. */
+  releaseWaiters: Array<{ seq: number; resolve: () => void }>;
   rateIn: RateMeter;
   rateOut: RateMeter;
   diskRates: Map<string, { in: RateMeter; out: RateMeter }>;
@@ -152,7 +173,16 @@ export class ProcessServer extends EventEmitter {
     this.storeLimit = new Semaphore(opts.storeConcurrency);
     this.applySlots = new Semaphore(opts.storeConcurrency);
     const w = opts.storeWorkers;
-    this.pool = w ? new StoreWorkerPool(w) : undefined;
+    this.pool = w
+      ? new StoreWorkerPool(w, (e) => {
+          if (e.kind === 'died')
+            this.logger.error(
+              { code: e.error?.code, worker: e.worker, err: e.error?.toJSON() },
+              'store worker thread died; restarting it (its machines retry from the journal)',
+            );
+          else this.logger.warn({ worker: e.worker }, 'store worker thread restarted');
+        })
+      : undefined;
     this.storeLocation =
       opts.store?.location ??
       (w?.spec.kind === 'directory'
@@ -271,9 +301,11 @@ export class ProcessServer extends EventEmitter {
     const mem = process.memoryUsage();
     const c = this.journal.counters;
     const jf = this.journal.failure;
+    const workers = this.pool?.health() ?? this.opts.store?.workerHealth?.() ?? null;
     return {
       status:
         storeErrors.length > 0 ||
+        (workers !== null && workers.alive < workers.count) ||
         machines.some((m) => m.resyncRequired) ||
         jf !== undefined ||
         this.fullSince > 0
@@ -296,6 +328,7 @@ export class ProcessServer extends EventEmitter {
         reachable: storeErrors.length === 0,
         lastError: storeErrors[0]?.lastError?.message ?? null,
       },
+      storeWorkers: workers,
       ingest: {
         sessions: this.sessions.size,
         bytesPerSecondIn: this.rateIn.rate(),
@@ -354,6 +387,8 @@ export class ProcessServer extends EventEmitter {
       session: undefined,
       bucket: new TokenBucket(this.machineLimit),
       helloLock: Promise.resolve(),
+      lastCutSeq: state.releasedSeq,
+      releaseWaiters: [],
       rateIn: new RateMeter(),
       rateOut: new RateMeter(),
       diskRates: new Map(),
@@ -370,7 +405,115 @@ export class ProcessServer extends EventEmitter {
       'cut committed',
     );
     m.session?.committed(cut.seq, cut.cutId, cut.time.getTime());
+    this.released(m);
     this.emit('committed', cut);
+  }
+
+  /** Wakes the baseline requests whose cuts are now committed (or dropped by a resync mark). */
+  private released(m: Machine): void {
+    m.releaseWaiters = m.releaseWaiters.filter((w) => {
+      if (w.seq > m.state.releasedSeq) return true;
+      w.resolve();
+      return false;
+    });
+  }
+
+  /** The resync digests of a machine's point, from whichever store the server writes to. */
+  private pointDigests(machine: string, point: string, key: Uint8Array): Promise<PointDigests> {
+    if (this.pool) return this.pool.forMachine(machine).pointDigests(point, key);
+    const st = this.opts.store;
+    if (st?.pointDigests) return st.pointDigests(machine, point, key);
+    if (st !== undefined && 'openPoint' in st && 'chunkSize' in st)
+      return computePointDigests(st as StoreApi, point, key);
+    return Promise.reject(
+      new LifeboatError(
+        'LB_PS_STORE_FAILED',
+        'This store cannot read points for a resync baseline; the agent sends every allocated range.',
+      ),
+    );
+  }
+
+  /**
+   * Answers a resync baseline request: once every cut the machine sent before it is committed,
+   * the latest point of the disk is read and each chunk digested under a fresh random key,
+   * which goes to the agent with the digests. The store's chunk-id key never leaves the server;
+   * the digests are worth nothing after this answer. On a store failure the agent is told, and
+   * sends every allocated range instead.
+   */
+  private baselineRequest(s: IngestSession, f: BaselineRequestFrame): void {
+    const m = this.machines.get(s.machine!)!;
+    const disk = s.diskNames[f.disk];
+    if (disk === undefined) {
+      s.reject(
+        new LifeboatError(
+          'LB_PROTO_UNKNOWN_DISK',
+          `A baseline request names disk index ${f.disk}, but the hello announced ${s.diskNames.length} disks.`,
+          { details: { machine: m.id, disk: f.disk } },
+        ),
+      );
+      return;
+    }
+    const run = async (): Promise<void> => {
+      const seq = m.lastCutSeq;
+      if (seq > m.state.releasedSeq)
+        await new Promise<void>((resolve) => m.releaseWaiters.push({ seq, resolve }));
+      if (s.isClosed) return;
+      const key = randomBytes(32);
+      const point = m.state.points[disk]?.id ?? null;
+      const head = {
+        type: 'baseline' as const,
+        request: f.request,
+        disk: f.disk,
+        point,
+        chunkSize: 512,
+        size: 0,
+        chunks: 0,
+        key: key.toString('hex'),
+      };
+      if (point === null) {
+        await s.send(head);
+        return;
+      }
+      let digests: PointDigests;
+      const t0 = performance.now();
+      try {
+        digests = await this.storeLimit.run(() => this.pointDigests(m.id, point, key));
+      } catch (err) {
+        const e =
+          err instanceof LifeboatError
+            ? err
+            : new LifeboatError('LB_PS_STORE_FAILED', String((err as Error)?.message ?? err));
+        this.logger.warn(
+          { machine: m.id, disk, point, err: e.toJSON() },
+          'resync baseline failed; the agent sends every allocated range',
+        );
+        await s.send({ ...head, error: { code: e.code, message: e.message.slice(0, 4000) } });
+        return;
+      }
+      const chunks = digests.entries.length / BASELINE_ENTRY_BYTES;
+      if (!(await s.send({ ...head, chunkSize: digests.chunkSize, size: digests.size, chunks })))
+        return;
+      const entries = Buffer.from(
+        digests.entries.buffer,
+        digests.entries.byteOffset,
+        digests.entries.byteLength,
+      );
+      const per = Math.floor((1024 * 1024) / BASELINE_ENTRY_BYTES);
+      for (let first = 0; first < chunks; first += per) {
+        const n = Math.min(per, chunks - first);
+        const part = entries.subarray(
+          first * BASELINE_ENTRY_BYTES,
+          (first + n) * BASELINE_ENTRY_BYTES,
+        );
+        if (!(await s.send({ type: 'baseline-digests', request: f.request, first, entries: part })))
+          return;
+      }
+      this.logger.info(
+        { machine: m.id, disk, point, chunks, ms: Math.round(performance.now() - t0) },
+        'resync baseline sent',
+      );
+    };
+    run().catch((err: unknown) => s.reject(err));
   }
 
   private async replay(
@@ -406,6 +549,7 @@ export class ProcessServer extends EventEmitter {
       }
       m.receivedSeq = m.durableSeq = r.seq;
       if (r.kind === 'resize') m.sizes.set(r.disk, r.a);
+      if (r.kind === 'cut') m.lastCutSeq = r.seq;
       m.replicator.push(r);
       replayed++;
     }
@@ -549,6 +693,7 @@ export class ProcessServer extends EventEmitter {
     m.state.resync = { since: Date.now(), reason, atSeq: m.receivedSeq };
     await this.stateStore.save(m.state);
     await this.journal.release(m.id, m.receivedSeq);
+    this.released(m);
     this.logger.error(
       { code: 'LB_PS_RESYNC_REQUIRED', machine: m.id, reason, droppedBytes: dropped },
       'machine marked for resync',
@@ -577,13 +722,14 @@ export class ProcessServer extends EventEmitter {
         },
       );
       socket.on('error', () => undefined);
+      // The oldest version: any agent can read why it was turned away.
       socket.end(
-        encodeFrameBuffer({
-          type: 'error',
-          code: err.code,
-          message: err.message,
-          details: err.details,
-        }),
+        Buffer.concat(
+          encodeFrame(
+            { type: 'error', code: err.code, message: err.message, details: err.details },
+            MIN_PROTOCOL_VERSION,
+          ),
+        ),
       );
       setTimeout(() => socket.destroy(), 2000).unref();
       return;
@@ -595,6 +741,7 @@ export class ProcessServer extends EventEmitter {
         onSequenced: (s, f) => this.sequenced(s, f),
         onBytes: (s, n) => this.bytes(s, n),
         onClosed: (s) => this.closed(s),
+        onBaselineRequest: (s, f) => this.baselineRequest(s, f),
       },
       {
         maxPayloadBytes: this.opts.maxPayloadBytes,
@@ -746,6 +893,7 @@ export class ProcessServer extends EventEmitter {
     }
     let input: JournalInput;
     if (f.type === 'cut') {
+      m.lastCutSeq = f.seq;
       const meta: Record<string, unknown> = { cutId: f.cutId, kind: f.kind, time: f.time };
       if (f.consistencyGroup !== undefined) meta.consistencyGroup = f.consistencyGroup;
       if (f.labels !== undefined) meta.labels = f.labels;

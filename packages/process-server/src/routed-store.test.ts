@@ -1,3 +1,4 @@
+import { createHmac, randomBytes } from 'node:crypto';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -72,6 +73,34 @@ describe('RoutedStore', () => {
       });
       expect((await s.listPoints()).map((p) => p.machine)).toEqual([machine]);
       await s.close();
+    }
+  });
+
+  it("computes a resync baseline from the machine's own store, on its worker thread", async () => {
+    const logger = pino({ level: 'silent' });
+    const routed = new RoutedStore({ stateDir: join(tmp.path, 'state-w'), workers: 1, logger });
+    await routed.load();
+    expect(routed.workerHealth()).toBeNull();
+    await routed.update(
+      [spec('a'), spec('b')],
+      [{ storeMachine: 'vm3', targetStoreId: 'b', desired: 'replicate' }],
+    );
+    try {
+      const data = randomBytes(65536);
+      const w = await routed.beginWrite({ machine: 'vm3', disk: 'd', size: 2 * 65536 });
+      // The worker pool transfers whole buffers to its thread: write a copy, keep the original.
+      await w.write(65536, Buffer.from(data));
+      const point = await w.commit({ cut: 'cut-vm3' });
+      const key = randomBytes(32);
+      const d = await routed.pointDigests('vm3', point.id, key);
+      const entries = Buffer.from(d.entries);
+      expect(entries.subarray(0, 17).equals(Buffer.alloc(17))).toBe(true);
+      expect(entries[17]).toBe(1);
+      const want = createHmac('sha256', key).update(data).digest().subarray(0, 16);
+      expect(entries.subarray(18, 34).equals(want)).toBe(true);
+      expect(routed.workerHealth()).toMatchObject({ count: 2, alive: 2, restarts: 0 });
+    } finally {
+      await routed.close();
     }
   });
 });

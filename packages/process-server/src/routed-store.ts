@@ -9,9 +9,11 @@ import type {
   WriteSessionOptions,
 } from '@lifeboat/store';
 import type { Logger } from 'pino';
+import { computePointDigests } from './point-digests.js';
+import type { PointDigests } from './point-digests.js';
 import type { ProcessServerStore } from './process-server-options.js';
 import { StoreWorkerPool } from './store-worker-pool.js';
-import type { ReplicatorStore } from './store-worker-pool.js';
+import type { MachineStore, StoreWorkerPoolHealth } from './store-worker-pool.js';
 import type { AssignedStore } from './vault-link.js';
 import { openWorkerStore } from './worker-store-opener.js';
 import type { WorkerStoreSpec } from './worker-store-opener.js';
@@ -28,8 +30,9 @@ export interface RoutedStoreOptions {
 interface Opened {
   spec: WorkerStoreSpec;
   location: string;
-  store: ReplicatorStore | ((machine: string) => ReplicatorStore);
+  store: StoreApi | ((machine: string) => MachineStore);
   close: () => Promise<void>;
+  pool?: StoreWorkerPool;
 }
 
 interface Persisted {
@@ -143,13 +146,43 @@ export class RoutedStore implements ProcessServerStore {
     return this.forMachine(filter.machine).listPoints(filter);
   }
 
+  /** The resync digests of a machine's point, from the machine's store (on its worker thread). */
+  async pointDigests(machine: string, point: string, key: Uint8Array): Promise<PointDigests> {
+    const open = this.openFor(machine);
+    return typeof open.store === 'function'
+      ? open.store(machine).pointDigests(point, key)
+      : computePointDigests(open.store, point, key);
+  }
+
+  /** The worker threads of all its stores together (null when it runs none). */
+  workerHealth(): StoreWorkerPoolHealth | null {
+    const all = [...this.opened.values()].flatMap((o) => (o.pool ? [o.pool.health()] : []));
+    if (all.length === 0) return null;
+    const last = all
+      .filter((h) => h.lastErrorAt !== null)
+      .sort((a, b) => (a.lastErrorAt ?? '').localeCompare(b.lastErrorAt ?? ''))
+      .pop();
+    return {
+      count: all.reduce((n, h) => n + h.count, 0),
+      alive: all.reduce((n, h) => n + h.alive, 0),
+      restarts: all.reduce((n, h) => n + h.restarts, 0),
+      lastError: last?.lastError ?? null,
+      lastErrorAt: last?.lastErrorAt ?? null,
+    };
+  }
+
   /** Closes every store it opened. */
   async close(): Promise<void> {
     for (const o of this.opened.values()) await o.close().catch(() => undefined);
     this.opened.clear();
   }
 
-  private forMachine(machine: string): ReplicatorStore {
+  private forMachine(machine: string): MachineStore | StoreApi {
+    const open = this.openFor(machine);
+    return typeof open.store === 'function' ? open.store(machine) : open.store;
+  }
+
+  private openFor(machine: string): Opened {
     const id = this.state.machines[machine];
     const open = id === undefined ? undefined : this.opened.get(id);
     if (open === undefined) {
@@ -161,7 +194,7 @@ export class RoutedStore implements ProcessServerStore {
         { details: { machine, targetStoreId: id } },
       );
     }
-    return typeof open.store === 'function' ? open.store(machine) : open.store;
+    return open;
   }
 
   private async open(id: string, spec: WorkerStoreSpec): Promise<void> {
@@ -174,6 +207,7 @@ export class RoutedStore implements ProcessServerStore {
           location: locationOf(spec),
           store: (machine) => pool.forMachine(machine),
           close: () => pool.close(),
+          pool,
         });
       } else {
         const store: StoreApi = await openWorkerStore(spec);

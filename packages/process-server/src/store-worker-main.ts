@@ -1,5 +1,6 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import type { StoreApi, WriteSession } from '@lifeboat/store';
+import { computePointDigests } from './point-digests.js';
 import { serializeError } from './store-worker-protocol.js';
 import type { StoreWorkerRequest, StoreWorkerResponse } from './store-worker-protocol.js';
 
@@ -55,6 +56,8 @@ async function handle(req: StoreWorkerRequest): Promise<unknown> {
     }
     case 'listPoints':
       return store.listPoints(req.filter);
+    case 'pointDigests':
+      return computePointDigests(store, req.point, req.key);
     case 'close':
       for (const s of sessions.values()) await s.abort().catch(() => undefined);
       sessions.clear();

@@ -8,6 +8,7 @@ import type {
   WriteSession,
   WriteSessionOptions,
 } from '@lifeboat/store';
+import type { PointDigests } from './point-digests.js';
 import type { StoreWorkerRequest, StoreWorkerResponse } from './store-worker-protocol.js';
 import type { WorkerStoreSpec } from './worker-store-opener.js';
 
@@ -27,6 +28,12 @@ export interface ReplicatorStore {
   listPoints(filter?: PointFilter): Promise<PointInfo[]>;
 }
 
+/** A machine's store as served by its worker: the replicator's part and resync baselines. */
+export interface MachineStore extends ReplicatorStore {
+  /** A point's per-chunk digests under `key` (see `computePointDigests`). */
+  pointDigests(point: string, key: Uint8Array): Promise<PointDigests>;
+}
+
 interface Pending {
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
@@ -37,7 +44,11 @@ class WorkerHandle {
   private nextId = 1;
   private dead: LifeboatError | undefined;
 
-  constructor(readonly worker: Worker) {
+  constructor(
+    readonly worker: Worker,
+    /** Called once when the thread is gone (error or exit), with the error its calls got. */
+    onDead: (err: LifeboatError) => void,
+  ) {
     worker.on('message', (m: StoreWorkerResponse) => {
       const p = this.pending.get(m.id);
       if (!p) return;
@@ -46,16 +57,23 @@ class WorkerHandle {
       else p.reject(new LifeboatError(m.error.code, m.error.message, { details: m.error.details }));
     });
     const fail = (err: unknown): void => {
+      if (this.dead) return;
       this.dead = new LifeboatError(
-        'LB_PS_STORE_FAILED',
-        `A store worker thread stopped (${(err as Error)?.message ?? String(err)}); restart the process server.`,
+        'LB_PS_STORE_WORKER_DIED',
+        `A store worker thread stopped (${(err as Error)?.message ?? String(err)}); it is restarted, and its machines' uncommitted records are applied again from the journal.`,
         { cause: err },
       );
       for (const p of this.pending.values()) p.reject(this.dead);
       this.pending.clear();
+      onDead(this.dead);
     };
     worker.on('error', fail);
     worker.on('exit', (code) => fail(new Error(`exit code ${code}`)));
+  }
+
+  /** True once the thread is gone. */
+  get isDead(): boolean {
+    return this.dead !== undefined;
   }
 
   call(req: Omit<StoreWorkerRequest, 'id'>, transfer: ArrayBuffer[] = []): Promise<unknown> {
@@ -68,16 +86,53 @@ class WorkerHandle {
   }
 }
 
+/** Health of the store worker threads. */
+export interface StoreWorkerPoolHealth {
+  count: number;
+  /** Threads running now. */
+  alive: number;
+  /** Threads restarted since the server started. */
+  restarts: number;
+  /** Why the last thread died, until the server stops. */
+  lastError: string | null;
+  lastErrorAt: string | null;
+}
+
+/** A worker thread died (with the error its calls got), or was started again. */
+export interface StoreWorkerEvent {
+  kind: 'died' | 'restarted';
+  /** Index of the thread's slot. */
+  worker: number;
+  error?: LifeboatError;
+}
+
+/** First delay before a dead worker thread is started again; doubles per quick death. */
+const RESTART_INITIAL_MS = 200;
+const RESTART_MAX_MS = 30_000;
+/** A thread that ran this long before dying is restarted at the first delay again. */
+const RESTART_STABLE_MS = 60_000;
+
 /**
  * Store work on worker threads: each machine is assigned to one worker (by a hash of its id,
  * so its points stay in order), which owns its own Store instance. The ingest thread only
  * reads the journal and posts bytes; chunk hashing, compression and encryption run in the
- * workers, in parallel with TLS, framing and the journal.
+ * workers, in parallel with TLS, framing and the journal. A thread that dies is started again
+ * (with backoff when it keeps dying); its machines' calls fail meanwhile, and their replicators
+ * apply the uncommitted records again from the journal, as after any store error.
  */
 export class StoreWorkerPool {
-  private readonly workers: WorkerHandle[];
+  private readonly slots: Array<{
+    handle: WorkerHandle | undefined;
+    startedAt: number;
+    delayMs: number;
+    timer: NodeJS.Timeout | undefined;
+  }>;
+  private closing = false;
+  private restarts = 0;
+  private lastError: { message: string; at: Date } | undefined;
+  private readonly onEvent: ((e: StoreWorkerEvent) => void) | undefined;
 
-  constructor(options: StoreWorkerOptions) {
+  constructor(options: StoreWorkerOptions, onEvent?: (e: StoreWorkerEvent) => void) {
     const count = options.count ?? 2;
     if (!Number.isInteger(count) || count < 1 || count > 64) {
       throw new LifeboatError(
@@ -85,27 +140,80 @@ export class StoreWorkerPool {
         'Invalid process server option: storeWorkers.count must be 1-64.',
       );
     }
+    this.onEvent = onEvent;
     const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
     const entry = new URL(`./store-worker-main${ext}`, import.meta.url);
     const module = options.module ?? new URL(`./worker-store-opener${ext}`, import.meta.url).href;
     const workerData = { module, options: options.spec };
-    this.workers = Array.from({ length: count }, () => {
-      if (ext === '.js') return new WorkerHandle(new Worker(entry, { workerData }));
+    const spawnWorker = (): Worker => {
+      if (ext === '.js') return new Worker(entry, { workerData });
       // Running from TypeScript sources (tests, tsx): loader hooks do not reach worker threads
       // in Node 20, so the worker registers tsx itself before importing its entry.
       const boot = `import('tsx/esm/api').then((api) => { api.register(); return import(${JSON.stringify(entry.href)}); })`;
-      return new WorkerHandle(new Worker(boot, { eval: true, workerData }));
+      return new Worker(boot, { eval: true, workerData });
+    };
+    this.slots = Array.from({ length: count }, () => ({
+      handle: undefined,
+      startedAt: 0,
+      delayMs: RESTART_INITIAL_MS,
+      timer: undefined,
+    }));
+    for (let i = 0; i < count; i++) this.launch(i, spawnWorker);
+  }
+
+  private launch(i: number, spawnWorker: () => Worker): void {
+    const slot = this.slots[i]!;
+    slot.startedAt = performance.now();
+    slot.handle = new WorkerHandle(spawnWorker(), (err) => {
+      if (this.closing) return;
+      this.lastError = { message: err.message, at: new Date() };
+      this.onEvent?.({ kind: 'died', worker: i, error: err });
+      // A thread that keeps dying at once is restarted ever more slowly.
+      slot.delayMs =
+        performance.now() - slot.startedAt > RESTART_STABLE_MS
+          ? RESTART_INITIAL_MS
+          : Math.min(RESTART_MAX_MS, slot.delayMs * 2);
+      const delay = slot.delayMs;
+      slot.timer = setTimeout(() => {
+        slot.timer = undefined;
+        if (this.closing) return;
+        this.restarts++;
+        this.launch(i, spawnWorker);
+        this.onEvent?.({ kind: 'restarted', worker: i });
+      }, delay);
+      slot.timer.unref();
     });
   }
 
-  /** The store API for one machine, served by that machine's worker. */
-  forMachine(machine: string): ReplicatorStore {
-    const h =
-      this.workers[
-        createHash('sha1').update(machine).digest().readUInt32BE(0) % this.workers.length
-      ]!;
+  /** Threads, restarts and the last death, for health. */
+  health(): StoreWorkerPoolHealth {
+    return {
+      count: this.slots.length,
+      alive: this.slots.filter((s) => s.handle !== undefined && !s.handle.isDead).length,
+      restarts: this.restarts,
+      lastError: this.lastError?.message ?? null,
+      lastErrorAt: this.lastError?.at.toISOString() ?? null,
+    };
+  }
+
+  /** The store API for one machine, served by that machine's worker (whichever thread runs it now). */
+  forMachine(machine: string): MachineStore {
+    const i = createHash('sha1').update(machine).digest().readUInt32BE(0) % this.slots.length;
+    const current = (): WorkerHandle => {
+      const h = this.slots[i]!.handle;
+      if (!h || h.isDead)
+        throw new LifeboatError(
+          'LB_PS_STORE_WORKER_DIED',
+          `The store worker thread of machine ${machine} is being restarted; the store work is retried.`,
+          { details: { machine, worker: i } },
+        );
+      return h;
+    };
+    const call = async (req: Omit<StoreWorkerRequest, 'id'>): Promise<unknown> =>
+      current().call(req);
     return {
       beginWrite: async (o) => {
+        const h = current();
         const { session, size } = (await h.call({
           op: 'beginWrite',
           args:
@@ -113,20 +221,30 @@ export class StoreWorkerPool {
               ? { machine: o.machine, disk: o.disk, size: o.size }
               : { machine: o.machine, disk: o.disk, size: o.size, base: o.base },
         } as Omit<StoreWorkerRequest, 'id'>)) as { session: number; size: number };
+        // The session lives in the thread that began it: it dies with that thread.
         return new WorkerWriteSession(h, session, o.machine, o.disk, size);
       },
       listPoints: async (filter) =>
-        (await h.call({ op: 'listPoints', filter: { ...filter } } as Omit<
+        (await call({ op: 'listPoints', filter: { ...filter } } as Omit<
           StoreWorkerRequest,
           'id'
         >)) as PointInfo[],
+      pointDigests: async (point, key) =>
+        (await call({ op: 'pointDigests', point, key } as Omit<
+          StoreWorkerRequest,
+          'id'
+        >)) as PointDigests,
     };
   }
 
   /** Closes every worker's store and ends the threads. */
   async close(): Promise<void> {
+    this.closing = true;
     await Promise.all(
-      this.workers.map(async (h) => {
+      this.slots.map(async (slot) => {
+        clearTimeout(slot.timer);
+        const h = slot.handle;
+        if (!h) return;
         await h.call({ op: 'close' } as Omit<StoreWorkerRequest, 'id'>).catch(() => undefined);
         await h.worker.terminate();
       }),

@@ -1,12 +1,56 @@
+import { crc32 } from 'node:zlib';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { FrameDecoder, encodeFrameBuffer, FRAME_HEADER_BYTES } from './frame-codec.js';
-import type { Frame } from './frame-codec.js';
+import {
+  BASELINE_ENTRY_BYTES,
+  FrameDecoder,
+  encodeFrame,
+  encodeFrameBuffer,
+  FRAME_HEADER_BYTES,
+  PROTOCOL_VERSION,
+} from './frame-codec.js';
+import type { BaselineFrame, Frame } from './frame-codec.js';
 import { LifeboatError } from './lifeboat-error.js';
 
 const name = fc.stringMatching(/^[A-Za-z0-9._:@-]{1,20}$/);
 const u = fc.integer({ min: 0, max: 2 ** 40 });
 const seq = fc.integer({ min: 1, max: Number.MAX_SAFE_INTEGER });
+const version = fc.constantFrom(1, 2);
+const u32 = fc.integer({ min: 0, max: 0xffffffff });
+
+/** A baseline head whose chunk count agrees with its point, size and error. */
+const baselineArb: fc.Arbitrary<BaselineFrame> = fc
+  .record(
+    {
+      request: u32,
+      disk: fc.integer({ min: 0, max: 65535 }),
+      point: fc.option(name, { nil: null }),
+      chunkSize: fc.integer({ min: 1, max: 128 }).map((n) => n * 512),
+      size: fc.integer({ min: 0, max: 2 ** 24 }).map((n) => n * 512),
+      key: fc
+        .uint8Array({ minLength: 32, maxLength: 32 })
+        .map((a) => Buffer.from(a).toString('hex')),
+      error: fc.record({ code: fc.constant('LB_STORE_X'), message: fc.string({ maxLength: 30 }) }),
+    },
+    { requiredKeys: ['request', 'disk', 'point', 'chunkSize', 'size', 'key'] },
+  )
+  .map((b) => ({
+    type: 'baseline' as const,
+    ...b,
+    chunks: b.point === null || b.error !== undefined ? 0 : Math.ceil(b.size / b.chunkSize),
+  }));
+
+/** Baseline entries: kind 0 with a zero digest, or kind 1 with any digest. */
+const entriesArb = fc
+  .array(fc.option(fc.uint8Array({ minLength: 16, maxLength: 16 }), { nil: null }), {
+    minLength: 1,
+    maxLength: 20,
+  })
+  .map((list) =>
+    Buffer.concat(
+      list.map((d) => (d === null ? Buffer.alloc(17) : Buffer.concat([Buffer.of(1), d]))),
+    ),
+  );
 
 const frameArb: fc.Arbitrary<Frame> = fc.oneof(
   fc.record({
@@ -17,6 +61,7 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
       maxLength: 4,
     }),
     oldestUnackedSeq: fc.option(seq, { nil: null }),
+    version,
   }),
   fc.record({
     type: fc.constant('welcome' as const),
@@ -25,6 +70,7 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
     maxPayloadBytes: fc.integer({ min: 5000, max: 2 ** 30 }),
     resyncRequired: fc.boolean(),
     latestCut: fc.option(fc.record({ seq: u, cutId: name, time: u }), { nil: null }),
+    version,
   }),
   fc.record({ type: fc.constant('committed' as const), seq: u, cutId: name, time: u }),
   fc.record({
@@ -73,6 +119,18 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
     code: fc.constantFrom('LB_PROTO_MALFORMED', 'LB_X_Y'),
     message: fc.string({ maxLength: 50 }),
     details: fc.dictionary(name, fc.integer()),
+  }),
+  fc.record({
+    type: fc.constant('baseline-request' as const),
+    disk: fc.integer({ min: 0, max: 65535 }),
+    request: u32,
+  }),
+  baselineArb,
+  fc.record({
+    type: fc.constant('baseline-digests' as const),
+    request: u32,
+    first: u,
+    entries: entriesArb,
   }),
 );
 
@@ -172,8 +230,88 @@ describe('frame codec', () => {
     const wrongMagic = Buffer.from(bytes);
     wrongMagic.write('GET ', 0, 'latin1');
     expect(decodeAll(wrongMagic, [])).toMatchObject({ code: 'LB_PROTO_BAD_MAGIC' });
-    const wrongVersion = Buffer.from(bytes);
-    wrongVersion[4] = 2;
-    expect(decodeAll(wrongVersion, [])).toMatchObject({ code: 'LB_PROTO_UNSUPPORTED_VERSION' });
+    for (const v of [0, PROTOCOL_VERSION + 1, 255]) {
+      const wrongVersion = Buffer.from(bytes);
+      wrongVersion[4] = v;
+      expect(decodeAll(wrongVersion, [])).toMatchObject({
+        code: 'LB_PROTO_UNSUPPORTED_VERSION',
+        details: { version: v, supported: PROTOCOL_VERSION, minSupported: 1 },
+      });
+    }
+  });
+
+  it('speaks version 1 and 2: version-2 frame types do not exist in a version-1 frame, on either side', () => {
+    const request: Frame = { type: 'baseline-request', disk: 0, request: 7 };
+    expect(() => encodeFrame(request, 1)).toThrow(
+      expect.objectContaining({ code: 'LB_PROTO_MALFORMED' }),
+    );
+    // Forge a version-1 header on a version-2 type, with a valid CRC: the decoder refuses it.
+    const v2 = encodeFrameBuffer(request);
+    const forged = Buffer.from(v2);
+    forged[4] = 1;
+    forged.writeUInt32BE(
+      crc32(forged.subarray(FRAME_HEADER_BYTES), crc32(forged.subarray(0, 20))),
+      20,
+    );
+    expect(decodeAll(forged, [])).toMatchObject({ code: 'LB_PROTO_MALFORMED' });
+    // The same frame in version 2 decodes; a version-1 ack decodes too.
+    expect(decodeAll(v2, [])).toEqual([request]);
+    expect(decodeAll(encodeFrameBuffer({ type: 'ack', seq: 4 }), [])).toEqual([
+      { type: 'ack', seq: 4 },
+    ]);
+    expect(decodeAll(Buffer.concat(encodeFrame({ type: 'ack', seq: 4 }, 1)), [])).toEqual([
+      { type: 'ack', seq: 4 },
+    ]);
+  });
+
+  it('holds a session to the version it agreed: a frame of another version is refused', () => {
+    const d = new FrameDecoder();
+    d.lockVersion(2);
+    expect(d.push(Buffer.concat(encodeFrame({ type: 'ack', seq: 1 }, 2)))).toHaveLength(1);
+    expect(() => d.push(Buffer.concat(encodeFrame({ type: 'ack', seq: 2 }, 1)))).toThrow(
+      expect.objectContaining({ code: 'LB_PROTO_UNSUPPORTED_VERSION' }),
+    );
+  });
+
+  it('rejects inconsistent baseline frames', () => {
+    const head: Frame = {
+      type: 'baseline',
+      request: 1,
+      disk: 0,
+      point: 'p1',
+      chunkSize: 65536,
+      size: 65536 * 3,
+      chunks: 3,
+      key: 'ab'.repeat(32),
+    };
+    expect(decodeAll(encodeFrameBuffer(head), [])).toEqual([head]);
+    const bad: Array<[string, Frame]> = [
+      ['chunk count', { ...head, chunks: 2 }],
+      ['chunks without a point', { ...head, point: null }],
+      ['chunks with an error', { ...head, error: { code: 'LB_X', message: 'no' } }],
+      ['short key', { ...head, key: 'ab' }],
+      ['chunk size', { ...head, chunkSize: 1000, chunks: 197 }],
+    ];
+    for (const [what, f] of bad)
+      expect(decodeAll(encodeFrameBuffer(f), []), what).toMatchObject({
+        code: 'LB_PROTO_MALFORMED',
+      });
+    const entries = Buffer.alloc(2 * BASELINE_ENTRY_BYTES);
+    entries[BASELINE_ENTRY_BYTES] = 1;
+    const ok: Frame = { type: 'baseline-digests', request: 1, first: 0, entries };
+    expect(decodeAll(encodeFrameBuffer(ok), [])).toEqual([ok]);
+    const kind2 = Buffer.from(entries);
+    kind2[0] = 2;
+    const zeroWithDigest = Buffer.from(entries);
+    zeroWithDigest[5] = 1;
+    for (const [what, e] of [
+      ['kind 2', kind2],
+      ['a zero entry with a digest', zeroWithDigest],
+      ['a partial entry', entries.subarray(0, 20)],
+      ['no entry', Buffer.alloc(0)],
+    ] as const)
+      expect(decodeAll(encodeFrameBuffer({ ...ok, entries: e }), []), what).toMatchObject({
+        code: 'LB_PROTO_MALFORMED',
+      });
   });
 });

@@ -3,8 +3,16 @@ import { LifeboatError } from './lifeboat-error.js';
 
 /** First four bytes of every frame: ASCII `LBRP`. */
 export const FRAME_MAGIC = 0x4c425250;
-/** The wire format version this code speaks. */
-export const PROTOCOL_VERSION = 1;
+/** The newest wire format version this code speaks (what it proposes in a hello). */
+export const PROTOCOL_VERSION = 2;
+/** The oldest wire format version this code still speaks. */
+export const MIN_PROTOCOL_VERSION = 1;
+/** Bytes of one entry of a BASELINE_DIGESTS frame: kind (0 zero, 1 data) and a 16-byte digest. */
+export const BASELINE_ENTRY_BYTES = 17;
+/** Bytes of a resync baseline digest (HMAC-SHA-256 truncated). */
+export const BASELINE_DIGEST_BYTES = 16;
+/** Bytes before the entries in a BASELINE_DIGESTS frame's payload (request, reserved, first chunk). */
+export const BASELINE_DIGESTS_PREFIX_BYTES = 16;
 /** Bytes of the fixed frame header. */
 export const FRAME_HEADER_BYTES = 24;
 /** Bytes before the data in a DATA frame's payload (disk, reserved, offset). */
@@ -27,7 +35,17 @@ export const FrameType = {
   error: 9,
   committed: 10,
   discard: 11,
+  baselineRequest: 12,
+  baseline: 13,
+  baselineDigests: 14,
 } as const;
+
+/** The oldest protocol version that has each frame type (types not listed are in version 1). */
+const TYPE_SINCE: Readonly<Record<number, number>> = {
+  [FrameType.baselineRequest]: 2,
+  [FrameType.baseline]: 2,
+  [FrameType.baselineDigests]: 2,
+};
 
 /** One disk of a machine as announced in a hello. */
 export interface HelloDisk {
@@ -48,6 +66,8 @@ export interface HelloFrame {
   oldestUnackedSeq: number | null;
   /** Free-form identification of the agent, for logs. */
   agent?: string;
+  /** Protocol version of the frame header: the newest version the agent speaks. @default PROTOCOL_VERSION */
+  version?: number;
 }
 
 /** Server → client, answer to hello. */
@@ -63,6 +83,8 @@ export interface WelcomeFrame {
   resyncRequired: boolean;
   /** The machine's newest committed cut (its points exist in the store), or null. */
   latestCut: CommittedCutInfo | null;
+  /** Protocol version of the frame header: the session's version (the lower of both sides'). @default PROTOCOL_VERSION */
+  version?: number;
 }
 
 /** A cut whose points are committed. */
@@ -87,6 +109,51 @@ export interface DiscardFrame {
   type: 'discard';
   seq: number;
   disk: number;
+}
+
+/**
+ * Agent → server (version 2): asks for the resync baseline of a disk, the latest committed
+ * point's per-chunk digests under a key of this request. The server answers once every cut
+ * it received before this frame is committed.
+ */
+export interface BaselineRequestFrame {
+  type: 'baseline-request';
+  /** Disk index in the session's hello. */
+  disk: number;
+  /** Chosen by the agent; the answer carries it. */
+  request: number;
+}
+
+/**
+ * Server → agent (version 2): the head of a baseline answer. `chunks` entries follow in
+ * BASELINE_DIGESTS frames, in chunk order; none when there is no point (or on `error`).
+ */
+export interface BaselineFrame {
+  type: 'baseline';
+  request: number;
+  disk: number;
+  /** Id of the point the digests describe, or null when the disk has no point yet. */
+  point: string | null;
+  /** Store chunk size: digests are per aligned chunk of this size. */
+  chunkSize: number;
+  /** The point's logical size. */
+  size: number;
+  /** Entries that follow: ceil(size / chunkSize), or 0. */
+  chunks: number;
+  /** The 32-byte HMAC-SHA-256 key of this answer's digests (hex), random per request. */
+  key: string;
+  /** Why no digests could be computed (the agent then sends every allocated range). */
+  error?: { code: string; message: string };
+}
+
+/** Server → agent (version 2): digests of consecutive chunks of a baseline, from chunk `first`. */
+export interface BaselineDigestsFrame {
+  type: 'baseline-digests';
+  request: number;
+  /** Index of the first chunk described. */
+  first: number;
+  /** `BASELINE_ENTRY_BYTES` per chunk: kind (0 zero chunk, 1 data), then the digest (zeros for kind 0). */
+  entries: Buffer;
 }
 
 /** Changed bytes of one disk. */
@@ -150,7 +217,15 @@ export type SequencedFrame = DataFrame | RangeFrame | ResizeFrame | CutFrame | D
 
 /** Every frame of the replication protocol. */
 export type Frame =
-  HelloFrame | WelcomeFrame | SequencedFrame | AckFrame | ErrorFrame | CommittedFrame;
+  | HelloFrame
+  | WelcomeFrame
+  | SequencedFrame
+  | AckFrame
+  | ErrorFrame
+  | CommittedFrame
+  | BaselineRequestFrame
+  | BaselineFrame
+  | BaselineDigestsFrame;
 
 const NAME_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
 const CODE_RE = /^LB_[A-Z0-9_]{1,60}$/;
@@ -220,12 +295,16 @@ function jsonPayload(v: unknown): Buffer {
 
 /**
  * Encodes a frame as a list of buffers (header first) so large DATA frames are never copied;
- * write them in order (or `Buffer.concat` them).
+ * write them in order (or `Buffer.concat` them). `version` is the session's protocol version
+ * (a hello or welcome carries its own `version` instead); a frame type newer than it is a bug
+ * of the sender and throws.
  */
-export function encodeFrame(frame: Frame): Buffer[] {
+export function encodeFrame(frame: Frame, version: number = PROTOCOL_VERSION): Buffer[] {
   let type: number;
   let seq = 0;
   let payload: Buffer[];
+  if ((frame.type === 'hello' || frame.type === 'welcome') && frame.version !== undefined)
+    version = frame.version;
   switch (frame.type) {
     case 'hello': {
       type = FrameType.hello;
@@ -301,7 +380,48 @@ export function encodeFrame(frame: Frame): Buffer[] {
       type = FrameType.error;
       payload = [jsonPayload({ code: frame.code, message: frame.message, details: frame.details })];
       break;
+    case 'baseline-request': {
+      type = FrameType.baselineRequest;
+      const p = Buffer.alloc(8);
+      p.writeUInt16BE(frame.disk, 0);
+      p.writeUInt32BE(frame.request, 4);
+      payload = [p];
+      break;
+    }
+    case 'baseline': {
+      type = FrameType.baseline;
+      const body: Record<string, unknown> = {
+        request: frame.request,
+        disk: frame.disk,
+        point: frame.point,
+        chunkSize: frame.chunkSize,
+        size: frame.size,
+        chunks: frame.chunks,
+        key: frame.key,
+      };
+      if (frame.error !== undefined) body.error = frame.error;
+      payload = [jsonPayload(body)];
+      break;
+    }
+    case 'baseline-digests': {
+      type = FrameType.baselineDigests;
+      const p = Buffer.alloc(BASELINE_DIGESTS_PREFIX_BYTES);
+      p.writeUInt32BE(frame.request, 0);
+      p.writeBigUInt64BE(BigInt(frame.first), 8);
+      payload = [p, frame.entries];
+      break;
+    }
   }
+  if (
+    version < MIN_PROTOCOL_VERSION ||
+    version > PROTOCOL_VERSION ||
+    (TYPE_SINCE[type] ?? 1) > version
+  )
+    throw new LifeboatError(
+      'LB_PROTO_MALFORMED',
+      `A ${frame.type} frame cannot be sent in protocol version ${version}; this is a bug in the sender.`,
+      { details: { type: frame.type, version } },
+    );
   const whole = payload.length === 1 ? payload[0]! : Buffer.concat(payload);
   if (!isSafeUint(seq))
     throw new LifeboatError(
@@ -311,7 +431,7 @@ export function encodeFrame(frame: Frame): Buffer[] {
     );
   const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
   header.writeUInt32BE(FRAME_MAGIC, 0);
-  header.writeUInt8(PROTOCOL_VERSION, 4);
+  header.writeUInt8(version, 4);
   header.writeUInt8(type, 5);
   header.writeUInt16BE(0, 6);
   header.writeUInt32BE(whole.length, 8);
@@ -333,7 +453,82 @@ function readU64(buf: Buffer, at: number, what: string): number {
   return Number(v);
 }
 
-function decodePayload(type: number, seq: number, payload: Buffer): Frame {
+function checkU32(v: unknown, what: string): number {
+  if (!isSafeUint(v) || v > 0xffffffff)
+    throw malformed(`${what} must be a 32-bit unsigned integer`);
+  return v;
+}
+
+function decodeBaseline(payload: Buffer): BaselineFrame {
+  const j = parseJson(payload);
+  const request = checkU32(j.request, 'baseline request');
+  if (!isSafeUint(j.disk) || j.disk > 0xffff) throw malformed('baseline disk');
+  const point = j.point === null ? null : checkName(j.point, 'baseline point');
+  const { chunkSize, size, chunks } = j;
+  if (!isSafeUint(chunkSize) || chunkSize < 512 || chunkSize > 64 * 1024 * 1024 || chunkSize % 512)
+    throw malformed('baseline chunkSize must be a multiple of 512 up to 64 MiB');
+  if (!isSafeUint(size) || size % 512 !== 0)
+    throw malformed('baseline size must be a multiple of 512');
+  if (typeof j.key !== 'string' || !/^[0-9a-f]{64}$/.test(j.key))
+    throw malformed('baseline key must be 64 hex digits');
+  const out: BaselineFrame = {
+    type: 'baseline',
+    request,
+    disk: j.disk,
+    point,
+    chunkSize,
+    size,
+    chunks: 0,
+    key: j.key,
+  };
+  if (j.error !== undefined) {
+    const e = j.error as Record<string, unknown> | null;
+    if (
+      typeof e !== 'object' ||
+      e === null ||
+      Array.isArray(e) ||
+      typeof e.code !== 'string' ||
+      !CODE_RE.test(e.code) ||
+      typeof e.message !== 'string' ||
+      e.message.length > 4096 ||
+      Object.keys(e).length !== 2
+    )
+      throw malformed('baseline error must be { code, message }');
+    out.error = { code: e.code, message: e.message };
+  }
+  const expected = point === null || out.error !== undefined ? 0 : Math.ceil(size / chunkSize);
+  if (chunks !== expected)
+    throw malformed('baseline chunks must be ceil(size / chunkSize), or 0 without a point', {
+      chunks,
+      expected,
+    });
+  out.chunks = expected;
+  return out;
+}
+
+function decodeBaselineDigests(payload: Buffer): BaselineDigestsFrame {
+  const n = payload.length - BASELINE_DIGESTS_PREFIX_BYTES;
+  if (n < BASELINE_ENTRY_BYTES || n % BASELINE_ENTRY_BYTES !== 0)
+    throw malformed('BASELINE_DIGESTS must hold one or more 17-byte entries');
+  if (payload.readUInt32BE(4) !== 0) throw malformed('reserved field is not zero');
+  const first = readU64(payload, 8, 'first');
+  const entries = payload.subarray(BASELINE_DIGESTS_PREFIX_BYTES);
+  for (let at = 0; at < entries.length; at += BASELINE_ENTRY_BYTES) {
+    const kind = entries[at];
+    if (kind === 1) continue;
+    if (kind !== 0) throw malformed('baseline entry kind must be 0 (zero) or 1 (data)');
+    for (let i = 1; i < BASELINE_ENTRY_BYTES; i++)
+      if (entries[at + i] !== 0) throw malformed('a zero chunk entry must have a zero digest');
+  }
+  return { type: 'baseline-digests', request: payload.readUInt32BE(0), first, entries };
+}
+
+function decodePayload(type: number, seq: number, payload: Buffer, version: number): Frame {
+  if ((TYPE_SINCE[type] ?? 1) > version)
+    throw malformed(`frame type ${type} does not exist in protocol version ${version}`, {
+      type,
+      version,
+    });
   const sequenced =
     type === FrameType.data ||
     type === FrameType.zero ||
@@ -364,7 +559,7 @@ function decodePayload(type: number, seq: number, payload: Buffer): Frame {
       const o = j.oldestUnackedSeq;
       if (o !== null && (!isSafeUint(o) || o < 1))
         throw malformed('oldestUnackedSeq must be null or a positive integer');
-      const hello: HelloFrame = { type: 'hello', machine, disks, oldestUnackedSeq: o };
+      const hello: HelloFrame = { type: 'hello', machine, disks, oldestUnackedSeq: o, version };
       if (j.agent !== undefined) {
         if (typeof j.agent !== 'string' || j.agent.length > 256)
           throw malformed('agent must be a string of at most 256 characters');
@@ -396,6 +591,7 @@ function decodePayload(type: number, seq: number, payload: Buffer): Frame {
         maxPayloadBytes: j.maxPayloadBytes,
         resyncRequired: j.resyncRequired,
         latestCut,
+        version,
       };
     }
     case FrameType.committed: {
@@ -473,6 +669,18 @@ function decodePayload(type: number, seq: number, payload: Buffer): Frame {
         details: (details as Record<string, unknown> | undefined) ?? {},
       };
     }
+    case FrameType.baselineRequest:
+      if (payload.length !== 8) throw malformed('BASELINE_REQUEST payload must be 8 bytes');
+      if (payload.readUInt16BE(2) !== 0) throw malformed('reserved field is not zero');
+      return {
+        type: 'baseline-request',
+        disk: payload.readUInt16BE(0),
+        request: payload.readUInt32BE(4),
+      };
+    case FrameType.baseline:
+      return decodeBaseline(payload);
+    case FrameType.baselineDigests:
+      return decodeBaselineDigests(payload);
     default:
       throw malformed('unknown frame type', { type });
   }
@@ -482,6 +690,16 @@ function decodePayload(type: number, seq: number, payload: Buffer): Frame {
 export interface FrameDecoderOptions {
   /** Largest payload accepted; a larger length field is rejected before any byte of it is buffered. @default DEFAULT_MAX_PAYLOAD_BYTES */
   maxPayloadBytes?: number;
+}
+
+function unsupportedVersion(version: number, expected?: number): LifeboatError {
+  return new LifeboatError(
+    'LB_PROTO_UNSUPPORTED_VERSION',
+    expected === undefined
+      ? `Protocol version ${version} is not supported (this side speaks ${MIN_PROTOCOL_VERSION}-${PROTOCOL_VERSION}). Upgrade the older side.`
+      : `A frame of protocol version ${version} arrived in a session of version ${expected}; the peer is broken. Upgrade both sides to the same Lifeboat version.`,
+    { details: { version, supported: PROTOCOL_VERSION, minSupported: MIN_PROTOCOL_VERSION } },
+  );
 }
 
 /**
@@ -495,6 +713,7 @@ export class FrameDecoder {
   private chunks: Buffer[] = [];
   private buffered = 0;
   private failed: LifeboatError | undefined;
+  private locked: number | undefined;
 
   constructor(options: FrameDecoderOptions = {}) {
     this.maxPayload = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
@@ -503,6 +722,14 @@ export class FrameDecoder {
   /** Bytes held of an incomplete frame. */
   get pendingBytes(): number {
     return this.buffered;
+  }
+
+  /**
+   * Fixes the session's protocol version once the hello and welcome agreed on it: every later
+   * frame must carry exactly this version (`LB_PROTO_UNSUPPORTED_VERSION` otherwise).
+   */
+  lockVersion(version: number): void {
+    this.locked = version;
   }
 
   /** Adds bytes and returns every frame now complete. */
@@ -528,15 +755,10 @@ export class FrameDecoder {
           );
         }
         const version = header.readUInt8(4);
-        if (version !== PROTOCOL_VERSION) {
-          throw new LifeboatError(
-            'LB_PROTO_UNSUPPORTED_VERSION',
-            `Protocol version ${version} is not supported (this side speaks ${PROTOCOL_VERSION}). Upgrade the older side.`,
-            {
-              details: { version, supported: PROTOCOL_VERSION },
-            },
-          );
-        }
+        if (version < MIN_PROTOCOL_VERSION || version > PROTOCOL_VERSION)
+          throw unsupportedVersion(version);
+        if (this.locked !== undefined && version !== this.locked)
+          throw unsupportedVersion(version, this.locked);
         if (header.readUInt16BE(6) !== 0) throw malformed('flags are not zero');
         const length = header.readUInt32BE(8);
         if (length > this.maxPayload) {
@@ -563,7 +785,7 @@ export class FrameDecoder {
           );
         }
         const seq = readU64(whole, 12, 'seq');
-        out.push(decodePayload(whole.readUInt8(5), seq, payload));
+        out.push(decodePayload(whole.readUInt8(5), seq, payload, version));
       }
     } catch (err) {
       this.failed =

@@ -2,6 +2,9 @@
 export { LifeboatError, isLifeboatError } from './lifeboat-error.js';
 export type { LifeboatErrorOptions } from './lifeboat-error.js';
 export {
+  BASELINE_DIGEST_BYTES,
+  BASELINE_DIGESTS_PREFIX_BYTES,
+  BASELINE_ENTRY_BYTES,
   DATA_PREFIX_BYTES,
   DEFAULT_MAX_PAYLOAD_BYTES,
   FRAME_HEADER_BYTES,
@@ -9,12 +12,16 @@ export {
   FrameDecoder,
   FrameType,
   MAX_SEQ,
+  MIN_PROTOCOL_VERSION,
   PROTOCOL_VERSION,
   encodeFrame,
   encodeFrameBuffer,
 } from './frame-codec.js';
 export type {
   AckFrame,
+  BaselineDigestsFrame,
+  BaselineFrame,
+  BaselineRequestFrame,
   CommittedCutInfo,
   CommittedFrame,
   DiscardFrame,
@@ -32,6 +39,7 @@ export type {
 } from './frame-codec.js';
 export { ReplicationClient } from './replication-client.js';
 export type {
+  BaselineDigests,
   CutOptions,
   ReplicationClientOptions,
   ReplicationClientStats,

@@ -1,10 +1,20 @@
 import { EventEmitter } from 'node:events';
-import { randomUUID } from 'node:crypto';
+import { createHmac, randomUUID } from 'node:crypto';
 import { isIP } from 'node:net';
 import { connect } from 'node:tls';
 import type { TLSSocket } from 'node:tls';
-import { DATA_PREFIX_BYTES, FrameDecoder, encodeFrame } from './frame-codec.js';
+import {
+  BASELINE_DIGEST_BYTES,
+  BASELINE_ENTRY_BYTES,
+  DATA_PREFIX_BYTES,
+  FrameDecoder,
+  MIN_PROTOCOL_VERSION,
+  PROTOCOL_VERSION,
+  encodeFrame,
+} from './frame-codec.js';
 import type {
+  BaselineDigestsFrame,
+  BaselineFrame,
   CommittedCutInfo,
   Frame,
   HelloDisk,
@@ -79,9 +89,37 @@ export interface ReplicationClientStats {
   connected: boolean;
 }
 
+/**
+ * A disk's resync baseline from the process server: the latest committed point's per-chunk
+ * digests under a key of this answer (the store's own chunk-id key never leaves the server).
+ * Fits `@lifeboat/agent`'s `ResyncBaseline`.
+ */
+export interface BaselineDigests {
+  /** Chunk size of the store (digests are per aligned chunk of this size). */
+  chunkSize: number;
+  /** Size of the disk at the latest point. */
+  size: number;
+  /** The digest of the point's chunk at a chunk-aligned offset; `null` for a zero chunk or past the end. */
+  idAt(offset: number): string | null;
+  /** The digest the server computed for a chunk with these bytes (a whole chunk). */
+  idOf(data: Uint8Array): string;
+}
+
 interface Pending {
   frame: SequencedFrame;
   bytes: number;
+}
+
+interface BaselineWaiter {
+  disk: number;
+  head: BaselineFrame | undefined;
+  /** The entries as received, per frame (17 bytes per chunk: 17 MiB for a 64 GiB disk); allocated as they come, never from the head's claim. */
+  parts: Buffer[];
+  /** First chunk index of each part. */
+  starts: number[];
+  received: number;
+  resolve: (b: BaselineDigests | undefined) => void;
+  reject: (e: unknown) => void;
 }
 
 /** Codes after which resending the same frames cannot succeed: the client stops and reports. */
@@ -142,6 +180,12 @@ export class ReplicationClient extends EventEmitter {
   private everConnected = false;
   /** The TLS material of the next connection (replaced by {@link setTls} after a renewal). */
   private tls: { ca: string | Buffer; cert: string | Buffer; key: string | Buffer };
+  /** The version proposed in the hello: lowered once if the server says it speaks an older one. */
+  private helloVersion = PROTOCOL_VERSION;
+  /** The version of the current session (from the welcome). */
+  private version = MIN_PROTOCOL_VERSION;
+  private nextRequest = 1;
+  private readonly baselineWaiters = new Map<number, BaselineWaiter>();
 
   constructor(options: ReplicationClientOptions) {
     super();
@@ -295,6 +339,117 @@ export class ReplicationClient extends EventEmitter {
       : { cutId: this.committedCut.cutId, time: this.committedCut.time };
   }
 
+  /**
+   * The latest committed point of a disk as per-chunk digests, for a resync that sends only
+   * chunks that differ (a BASELINE_REQUEST; the server answers once every cut sent before it
+   * is committed). `undefined` when the disk has no point yet, the server speaks protocol
+   * version 1, or it could not read the point (then the agent sends every allocated range,
+   * which is correct, only not minimal). Survives reconnects: the request is sent again.
+   */
+  async resyncBaseline(disk: string): Promise<BaselineDigests | undefined> {
+    const index = this.diskIndex(disk);
+    for (;;) {
+      await this.ready();
+      if (this.version < 2) {
+        this.opts.logger.warn(
+          { machine: this.opts.machine, disk, version: this.version },
+          'the process server speaks protocol version 1 (no resync baseline): the resync sends every allocated range',
+        );
+        return undefined;
+      }
+      try {
+        return await this.requestBaseline(index);
+      } catch (err) {
+        if (this.failure || this.closed) throw err;
+        // The connection dropped before the whole answer came: ask again on the next one.
+      }
+    }
+  }
+
+  private requestBaseline(disk: number): Promise<BaselineDigests | undefined> {
+    const s = this.socket;
+    const request = this.nextRequest++ >>> 0;
+    return new Promise((resolve, reject) => {
+      if (!s || s.destroyed) {
+        reject(new Error('not connected'));
+        return;
+      }
+      this.baselineWaiters.set(request, {
+        disk,
+        head: undefined,
+        parts: [],
+        starts: [],
+        received: 0,
+        resolve,
+        reject,
+      });
+      for (const part of encodeFrame({ type: 'baseline-request', disk, request }, this.version))
+        s.write(part);
+    });
+  }
+
+  /** Collects a baseline answer; returns an error text when the server broke the protocol. */
+  private onBaseline(f: BaselineFrame | BaselineDigestsFrame): string | undefined {
+    const w = this.baselineWaiters.get(f.request);
+    if (!w) return `a ${f.type} frame for request ${f.request}, which was not asked for`;
+    if (f.type === 'baseline') {
+      if (w.head) return `a second baseline head for request ${f.request}`;
+      if (f.disk !== w.disk) return `a baseline of disk ${f.disk} for a request of disk ${w.disk}`;
+      w.head = f;
+      if (f.error) {
+        this.opts.logger.warn(
+          { machine: this.opts.machine, disk: this.disks[w.disk]?.name, err: f.error },
+          'the process server could not compute the resync baseline: the resync sends every allocated range',
+        );
+      }
+    } else {
+      const head = w.head;
+      if (!head) return `baseline digests before the head of request ${f.request}`;
+      const n = f.entries.length / BASELINE_ENTRY_BYTES;
+      if (f.first !== w.received || w.received + n > head.chunks)
+        return `baseline digests for chunks ${f.first}..${f.first + n} out of order (have ${w.received} of ${head.chunks})`;
+      // The decoder's buffer may be shared with the next frames: keep a copy of just this part.
+      w.parts.push(Buffer.from(f.entries));
+      w.starts.push(f.first);
+      w.received += n;
+    }
+    const head = w.head;
+    if (head && w.received === head.chunks) {
+      this.baselineWaiters.delete(f.request);
+      if (head.point === null || head.error) {
+        w.resolve(undefined);
+        return undefined;
+      }
+      const key = Buffer.from(head.key, 'hex');
+      const { parts, starts } = w;
+      const cs = head.chunkSize;
+      w.resolve({
+        chunkSize: cs,
+        size: head.size,
+        idAt: (offset) => {
+          const i = offset / cs;
+          if (!Number.isInteger(i) || i < 0 || i >= head.chunks) return null;
+          // The part holding chunk i: the last one starting at or before it.
+          let lo = 0;
+          let hi = starts.length - 1;
+          while (lo < hi) {
+            const mid = (lo + hi + 1) >> 1;
+            if (starts[mid]! <= i) lo = mid;
+            else hi = mid - 1;
+          }
+          const part = parts[lo]!;
+          const at = (i - starts[lo]!) * BASELINE_ENTRY_BYTES;
+          return part[at] === 0
+            ? null
+            : part.toString('hex', at + 1, at + 1 + BASELINE_DIGEST_BYTES);
+        },
+        idOf: (data) =>
+          createHmac('sha256', key).update(data).digest().toString('hex', 0, BASELINE_DIGEST_BYTES),
+      });
+    }
+    return undefined;
+  }
+
   /** Resolves when the points of every cut up to `seq` (default: the last cut sent) are committed in the store. */
   waitForCommit(seq: number = this.lastCutSeq): Promise<void> {
     if (seq <= (this.committedCut?.seq ?? 0)) return Promise.resolve();
@@ -376,7 +531,7 @@ export class ReplicationClient extends EventEmitter {
     s.cork();
     while (this.sendIndex < this.pending.length) {
       const p = this.pending[this.sendIndex++]!;
-      for (const part of encodeFrame(p.frame)) s.write(part);
+      for (const part of encodeFrame(p.frame, this.version)) s.write(part);
       this.counters.framesSent++;
       this.counters.bytesSent += p.bytes;
     }
@@ -405,7 +560,7 @@ export class ReplicationClient extends EventEmitter {
         ),
       );
     }, this.opts.connectTimeoutMs);
-    const fail = (err: LifeboatError): void => {
+    const fail = (err: LifeboatError, retry = false): void => {
       if (settled) return;
       settled = true;
       clearTimeout(timeout);
@@ -413,9 +568,11 @@ export class ReplicationClient extends EventEmitter {
       if (this.socket === socket) this.socket = undefined;
       this.welcome = undefined;
       this.sendIndex = 0;
+      for (const w of this.baselineWaiters.values()) w.reject(err);
+      this.baselineWaiters.clear();
       if (this.closed) return;
       this.emit('disconnected', err);
-      if (FATAL_CODES.has(err.code)) {
+      if (FATAL_CODES.has(err.code) && !retry) {
         this.opts.logger.error(
           { err: err.toJSON(), machine: this.opts.machine },
           'replication stopped',
@@ -452,6 +609,7 @@ export class ReplicationClient extends EventEmitter {
         disks: this.disks,
         oldestUnackedSeq: oldest,
         agent: this.opts.agent,
+        version: this.helloVersion,
       }))
         socket.write(part);
     });
@@ -465,7 +623,7 @@ export class ReplicationClient extends EventEmitter {
       }
       for (const f of frames) {
         if (settled) return;
-        this.onFrame(f, fail, () => clearTimeout(timeout));
+        this.onFrame(f, fail, () => clearTimeout(timeout), decoder);
       }
     });
     socket.on('error', (err: NodeJS.ErrnoException) =>
@@ -481,10 +639,29 @@ export class ReplicationClient extends EventEmitter {
     );
   }
 
-  private onFrame(f: Frame, fail: (e: LifeboatError) => void, connected: () => void): void {
+  private onFrame(
+    f: Frame,
+    fail: (e: LifeboatError, retry?: boolean) => void,
+    connected: () => void,
+    decoder: FrameDecoder,
+  ): void {
     switch (f.type) {
       case 'welcome': {
+        const version = f.version ?? MIN_PROTOCOL_VERSION;
+        if (this.welcome || version > this.helloVersion) {
+          fail(
+            new LifeboatError(
+              'LB_PROTO_UNEXPECTED_FRAME',
+              this.welcome
+                ? 'The process server sent a second welcome; upgrade both sides to the same version.'
+                : `The process server answered in protocol version ${version}, newer than the ${this.helloVersion} proposed; upgrade both sides to the same version.`,
+            ),
+          );
+          return;
+        }
         connected();
+        this.version = version;
+        decoder.lockVersion(version);
         this.welcome = f;
         this.attempt = 0;
         if (f.latestCut) this.applyCommitted(f.latestCut);
@@ -547,7 +724,32 @@ export class ReplicationClient extends EventEmitter {
           'process server rejected the session',
         );
         this.emit('server-error', err);
+        // An older server refused our hello's version: propose the newest it speaks, once.
+        const supported = f.details.supported;
+        if (
+          !this.welcome &&
+          f.code === 'LB_PROTO_UNSUPPORTED_VERSION' &&
+          typeof supported === 'number' &&
+          supported >= MIN_PROTOCOL_VERSION &&
+          supported < this.helloVersion
+        ) {
+          this.helloVersion = supported;
+          fail(err, true);
+          break;
+        }
         fail(err);
+        break;
+      }
+      case 'baseline':
+      case 'baseline-digests': {
+        const problem = this.onBaseline(f);
+        if (problem !== undefined)
+          fail(
+            new LifeboatError(
+              'LB_PROTO_UNEXPECTED_FRAME',
+              `The process server sent ${problem}; upgrade both sides to the same version.`,
+            ),
+          );
         break;
       }
       default:
@@ -599,6 +801,8 @@ export class ReplicationClient extends EventEmitter {
     for (const w of this.readyWaiters.splice(0)) w.reject(err);
     for (const w of this.ackWaiters.splice(0)) w.reject(err);
     for (const w of this.commitWaiters.splice(0)) w.reject(err);
+    for (const w of this.baselineWaiters.values()) w.reject(err);
+    this.baselineWaiters.clear();
     this.wakeSpace();
   }
 }

@@ -10,6 +10,7 @@ export {
 export {
   startQemuStorageDaemon,
   ownChild,
+  spawnOwned,
   type QemuStorageDaemon,
   type QemuStorageDaemonOptions,
 } from './qemu-storage-daemon.js';

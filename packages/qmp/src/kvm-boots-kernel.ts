@@ -1,10 +1,9 @@
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants, readFileSync } from 'node:fs';
 import { access, readFile, rename, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ownChild } from './qemu-storage-daemon.js';
+import { spawnOwned } from './qemu-storage-daemon.js';
 
 const probes = new Map<string, Promise<boolean>>();
 
@@ -59,7 +58,7 @@ async function cachedProbe(kernel: string, qemuBinary: string): Promise<boolean>
 
 function probeKvm(kernel: string, qemuBinary: string): Promise<boolean> {
   return new Promise((resolve) => {
-    const child = spawn(
+    const child = spawnOwned(
       qemuBinary,
       [
         ...['-accel', 'kvm', '-M', 'q35', '-cpu', 'host', '-m', '128', '-nodefaults'],
@@ -68,7 +67,6 @@ function probeKvm(kernel: string, qemuBinary: string): Promise<boolean> {
       ],
       { stdio: ['ignore', 'pipe', 'pipe'] },
     );
-    ownChild(child);
     let out = '';
     let settled = false;
     const done = (ok: boolean): void => {
@@ -84,8 +82,8 @@ function probeKvm(kernel: string, qemuBinary: string): Promise<boolean> {
       if (/Kernel panic|VFS: /.test(out)) done(true);
       else if (/KVM internal error|emulation failure|Could not access KVM/i.test(out)) done(false);
     };
-    child.stdout.on('data', check);
-    child.stderr.on('data', check);
+    child.stdout?.on('data', check);
+    child.stderr?.on('data', check);
     child.on('error', () => done(false));
     child.on('exit', () => done(/Kernel panic|VFS: /.test(out)));
   });

@@ -1,7 +1,6 @@
-import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { access } from 'node:fs/promises';
-import { ownChild } from './qemu-storage-daemon.js';
+import { spawnOwned } from './qemu-storage-daemon.js';
 
 let cached: Promise<boolean> | undefined;
 
@@ -27,7 +26,7 @@ async function probe(binary: string): Promise<boolean> {
     return false;
   }
   return new Promise<boolean>((resolve) => {
-    const child = spawn(
+    const child = spawnOwned(
       binary,
       [
         '-accel',
@@ -43,7 +42,6 @@ async function probe(binary: string): Promise<boolean> {
       ],
       { stdio: ['pipe', 'pipe', 'ignore'] },
     );
-    ownChild(child);
     let out = '';
     let answered = false;
     const finish = (ok: boolean): void => {
@@ -54,14 +52,14 @@ async function probe(binary: string): Promise<boolean> {
     const timer = setTimeout(() => finish(false), 15_000);
     child.once('error', () => finish(false));
     child.once('exit', () => finish(answered && /"enabled":\s*true/.test(out)));
-    child.stdout.on('data', (d: Buffer) => {
+    child.stdout?.on('data', (d: Buffer) => {
       out += d.toString();
       if (!answered && out.includes('"QMP"')) {
         answered = true;
-        child.stdin.write('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n');
+        child.stdin?.write('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n');
       }
       if (/"enabled":\s*(true|false)/.test(out)) {
-        child.stdin.end('{"execute":"quit"}\n');
+        child.stdin?.end('{"execute":"quit"}\n');
         finish(/"enabled":\s*true/.test(out));
       }
     });

@@ -1,4 +1,5 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -55,9 +56,39 @@ export function ownChild(child: ChildProcess): void {
   }
 }
 
+/** util-linux's setpriv (Debian: essential), or undefined where it is missing. */
+let setprivPath: string | null | undefined;
+function setpriv(): string | undefined {
+  if (setprivPath === undefined)
+    setprivPath = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p)) ?? null;
+  return setprivPath ?? undefined;
+}
+
+/**
+ * Spawns a long-running child (QEMU, qemu-storage-daemon) that dies with this process however
+ * this process dies, also by SIGKILL or a test runner's timeout, where no exit handler runs:
+ * the child is started through `setpriv --pdeathsig SIGKILL`, so the kernel kills it when its
+ * parent goes away (the parent death signal survives the exec of QEMU; the pid is QEMU's).
+ * It is also {@link ownChild}ed. Without setpriv the child is started plainly (exit hook only).
+ */
+export function spawnOwned(
+  command: string,
+  args: readonly string[],
+  options: SpawnOptions = {},
+): ChildProcess {
+  const sp = setpriv();
+  const child =
+    sp === undefined
+      ? spawn(command, [...args], options)
+      : spawn(sp, ['--pdeathsig', 'SIGKILL', '--', command, ...args], options);
+  ownChild(child);
+  return child;
+}
+
 /**
  * Starts qemu-storage-daemon with the given block nodes, exports and a QMP monitor, and waits
- * until QMP answers. The child is killed on `stop()`, and on exit of this process.
+ * until QMP answers. The child is killed on `stop()`, and when this process dies (see
+ * {@link spawnOwned}).
  */
 export async function startQemuStorageDaemon(
   options: QemuStorageDaemonOptions = {},
@@ -80,8 +111,7 @@ export async function startQemuStorageDaemon(
   args.push('--monitor', 'chardev=lbqmp');
   args.push(...(options.extraArgs ?? []));
 
-  const child = spawn(binary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  ownChild(child);
+  const child = spawnOwned(binary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr?.on('data', (d: Buffer) => {
     err += d.toString();

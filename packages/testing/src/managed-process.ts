@@ -1,8 +1,7 @@
-import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { LifeboatError } from '@lifeboat/protocol';
-import { ownChild } from '@lifeboat/qmp';
+import { spawnOwned } from '@lifeboat/qmp';
 
 /** How to end a {@link ManagedProcess}. */
 export interface StopOptions {
@@ -32,9 +31,9 @@ export class ManagedProcess {
 
   constructor(name: string, command: string, args: readonly string[]) {
     this.name = name;
-    this.child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    // Killed when this process exits, even if a test forgets stop().
-    ownChild(this.child);
+    // Killed when this process exits or dies (even by SIGKILL or a test timeout), even if a
+    // test forgets stop().
+    this.child = spawnOwned(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const keep = (b: Buffer): void => {
       this.output = (this.output + b.toString()).slice(-65536);
     };

@@ -4,7 +4,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
-import { kvmBootsKernel } from '@lifeboat/qmp';
+import { QmpClient, kvmBootsKernel } from '@lifeboat/qmp';
 import { ManagedProcess } from './managed-process.js';
 import type { StopOptions } from './managed-process.js';
 
@@ -117,6 +117,11 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
   const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'lifeboat-vm-')));
   const qmpSocket = options.qmpSocket ?? join(dir, 'qmp.sock');
   const consolePath = options.console ?? join(dir, 'console.log');
+  // A second monitor, never used by the test or an agent (a monitor serves one client): what
+  // the guest was doing when a wait for its console fails is read through it.
+  // (Left out where its path would pass the 107 bytes a UNIX socket path may have.)
+  const diag = join(dir, 'diag-qmp.sock');
+  const diagSocket = Buffer.byteLength(diag) < 100 ? diag : undefined;
   const wanted = options.accel ?? 'auto';
   const accel: 'kvm' | 'tcg' =
     wanted === 'auto' ? ((await kvmBootsKernel(options.kernel)) ? 'kvm' : 'tcg') : wanted;
@@ -143,6 +148,14 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
     `file:${consolePath}`,
     '-qmp',
     `unix:${qmpSocket},server=on,wait=off`,
+    ...(diagSocket === undefined
+      ? []
+      : [
+          '-chardev',
+          `socket,id=lbdiag,path=${diagSocket},server=on,wait=off`,
+          '-mon',
+          'chardev=lbdiag,mode=control',
+        ]),
   ];
   const nodeNames: string[] = [];
   options.disks.forEach((d, i) => {
@@ -221,11 +234,17 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
         // A KVM internal error pauses the guest without exiting QEMU: fail now, not at the timeout.
         const broken = /KVM internal error|emulation failure/.test(proc.output);
         if (proc.exit || broken || Date.now() > deadline) {
-          const tail = (await consoleText()).slice(-3000);
+          const text = await consoleText();
+          const tail = text.slice(-3000);
+          const state = proc.exit
+            ? 'QEMU has exited'
+            : diagSocket === undefined
+              ? '(no diagnostic monitor: the VM directory path is too long)'
+              : await describeGuest(diagSocket);
           throw new LifeboatError(
             proc.exit || broken ? 'LB_TESTING_PROCESS_EXITED' : 'LB_TESTING_TIMEOUT',
-            `The VM's console did not show ${re} ${proc.exit || broken ? 'before QEMU stopped' : `within ${timeoutMs} ms`} (accel ${accel}). Console tail:\n${tail}\nQEMU output:\n${proc.output.slice(-2000)}`,
-            { details: { pattern: String(re), accel } },
+            `The VM's console did not show ${re} ${proc.exit || broken ? 'before QEMU stopped' : `within ${timeoutMs} ms`} (accel ${accel}, console ${text.length} bytes${from > 0 ? `, looked after ${from}` : ''}). Console tail:\n${tail}\nQEMU output:\n${proc.output.slice(-2000)}\nGuest state:\n${state}`,
+            { details: { pattern: String(re), accel, consoleBytes: text.length } },
           );
         }
         await new Promise((r) => setTimeout(r, 100));
@@ -233,6 +252,54 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
     },
     stop,
   };
+}
+
+interface BlockStats {
+  device?: string;
+  qdev?: string;
+  'node-name'?: string;
+  stats: {
+    rd_operations: number;
+    wr_operations: number;
+    flush_operations: number;
+    rd_bytes: number;
+    wr_bytes: number;
+    idle_time_ns?: number;
+  };
+}
+
+/**
+ * What the guest is doing, for a failed wait: run state, vCPUs and their registers (where the
+ * instruction pointer is tells a hung kernel from a hung firmware), the disks' I/O counters.
+ */
+async function describeGuest(diagSocket: string): Promise<string> {
+  let q: QmpClient | undefined;
+  try {
+    const client = await QmpClient.connect(
+      { path: diagSocket },
+      { connectTimeoutMs: 3000, commandTimeoutMs: 5000 },
+    );
+    q = client;
+    const hmp = (cmd: string): Promise<string> =>
+      client.execute<string>('human-monitor-command', { 'command-line': cmd });
+    const status = await client.execute<{ status: string }>('query-status');
+    const parts = [
+      `status: ${status.status}`,
+      `info cpus:\n${await hmp('info cpus')}`,
+      `info registers -a:\n${(await hmp('info registers -a')).slice(0, 4000)}`,
+      `disks:\n${(await client.execute<BlockStats[]>('query-blockstats'))
+        .map((b) => {
+          const st = b.stats;
+          return `${b.qdev ?? b['node-name'] ?? b.device ?? '?'}: reads ${st.rd_operations} (${st.rd_bytes} B), writes ${st.wr_operations} (${st.wr_bytes} B), flushes ${st.flush_operations}, idle ${st.idle_time_ns === undefined ? '?' : `${Math.round(st.idle_time_ns / 1e6)} ms`}`;
+        })
+        .join('\n')}`,
+    ];
+    return parts.join('\n');
+  } catch (err) {
+    return `(could not ask QEMU: ${(err as Error).message})`;
+  } finally {
+    await q?.close().catch(() => undefined);
+  }
 }
 
 function escapeRegExp(s: string): string {

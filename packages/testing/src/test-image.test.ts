@@ -96,4 +96,28 @@ describe('test image (Debian cloud kernel + busybox root, booted with QEMU under
     // The stamp is written after the index, so it is the index or, if cut between, one less.
     expect([index - 1, index]).toContain(stamp);
   }, 240_000);
+
+  it('says what the guest was doing when a wait for its console fails', async () => {
+    const root = await createRootOverlay(image, join(dir, 'stuck.qcow2'));
+    // -S: the vCPU never runs, so the console stays empty, as in a hung boot.
+    const stuck = await startVm({
+      kernel: image.kernel,
+      disks: [{ path: root }],
+      append: testImageAppend({ hostname: 'stuck' }),
+      accel: 'tcg',
+      extraArgs: ['-S'],
+    });
+    try {
+      const err = await stuck.waitForConsole('LIFEBOAT-BOOT-OK', 1500).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'LB_TESTING_TIMEOUT' });
+      const message = (err as Error).message;
+      expect(message).toMatch(/console 0 bytes/);
+      // The run state, the vCPUs and their registers, and the disks' I/O counters.
+      expect(message).toMatch(/status: prelaunch/);
+      expect(message).toMatch(/[ER]IP=[0-9a-f]+/);
+      expect(message).toMatch(/disk0-dev\S*: reads 0 \(0 B\), writes 0/);
+    } finally {
+      await stuck.stop({ kill: true });
+    }
+  });
 });

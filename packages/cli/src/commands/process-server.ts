@@ -105,6 +105,11 @@ function printHealth(out: CliPrinter, h: ProcessServerHealth): void {
   out.line(
     `store ${h.store.location}: ${h.store.reachable ? 'reachable' : `UNREACHABLE (${h.store.lastError ?? ''})`}`,
   );
+  const w = h.storeWorkers ?? null; // absent in the health of an older process server
+  if (w !== null)
+    out.line(
+      `store workers ${w.alive} of ${w.count} running, ${w.restarts} restarted${w.lastError !== null ? ` (last: ${w.lastError} at ${w.lastErrorAt ?? '?'})` : ''}`,
+    );
   out.line(
     `ingest ${formatRate(h.ingest.bytesPerSecondIn)} in, ${formatRate(h.ingest.bytesPerSecondOut)} to the store, ${h.ingest.sessions} sessions`,
   );
