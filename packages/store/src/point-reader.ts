@@ -1,8 +1,4 @@
 import { Readable } from 'node:stream';
-import { isLifeboatError } from '@lifeboat/protocol';
-import { mapLimit } from './map-limit.js';
-import { packKey } from './object-format.js';
-import type { BlobLocation } from './object-format.js';
 import type { PointRecord } from './point-record.js';
 import { BlobType } from './store-crypto.js';
 import { storeError } from './store-error.js';
@@ -13,8 +9,6 @@ import { getRef } from './tree-node.js';
 // Streaming reads fetch this many chunks per window and keep this many windows in flight.
 const WINDOW_CHUNKS = 64;
 const READ_AHEAD = 3;
-// Adjacent blobs of one pack are fetched in one ranged read up to this size.
-const MAX_RUN_BYTES = 8 * 1024 * 1024;
 // readAt of at least this many bytes bypasses the chunk cache.
 const LARGE_READ = 1024 * 1024;
 
@@ -185,7 +179,10 @@ export class StorePointReader implements PointReader {
     return parts;
   }
 
-  /** Fetches chunks, one ranged read per run of adjacent blobs in one pack. */
+  /**
+   * Fetches chunks through the store's fetcher, which merges adjacent blobs of a pack (also
+   * across concurrent reads) into one ranged read and opens them on the crypto threads.
+   */
   private async fetch(
     refs: Array<Buffer | null>,
     first: number,
@@ -193,85 +190,41 @@ export class StorePointReader implements PointReader {
   ): Promise<Array<Buffer | null>> {
     const store = this.store;
     const out: Array<Buffer | null> = refs.map(() => null);
-    type Item = { i: number; id: Buffer; loc: BlobLocation };
-    const runs: Item[][] = [];
-    let run: Item[] = [];
+    const waits: Array<Promise<void>> = [];
     for (let i = 0; i < refs.length; i++) {
-      const id = refs[i];
-      if (id === null || id === undefined) continue;
-      const ctx = { point: this.point.id, offset: (first + i) * this.cs };
+      const ref = refs[i];
+      if (ref === null || ref === undefined) continue;
       if (cached) {
-        const hit = store.cachedChunk(id);
+        const hit = store.cachedChunk(ref);
         if (hit !== undefined) {
           out[i] = hit;
           continue;
         }
       }
-      let loc = store.index.get(id);
+      const ctx = { point: this.point.id, offset: (first + i) * this.cs };
+      let loc = store.index.get(ref);
       if (loc === undefined) {
         // Another process may have committed it after this one loaded the index.
         await store.refreshIndex();
-        loc = store.index.get(id);
+        loc = store.index.get(ref);
       }
-      if (loc === undefined) throw store.notLocated(Buffer.from(id), BlobType.Data, ctx);
-      const last = run[run.length - 1];
-      const runStart = run[0];
-      if (
-        last !== undefined &&
-        runStart !== undefined &&
-        (last.loc.pack !== loc.pack ||
-          last.loc.offset + last.loc.length !== loc.offset ||
-          loc.offset + loc.length - runStart.loc.offset > MAX_RUN_BYTES)
-      ) {
-        runs.push(run);
-        run = [];
-      }
-      run.push({ i, id: Buffer.from(id), loc });
-    }
-    if (run.length > 0) runs.push(run);
-    await mapLimit(runs, 4, async (items) => {
-      const head = items[0] as Item;
-      const tail = items[items.length - 1] as Item;
-      const ctx = { point: this.point.id, offset: (first + head.i) * this.cs };
-      let data: Buffer;
-      try {
-        data = await store.backend.getRange(
-          packKey(head.loc.pack),
-          head.loc.offset,
-          tail.loc.offset + tail.loc.length - head.loc.offset,
-        );
-      } catch (err) {
-        if (
-          isLifeboatError(err, 'LB_BACKEND_NOT_FOUND') ||
-          isLifeboatError(err, 'LB_BACKEND_RANGE')
-        ) {
-          // Fall back to one blob at a time: names the exact chunk, and retries after a repack.
-          for (const it of items) {
-            out[it.i] = await store.readBlobUncached(it.id, BlobType.Data, {
-              point: this.point.id,
-              offset: (first + it.i) * this.cs,
-            });
-          }
-          return;
+      if (loc === undefined) throw store.notLocated(Buffer.from(ref), BlobType.Data, ctx);
+      const id = Buffer.from(ref);
+      const p = store.fetcher.fetch(id, loc, ctx).then((plain) => {
+        if (cached) {
+          // A slice of a larger read would keep all of it alive in the cache: copy it.
+          const own = plain.buffer.byteLength - plain.byteLength < 64 ? plain : Buffer.from(plain);
+          store.cacheChunk(id, own);
+          out[i] = own;
+        } else {
+          out[i] = plain;
         }
-        throw store.blobReadError(err, head.id, BlobType.Data, head.loc, ctx);
-      }
-      for (const it of items) {
-        const rel = it.loc.offset - head.loc.offset;
-        const plain = store.openBlob(
-          data.subarray(rel, rel + it.loc.length),
-          it.id,
-          BlobType.Data,
-          it.loc,
-          {
-            point: this.point.id,
-            offset: (first + it.i) * this.cs,
-          },
-        );
-        if (cached) store.cacheChunk(it.id, plain);
-        out[it.i] = plain;
-      }
-    });
+      });
+      // Errors surface below, in chunk order; none is left unhandled meanwhile.
+      p.catch(() => undefined);
+      waits.push(p);
+    }
+    for (const p of waits) await p;
     return out;
   }
 

@@ -54,6 +54,8 @@ export interface StoreInitOptions {
   packSize?: number;
   /** scrypt cost parameter N (a power of two). Tests may lower it. @default 32768 */
   kdfCost?: number;
+  /** Worker threads for hashing, compression and encryption; see {@link StoreOpenOptions.cryptoThreads}. */
+  cryptoThreads?: number;
 }
 
 /** Options for {@link Store.open}. */
@@ -64,6 +66,14 @@ export interface StoreOpenOptions {
   passphrase: string;
   /** Bytes of decrypted chunks kept in memory for readers. @default 67108864 */
   cacheBytes?: number;
+  /**
+   * Worker threads that hash, compress, encrypt and decrypt data chunks, started once the
+   * store has moved more than a few MiB (small work stays on the calling thread). 0 keeps all
+   * of it on the calling thread: use 0 where the caller already runs one store per thread
+   * (the process server's store workers do).
+   * @default the number of cores (os.availableParallelism()), at most 4
+   */
+  cryptoThreads?: number;
 }
 
 /** Begins writing a new point of one disk. */
