@@ -28,6 +28,20 @@ export interface LockRecord {
   time: string;
   /** An exclusive lock whose holder still waits for writers to finish (it deletes nothing yet). */
   waiting?: boolean;
+  /** A writer's lock: the disk it writes. Only one writer of a disk holds one at a time. */
+  machine?: string;
+  disk?: string;
+}
+
+/** How long a writer that sees a newer lock on its disk waits for that writer to back off. */
+const DISK_RACE_MS = 5000;
+
+/** Orders two locks by creation (then key), the same way for every process that sees both. */
+function lockOrder(ka: string, a: LockRecord, kb: string, b: LockRecord): number {
+  const ta = Date.parse(a.created);
+  const tb = Date.parse(b.created);
+  if (ta !== tb) return (Number.isFinite(ta) ? ta : 0) - (Number.isFinite(tb) ? tb : 0);
+  return ka < kb ? -1 : ka > kb ? 1 : 0;
 }
 
 /** A lock this process holds; keeps it fresh until released. */
@@ -143,12 +157,20 @@ export class StoreLocks {
     });
   }
 
-  /** Takes a lock; rejects with LB_STORE_LOCKED when a conflicting live lock exists. */
-  async acquire(exclusive: boolean, purpose: string): Promise<HeldLock> {
+  /**
+   * Takes a lock; rejects with LB_STORE_LOCKED when a conflicting live lock exists. A writer's
+   * lock names its disk: it rejects with LB_STORE_DISK_BUSY when another live writer holds that
+   * disk (in this process or any other, on any host sharing the store).
+   */
+  async acquire(
+    exclusive: boolean,
+    purpose: string,
+    disk?: { machine: string; disk: string },
+  ): Promise<HeldLock> {
     const deadline = Date.now() + (exclusive ? 0 : this.options.sharedWaitMs);
     for (let delay = 100; ; delay = Math.min(delay * 2, 2000)) {
       try {
-        return await this.tryAcquire(exclusive, purpose);
+        return await this.tryAcquire(exclusive, purpose, disk);
       } catch (err) {
         if (!isLifeboatError(err, 'LB_STORE_LOCKED') || Date.now() + delay > deadline) throw err;
         await new Promise((r) => setTimeout(r, delay));
@@ -156,7 +178,11 @@ export class StoreLocks {
     }
   }
 
-  private async tryAcquire(exclusive: boolean, purpose: string): Promise<HeldLock> {
+  private async tryAcquire(
+    exclusive: boolean,
+    purpose: string,
+    disk?: { machine: string; disk: string },
+  ): Promise<HeldLock> {
     const now = new Date().toISOString();
     const record: LockRecord = {
       version: 1,
@@ -167,6 +193,7 @@ export class StoreLocks {
       created: now,
       time: now,
       ...(exclusive ? { waiting: true } : {}),
+      ...(disk === undefined ? {} : { machine: disk.machine, disk: disk.disk }),
     };
     const key = `locks/${randomBytes(16).toString('hex')}`;
     await this.backend.put(key, Buffer.from(JSON.stringify(record)));
@@ -213,6 +240,14 @@ export class StoreLocks {
         { object: conflict.key, holder: r },
       );
     }
+    if (disk !== undefined) {
+      try {
+        await this.claimDisk(key, record, disk);
+      } catch (err) {
+        await this.backend.delete(key).catch(() => undefined);
+        throw err;
+      }
+    }
     if (exclusive) {
       // From here on gc may delete: say so, so writers that outlived their lock notice.
       delete record.waiting;
@@ -227,6 +262,41 @@ export class StoreLocks {
     const lock = new HeldLock(this, key, record);
     this.held.add(lock);
     return lock;
+  }
+
+  /**
+   * Makes sure no other live writer holds `disk`. Every writer writes its lock object before it
+   * lists the others, so of two racing writers at least one sees the other. One that sees an
+   * older lock on its disk gives up at once; one that sees only newer ones waits for them to
+   * give up (they see its lock: it is older), and gives up itself if they do not (then they
+   * did not see it, and went ahead). So at most one writer of a disk proceeds.
+   */
+  private async claimDisk(
+    key: string,
+    record: LockRecord,
+    disk: { machine: string; disk: string },
+  ): Promise<void> {
+    const deadline = Date.now() + Math.min(DISK_RACE_MS, this.options.sharedWaitMs);
+    for (let delay = 50; ; delay = Math.min(delay * 2, 500)) {
+      const rivals = (await this.others(key)).filter(
+        (o) =>
+          !o.stale &&
+          !o.record.exclusive &&
+          o.record.machine === disk.machine &&
+          o.record.disk === disk.disk,
+      );
+      if (rivals.length === 0) return;
+      const older = rivals.find((o) => lockOrder(o.key, o.record, key, record) < 0);
+      if (older !== undefined || Date.now() + delay > deadline) {
+        const r = (older ?? rivals[0]) as { key: string; record: LockRecord };
+        throw storeError(
+          'LB_STORE_DISK_BUSY',
+          `Disk ${disk.disk} of machine ${disk.machine} is being written by another session (${r.record.purpose}, host ${r.record.host}, pid ${r.record.pid}, since ${r.record.created}); two writers of one disk would fork its history. Retry when that write is done; a lock whose holder died expires ${Math.round(this.options.staleMs / 1000)} s after its last heartbeat.`,
+          { object: r.key, holder: r.record, machine: disk.machine, disk: disk.disk },
+        );
+      }
+      await new Promise((r) => setTimeout(r, delay));
+    }
   }
 
   /** Every lock object except `own`, with whether it is stale. */

@@ -77,7 +77,8 @@ export class StoreWriteSession implements WriteSession {
       throw invalid('A write session needs a non-empty machine and disk.');
     }
     checkSize(size);
-    const lock = await store.locks.acquire(false, `write ${machine}/${disk}`);
+    // The lock names the disk: a second writer of it, here or in another process, is refused.
+    const lock = await store.locks.acquire(false, `write ${machine}/${disk}`, { machine, disk });
     try {
       // Under the shared lock no gc runs, so what the index says stays true until commit.
       await store.refreshIndex();

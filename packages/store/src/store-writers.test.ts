@@ -1,0 +1,99 @@
+import { spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { afterEach, describe, expect, it } from 'vitest';
+import { isLifeboatError } from '@lifeboat/protocol';
+import type { TempStore } from './test-support.js';
+import { TEST_PASSPHRASE, pseudoRandom, tempStore } from './test-support.js';
+
+const CS = 4096;
+const repoRoot = fileURLToPath(new URL('../../..', import.meta.url));
+const holderScript = fileURLToPath(new URL('./disk-holder.ts', import.meta.url));
+
+let t: TempStore | undefined;
+const children = new Set<ChildProcess>();
+afterEach(async () => {
+  for (const c of children) c.kill('SIGKILL');
+  children.clear();
+  await t?.cleanup();
+  t = undefined;
+});
+const code = (c: string) => (e: unknown) => isLifeboatError(e, c);
+
+describe('one writer per disk', () => {
+  it('a second writer of a disk fails clearly, in this process, in another store instance and in another process', async () => {
+    t = await tempStore({ chunkSize: CS });
+    const w = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 8 });
+    await expect(t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 8 })).rejects.toSatisfy(
+      code('LB_STORE_DISK_BUSY'),
+    );
+    const other = await t.reopen();
+    const err = await other
+      .beginWrite({ machine: 'm', disk: 'vda', size: CS * 8 })
+      .catch((e: unknown) => e);
+    expect(isLifeboatError(err, 'LB_STORE_DISK_BUSY')).toBe(true);
+    expect((err as Error).message).toMatch(
+      /Disk vda of machine m is being written by another session/,
+    );
+    // Other disks, and the same disk name of another machine, are free.
+    await (await other.beginWrite({ machine: 'm', disk: 'vdb', size: CS })).abort();
+    await (await other.beginWrite({ machine: 'n', disk: 'vda', size: CS })).abort();
+    await w.write(0, pseudoRandom(CS * 8, 1));
+    const p = await w.commit();
+    // Once the first writer is done, the disk is free again.
+    const next = await other.beginWrite({ machine: 'm', disk: 'vda', size: CS * 8 });
+    expect(next.size).toBe(CS * 8);
+    await next.abort();
+    expect((await other.listPoints()).map((x) => x.id)).toEqual([p.id]);
+
+    // Another process holds the disk: refused while it lives, free once it is killed.
+    const child = spawn(
+      process.execPath,
+      ['--conditions=source', '--import', 'tsx', holderScript, t.dir, TEST_PASSPHRASE, 'm', 'vda'],
+      { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    children.add(child);
+    let stderr = '';
+    child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+    await new Promise<void>((resolve, reject) => {
+      child.stdout?.on('data', (d: Buffer) => {
+        if (d.toString().includes('HOLDING')) resolve();
+      });
+      child.once('exit', (c) => reject(new Error(`holder exited (${c}): ${stderr}`)));
+    });
+    const busy = await t.store
+      .beginWrite({ machine: 'm', disk: 'vda', size: CS })
+      .catch((e: unknown) => e);
+    expect(isLifeboatError(busy, 'LB_STORE_DISK_BUSY')).toBe(true);
+    expect((busy as { details: { holder: { pid: number } } }).details.holder.pid).toBe(child.pid);
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGKILL');
+    await exited;
+    children.delete(child);
+    // A dead holder on this host does not count.
+    const after = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 8 });
+    await after.write(0, pseudoRandom(CS * 8, 2));
+    await after.commit();
+  }, 60_000);
+
+  it('writers racing for one disk: exactly one gets it', async () => {
+    t = await tempStore({ chunkSize: CS });
+    const stores = await Promise.all(Array.from({ length: 6 }, () => t!.reopen()));
+    for (let round = 0; round < 3; round++) {
+      const results = await Promise.allSettled(
+        stores.map((s) => s.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 })),
+      );
+      const won = results.filter((r) => r.status === 'fulfilled');
+      expect(won.length).toBe(1);
+      for (const r of results) {
+        if (r.status === 'rejected')
+          expect(isLifeboatError(r.reason, 'LB_STORE_DISK_BUSY')).toBe(true);
+      }
+      const w = (won[0] as PromiseFulfilledResult<Awaited<ReturnType<typeof t.store.beginWrite>>>)
+        .value;
+      await w.write(0, pseudoRandom(CS * 4, round));
+      await w.commit();
+    }
+    expect(await t.store.listPoints()).toHaveLength(3);
+  }, 60_000);
+});
