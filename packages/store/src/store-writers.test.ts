@@ -1,5 +1,7 @@
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
+import { readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isLifeboatError } from '@lifeboat/protocol';
@@ -20,7 +22,19 @@ afterEach(async () => {
 });
 const code = (c: string) => (e: unknown) => isLifeboatError(e, c);
 
-describe('one writer per disk', () => {
+async function files(dir: string, sub: string): Promise<string[]> {
+  try {
+    const out: string[] = [];
+    for (const e of await readdir(join(dir, sub), { recursive: true, withFileTypes: true })) {
+      if (e.isFile()) out.push(e.name);
+    }
+    return out.sort();
+  } catch {
+    return [];
+  }
+}
+
+describe('one writer per disk, and gc of packs no index lists', () => {
   it('a second writer of a disk fails clearly, in this process, in another store instance and in another process', async () => {
     t = await tempStore({ chunkSize: CS });
     const w = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 8 });
@@ -95,5 +109,34 @@ describe('one writer per disk', () => {
       await w.commit();
     }
     expect(await t.store.listPoints()).toHaveLength(3);
+  }, 60_000);
+
+  it('gc keeps and re-indexes data whose index object is lost, and deletes the unindexed packs of a crashed writer', async () => {
+    t = await tempStore({ chunkSize: CS, packSize: 16 * CS });
+    const data = pseudoRandom(CS * 64, 3);
+    const w = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: data.length });
+    await w.write(0, data);
+    const p = await w.commit();
+    // The index objects are lost: the point's packs are listed by none.
+    await rm(join(t.dir, 'index'), { recursive: true });
+    // A writer that crashed after uploading packs and before writing their index.
+    const crashed = await t.reopen();
+    const c = await crashed.beginWrite({ machine: 'm', disk: 'vdb', size: CS * 64 });
+    await c.write(0, pseudoRandom(CS * 64, 4));
+    await c.abort();
+    const packsBefore = await files(t.dir, 'packs');
+    expect(packsBefore.length).toBeGreaterThan(4);
+    const s = await t.reopen();
+    const report = await s.gc();
+    // The crashed writer's packs are gone, the point's are kept and listed again.
+    expect(report.packsDeleted).toBeGreaterThanOrEqual(4);
+    expect((await files(t.dir, 'index')).length).toBeGreaterThan(0);
+    const fresh = await t.reopen();
+    expect((await (await fresh.openPoint(p.id)).readAt(0, data.length)).equals(data)).toBe(true);
+    expect((await fresh.verify()).ok).toBe(true);
+    const packsAfter = await files(t.dir, 'packs');
+    expect(packsAfter.length).toBeLessThan(packsBefore.length);
+    // A second gc finds nothing more to do.
+    expect((await fresh.gc()).packsDeleted).toBe(0);
   }, 60_000);
 });

@@ -624,6 +624,12 @@ export class Store implements StoreApi {
     this.points.set(record.info.id, record);
   }
 
+  /**
+   * @internal Blobs gc found in packs that no index object lists, while gc runs (under its
+   * exclusive lock): its tree walk may need them. Never used to deduplicate writes.
+   */
+  gcOverlay: ChunkIndex | undefined;
+
   /** @internal Where a blob lives: this session's writer first, then the index. */
   locate(
     id: Buffer,
@@ -631,7 +637,7 @@ export class Store implements StoreApi {
   ): { loc: BlobLocation; data: Buffer | undefined } | undefined {
     const pending = writer?.locate(id);
     if (pending !== undefined) return pending;
-    const loc = this.index.get(id);
+    const loc = this.index.get(id) ?? this.gcOverlay?.get(id);
     return loc === undefined ? undefined : { loc, data: undefined };
   }
 
