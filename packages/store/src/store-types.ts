@@ -242,6 +242,11 @@ export interface StoreApi {
   beginWrite(options: WriteSessionOptions): Promise<WriteSession>;
   /** Committed points, oldest first. */
   listPoints(filter?: PointFilter): Promise<PointInfo[]>;
+  /**
+   * Point objects the last listing found but could not read (damaged, unknown version), with
+   * the reason; those points are missing from {@link listPoints}. Empty when all were read.
+   */
+  damagedPointObjects(): Array<{ id: string; object: string; error: Error }>;
   /** One point; rejects with `LB_STORE_POINT_NOT_FOUND`. */
   getPoint(id: string): Promise<PointInfo>;
   /** The newest point of a disk, or undefined. */

@@ -1,7 +1,7 @@
 import { basename } from 'node:path';
 import { Option } from 'commander';
 import type { Command } from 'commander';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
 import { Store } from '@lifeboat/store';
 import type { PointInfo, PointKind, Progress, StoreApi } from '@lifeboat/store';
 import type { CliContext } from '../cli-context.js';
@@ -253,9 +253,26 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         ...(opts.disk === undefined ? {} : { disk: opts.disk }),
         ...(opts.kind === undefined ? {} : { kind: opts.kind }),
       });
-      out.json({ points });
+      const damaged = target.damagedPointObjects().map((d) => ({
+        id: d.id,
+        object: d.object,
+        code: isLifeboatError(d.error) ? d.error.code : 'LB_STORE_CORRUPT_POINT',
+        message: d.error.message,
+      }));
+      out.json({ points, damaged });
       if (points.length === 0) out.line('no points');
       else out.table(POINT_HEADERS, points.map(pointRow), new Set([5]));
+      if (damaged.length > 0) {
+        // A point that cannot be read is an integrity fault, not an absent point: say so.
+        out.line(
+          `${damaged.length} point object(s) could not be read and are not listed above; run "lifeboat store verify" for every fault:`,
+        );
+        out.table(
+          ['POINT', 'OBJECT', 'CODE', 'MESSAGE'],
+          damaged.map((d) => [shortId(d.id), d.object, d.code, d.message]),
+        );
+        ctx.exitCode = ExitCode.integrityFault;
+      }
     });
 
   store
