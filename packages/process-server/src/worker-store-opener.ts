@@ -2,7 +2,7 @@ import { DirectoryBackend, Store } from '@lifeboat/store';
 import type { ObjectBackend, StoreApi } from '@lifeboat/store';
 
 /** How a store worker thread opens the target store (cloneable: it crosses to the thread). */
-export type WorkerStoreSpec =
+export type WorkerStoreSpec = (
   | { kind: 'directory'; path: string; passphrase: string }
   | {
       kind: 'azure';
@@ -10,7 +10,16 @@ export type WorkerStoreSpec =
       container?: string;
       containerUrl?: string;
       passphrase: string;
-    };
+    }
+) & {
+  /**
+   * Crypto threads of each worker's store (see the store's `cryptoThreads`). The store workers
+   * already spread machines over threads, so by default their stores add none: N workers are
+   * N threads, not N times the cores.
+   * @default 0
+   */
+  cryptoThreads?: number;
+};
 
 /** Opens the store described by `spec`; the default module of store workers. */
 export async function openWorkerStore(spec: WorkerStoreSpec): Promise<StoreApi> {
@@ -25,5 +34,10 @@ export async function openWorkerStore(spec: WorkerStoreSpec): Promise<StoreApi> 
     });
   }
   // A writer reads only the base points' tree nodes: a small chunk cache keeps RSS per worker low.
-  return Store.open({ backend, passphrase: spec.passphrase, cacheBytes: 8 * 1024 * 1024 });
+  return Store.open({
+    backend,
+    passphrase: spec.passphrase,
+    cacheBytes: 8 * 1024 * 1024,
+    cryptoThreads: spec.cryptoThreads ?? 0,
+  });
 }
