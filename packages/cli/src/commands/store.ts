@@ -202,16 +202,23 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         }
         const disk = opts.disk ?? basename(imagePath);
         const machine = opts.machine ?? disk;
+        // Unwrapping the key (scrypt, a few hundred ms by design) runs on the thread pool while
+        // the image is probed and mapped and the extents are read: they need no key. With a
+        // prompt, the image is checked first, so a bad path never waits for a passphrase.
+        const early = config.passphrase.kind !== 'prompt';
+        const opening = early ? openStore(config, ctx) : undefined;
+        opening?.catch(() => undefined);
         const image = await DiskImage.open(imagePath, {
           ...(opts.format === undefined ? {} : { format: opts.format }),
           signal: ctx.signal,
         });
         ctx.cleanups.push(() => image.close());
+        image.map().catch(() => undefined);
         const changed =
           opts.changedExtents === undefined
             ? undefined
             : await readExtentsFile(opts.changedExtents, image.info.size);
-        const target = await openStore(config, ctx);
+        const target = await (opening ?? openStore(config, ctx));
         const progress = bar(ctx, config, 'import');
         const result = await importImage({
           store: target,
