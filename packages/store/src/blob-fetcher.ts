@@ -115,7 +115,7 @@ export class BlobFetcher {
               BlobType.Data,
               w.waiters[0]?.ctx ?? {},
             );
-            for (const x of w.waiters) x.resolve(plain);
+            resolveAll(w, plain);
           } catch (e) {
             for (const x of w.waiters) x.reject(e);
           }
@@ -147,7 +147,7 @@ export class BlobFetcher {
             x.reject(store.corruptBlob(w.id, BlobType.Data, w.loc, x.ctx, why, e));
           continue;
         }
-        for (const x of w.waiters) x.resolve(plain);
+        resolveAll(w, plain);
       }
       return;
     }
@@ -174,9 +174,14 @@ export class BlobFetcher {
           x.reject(store.corruptBlob(w.id, BlobType.Data, w.loc, x.ctx, why));
       } else {
         const plain = result.out.subarray(pos, pos + w.loc.rawLength);
-        for (const x of w.waiters) x.resolve(plain);
+        resolveAll(w, plain);
       }
       pos += w.loc.rawLength;
     });
   }
+}
+
+/** Hands the plaintext to every waiter: the first gets it, the others copies (readers own what they get). */
+function resolveAll(w: Wanted, plain: Buffer): void {
+  w.waiters.forEach((x, i) => x.resolve(i === 0 ? plain : Buffer.from(plain)));
 }

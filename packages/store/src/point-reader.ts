@@ -145,7 +145,9 @@ export class StorePointReader implements PointReader {
   /** Reads [offset, offset+length); `cached` uses the chunk cache (random access) or not (streams). */
   private async readRange(offset: number, length: number, cached: boolean): Promise<Buffer> {
     const parts = await this.readParts(offset, length, cached);
-    return parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts, length);
+    return parts.length === 1
+      ? (parts[0] as Buffer)
+      : (adjacent(parts) ?? Buffer.concat(parts, length));
   }
 
   /**
@@ -263,4 +265,17 @@ export class StorePointReader implements PointReader {
     }
     yield* walk(this.record.root, this.record.height - 1, 0);
   }
+}
+
+/** One view over `parts` when they lie back to back in one buffer (a merged read): no copy. */
+function adjacent(parts: readonly Buffer[]): Buffer | undefined {
+  const first = parts[0];
+  if (first === undefined) return undefined;
+  let end = first.byteOffset + first.byteLength;
+  for (let i = 1; i < parts.length; i++) {
+    const p = parts[i] as Buffer;
+    if (p.buffer !== first.buffer || p.byteOffset !== end) return undefined;
+    end += p.byteLength;
+  }
+  return Buffer.from(first.buffer, first.byteOffset, end - first.byteOffset);
 }
