@@ -79,8 +79,11 @@ export class CachedPointSource {
     const last = Math.floor((offset + length - 1) / this.blockSize);
     this.noteAccess(offset, length, last);
     try {
-      const parts: Buffer[] = [];
-      for (let b = first; b <= last; b++) parts.push(await this.block(b));
+      // All blocks at once: the store merges adjacent chunks into one ranged read and opens
+      // them in parallel (one after another, a 4 MiB read waited for 64 round trips).
+      const blocks: Array<Promise<Buffer>> = [];
+      for (let b = first; b <= last; b++) blocks.push(this.block(b));
+      const parts = await Promise.all(blocks);
       const whole = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
       const start = offset - first * this.blockSize;
       return whole.subarray(start, start + length);
