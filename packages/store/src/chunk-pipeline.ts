@@ -22,8 +22,8 @@ interface Entry {
  * The parallel write path of one session: whole chunks are copied into the crypto pool's
  * slots, hashed on its threads in batches, and applied to the session's tree strictly in the
  * order they were written (a later write of the same chunk always wins). A chunk the store
- * does not have yet is sealed on a thread in its slot and copied into the session's pack
- * writer; duplicates only cost the hash. `drain()` waits until every chunk written so far is
+ * does not have yet is sealed on a thread and its ciphertext (handed back, not copied) copied
+ * into the session's pack writer; duplicates only cost the hash. `drain()` waits until every chunk written so far is
  * in the tree and in the pack writer; the session calls it before anything that reads the tree
  * or the packs (partial-chunk merges, resize, commit).
  */
@@ -247,29 +247,27 @@ export class ChunkPipeline {
     const sealed = this.pool.seal(this.key, slots, lens, ids);
     // Sealed chunks enter the pack writer one batch at a time, in the order they were sealed.
     this.sealChain = this.sealChain.then(async () => {
-      let lengths: Int32Array | undefined;
+      let parts: Buffer[][] | undefined;
       try {
-        lengths = await sealed;
+        parts = await sealed;
       } catch (err) {
         this.fail(err);
       }
       try {
         for (let i = 0; i < batch.length; i++) {
           const { entry, id } = batch[i] as { entry: Entry; id: Buffer };
-          if (this.failure === undefined && lengths !== undefined) {
+          const rawLength = entry.length;
+          // The plaintext is no longer needed: the slot goes back before the copy into the pack.
+          this.release(entry);
+          const p = parts?.[i];
+          if (this.failure === undefined && p !== undefined) {
             try {
-              await this.writer.addSealed(
-                BlobType.Data,
-                id,
-                entry.length,
-                this.pool.view(entry.slot, lengths[i] as number),
-              );
+              await this.writer.addSealedParts(BlobType.Data, id, rawLength, p);
             } catch (err) {
               this.fail(err);
             }
           }
           this.sealing.delete(id.toString('latin1'));
-          this.release(entry);
         }
       } finally {
         this.inFlight--;

@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import type { CryptoReply, CryptoRequest, CryptoWorkerData } from './crypto-protocol.js';
-import { BlobType } from './store-crypto.js';
+import { BlobType, NONCE_BYTES, TAG_BYTES } from './store-crypto.js';
 import type { StoreCrypto } from './store-crypto.js';
 import { storeError } from './store-error.js';
 
@@ -8,7 +8,7 @@ import { storeError } from './store-error.js';
 export interface CryptoPoolOptions {
   /** Crypto threads; 0 runs everything on the calling thread. */
   threads: number;
-  /** Bytes of one slot: a chunk's plaintext, and its sealed form written over it. */
+  /** Bytes of one slot: at least a chunk's plaintext. */
   slotBytes: number;
   /** Bytes of all slots together (bounds the data in flight). @default 16777216 */
   arenaBytes?: number;
@@ -223,25 +223,25 @@ export class CryptoPool {
     }
   }
 
-  /** Seals the data chunks in `slots` in place; resolves with each sealed length. */
-  async seal(key: number, slots: Int32Array, lens: Int32Array, ids: Buffer): Promise<Int32Array> {
+  /**
+   * Seals the data chunks in `slots` (their plaintext stays there); resolves with each sealed
+   * chunk as consecutive parts (nonce and flag, body, tag) for the pack writer to copy.
+   */
+  async seal(key: number, slots: Int32Array, lens: Int32Array, ids: Buffer): Promise<Buffer[][]> {
     const w = this.pick();
     if (w === undefined) {
       const c = this.crypto(key);
-      const sealed = new Int32Array(slots.length);
+      const out: Buffer[][] = [];
       for (let i = 0; i < slots.length; i++) {
-        const s = slots[i] as number;
-        const parts = c.sealChunkParts(
-          BlobType.Data,
-          ids.subarray(32 * i, 32 * i + 32),
-          this.view(s, lens[i] as number),
+        out.push(
+          c.sealChunkParts(
+            BlobType.Data,
+            ids.subarray(32 * i, 32 * i + 32),
+            this.view(slots[i] as number, lens[i] as number),
+          ),
         );
-        const out = this.view(s);
-        let pos = 0;
-        for (const p of parts) pos += p.copy(out, pos);
-        sealed[i] = pos;
       }
-      return sealed;
+      return out;
     }
     const bytes = sum(lens);
     w.load += bytes;
@@ -250,7 +250,14 @@ export class CryptoPool {
         { t: 'seal', id: this.nextId++, key, slots, lens, ids: new Uint8Array(ids) },
         [],
       );
-      return r.sealed as Int32Array;
+      const heads = Buffer.from((r.heads as Uint8Array).buffer);
+      const tails = Buffer.from((r.tails as Uint8Array).buffer);
+      const head = NONCE_BYTES + 1;
+      return (r.bodies as Uint8Array[]).map((b, i) => [
+        heads.subarray(head * i, head * (i + 1)),
+        Buffer.from(b.buffer, b.byteOffset, b.byteLength),
+        tails.subarray(TAG_BYTES * i, TAG_BYTES * (i + 1)),
+      ]);
     } finally {
       w.load -= bytes;
     }

@@ -13,7 +13,7 @@ export type CryptoRequest =
   | { t: 'unkey'; id: number; key: number }
   /** Keyed ids of the plaintexts in `slots` (lengths `lens`). */
   | { t: 'hash'; id: number; key: number; slots: Int32Array; lens: Int32Array }
-  /** Seals the data chunks in `slots` in place (ids: 32 bytes each, for the AAD). */
+  /** Seals the data chunks in `slots` (ids: 32 bytes each, for the AAD); see the reply's parts. */
   | { t: 'seal'; id: number; key: number; slots: Int32Array; lens: Int32Array; ids: Uint8Array }
   /** Opens the sealed data chunks at `offs`/`lens` of `data` (transferred). */
   | {
@@ -37,8 +37,13 @@ export type CryptoReply =
       ready?: true;
       /** hash: 32 bytes per slot. */
       ids?: Uint8Array;
-      /** seal: the sealed length written into each slot. */
-      sealed?: Int32Array;
+      /**
+       * seal: each sealed chunk as nonce + encrypted flag byte (13 bytes each, one after
+       * another), the encrypted body (transferred, not copied), and the tag (16 bytes each).
+       */
+      heads?: Uint8Array;
+      bodies?: Uint8Array[];
+      tails?: Uint8Array;
       /** open: the plaintexts, one after another. */
       out?: Uint8Array;
       /** open: per blob, why it failed to open (null: it opened); null when all opened. */

@@ -66,6 +66,15 @@ export class PackWriter {
   }
 
   /** Adds a sealed blob given as consecutive parts, copied straight into the pack buffer. */
+  async addSealedParts(
+    type: BlobType,
+    id: Buffer,
+    rawLength: number,
+    parts: Buffer[],
+  ): Promise<void> {
+    await this.addParts(type, id, rawLength, parts);
+  }
+
   private async addParts(
     type: BlobType,
     id: Buffer,
