@@ -474,4 +474,34 @@ describe.skipIf(!built)('bin/lifeboat.js', () => {
     expect(usage).toMatchObject({ code: 2 });
     expect((usage as { stderr: string }).stderr).toMatch(/^error LB_CLI_USAGE: /);
   });
+
+  it('imports and restores a disk big enough for the crypto threads, and exits 0 each time', async () => {
+    // 48 MiB: past the store's 16 MiB threshold, so its threads start, work and are ended at
+    // exit (a thread that answered late once let the process end before they had: exit 13).
+    const where = await mkdtemp(join(tmpdir(), 'lifeboat-bin-'));
+    try {
+      const env = {
+        ...process.env,
+        LIFEBOAT_STORE: join(where, 'store'),
+        LIFEBOAT_PASSPHRASE: PASS,
+      };
+      const image = join(where, 'disk.raw');
+      const data = randomBytes(48 * 1024 * 1024);
+      data.fill(0, 16 * 1024 * 1024, 24 * 1024 * 1024);
+      await writeFile(image, data);
+      await exec(process.execPath, [bin, 'store', 'init', '--kdf-cost', '1024'], { env });
+      for (let i = 0; i < 3; i++) {
+        await exec(process.execPath, [bin, 'store', 'import', image, '--disk', `d${i}`, '--json'], {
+          env,
+        });
+        const out = join(where, `out${i}.raw`);
+        await exec(process.execPath, [bin, 'store', 'restore', 'latest', out, '--disk', `d${i}`], {
+          env,
+        });
+        await expectSameBytes(image, out);
+      }
+    } finally {
+      await rm(where, { recursive: true, force: true });
+    }
+  }, 120_000);
 });

@@ -256,18 +256,18 @@ export class ChunkPipeline {
       try {
         for (let i = 0; i < batch.length; i++) {
           const { entry, id } = batch[i] as { entry: Entry; id: Buffer };
-          const rawLength = entry.length;
-          // The plaintext is no longer needed: the slot goes back before the copy into the pack.
-          this.release(entry);
           const p = parts?.[i];
           if (this.failure === undefined && p !== undefined) {
             try {
-              await this.writer.addSealedParts(BlobType.Data, id, rawLength, p);
+              await this.writer.addSealedParts(BlobType.Data, id, entry.length, p);
             } catch (err) {
               this.fail(err);
             }
           }
           this.sealing.delete(id.toString('latin1'));
+          // Only now: a chunk holds its slot until it is in a pack, so what waits for a pack
+          // upload (plaintext or ciphertext) never exceeds the slots, however slow the store.
+          this.release(entry);
         }
       } finally {
         this.inFlight--;

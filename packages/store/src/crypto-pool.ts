@@ -46,6 +46,8 @@ class CryptoThread {
   load = 0;
   /** Tests: the thread ends abruptly just before its next request. */
   dieBeforeNext = false;
+  /** Being terminated: stays referenced until it has exited, whatever replies still arrive. */
+  ending = false;
 
   constructor(
     readonly worker: Worker,
@@ -61,7 +63,7 @@ class CryptoThread {
       const p = this.pending.get(m.id);
       if (p === undefined) return;
       this.pending.delete(m.id);
-      if (this.pending.size === 0) worker.unref();
+      if (this.pending.size === 0 && !this.ending) worker.unref();
       if (m.ok) p.resolve(m);
       else p.reject(new Error(m.error));
     });
@@ -134,7 +136,7 @@ export class CryptoPool {
     const slots =
       threads === 0
         ? 0
-        : Math.max(16, Math.floor((options.arenaBytes ?? 16 << 20) / this.slotBytes));
+        : Math.max(16, Math.floor((options.arenaBytes ?? 8 << 20) / this.slotBytes));
     this.arena = new SharedArrayBuffer(slots * this.slotBytes);
     this.arenaView = Buffer.from(this.arena);
     for (let i = slots - 1; i >= 0; i--) this.free.push(i);
@@ -339,7 +341,15 @@ export class CryptoPool {
     if (this.closed) return;
     this.closed = true;
     for (const key of [...this.keys.keys()]) this.unregister(key);
-    await Promise.all(this.workers.map((w) => w.worker.terminate()));
+    // Referenced until they have exited (a late reply must not unreference them): otherwise
+    // the process could run out of work while waiting for the exit and end before it.
+    await Promise.all(
+      this.workers.map((w) => {
+        w.ending = true;
+        w.worker.ref();
+        return w.worker.terminate();
+      }),
+    );
     this.workers.length = 0;
   }
 
@@ -370,14 +380,17 @@ export class CryptoPool {
     const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
     const entry = new URL(`./crypto-worker${ext}`, import.meta.url);
     const workerData: CryptoWorkerData = { arena: this.arena, slotBytes: this.slotBytes };
+    // A thread keeps little on its heap; a small young generation collects its short-lived
+    // buffers (compressor output, ciphertext parts) early, which keeps the process's RSS low.
+    const resourceLimits = { maxYoungGenerationSizeMb: 4, maxOldGenerationSizeMb: 64 };
     let worker: Worker;
     if (ext === '.js') {
-      worker = new Worker(entry, { workerData });
+      worker = new Worker(entry, { workerData, resourceLimits });
     } else {
       // Running from TypeScript sources (tests, tsx): loader hooks do not reach worker threads
       // in Node 20, so the thread registers tsx itself before importing its entry.
       const boot = `import('tsx/esm/api').then((api) => { api.register(); return import(${JSON.stringify(entry.href)}); })`;
-      worker = new Worker(boot, { eval: true, workerData });
+      worker = new Worker(boot, { eval: true, workerData, resourceLimits });
     }
     const thread = new CryptoThread(worker, (t) => {
       this.deaths++;
