@@ -66,7 +66,7 @@ export class DirectoryBackend implements ObjectBackend {
       const handle = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL);
       try {
         await handle.writeFile(data);
-        await handle.sync();
+        if (options.durable !== false) await handle.sync();
       } finally {
         await handle.close();
       }
@@ -100,7 +100,7 @@ export class DirectoryBackend implements ObjectBackend {
           if (errCode(err) !== 'ENOENT') throw err;
         });
       }
-      await fsyncDir(dir);
+      if (options.durable !== false) await fsyncDir(dir);
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw this.wrap(err, key);

@@ -10,6 +10,13 @@ export interface ObjectInfo {
 export interface PutOptions {
   /** Replace an existing object. When false and the key exists, put rejects with `LB_BACKEND_EXISTS`. @default false */
   overwrite?: boolean;
+  /**
+   * False: atomic, and visible to every reader once put resolves, but it may be lost if the
+   * machine (not just this process) stops before the system writes it back. For lock objects,
+   * which mean nothing after their holder's machine stopped; everything else stays durable.
+   * Backends that are always durable ignore it. @default true
+   */
+  durable?: boolean;
   /** Aborts the request. */
   signal?: AbortSignal;
 }

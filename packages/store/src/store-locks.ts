@@ -79,7 +79,8 @@ export class HeldLock {
       await this.owner.backend.put(
         this.key,
         Buffer.from(JSON.stringify({ ...this.record, time: now.toISOString() })),
-        { overwrite: true },
+        // A lock means nothing once its holder's machine stopped: no fsync needed.
+        { overwrite: true, durable: false },
       );
       this.lastRefresh = now.getTime();
     } catch (err) {
@@ -196,7 +197,7 @@ export class StoreLocks {
       ...(disk === undefined ? {} : { machine: disk.machine, disk: disk.disk }),
     };
     const key = `locks/${randomBytes(16).toString('hex')}`;
-    await this.backend.put(key, Buffer.from(JSON.stringify(record)));
+    await this.backend.put(key, Buffer.from(JSON.stringify(record)), { durable: false });
     let conflict: { key: string; record: LockRecord } | undefined;
     // gc keeps its lock object while it waits for running writers to finish: new writers see
     // it and wait, so a store that is written continuously still gets its gc.
@@ -222,9 +223,7 @@ export class StoreLocks {
         await this.backend.put(
           key,
           Buffer.from(JSON.stringify({ ...record, time: new Date().toISOString() })),
-          {
-            overwrite: true,
-          },
+          { overwrite: true, durable: false },
         );
       }
     } catch (err) {
@@ -253,7 +252,10 @@ export class StoreLocks {
       delete record.waiting;
       record.time = new Date().toISOString();
       try {
-        await this.backend.put(key, Buffer.from(JSON.stringify(record)), { overwrite: true });
+        await this.backend.put(key, Buffer.from(JSON.stringify(record)), {
+          overwrite: true,
+          durable: false,
+        });
       } catch (err) {
         await this.backend.delete(key).catch(() => undefined);
         throw err;

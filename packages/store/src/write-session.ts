@@ -77,9 +77,14 @@ export class StoreWriteSession implements WriteSession {
       throw invalid('A write session needs a non-empty machine and disk.');
     }
     checkSize(size);
+    // Most of the index loads while the lock is taken; the refresh that counts lists index/
+    // again once the lock is held (a cheap one then: only what is new).
+    const warm = store.refreshIndex();
+    warm.catch(() => undefined);
     // The lock names the disk: a second writer of it, here or in another process, is refused.
     const lock = await store.locks.acquire(false, `write ${machine}/${disk}`, { machine, disk });
     try {
+      await warm.catch(() => undefined);
       // Under the shared lock no gc runs, so what the index says stays true until commit.
       await store.refreshIndex();
       const baseOpt = options.base === undefined ? 'latest' : options.base;
