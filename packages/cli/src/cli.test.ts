@@ -476,7 +476,7 @@ describe.skipIf(!built)('bin/lifeboat.js', () => {
   });
 
   it('imports and restores a disk big enough for the crypto threads, and exits 0 each time', async () => {
-    // 48 MiB: past the store's 16 MiB threshold, so its threads start, work and are ended at
+    // 96 MiB: past the store's 64 MiB threshold, so its threads start, work and are ended at
     // exit (a thread that answered late once let the process end before they had: exit 13).
     const where = await mkdtemp(join(tmpdir(), 'lifeboat-bin-'));
     try {
@@ -486,7 +486,7 @@ describe.skipIf(!built)('bin/lifeboat.js', () => {
         LIFEBOAT_PASSPHRASE: PASS,
       };
       const image = join(where, 'disk.raw');
-      const data = randomBytes(48 * 1024 * 1024);
+      const data = randomBytes(96 * 1024 * 1024);
       data.fill(0, 16 * 1024 * 1024, 24 * 1024 * 1024);
       await writeFile(image, data);
       await exec(process.execPath, [bin, 'store', 'init', '--kdf-cost', '1024'], { env });

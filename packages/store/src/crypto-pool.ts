@@ -10,7 +10,7 @@ export interface CryptoPoolOptions {
   threads: number;
   /** Bytes of one slot: at least a chunk's plaintext. */
   slotBytes: number;
-  /** Bytes of all slots together (bounds the data in flight). @default 16777216 */
+  /** Bytes of all slots together (bounds the data in flight). @default 8388608 */
   arenaBytes?: number;
 }
 
