@@ -6,8 +6,8 @@ import type { ReadContext, Store } from './store.js';
 
 /** Blobs of one pack closer than this are read in one request (the gap is read and dropped). */
 const MAX_GAP = 64 * 1024;
-/** The most bytes one merged request reads. */
-const MAX_RUN = 8 * 1024 * 1024;
+/** The most bytes one merged request reads (the size of a crypto pool's read slot). */
+const MAX_RUN = 2 * 1024 * 1024;
 /** Merged requests (read, then open) in flight at once. */
 const MAX_IN_FLIGHT = 8;
 
@@ -15,7 +15,15 @@ interface Wanted {
   id: Buffer;
   loc: BlobLocation;
   /** Every read waiting for this blob (the first one's context names it in errors). */
-  waiters: Array<{ ctx: ReadContext; resolve: (b: Buffer) => void; reject: (e: unknown) => void }>;
+  waiters: Waiter[];
+}
+
+interface Waiter {
+  ctx: ReadContext;
+  /** Where the reader wants the plaintext (exactly its length), if anywhere. */
+  dest: Buffer | undefined;
+  resolve: (b: Buffer) => void;
+  reject: (e: unknown) => void;
 }
 
 /**
@@ -34,8 +42,11 @@ export class BlobFetcher {
 
   constructor(private readonly store: Store) {}
 
-  /** The plaintext of a data chunk at `loc` (a slice: copy it before keeping it long). */
-  fetch(id: Buffer, loc: BlobLocation, ctx: ReadContext): Promise<Buffer> {
+  /**
+   * The plaintext of a data chunk at `loc` (a slice: copy it before keeping it long). With
+   * `dest` (its exact length) the plaintext is written there and `dest` is what resolves.
+   */
+  fetch(id: Buffer, loc: BlobLocation, ctx: ReadContext, dest?: Buffer): Promise<Buffer> {
     return new Promise((resolve, reject) => {
       const k = `${loc.pack}:${loc.offset}`;
       let w = this.queue.get(k);
@@ -43,7 +54,12 @@ export class BlobFetcher {
         w = { id, loc, waiters: [] };
         this.queue.set(k, w);
       }
-      w.waiters.push({ ctx, resolve, reject });
+      w.waiters.push({
+        ctx,
+        dest: dest !== undefined && dest.length === loc.rawLength ? dest : undefined,
+        resolve,
+        reject,
+      });
       if (!this.scheduled) {
         this.scheduled = true;
         // After every read started in this turn has asked for its chunks.
@@ -93,43 +109,37 @@ export class BlobFetcher {
   private async read(run: Wanted[]): Promise<void> {
     const store = this.store;
     const head = run[0] as Wanted;
+    const base = head.loc.offset;
     let end = 0;
     for (const w of run) end = Math.max(end, w.loc.offset + w.loc.length);
-    let data: Buffer;
+    const key = packKey(head.loc.pack);
+    const length = end - base;
+    const threads = store.useCryptoThreads(length) ? store.cryptoPool : undefined;
+    // On the threads, the run is read into a read slot (shared memory, nothing allocated);
+    // on this thread, into a buffer of its own.
+    const got = threads?.acquireReadSlot();
+    const slot = typeof got === 'number' ? got : got === undefined ? undefined : await got;
     try {
-      data = await store.backend.getRange(
-        packKey(head.loc.pack),
-        head.loc.offset,
-        end - head.loc.offset,
-      );
-    } catch (err) {
-      if (
-        isLifeboatError(err, 'LB_BACKEND_NOT_FOUND') ||
-        isLifeboatError(err, 'LB_BACKEND_RANGE')
-      ) {
-        // One blob at a time: names the exact chunk, and looks again after a repack.
-        for (const w of run) {
-          try {
-            const plain = await store.readBlobUncached(
-              w.id,
-              BlobType.Data,
-              w.waiters[0]?.ctx ?? {},
-            );
-            resolveAll(w, plain);
-          } catch (e) {
-            for (const x of w.waiters) x.reject(e);
+      let data: Buffer;
+      try {
+        if (threads !== undefined && slot !== undefined) {
+          data = threads.readView(slot, length);
+          if (store.backend.getRangeInto !== undefined) {
+            await store.backend.getRangeInto(key, base, data);
+          } else {
+            (await store.backend.getRange(key, base, length)).copy(data);
           }
+        } else {
+          data = await store.backend.getRange(key, base, length);
         }
+      } catch (err) {
+        await this.failed(run, err);
         return;
       }
-      for (const w of run) {
-        for (const x of w.waiters)
-          x.reject(store.blobReadError(err, w.id, BlobType.Data, w.loc, x.ctx));
+      if (threads !== undefined) {
+        await this.openOnThreads(run, data);
+        return;
       }
-      return;
-    }
-    const base = head.loc.offset;
-    if (!store.useCryptoThreads(data.length)) {
       for (const w of run) {
         const rel = w.loc.offset - base;
         let plain: Buffer;
@@ -149,19 +159,44 @@ export class BlobFetcher {
         }
         resolveAll(w, plain);
       }
+    } finally {
+      if (slot !== undefined) threads?.releaseReadSlot(slot);
+    }
+  }
+
+  /** A run's ranged read failed: one blob at a time when it may be one blob's fault, else all fail. */
+  private async failed(run: Wanted[], err: unknown): Promise<void> {
+    const store = this.store;
+    if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND') || isLifeboatError(err, 'LB_BACKEND_RANGE')) {
+      // One blob at a time: names the exact chunk, and looks again after a repack.
+      for (const w of run) {
+        try {
+          resolveAll(w, await store.readBlobUncached(w.id, BlobType.Data, w.waiters[0]?.ctx ?? {}));
+        } catch (e) {
+          for (const x of w.waiters) x.reject(e);
+        }
+      }
       return;
     }
+    for (const w of run) {
+      for (const x of w.waiters)
+        x.reject(store.blobReadError(err, w.id, BlobType.Data, w.loc, x.ctx));
+    }
+  }
+
+  /** Opens a run's sealed bytes on the crypto threads, straight into the readers' buffers when they lie back to back. */
+  private async openOnThreads(run: Wanted[], data: Buffer): Promise<void> {
+    const store = this.store;
+    const base = (run[0] as Wanted).loc.offset;
+    const items = run.map((w) => ({
+      offset: w.loc.offset - base,
+      length: w.loc.length,
+      rawLength: w.loc.rawLength,
+      id: w.id,
+    }));
     let result;
     try {
-      result = await store.openOnThreads(
-        data,
-        run.map((w) => ({
-          offset: w.loc.offset - base,
-          length: w.loc.length,
-          rawLength: w.loc.rawLength,
-          id: w.id,
-        })),
-      );
+      result = await store.openOnThreads(data, items, contiguousDest(run));
     } catch (err) {
       for (const w of run) for (const x of w.waiters) x.reject(err);
       return;
@@ -173,15 +208,38 @@ export class BlobFetcher {
         for (const x of w.waiters)
           x.reject(store.corruptBlob(w.id, BlobType.Data, w.loc, x.ctx, why));
       } else {
-        const plain = result.out.subarray(pos, pos + w.loc.rawLength);
-        resolveAll(w, plain);
+        resolveAll(w, result.out.subarray(pos, pos + w.loc.rawLength));
       }
       pos += w.loc.rawLength;
     });
   }
 }
 
-/** Hands the plaintext to every waiter: the first gets it, the others copies (readers own what they get). */
+/** The readers' buffers of a run, as one, when they lie back to back in one shared memory. */
+function contiguousDest(run: Wanted[]): Buffer | undefined {
+  const first = run[0]?.waiters[0]?.dest;
+  if (first === undefined || !(first.buffer instanceof SharedArrayBuffer)) return undefined;
+  let end = first.byteOffset;
+  for (const w of run) {
+    const d = w.waiters[0]?.dest;
+    if (d === undefined || d.buffer !== first.buffer || d.byteOffset !== end) return undefined;
+    end += d.byteLength;
+  }
+  return Buffer.from(first.buffer, first.byteOffset, end - first.byteOffset);
+}
+
+/**
+ * Hands the plaintext to every waiter: into its own buffer when it gave one, otherwise the
+ * first gets it and the others copies (no two readers share memory).
+ */
 function resolveAll(w: Wanted, plain: Buffer): void {
-  w.waiters.forEach((x, i) => x.resolve(i === 0 ? plain : Buffer.from(plain)));
+  w.waiters.forEach((x, i) => {
+    if (x.dest !== undefined) {
+      if (x.dest.buffer !== plain.buffer || x.dest.byteOffset !== plain.byteOffset)
+        plain.copy(x.dest);
+      x.resolve(x.dest);
+    } else {
+      x.resolve(i === 0 ? plain : Buffer.from(plain));
+    }
+  });
 }

@@ -34,6 +34,9 @@ interface Pending {
   reject: (e: unknown) => void;
 }
 
+// Read slots: as many as the merged reads a fetcher runs at once.
+const READ_SLOTS = 8;
+
 // A thread that dies this many times (per configured thread) is not replaced any more: the
 // pool then works on the calling thread, which is slower but still correct.
 const MAX_DEATHS_PER_THREAD = 4;
@@ -112,6 +115,9 @@ export class CryptoPool {
   private readonly free: number[] = [];
   private readonly waiters: Array<(slot: number) => void> = [];
   private readonly workers: CryptoThread[] = [];
+  private readArena: Buffer | undefined;
+  private readonly readFree: number[] = [];
+  private readonly readWaiters: Array<(slot: number) => void> = [];
   private readonly keys = new Map<
     number,
     { crypto: StoreCrypto; master: Uint8Array; storeId: string; level: number }
@@ -265,17 +271,53 @@ export class CryptoPool {
     }
   }
 
+  /** Bytes of one read slot: the most one merged read may be. */
+  readonly readSlotBytes = 2 * 1024 * 1024;
+
+  /** A free read slot (shared memory a merged read of a pack is read into); waits while all are in use. */
+  acquireReadSlot(): Promise<number> | number {
+    if (this.readArena === undefined) {
+      // Made on first use: a store that only writes never pays for it.
+      this.readArena = Buffer.from(new SharedArrayBuffer(READ_SLOTS * this.readSlotBytes));
+      for (let i = READ_SLOTS - 1; i >= 0; i--) this.readFree.push(i);
+    }
+    const slot = this.readFree.pop();
+    if (slot !== undefined) return slot;
+    return new Promise((resolve) => this.readWaiters.push(resolve));
+  }
+
+  /** Returns a read slot. */
+  releaseReadSlot(slot: number): void {
+    const next = this.readWaiters.shift();
+    if (next !== undefined) next(slot);
+    else this.readFree.push(slot);
+  }
+
+  /** The first `length` bytes of a read slot. */
+  readView(slot: number, length: number): Buffer {
+    const at = slot * this.readSlotBytes;
+    return (this.readArena as Buffer).subarray(at, at + length);
+  }
+
   /**
-   * Opens (decrypts, decompresses, checks) sealed data chunks lying in `data`. `data` is
-   * handed over to a thread when it owns its memory: the caller must not use it afterwards.
+   * Opens (decrypts, decompresses, checks) sealed data chunks lying in `data`. `data` is a
+   * view of shared memory (a read slot), or is handed over to a thread when it owns its memory
+   * (the caller must not use it afterwards). With `dest` (shared memory, the plaintexts' total
+   * length) the plaintexts are written there, one after another, and `out` is `dest`.
    */
-  async open(key: number, data: Buffer, items: readonly OpenItem[]): Promise<OpenResult> {
+  async open(
+    key: number,
+    data: Buffer,
+    items: readonly OpenItem[],
+    dest?: Buffer,
+  ): Promise<OpenResult> {
     const w = this.pick();
+    let total = 0;
+    for (const it of items) total += it.rawLength;
+    const into = dest !== undefined && dest.length === total ? dest : undefined;
     if (w === undefined) {
       const c = this.crypto(key);
-      let total = 0;
-      for (const it of items) total += it.rawLength;
-      const out = Buffer.allocUnsafe(total);
+      const out = into ?? Buffer.allocUnsafe(total);
       let errors: Array<string | null> | null = null;
       let pos = 0;
       items.forEach((it, i) => {
@@ -307,22 +349,42 @@ export class CryptoPool {
       raws[i] = it.rawLength;
       ids.set(it.id, 32 * i);
     });
+    const shared = data.buffer instanceof SharedArrayBuffer;
     const owned =
-      data.byteOffset === 0 &&
-      data.byteLength === data.buffer.byteLength &&
-      data.buffer instanceof ArrayBuffer;
-    const payload = owned ? new Uint8Array(data.buffer) : new Uint8Array(data);
+      !shared && data.byteOffset === 0 && data.byteLength === data.buffer.byteLength;
+    // Shared memory is posted as a view (no copy); an owned buffer is transferred.
+    const payload =
+      shared || owned
+        ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+        : new Uint8Array(data);
+    const outView =
+      into !== undefined && into.buffer instanceof SharedArrayBuffer
+        ? new Uint8Array(into.buffer, into.byteOffset, into.byteLength)
+        : undefined;
     w.load += data.length;
     try {
       const r = await w.post(
-        { t: 'open', id: this.nextId++, key, data: payload, offs, lens, raws, ids },
-        [payload.buffer as ArrayBuffer],
+        {
+          t: 'open',
+          id: this.nextId++,
+          key,
+          data: payload,
+          ...(outView === undefined ? {} : { out: outView }),
+          offs,
+          lens,
+          raws,
+          ids,
+        },
+        shared ? [] : [payload.buffer as ArrayBuffer],
       );
+      if (outView !== undefined) return { out: into as Buffer, errors: r.errors ?? null };
       const out = r.out as Uint8Array;
-      return {
-        out: Buffer.from(out.buffer, out.byteOffset, out.byteLength),
-        errors: r.errors ?? null,
-      };
+      const got = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+      if (into !== undefined) {
+        got.copy(into);
+        return { out: into, errors: r.errors ?? null };
+      }
+      return { out: got, errors: r.errors ?? null };
     } finally {
       w.load -= data.length;
     }

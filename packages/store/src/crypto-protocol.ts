@@ -15,12 +15,16 @@ export type CryptoRequest =
   | { t: 'hash'; id: number; key: number; slots: Int32Array; lens: Int32Array }
   /** Seals the data chunks in `slots` (ids: 32 bytes each, for the AAD); see the reply's parts. */
   | { t: 'seal'; id: number; key: number; slots: Int32Array; lens: Int32Array; ids: Uint8Array }
-  /** Opens the sealed data chunks at `offs`/`lens` of `data` (transferred). */
+  /**
+   * Opens the sealed data chunks at `offs`/`lens` of `data` (transferred, or a view of shared
+   * memory); the plaintexts go one after another into `out` (shared memory) when given.
+   */
   | {
       t: 'open';
       id: number;
       key: number;
       data: Uint8Array;
+      out?: Uint8Array;
       offs: Int32Array;
       lens: Int32Array;
       raws: Int32Array;
@@ -44,7 +48,7 @@ export type CryptoReply =
       heads?: Uint8Array;
       bodies?: Uint8Array[];
       tails?: Uint8Array;
-      /** open: the plaintexts, one after another. */
+      /** open: the plaintexts, one after another (absent when written into the request's `out`). */
       out?: Uint8Array;
       /** open: per blob, why it failed to open (null: it opened); null when all opened. */
       errors?: Array<string | null> | null;

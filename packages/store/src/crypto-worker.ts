@@ -78,8 +78,9 @@ function handle(req: CryptoRequest): { reply: CryptoReply; transfer: ArrayBuffer
       const c = crypto(req.key);
       let total = 0;
       for (let i = 0; i < req.raws.length; i++) total += req.raws[i] as number;
-      const out = new Uint8Array(total);
-      const outBuf = Buffer.from(out.buffer);
+      const given = req.out !== undefined && req.out.byteLength === total;
+      const out = given ? (req.out as Uint8Array) : new Uint8Array(total);
+      const outBuf = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
       const data = Buffer.from(req.data.buffer, req.data.byteOffset, req.data.byteLength);
       const errors: Array<string | null> = [];
       let failed = false;
@@ -103,9 +104,10 @@ function handle(req: CryptoRequest): { reply: CryptoReply; transfer: ArrayBuffer
         }
         pos += raw;
       }
+      if (given) return { reply: { id: req.id, ok: true, errors: failed ? errors : null }, transfer: [] };
       return {
         reply: { id: req.id, ok: true, out, errors: failed ? errors : null },
-        transfer: [out.buffer],
+        transfer: [out.buffer as ArrayBuffer],
       };
     }
     case 'die':

@@ -121,13 +121,25 @@ export class DirectoryBackend implements ObjectBackend {
     length: number,
     signal?: AbortSignal,
   ): Promise<Buffer> {
+    if (!Number.isSafeInteger(length) || length < 0) {
+      throw new LifeboatError('LB_BACKEND_RANGE', `Invalid range ${offset}+${length} of ${key}.`, {
+        details: { key, offset, length },
+      });
+    }
+    const buf = Buffer.allocUnsafe(length);
+    await this.getRangeInto(key, offset, buf, signal);
+    return buf;
+  }
+
+  async getRangeInto(
+    key: string,
+    offset: number,
+    target: Uint8Array,
+    signal?: AbortSignal,
+  ): Promise<void> {
     signal?.throwIfAborted();
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0
-    ) {
+    const length = target.byteLength;
+    if (!Number.isSafeInteger(offset) || offset < 0) {
       throw new LifeboatError('LB_BACKEND_RANGE', `Invalid range ${offset}+${length} of ${key}.`, {
         details: { key, offset, length },
       });
@@ -145,16 +157,13 @@ export class DirectoryBackend implements ObjectBackend {
       // An empty range is valid up to the object's end, like on Azure; past it, it is not.
       if (length === 0 && offset > (await handle.stat()).size)
         throw this.rangeError(key, offset, length, 0);
-      const buf = Buffer.allocUnsafe(length);
       let done = 0;
       while (done < length) {
-        const { bytesRead } = await handle.read(buf, done, length - done, offset + done);
+        const { bytesRead } = await handle.read(target, done, length - done, offset + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }
       if (done < length) throw this.rangeError(key, offset, length, done);
-
-      return buf;
     } catch (err) {
       throw this.wrap(err, key);
     } finally {

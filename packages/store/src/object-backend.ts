@@ -45,6 +45,12 @@ export interface ObjectBackend {
   get(key: string, signal?: AbortSignal): Promise<Buffer>;
   /** Reads `length` bytes at `offset` of an object. */
   getRange(key: string, offset: number, length: number, signal?: AbortSignal): Promise<Buffer>;
+  /**
+   * Optional: like getRange, but reads `target.length` bytes into `target` (the store passes
+   * shared memory its crypto threads read from, so nothing is allocated or copied per read).
+   * Same errors as getRange. The store falls back to getRange when a backend lacks it.
+   */
+  getRangeInto?(key: string, offset: number, target: Uint8Array, signal?: AbortSignal): Promise<void>;
   /** The object's size, or undefined when it does not exist. */
   stat(key: string): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with `prefix`. */

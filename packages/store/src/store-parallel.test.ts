@@ -106,6 +106,24 @@ describe('the parallel paths: crypto threads for writes and reads', () => {
       expect(got.readAt.equals(want), `readAt of ${p.disk}`).toBe(true);
       expect(got.stream.equals(want), `stream of ${p.disk}`).toBe(true);
     }
+    // readInto, into shared memory (the threads write straight into it) and into a plain
+    // buffer, at offsets and lengths that cut chunks and cross zero ranges.
+    const shared = Buffer.from(new SharedArrayBuffer(64 * CS));
+    for (const { p, want } of points) {
+      const r = await store.openPoint(p.id);
+      for (const [at, n] of [
+        [0, 64 * CS],
+        [Math.min(CS * 3 + 100, want.length), 20 * CS + 7],
+        [Math.max(0, want.length - 5 * CS - 1), 5 * CS + 1],
+      ] as Array<[number, number]>) {
+        const len = Math.min(n, want.length - at);
+        for (const target of [shared.subarray(0, len), Buffer.alloc(len, 0xee)]) {
+          target.fill(0xee);
+          await r.readInto(at, target);
+          expect(target.equals(want.subarray(at, at + len)), `readInto ${at}+${len}`).toBe(true);
+        }
+      }
+    }
     expect((await store.verify()).ok).toBe(true);
     // The same store read on the calling thread alone: same bytes, and the ids a single
     // thread computes for the content.
@@ -174,6 +192,11 @@ describe('the parallel paths: crypto threads for writes and reads', () => {
     backend.getRange = (key, offset, length, signal) => {
       if (key.startsWith('packs/')) ranges++;
       return getRange(key, offset, length, signal);
+    };
+    const getRangeInto = backend.getRangeInto.bind(backend);
+    backend.getRangeInto = (key, offset, target, signal) => {
+      if (key.startsWith('packs/')) ranges++;
+      return getRangeInto(key, offset, target, signal);
     };
     const s = await Store.open({
       backend,

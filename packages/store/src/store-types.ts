@@ -144,6 +144,12 @@ export interface PointReader {
    * (`LB_STORE_*`, details naming the point, offset and object); never returns zeros for it.
    */
   readAt(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Like readAt, into `target` (`target.length` bytes at `offset`), for bulk copies that reuse
+   * their buffers: nothing is allocated per read, and when `target` is shared memory
+   * (a SharedArrayBuffer) the crypto threads write the plaintext straight into it.
+   */
+  readInto(offset: number, target: Buffer): Promise<void>;
   /** Allocation map in offset order, adjacent ranges of the same kind merged. */
   extents(): AsyncIterable<PointExtent>;
   /** The whole disk (or a range) as a stream, with read-ahead. */

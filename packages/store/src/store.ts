@@ -438,9 +438,9 @@ export class Store implements StoreApi {
   }
 
   /** @internal Opens sealed data chunks on the crypto threads (see {@link CryptoPool.open}). */
-  openOnThreads(data: Buffer, items: readonly OpenItem[]): Promise<OpenResult> {
+  openOnThreads(data: Buffer, items: readonly OpenItem[], dest?: Buffer): Promise<OpenResult> {
     if (this.pool === undefined) throw new Error('no crypto pool');
-    return this.pool.open(this.poolKey, data, items);
+    return this.pool.open(this.poolKey, data, items, dest);
   }
 
   /** @internal The crypto pool (tests). */
