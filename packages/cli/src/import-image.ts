@@ -22,7 +22,7 @@ export interface ImportImageOptions {
   /** Called as bytes are read: done and total bytes of data to read. */
   onProgress?: (done: number, total: number) => void;
   signal?: AbortSignal;
-  /** Bytes read from the image per request (a multiple of the chunk size). @default 4 MiB */
+  /** Bytes read from the image per request (a multiple of the chunk size). @default 2 MiB */
   blockBytes?: number;
 }
 
@@ -41,7 +41,7 @@ export interface ImportResult {
   bytesCovered: number;
 }
 
-const DEFAULT_BLOCK = 4 * 1024 * 1024;
+const DEFAULT_BLOCK = 2 * 1024 * 1024;
 
 /**
  * Imports a disk image into the store as a new recovery point: reads the allocated, non-zero

@@ -22,8 +22,8 @@ interface Entry {
  * The parallel write path of one session: whole chunks are copied into the crypto pool's
  * slots, hashed on its threads in batches, and applied to the session's tree strictly in the
  * order they were written (a later write of the same chunk always wins). A chunk the store
- * does not have yet is sealed on a thread and its ciphertext (handed back, not copied) copied
- * into the session's pack writer; duplicates only cost the hash. `drain()` waits until every chunk written so far is
+ * does not have yet is sealed on a thread in its slot and copied into the session's pack
+ * writer; duplicates only cost the hash. `drain()` waits until every chunk written so far is
  * in the tree and in the pack writer; the session calls it before anything that reads the tree
  * or the packs (partial-chunk merges, resize, commit).
  */
@@ -247,19 +247,24 @@ export class ChunkPipeline {
     const sealed = this.pool.seal(this.key, slots, lens, ids);
     // Sealed chunks enter the pack writer one batch at a time, in the order they were sealed.
     this.sealChain = this.sealChain.then(async () => {
-      let parts: Buffer[][] | undefined;
+      let lengths: Int32Array | undefined;
       try {
-        parts = await sealed;
+        lengths = await sealed;
       } catch (err) {
         this.fail(err);
       }
       try {
         for (let i = 0; i < batch.length; i++) {
           const { entry, id } = batch[i] as { entry: Entry; id: Buffer };
-          const p = parts?.[i];
-          if (this.failure === undefined && p !== undefined) {
+          const n = lengths?.[i];
+          if (this.failure === undefined && n !== undefined) {
             try {
-              await this.writer.addSealedParts(BlobType.Data, id, entry.length, p);
+              await this.writer.addSealed(
+                BlobType.Data,
+                id,
+                entry.length,
+                this.pool.view(entry.slot, n),
+              );
             } catch (err) {
               this.fail(err);
             }

@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import type { CryptoReply, CryptoRequest, CryptoWorkerData } from './crypto-protocol.js';
-import { BlobType, NONCE_BYTES, TAG_BYTES } from './store-crypto.js';
+import { BlobType } from './store-crypto.js';
 import type { StoreCrypto } from './store-crypto.js';
 import { storeError } from './store-error.js';
 
@@ -8,7 +8,7 @@ import { storeError } from './store-error.js';
 export interface CryptoPoolOptions {
   /** Crypto threads; 0 runs everything on the calling thread. */
   threads: number;
-  /** Bytes of one slot: at least a chunk's plaintext. */
+  /** Bytes of one slot: a chunk's plaintext, and its sealed form written over it. */
   slotBytes: number;
   /** Bytes of all slots together (bounds the data in flight). @default 8388608 */
   arenaBytes?: number;
@@ -232,24 +232,27 @@ export class CryptoPool {
   }
 
   /**
-   * Seals the data chunks in `slots` (their plaintext stays there); resolves with each sealed
-   * chunk as consecutive parts (nonce and flag, body, tag) for the pack writer to copy.
+   * Seals the data chunks in `slots` in place (the sealed chunk is written over its plaintext,
+   * so the calling thread makes no garbage); resolves with each sealed length.
    */
-  async seal(key: number, slots: Int32Array, lens: Int32Array, ids: Buffer): Promise<Buffer[][]> {
+  async seal(key: number, slots: Int32Array, lens: Int32Array, ids: Buffer): Promise<Int32Array> {
     const w = this.pick();
     if (w === undefined) {
       const c = this.crypto(key);
-      const out: Buffer[][] = [];
+      const sealed = new Int32Array(slots.length);
       for (let i = 0; i < slots.length; i++) {
-        out.push(
-          c.sealChunkParts(
-            BlobType.Data,
-            ids.subarray(32 * i, 32 * i + 32),
-            this.view(slots[i] as number, lens[i] as number),
-          ),
+        const s = slots[i] as number;
+        const parts = c.sealChunkParts(
+          BlobType.Data,
+          ids.subarray(32 * i, 32 * i + 32),
+          this.view(s, lens[i] as number),
         );
+        const out = this.view(s);
+        let pos = 0;
+        for (const p of parts) pos += p.copy(out, pos);
+        sealed[i] = pos;
       }
-      return out;
+      return sealed;
     }
     const bytes = sum(lens);
     w.load += bytes;
@@ -258,14 +261,7 @@ export class CryptoPool {
         { t: 'seal', id: this.nextId++, key, slots, lens, ids: new Uint8Array(ids) },
         [],
       );
-      const heads = Buffer.from((r.heads as Uint8Array).buffer);
-      const tails = Buffer.from((r.tails as Uint8Array).buffer);
-      const head = NONCE_BYTES + 1;
-      return (r.bodies as Uint8Array[]).map((b, i) => [
-        heads.subarray(head * i, head * (i + 1)),
-        Buffer.from(b.buffer, b.byteOffset, b.byteLength),
-        tails.subarray(TAG_BYTES * i, TAG_BYTES * (i + 1)),
-      ]);
+      return r.sealed as Int32Array;
     } finally {
       w.load -= bytes;
     }
@@ -350,8 +346,7 @@ export class CryptoPool {
       ids.set(it.id, 32 * i);
     });
     const shared = data.buffer instanceof SharedArrayBuffer;
-    const owned =
-      !shared && data.byteOffset === 0 && data.byteLength === data.buffer.byteLength;
+    const owned = !shared && data.byteOffset === 0 && data.byteLength === data.buffer.byteLength;
     // Shared memory is posted as a view (no copy); an owned buffer is transferred.
     const payload =
       shared || owned

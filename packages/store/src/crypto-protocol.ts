@@ -13,7 +13,7 @@ export type CryptoRequest =
   | { t: 'unkey'; id: number; key: number }
   /** Keyed ids of the plaintexts in `slots` (lengths `lens`). */
   | { t: 'hash'; id: number; key: number; slots: Int32Array; lens: Int32Array }
-  /** Seals the data chunks in `slots` (ids: 32 bytes each, for the AAD); see the reply's parts. */
+  /** Seals the data chunks in `slots` in place (ids: 32 bytes each, for the AAD). */
   | { t: 'seal'; id: number; key: number; slots: Int32Array; lens: Int32Array; ids: Uint8Array }
   /**
    * Opens the sealed data chunks at `offs`/`lens` of `data` (transferred, or a view of shared
@@ -41,13 +41,8 @@ export type CryptoReply =
       ready?: true;
       /** hash: 32 bytes per slot. */
       ids?: Uint8Array;
-      /**
-       * seal: each sealed chunk as nonce + encrypted flag byte (13 bytes each, one after
-       * another), the encrypted body (transferred, not copied), and the tag (16 bytes each).
-       */
-      heads?: Uint8Array;
-      bodies?: Uint8Array[];
-      tails?: Uint8Array;
+      /** seal: the sealed length written over each slot's plaintext. */
+      sealed?: Int32Array;
       /** open: the plaintexts, one after another (absent when written into the request's `out`). */
       out?: Uint8Array;
       /** open: per blob, why it failed to open (null: it opened); null when all opened. */

@@ -2,7 +2,8 @@
 // (zstd + AES-256-GCM) and opening of data chunks, on bytes in the pool's shared slots or in
 // transferred buffers. It holds keys only in memory and imports nothing but the crypto code.
 import { parentPort, workerData } from 'node:worker_threads';
-import { BlobType, NONCE_BYTES, StoreCrypto, TAG_BYTES } from './store-crypto.js';
+import { collectYoungGarbage } from './gc-hint.js';
+import { BlobType, StoreCrypto } from './store-crypto.js';
 import type { CryptoReply, CryptoRequest, CryptoWorkerData } from './crypto-protocol.js';
 
 const init = workerData as CryptoWorkerData;
@@ -10,8 +11,9 @@ const port = parentPort;
 if (port === null) throw new Error('crypto-worker runs only as a worker thread');
 const arena = Buffer.from(init.arena);
 const keys = new Map<number, StoreCrypto>();
-// Nonce and the encrypted flag byte that starts every chunk's plaintext.
-const HEAD_BYTES = NONCE_BYTES + 1;
+// Bytes sealed between two young-generation collections.
+const COLLECT_EVERY = 8 * 1024 * 1024;
+let sealedBytes = 0;
 
 function slot(index: number, length: number): Buffer {
   const at = index * init.slotBytes;
@@ -42,37 +44,29 @@ function handle(req: CryptoRequest): { reply: CryptoReply; transfer: ArrayBuffer
     }
     case 'seal': {
       const c = crypto(req.key);
-      const n = req.slots.length;
-      const heads = new Uint8Array(HEAD_BYTES * n);
-      const tails = new Uint8Array(TAG_BYTES * n);
-      const bodies: Uint8Array[] = [];
-      const transfer: ArrayBuffer[] = [heads.buffer, tails.buffer];
-      for (let i = 0; i < n; i++) {
-        const plain = slot(req.slots[i] as number, req.lens[i] as number);
+      const sealed = new Int32Array(req.slots.length);
+      for (let i = 0; i < req.slots.length; i++) {
+        const s = req.slots[i] as number;
+        const plain = slot(s, req.lens[i] as number);
         const id = Buffer.from(req.ids.buffer, req.ids.byteOffset + 32 * i, 32);
-        const [nonce, flag, body, ...rest] = c.sealChunkParts(BlobType.Data, id, plain);
-        const tail = Buffer.concat(rest);
-        if (
-          nonce?.length !== NONCE_BYTES ||
-          flag?.length !== 1 ||
-          body === undefined ||
-          tail.length !== TAG_BYTES
-        )
-          throw new Error('unexpected sealed chunk layout');
-        heads.set(nonce, HEAD_BYTES * i);
-        heads.set(flag, HEAD_BYTES * i + NONCE_BYTES);
-        tails.set(tail, TAG_BYTES * i);
-        // The ciphertext goes back as it is when it owns its memory (it does: a fresh output).
-        const own =
-          body.byteOffset === 0 &&
-          body.byteLength === body.buffer.byteLength &&
-          body.buffer instanceof ArrayBuffer &&
-          !transfer.includes(body.buffer);
-        const out = own ? new Uint8Array(body.buffer) : new Uint8Array(body);
-        bodies.push(out);
-        transfer.push(out.buffer as ArrayBuffer);
+        // Every part is computed before the first is copied over the plaintext it came from.
+        const parts = c.sealChunkParts(BlobType.Data, id, plain);
+        let n = 0;
+        for (const p of parts) n += p.length;
+        if (n > init.slotBytes) throw new Error(`sealed chunk of ${n} bytes exceeds its slot`);
+        const out = slot(s, n);
+        let pos = 0;
+        for (const p of parts) pos += p.copy(out, pos);
+        sealed[i] = n;
+        sealedBytes += n;
       }
-      return { reply: { id: req.id, ok: true, heads, bodies, tails }, transfer };
+      // The ciphertext buffers just copied are garbage: collect them while they are young, in
+      // this thread, so its allocator reuses their memory (see gc-hint.ts).
+      if (sealedBytes >= COLLECT_EVERY) {
+        sealedBytes = 0;
+        collectYoungGarbage();
+      }
+      return { reply: { id: req.id, ok: true, sealed }, transfer: [] };
     }
     case 'open': {
       const c = crypto(req.key);
@@ -104,7 +98,8 @@ function handle(req: CryptoRequest): { reply: CryptoReply; transfer: ArrayBuffer
         }
         pos += raw;
       }
-      if (given) return { reply: { id: req.id, ok: true, errors: failed ? errors : null }, transfer: [] };
+      if (given)
+        return { reply: { id: req.id, ok: true, errors: failed ? errors : null }, transfer: [] };
       return {
         reply: { id: req.id, ok: true, out, errors: failed ? errors : null },
         transfer: [out.buffer as ArrayBuffer],

@@ -50,7 +50,12 @@ export interface ObjectBackend {
    * shared memory its crypto threads read from, so nothing is allocated or copied per read).
    * Same errors as getRange. The store falls back to getRange when a backend lacks it.
    */
-  getRangeInto?(key: string, offset: number, target: Uint8Array, signal?: AbortSignal): Promise<void>;
+  getRangeInto?(
+    key: string,
+    offset: number,
+    target: Uint8Array,
+    signal?: AbortSignal,
+  ): Promise<void>;
   /** The object's size, or undefined when it does not exist. */
   stat(key: string): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with `prefix`. */
