@@ -11,7 +11,7 @@ const port = parentPort;
 if (port === null) throw new Error('crypto-worker runs only as a worker thread');
 const arena = Buffer.from(init.arena);
 const keys = new Map<number, StoreCrypto>();
-// Bytes sealed between two young-generation collections.
+// Bytes sealed or opened between two young-generation collections.
 const COLLECT_EVERY = 8 * 1024 * 1024;
 let sealedBytes = 0;
 
@@ -97,6 +97,12 @@ function handle(req: CryptoRequest): { reply: CryptoReply; transfer: ArrayBuffer
           errors.push((err as Error).message);
         }
         pos += raw;
+      }
+      // The plaintexts just copied are garbage too (see 'seal').
+      sealedBytes += total;
+      if (sealedBytes >= COLLECT_EVERY) {
+        sealedBytes = 0;
+        collectYoungGarbage();
       }
       if (given)
         return { reply: { id: req.id, ok: true, errors: failed ? errors : null }, transfer: [] };
