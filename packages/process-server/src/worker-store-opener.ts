@@ -13,10 +13,11 @@ export type WorkerStoreSpec = (
     }
 ) & {
   /**
-   * Crypto threads of each worker's store (see the store's `cryptoThreads`). The store workers
-   * already spread machines over threads, so by default their stores add none: N workers are
-   * N threads, not N times the cores.
-   * @default 0
+   * Crypto threads of the store (see the store's `cryptoThreads`). In a {@link StoreWorkerPool}
+   * the store workers already spread machines over threads, so there their stores add none by
+   * default (N workers are N threads, not N times the cores); a store opened on its own (no
+   * store workers) keeps the store's default.
+   * @default 0 in store workers, the store's default otherwise
    */
   cryptoThreads?: number;
 };
@@ -38,6 +39,6 @@ export async function openWorkerStore(spec: WorkerStoreSpec): Promise<StoreApi> 
     backend,
     passphrase: spec.passphrase,
     cacheBytes: 8 * 1024 * 1024,
-    cryptoThreads: spec.cryptoThreads ?? 0,
+    ...(spec.cryptoThreads === undefined ? {} : { cryptoThreads: spec.cryptoThreads }),
   });
 }
