@@ -79,7 +79,7 @@ export interface StoreExtraOptions {
   indexEveryBlobs?: number;
   /** References per tree node, a power of two from 4 to 4096 (init only; tests lower it). @default 256 */
   treeFanout?: number;
-  /** Bytes the store moves on the calling thread before it starts its crypto threads (tests lower it). @default 67108864 */
+  /** Bytes the store writes on the calling thread before it starts its crypto threads (reads count eight times; tests lower it). @default 67108864 */
   parallelMinBytes?: number;
   /** A crypto pool shared with other stores (tests), used instead of one of the store's own; not closed by the store. */
   cryptoPool?: CryptoPool;
@@ -432,9 +432,13 @@ export class Store implements StoreApi {
     return { pool: this.pool, key: this.poolKey };
   }
 
-  /** @internal True when `bytes` of sealed chunks should be opened on the crypto threads. */
+  /**
+   * @internal True when `bytes` of sealed chunks should be opened on the crypto threads. Reads
+   * count eight times: they have no fixed cost to save (a changed-extents import does), and a
+   * recovery host reading a point sequentially wants the threads early.
+   */
   useCryptoThreads(bytes: number): boolean {
-    return this.parallel(bytes)?.pool.ready === true;
+    return this.parallel(bytes * 8)?.pool.ready === true;
   }
 
   /** @internal Opens sealed data chunks on the crypto threads (see {@link CryptoPool.open}). */
