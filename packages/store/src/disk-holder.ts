@@ -1,6 +1,7 @@
-// Child process of store-writers.test.ts: begins a write session of one disk and holds it (a
-// second writer of the disk in another process) until it is killed.
+// Child process (or worker thread) of store-writers.test.ts: begins a write session of one
+// disk and holds it (a second writer of the disk elsewhere) until it is killed.
 // Usage: node --import tsx disk-holder.ts <store-dir> <passphrase> <machine> <disk>
+import { parentPort } from 'node:worker_threads';
 import { DirectoryBackend } from './directory-backend.js';
 import { Store } from './store.js';
 
@@ -12,6 +13,7 @@ if (dir === undefined || passphrase === undefined || machine === undefined || di
 const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
 const session = await store.beginWrite({ machine, disk, size: 1024 * 1024 });
 await session.write(0, Buffer.alloc(4096, 1));
-process.stdout.write('HOLDING\n');
+if (parentPort !== null) parentPort.postMessage('HOLDING');
+else process.stdout.write('HOLDING\n');
 // Held until killed: the lock's heartbeat keeps it live.
 setInterval(() => undefined, 1000);

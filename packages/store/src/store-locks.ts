@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
+import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { isLifeboatError } from '@lifeboat/protocol';
 import type { ObjectBackend } from './object-backend.js';
 import { storeError } from './store-error.js';
@@ -31,6 +32,55 @@ export interface LockRecord {
   /** A writer's lock: the disk it writes. Only one writer of a disk holds one at a time. */
   machine?: string;
   disk?: string;
+  /** The holder's thread in its process (worker_threads.threadId; 0 is the main thread). */
+  thread?: number;
+}
+
+// Lock objects held by this thread (by any store of it), so that another thread of this
+// process can ask whether their holder still lives: a process id says nothing about a thread,
+// and a store worker thread that died (the process server restarts it) left its lock behind.
+const heldHere = new Set<string>();
+let channel: BroadcastChannel | undefined;
+const collectors = new Map<string, (keys: string[]) => void>();
+/** How long a thread waits for another thread of its process to say it holds a lock. */
+const THREAD_ANSWER_MS = 2000;
+
+function lockChannel(): BroadcastChannel {
+  if (channel !== undefined) return channel;
+  const ch = new BroadcastChannel('lifeboat/store-locks/v1');
+  ch.onmessage = (event: unknown) => {
+    const m = (event as { data: { t: string; nonce: string; keys: string[] } }).data;
+    if (m.t === 'ping') {
+      const mine = m.keys.filter((k) => heldHere.has(k));
+      if (mine.length > 0) ch.postMessage({ t: 'pong', nonce: m.nonce, keys: mine });
+    } else if (m.t === 'pong') {
+      collectors.get(m.nonce)?.(m.keys);
+    }
+  };
+  // Answering is a service, not work of its own: it never keeps the process alive.
+  ch.unref();
+  channel = ch;
+  return ch;
+}
+
+/** Which of `keys` (locks of other threads of this process) a live thread still holds. */
+async function heldByLiveThreads(keys: string[]): Promise<Set<string>> {
+  const ch = lockChannel();
+  const nonce = randomBytes(8).toString('hex');
+  const alive = new Set<string>();
+  await new Promise<void>((resolve) => {
+    const timer = setTimeout(resolve, THREAD_ANSWER_MS);
+    collectors.set(nonce, (got) => {
+      for (const k of got) alive.add(k);
+      if (keys.every((k) => alive.has(k))) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    ch.postMessage({ t: 'ping', nonce, keys });
+  });
+  collectors.delete(nonce);
+  return alive;
 }
 
 /** How long a writer that sees a newer lock on its disk waits for that writer to back off. */
@@ -133,6 +183,7 @@ export class HeldLock {
     this.timer = undefined;
     await this.refreshing;
     this.owner.forget(this);
+    heldHere.delete(this.key);
     await this.owner.backend.delete(this.key).catch(() => undefined);
   }
 }
@@ -195,9 +246,12 @@ export class StoreLocks {
       time: now,
       ...(exclusive ? { waiting: true } : {}),
       ...(disk === undefined ? {} : { machine: disk.machine, disk: disk.disk }),
+      thread: threadId,
     };
     const key = `locks/${randomBytes(16).toString('hex')}`;
     await this.backend.put(key, Buffer.from(JSON.stringify(record)), { durable: false });
+    heldHere.add(key);
+    if (disk !== undefined) lockChannel();
     let conflict: { key: string; record: LockRecord } | undefined;
     // gc keeps its lock object while it waits for running writers to finish: new writers see
     // it and wait, so a store that is written continuously still gets its gc.
@@ -227,10 +281,12 @@ export class StoreLocks {
         );
       }
     } catch (err) {
+      heldHere.delete(key);
       await this.backend.delete(key).catch(() => undefined);
       throw err;
     }
     if (conflict !== undefined) {
+      heldHere.delete(key);
       await this.backend.delete(key).catch(() => undefined);
       const r = conflict.record;
       throw storeError(
@@ -243,6 +299,7 @@ export class StoreLocks {
       try {
         await this.claimDisk(key, record, disk);
       } catch (err) {
+        heldHere.delete(key);
         await this.backend.delete(key).catch(() => undefined);
         throw err;
       }
@@ -257,6 +314,7 @@ export class StoreLocks {
           durable: false,
         });
       } catch (err) {
+        heldHere.delete(key);
         await this.backend.delete(key).catch(() => undefined);
         throw err;
       }
@@ -280,13 +338,24 @@ export class StoreLocks {
   ): Promise<void> {
     const deadline = Date.now() + Math.min(DISK_RACE_MS, this.options.sharedWaitMs);
     for (let delay = 50; ; delay = Math.min(delay * 2, 500)) {
-      const rivals = (await this.others(key)).filter(
+      let rivals = (await this.others(key)).filter(
         (o) =>
           !o.stale &&
           !o.record.exclusive &&
           o.record.machine === disk.machine &&
           o.record.disk === disk.disk,
       );
+      // A rival of this process but another thread: alive only if that thread says so.
+      const sameProcess = rivals.filter(
+        (o) =>
+          o.record.host === hostname() &&
+          o.record.pid === process.pid &&
+          o.record.thread !== threadId,
+      );
+      if (sameProcess.length > 0) {
+        const alive = await heldByLiveThreads(sameProcess.map((o) => o.key));
+        rivals = rivals.filter((o) => !sameProcess.includes(o) || alive.has(o.key));
+      }
       if (rivals.length === 0) return;
       const older = rivals.find((o) => lockOrder(o.key, o.record, key, record) < 0);
       if (older !== undefined || Date.now() + delay > deadline) {

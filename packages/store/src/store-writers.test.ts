@@ -2,7 +2,8 @@ import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isLifeboatError } from '@lifeboat/protocol';
 import type { TempStore } from './test-support.js';
@@ -88,6 +89,33 @@ describe('one writer per disk, and gc of packs no index lists', () => {
     const after = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 8 });
     await after.write(0, pseudoRandom(CS * 8, 2));
     await after.commit();
+  }, 60_000);
+
+  it('a writer in another thread of this process holds its disk while it lives, not after it died', async () => {
+    t = await tempStore({ chunkSize: CS });
+    // A store worker thread (as in the process server) that holds the disk, then dies.
+    const boot = `import('tsx/esm/api').then((api) => { api.register(); return import(${JSON.stringify(pathToFileURL(holderScript).href)}); })`;
+    const worker = new Worker(boot, {
+      eval: true,
+      argv: [t.dir, TEST_PASSPHRASE, 'm', 'vda'],
+    });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        worker.once('message', () => resolve());
+        worker.once('error', reject);
+        worker.once('exit', (c) => reject(new Error(`holder thread exited (${c})`)));
+      });
+      const busy = await t.store
+        .beginWrite({ machine: 'm', disk: 'vda', size: CS })
+        .catch((e: unknown) => e);
+      expect(isLifeboatError(busy, 'LB_STORE_DISK_BUSY')).toBe(true);
+    } finally {
+      await worker.terminate();
+    }
+    // Its lock object is still there (same host, same pid), but no live thread holds it.
+    const w = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 });
+    await w.write(0, pseudoRandom(CS * 4, 9));
+    await w.commit();
   }, 60_000);
 
   it('writers racing for one disk: exactly one gets it', async () => {
