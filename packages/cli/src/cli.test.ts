@@ -406,6 +406,49 @@ describe('lifeboat store', () => {
     expect(parsed.ok).toBe(false);
     expect(parsed.faults[0]?.points.length).toBeGreaterThan(0);
   });
+
+  it('points and verify show a point object that cannot be read, and exit 3', async () => {
+    const before = await lifeboat(['store', 'points', '--json']);
+    const listed = (JSON.parse(before.stdout) as { points: PointJson[] }).points;
+    const victim = listed[listed.length - 1] as PointJson;
+    const file = join(storeDir, 'points', victim.id);
+    const buf = await readFile(file);
+    buf[buf.length - 3] = (buf[buf.length - 3] as number) ^ 0x10;
+    await writeFile(file, buf);
+    const human = await lifeboat(['store', 'points']);
+    expect(human.code).toBe(3);
+    expect(human.stdout).toContain('1 point object(s) could not be read');
+    expect(human.stdout).toContain(`points/${victim.id}`);
+    expect(human.stdout).toContain('LB_STORE_CORRUPT_POINT');
+    const asJson = await lifeboat(['store', 'points', '--json']);
+    expect(asJson.code).toBe(3);
+    const parsed = JSON.parse(asJson.stdout) as {
+      points: PointJson[];
+      damaged: Array<{ id: string; object: string; code: string }>;
+    };
+    expect(parsed.points.map((p) => p.id)).not.toContain(victim.id);
+    expect(parsed.damaged).toEqual([
+      expect.objectContaining({
+        id: victim.id,
+        object: `points/${victim.id}`,
+        code: 'LB_STORE_CORRUPT_POINT',
+      }),
+    ]);
+    const report = await lifeboat(['store', 'verify', '--json']);
+    expect(report.code).toBe(3);
+    const faults = (
+      JSON.parse(report.stdout) as {
+        faults: Array<{ code: string; object: string; points: string[] }>;
+      }
+    ).faults;
+    expect(faults).toContainEqual(
+      expect.objectContaining({
+        code: 'LB_STORE_CORRUPT_POINT',
+        object: `points/${victim.id}`,
+        points: [victim.id],
+      }),
+    );
+  });
 });
 
 async function findFiles(root: string, match: (path: string) => boolean): Promise<string[]> {
@@ -431,4 +474,34 @@ describe.skipIf(!built)('bin/lifeboat.js', () => {
     expect(usage).toMatchObject({ code: 2 });
     expect((usage as { stderr: string }).stderr).toMatch(/^error LB_CLI_USAGE: /);
   });
+
+  it('imports and restores a disk big enough for the crypto threads, and exits 0 each time', async () => {
+    // 96 MiB: past the store's 64 MiB threshold, so its threads start, work and are ended at
+    // exit (a thread that answered late once let the process end before they had: exit 13).
+    const where = await mkdtemp(join(tmpdir(), 'lifeboat-bin-'));
+    try {
+      const env = {
+        ...process.env,
+        LIFEBOAT_STORE: join(where, 'store'),
+        LIFEBOAT_PASSPHRASE: PASS,
+      };
+      const image = join(where, 'disk.raw');
+      const data = randomBytes(96 * 1024 * 1024);
+      data.fill(0, 16 * 1024 * 1024, 24 * 1024 * 1024);
+      await writeFile(image, data);
+      await exec(process.execPath, [bin, 'store', 'init', '--kdf-cost', '1024'], { env });
+      for (let i = 0; i < 3; i++) {
+        await exec(process.execPath, [bin, 'store', 'import', image, '--disk', `d${i}`, '--json'], {
+          env,
+        });
+        const out = join(where, `out${i}.raw`);
+        await exec(process.execPath, [bin, 'store', 'restore', 'latest', out, '--disk', `d${i}`], {
+          env,
+        });
+        await expectSameBytes(image, out);
+      }
+    } finally {
+      await rm(where, { recursive: true, force: true });
+    }
+  }, 120_000);
 });

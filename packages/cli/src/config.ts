@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { isAbsolute, resolve } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
+import { prefetchDirectoryStoreKeys } from '@lifeboat/store/key-prefetch';
 import type { CliIo } from './cli-context.js';
 import { promptHidden } from './prompt-hidden.js';
 
@@ -294,4 +295,46 @@ export async function readPassphraseFile(
     );
   }
   return line;
+}
+
+// `lifeboat store <one of these>` opens the store with its passphrase.
+const OPENS_STORE = new Set(['import', 'points', 'restore', 'verify', 'prune', 'gc', 'stats']);
+
+/**
+ * Called by bin/lifeboat.js before the CLI's modules load: when this invocation is a store
+ * command on a directory store whose passphrase comes from LIFEBOAT_PASSPHRASE or
+ * --passphrase-file (never a prompt), starts deriving the key-encryption key now, so scrypt
+ * runs on the thread pool while the modules load and the command starts. A cheap scan of the
+ * arguments, not their real parse: when it guesses wrong, the work is merely not used.
+ */
+export async function prefetchStoreKey(args: readonly string[]): Promise<void> {
+  try {
+    const env = processEnvironment();
+    const value = (name: string): string | undefined => {
+      for (let i = 0; i < args.length; i++) {
+        const a = args[i] as string;
+        if (a === name) return args[i + 1];
+        if (a.startsWith(`${name}=`)) return a.slice(name.length + 1);
+      }
+      return undefined;
+    };
+    const words = args.filter(
+      (a, i) =>
+        !a.startsWith('-') &&
+        !['--store', '--passphrase-file', '--azure-connection-string'].includes(args[i - 1] ?? ''),
+    );
+    if (words[0] !== 'store' || !OPENS_STORE.has(words[1] ?? '')) return;
+    const store = nonEmpty(value('--store')) ?? nonEmpty(env['LIFEBOAT_STORE']);
+    if (store === undefined || /^https?:\/\//i.test(store)) return;
+    const dir = resolve(process.cwd(), store.startsWith('dir:') ? store.slice(4) : store);
+    const file = nonEmpty(value('--passphrase-file'));
+    const passphrase =
+      file !== undefined
+        ? await readPassphraseFile(resolve(process.cwd(), file))
+        : nonEmpty(env['LIFEBOAT_PASSPHRASE']);
+    if (passphrase === undefined) return;
+    await prefetchDirectoryStoreKeys(dir, passphrase);
+  } catch {
+    // The command itself reports whatever is wrong.
+  }
 }

@@ -72,6 +72,7 @@ export class DiskImage {
   // Promises, not handles: reads run ahead of each other and must share one open.
   private file: Promise<FileHandle> | undefined;
   private nbd: Promise<QemuNbdReader> | undefined;
+  private mapping: Promise<ImageMapEntry[]> | undefined;
   private closed = false;
 
   private constructor(
@@ -156,8 +157,16 @@ export class DiskImage {
     );
   }
 
-  /** The allocation map from `qemu-img map`, in offset order, covering the whole disk. */
-  async map(): Promise<ImageMapEntry[]> {
+  /**
+   * The allocation map from `qemu-img map`, in offset order, covering the whole disk. Asked for
+   * once (a caller may start it early, while other start-up work runs); later calls share it.
+   */
+  map(): Promise<ImageMapEntry[]> {
+    this.mapping ??= this.readMap();
+    return this.mapping;
+  }
+
+  private async readMap(): Promise<ImageMapEntry[]> {
     let raw: unknown;
     try {
       const { stdout } = await runTool(
@@ -197,16 +206,20 @@ export class DiskImage {
 
   /**
    * Reads `length` bytes at guest `offset`, which lie inside `entry`: from the file directly
-   * when the map gives a host offset in this file, otherwise through qemu-nbd.
+   * when the map gives a host offset in this file, otherwise through qemu-nbd. With `into`
+   * (at least `length` bytes), a direct read fills it instead of a new buffer.
    */
-  async read(entry: ImageMapEntry, offset: number, length: number): Promise<Buffer> {
+  async read(entry: ImageMapEntry, offset: number, length: number, into?: Buffer): Promise<Buffer> {
     if (this.closed) throw new Error('DiskImage is closed');
     if (this.canReadDirectly(entry)) {
       const host =
         this.info.format === 'raw' ? offset : (entry.offset as number) + (offset - entry.start);
       this.file ??= open(this.info.path, 'r');
       const file = await this.file;
-      const buf = Buffer.allocUnsafe(length);
+      const buf =
+        into !== undefined && into.length >= length
+          ? into.subarray(0, length)
+          : Buffer.allocUnsafe(length);
       let got = 0;
       while (got < length) {
         const { bytesRead } = await file.read(buf, got, length - got, host + got);

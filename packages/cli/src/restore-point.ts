@@ -17,7 +17,7 @@ export interface RestorePointOptions {
   signal?: AbortSignal;
   /** Bytes per read from the store. @default 1 MiB */
   blockBytes?: number;
-  /** Reads from the store in flight at once. @default 4 */
+  /** Reads from the store in flight at once. @default 8 */
   readAhead?: number;
 }
 
@@ -38,9 +38,9 @@ export interface RestoreResult {
  */
 export async function restorePoint(options: RestorePointOptions): Promise<RestoreResult> {
   const { store, out, signal } = options;
-  // 1 MiB reads, 4 in flight, measured fastest (and leanest) against 4 MiB reads.
+  // 1 MiB reads, 8 in flight: with the store's crypto threads 8 kept them busy where 4 left gaps.
   const block = options.blockBytes ?? 1024 * 1024;
-  const depth = Math.max(1, options.readAhead ?? 4);
+  const depth = Math.max(1, options.readAhead ?? 8);
   const existing = await stat(out).catch(() => undefined);
   if (existing !== undefined) {
     if (!existing.isFile()) {
@@ -80,12 +80,18 @@ export async function restorePoint(options: RestorePointOptions): Promise<Restor
   let ok = false;
   try {
     options.onProgress?.(0, total);
+    // depth + 1 buffers in turn (depth being read, one being written), in shared memory: the
+    // store's crypto threads decrypt straight into them, and nothing is allocated per block.
+    const ring = Buffer.from(new SharedArrayBuffer((depth + 1) * block));
     const inFlight: Array<Promise<Buffer>> = [];
     let nextToRead = 0;
     const fill = (): void => {
       while (inFlight.length < depth && nextToRead < blocks.length) {
-        const b = blocks[nextToRead++] as { offset: number; length: number };
-        const p = reader.readAt(b.offset, b.length);
+        const i = nextToRead++;
+        const b = blocks[i] as { offset: number; length: number };
+        const at = (i % (depth + 1)) * block;
+        const target = ring.subarray(at, at + b.length);
+        const p = reader.readInto(b.offset, target).then(() => target);
         p.catch(() => undefined);
         inFlight.push(p);
       }

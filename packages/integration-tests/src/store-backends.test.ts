@@ -9,7 +9,7 @@ import {
 import type { AddressInfo } from 'node:net';
 import { BlobServiceClient, ContainerSASPermissions } from '@azure/storage-blob';
 import { isLifeboatError, type LifeboatError } from '@lifeboat/protocol';
-import { DirectoryBackend, type ObjectBackend, type ObjectInfo } from '@lifeboat/store';
+import { DirectoryBackend, Store, type ObjectBackend, type ObjectInfo } from '@lifeboat/store';
 import { AzureBlobBackend, type AzureBlobBackendOptions } from '@lifeboat/store-azure';
 import { makeTempDir, startAzurite, type Azurite } from '@lifeboat/testing';
 import fc from 'fast-check';
@@ -534,6 +534,32 @@ describe('AzureBlobBackend on Azurite', () => {
       },
     },
   );
+
+  it('a point read chunk by chunk (a read-ahead) costs a few merged ranged GETs, not one per chunk', async () => {
+    const b = azureBackend({ connectionString: proxied });
+    const store = await Store.init({
+      backend: b,
+      passphrase: 'pw',
+      kdfCost: 1024,
+      chunkSize: 4096,
+    });
+    const data = randomBytes(128 * 4096);
+    const w = await store.beginWrite({ machine: 'm', disk: 'vda', size: data.length });
+    await w.write(0, data);
+    const p = await w.commit();
+    const reader = await store.openPoint(p.id);
+    await reader.readAt(0, 4096); // the tree is loaded now
+    proxy.resetCounters();
+    const got = await Promise.all(
+      Array.from({ length: 64 }, (_, i) => reader.readAt((32 + i) * 4096, 4096)),
+    );
+    got.forEach((g, i) =>
+      expect(g.equals(data.subarray((32 + i) * 4096, (33 + i) * 4096))).toBe(true),
+    );
+    expect(proxy.requests).toBeGreaterThan(0);
+    expect(proxy.requests).toBeLessThanOrEqual(2);
+    await store.close();
+  });
 
   it('keeps at most maxConcurrency requests in flight', async () => {
     const b = azureBackend({ connectionString: proxied, maxConcurrency: 3 });

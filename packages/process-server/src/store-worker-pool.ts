@@ -144,7 +144,11 @@ export class StoreWorkerPool {
     const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
     const entry = new URL(`./store-worker-main${ext}`, import.meta.url);
     const module = options.module ?? new URL(`./worker-store-opener${ext}`, import.meta.url).href;
-    const workerData = { module, options: options.spec };
+    // The workers are the parallelism: their stores start no crypto threads unless asked to.
+    const workerData = {
+      module,
+      options: { ...options.spec, cryptoThreads: options.spec.cryptoThreads ?? 0 },
+    };
     const spawnWorker = (): Worker => {
       if (ext === '.js') return new Worker(entry, { workerData });
       // Running from TypeScript sources (tests, tsx): loader hooks do not reach worker threads

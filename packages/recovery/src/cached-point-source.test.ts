@@ -80,6 +80,12 @@ describe('CachedPointSource', () => {
         }
         return real.readAt(offset, length);
       },
+      readInto: async (offset, target) => {
+        if (offset < 3 * CS && offset + target.length > 2 * CS) {
+          throw new LifeboatError('LB_STORE_CORRUPT_CHUNK', 'damaged', { details: { offset } });
+        }
+        return real.readInto(offset, target);
+      },
     };
     const faults: unknown[] = [];
     const src = new CachedPointSource(failing, { blockSize: CS, onFault: (f) => faults.push(f) });

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { link, mkdir, open, readFile, readdir, rename, stat, unlink } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
 import type { ObjectBackend, ObjectInfo, PutOptions } from './object-backend.js';
@@ -9,6 +10,20 @@ import type { ObjectBackend, ObjectInfo, PutOptions } from './object-backend.js'
 export interface DirectoryBackendOptions {
   /** The directory holding the store's objects; created when missing. */
   path: string;
+  /**
+   * Files kept open for ranged reads (least recently used closed first), so reading a pack
+   * chunk by chunk does not open and close it each time. Closed on close().
+   * @default 64
+   */
+  maxOpenFiles?: number;
+}
+
+/** A file kept open for ranged reads, and how many reads use it now. */
+interface OpenFile {
+  handle: Promise<FileHandle>;
+  users: number;
+  /** Dropped from the cache: closed once its last user is done. */
+  evicted: boolean;
 }
 
 // Temporary files live beside their final name so rename stays within one file system.
@@ -25,6 +40,8 @@ export class DirectoryBackend implements ObjectBackend {
   readonly location: string;
   private readonly root: string;
   private readonly madeDirs = new Set<string>();
+  private readonly open = new Map<string, OpenFile>();
+  private readonly maxOpenFiles: number;
 
   constructor(options: DirectoryBackendOptions) {
     if (typeof options.path !== 'string' || options.path === '') {
@@ -35,11 +52,13 @@ export class DirectoryBackend implements ObjectBackend {
     }
     this.root = resolve(options.path);
     this.location = `dir:${this.root}`;
+    this.maxOpenFiles = Math.max(0, options.maxOpenFiles ?? 64);
   }
 
   async put(key: string, data: Uint8Array, options: PutOptions = {}): Promise<void> {
     const file = this.file(key);
     const dir = dirname(file);
+    this.forget(file);
     options.signal?.throwIfAborted();
     await this.ensureDir(dir);
     const tmp = join(dir, `${TMP_PREFIX}${randomBytes(8).toString('hex')}`);
@@ -47,7 +66,7 @@ export class DirectoryBackend implements ObjectBackend {
       const handle = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL);
       try {
         await handle.writeFile(data);
-        await handle.sync();
+        if (options.durable !== false) await handle.sync();
       } finally {
         await handle.close();
       }
@@ -81,7 +100,7 @@ export class DirectoryBackend implements ObjectBackend {
           if (errCode(err) !== 'ENOENT') throw err;
         });
       }
-      await fsyncDir(dir);
+      if (options.durable !== false) await fsyncDir(dir);
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw this.wrap(err, key);
@@ -102,41 +121,53 @@ export class DirectoryBackend implements ObjectBackend {
     length: number,
     signal?: AbortSignal,
   ): Promise<Buffer> {
-    signal?.throwIfAborted();
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0
-    ) {
+    if (!Number.isSafeInteger(length) || length < 0) {
       throw new LifeboatError('LB_BACKEND_RANGE', `Invalid range ${offset}+${length} of ${key}.`, {
         details: { key, offset, length },
       });
     }
-    let handle;
+    const buf = Buffer.allocUnsafe(length);
+    await this.getRangeInto(key, offset, buf, signal);
+    return buf;
+  }
+
+  async getRangeInto(
+    key: string,
+    offset: number,
+    target: Uint8Array,
+    signal?: AbortSignal,
+  ): Promise<void> {
+    signal?.throwIfAborted();
+    const length = target.byteLength;
+    if (!Number.isSafeInteger(offset) || offset < 0) {
+      throw new LifeboatError('LB_BACKEND_RANGE', `Invalid range ${offset}+${length} of ${key}.`, {
+        details: { key, offset, length },
+      });
+    }
+    const file = this.file(key);
+    const entry = this.acquire(file);
+    let handle: FileHandle;
     try {
-      handle = await open(this.file(key), 'r');
+      handle = await entry.handle;
     } catch (err) {
+      this.release(entry);
       throw this.wrap(err, key);
     }
     try {
       // An empty range is valid up to the object's end, like on Azure; past it, it is not.
       if (length === 0 && offset > (await handle.stat()).size)
         throw this.rangeError(key, offset, length, 0);
-      const buf = Buffer.allocUnsafe(length);
       let done = 0;
       while (done < length) {
-        const { bytesRead } = await handle.read(buf, done, length - done, offset + done);
+        const { bytesRead } = await handle.read(target, done, length - done, offset + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }
       if (done < length) throw this.rangeError(key, offset, length, done);
-
-      return buf;
     } catch (err) {
       throw this.wrap(err, key);
     } finally {
-      await handle.close();
+      this.release(entry);
     }
   }
 
@@ -158,7 +189,9 @@ export class DirectoryBackend implements ObjectBackend {
 
   async delete(key: string): Promise<void> {
     try {
-      await unlink(this.file(key));
+      const file = this.file(key);
+      this.forget(file);
+      await unlink(file);
     } catch (err) {
       if (errCode(err) === 'ENOENT') return;
       throw this.wrap(err, key);
@@ -166,7 +199,47 @@ export class DirectoryBackend implements ObjectBackend {
   }
 
   async close(): Promise<void> {
-    // Nothing is held open between calls.
+    const files = [...this.open.keys()];
+    for (const f of files) this.forget(f);
+  }
+
+  /** The open file for ranged reads of `file` (opened now, or kept from an earlier read). */
+  private acquire(file: string): OpenFile {
+    let entry = this.open.get(file);
+    if (entry !== undefined) {
+      // Re-insert: the map's order is the order of last use.
+      this.open.delete(file);
+      this.open.set(file, entry);
+    } else {
+      entry = { handle: open(file, 'r'), users: 0, evicted: false };
+      // A file that cannot be opened is not kept (the error goes to the reader).
+      const opened = entry;
+      entry.handle.catch(() => {
+        if (this.open.get(file) === opened) this.forget(file);
+      });
+      if (this.maxOpenFiles > 0) this.open.set(file, entry);
+      else entry.evicted = true;
+      for (const [f] of this.open) {
+        if (this.open.size <= this.maxOpenFiles) break;
+        this.forget(f);
+      }
+    }
+    entry.users++;
+    return entry;
+  }
+
+  private release(entry: OpenFile): void {
+    entry.users--;
+    if (entry.evicted && entry.users === 0) closeQuietly(entry.handle);
+  }
+
+  /** Drops a kept file (the object changes, or the cache is full); closes it once unused. */
+  private forget(file: string): void {
+    const entry = this.open.get(file);
+    if (entry === undefined) return;
+    this.open.delete(file);
+    entry.evicted = true;
+    if (entry.users === 0) closeQuietly(entry.handle);
   }
 
   private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
@@ -271,6 +344,13 @@ export class DirectoryBackend implements ObjectBackend {
       { cause: err, details: { key, location: this.location, errno: code } },
     );
   }
+}
+
+function closeQuietly(handle: Promise<FileHandle>): void {
+  handle.then(
+    (h) => h.close().catch(() => undefined),
+    () => undefined,
+  );
 }
 
 async function fsyncDir(dir: string): Promise<void> {

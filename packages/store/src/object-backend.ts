@@ -10,6 +10,13 @@ export interface ObjectInfo {
 export interface PutOptions {
   /** Replace an existing object. When false and the key exists, put rejects with `LB_BACKEND_EXISTS`. @default false */
   overwrite?: boolean;
+  /**
+   * False: atomic, and visible to every reader once put resolves, but it may be lost if the
+   * machine (not just this process) stops before the system writes it back. For lock objects,
+   * which mean nothing after their holder's machine stopped; everything else stays durable.
+   * Backends that are always durable ignore it. @default true
+   */
+  durable?: boolean;
   /** Aborts the request. */
   signal?: AbortSignal;
 }
@@ -38,6 +45,17 @@ export interface ObjectBackend {
   get(key: string, signal?: AbortSignal): Promise<Buffer>;
   /** Reads `length` bytes at `offset` of an object. */
   getRange(key: string, offset: number, length: number, signal?: AbortSignal): Promise<Buffer>;
+  /**
+   * Optional: like getRange, but reads `target.length` bytes into `target` (the store passes
+   * shared memory its crypto threads read from, so nothing is allocated or copied per read).
+   * Same errors as getRange. The store falls back to getRange when a backend lacks it.
+   */
+  getRangeInto?(
+    key: string,
+    offset: number,
+    target: Uint8Array,
+    signal?: AbortSignal,
+  ): Promise<void>;
   /** The object's size, or undefined when it does not exist. */
   stat(key: string): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with `prefix`. */

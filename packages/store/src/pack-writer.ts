@@ -86,8 +86,9 @@ export class PackWriter {
       type,
     };
     if (this.buf === undefined || this.partsBytes + sealed.length > this.buf.length) {
-      // Room for a full pack plus one large blob; the trailer usually fits in the slack too.
-      const slack = Math.max(2 * sealed.length, Math.min(this.packSize, 2 * 1024 * 1024));
+      // Room for a full pack plus one large blob; the trailer usually fits in the slack too
+      // (45 bytes per blob; if it does not, flush copies once).
+      const slack = Math.max(2 * sealed.length, Math.min(this.packSize, 256 * 1024));
       const cap = Math.max(this.packSize + slack, this.partsBytes + sealed.length);
       const spare = this.free.pop();
       const grown = spare !== undefined && spare.length >= cap ? spare : Buffer.allocUnsafe(cap);
@@ -157,7 +158,8 @@ export class PackWriter {
           if (b !== undefined) b.data = undefined;
         }
         // Nothing refers to the pack's buffer any more: keep it for the next pack.
-        if (this.free.length < this.maxInFlight) this.free.push(buf);
+        // One spare is enough: the next pack takes it, and a second would only sit in memory.
+        if (this.free.length < 1) this.free.push(buf);
         this.unpublished += entries.length;
         if (this.unpublished >= this.publishEvery) this.startPublish();
       },

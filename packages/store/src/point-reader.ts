@@ -1,8 +1,4 @@
 import { Readable } from 'node:stream';
-import { isLifeboatError } from '@lifeboat/protocol';
-import { mapLimit } from './map-limit.js';
-import { packKey } from './object-format.js';
-import type { BlobLocation } from './object-format.js';
 import type { PointRecord } from './point-record.js';
 import { BlobType } from './store-crypto.js';
 import { storeError } from './store-error.js';
@@ -13,8 +9,6 @@ import { getRef } from './tree-node.js';
 // Streaming reads fetch this many chunks per window and keep this many windows in flight.
 const WINDOW_CHUNKS = 64;
 const READ_AHEAD = 3;
-// Adjacent blobs of one pack are fetched in one ranged read up to this size.
-const MAX_RUN_BYTES = 8 * 1024 * 1024;
 // readAt of at least this many bytes bypasses the chunk cache.
 const LARGE_READ = 1024 * 1024;
 
@@ -34,28 +28,49 @@ export class StorePointReader implements PointReader {
   }
 
   async readAt(offset: number, length: number): Promise<Buffer> {
-    if (
-      !Number.isSafeInteger(offset) ||
-      !Number.isSafeInteger(length) ||
-      offset < 0 ||
-      length < 0
-    ) {
-      throw storeError(
-        'LB_STORE_INVALID_ARGUMENT',
-        `Invalid read range: offset ${offset}, length ${length}.`,
-        {},
-      );
-    }
-    if (offset + length > this.size) {
-      throw storeError(
-        'LB_STORE_OUT_OF_RANGE',
-        `Read ${offset}+${length} ends past the size ${this.size} of point ${this.point.id}.`,
-        { point: this.point.id, offset, length, size: this.size },
-      );
-    }
+    this.checkRead(offset, length);
     // Large reads are restores or copies: they would only flush the cache that small random
     // reads (a booting guest) benefit from.
     return this.readRange(offset, length, length < LARGE_READ);
+  }
+
+  async readInto(offset: number, target: Buffer): Promise<void> {
+    const length = target.length;
+    this.checkRead(offset, length);
+    const cs = this.cs;
+    const a = Math.floor(offset / cs);
+    const b = Math.ceil((offset + length) / cs);
+    const refs = await this.refsFor(a, b);
+    const store = this.store;
+    const waits: Array<Promise<unknown>> = [];
+    for (let j = a; j < b; j++) {
+      const from = Math.max(offset, j * cs);
+      const to = Math.min(offset + length, (j + 1) * cs);
+      const part = target.subarray(from - offset, to - offset);
+      const ref = refs[j - a];
+      if (ref === null || ref === undefined) {
+        part.fill(0);
+        continue;
+      }
+      const ctx = { point: this.point.id, offset: j * cs };
+      let loc = store.index.get(ref);
+      if (loc === undefined) {
+        await store.refreshIndex();
+        loc = store.index.get(ref);
+      }
+      if (loc === undefined) throw store.notLocated(Buffer.from(ref), BlobType.Data, ctx);
+      const id = Buffer.from(ref);
+      // A whole chunk goes straight into the target; a piece of one is copied out of it.
+      const whole = from === j * cs && part.length === loc.rawLength;
+      const p = whole
+        ? store.fetcher.fetch(id, loc, ctx, part)
+        : store.fetcher
+            .fetch(id, loc, ctx)
+            .then((plain) => plain.copy(part, 0, from - j * cs, to - j * cs));
+      p.catch(() => undefined);
+      waits.push(p);
+    }
+    for (const p of waits) await p;
   }
 
   async *extents(): AsyncIterable<PointExtent> {
@@ -128,6 +143,28 @@ export class StorePointReader implements PointReader {
 
   // ---- internals --------------------------------------------------------------------------------
 
+  private checkRead(offset: number, length: number): void {
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length < 0
+    ) {
+      throw storeError(
+        'LB_STORE_INVALID_ARGUMENT',
+        `Invalid read range: offset ${offset}, length ${length}.`,
+        {},
+      );
+    }
+    if (offset + length > this.size) {
+      throw storeError(
+        'LB_STORE_OUT_OF_RANGE',
+        `Read ${offset}+${length} ends past the size ${this.size} of point ${this.point.id}.`,
+        { point: this.point.id, offset, length, size: this.size },
+      );
+    }
+  }
+
   /** Leaf l's references, or null when the whole leaf reads as zeros. */
   private async leafRefs(l: number): Promise<Buffer | null> {
     const ctx = { point: this.point.id, offset: l * this.store.fanout * this.cs };
@@ -151,7 +188,9 @@ export class StorePointReader implements PointReader {
   /** Reads [offset, offset+length); `cached` uses the chunk cache (random access) or not (streams). */
   private async readRange(offset: number, length: number, cached: boolean): Promise<Buffer> {
     const parts = await this.readParts(offset, length, cached);
-    return parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts, length);
+    return parts.length === 1
+      ? (parts[0] as Buffer)
+      : (adjacent(parts) ?? Buffer.concat(parts, length));
   }
 
   /**
@@ -185,7 +224,10 @@ export class StorePointReader implements PointReader {
     return parts;
   }
 
-  /** Fetches chunks, one ranged read per run of adjacent blobs in one pack. */
+  /**
+   * Fetches chunks through the store's fetcher, which merges adjacent blobs of a pack (also
+   * across concurrent reads) into one ranged read and opens them on the crypto threads.
+   */
   private async fetch(
     refs: Array<Buffer | null>,
     first: number,
@@ -193,85 +235,41 @@ export class StorePointReader implements PointReader {
   ): Promise<Array<Buffer | null>> {
     const store = this.store;
     const out: Array<Buffer | null> = refs.map(() => null);
-    type Item = { i: number; id: Buffer; loc: BlobLocation };
-    const runs: Item[][] = [];
-    let run: Item[] = [];
+    const waits: Array<Promise<void>> = [];
     for (let i = 0; i < refs.length; i++) {
-      const id = refs[i];
-      if (id === null || id === undefined) continue;
-      const ctx = { point: this.point.id, offset: (first + i) * this.cs };
+      const ref = refs[i];
+      if (ref === null || ref === undefined) continue;
       if (cached) {
-        const hit = store.cachedChunk(id);
+        const hit = store.cachedChunk(ref);
         if (hit !== undefined) {
           out[i] = hit;
           continue;
         }
       }
-      let loc = store.index.get(id);
+      const ctx = { point: this.point.id, offset: (first + i) * this.cs };
+      let loc = store.index.get(ref);
       if (loc === undefined) {
         // Another process may have committed it after this one loaded the index.
         await store.refreshIndex();
-        loc = store.index.get(id);
+        loc = store.index.get(ref);
       }
-      if (loc === undefined) throw store.notLocated(Buffer.from(id), BlobType.Data, ctx);
-      const last = run[run.length - 1];
-      const runStart = run[0];
-      if (
-        last !== undefined &&
-        runStart !== undefined &&
-        (last.loc.pack !== loc.pack ||
-          last.loc.offset + last.loc.length !== loc.offset ||
-          loc.offset + loc.length - runStart.loc.offset > MAX_RUN_BYTES)
-      ) {
-        runs.push(run);
-        run = [];
-      }
-      run.push({ i, id: Buffer.from(id), loc });
-    }
-    if (run.length > 0) runs.push(run);
-    await mapLimit(runs, 4, async (items) => {
-      const head = items[0] as Item;
-      const tail = items[items.length - 1] as Item;
-      const ctx = { point: this.point.id, offset: (first + head.i) * this.cs };
-      let data: Buffer;
-      try {
-        data = await store.backend.getRange(
-          packKey(head.loc.pack),
-          head.loc.offset,
-          tail.loc.offset + tail.loc.length - head.loc.offset,
-        );
-      } catch (err) {
-        if (
-          isLifeboatError(err, 'LB_BACKEND_NOT_FOUND') ||
-          isLifeboatError(err, 'LB_BACKEND_RANGE')
-        ) {
-          // Fall back to one blob at a time: names the exact chunk, and retries after a repack.
-          for (const it of items) {
-            out[it.i] = await store.readBlobUncached(it.id, BlobType.Data, {
-              point: this.point.id,
-              offset: (first + it.i) * this.cs,
-            });
-          }
-          return;
+      if (loc === undefined) throw store.notLocated(Buffer.from(ref), BlobType.Data, ctx);
+      const id = Buffer.from(ref);
+      const p = store.fetcher.fetch(id, loc, ctx).then((plain) => {
+        if (cached) {
+          // A slice of a larger read would keep all of it alive in the cache: copy it.
+          const own = plain.buffer.byteLength - plain.byteLength < 64 ? plain : Buffer.from(plain);
+          store.cacheChunk(id, own);
+          out[i] = own;
+        } else {
+          out[i] = plain;
         }
-        throw store.blobReadError(err, head.id, BlobType.Data, head.loc, ctx);
-      }
-      for (const it of items) {
-        const rel = it.loc.offset - head.loc.offset;
-        const plain = store.openBlob(
-          data.subarray(rel, rel + it.loc.length),
-          it.id,
-          BlobType.Data,
-          it.loc,
-          {
-            point: this.point.id,
-            offset: (first + it.i) * this.cs,
-          },
-        );
-        if (cached) store.cacheChunk(it.id, plain);
-        out[it.i] = plain;
-      }
-    });
+      });
+      // Errors surface below, in chunk order; none is left unhandled meanwhile.
+      p.catch(() => undefined);
+      waits.push(p);
+    }
+    for (const p of waits) await p;
     return out;
   }
 
@@ -310,4 +308,17 @@ export class StorePointReader implements PointReader {
     }
     yield* walk(this.record.root, this.record.height - 1, 0);
   }
+}
+
+/** One view over `parts` when they lie back to back in one buffer (a merged read): no copy. */
+function adjacent(parts: readonly Buffer[]): Buffer | undefined {
+  const first = parts[0];
+  if (first === undefined) return undefined;
+  let end = first.byteOffset + first.byteLength;
+  for (let i = 1; i < parts.length; i++) {
+    const p = parts[i] as Buffer;
+    if (p.buffer !== first.buffer || p.byteOffset !== end) return undefined;
+    end += p.byteLength;
+  }
+  return Buffer.from(first.buffer, first.byteOffset, end - first.byteOffset);
 }

@@ -1,4 +1,5 @@
-import { createCipheriv, createDecipheriv, createHash, randomBytes, scrypt } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
+import { scryptKek } from './kdf.js';
 import { storeError } from './store-error.js';
 
 /** The store's plaintext `config` object: what a reader must know before it has the key. */
@@ -94,15 +95,8 @@ function keyFileText(k: Omit<KeyFile, 'check'>): string {
 }
 
 function kek(passphrase: string, salt: Buffer, N: number, r: number, p: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    scrypt(
-      passphrase.normalize('NFC'),
-      salt,
-      32,
-      { N, r, p, maxmem: 256 * N * r + 16 * 1024 * 1024 },
-      (err, key) => (err === null ? resolve(key) : reject(err)),
-    );
-  });
+  // A derivation started early (key-prefetch.ts) with the same inputs is taken over.
+  return scryptKek(passphrase, salt, N, r, p);
 }
 
 function wrapAad(storeId: string): Buffer {

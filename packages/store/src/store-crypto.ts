@@ -36,6 +36,9 @@ export class StoreCrypto {
   readonly configKey: Buffer;
   private readonly compressor = new Compressor();
   private readonly decompressor = new Decompressor();
+  /** Random bytes drawn in bulk for nonces: one call to the CSPRNG per 256 nonces, not per chunk. */
+  private nonces = Buffer.alloc(0);
+  private noncePos = 0;
 
   constructor(masterKey: Buffer, storeId: string, compressionLevel = 1) {
     const derive = (info: string): Buffer =>
@@ -77,8 +80,19 @@ export class StoreCrypto {
     return this.sealParts(type, id, flag, body);
   }
 
+  /** A fresh random 96-bit nonce (a copy: it must not change once used). */
+  private nonce(): Buffer {
+    if (this.noncePos + NONCE_BYTES > this.nonces.length) {
+      this.nonces = randomBytes(NONCE_BYTES * 256);
+      this.noncePos = 0;
+    }
+    const n = Buffer.from(this.nonces.subarray(this.noncePos, this.noncePos + NONCE_BYTES));
+    this.noncePos += NONCE_BYTES;
+    return n;
+  }
+
   private sealParts(type: BlobType, id: Buffer, flag: number, body: Uint8Array): Buffer[] {
-    const nonce = randomBytes(NONCE_BYTES);
+    const nonce = this.nonce();
     const cipher = createCipheriv('aes-256-gcm', this.dataKey, nonce);
     cipher.setAAD(chunkAad(type, id));
     const parts = [nonce, cipher.update(Buffer.of(flag)), cipher.update(body), cipher.final()];
@@ -113,7 +127,7 @@ export class StoreCrypto {
 
   /** Encrypts a whole object (index, point, pack header); `aad` binds it to its name. */
   seal(plain: Uint8Array, aad: Uint8Array): Buffer {
-    const nonce = randomBytes(NONCE_BYTES);
+    const nonce = this.nonce();
     const cipher = createCipheriv('aes-256-gcm', this.dataKey, nonce);
     cipher.setAAD(aad);
     const body = Buffer.concat([cipher.update(plain), cipher.final()]);

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
+import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { isLifeboatError } from '@lifeboat/protocol';
 import type { ObjectBackend } from './object-backend.js';
 import { storeError } from './store-error.js';
@@ -28,6 +29,69 @@ export interface LockRecord {
   time: string;
   /** An exclusive lock whose holder still waits for writers to finish (it deletes nothing yet). */
   waiting?: boolean;
+  /** A writer's lock: the disk it writes. Only one writer of a disk holds one at a time. */
+  machine?: string;
+  disk?: string;
+  /** The holder's thread in its process (worker_threads.threadId; 0 is the main thread). */
+  thread?: number;
+}
+
+// Lock objects held by this thread (by any store of it), so that another thread of this
+// process can ask whether their holder still lives: a process id says nothing about a thread,
+// and a store worker thread that died (the process server restarts it) left its lock behind.
+const heldHere = new Set<string>();
+let channel: BroadcastChannel | undefined;
+const collectors = new Map<string, (keys: string[]) => void>();
+/** How long a thread waits for another thread of its process to say it holds a lock. */
+const THREAD_ANSWER_MS = 2000;
+
+function lockChannel(): BroadcastChannel {
+  if (channel !== undefined) return channel;
+  const ch = new BroadcastChannel('lifeboat/store-locks/v1');
+  ch.onmessage = (event: unknown) => {
+    const m = (event as { data: { t: string; nonce: string; keys: string[] } }).data;
+    if (m.t === 'ping') {
+      const mine = m.keys.filter((k) => heldHere.has(k));
+      if (mine.length > 0) ch.postMessage({ t: 'pong', nonce: m.nonce, keys: mine });
+    } else if (m.t === 'pong') {
+      collectors.get(m.nonce)?.(m.keys);
+    }
+  };
+  // Answering is a service, not work of its own: it never keeps the process alive.
+  ch.unref();
+  channel = ch;
+  return ch;
+}
+
+/** Which of `keys` (locks of other threads of this process) a live thread still holds. */
+async function heldByLiveThreads(keys: string[]): Promise<Set<string>> {
+  const ch = lockChannel();
+  const nonce = randomBytes(8).toString('hex');
+  const alive = new Set<string>();
+  await new Promise<void>((resolve) => {
+    const timer = setTimeout(resolve, THREAD_ANSWER_MS);
+    collectors.set(nonce, (got) => {
+      for (const k of got) alive.add(k);
+      if (keys.every((k) => alive.has(k))) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    ch.postMessage({ t: 'ping', nonce, keys });
+  });
+  collectors.delete(nonce);
+  return alive;
+}
+
+/** How long a writer that sees a newer lock on its disk waits for that writer to back off. */
+const DISK_RACE_MS = 5000;
+
+/** Orders two locks by creation (then key), the same way for every process that sees both. */
+function lockOrder(ka: string, a: LockRecord, kb: string, b: LockRecord): number {
+  const ta = Date.parse(a.created);
+  const tb = Date.parse(b.created);
+  if (ta !== tb) return (Number.isFinite(ta) ? ta : 0) - (Number.isFinite(tb) ? tb : 0);
+  return ka < kb ? -1 : ka > kb ? 1 : 0;
 }
 
 /** A lock this process holds; keeps it fresh until released. */
@@ -65,7 +129,8 @@ export class HeldLock {
       await this.owner.backend.put(
         this.key,
         Buffer.from(JSON.stringify({ ...this.record, time: now.toISOString() })),
-        { overwrite: true },
+        // A lock means nothing once its holder's machine stopped: no fsync needed.
+        { overwrite: true, durable: false },
       );
       this.lastRefresh = now.getTime();
     } catch (err) {
@@ -118,6 +183,7 @@ export class HeldLock {
     this.timer = undefined;
     await this.refreshing;
     this.owner.forget(this);
+    heldHere.delete(this.key);
     await this.owner.backend.delete(this.key).catch(() => undefined);
   }
 }
@@ -143,12 +209,20 @@ export class StoreLocks {
     });
   }
 
-  /** Takes a lock; rejects with LB_STORE_LOCKED when a conflicting live lock exists. */
-  async acquire(exclusive: boolean, purpose: string): Promise<HeldLock> {
+  /**
+   * Takes a lock; rejects with LB_STORE_LOCKED when a conflicting live lock exists. A writer's
+   * lock names its disk: it rejects with LB_STORE_DISK_BUSY when another live writer holds that
+   * disk (in this process or any other, on any host sharing the store).
+   */
+  async acquire(
+    exclusive: boolean,
+    purpose: string,
+    disk?: { machine: string; disk: string },
+  ): Promise<HeldLock> {
     const deadline = Date.now() + (exclusive ? 0 : this.options.sharedWaitMs);
     for (let delay = 100; ; delay = Math.min(delay * 2, 2000)) {
       try {
-        return await this.tryAcquire(exclusive, purpose);
+        return await this.tryAcquire(exclusive, purpose, disk);
       } catch (err) {
         if (!isLifeboatError(err, 'LB_STORE_LOCKED') || Date.now() + delay > deadline) throw err;
         await new Promise((r) => setTimeout(r, delay));
@@ -156,7 +230,11 @@ export class StoreLocks {
     }
   }
 
-  private async tryAcquire(exclusive: boolean, purpose: string): Promise<HeldLock> {
+  private async tryAcquire(
+    exclusive: boolean,
+    purpose: string,
+    disk?: { machine: string; disk: string },
+  ): Promise<HeldLock> {
     const now = new Date().toISOString();
     const record: LockRecord = {
       version: 1,
@@ -167,9 +245,13 @@ export class StoreLocks {
       created: now,
       time: now,
       ...(exclusive ? { waiting: true } : {}),
+      ...(disk === undefined ? {} : { machine: disk.machine, disk: disk.disk }),
+      thread: threadId,
     };
     const key = `locks/${randomBytes(16).toString('hex')}`;
-    await this.backend.put(key, Buffer.from(JSON.stringify(record)));
+    await this.backend.put(key, Buffer.from(JSON.stringify(record)), { durable: false });
+    heldHere.add(key);
+    if (disk !== undefined) lockChannel();
     let conflict: { key: string; record: LockRecord } | undefined;
     // gc keeps its lock object while it waits for running writers to finish: new writers see
     // it and wait, so a store that is written continuously still gets its gc.
@@ -195,16 +277,16 @@ export class StoreLocks {
         await this.backend.put(
           key,
           Buffer.from(JSON.stringify({ ...record, time: new Date().toISOString() })),
-          {
-            overwrite: true,
-          },
+          { overwrite: true, durable: false },
         );
       }
     } catch (err) {
+      heldHere.delete(key);
       await this.backend.delete(key).catch(() => undefined);
       throw err;
     }
     if (conflict !== undefined) {
+      heldHere.delete(key);
       await this.backend.delete(key).catch(() => undefined);
       const r = conflict.record;
       throw storeError(
@@ -213,13 +295,26 @@ export class StoreLocks {
         { object: conflict.key, holder: r },
       );
     }
+    if (disk !== undefined) {
+      try {
+        await this.claimDisk(key, record, disk);
+      } catch (err) {
+        heldHere.delete(key);
+        await this.backend.delete(key).catch(() => undefined);
+        throw err;
+      }
+    }
     if (exclusive) {
       // From here on gc may delete: say so, so writers that outlived their lock notice.
       delete record.waiting;
       record.time = new Date().toISOString();
       try {
-        await this.backend.put(key, Buffer.from(JSON.stringify(record)), { overwrite: true });
+        await this.backend.put(key, Buffer.from(JSON.stringify(record)), {
+          overwrite: true,
+          durable: false,
+        });
       } catch (err) {
+        heldHere.delete(key);
         await this.backend.delete(key).catch(() => undefined);
         throw err;
       }
@@ -227,6 +322,52 @@ export class StoreLocks {
     const lock = new HeldLock(this, key, record);
     this.held.add(lock);
     return lock;
+  }
+
+  /**
+   * Makes sure no other live writer holds `disk`. Every writer writes its lock object before it
+   * lists the others, so of two racing writers at least one sees the other. One that sees an
+   * older lock on its disk gives up at once; one that sees only newer ones waits for them to
+   * give up (they see its lock: it is older), and gives up itself if they do not (then they
+   * did not see it, and went ahead). So at most one writer of a disk proceeds.
+   */
+  private async claimDisk(
+    key: string,
+    record: LockRecord,
+    disk: { machine: string; disk: string },
+  ): Promise<void> {
+    const deadline = Date.now() + Math.min(DISK_RACE_MS, this.options.sharedWaitMs);
+    for (let delay = 50; ; delay = Math.min(delay * 2, 500)) {
+      let rivals = (await this.others(key)).filter(
+        (o) =>
+          !o.stale &&
+          !o.record.exclusive &&
+          o.record.machine === disk.machine &&
+          o.record.disk === disk.disk,
+      );
+      // A rival of this process but another thread: alive only if that thread says so.
+      const sameProcess = rivals.filter(
+        (o) =>
+          o.record.host === hostname() &&
+          o.record.pid === process.pid &&
+          o.record.thread !== threadId,
+      );
+      if (sameProcess.length > 0) {
+        const alive = await heldByLiveThreads(sameProcess.map((o) => o.key));
+        rivals = rivals.filter((o) => !sameProcess.includes(o) || alive.has(o.key));
+      }
+      if (rivals.length === 0) return;
+      const older = rivals.find((o) => lockOrder(o.key, o.record, key, record) < 0);
+      if (older !== undefined || Date.now() + delay > deadline) {
+        const r = (older ?? rivals[0]) as { key: string; record: LockRecord };
+        throw storeError(
+          'LB_STORE_DISK_BUSY',
+          `Disk ${disk.disk} of machine ${disk.machine} is being written by another session (${r.record.purpose}, host ${r.record.host}, pid ${r.record.pid}, since ${r.record.created}); two writers of one disk would fork its history. Retry when that write is done; a lock whose holder died expires ${Math.round(this.options.staleMs / 1000)} s after its last heartbeat.`,
+          { object: r.key, holder: r.record, machine: disk.machine, disk: disk.disk },
+        );
+      }
+      await new Promise((r) => setTimeout(r, delay));
+    }
   }
 
   /** Every lock object except `own`, with whether it is stale. */

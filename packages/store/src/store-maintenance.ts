@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { isLifeboatError } from '@lifeboat/protocol';
+import { ChunkIndex } from './chunk-index.js';
 import { mapLimit } from './map-limit.js';
 import {
   FormatError,
@@ -343,6 +344,7 @@ export class StoreMaintenance {
     try {
       return await this.gcLocked(onProgress, async () => lock.check());
     } finally {
+      store.gcOverlay = undefined;
       await lock.release();
     }
   }
@@ -384,6 +386,11 @@ export class StoreMaintenance {
     }
     const unreadable = new Set<string>();
     let recovered = 0;
+    // Blobs of packs no index lists: a crashed writer's garbage, or data whose index object is
+    // damaged or lost. The tree walk below finds the latter through this overlay, so such data
+    // is kept and indexed again, never deleted; what no point reaches is garbage.
+    const overlay = new ChunkIndex();
+    store.gcOverlay = overlay;
     await mapLimit(
       [...packSizes].filter(([p]) => !packEntries.has(p)),
       4,
@@ -398,8 +405,7 @@ export class StoreMaintenance {
           const sealed = await backend.getRange(packKey(pack), size - PACK_TAIL_BYTES - len, len);
           const entries = decodePackTrailer(store.crypto, pack, sealed);
           packEntries.set(pack, entries);
-          // Make its blobs locatable for the tree walk below (a damaged index's packs).
-          if (store.index.damaged.size > 0) store.index.addPack(pack, entries);
+          overlay.addPack(pack, entries);
           recovered++;
         } catch (err) {
           if (!(err instanceof FormatError) && !isLifeboatError(err, 'LB_BACKEND_RANGE')) throw err;

@@ -54,6 +54,8 @@ export interface StoreInitOptions {
   packSize?: number;
   /** scrypt cost parameter N (a power of two). Tests may lower it. @default 32768 */
   kdfCost?: number;
+  /** Worker threads for hashing, compression and encryption; see {@link StoreOpenOptions.cryptoThreads}. */
+  cryptoThreads?: number;
 }
 
 /** Options for {@link Store.open}. */
@@ -64,6 +66,14 @@ export interface StoreOpenOptions {
   passphrase: string;
   /** Bytes of decrypted chunks kept in memory for readers. @default 67108864 */
   cacheBytes?: number;
+  /**
+   * Worker threads that hash, compress, encrypt and decrypt data chunks, started once the
+   * store has moved more than a few MiB (small work stays on the calling thread). 0 keeps all
+   * of it on the calling thread: use 0 where the caller already runs one store per thread
+   * (the process server's store workers do).
+   * @default the number of cores (os.availableParallelism()), at most 4
+   */
+  cryptoThreads?: number;
 }
 
 /** Begins writing a new point of one disk. */
@@ -134,6 +144,12 @@ export interface PointReader {
    * (`LB_STORE_*`, details naming the point, offset and object); never returns zeros for it.
    */
   readAt(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Like readAt, into `target` (`target.length` bytes at `offset`), for bulk copies that reuse
+   * their buffers: nothing is allocated per read, and when `target` is shared memory
+   * (a SharedArrayBuffer) the crypto threads write the plaintext straight into it.
+   */
+  readInto(offset: number, target: Buffer): Promise<void>;
   /** Allocation map in offset order, adjacent ranges of the same kind merged. */
   extents(): AsyncIterable<PointExtent>;
   /** The whole disk (or a range) as a stream, with read-ahead. */
@@ -232,6 +248,11 @@ export interface StoreApi {
   beginWrite(options: WriteSessionOptions): Promise<WriteSession>;
   /** Committed points, oldest first. */
   listPoints(filter?: PointFilter): Promise<PointInfo[]>;
+  /**
+   * Point objects the last listing found but could not read (damaged, unknown version), with
+   * the reason; those points are missing from {@link listPoints}. Empty when all were read.
+   */
+  damagedPointObjects(): Array<{ id: string; object: string; error: Error }>;
   /** One point; rejects with `LB_STORE_POINT_NOT_FOUND`. */
   getPoint(id: string): Promise<PointInfo>;
   /** The newest point of a disk, or undefined. */

@@ -12,7 +12,10 @@ export interface TempStore {
   dir: string;
   store: Store;
   /** Opens the same store again (a second process's view). */
-  reopen(passphrase?: string, extra?: StoreExtraOptions): Promise<Store>;
+  reopen(
+    passphrase?: string,
+    extra?: StoreExtraOptions & { cryptoThreads?: number },
+  ): Promise<Store>;
   cleanup(): Promise<void>;
 }
 

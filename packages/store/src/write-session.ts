@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { ChunkPipeline } from './chunk-pipeline.js';
 import { ObjectKind, encodeIndex, indexKey, sealObject } from './object-format.js';
 import { PackWriter } from './pack-writer.js';
 import type { PointRecord } from './point-record.js';
@@ -34,6 +35,8 @@ export class StoreWriteSession implements WriteSession {
   private state: 'open' | 'committing' | 'committed' | 'aborted' | 'failed' = 'open';
   private tail: Promise<unknown> = Promise.resolve();
   private readonly ctx: ReadContext;
+  /** The parallel path, once the store uses its crypto threads (see ChunkPipeline). */
+  private pipeline: ChunkPipeline | undefined;
 
   private constructor(
     private readonly store: Store,
@@ -74,8 +77,14 @@ export class StoreWriteSession implements WriteSession {
       throw invalid('A write session needs a non-empty machine and disk.');
     }
     checkSize(size);
-    const lock = await store.locks.acquire(false, `write ${machine}/${disk}`);
+    // Most of the index loads while the lock is taken; the refresh that counts lists index/
+    // again once the lock is held (a cheap one then: only what is new).
+    const warm = store.refreshIndex();
+    warm.catch(() => undefined);
+    // The lock names the disk: a second writer of it, here or in another process, is refused.
+    const lock = await store.locks.acquire(false, `write ${machine}/${disk}`, { machine, disk });
     try {
+      await warm.catch(() => undefined);
       // Under the shared lock no gc runs, so what the index says stays true until commit.
       await store.refreshIndex();
       const baseOpt = options.base === undefined ? 'latest' : options.base;
@@ -150,6 +159,7 @@ export class StoreWriteSession implements WriteSession {
         return info;
       } catch (err) {
         this.state = 'failed';
+        await this.pipeline?.close();
         await this.writer.settle();
         throw err;
       } finally {
@@ -163,6 +173,7 @@ export class StoreWriteSession implements WriteSession {
     await this.tail.catch(() => undefined);
     if (this.state === 'open' || this.state === 'failed') {
       this.state = 'aborted';
+      await this.pipeline?.close();
       await this.writer.settle();
       await this.lock.release();
     }
@@ -180,6 +191,8 @@ export class StoreWriteSession implements WriteSession {
       await fn();
     } catch (err) {
       this.state = 'failed';
+      // Give back the crypto pool's shared slots now, not only at abort.
+      await this.pipeline?.close();
       throw err;
     }
   }
@@ -229,9 +242,11 @@ export class StoreWriteSession implements WriteSession {
       const inChunk = abs - j * cs;
       const n = Math.min(cs - inChunk, length - pos);
       if (n === cs) {
-        if (data === undefined) await this.setRef(j, null);
+        if (data === undefined) await this.setZero(j);
         else await this.putChunk(j, data.subarray(pos, pos + cs));
       } else {
+        // A partial chunk merges with the chunk's current content: the tree must be current.
+        await this.pipeline?.drain();
         const cur = await this.currentChunk(j);
         if (data === undefined) cur.fill(0, inChunk, inChunk + n);
         else data.copy(cur, inChunk, pos, pos + n);
@@ -243,12 +258,34 @@ export class StoreWriteSession implements WriteSession {
 
   private async putChunk(j: number, plain: Buffer): Promise<void> {
     if (isZero(plain)) {
-      await this.setRef(j, null);
+      await this.setZero(j);
+      return;
+    }
+    if (this.pipeline === undefined) {
+      const par = this.store.parallel(plain.length);
+      if (par !== undefined) {
+        this.pipeline = new ChunkPipeline(
+          par.pool,
+          par.key,
+          this.writer,
+          (id) => this.store.index.has(id) || this.writer.has(id),
+          (j2, id) => this.setRef(j2, id),
+        );
+      }
+    }
+    if (this.pipeline !== undefined) {
+      await this.pipeline.write(j, plain);
       return;
     }
     const id = this.store.crypto.chunkId(plain);
     if (!this.store.index.has(id)) await this.writer.add(BlobType.Data, id, plain);
     await this.setRef(j, id);
+  }
+
+  /** Makes chunk j read as zeros, in order behind chunks still in the pipeline. */
+  private async setZero(j: number): Promise<void> {
+    if (this.pipeline !== undefined) await this.pipeline.setZero(j);
+    else await this.setRef(j, null);
   }
 
   private async setRef(j: number, id: Buffer | null): Promise<void> {
@@ -325,6 +362,7 @@ export class StoreWriteSession implements WriteSession {
   }
 
   private async resizeNow(size: number): Promise<void> {
+    await this.pipeline?.drain();
     const cs = this.cs;
     const F = this.fanout;
     if (size < this._size) {
@@ -349,6 +387,8 @@ export class StoreWriteSession implements WriteSession {
 
   private async commitNow(options: CommitOptions): Promise<PointInfo> {
     const store = this.store;
+    // Every chunk written so far is in the tree and in the pack writer before anything else.
+    await this.pipeline?.drain();
     for (const l of [...this.leaves.keys()].sort((a, b) => a - b)) await this.spillLeaf(l);
     const chunks = Math.ceil(this._size / this.cs);
     const height = treeHeight(Math.max(chunks, 1), this.fanout);

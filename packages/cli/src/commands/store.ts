@@ -1,7 +1,7 @@
 import { basename } from 'node:path';
 import { Option } from 'commander';
 import type { Command } from 'commander';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
 import { Store } from '@lifeboat/store';
 import type { PointInfo, PointKind, Progress, StoreApi } from '@lifeboat/store';
 import type { CliContext } from '../cli-context.js';
@@ -202,16 +202,23 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         }
         const disk = opts.disk ?? basename(imagePath);
         const machine = opts.machine ?? disk;
+        // Unwrapping the key (scrypt, a few hundred ms by design) runs on the thread pool while
+        // the image is probed and mapped and the extents are read: they need no key. With a
+        // prompt, the image is checked first, so a bad path never waits for a passphrase.
+        const early = config.passphrase.kind !== 'prompt';
+        const opening = early ? openStore(config, ctx) : undefined;
+        opening?.catch(() => undefined);
         const image = await DiskImage.open(imagePath, {
           ...(opts.format === undefined ? {} : { format: opts.format }),
           signal: ctx.signal,
         });
         ctx.cleanups.push(() => image.close());
+        image.map().catch(() => undefined);
         const changed =
           opts.changedExtents === undefined
             ? undefined
             : await readExtentsFile(opts.changedExtents, image.info.size);
-        const target = await openStore(config, ctx);
+        const target = await (opening ?? openStore(config, ctx));
         const progress = bar(ctx, config, 'import');
         const result = await importImage({
           store: target,
@@ -253,9 +260,26 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         ...(opts.disk === undefined ? {} : { disk: opts.disk }),
         ...(opts.kind === undefined ? {} : { kind: opts.kind }),
       });
-      out.json({ points });
+      const damaged = target.damagedPointObjects().map((d) => ({
+        id: d.id,
+        object: d.object,
+        code: isLifeboatError(d.error) ? d.error.code : 'LB_STORE_CORRUPT_POINT',
+        message: d.error.message,
+      }));
+      out.json({ points, damaged });
       if (points.length === 0) out.line('no points');
       else out.table(POINT_HEADERS, points.map(pointRow), new Set([5]));
+      if (damaged.length > 0) {
+        // A point that cannot be read is an integrity fault, not an absent point: say so.
+        out.line(
+          `${damaged.length} point object(s) could not be read and are not listed above; run "lifeboat store verify" for every fault:`,
+        );
+        out.table(
+          ['POINT', 'OBJECT', 'CODE', 'MESSAGE'],
+          damaged.map((d) => [shortId(d.id), d.object, d.code, d.message]),
+        );
+        ctx.exitCode = ExitCode.integrityFault;
+      }
     });
 
   store
