@@ -78,3 +78,16 @@ export {
   type VaultJobReporter,
   type VaultJobReporterOptions,
 } from './vault-job-reporter.js';
+export { VaultClient, type VaultClientOptions } from './vault-client.js';
+export {
+  RecoveryHostLink,
+  type RecoveryHostLinkOptions,
+  type RecoveryOperation,
+  type AssignedTargetStore,
+} from './recovery-host-link.js';
+export {
+  recoveryHostCredentials,
+  type RecoveryHostCredentials,
+  type RecoveryHostCredentialsOptions,
+} from './recovery-host-credentials.js';
+export { cleanupRunDir } from './run-dir-cleanup.js';

@@ -6,7 +6,7 @@ import { kvmAvailable, kvmBootsKernel } from '@lifeboat/qmp';
 import { PointExport } from './point-export.js';
 import { resolveRecoveryHostOptions } from './recovery-host-options.js';
 import type { RecoveryHostOptions, ResolvedRecoveryHostOptions } from './recovery-host-options.js';
-import { RecoveryJob, type RecoveryJobKind } from './recovery-job.js';
+import { RecoveryJob, type RecoveryJobKind, type RecoveryJobListener } from './recovery-job.js';
 import {
   RecoveryMachine,
   machineMac,
@@ -62,6 +62,7 @@ const NAME = /^[a-z0-9][a-z0-9-]{0,23}$/;
 export class RecoveryHost {
   private readonly machines = new Map<string, BootedMachine>();
   private readonly exports = new Set<PointExport>();
+  private readonly listeners = new Set<RecoveryJobListener>();
   private exportSeq = 0;
 
   private constructor(
@@ -84,9 +85,31 @@ export class RecoveryHost {
     return new RecoveryHost(o, accel, o.connectQmp ?? connectQmpSession);
   }
 
-  /** Starts a job whose record is kept in `<runDir>/jobs/<id>/job.json`. */
-  newJob(kind: RecoveryJobKind, target: Record<string, unknown>): RecoveryJob {
-    return new RecoveryJob(kind, target, join(this.options.runDir, 'jobs'), this.options.onJob);
+  /**
+   * Starts a job whose record is kept in `<runDir>/jobs/<id>/job.json`; `id` is the vault's id
+   * of a job it queued (default: a new one).
+   */
+  newJob(
+    kind: RecoveryJobKind,
+    target: Record<string, unknown>,
+    options: { id?: string } = {},
+  ): RecoveryJob {
+    return new RecoveryJob(
+      kind,
+      target,
+      join(this.options.runDir, 'jobs'),
+      (job) => {
+        this.options.onJob?.(job);
+        for (const l of this.listeners) l(job);
+      },
+      options.id,
+    );
+  }
+
+  /** Receives every change of every job from now on (besides `onJob`); returns the unsubscribe. */
+  subscribe(listener: RecoveryJobListener): () => void {
+    this.listeners.add(listener);
+    return () => void this.listeners.delete(listener);
   }
 
   /** Serves a point read-only over NBD on a UNIX socket in the run directory. */

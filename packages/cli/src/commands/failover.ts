@@ -1,12 +1,11 @@
-import { existsSync } from 'node:fs';
-import { readFile, readdir, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
+import { readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { LifeboatError } from '@lifeboat/protocol';
 import {
   Failover,
   RecoveryHost,
+  cleanupRunDir,
   failoverControlRequest,
   recordedMachineConfig,
   vaultJobReporter,
@@ -357,41 +356,7 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
       const out = new CliPrinter(ctx.io, config.json);
       const runDir = resolve(ctx.io.cwd, o.runDir);
-      const removed: string[] = [];
-      const machines = await readdir(join(runDir, 'm')).catch(() => [] as string[]);
-      for (const m of machines) {
-        const pid = Number(
-          (await readFile(join(runDir, 'm', m, 'qemu.pid'), 'utf8').catch(() => '')).trim(),
-        );
-        const cmdline =
-          pid > 0 ? await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
-        // Only a QEMU whose command line names this machine's directory is ours to stop.
-        if (cmdline.includes(join(runDir, 'm', m))) {
-          process.kill(pid, 'SIGKILL');
-          removed.push(`machine ${m} (QEMU pid ${pid})`);
-        }
-        await rm(join(runDir, 'm', m), { recursive: true, force: true });
-        removed.push(`overlays and sockets of ${m}`);
-      }
-      // Export, segment and control sockets whose server is gone (nothing accepts on them).
-      const sockets = [
-        ...(await readdir(join(runDir, 'x')).catch(() => [] as string[])).map((n) =>
-          join(runDir, 'x', n),
-        ),
-        join(runDir, 'control.sock'),
-      ];
-      for (const path of sockets) {
-        if (!path.endsWith('.sock') || !existsSync(path)) continue;
-        const alive = await new Promise<boolean>((r) => {
-          const sock = connect(path);
-          sock.once('connect', () => (sock.destroy(), r(true)));
-          sock.once('error', () => r(false));
-        });
-        if (!alive) {
-          await rm(path, { force: true });
-          removed.push(`stale socket ${path}`);
-        }
-      }
+      const removed = await cleanupRunDir(runDir);
       out.json({ removed });
       for (const r of removed) out.line(`removed ${r}`);
       if (removed.length === 0) out.line(`nothing to remove in ${runDir}`);

@@ -4,12 +4,18 @@ import { ProcessServer, VaultLink } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
 import { LifeboatError, VaultClient } from '@lifeboat/protocol';
 import type { VaultObject as ApiObject } from '@lifeboat/protocol';
-import { RecoveryHost, vaultJobReporter } from '@lifeboat/recovery';
+import {
+  RecoveryHost,
+  RecoveryHostLink,
+  VaultClient as RecoveryVaultClient,
+  vaultJobReporter,
+} from '@lifeboat/recovery';
 import type { Store } from '@lifeboat/store';
 import { startVault } from '@lifeboat/vault';
 import type { Vault } from '@lifeboat/vault';
 import { componentCredentials } from './component-credentials.js';
 import type { ComponentCredentials } from './component-credentials.js';
+import { openAssignedStore } from '../open-assigned-store.js';
 import { LocalAgents } from './local-agents.js';
 import { openUpStore, upPaths } from './up-data-dir.js';
 import type { UpPaths } from './up-data-dir.js';
@@ -43,6 +49,8 @@ export interface LocalInstallation {
   readonly agents: LocalAgents;
   readonly link: VaultLink;
   readonly recoveryHost: RecoveryHost;
+  /** The recovery host's link to the vault: runs the test failovers and failovers it queues. */
+  readonly recoveryLink: RecoveryHostLink;
   /** The vault's id of the data directory's target store. */
   readonly targetStoreId: string;
   /** Calls `listener` for every cut the process server commits, across restarts; returns the unsubscribe. */
@@ -212,9 +220,19 @@ export async function startLocalInstallation(
     });
     link.start();
     add('the process server link', () => link.stop());
-    // The recovery host and agent have no poll loop of their own yet: a heartbeat shows them alive.
+    // The recovery host takes the vault's test failovers and failovers like a separate one.
+    const recoveryLink = new RecoveryHostLink({
+      vault: new RecoveryVaultClient({ url: vault.url, token: rhCreds.token }),
+      host: recoveryHost,
+      openStore: openAssignedStore,
+      hydrationDir: join(paths.recovery, 'disks'),
+      onError: (err) => onError('recovery host link', err),
+    });
+    recoveryLink.start();
+    add('the recovery host link', () => recoveryLink.stop());
+    // The agent has no poll loop of its own yet: a heartbeat shows it alive.
     const beat = setInterval(() => {
-      for (const c of [rhCreds, agentCreds]) {
+      for (const c of [agentCreds]) {
         admin
           .as(c.token)
           .call('POST', '/api/components/self/heartbeat', {})
@@ -262,6 +280,7 @@ export async function startLocalInstallation(
       agents,
       link,
       recoveryHost,
+      recoveryLink,
       targetStoreId,
       close,
     };
