@@ -89,6 +89,8 @@ export interface SeededVault {
     rootImage: string,
     options?: { consistencyGroup?: string },
   ): Promise<SeededMachine>;
+  /** Commits another point of a protected machine and upserts it into the catalogue. */
+  addPoint(machine: SeededMachine, rootImage: string): Promise<PointInfo>;
 }
 
 /**
@@ -139,6 +141,22 @@ export async function seedVault(
     retention: { rules: [{ for: '1d' }] },
   });
   const inventory: Array<Record<string, unknown>> = [];
+  const upsert = (point: PointInfo) =>
+    ps('PUT', '/api/recovery-points', {
+      targetStoreId: targetStore.id,
+      points: [
+        {
+          id: point.id,
+          machine: point.machine,
+          disk: point.disk,
+          time: point.time.toISOString(),
+          committedAt: point.committedAt.toISOString(),
+          kind: point.kind,
+          size: point.size,
+          ...(point.cut !== undefined ? { cut: point.cut } : {}),
+        },
+      ],
+    });
   return {
     processServerId: reg.component.id,
     processServerToken: reg.token,
@@ -171,24 +189,18 @@ export async function seedVault(
         items: [{ id: item.id, state: 'initial-replication' }],
       });
       const point = await importRaw(store, rootImage, machineId, 'root', {
-        cut: `cut-${name}`,
+        cut: `cut-${name}-1`,
       });
-      await ps('PUT', '/api/recovery-points', {
-        targetStoreId: targetStore.id,
-        points: [
-          {
-            id: point.id,
-            machine: point.machine,
-            disk: point.disk,
-            time: point.time.toISOString(),
-            committedAt: point.committedAt.toISOString(),
-            kind: point.kind,
-            size: point.size,
-            ...(point.cut !== undefined ? { cut: point.cut } : {}),
-          },
-        ],
-      });
+      await upsert(point);
       return { itemId: item.id, machineId, points: [point] };
+    },
+    async addPoint(machine, rootImage) {
+      const point = await importRaw(store, rootImage, machine.machineId, 'root', {
+        cut: `cut-${machine.machineId}-${machine.points.length + 1}`,
+      });
+      machine.points.push(point);
+      await upsert(point);
+      return point;
     },
   };
 }

@@ -83,6 +83,7 @@ export async function runTestFailover(
   const booted: BootedMachine[] = [];
   let segment: IsolatedSegment | undefined;
   let cleaned = false;
+  let segmentClosed = false;
   const cleanup = async (options: { jobId?: string } = {}): Promise<RecoveryJobRecord> => {
     const cj = host.newJob(
       'test-failover-cleanup',
@@ -90,26 +91,27 @@ export async function runTestFailover(
       options.jobId !== undefined ? { id: options.jobId } : {},
     );
     try {
-      if (cleaned) {
+      const again = cleaned;
+      if (again) {
         await cj.step('remove machines', async (d) => {
           d['removed'] = [];
           d['note'] = 'already cleaned up';
         });
       }
-      cleaned = true;
-      for (const b of booted.splice(0)) {
+      for (const b of again ? [] : booted) {
         await cj.step(`remove ${b.machine.name}`, async (d) => {
           d['removed'] = await host.removeMachine(b.machine.name);
         });
       }
-      if (segment) {
+      if (segment && !segmentClosed) {
+        segmentClosed = true;
         const s = segment;
-        segment = undefined;
         await cj.step('remove isolated network', async (d) => {
           await s.close();
           d['removed'] = [`segment ${s.socketPath} (${s.framesForwarded} frames forwarded)`];
         });
       }
+      cleaned = true;
       return await cj.finish();
     } catch (err) {
       await cj.finish(err);
@@ -189,14 +191,7 @@ export async function runTestFailover(
     await cleanup().catch(() => undefined);
     throw err;
   }
-  return {
-    job: job.record,
-    machines: booted,
-    get segment() {
-      return segment;
-    },
-    cleanup,
-  };
+  return { job: job.record, machines: booted, segment, cleanup };
 }
 
 async function verifyMachine(
