@@ -331,6 +331,7 @@ export class RecoveryHostLink {
           jobId: op.jobId,
           name: m.name,
           pointIds: m.pointIds,
+          guestAgent: true,
           ...hardware,
           nics: [
             {
@@ -441,6 +442,9 @@ export class RecoveryHostLink {
       name: m.name,
       store,
       points: { pointIds: m.pointIds },
+      // A guest agent channel: harmless without an agent in the guest, and lets an operator
+      // (or a test) look inside the isolated machine.
+      guestAgent: true,
       ...(await this.hardware(store, m, false)),
       ...(m.address !== undefined ? { seed: seedOf(m, op.runId) } : {}),
     };

@@ -56,7 +56,11 @@ export interface RecoveryMachineOptions {
   nics?: MachineNic[];
   /** Disk controller the guest expects. @default 'nvme' */
   diskBus?: 'nvme' | 'virtio';
-  /** A cloud-init NoCloud seed ISO attached as a CD-ROM. @default none */
+  /**
+   * A cloud-init NoCloud seed ISO, attached read-only as a virtio disk (cloud-init finds it by
+   * its label `cidata` on any block device; a CD-ROM on q35's AHCI controller is invisible to
+   * kernels without AHCI, such as Debian's cloud kernel). @default none
+   */
   seedDisk?: string;
   /** A virtio-serial port for the QEMU guest agent (socket `<dir>/qga.sock`). @default false */
   guestAgent?: boolean;
@@ -251,7 +255,7 @@ export class RecoveryMachine {
         '-blockdev',
         'driver=raw,file=seed-file,node-name=seed,read-only=on',
         '-device',
-        'ide-cd,drive=seed,bus=ide.1,id=seed-dev',
+        'virtio-blk-pci,drive=seed,id=seed-dev,serial=cidata',
       );
     }
     for (const [i, nic] of (o.nics ?? []).entries()) {

@@ -338,8 +338,9 @@ async function loadItemDetails(
 /**
  * The points to boot for each item: one per disk, from one cut. For several items (a
  * consistency group) each machine is cut by its own agent, so the vault takes, per machine,
- * its newest complete cut at or before the oldest of the machines' newest cuts: no machine
- * is more than one interval ahead of another.
+ * its newest complete cut at or before the oldest of the machines' newest cuts (no machine is
+ * more than one interval ahead of another), or, for a machine whose points all came later,
+ * its earliest.
  */
 async function selectRunPoints(
   vault: VaultContext,
@@ -406,9 +407,27 @@ async function selectRunPoints(
   const firsts = [];
   for (const i of items) firsts.push(await newest(i, choice.at));
   if (items.length === 1) return [firsts[0]!.points];
+  // Each machine's newest cut at or before the oldest of the newest cuts; a machine with none
+  // that early (replicated later) takes its earliest cut: the closest to the others.
   const common = firsts.map((f) => f.time).sort()[0]!;
   const out: RecoveryPointRow[][] = [];
-  for (const i of items) out.push((await newest(i, common)).points);
+  for (const i of items) {
+    const cuts = await completeCuts(vault, i.item, i.disks, {
+      ...(choice.pick !== undefined ? { pick: choice.pick } : {}),
+      at: common,
+    });
+    out.push(
+      (
+        cuts[0] ??
+        (
+          await completeCuts(vault, i.item, i.disks, {
+            ...(choice.pick !== undefined ? { pick: choice.pick } : {}),
+            ...(choice.at !== undefined ? { at: choice.at } : {}),
+          })
+        ).at(-1)!
+      ).points,
+    );
+  }
   return out;
 }
 
