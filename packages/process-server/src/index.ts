@@ -40,3 +40,5 @@ export type {
   ManagedProcessServer,
   ManagedProcessServerOptions,
 } from './managed-process-server.js';
+export { runFinalSync } from './final-sync.js';
+export type { FinalSyncAgent, FinalSyncOptions, FinalSyncResult } from './final-sync.js';
