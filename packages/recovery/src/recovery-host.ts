@@ -181,16 +181,20 @@ export class RecoveryHost {
         disks.push(e);
       }
       // Static addresses without a MAC belong to the NIC of the same index.
+      const addresses = (spec.seed?.addresses ?? []).map((a, i) => ({
+        ...a,
+        mac: (a.mac ?? spec.nics?.[i]?.mac ?? machineMac(spec.name, i)).toLowerCase(),
+      }));
       const seedDisk = spec.seed
-        ? await buildSeedDisk({
-            ...spec.seed,
-            dir,
-            addresses: (spec.seed.addresses ?? []).map((a, i) => ({
-              ...a,
-              mac: a.mac ?? spec.nics?.[i]?.mac ?? machineMac(spec.name, i),
-            })),
-          })
+        ? await buildSeedDisk({ ...spec.seed, dir, addresses })
         : undefined;
+      // A guest that takes its static address from the seed is reached there on user networking.
+      const nics = spec.nics?.map((n, i): MachineNic => {
+        if (n.kind !== 'isolated-user' || n.guestAddress !== undefined) return n;
+        const mac = (n.mac ?? machineMac(spec.name, i)).toLowerCase();
+        const a = addresses.find((x) => x.mac === mac);
+        return a !== undefined ? { ...n, guestAddress: a.address } : n;
+      });
       // KVM that starts QEMU may still hang on a real kernel (nested virtualisation): when
       // booting a kernel under 'auto', prove KVM runs it once, else use TCG.
       let accel = this.accel;
@@ -209,7 +213,7 @@ export class RecoveryHost {
         ...(spec.cpus !== undefined ? { cpus: spec.cpus } : {}),
         ...(spec.memoryMiB !== undefined ? { memoryMiB: spec.memoryMiB } : {}),
         ...(spec.diskBus !== undefined ? { diskBus: spec.diskBus } : {}),
-        ...(spec.nics !== undefined ? { nics: spec.nics } : {}),
+        ...(nics !== undefined ? { nics } : {}),
         ...(seedDisk !== undefined ? { seedDisk } : {}),
         ...(spec.guestAgent !== undefined ? { guestAgent: spec.guestAgent } : {}),
       });
