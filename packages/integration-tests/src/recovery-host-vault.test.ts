@@ -130,7 +130,7 @@ describe('recovery host driven by the vault', () => {
     let host = startHost([...hostArgs, '--registration-key-file', join(dir, 'rh.key')]);
     try {
       const registered = await waitHealthy('rh-test');
-      const creds = join(runDir, 'credentials.json');
+      const creds = join(runDir, 'identity.json');
       expect((await stat(creds)).mode & 0o777).toBe(0o600);
       const saved = JSON.parse(await readFile(creds, 'utf8')) as Record<string, string>;
       expect(saved['id']).toBe(registered['id']);

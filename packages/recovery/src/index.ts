@@ -78,7 +78,6 @@ export {
   type VaultJobReporter,
   type VaultJobReporterOptions,
 } from './vault-job-reporter.js';
-export { VaultClient, type VaultClientOptions } from './vault-client.js';
 export {
   RecoveryHostLink,
   type RecoveryHostLinkOptions,
@@ -87,7 +86,7 @@ export {
 } from './recovery-host-link.js';
 export {
   recoveryHostCredentials,
-  type RecoveryHostCredentials,
+  componentClient,
   type RecoveryHostCredentialsOptions,
 } from './recovery-host-credentials.js';
 export { cleanupRunDir } from './run-dir-cleanup.js';

@@ -1,28 +1,20 @@
-import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
-import type { VaultClient } from './vault-client.js';
-
-/** What a recovery host got from the vault when it registered. */
-export interface RecoveryHostCredentials {
-  /** Its component id. */
-  id: string;
-  name: string;
-  /** Bearer token (`lbc_...`) for the component routes. */
-  token: string;
-  /** Its certificate and private key, and the vault CA's certificate (PEM). */
-  cert: string;
-  key: string;
-  ca: string;
-  /** The vault it registered with. */
-  vaultUrl: string;
-}
+import {
+  LifeboatError,
+  VaultClient,
+  certificateNeedsRenewal,
+  createKeyAndCsr,
+  isLifeboatError,
+  loadComponentIdentity,
+  saveComponentIdentity,
+} from '@lifeboat/protocol';
+import type { ComponentIdentity, IssuedIdentity, VaultObject } from '@lifeboat/protocol';
 
 /** Options of {@link recoveryHostCredentials}. */
 export interface RecoveryHostCredentialsOptions {
-  /** Private directory of the recovery host; the credentials live in `credentials.json` (0600). */
+  /** Private directory of the recovery host; the identity lives in `identity.json` (0600). */
   dir: string;
-  /** The vault (no token needed). */
+  /** The vault (no token needed; its CA for an HTTPS vault). */
   vault: VaultClient;
   /** Component name for a new registration. */
   name: string;
@@ -30,30 +22,50 @@ export interface RecoveryHostCredentialsOptions {
   registrationKey?: () => Promise<string>;
   /** Where others reach it, for its certificate. @default none */
   address?: string;
+  /** The CA the vault's server certificate chains to. @default the vault's own CA */
+  ca?: string;
 }
 
-const FILE = 'credentials.json';
+/**
+ * The client of the vault with a component's token and client certificate; it trusts `ca`
+ * (a vault serving an outside certificate), else the vault's own CA.
+ */
+export function componentClient(
+  vault: VaultClient,
+  identity: ComponentIdentity,
+  ca?: string,
+): VaultClient {
+  return vault
+    .as(identity.token)
+    .withTls({ ca: ca ?? identity.ca, cert: identity.cert, key: identity.key });
+}
 
 /**
- * The recovery host's identity: the credentials of an earlier run in `dir` when the vault still
- * accepts their token (a restart does not need a new key), else a registration with the
- * one-time key (`POST /api/register`), whose id, token, certificate and key are kept in
- * `<dir>/credentials.json`, mode 0600.
+ * The recovery host's identity: the one an earlier start kept in `dir` when the vault still
+ * accepts its token (a restart needs no new key), else a registration with the one-time key
+ * (`POST /api/register` with a CSR: the private key is made here and never leaves the host).
+ * Its id, token, certificate and key are kept in `<dir>/identity.json`, mode 0600; the
+ * certificate is renewed when a third of its lifetime is left.
  */
 export async function recoveryHostCredentials(
   options: RecoveryHostCredentialsOptions,
-): Promise<RecoveryHostCredentials> {
-  const path = join(options.dir, FILE);
-  const known = await readFile(path, 'utf8').then(
-    (t) => JSON.parse(t) as RecoveryHostCredentials,
-    () => undefined,
-  );
+): Promise<ComponentIdentity> {
+  const path = join(options.dir, 'identity.json');
+  let known = await loadComponentIdentity(options.dir);
+  if (known !== undefined && known.kind !== 'recovery-host') {
+    throw new LifeboatError(
+      'LB_RECOVERY_NOT_REGISTERED',
+      `${path} holds the identity of a ${known.kind} (${known.id}), not of a recovery host. Give the recovery host a run directory of its own.`,
+      { details: { path, id: known.id } },
+    );
+  }
   if (known !== undefined) {
     try {
-      await options.vault
-        .with(known.token, { ca: known.ca, cert: known.cert, key: known.key })
-        .call('POST', '/api/components/self/heartbeat', {});
-      return known;
+      await componentClient(options.vault, known, options.ca).call(
+        'POST',
+        '/api/components/self/heartbeat',
+        {},
+      );
     } catch (err) {
       const refused = isLifeboatError(err) && err.details['status'] === 401;
       if (!refused) throw err;
@@ -64,7 +76,24 @@ export async function recoveryHostCredentials(
           { cause: err, details: { path } },
         );
       }
+      known = undefined;
     }
+  }
+  if (known !== undefined) {
+    if (certificateNeedsRenewal(known.cert)) {
+      const pair = await createKeyAndCsr(known.id);
+      const r = await componentClient(options.vault, known, options.ca).call<IssuedIdentity>(
+        'POST',
+        '/api/components/self/certificate',
+        pair !== undefined ? { csr: pair.csr } : {},
+      );
+      const key = pair?.key ?? r.privateKey;
+      if (key !== undefined) {
+        known = { ...known, cert: r.certificate, key, ca: r.caCertificate };
+        await saveComponentIdentity(options.dir, known);
+      }
+    }
+    return known;
   }
   if (options.registrationKey === undefined) {
     throw new LifeboatError(
@@ -73,26 +102,27 @@ export async function recoveryHostCredentials(
       { details: { path } },
     );
   }
-  const key = (await options.registrationKey()).trim();
-  const r = await options.vault.call<Record<string, unknown>>('POST', '/api/register', {
-    key,
+  const pair = await createKeyAndCsr(options.name);
+  const r = await options.vault.call<VaultObject & IssuedIdentity>('POST', '/api/register', {
+    key: (await options.registrationKey()).trim(),
     kind: 'recovery-host',
     name: options.name,
     ...(options.address !== undefined ? { address: options.address } : {}),
+    ...(pair !== undefined ? { csr: pair.csr } : {}),
   });
-  const creds: RecoveryHostCredentials = {
-    id: String((r['component'] as Record<string, unknown>)['id']),
+  const key = pair?.key ?? r.privateKey;
+  if (key === undefined) {
+    throw new LifeboatError('LB_RECOVERY_NOT_REGISTERED', 'The vault returned no private key.');
+  }
+  const identity: ComponentIdentity = {
+    id: String((r['component'] as VaultObject)['id']),
     name: options.name,
+    kind: 'recovery-host',
     token: String(r['token']),
-    cert: String(r['certificate']),
-    key: String(r['privateKey'] ?? ''),
-    ca: String(r['caCertificate']),
-    vaultUrl: options.vault.url,
+    cert: r.certificate,
+    key,
+    ca: r.caCertificate,
   };
-  await mkdir(options.dir, { recursive: true, mode: 0o700 });
-  const tmp = `${path}.tmp`;
-  await writeFile(tmp, JSON.stringify(creds, null, 2), { mode: 0o600 });
-  await chmod(tmp, 0o600);
-  await rename(tmp, path);
-  return creds;
+  await saveComponentIdentity(options.dir, identity);
+  return identity;
 }

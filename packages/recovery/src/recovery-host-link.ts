@@ -10,7 +10,7 @@ import type { RecoveryJobKind, RecoveryJobRecord } from './recovery-job.js';
 import type { MachineBoot } from './recovery-machine.js';
 import type { SeedDiskOptions } from './seed-disk.js';
 import { runTestFailover, type TestFailover, type TestFailoverMachine } from './test-failover.js';
-import type { VaultClient } from './vault-client.js';
+import type { VaultClient } from '@lifeboat/protocol';
 import { vaultJobReporter, type VaultJobReporter } from './vault-job-reporter.js';
 
 /** A target store as the vault hands it to the recovery host (secrets unsealed). */

@@ -1,5 +1,5 @@
 import type { RecoveryJobListener, RecoveryJobRecord } from './recovery-job.js';
-import type { VaultClient } from './vault-client.js';
+import type { VaultClient } from '@lifeboat/protocol';
 
 /** Options for {@link vaultJobReporter}. */
 export interface VaultJobReporterOptions {

@@ -5,7 +5,7 @@ import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
 import type { VaultAccess } from '../config.js';
 import { ProgressBar } from '../progress-bar.js';
-import { VaultApi, type ApiObject } from '../up/vault-api.js';
+import { VaultClient, type VaultObject as ApiObject } from '@lifeboat/protocol';
 import { intOption } from './recovery.js';
 
 // `lifeboat failover ...` through the vault's API (docs/architecture.md, "Test failover and
@@ -69,18 +69,19 @@ interface Run extends ApiObject {
   id: string;
   kind: string;
   state: string;
+  recoveryHostId: string;
   jobId: string;
   machines: RunMachine[];
 }
 
 /** A vault client for one invocation, aborted with it. */
 class Client {
-  readonly api: VaultApi;
+  readonly api: VaultClient;
   constructor(
     readonly access: VaultAccess,
     private readonly ctx: CliContext,
   ) {
-    this.api = new VaultApi(access.url, access.token);
+    this.api = new VaultClient({ url: access.url, token: access.token });
   }
   call<T = ApiObject>(method: string, path: string, body?: unknown): Promise<T> {
     return this.api.call<T>(method, path, body, this.ctx.signal);
@@ -292,7 +293,7 @@ export async function vaultTestFailover(
       : {}),
   });
   out.note(
-    `test failover ${started.id} on recovery host ${String(started['recoveryHostId'])}, job ${started.jobId}`,
+    `test failover ${started.id} on recovery host ${started.recoveryHostId}, job ${started.jobId}`,
   );
   const job = await follow(ctx, c, out, started.jobId, json);
   const run = await c.call<Run>('GET', `/api/test-failovers/${started.id}`);
@@ -348,7 +349,7 @@ export async function vaultStartFailover(
       : {}),
   });
   out.note(
-    `${o.planned ? 'planned ' : ''}failover ${started.id} on recovery host ${String(started['recoveryHostId'])}, job ${started.jobId}`,
+    `${o.planned ? 'planned ' : ''}failover ${started.id} on recovery host ${started.recoveryHostId}, job ${started.jobId}`,
   );
   const job = await follow(ctx, c, out, started.jobId, json);
   const run = await c.call<Run>('GET', `/api/failovers/${started.id}`);

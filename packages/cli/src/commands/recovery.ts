@@ -2,12 +2,12 @@ import { mkdtemp, readFile } from 'node:fs/promises';
 import { hostname, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, VaultClient } from '@lifeboat/protocol';
 import {
   RecoveryHost,
   RecoveryHostLink,
-  VaultClient,
   cleanupRunDir,
+  componentClient,
   exportUri,
   recoveryHostCredentials,
 } from '@lifeboat/recovery';
@@ -171,6 +171,7 @@ async function startWithVault(
     dir: runDir,
     vault: anonymous,
     name: opts.name ?? hostname().toLowerCase(),
+    ...(ca !== undefined ? { ca } : {}),
     ...(keyFile !== undefined
       ? {
           registrationKey: async () =>
@@ -185,11 +186,7 @@ async function startWithVault(
   });
   ctx.cleanups.push(() => host.close());
   const link = new RecoveryHostLink({
-    vault: anonymous.with(creds.token, {
-      ...(ca !== undefined ? { ca } : { ca: creds.ca }),
-      cert: creds.cert,
-      key: creds.key,
-    }),
+    vault: componentClient(anonymous, creds, ca),
     host,
     openStore: openAssignedStore,
     hydrationDir:

@@ -4,12 +4,7 @@ import { ProcessServer, VaultLink } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
 import { LifeboatError, VaultClient } from '@lifeboat/protocol';
 import type { VaultObject as ApiObject } from '@lifeboat/protocol';
-import {
-  RecoveryHost,
-  RecoveryHostLink,
-  VaultClient as RecoveryVaultClient,
-  vaultJobReporter,
-} from '@lifeboat/recovery';
+import { RecoveryHost, RecoveryHostLink, vaultJobReporter } from '@lifeboat/recovery';
 import type { Store } from '@lifeboat/store';
 import { startVault } from '@lifeboat/vault';
 import type { Vault } from '@lifeboat/vault';
@@ -222,7 +217,7 @@ export async function startLocalInstallation(
     add('the process server link', () => link.stop());
     // The recovery host takes the vault's test failovers and failovers like a separate one.
     const recoveryLink = new RecoveryHostLink({
-      vault: new RecoveryVaultClient({ url: vault.url, token: rhCreds.token }),
+      vault: new VaultClient({ url: vault.url, token: rhCreds.token }),
       host: recoveryHost,
       openStore: openAssignedStore,
       hydrationDir: join(paths.recovery, 'disks'),
