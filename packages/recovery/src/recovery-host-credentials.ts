@@ -1,14 +1,18 @@
 import { join } from 'node:path';
 import {
   LifeboatError,
-  VaultClient,
   certificateNeedsRenewal,
   createKeyAndCsr,
   isLifeboatError,
   loadComponentIdentity,
   saveComponentIdentity,
 } from '@lifeboat/protocol';
-import type { ComponentIdentity, IssuedIdentity, VaultObject } from '@lifeboat/protocol';
+import type {
+  ComponentIdentity,
+  IssuedIdentity,
+  VaultObject,
+  VaultClient,
+} from '@lifeboat/protocol';
 
 /** Options of {@link recoveryHostCredentials}. */
 export interface RecoveryHostCredentialsOptions {
