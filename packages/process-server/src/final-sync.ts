@@ -21,6 +21,8 @@ export interface FinalSyncOptions {
   stopSource?: boolean;
   /** How long the commit of the last cut may take. @default 600000 */
   commitTimeoutMs?: number;
+  /** Runs each stage as a named step (for the job's steps and timings). @default just runs it */
+  step?: <T>(name: string, fn: () => Promise<T>) => Promise<T>;
 }
 
 /** What a final sync reports to the vault on its job. */
@@ -49,9 +51,26 @@ export async function runFinalSync(options: FinalSyncOptions): Promise<FinalSync
     committed.push(cut);
     notify?.();
   };
+  const step = options.step ?? (<T>(_name: string, fn: () => Promise<T>) => fn());
   options.server.on('committed', onCommitted);
   try {
-    const { cutId } = await options.agent.finalCut();
+    const { cutId } = await step('pause the source and take a last cut', () =>
+      options.agent.finalCut(),
+    );
+    const cut = await step('commit the last cut', () => waitCommitted(cutId));
+    const stop = options.stopSource ?? true;
+    if (stop) await step('stop the source', () => options.agent.quitSource());
+    return {
+      cutId,
+      pointIds: cut.points.map((p) => p.id),
+      time: cut.time.toISOString(),
+      sourceStopped: stop,
+    };
+  } finally {
+    options.server.off('committed', onCommitted);
+  }
+
+  async function waitCommitted(cutId: string): Promise<CommittedCut> {
     const deadline = Date.now() + timeoutMs;
     let cut: CommittedCut | undefined;
     while ((cut = committed.find((c) => c.cutId === cutId)) === undefined) {
@@ -72,15 +91,6 @@ export async function runFinalSync(options: FinalSyncOptions): Promise<FinalSync
       });
       notify = undefined;
     }
-    const stop = options.stopSource ?? true;
-    if (stop) await options.agent.quitSource();
-    return {
-      cutId,
-      pointIds: cut.points.map((p) => p.id),
-      time: cut.time.toISOString(),
-      sourceStopped: stop,
-    };
-  } finally {
-    options.server.off('committed', onCommitted);
+    return cut;
   }
 }

@@ -19,6 +19,7 @@ export type {
   AgentControl,
   AgentItemStatus,
   AssignedItem,
+  AssignedOperation,
   AssignedStore,
   Assignments,
   DiscoveredMachine,

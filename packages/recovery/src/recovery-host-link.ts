@@ -141,6 +141,11 @@ export class RecoveryHostLink {
     });
   }
 
+  /** True for a job this link runs for the vault (reported by it, on the vault's id). */
+  owns(jobId: string): boolean {
+    return this.operations.has(jobId) || this.known.has(jobId);
+  }
+
   /** Lets operations boot kernel files from `dir` too (e.g. a test image built later). */
   allowKernelDir(dir: string): void {
     if (!this.kernelDirs.includes(dir)) this.kernelDirs.push(dir);

@@ -162,9 +162,14 @@ export async function startLocalInstallation(
       onError: (err) => onError('reporting a recovery job to the vault', err),
     });
     add('recovery job reports', () => reporter.flush());
+    // Jobs the vault queued are the link's to report (on the vault's own ids); this reporter
+    // reports the jobs `up` runs itself (the demo's test failover).
+    const linked: { rh?: RecoveryHostLink } = {};
     const recoveryHost = await RecoveryHost.start({
       runDir: paths.recovery,
-      onJob: reporter.listener,
+      onJob: (job) => {
+        if (linked.rh?.owns(job.id) !== true) reporter.listener(job);
+      },
     });
     add('the recovery host', () => recoveryHost.close());
     const committedListeners = new Set<(cut: CommittedCut) => void>();
@@ -216,15 +221,16 @@ export async function startLocalInstallation(
     link.start();
     add('the process server link', () => link.stop());
     // The recovery host takes the vault's test failovers and failovers like a separate one.
-    const recoveryLink = new RecoveryHostLink({
+    const hostLink = new RecoveryHostLink({
       vault: new VaultClient({ url: vault.url, token: rhCreds.token }),
       host: recoveryHost,
       openStore: openAssignedStore,
       hydrationDir: join(paths.recovery, 'disks'),
       onError: (err) => onError('recovery host link', err),
     });
-    recoveryLink.start();
-    add('the recovery host link', () => recoveryLink.stop());
+    linked.rh = hostLink;
+    hostLink.start();
+    add('the recovery host link', () => hostLink.stop());
     // The agent has no poll loop of its own yet: a heartbeat shows it alive.
     const beat = setInterval(() => {
       for (const c of [agentCreds]) {
@@ -275,7 +281,7 @@ export async function startLocalInstallation(
       agents,
       link,
       recoveryHost,
-      recoveryLink,
+      recoveryLink: hostLink,
       targetStoreId,
       close,
     };
