@@ -30,6 +30,7 @@ export { AgentHub } from './agent-hub.js';
 export type {
   AgentAssignedItem,
   AgentAssignments,
+  AgentFinalSyncReport,
   AgentHubOptions,
   AgentItemReport,
   AgentReport,
