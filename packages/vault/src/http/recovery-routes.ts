@@ -235,6 +235,7 @@ export function registerRecoveryRoutes(app: FastifyInstance, vault: VaultContext
             point: pointSchema,
             planned: { type: 'boolean' },
             ...common,
+            network: { type: 'string', enum: ['isolated-user'] },
             address: {
               type: 'object',
               properties: addressProps,
