@@ -484,10 +484,12 @@ export class RecoveryHostLink {
       };
     } else if (m.boot?.firmware !== undefined) {
       boot = { firmware: m.boot.firmware };
-    } else if (rec.firmware !== undefined) {
+    } else if (rec.firmware !== undefined && !(rec.kernelBoot === true && this.defaultBoot)) {
       boot = { firmware: rec.firmware };
     } else {
-      boot = this.defaultBoot ?? { firmware: 'bios' };
+      // Also a source that booted a kernel file directly (which the store does not hold): the
+      // recovery host's default boot, when it has one, is what can boot its disks.
+      boot = this.defaultBoot ?? { firmware: rec.firmware ?? 'bios' };
     }
     const cpus = m.cpus ?? rec.cpus;
     const memoryMiB = m.memoryMiB ?? rec.memoryMiB;
