@@ -8,7 +8,7 @@ export PATH="$PWD/node_modules/.bin:$PATH"
 # Debian packages: QEMU for the recovery host and agent tests, restic for the benchmarks'
 # reference, PostgreSQL for the vault's second database, Chromium for the portal tests.
 DEBS=(qemu-utils qemu-system-x86 qemu-block-extra nbdkit libnbd-bin restic busybox-static
-  e2fsprogs postgresql chromium zstd iproute2 procps genisoimage)
+  e2fsprogs postgresql chromium zstd iproute2 procps genisoimage cloud-init)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

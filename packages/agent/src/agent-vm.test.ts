@@ -121,6 +121,8 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
         'machine.memory-mib': '320',
         'machine.firmware': 'bios',
         'machine.disk-bus': 'nvme',
+        // The test VM boots its kernel directly: BIOS alone would not boot its disk.
+        'machine.boot': 'kernel',
       });
     }
     expect(app.status().hardware).toEqual({
@@ -128,6 +130,7 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
       memoryMiB: 320,
       firmware: 'bios',
       diskBus: 'nvme',
+      boot: 'kernel',
     });
     const appRoot = join(dir, 'app-root.raw');
     await restore(store, appPoints.find((p) => p.disk === 'disk0')?.id as string, appRoot);

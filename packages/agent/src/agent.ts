@@ -139,6 +139,9 @@ export class Agent extends EventEmitter {
   private loop: Promise<void> | undefined;
   private stopping = false;
   private crashing = false;
+  /** A planned failover's last cut: the guest is paused, cut at once, never freeze it. */
+  private finalizing = false;
+  private cutNow = false;
   private wake: (() => void) | undefined;
   private phase: AgentStatus['phase'] = 'starting';
   private cycles = 0;
@@ -273,6 +276,68 @@ export class Agent extends EventEmitter {
       this.on('cut', onCut);
       this.on('failed', onFailed);
     });
+  }
+
+  /**
+   * The source's side of a planned failover: flushes the guest's file systems through its
+   * guest agent when it has one, pauses the guest (QMP `stop`, which also completes the writes
+   * it issued), takes a cut at once and waits for its acknowledgement. The returned cut was
+   * taken after the pause, so it holds every write the guest made; the guest stays paused
+   * (see {@link quitSource}). When the cut fails, the guest runs again and the error is thrown.
+   */
+  async finalCut(timeoutMs = 180_000): Promise<CutReport> {
+    if (this.phase !== 'continuous') {
+      throw new LifeboatError(
+        'LB_AGENT_NOT_CONTINUOUS',
+        `The agent of ${this.opts.machine} is ${this.phase}, not replicating continuously; a planned failover needs its initial replication done. Wait, or run an unplanned failover.`,
+        { details: { machine: this.opts.machine, phase: this.phase } },
+      );
+    }
+    if (this.opts.guestAgentSocket) {
+      // Freezing writes the guest's dirty page cache to its disks; thaw at once (it is paused
+      // next, so it writes nothing more either way). A guest without an answering agent is cut
+      // as it is: every write it issued is on its disks once it is paused.
+      const qga = new GuestAgentClient(this.opts.guestAgentSocket, 10_000);
+      try {
+        await qga.freeze();
+        await qga.thaw();
+      } catch {
+        await qga.thaw().catch(() => undefined);
+      }
+    }
+    this.finalizing = true;
+    await this.q.execute('stop');
+    const paused = Date.now();
+    try {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        // The cycle in flight may have started before the pause; the one after it did not.
+        const next = this.nextCut(Math.max(1, deadline - Date.now()));
+        this.cutNow = true;
+        this.wake?.();
+        const cut = await next;
+        if (cut.time >= paused) return cut;
+      }
+    } catch (err) {
+      this.finalizing = false;
+      await this.q.execute('cont').catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /**
+   * Ends a planned failover's source side: stops replicating (QEMU keeps its bitmaps) and
+   * quits the paused source machine through QMP, so it can never write again.
+   */
+  async quitSource(): Promise<void> {
+    const socket = this.opts.qmpSocket;
+    await this.stop();
+    const q = await QmpClient.connect({ path: socket }, { commandTimeoutMs: 10_000 });
+    try {
+      await q.execute('quit').catch(() => undefined);
+    } finally {
+      await q.close().catch(() => undefined);
+    }
   }
 
   /** A snapshot of what the agent is doing. */
@@ -451,7 +516,9 @@ export class Agent extends EventEmitter {
 
   private sleep(ms: number): Promise<void> {
     return new Promise<void>((resolve) => {
-      const t = setTimeout(done, ms);
+      // A final cut was asked for while a cycle ran: take it now, not an interval later.
+      const t = setTimeout(done, this.cutNow ? 0 : ms);
+      this.cutNow = false;
       function done(): void {
         clearTimeout(t);
         resolve();
@@ -828,6 +895,7 @@ export class Agent extends EventEmitter {
     let kind: 'crash' | 'app' = 'crash';
     let warning: string | undefined;
     const wantApp =
+      !this.finalizing &&
       this.opts.appConsistentIntervalMs > 0 &&
       started - this.lastAppAt >= this.opts.appConsistentIntervalMs;
     const qga = this.opts.guestAgentSocket

@@ -182,6 +182,20 @@ export class AssignedMachine extends EventEmitter {
     this.client.setTls(tls);
   }
 
+  /** A planned failover's last cut: the guest is paused and cut at once (see Agent.finalCut). */
+  finalCut(): Promise<CutReport> {
+    return this.agent.finalCut();
+  }
+
+  /** Stops replicating and quits the paused source machine (see Agent.quitSource). */
+  async quitSource(): Promise<void> {
+    try {
+      await this.agent.quitSource();
+    } finally {
+      await this.client.close();
+    }
+  }
+
   /**
    * Stops cleanly (QEMU's bitmaps stay, so a later start continues where this one ended). An
    * agent waiting for an acknowledgement that cannot come (process server gone) gives up after

@@ -12,6 +12,11 @@ export interface MachineHardware {
   firmware?: 'bios' | 'uefi';
   /** The bus of the first (boot) disk, from its device's QOM type: `nvme` or `virtio`. */
   diskBus?: 'nvme' | 'virtio';
+  /**
+   * `kernel` when QEMU boots a kernel file directly (`-kernel`): the disks then may hold no
+   * boot loader, so the firmware alone does not boot the point. @default absent (firmware boots the disk)
+   */
+  boot?: 'kernel';
 }
 
 /**
@@ -24,6 +29,7 @@ export const HARDWARE_LABELS = {
   memoryMiB: 'machine.memory-mib',
   firmware: 'machine.firmware',
   diskBus: 'machine.disk-bus',
+  boot: 'machine.boot',
 } as const;
 
 interface BlockInfo {
@@ -78,6 +84,10 @@ export async function readMachineHardware(
     );
     const flash = blocks.some((b) => isFirmwareFlash(b) && b.inserted !== undefined);
     out.firmware = flash || /ovmf|edk2|uefi/i.test(file ?? '') ? 'uefi' : 'bios';
+    const kernel = await optional(() =>
+      qmp.execute<string>('qom-get', { path: '/machine', property: 'kernel' }),
+    );
+    if (typeof kernel === 'string' && kernel !== '') out.boot = 'kernel';
   }
   const first = disks[0];
   const dev = first
@@ -99,5 +109,6 @@ export function hardwareLabels(h: MachineHardware): Record<string, string> {
   if (h.memoryMiB !== undefined) labels[HARDWARE_LABELS.memoryMiB] = String(h.memoryMiB);
   if (h.firmware !== undefined) labels[HARDWARE_LABELS.firmware] = h.firmware;
   if (h.diskBus !== undefined) labels[HARDWARE_LABELS.diskBus] = h.diskBus;
+  if (h.boot !== undefined) labels[HARDWARE_LABELS.boot] = h.boot;
   return labels;
 }

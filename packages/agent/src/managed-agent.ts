@@ -36,6 +36,19 @@ interface Assignments {
     requestId: string;
     endpoints: Array<{ name: string; qmp: string }>;
   }>;
+  /** A planned failover's source side: `cut` (pause, cut at once), then `quit`. */
+  finalSyncs?: Array<{ itemId: string; requestId: string; phase: 'cut' | 'quit' }>;
+}
+
+/** A final sync this agent was asked for, and how far it got. */
+interface FinalSync {
+  itemId: string;
+  requestId: string;
+  cutStarted: boolean;
+  quitStarted: boolean;
+  cutId?: string;
+  stopped?: boolean;
+  error?: { code: string; message: string };
 }
 
 /** Options of {@link ManagedAgent.start}. */
@@ -179,6 +192,7 @@ export async function agentIdentity(
  */
 export class ManagedAgent extends EventEmitter {
   private readonly items = new Map<string, Item>();
+  private readonly finals = new Map<string, FinalSync>();
   private api: ProcessServerApi;
   private identity: ComponentIdentity;
   private timer: NodeJS.Timeout | undefined;
@@ -291,9 +305,15 @@ export class ManagedAgent extends EventEmitter {
     } finally {
       await this.writeStatus();
     }
+    this.finalSyncs(a.finalSyncs ?? []);
     const wanted = new Map(a.items.filter((i) => i.desired === 'replicate').map((i) => [i.id, i]));
     for (const id of [...this.items.keys()]) if (!wanted.has(id)) await this.stopItem(id);
-    for (const assignment of wanted.values()) await this.apply(assignment);
+    for (const assignment of wanted.values()) {
+      // A source a planned failover quit is never started again.
+      if ([...this.finals.values()].some((f) => f.itemId === assignment.id && f.quitStarted))
+        continue;
+      await this.apply(assignment);
+    }
     const inventories: Array<{
       sourceHostId: string;
       requestId: string;
@@ -330,9 +350,73 @@ export class ManagedAgent extends EventEmitter {
         ...stopping.map((i) => ({ id: i.id, running: false, generation: i.generation })),
       ],
       inventories,
+      finalSyncs: [...this.finals.values()].map((f) => ({
+        itemId: f.itemId,
+        requestId: f.requestId,
+        ...(f.cutId !== undefined ? { cutId: f.cutId } : {}),
+        ...(f.stopped === true ? { stopped: true } : {}),
+        ...(f.error !== undefined ? { error: f.error } : {}),
+      })),
       ...(this.options.version !== undefined ? { version: this.options.version } : {}),
     });
     await this.writeStatus();
+  }
+
+  /**
+   * A planned failover's source side, as its process server asks: pause the source and cut at
+   * once (Agent.finalCut), then, once the process server committed that cut, quit the source
+   * (Agent.quitSource). Each step runs once per request, beside the polls; its outcome goes
+   * out with the next reports.
+   */
+  private finalSyncs(asked: NonNullable<Assignments['finalSyncs']>): void {
+    const live = new Set(asked.map((f) => f.requestId));
+    for (const id of [...this.finals.keys()]) if (!live.has(id)) this.finals.delete(id);
+    for (const req of asked) {
+      let f = this.finals.get(req.requestId);
+      if (f === undefined) {
+        f = { itemId: req.itemId, requestId: req.requestId, cutStarted: false, quitStarted: false };
+        this.finals.set(req.requestId, f);
+      }
+      const state = f;
+      const item = this.items.get(req.itemId);
+      const fail = (err: unknown): void => {
+        state.error = { code: asError(err).code, message: asError(err).message };
+        this.syncSoon();
+      };
+      if (!state.cutStarted) {
+        state.cutStarted = true;
+        if (item?.running === undefined) {
+          fail(
+            new LifeboatError(
+              'LB_AGENT_NOT_CONTINUOUS',
+              `This agent does not replicate item ${req.itemId}, so it cannot take its last cut.`,
+            ),
+          );
+          continue;
+        }
+        item.running.finalCut().then((c) => {
+          state.cutId = c.cutId;
+          this.syncSoon();
+        }, fail);
+      }
+      if (req.phase === 'quit' && !state.quitStarted && state.cutId !== undefined) {
+        state.quitStarted = true;
+        const running = item?.running;
+        // From now on the item is not this agent's: its source is gone.
+        this.items.delete(req.itemId);
+        (running?.quitSource() ?? Promise.resolve()).then(() => {
+          state.stopped = true;
+          this.emit('stopped', req.itemId);
+          this.syncSoon();
+        }, fail);
+      }
+    }
+  }
+
+  /** A poll soon (an answer the process server waits for). */
+  private syncSoon(): void {
+    if (this.stopped) return;
+    setTimeout(() => this.tick(), 50).unref();
   }
 
   private report(id: string, i: Item): Record<string, unknown> {

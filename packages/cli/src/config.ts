@@ -338,3 +338,43 @@ export async function prefetchStoreKey(args: readonly string[]): Promise<void> {
     // The command itself reports whatever is wrong.
   }
 }
+
+/** How the CLI reaches a vault as a user (not as a component). */
+export interface VaultAccess {
+  /** Base URL without a trailing slash. */
+  readonly url: string;
+  /** A session token (`lifeboat vault login`) or an API token. */
+  readonly token: string;
+}
+
+/**
+ * The vault a user command talks to, or undefined for the store-only mode: `--vault` (with
+ * `--token` or LIFEBOAT_VAULT_TOKEN), else LIFEBOAT_VAULT_TOKEN (a user who logged in, with
+ * LIFEBOAT_VAULT_URL or the local default) unless `--store` was given on the command line.
+ */
+export function resolveVaultAccess(
+  flags: { vault?: string; token?: string; store?: string; required?: boolean },
+  io: CliIo,
+): VaultAccess | undefined {
+  const envToken = nonEmpty(io.env['LIFEBOAT_VAULT_TOKEN']);
+  const token = nonEmpty(flags.token) ?? envToken;
+  if (
+    flags.required !== true &&
+    flags.vault === undefined &&
+    (token === undefined || nonEmpty(flags.store) !== undefined)
+  ) {
+    return undefined;
+  }
+  if (token === undefined) {
+    throw new LifeboatError(
+      'LB_CLI_USAGE',
+      `No vault token for ${flags.vault ?? 'the vault'}: run "lifeboat vault login" and export LIFEBOAT_VAULT_TOKEN, or pass --token.`,
+    );
+  }
+  const url = (
+    flags.vault ??
+    nonEmpty(io.env['LIFEBOAT_VAULT_URL']) ??
+    'http://127.0.0.1:9440'
+  ).replace(/\/+$/, '');
+  return Object.freeze({ url, token });
+}

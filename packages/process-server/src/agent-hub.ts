@@ -36,6 +36,22 @@ export interface AgentAssignments {
     requestId: string;
     endpoints: Array<{ name: string; qmp: string }>;
   }>;
+  /**
+   * A planned failover's source side, per item: `cut` (pause the source and cut at once),
+   * then `quit` (stop replicating it and quit the source). Absent from older process servers.
+   */
+  finalSyncs?: Array<{ itemId: string; requestId: string; phase: 'cut' | 'quit' }>;
+}
+
+/** What an agent reports of one final sync it was asked for. */
+export interface AgentFinalSyncReport {
+  itemId: string;
+  requestId: string;
+  /** The last cut's id, once it is acknowledged. */
+  cutId?: string;
+  /** The source is quit. */
+  stopped?: boolean;
+  error?: { code: string; message: string };
 }
 
 /** What an agent reports of one item in `POST /agent/v1/report`. */
@@ -52,6 +68,7 @@ export interface AgentItemReport {
 export interface AgentReport {
   items: AgentItemReport[];
   inventories?: Array<{ sourceHostId: string; requestId: string; machines: DiscoveredMachine[] }>;
+  finalSyncs?: AgentFinalSyncReport[];
   version?: string;
 }
 
@@ -158,9 +175,30 @@ function parseReport(v: unknown): AgentReport {
         };
       })
     : undefined;
+  const finalSyncs = Array.isArray(v['finalSyncs'])
+    ? v['finalSyncs'].map((raw, i): AgentFinalSyncReport => {
+        if (
+          !isObject(raw) ||
+          typeof raw['itemId'] !== 'string' ||
+          typeof raw['requestId'] !== 'string'
+        )
+          throw bad(`body.finalSyncs.${i}`, 'give { itemId, requestId, cutId?, stopped?, error? }');
+        const err = raw['error'];
+        return {
+          itemId: raw['itemId'],
+          requestId: raw['requestId'],
+          ...(typeof raw['cutId'] === 'string' ? { cutId: raw['cutId'] } : {}),
+          ...(raw['stopped'] === true ? { stopped: true } : {}),
+          ...(isObject(err) && typeof err['code'] === 'string'
+            ? { error: { code: err['code'], message: String(err['message'] ?? '') } }
+            : {}),
+        };
+      })
+    : undefined;
   return {
     items,
     ...(inventories !== undefined ? { inventories } : {}),
+    ...(finalSyncs !== undefined ? { finalSyncs } : {}),
     ...(typeof v['version'] === 'string' ? { version: v['version'] } : {}),
   };
 }
@@ -186,6 +224,11 @@ export class AgentHub extends EventEmitter implements AgentControl {
   private readonly answers = new Map<
     string,
     { requestId: string; machines: DiscoveredMachine[] }
+  >();
+  /** Final syncs asked of agents, by item, until the source is quit. */
+  private readonly finals = new Map<
+    string,
+    { agentId: string; requestId: string; phase: 'cut' | 'quit'; answer?: AgentFinalSyncReport }
   >();
   private ready = false;
   private nextRequest = 1;
@@ -276,6 +319,67 @@ export class AgentHub extends EventEmitter implements AgentControl {
     this.ready = true;
   }
 
+  /** Asks the item's agent to pause the source and cut at once; resolves with the cut's id. */
+  async finalCut(itemId: string): Promise<{ cutId: string }> {
+    const agentId = this.desired.get(itemId)?.machine.agentId;
+    if (agentId === undefined || agentId === null) {
+      throw new LifeboatError(
+        'LB_PS_NOT_REPLICATING',
+        `No agent replicates item ${itemId} through this process server, so it cannot take its last cut.`,
+        { details: { item: itemId } },
+      );
+    }
+    const requestId = `f${this.nextRequest++}-${Date.now().toString(36)}`;
+    this.finals.set(itemId, { agentId, requestId, phase: 'cut' });
+    const answer = await this.finalAnswer(itemId, (a) => a.cutId !== undefined);
+    return { cutId: answer.cutId! };
+  }
+
+  /** Asks the item's agent to stop replicating it and quit its paused source. */
+  async quitSource(itemId: string): Promise<void> {
+    const f = this.finals.get(itemId);
+    if (f === undefined) {
+      throw new LifeboatError('LB_PS_NOT_REPLICATING', `No last cut was taken of item ${itemId}.`, {
+        details: { item: itemId },
+      });
+    }
+    f.phase = 'quit';
+    try {
+      await this.finalAnswer(itemId, (a) => a.stopped === true);
+    } finally {
+      this.finals.delete(itemId);
+    }
+    // Its source is gone: nothing replicates it any more.
+    this.desired.delete(itemId);
+    this.stopping.delete(itemId);
+  }
+
+  private async finalAnswer(
+    itemId: string,
+    done: (a: AgentFinalSyncReport) => boolean,
+    timeoutMs = 600_000,
+  ): Promise<AgentFinalSyncReport> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const f = this.finals.get(itemId);
+      const a = f?.answer;
+      if (a?.error !== undefined) {
+        throw new LifeboatError(a.error.code, `The agent of item ${itemId}: ${a.error.message}`, {
+          details: { item: itemId },
+        });
+      }
+      if (a !== undefined && done(a)) return a;
+      if (f === undefined || Date.now() > deadline) {
+        throw new LifeboatError(
+          'LB_PS_FINAL_SYNC_TIMEOUT',
+          `The agent of item ${itemId} did not answer the planned failover's request in time. Check that it runs and reaches this process server.`,
+          { details: { item: itemId } },
+        );
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
   /** Refuses a replication session from an agent for a machine assigned to another agent. */
   authorizeSession(peer: PeerIdentity, machine: string): LifeboatError | undefined {
     const item = [...this.desired.values()].find((i) => i.storeMachine === machine);
@@ -320,6 +424,9 @@ export class AgentHub extends EventEmitter implements AgentControl {
           requestId: d.requestId,
           endpoints: d.endpoints,
         })),
+      finalSyncs: [...this.finals]
+        .filter(([, f]) => f.agentId === agentId)
+        .map(([itemId, f]) => ({ itemId, requestId: f.requestId, phase: f.phase })),
     };
   }
 
@@ -350,6 +457,11 @@ export class AgentHub extends EventEmitter implements AgentControl {
       // The agent let it go: the link reports the stop as applied.
       this.stopping.delete(id);
       changed = true;
+    }
+    for (const fs of report.finalSyncs ?? []) {
+      const f = this.finals.get(fs.itemId);
+      if (f?.agentId !== agentId || f.requestId !== fs.requestId) continue;
+      f.answer = fs;
     }
     for (const inv of report.inventories ?? []) {
       const pending = this.discoveries.get(inv.sourceHostId);

@@ -19,6 +19,7 @@ export type {
   AgentControl,
   AgentItemStatus,
   AssignedItem,
+  AssignedOperation,
   AssignedStore,
   Assignments,
   DiscoveredMachine,
@@ -29,6 +30,7 @@ export { AgentHub } from './agent-hub.js';
 export type {
   AgentAssignedItem,
   AgentAssignments,
+  AgentFinalSyncReport,
   AgentHubOptions,
   AgentItemReport,
   AgentReport,
@@ -40,3 +42,5 @@ export type {
   ManagedProcessServer,
   ManagedProcessServerOptions,
 } from './managed-process-server.js';
+export { runFinalSync } from './final-sync.js';
+export type { FinalSyncAgent, FinalSyncOptions, FinalSyncResult } from './final-sync.js';

@@ -1,4 +1,5 @@
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
+import { runFinalSync } from './final-sync.js';
 import type { VaultClient, VaultObject } from '@lifeboat/protocol';
 import type { CommittedCut } from './machine-replicator.js';
 import type { ProcessServer } from './process-server.js';
@@ -52,11 +53,30 @@ export interface DiscoveryRequest {
   endpoints: Array<{ name: string; qmp: string }>;
 }
 
+/**
+ * A job the vault queued for this process server (a planned failover's `final-sync`), reported
+ * on its own id (`PUT /api/components/self/jobs/:id`).
+ */
+export interface AssignedOperation {
+  jobId: string;
+  kind: string;
+  state: 'queued' | 'running';
+  runId: string;
+  spec: {
+    protectedItemId?: string;
+    storeMachine?: string;
+    disks?: string[];
+    stopSource?: boolean;
+  };
+}
+
 /** The process server's desired state. */
 export interface Assignments {
   items: AssignedItem[];
   targetStores: AssignedStore[];
   discovery: DiscoveryRequest[];
+  /** Jobs to run (absent from vaults older than planned failover). */
+  operations?: AssignedOperation[];
 }
 
 /** A machine found on a KVM host's QMP endpoint, for the inventory. */
@@ -92,6 +112,13 @@ export interface AgentControl {
   discover(request: DiscoveryRequest): Promise<DiscoveredMachine[] | undefined>;
   /** Called after each round that read the assignments. */
   roundComplete?(): void;
+  /**
+   * A planned failover's last cut: pause the item's source machine, cut at once, resolve with
+   * the cut's id once acknowledged. Agents that cannot leave it out (the job then fails).
+   */
+  finalCut?(itemId: string): Promise<{ cutId: string }>;
+  /** Stop replicating the item and quit its (paused) source machine through QMP. */
+  quitSource?(itemId: string): Promise<void>;
 }
 
 /** Options of {@link VaultLink}. */
@@ -125,6 +152,11 @@ export interface VaultLinkOptions {
 export class VaultLink {
   private readonly items = new Map<string, AssignedItem>();
   private readonly resync = new Map<string, string>();
+  /** Operations started by this instance (job ids). */
+  private readonly operations = new Set<string>();
+  private readonly running = new Set<Promise<void>>();
+  /** Items whose source a final sync stopped: nothing replicates them again here. */
+  private readonly finalized = new Set<string>();
   private pending: Array<{
     machine: string;
     targetStoreId: string | undefined;
@@ -205,6 +237,7 @@ export class VaultLink {
     this.server?.off('committed', this.onCommitted);
     this.server?.off('resync-required', this.onResync);
     await this.round.catch(() => undefined);
+    await Promise.allSettled([...this.running]);
     await this.flushPoints().catch(() => undefined);
     for (const id of [...this.items.keys()])
       await this.options.agents.stop(id).catch(() => undefined);
@@ -335,6 +368,7 @@ export class VaultLink {
       if (item.desired === 'stop' && applied !== undefined) this.items.delete(item.id);
     }
     agents.roundComplete?.();
+    for (const op of a.operations ?? []) this.operation(op);
     await this.flushPoints();
     await api.call('POST', '/api/components/self/heartbeat', {
       ...(this.options.address !== undefined ? { address: this.options.address } : {}),
@@ -349,12 +383,133 @@ export class VaultLink {
     });
   }
 
+  /** Starts a job the vault queued, once; it runs beside the rounds. */
+  private operation(op: AssignedOperation): void {
+    if (this.operations.has(op.jobId)) return;
+    this.operations.add(op.jobId);
+    const p = this.runOperation(op)
+      .catch((err: unknown) => this.options.onError?.(err))
+      .finally(() => this.running.delete(p));
+    this.running.add(p);
+  }
+
+  private async runOperation(op: AssignedOperation): Promise<void> {
+    const steps: Array<{
+      name: string;
+      state: 'running' | 'succeeded' | 'failed';
+      startedAt: string;
+      endedAt?: string;
+      durationMs?: number;
+      error?: { code: string; message: string };
+    }> = [];
+    const report = (body: Record<string, unknown>): Promise<unknown> =>
+      this.api.call('PUT', `/api/components/self/jobs/${encodeURIComponent(op.jobId)}`, {
+        kind: op.kind,
+        target: { runId: op.runId, ...op.spec },
+        steps,
+        ...body,
+      });
+    const errorOf = (err: unknown): { code: string; message: string } =>
+      isLifeboatError(err)
+        ? { code: err.code, message: err.message }
+        : { code: 'LB_PS_INTERNAL', message: (err as Error).message };
+    if (op.state === 'running') {
+      // Running, but not in this instance: the process server restarted during it.
+      await report({
+        state: 'failed',
+        error: {
+          code: 'LB_PS_RESTARTED',
+          message: `The process server restarted during this ${op.kind}; its outcome is unknown (the source may be paused). Check the source machine, then retry.`,
+        },
+      });
+      return;
+    }
+    const step = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
+      const started = Date.now();
+      const s: (typeof steps)[number] = {
+        name,
+        state: 'running',
+        startedAt: new Date(started).toISOString(),
+      };
+      steps.push(s);
+      await report({ state: 'running' }).catch((err: unknown) => this.options.onError?.(err));
+      try {
+        const v = await fn();
+        s.state = 'succeeded';
+        return v;
+      } catch (err) {
+        s.state = 'failed';
+        s.error = errorOf(err);
+        throw err;
+      } finally {
+        s.endedAt = new Date().toISOString();
+        s.durationMs = Date.now() - started;
+      }
+    };
+    try {
+      if (op.kind !== 'final-sync') {
+        throw new LifeboatError(
+          'LB_PS_UNKNOWN_INSTRUCTION',
+          `The vault asks for a ${op.kind}, which this process server does not know; upgrade it.`,
+          { details: { kind: op.kind } },
+        );
+      }
+      const result = await this.finalSync(op, step);
+      await report({ state: 'succeeded', result });
+    } catch (err) {
+      await report({ state: 'failed', error: errorOf(err) });
+    }
+  }
+
+  /** A planned failover's last sync of one item (see runFinalSync). */
+  private async finalSync(
+    op: AssignedOperation,
+    step: <T>(name: string, fn: () => Promise<T>) => Promise<T>,
+  ): Promise<Record<string, unknown>> {
+    const { agents } = this.options;
+    const itemId = op.spec.protectedItemId ?? '';
+    const item = this.items.get(itemId);
+    const server = this.server;
+    if (item === undefined || server === undefined) {
+      throw new LifeboatError(
+        'LB_PS_NOT_REPLICATING',
+        `Protected item ${itemId} is not replicated by this process server now, so it cannot take its last cut.`,
+        { details: { item: itemId } },
+      );
+    }
+    const { finalCut, quitSource } = agents;
+    if (finalCut === undefined || quitSource === undefined) {
+      throw new LifeboatError(
+        'LB_PS_UNKNOWN_INSTRUCTION',
+        'The agents of this process server cannot take a last cut; upgrade them.',
+      );
+    }
+    const result = await runFinalSync({
+      server,
+      machine: op.spec.storeMachine ?? item.storeMachine,
+      agent: {
+        finalCut: () => finalCut.call(agents, itemId),
+        quitSource: async () => {
+          // From now on nothing replicates the item here (its source is gone).
+          this.finalized.add(itemId);
+          await quitSource.call(agents, itemId);
+        },
+      },
+      stopSource: op.spec.stopSource ?? true,
+      step,
+    });
+    // The last cut's points reach the catalogue before the vault boots them.
+    await this.flushPoints();
+    return { ...result };
+  }
+
   /** Carries out one item's instruction. */
   private async apply(item: AssignedItem): Promise<void> {
     const { agents } = this.options;
     try {
       switch (item.desired) {
         case 'replicate':
+          if (this.finalized.has(item.id)) break;
           await agents.replicate(item);
           break;
         case 'stop':

@@ -31,11 +31,13 @@ export interface FailoverPlan extends Omit<MachineSpec, 'disks'> {
   sourceNics?: SourceNic[];
   /** Source network -> recovery network (and static addresses, through cloud-init). */
   networkMappings?: NetworkMapping[];
+  /** The start job's id (the vault's, for a failover it queued). @default a new one */
+  jobId?: string;
 }
 
 /** The machine spec a failover boots: its points, and its NICs and seed from the network mapping. */
 export function failoverMachineSpec(plan: FailoverPlan, pointIds: string[]): MachineSpec {
-  const { pointIds: _p, planned: _pl, sourceNics, networkMappings, ...spec } = plan;
+  const { pointIds: _p, planned: _pl, sourceNics, networkMappings, jobId: _j, ...spec } = plan;
   const out: MachineSpec = { ...spec, disks: pointIds.map((pointId) => ({ pointId })) };
   if (sourceNics !== undefined) {
     const mapped = mapNetworks(spec.name, sourceNics, networkMappings ?? []);
@@ -65,6 +67,8 @@ export interface HydrationOptions {
   verify?: boolean;
   /** How long mirroring may take before it is reported as stuck. @default 3600000 */
   timeoutMs?: number;
+  /** The job's id (the vault's, for a hydration it queued). @default a new one */
+  jobId?: string;
 }
 
 /** Failover state: booted (point may change), committed, hydrated (runs from local files). */
@@ -95,11 +99,11 @@ export class Failover {
 
   /** Starts a failover: (planned: last sync, stop source), then boot the points. */
   static async start(host: RecoveryHost, store: StoreApi, plan: FailoverPlan): Promise<Failover> {
-    const job = host.newJob('failover', {
-      machine: plan.name,
-      pointIds: plan.pointIds,
-      planned: plan.planned !== undefined,
-    });
+    const job = host.newJob(
+      'failover',
+      { machine: plan.name, pointIds: plan.pointIds, planned: plan.planned !== undefined },
+      plan.jobId !== undefined ? { id: plan.jobId } : {},
+    );
     try {
       let pointIds = plan.pointIds;
       if (plan.planned) {
@@ -132,7 +136,10 @@ export class Failover {
   }
 
   /** Boots other points instead (the guest restarts; its writes so far are discarded). */
-  async changePoint(pointIds: string[]): Promise<RecoveryJobRecord> {
+  async changePoint(
+    pointIds: string[],
+    options: { jobId?: string } = {},
+  ): Promise<RecoveryJobRecord> {
     if (this.state !== 'booted') {
       throw new LifeboatError(
         'LB_RECOVERY_FAILOVER_STATE',
@@ -140,11 +147,11 @@ export class Failover {
         { details: { machine: this.plan.name, state: this.state } },
       );
     }
-    const job = this.host.newJob('failover-change-point', {
-      machine: this.plan.name,
-      from: this.pointIds,
-      to: pointIds,
-    });
+    const job = this.host.newJob(
+      'failover-change-point',
+      { machine: this.plan.name, from: this.pointIds, to: pointIds },
+      options.jobId !== undefined ? { id: options.jobId } : {},
+    );
     try {
       await job.step(`remove ${this.plan.name}`, async (d) => {
         d['removed'] = await this.host.removeMachine(this.plan.name);
@@ -165,11 +172,12 @@ export class Failover {
   }
 
   /** Makes the failover final: the point can no longer change; hydration may start. */
-  async commit(): Promise<RecoveryJobRecord> {
-    const job = this.host.newJob('failover-commit', {
-      machine: this.plan.name,
-      pointIds: this.pointIds,
-    });
+  async commit(options: { jobId?: string } = {}): Promise<RecoveryJobRecord> {
+    const job = this.host.newJob(
+      'failover-commit',
+      { machine: this.plan.name, pointIds: this.pointIds },
+      options.jobId !== undefined ? { id: options.jobId } : {},
+    );
     try {
       await job.step('commit', async (d) => {
         if (this.state !== 'booted') {
@@ -213,11 +221,11 @@ export class Failover {
     }
     const format = options.format ?? 'qcow2';
     const timeoutMs = options.timeoutMs ?? 3_600_000;
-    const job = this.host.newJob('hydration', {
-      machine: this.plan.name,
-      pointIds: this.pointIds,
-      format,
-    });
+    const job = this.host.newJob(
+      'hydration',
+      { machine: this.plan.name, pointIds: this.pointIds, format },
+      options.jobId !== undefined ? { id: options.jobId } : {},
+    );
     const qmp = this.machine.qmp;
     const disks = this.machine.disks;
     try {

@@ -78,3 +78,15 @@ export {
   type VaultJobReporter,
   type VaultJobReporterOptions,
 } from './vault-job-reporter.js';
+export {
+  RecoveryHostLink,
+  type RecoveryHostLinkOptions,
+  type RecoveryOperation,
+  type AssignedTargetStore,
+} from './recovery-host-link.js';
+export {
+  recoveryHostCredentials,
+  componentClient,
+  type RecoveryHostCredentialsOptions,
+} from './recovery-host-credentials.js';
+export { cleanupRunDir } from './run-dir-cleanup.js';

@@ -7,6 +7,8 @@ export interface RecordedMachineConfig {
   memoryMiB?: number;
   firmware?: 'bios' | 'uefi';
   diskBus?: 'nvme' | 'virtio';
+  /** The source boots a kernel file directly: its firmware alone may not boot the disk. */
+  kernelBoot?: boolean;
 }
 
 /** Label names of {@link RecordedMachineConfig} on a point (set by whoever writes the point). */
@@ -15,6 +17,7 @@ export const MACHINE_LABELS = {
   memoryMiB: 'machine.memory-mib',
   firmware: 'machine.firmware',
   diskBus: 'machine.disk-bus',
+  boot: 'machine.boot',
 } as const;
 
 /**
@@ -47,5 +50,6 @@ export function recordedMachineConfig(point: PointInfo): RecordedMachineConfig {
     if (bus !== 'nvme' && bus !== 'virtio') throw bad(MACHINE_LABELS.diskBus, bus);
     out.diskBus = bus;
   }
+  if (point.labels[MACHINE_LABELS.boot] === 'kernel') out.kernelBoot = true;
   return out;
 }

@@ -6,7 +6,7 @@ import { kvmAvailable, kvmBootsKernel } from '@lifeboat/qmp';
 import { PointExport } from './point-export.js';
 import { resolveRecoveryHostOptions } from './recovery-host-options.js';
 import type { RecoveryHostOptions, ResolvedRecoveryHostOptions } from './recovery-host-options.js';
-import { RecoveryJob, type RecoveryJobKind } from './recovery-job.js';
+import { RecoveryJob, type RecoveryJobKind, type RecoveryJobListener } from './recovery-job.js';
 import {
   RecoveryMachine,
   machineMac,
@@ -62,6 +62,7 @@ const NAME = /^[a-z0-9][a-z0-9-]{0,23}$/;
 export class RecoveryHost {
   private readonly machines = new Map<string, BootedMachine>();
   private readonly exports = new Set<PointExport>();
+  private readonly listeners = new Set<RecoveryJobListener>();
   private exportSeq = 0;
 
   private constructor(
@@ -84,9 +85,31 @@ export class RecoveryHost {
     return new RecoveryHost(o, accel, o.connectQmp ?? connectQmpSession);
   }
 
-  /** Starts a job whose record is kept in `<runDir>/jobs/<id>/job.json`. */
-  newJob(kind: RecoveryJobKind, target: Record<string, unknown>): RecoveryJob {
-    return new RecoveryJob(kind, target, join(this.options.runDir, 'jobs'), this.options.onJob);
+  /**
+   * Starts a job whose record is kept in `<runDir>/jobs/<id>/job.json`; `id` is the vault's id
+   * of a job it queued (default: a new one).
+   */
+  newJob(
+    kind: RecoveryJobKind,
+    target: Record<string, unknown>,
+    options: { id?: string } = {},
+  ): RecoveryJob {
+    return new RecoveryJob(
+      kind,
+      target,
+      join(this.options.runDir, 'jobs'),
+      (job) => {
+        this.options.onJob?.(job);
+        for (const l of this.listeners) l(job);
+      },
+      options.id,
+    );
+  }
+
+  /** Receives every change of every job from now on (besides `onJob`); returns the unsubscribe. */
+  subscribe(listener: RecoveryJobListener): () => void {
+    this.listeners.add(listener);
+    return () => void this.listeners.delete(listener);
   }
 
   /** Serves a point read-only over NBD on a UNIX socket in the run directory. */
@@ -158,16 +181,20 @@ export class RecoveryHost {
         disks.push(e);
       }
       // Static addresses without a MAC belong to the NIC of the same index.
+      const addresses = (spec.seed?.addresses ?? []).map((a, i) => ({
+        ...a,
+        mac: (a.mac ?? spec.nics?.[i]?.mac ?? machineMac(spec.name, i)).toLowerCase(),
+      }));
       const seedDisk = spec.seed
-        ? await buildSeedDisk({
-            ...spec.seed,
-            dir,
-            addresses: (spec.seed.addresses ?? []).map((a, i) => ({
-              ...a,
-              mac: a.mac ?? spec.nics?.[i]?.mac ?? machineMac(spec.name, i),
-            })),
-          })
+        ? await buildSeedDisk({ ...spec.seed, dir, addresses })
         : undefined;
+      // A guest that takes its static address from the seed is reached there on user networking.
+      const nics = spec.nics?.map((n, i): MachineNic => {
+        if (n.kind !== 'isolated-user' || n.guestAddress !== undefined) return n;
+        const mac = (n.mac ?? machineMac(spec.name, i)).toLowerCase();
+        const a = addresses.find((x) => x.mac === mac);
+        return a !== undefined ? { ...n, guestAddress: a.address } : n;
+      });
       // KVM that starts QEMU may still hang on a real kernel (nested virtualisation): when
       // booting a kernel under 'auto', prove KVM runs it once, else use TCG.
       let accel = this.accel;
@@ -186,7 +213,7 @@ export class RecoveryHost {
         ...(spec.cpus !== undefined ? { cpus: spec.cpus } : {}),
         ...(spec.memoryMiB !== undefined ? { memoryMiB: spec.memoryMiB } : {}),
         ...(spec.diskBus !== undefined ? { diskBus: spec.diskBus } : {}),
-        ...(spec.nics !== undefined ? { nics: spec.nics } : {}),
+        ...(nics !== undefined ? { nics } : {}),
         ...(seedDisk !== undefined ? { seedDisk } : {}),
         ...(spec.guestAgent !== undefined ? { guestAgent: spec.guestAgent } : {}),
       });

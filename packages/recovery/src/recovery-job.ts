@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { isLifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
 
 /** What a recovery job does. */
 export type RecoveryJobKind =
@@ -75,9 +75,20 @@ export class RecoveryJob {
     /** Directory holding one directory per job. */
     jobsDir: string,
     private readonly listener?: RecoveryJobListener,
+    /** The job's id (the vault's, for a job it queued). @default a new one from kind and time */
+    id?: string,
   ) {
+    if (id !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(id)) {
+      throw new LifeboatError(
+        'LB_RECOVERY_BAD_OPTION',
+        `Job id "${id}" may hold only letters, digits, dot, dash and underscore.`,
+        { details: { id } },
+      );
+    }
     this.record = {
-      id: `${kind}-${new Date().toISOString().replace(/[-:.]/g, '').slice(0, 15)}-${randomBytes(3).toString('hex')}`,
+      id:
+        id ??
+        `${kind}-${new Date().toISOString().replace(/[-:.]/g, '').slice(0, 15)}-${randomBytes(3).toString('hex')}`,
       kind,
       target,
       state: 'running',

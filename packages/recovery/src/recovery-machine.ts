@@ -35,7 +35,17 @@ export type MachineBoot =
 /** One network interface of a recovered machine. */
 export type MachineNic =
   /** QEMU user networking with `restrict=on`: the guest reaches nothing; listed guest ports are forwarded from 127.0.0.1 only. */
-  | { kind: 'isolated-user'; forwardPorts?: number[]; mac?: string }
+  | {
+      kind: 'isolated-user';
+      forwardPorts?: number[];
+      mac?: string;
+      /**
+       * The guest's static address on it (`A.B.C.D/N`, from its cloud-init seed): user
+       * networking then serves that subnet and forwards the ports to that address.
+       * @default none (the guest takes user networking's DHCP address)
+       */
+      guestAddress?: string;
+    }
   /** The private segment of a test: reaches the other machines on it and nothing else. */
   | { kind: 'segment'; segment: IsolatedSegment; mac?: string };
 
@@ -56,7 +66,11 @@ export interface RecoveryMachineOptions {
   nics?: MachineNic[];
   /** Disk controller the guest expects. @default 'nvme' */
   diskBus?: 'nvme' | 'virtio';
-  /** A cloud-init NoCloud seed ISO attached as a CD-ROM. @default none */
+  /**
+   * A cloud-init NoCloud seed ISO, attached read-only as a virtio disk (cloud-init finds it by
+   * its label `cidata` on any block device; a CD-ROM on q35's AHCI controller is invisible to
+   * kernels without AHCI, such as Debian's cloud kernel). @default none
+   */
   seedDisk?: string;
   /** A virtio-serial port for the QEMU guest agent (socket `<dir>/qga.sock`). @default false */
   guestAgent?: boolean;
@@ -88,6 +102,28 @@ const UEFI_FIRMWARE = '/usr/share/qemu/OVMF.fd';
 export function machineMac(name: string, index: number): string {
   const h = createHash('sha256').update(`${name}/${index}`).digest();
   return `52:54:00:${[h[0], h[1], h[2]].map((b) => b!.toString(16).padStart(2, '0')).join(':')}`;
+}
+
+/**
+ * User networking's subnet for a guest with a static address: the guest's network, with QEMU's
+ * own (host) address the first one of it that is not the guest's. Undefined for a network too
+ * small to hold both (the guest then keeps the address and the ports are forwarded to it).
+ */
+export function userSubnet(cidr: string): { net: string; host: string; guest: string } | undefined {
+  const [ip, bits] = cidr.split('/');
+  const octets = (ip ?? '').split('.').map(Number);
+  const prefix = Number(bits);
+  if (octets.length !== 4 || octets.some((o) => !(o >= 0 && o <= 255)) || !(prefix >= 0)) {
+    return undefined;
+  }
+  const guest = octets.reduce((a, o) => a * 256 + o, 0);
+  const toIp = (n: number): string =>
+    [24, 16, 8, 0].map((s) => Math.floor(n / 2 ** s) % 256).join('.');
+  if (prefix > 28) return { net: '', host: '', guest: toIp(guest) };
+  const size = 2 ** (32 - prefix);
+  const base = guest - (guest % size);
+  const host = base + 1 === guest ? base + 2 : base + 1;
+  return { net: `${toIp(base)}/${prefix}`, host: toIp(host), guest: toIp(guest) };
 }
 
 async function freeLoopbackPort(): Promise<number> {
@@ -251,7 +287,7 @@ export class RecoveryMachine {
         '-blockdev',
         'driver=raw,file=seed-file,node-name=seed,read-only=on',
         '-device',
-        'ide-cd,drive=seed,bus=ide.1,id=seed-dev',
+        'virtio-blk-pci,drive=seed,id=seed-dev,serial=cidata',
       );
     }
     for (const [i, nic] of (o.nics ?? []).entries()) {
@@ -259,10 +295,14 @@ export class RecoveryMachine {
       this.macs.push(mac);
       if (nic.kind === 'isolated-user') {
         let netdev = `user,id=net${i},restrict=on`;
+        const subnet = nic.guestAddress !== undefined ? userSubnet(nic.guestAddress) : undefined;
+        if (subnet !== undefined && subnet.net !== '') {
+          netdev += `,net=${subnet.net},host=${subnet.host}`;
+        }
         for (const guestPort of nic.forwardPorts ?? []) {
           const hostPort = await freeLoopbackPort();
           this.ports.set(guestPort, hostPort);
-          netdev += `,hostfwd=tcp:127.0.0.1:${hostPort}-:${guestPort}`;
+          netdev += `,hostfwd=tcp:127.0.0.1:${hostPort}-${subnet?.guest ?? ''}:${guestPort}`;
         }
         args.push('-netdev', netdev);
       } else {

@@ -1,3 +1,4 @@
+import { copyFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
 import type { StoreApi } from '@lifeboat/store';
@@ -22,6 +23,8 @@ export interface BootVerification {
 /** One machine of a test failover. */
 export interface TestFailoverMachine extends Omit<MachineSpec, 'disks' | 'nics' | 'name'> {
   name: string;
+  /** The store holding its points. @default the test failover's store */
+  store?: StoreApi;
   /** Which point(s) to boot: point ids per disk, or a selector (latest, app, group, time). */
   points: { pointIds: string[] } | PointSelector;
   /** @default the plan's verification */
@@ -38,6 +41,8 @@ export interface TestFailoverPlan {
    */
   network?: 'isolated-user' | 'segment';
   verify?: BootVerification;
+  /** The job's id (the vault's, for a test failover it queued). @default a new one */
+  jobId?: string;
 }
 
 /** A running test failover: its job, its machines, and its cleanup. */
@@ -46,7 +51,7 @@ export interface TestFailover {
   readonly machines: BootedMachine[];
   readonly segment: IsolatedSegment | undefined;
   /** Stops the machines, removes overlays, exports and the segment; returns that job. */
-  cleanup(): Promise<RecoveryJobRecord>;
+  cleanup(options?: { jobId?: string }): Promise<RecoveryJobRecord>;
 }
 
 /** Read faults of a machine's exports, as one error naming each point and range. */
@@ -70,27 +75,43 @@ export async function runTestFailover(
   store: StoreApi,
   plan: TestFailoverPlan,
 ): Promise<TestFailover> {
-  const job = host.newJob('test-failover', { machines: plan.machines.map((m) => m.name) });
+  const job = host.newJob(
+    'test-failover',
+    { machines: plan.machines.map((m) => m.name) },
+    plan.jobId !== undefined ? { id: plan.jobId } : {},
+  );
   const booted: BootedMachine[] = [];
   let segment: IsolatedSegment | undefined;
-  const cleanup = async (): Promise<RecoveryJobRecord> => {
-    const cj = host.newJob('test-failover-cleanup', {
-      testFailover: job.record.id,
-      machines: plan.machines.map((m) => m.name),
-    });
+  let cleaned = false;
+  let segmentClosed = false;
+  const cleanup = async (options: { jobId?: string } = {}): Promise<RecoveryJobRecord> => {
+    const cj = host.newJob(
+      'test-failover-cleanup',
+      { testFailover: job.record.id, machines: plan.machines.map((m) => m.name) },
+      options.jobId !== undefined ? { id: options.jobId } : {},
+    );
     try {
-      for (const b of booted) {
+      const again = cleaned;
+      if (again) {
+        await cj.step('remove machines', async (d) => {
+          d['removed'] = [];
+          d['note'] = 'already cleaned up';
+        });
+      }
+      for (const b of again ? [] : booted) {
         await cj.step(`remove ${b.machine.name}`, async (d) => {
           d['removed'] = await host.removeMachine(b.machine.name);
         });
       }
-      if (segment) {
+      if (segment && !segmentClosed) {
+        segmentClosed = true;
         const s = segment;
         await cj.step('remove isolated network', async (d) => {
           await s.close();
           d['removed'] = [`segment ${s.socketPath} (${s.framesForwarded} frames forwarded)`];
         });
       }
+      cleaned = true;
       return await cj.finish();
     } catch (err) {
       await cj.finish(err);
@@ -105,7 +126,7 @@ export async function runTestFailover(
         const ids =
           'pointIds' in m.points
             ? m.points.pointIds
-            : (await selectPoints(store, m.points)).map((p) => p.id);
+            : (await selectPoints(m.store ?? store, m.points)).map((p) => p.id);
         out.push(ids);
         d[m.name] = ids;
       }
@@ -130,13 +151,13 @@ export async function runTestFailover(
               forwardPorts: verify.port ? [verify.port.guestPort] : [],
             };
       const b = await job.step(`boot ${m.name}`, async (d) => {
-        const { points: _points, verify: _verify, ...rest } = m;
+        const { points: _points, verify: _verify, store: _store, ...rest } = m;
         const spec: MachineSpec = {
           ...rest,
           disks: chosen[i]!.map((pointId) => ({ pointId })),
           nics: [nic],
         };
-        const started = await host.bootMachine(store, spec);
+        const started = await host.bootMachine(m.store ?? store, spec);
         d['accelerator'] = started.machine.accel;
         d['cpus'] = spec.cpus ?? 1;
         d['memoryMiB'] = spec.memoryMiB ?? 512;
@@ -154,6 +175,18 @@ export async function runTestFailover(
     }
     await job.finish();
   } catch (err) {
+    // The console logs live in the machines' directories, which cleanup removes: keep a copy
+    // with the job, where an operator looks for why the boot failed.
+    for (const b of booted) {
+      const kept = join(job.dir, `${b.machine.name}-console.log`);
+      try {
+        await mkdir(job.dir, { recursive: true });
+        await copyFile(b.machine.consolePath, kept);
+        job.artifact(`${b.machine.name}-console`, kept);
+      } catch {
+        // No console yet (QEMU never started): nothing to keep.
+      }
+    }
     await job.finish(err);
     await cleanup().catch(() => undefined);
     throw err;

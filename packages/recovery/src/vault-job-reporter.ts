@@ -1,11 +1,16 @@
 import type { RecoveryJobListener, RecoveryJobRecord } from './recovery-job.js';
+import type { VaultClient } from '@lifeboat/protocol';
 
 /** Options for {@link vaultJobReporter}. */
 export interface VaultJobReporterOptions {
-  /** The vault's base URL, e.g. `https://vault.example:443`. */
-  url: string;
-  /** The recovery host's component token (from registration). */
-  token: string;
+  /** The vault's base URL, e.g. `https://vault.example:443` (unless `client` is given). */
+  url?: string;
+  /** The recovery host's component token (from registration), unless `client` is given. */
+  token?: string;
+  /** Sends through this client (with its token and client certificate) instead of fetch. @default none */
+  client?: VaultClient;
+  /** More of the job's result for the vault (e.g. verification per machine). @default none */
+  result?: (job: RecoveryJobRecord) => Record<string, unknown>;
   /** Called when a report fails; the job itself goes on. @default ignore */
   onError?: (err: unknown, job: RecoveryJobRecord) => void;
   /** @default globalThis.fetch */
@@ -39,25 +44,33 @@ export function vaultJobReporter(options: VaultJobReporterOptions): VaultJobRepo
       }
       latest.delete(id);
       try {
-        const res = await doFetch(
-          `${options.url.replace(/\/$/, '')}/api/components/self/jobs/${encodeURIComponent(id)}`,
-          {
+        const path = `/api/components/self/jobs/${encodeURIComponent(id)}`;
+        const body = {
+          kind: job.kind,
+          target: job.target,
+          state: job.state,
+          steps: job.steps,
+          ...(job.error ? { error: job.error } : {}),
+          result: {
+            artifacts: job.artifacts,
+            startedAt: job.startedAt,
+            endedAt: job.endedAt,
+            ...(options.result?.(job) ?? {}),
+          },
+        };
+        if (options.client !== undefined) {
+          await options.client.call('PUT', path, body);
+        } else {
+          const res = await doFetch(`${(options.url ?? '').replace(/\/$/, '')}${path}`, {
             method: 'PUT',
             headers: {
-              authorization: `Bearer ${options.token}`,
+              authorization: `Bearer ${options.token ?? ''}`,
               'content-type': 'application/json',
             },
-            body: JSON.stringify({
-              kind: job.kind,
-              target: job.target,
-              state: job.state,
-              steps: job.steps,
-              ...(job.error ? { error: job.error } : {}),
-              result: { artifacts: job.artifacts, startedAt: job.startedAt, endedAt: job.endedAt },
-            }),
-          },
-        );
-        if (!res.ok) throw new Error(`the vault answered ${res.status}: ${await res.text()}`);
+            body: JSON.stringify(body),
+          });
+          if (!res.ok) throw new Error(`the vault answered ${res.status}: ${await res.text()}`);
+        }
       } catch (err) {
         options.onError?.(err, job);
       }

@@ -3,7 +3,8 @@
 # selected on the kernel command line (lifeboat.*=...) so one image serves every test:
 #   lifeboat.hostname=NAME        host name printed in the boot marker (default lifeboat-test)
 #   lifeboat.mark=TEXT            write TEXT to /var/lifeboat/marker (fsynced) after boot
-#   lifeboat.ip=A.B.C.D/N         static address on eth0 (default: DHCP with udhcpc)
+#   lifeboat.ip=A.B.C.D/N         static address on eth0 (default: a cloud-init seed disk's
+#                                 address for eth0's MAC when one is attached, else DHCP)
 #   lifeboat.gw=A.B.C.D           default gateway with lifeboat.ip
 #   lifeboat.writer=1             write files continuously (see writer below)
 #   lifeboat.writer-interval-ms=N pause between files (default 100)
@@ -34,7 +35,7 @@ arg() {
 hostname "$(arg lifeboat.hostname lifeboat-test)"
 # The cloud kernel has NVMe and ext4 built in; virtio-net and virtio-console are modules.
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover \
-  net_failover virtio_net virtio_console virtio_blk; do
+  net_failover virtio_net virtio_console virtio_blk cdrom isofs; do
   [ -e "/lib/modules/$m.ko" ] && { insmod "/lib/modules/$m.ko" 2>&1 | sed "s/^/LIFEBOAT-INSMOD $m: /"; }
 done
 
@@ -57,11 +58,66 @@ if [ -n "$mark" ]; then
   echo "LIFEBOAT-MARK-WRITTEN $mark"
 fi
 
+# A minimal stand-in for cloud-init, which this busybox image does not have: when a NoCloud
+# seed disk (file system label cidata) is attached, apply its network-config (version 2) to
+# the NIC of each MAC with busybox ip. It reads only what Lifeboat's recovery host writes
+# (packages/recovery/src/seed-disk.ts: per NIC a MAC match, set-name, static addresses, a
+# default route, name servers); real guests run cloud-init itself on the same document.
+seeded=""
+seed_network() {
+  dev=$(findfs LABEL=cidata 2>/dev/null) || return 0
+  mkdir -p /run/seed
+  mount -t iso9660 -o ro,nojoliet "$dev" /run/seed 2>/dev/null || return 0
+  # meta-data's local-hostname, as cloud-init sets it (the boot marker above keeps the old one).
+  h=$(sed -n 's/^local-hostname: *//p' /run/seed/meta-data 2>/dev/null)
+  [ -n "$h" ] && hostname "$h"
+  if [ -f /run/seed/network-config ]; then
+    echo "LIFEBOAT-SEED $dev $(hostname)"
+    awk '
+      function flush() { if (mac != "") print mac, name, addr, gw, dns }
+      /^  [^ ].*:$/ { flush(); mac = ""; name = "-"; addr = "-"; gw = "-"; dns = "-"; next }
+      /^      macaddress:/ { v = $2; gsub(/"/, "", v); mac = tolower(v) }
+      /^    set-name:/ { name = $2 }
+      /^    addresses:/ { v = $0; sub(/.*\[/, "", v); sub(/\].*/, "", v); gsub(/[" ]/, "", v); addr = v }
+      /^        via:/ { gw = $2 }
+      /^      addresses:/ { v = $0; sub(/.*\[/, "", v); sub(/\].*/, "", v); gsub(/[" ]/, "", v); dns = v }
+      END { flush() }
+    ' /run/seed/network-config >/run/seed-nics
+    while read -r mac name addr gw dns; do
+      nic=""
+      for n in /sys/class/net/*; do
+        [ "$(cat "$n/address" 2>/dev/null)" = "$mac" ] && nic=$(basename "$n")
+      done
+      if [ -z "$nic" ]; then
+        echo "LIFEBOAT-SEED-NO-NIC $mac"
+        continue
+      fi
+      if [ "$name" != "-" ] && [ "$name" != "$nic" ]; then
+        ip link set dev "$nic" down
+        ip link set dev "$nic" name "$name" && nic=$name
+      fi
+      ip link set dev "$nic" up
+      for a in $(echo "$addr" | tr ',' ' '); do [ "$a" != "-" ] && ip addr add "$a" dev "$nic"; done
+      [ "$gw" != "-" ] && ip route add default via "$gw" dev "$nic"
+      if [ "$dns" != "-" ]; then
+        for d in $(echo "$dns" | tr ',' ' '); do echo "nameserver $d" >>/etc/resolv.conf; done
+      fi
+      seeded="$seeded $nic"
+      echo "LIFEBOAT-NET-SEED $nic $mac $(ip -4 -o addr show dev "$nic" | awk '{print $4}' | tr '\n' ' ')"
+    done </run/seed-nics
+  fi
+  umount /run/seed
+}
+seed_network
+
 if [ -e /sys/class/net/eth0 ]; then
   ip link set lo up
   ip link set eth0 up
   ip=$(arg lifeboat.ip "")
-  if [ -n "$ip" ]; then
+  case " $seeded " in *" eth0 "*) ip=seeded ;; esac
+  if [ "$ip" = seeded ]; then
+    :
+  elif [ -n "$ip" ]; then
     ip addr add "$ip" dev eth0
     gw=$(arg lifeboat.gw "")
     [ -n "$gw" ] && ip route add default via "$gw"

@@ -18,7 +18,7 @@ import { LifeboatError } from '@lifeboat/protocol';
 import { runCommand } from './run-command.js';
 
 // Bumped when the build steps change in a way the hashed inputs do not show.
-const BUILDER_VERSION = '1';
+const BUILDER_VERSION = '2';
 const KERNEL_METAPACKAGE = 'linux-image-cloud-amd64';
 // Modules the init script loads; the rest of the cloud kernel's 90 MiB of modules stay out.
 const MODULES = [
@@ -32,6 +32,9 @@ const MODULES = [
   'virtio_net',
   'virtio_console',
   'virtio_blk',
+  // The cloud-init seed disk (ISO 9660, see scripts/guest-init.sh).
+  'cdrom',
+  'isofs',
 ];
 
 /** The repository's root (this file is in packages/testing/src or packages/testing/dist). */

@@ -14,6 +14,7 @@ import { errorHandler } from './http/error-mapping.js';
 import { registerOperationsRoutes } from './http/operations-routes.js';
 import { registerPortalRoutes } from './http/portal-routes.js';
 import { registerProtectionRoutes } from './http/protection-routes.js';
+import { registerRecoveryRoutes } from './http/recovery-routes.js';
 import { registerSimpleResources } from './http/simple-resources.js';
 import { createUser, registerUserRoutes } from './http/user-routes.js';
 import { lockDataDir } from './data-dir-lock.js';
@@ -178,6 +179,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     registerComponentRoutes(fastify, context);
     registerProtectionRoutes(fastify, context);
     registerOperationsRoutes(fastify, context);
+    registerRecoveryRoutes(fastify, context);
     registerEventRoutes(fastify, context, options.eventPollMs);
     await fastify.ready();
 

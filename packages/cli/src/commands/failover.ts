@@ -1,12 +1,11 @@
-import { existsSync } from 'node:fs';
-import { readFile, readdir, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
+import { readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { LifeboatError } from '@lifeboat/protocol';
 import {
   Failover,
   RecoveryHost,
+  cleanupRunDir,
   failoverControlRequest,
   recordedMachineConfig,
   vaultJobReporter,
@@ -24,13 +23,22 @@ import type {
 import type { PointInfo } from '@lifeboat/store';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
-import { resolveConfig } from '../config.js';
-import type { GlobalCliOptions } from '../config.js';
+import { resolveConfig, resolveVaultAccess } from '../config.js';
+import type { GlobalCliOptions, VaultAccess } from '../config.js';
+import {
+  vaultChangePoint,
+  vaultCleanup,
+  vaultCommit,
+  vaultStartFailover,
+  vaultTestFailover,
+  type VaultRunOptions,
+} from './failover-vault.js';
 import { openStore } from '../open-store.js';
 import { intOption, recoveryRunDir, untilAborted } from './recovery.js';
 
-interface MachineOpts {
-  machine: string;
+interface MachineOpts extends VaultRunOptions {
+  machine?: string;
+  token?: string;
   point?: string;
   latestApp?: boolean;
   at?: string;
@@ -48,9 +56,23 @@ interface MachineOpts {
 
 function withMachineOptions(cmd: Command): Command {
   return cmd
-    .requiredOption('--machine <machine>', 'the protected machine')
-    .option('--vault <url>', 'report the jobs to this vault (with --vault-token-file)')
-    .option('--vault-token-file <file>', "the recovery host's component token (from registration)")
+    .option('--machine <machine>', 'the protected machine (by name; in the vault: its name or id)')
+    .option(
+      '--vault <url>',
+      'run it through this vault (a user token: --token or LIFEBOAT_VAULT_TOKEN); with --vault-token-file, run it here from the store and report its jobs to the vault',
+    )
+    .option('--token <token>', 'vault: a session or API token (or LIFEBOAT_VAULT_TOKEN)')
+    .option(
+      '--vault-token-file <file>',
+      "store mode: the recovery host's component token to report jobs with",
+    )
+    .option('--item <id...>', 'vault: protected item ids instead of --machine')
+    .option(
+      '--recovery-host <id>',
+      'vault: the recovery host (default: the vault picks a healthy one)',
+    )
+    .option('--address <a.b.c.d/n>', 'vault: a static address for the guest (cloud-init seed)')
+    .option('--gateway <a.b.c.d>', 'vault: the default gateway with --address')
     .option('--point <id>', 'a point id (default: the latest)')
     .option('--latest-app', 'the latest app-consistent point')
     .option('--at <time>', 'the latest point at or before this ISO time')
@@ -70,10 +92,42 @@ function withMachineOptions(cmd: Command): Command {
     );
 }
 
+/** The vault to run a failover command through, or undefined for the store-only mode. */
+function vaultOf(
+  o: { vault?: string; token?: string; vaultTokenFile?: string },
+  cmd: Command,
+  ctx: CliContext,
+): VaultAccess | undefined {
+  // With a component token file the run happens here, from the store, reporting to the vault.
+  if (o.vaultTokenFile !== undefined) return undefined;
+  const globals = cmd.optsWithGlobals<GlobalCliOptions>();
+  return resolveVaultAccess(
+    {
+      ...(o.vault !== undefined ? { vault: o.vault } : {}),
+      ...(o.token !== undefined ? { token: o.token } : {}),
+      ...(globals.store !== undefined ? { store: globals.store } : {}),
+    },
+    ctx.io,
+  );
+}
+
+function requireMachine(o: MachineOpts): string {
+  if (o.machine === undefined) {
+    throw new LifeboatError(
+      'LB_CLI_BAD_OPTION',
+      "Give --machine <machine> (the store's machine id).",
+      {
+        details: { option: '--machine' },
+      },
+    );
+  }
+  return o.machine;
+}
+
 function machineName(o: MachineOpts): string {
   return (
     o.name ??
-    o.machine
+    requireMachine(o)
       .toLowerCase()
       .replace(/[^a-z0-9-]/g, '-')
       .slice(0, 24)
@@ -96,7 +150,7 @@ function selector(o: MachineOpts): PointSelector {
     }
   }
   return {
-    machine: o.machine,
+    machine: requireMachine(o),
     ...(o.latestApp ? { pick: 'latest-app' as const } : {}),
     ...(at ? { at } : {}),
   };
@@ -193,7 +247,42 @@ function report(out: CliPrinter, reply: FailoverControlReply): void {
   );
 }
 
-/** `lifeboat failover test|start|change-point|commit|cleanup`: standalone, from the store and its passphrase. */
+interface FailoverRef {
+  runDir?: string;
+  failover?: string;
+  vault?: string;
+  token?: string;
+}
+
+function requireRunDir(runDir: string | undefined, vaultOption: string): string {
+  if (runDir === undefined) {
+    throw new LifeboatError(
+      'LB_CLI_BAD_OPTION',
+      `Give --run-dir <dir> (store mode) or ${vaultOption} (through the vault).`,
+      { details: { option: '--run-dir' } },
+    );
+  }
+  return runDir;
+}
+
+/** A run named by its vault id always goes through the vault (logged in, or --vault/--token). */
+function vaultAccessFor(o: FailoverRef, ctx: CliContext): VaultAccess {
+  const access = resolveVaultAccess(
+    {
+      ...(o.vault !== undefined ? { vault: o.vault } : {}),
+      ...(o.token !== undefined ? { token: o.token } : {}),
+      required: true,
+    },
+    ctx.io,
+  );
+  return access!;
+}
+
+/**
+ * `lifeboat failover test|start|change-point|commit|cleanup`: through the vault's API when
+ * logged in to a vault or given --vault (the vault picks the point and a recovery host), or
+ * standalone from the store and its passphrase.
+ */
 export function registerFailoverCommands(program: Command, ctx: CliContext): void {
   const group = program
     .command('failover')
@@ -204,13 +293,28 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       'boot a point in an isolated network, verify it, clean up (or keep it with --keep until Ctrl-C)',
     )
     .option('--console <regex>', 'console pattern that proves the boot')
-    .option('--keep', 'keep the machine running until Ctrl-C, then clean up')
+    .option('--expect <regex>', "what the --port's answer must match (default: any data)")
+    .option('--group <name>', 'vault: every machine of a consistency group')
+    .option(
+      '--network <kind>',
+      'vault: isolated-user (each alone) or segment (the machines together)',
+    )
+    .option('--screenshot-out <file>', 'vault: save the boot screenshot (PNG) here')
+    .option(
+      '--keep',
+      'keep the machines running (store mode: until Ctrl-C, then clean up; vault: until "failover cleanup --test-failover <id>")',
+    )
     .addHelpText(
       'after',
-      '\nExample:\n  lifeboat --store /srv/store failover test --machine web --kernel vmlinuz --append "console=ttyS0 root=/dev/nvme0n1" --console LIFEBOAT-READY --port 22',
+      '\nExamples:\n  lifeboat failover test --vault https://vault:9440 --machine web --console "login:" --port 22 --screenshot-out web.png\n  lifeboat --store /srv/store failover test --machine web --kernel vmlinuz --append "console=ttyS0 root=/dev/nvme0n1" --console LIFEBOAT-READY --port 22',
     )
     .action(async (o: MachineOpts & { console?: string; keep?: boolean }, cmd: Command) => {
       const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      const access = vaultOf(o, cmd, ctx);
+      if (access !== undefined) {
+        await vaultTestFailover(ctx, access, o, config.json);
+        return;
+      }
       const out = new CliPrinter(ctx.io, config.json);
       const store = await openStore(config, ctx);
       const host = await startHost(o, ctx);
@@ -249,13 +353,29 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
     .description(
       'fail over from a point (unplanned); with --commit and --hydrate-to, make it final and move the disks to local files while it runs; runs until Ctrl-C',
     )
-    .option('--commit', 'commit the failover once the machine runs')
+    .option('--commit', 'store mode: commit the failover once the machine runs')
+    .option(
+      '--planned',
+      'vault: replicate a last cycle and stop the source first (through its process server), so nothing is lost',
+    )
     .option(
       '--hydrate-to <dir>',
       'after commit, copy the disks into local qcow2 files here and switch to them',
     )
     .action(async (o: MachineOpts & { commit?: boolean; hydrateTo?: string }, cmd: Command) => {
       const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      const access = vaultOf(o, cmd, ctx);
+      if (access !== undefined) {
+        await vaultStartFailover(ctx, access, o, config.json);
+        return;
+      }
+      if (o.planned) {
+        throw new LifeboatError(
+          'LB_CLI_BAD_OPTION',
+          '--planned needs the vault (it reaches the source through its process server): give --vault or log in.',
+          { details: { option: '--planned' } },
+        );
+      }
       const out = new CliPrinter(ctx.io, config.json);
       if (o.hydrateTo !== undefined && !o.commit) {
         throw new LifeboatError(
@@ -296,31 +416,62 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
   group
     .command('change-point')
     .description('boot other points in a failover that runs (before commit; the guest restarts)')
-    .requiredOption('--run-dir <dir>', 'the run directory of "failover start"')
-    .requiredOption('--point <id...>', 'point ids, one per disk in boot order')
-    .action(async (o: { runDir: string; point: string[] }, cmd: Command) => {
-      const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
-      const out = new CliPrinter(ctx.io, config.json);
-      const reply = await failoverControlRequest(
-        join(resolve(ctx.io.cwd, o.runDir), 'control.sock'),
-        {
-          op: 'change-point',
-          pointIds: o.point,
-        },
-      );
-      report(out, reply);
-    });
+    .option('--run-dir <dir>', 'store mode: the run directory of "failover start"')
+    .option('--failover <id>', 'vault: the failover (from "failover start")')
+    .option(
+      '--point <id...>',
+      'point ids, one per disk in boot order (vault: one point id; its cut gives the other disks)',
+    )
+    .option('--latest-app', 'vault: the latest app-consistent point')
+    .option('--at <time>', 'vault: the latest point at or before this ISO time')
+    .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
+    .option('--token <token>', 'a session or API token (or LIFEBOAT_VAULT_TOKEN)')
+    .action(
+      async (
+        o: FailoverRef & { point?: string[]; latestApp?: boolean; at?: string },
+        cmd: Command,
+      ) => {
+        const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+        const out = new CliPrinter(ctx.io, config.json);
+        const access = o.failover !== undefined ? vaultAccessFor(o, ctx) : undefined;
+        if (access !== undefined) {
+          await vaultChangePoint(ctx, access, o.failover!, o, config.json);
+          return;
+        }
+        const runDir = requireRunDir(o.runDir, '--failover <id>');
+        if (o.point === undefined) {
+          throw new LifeboatError('LB_CLI_BAD_OPTION', 'Give --point <id...>, one per disk.', {
+            details: { option: '--point' },
+          });
+        }
+        const reply = await failoverControlRequest(
+          join(resolve(ctx.io.cwd, runDir), 'control.sock'),
+          {
+            op: 'change-point',
+            pointIds: o.point,
+          },
+        );
+        report(out, reply);
+      },
+    );
 
   group
     .command('commit')
     .description(
       'make a running failover final; with --hydrate-to, then move its disks to local files while it runs',
     )
-    .requiredOption('--run-dir <dir>', 'the run directory of "failover start"')
+    .option('--run-dir <dir>', 'store mode: the run directory of "failover start"')
+    .option('--failover <id>', 'vault: the failover (from "failover start")')
     .option(
       '--hydrate-to <dir>',
-      'copy the disks into local files here and switch the machine to them',
+      'store mode: copy the disks into local files here and switch the machine to them',
     )
+    .option(
+      '--no-hydrate',
+      'vault: commit only (the vault hydrates into the recovery host by default)',
+    )
+    .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
+    .option('--token <token>', 'a session or API token (or LIFEBOAT_VAULT_TOKEN)')
     .option('--raw', 'hydrate into raw files instead of qcow2')
     .option(
       '--verify',
@@ -328,12 +479,20 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
     )
     .action(
       async (
-        o: { runDir: string; hydrateTo?: string; raw?: boolean; verify?: boolean },
+        o: FailoverRef & { hydrateTo?: string; raw?: boolean; verify?: boolean; hydrate: boolean },
         cmd: Command,
       ) => {
         const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
         const out = new CliPrinter(ctx.io, config.json);
-        const socket = join(resolve(ctx.io.cwd, o.runDir), 'control.sock');
+        const access = o.failover !== undefined ? vaultAccessFor(o, ctx) : undefined;
+        if (access !== undefined) {
+          await vaultCommit(ctx, access, o.failover!, o, config.json);
+          return;
+        }
+        const socket = join(
+          resolve(ctx.io.cwd, requireRunDir(o.runDir, '--failover <id>')),
+          'control.sock',
+        );
         const replies = [await failoverControlRequest(socket, { op: 'commit' })];
         if (replies[0]!.ok && o.hydrateTo !== undefined) {
           replies.push(
@@ -351,47 +510,23 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
 
   group
     .command('cleanup')
-    .description('stop machines and remove overlays a recovery host left in its run directory')
-    .requiredOption('--run-dir <dir>', 'the recovery host run directory')
-    .action(async (o: { runDir: string }, cmd: Command) => {
+    .description(
+      'vault: clean up a test failover (--test-failover <id>); store mode: stop machines and remove overlays a recovery host left in its run directory',
+    )
+    .option('--run-dir <dir>', 'store mode: the recovery host run directory')
+    .option('--test-failover <id>', 'vault: the test failover to clean up')
+    .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
+    .option('--token <token>', 'a session or API token (or LIFEBOAT_VAULT_TOKEN)')
+    .action(async (o: FailoverRef & { testFailover?: string }, cmd: Command) => {
       const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
       const out = new CliPrinter(ctx.io, config.json);
-      const runDir = resolve(ctx.io.cwd, o.runDir);
-      const removed: string[] = [];
-      const machines = await readdir(join(runDir, 'm')).catch(() => [] as string[]);
-      for (const m of machines) {
-        const pid = Number(
-          (await readFile(join(runDir, 'm', m, 'qemu.pid'), 'utf8').catch(() => '')).trim(),
-        );
-        const cmdline =
-          pid > 0 ? await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
-        // Only a QEMU whose command line names this machine's directory is ours to stop.
-        if (cmdline.includes(join(runDir, 'm', m))) {
-          process.kill(pid, 'SIGKILL');
-          removed.push(`machine ${m} (QEMU pid ${pid})`);
-        }
-        await rm(join(runDir, 'm', m), { recursive: true, force: true });
-        removed.push(`overlays and sockets of ${m}`);
+      const access = o.testFailover !== undefined ? vaultAccessFor(o, ctx) : undefined;
+      if (access !== undefined) {
+        await vaultCleanup(ctx, access, o.testFailover!, config.json);
+        return;
       }
-      // Export, segment and control sockets whose server is gone (nothing accepts on them).
-      const sockets = [
-        ...(await readdir(join(runDir, 'x')).catch(() => [] as string[])).map((n) =>
-          join(runDir, 'x', n),
-        ),
-        join(runDir, 'control.sock'),
-      ];
-      for (const path of sockets) {
-        if (!path.endsWith('.sock') || !existsSync(path)) continue;
-        const alive = await new Promise<boolean>((r) => {
-          const sock = connect(path);
-          sock.once('connect', () => (sock.destroy(), r(true)));
-          sock.once('error', () => r(false));
-        });
-        if (!alive) {
-          await rm(path, { force: true });
-          removed.push(`stale socket ${path}`);
-        }
-      }
+      const runDir = resolve(ctx.io.cwd, requireRunDir(o.runDir, '--test-failover <id>'));
+      const removed = await cleanupRunDir(runDir);
       out.json({ removed });
       for (const r of removed) out.line(`removed ${r}`);
       if (removed.length === 0) out.line(`nothing to remove in ${runDir}`);

@@ -1,5 +1,5 @@
 import { access } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { CommittedCut } from '@lifeboat/process-server';
 import { LifeboatError } from '@lifeboat/protocol';
 import { runTestFailover } from '@lifeboat/recovery';
@@ -111,6 +111,13 @@ export async function runDemo(
     const image = await testing.buildTestImage();
     out.line(`kernel ${image.kernel}`);
     out.line(`root file system ${image.rootImage}`);
+    // The test image has no boot loader: test failovers and failovers the vault asks the
+    // recovery host for (the portal's wizards, "lifeboat failover test") boot its kernel.
+    inst.recoveryLink.allowKernelDir(dirname(image.kernel));
+    inst.recoveryLink.setDefaultBoot({
+      kernel: image.kernel,
+      append: testing.testImageAppend({ hostname: 'recovered' }),
+    });
     throwIfAborted(signal);
 
     out.step('Starting a small VM with QEMU that writes a file every second');

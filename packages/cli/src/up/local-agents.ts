@@ -7,7 +7,7 @@ import type {
   AssignedItem,
   DiscoveryRequest,
 } from '@lifeboat/process-server';
-import type { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol';
 import type { ComponentCredentials } from './component-credentials.js';
 
 interface Running {
@@ -94,6 +94,28 @@ export class LocalAgents extends EventEmitter implements AgentControl {
       appliedGeneration: r.generation,
       initialDone: r.machine.initialDone,
     };
+  }
+
+  async finalCut(itemId: string): Promise<{ cutId: string }> {
+    return this.running(itemId).machine.finalCut();
+  }
+
+  async quitSource(itemId: string): Promise<void> {
+    const r = this.running(itemId);
+    this.agents.delete(itemId);
+    await r.machine.quitSource();
+  }
+
+  private running(itemId: string): Running {
+    const r = this.agents.get(itemId);
+    if (r === undefined) {
+      throw new LifeboatError(
+        'LB_UP_NOT_REPLICATING',
+        `No agent of lifeboat up replicates item ${itemId}, so it cannot take the last cut of a planned failover.`,
+        { details: { item: itemId } },
+      );
+    }
+    return r;
   }
 
   /** Stops every agent. */

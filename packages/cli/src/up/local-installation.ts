@@ -4,12 +4,13 @@ import { ProcessServer, VaultLink } from '@lifeboat/process-server';
 import type { CommittedCut } from '@lifeboat/process-server';
 import { LifeboatError, VaultClient } from '@lifeboat/protocol';
 import type { VaultObject as ApiObject } from '@lifeboat/protocol';
-import { RecoveryHost, vaultJobReporter } from '@lifeboat/recovery';
+import { RecoveryHost, RecoveryHostLink, vaultJobReporter } from '@lifeboat/recovery';
 import type { Store } from '@lifeboat/store';
 import { startVault } from '@lifeboat/vault';
 import type { Vault } from '@lifeboat/vault';
 import { componentCredentials } from './component-credentials.js';
 import type { ComponentCredentials } from './component-credentials.js';
+import { openAssignedStore } from '../open-assigned-store.js';
 import { LocalAgents } from './local-agents.js';
 import { openUpStore, upPaths } from './up-data-dir.js';
 import type { UpPaths } from './up-data-dir.js';
@@ -43,6 +44,8 @@ export interface LocalInstallation {
   readonly agents: LocalAgents;
   readonly link: VaultLink;
   readonly recoveryHost: RecoveryHost;
+  /** The recovery host's link to the vault: runs the test failovers and failovers it queues. */
+  readonly recoveryLink: RecoveryHostLink;
   /** The vault's id of the data directory's target store. */
   readonly targetStoreId: string;
   /** Calls `listener` for every cut the process server commits, across restarts; returns the unsubscribe. */
@@ -159,9 +162,14 @@ export async function startLocalInstallation(
       onError: (err) => onError('reporting a recovery job to the vault', err),
     });
     add('recovery job reports', () => reporter.flush());
+    // Jobs the vault queued are the link's to report (on the vault's own ids); this reporter
+    // reports the jobs `up` runs itself (the demo's test failover).
+    const linked: { rh?: RecoveryHostLink } = {};
     const recoveryHost = await RecoveryHost.start({
       runDir: paths.recovery,
-      onJob: reporter.listener,
+      onJob: (job) => {
+        if (linked.rh?.owns(job.id) !== true) reporter.listener(job);
+      },
     });
     add('the recovery host', () => recoveryHost.close());
     const committedListeners = new Set<(cut: CommittedCut) => void>();
@@ -212,9 +220,20 @@ export async function startLocalInstallation(
     });
     link.start();
     add('the process server link', () => link.stop());
-    // The recovery host and agent have no poll loop of their own yet: a heartbeat shows them alive.
+    // The recovery host takes the vault's test failovers and failovers like a separate one.
+    const hostLink = new RecoveryHostLink({
+      vault: new VaultClient({ url: vault.url, token: rhCreds.token }),
+      host: recoveryHost,
+      openStore: openAssignedStore,
+      hydrationDir: join(paths.recovery, 'disks'),
+      onError: (err) => onError('recovery host link', err),
+    });
+    linked.rh = hostLink;
+    hostLink.start();
+    add('the recovery host link', () => hostLink.stop());
+    // The agent has no poll loop of its own yet: a heartbeat shows it alive.
     const beat = setInterval(() => {
-      for (const c of [rhCreds, agentCreds]) {
+      for (const c of [agentCreds]) {
         admin
           .as(c.token)
           .call('POST', '/api/components/self/heartbeat', {})
@@ -262,6 +281,7 @@ export async function startLocalInstallation(
       agents,
       link,
       recoveryHost,
+      recoveryLink: hostLink,
       targetStoreId,
       close,
     };

@@ -281,11 +281,60 @@ async function sourceHostAgent(db: Db): Promise<void> {
   await db.schema.alterTable('sourceHosts').addColumn('agentId', 'text').execute();
 }
 
+// Test failovers and failovers the vault drives on recovery hosts, and the files their jobs
+// upload (screenshots, console logs): base64 text, so one column type serves both dialects.
+async function recoveryRuns(db: Db): Promise<void> {
+  await db.schema
+    .createTable('recoveryRuns')
+    .addColumn('id', 'text', (c) => c.primaryKey())
+    .addColumn('kind', 'text', (c) => c.notNull())
+    .addColumn('state', 'text', (c) => c.notNull())
+    .addColumn('recoveryHostId', 'text', (c) => c.notNull())
+    .addColumn('protectedItemIds', 'text', (c) => c.notNull())
+    .addColumn('consistencyGroup', 'text')
+    .addColumn('spec', 'text', (c) => c.notNull())
+    .addColumn('machines', 'text', (c) => c.notNull())
+    .addColumn('error', 'text')
+    .addColumn('hostInstance', 'text')
+    .addColumn('lastJobId', 'text')
+    .addColumn('createdBy', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('updatedAt', 'text', (c) => c.notNull())
+    .execute();
+  await db.schema
+    .createIndex('recoveryRunsKind')
+    .on('recoveryRuns')
+    .columns(['kind', 'id'])
+    .execute();
+  await db.schema
+    .createIndex('recoveryRunsHost')
+    .on('recoveryRuns')
+    .columns(['recoveryHostId', 'state'])
+    .execute();
+  await db.schema
+    .createTable('jobArtifacts')
+    .addColumn('id', 'text', (c) => c.primaryKey())
+    .addColumn('jobId', 'text', (c) => c.notNull())
+    .addColumn('name', 'text', (c) => c.notNull())
+    .addColumn('contentType', 'text', (c) => c.notNull())
+    .addColumn('size', 'integer', (c) => c.notNull())
+    .addColumn('data', 'text', (c) => c.notNull())
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .execute();
+  await db.schema
+    .createIndex('jobArtifactsJobName')
+    .on('jobArtifacts')
+    .columns(['jobId', 'name'])
+    .unique()
+    .execute();
+}
+
 /** The vault's migrations, in code so a built vault needs no migration files on disk. */
 export const migrations: Record<string, Migration> = {
   '0001-initial': { up: initial },
   '0002-rpo-indexes': { up: rpoIndexes },
   '0003-source-host-agent': { up: sourceHostAgent },
+  '0004-recovery-runs': { up: recoveryRuns },
 };
 
 /** Hands Kysely's Migrator the migrations above. */

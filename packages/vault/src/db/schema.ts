@@ -283,6 +283,43 @@ export interface SettingRow {
   value: string;
 }
 
+/**
+ * A test failover or a failover: what the operator asked for, the machines and points the
+ * vault chose, and what the recovery host reported (each operation on it is a job).
+ */
+export interface RecoveryRunRow {
+  id: string;
+  kind: string;
+  state: string;
+  recoveryHostId: string;
+  /** JSON array of protected item ids. */
+  protectedItemIds: string;
+  consistencyGroup: string | null;
+  /** JSON: the request as validated (point, network, verify, boot, addresses, planned). */
+  spec: string;
+  /** JSON: per machine, the item, the recovered machine's name, its points and results. */
+  machines: string;
+  /** JSON { code, message, details } of the last failure, or null. */
+  error: string | null;
+  /** The recovery host's process instance that holds the run's machines (a restart loses them). */
+  hostInstance: string | null;
+  lastJobId: string | null;
+  createdBy: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A file a component saved with a job (a boot screenshot, a console log tail), base64 text. */
+export interface JobArtifactRow {
+  id: string;
+  jobId: string;
+  name: string;
+  contentType: string;
+  size: number;
+  data: string;
+  createdAt: string;
+}
+
 /** The vault's database. */
 export interface VaultDatabase {
   sites: SiteRow;
@@ -305,4 +342,6 @@ export interface VaultDatabase {
   tokens: TokenRow;
   audit: AuditRow;
   settings: SettingRow;
+  recoveryRuns: RecoveryRunRow;
+  jobArtifacts: JobArtifactRow;
 }

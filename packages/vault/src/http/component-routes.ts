@@ -8,6 +8,11 @@ import { listPage, pageQuerySchema } from '../services/list-page.js';
 import type { ComponentKind, Principal } from '../services/principal.js';
 import { reportComponentJob } from '../services/component-jobs.js';
 import { applyItemReports, assignmentsFor } from '../services/protection.js';
+import {
+  processServerOperations,
+  recoveryHostAssignments,
+  recoveryHostInstance,
+} from '../services/recovery-runs.js';
 import type { VaultContext } from '../vault-context.js';
 import { principalOf } from './auth.js';
 import { getRow, pageSchema, requireRef, responses } from './crud-routes.js';
@@ -485,6 +490,10 @@ export function registerComponentRoutes(app: FastifyInstance, vault: VaultContex
         .where('id', '=', p.id)
         .execute();
       const rejected = body.items !== undefined ? await applyItemReports(vault, p, body.items) : [];
+      const instance = body.health?.['instanceId'];
+      if (p.kind === 'recovery-host' && typeof instance === 'string') {
+        await recoveryHostInstance(vault, p.id, instance);
+      }
       return { serverTime: now, rejected };
     },
   );
@@ -496,12 +505,22 @@ export function registerComponentRoutes(app: FastifyInstance, vault: VaultContex
       schema: {
         tags: ['components'],
         summary:
-          "A process server's desired state: the items it must replicate or stop, with their policy and store",
+          "A component's desired state: a process server's items to replicate or stop (with policy and store) and its operations (final syncs); a recovery host's operations (test failovers, failovers) and the stores they read",
       },
     },
     async (request) => {
-      const p = asComponent(principalOf(request), 'process-server');
-      return assignmentsFor(vault, p.id);
+      const p = asComponent(principalOf(request));
+      if (p.kind === 'recovery-host') return recoveryHostAssignments(vault, p.id);
+      if (p.kind !== 'process-server') {
+        throw new LifeboatError(
+          'LB_VAULT_FORBIDDEN',
+          'Only a registered process server or recovery host has assignments.',
+        );
+      }
+      return {
+        ...((await assignmentsFor(vault, p.id)) as Record<string, unknown>),
+        operations: await processServerOperations(vault, p.id),
+      };
     },
   );
 

@@ -5,6 +5,7 @@ import { nowIso } from '../ids.js';
 import { alertToApi } from '../services/alert-service.js';
 import { audit } from '../services/audit.js';
 import { listPage, pageQuerySchema } from '../services/list-page.js';
+import { applyRunJobReport } from '../services/recovery-runs.js';
 import type { VaultContext } from '../vault-context.js';
 import { principalOf } from './auth.js';
 import { componentStatus } from './component-routes.js';
@@ -128,13 +129,34 @@ export function registerOperationsRoutes(app: FastifyInstance, vault: VaultConte
       const { id } = request.params as { id: string };
       const job = (await getRow(db, 'jobs', id, 'job')) as unknown as JobRow;
       const now = nowIso();
+      const onComponent = job.leaseOwner?.startsWith('component:') === true;
       if (job.state === 'queued') {
         await db
           .updateTable('jobs')
-          .set({ state: 'cancelled', finishedAt: now, updatedAt: now })
+          .set({ state: 'cancelled', leaseOwner: null, finishedAt: now, updatedAt: now })
           .where('id', '=', id)
           .where('state', '=', 'queued')
           .execute();
+        if (onComponent) {
+          await applyRunJobReport(
+            vault,
+            job,
+            {
+              state: 'failed',
+              error: {
+                code: 'LB_VAULT_JOB_CANCELLED',
+                message: `Job ${id} was cancelled by ${principalOf(request).name} before the component started it.`,
+              },
+            },
+            principalOf(request),
+          );
+        }
+      } else if (job.state === 'running' && onComponent) {
+        throw new LifeboatError(
+          'LB_VAULT_INVALID_STATE',
+          `Job ${id} runs on a component (${job.leaseOwner?.slice('component:'.length) ?? '?'}), which cannot stop it half-way. Wait for it to end; a test failover can then be cleaned up.`,
+          { details: { id, state: job.state } },
+        );
       } else if (job.state === 'running') {
         await db
           .updateTable('jobs')

@@ -132,6 +132,10 @@ export class JobRunner {
       .selectFrom('jobs')
       .select(['id'])
       .where('state', '=', 'queued')
+      // Jobs queued for a component (a recovery host's test failover) are the component's to run.
+      .where((eb) =>
+        eb.or([eb('leaseOwner', 'is', null), eb('leaseOwner', 'not like', 'component:%')]),
+      )
       .orderBy('id')
       .limit(free)
       .execute();
@@ -150,6 +154,9 @@ export class JobRunner {
         }))
         .where('id', '=', id)
         .where('state', '=', 'queued')
+        .where((eb) =>
+          eb.or([eb('leaseOwner', 'is', null), eb('leaseOwner', 'not like', 'component:%')]),
+        )
         .executeTakeFirst();
       if (Number(result.numUpdatedRows) !== 1) continue; // another instance took it
       const job = await this.vault.db

@@ -2,7 +2,9 @@ import { LifeboatError } from '@lifeboat/protocol';
 import type { JobRow } from '../db/schema.js';
 import { newId, nowIso } from '../ids.js';
 import type { VaultContext } from '../vault-context.js';
-import type { Principal } from './principal.js';
+import { componentLeaseOwner } from './component-lease.js';
+import { SYSTEM, type Principal } from './principal.js';
+import { applyRunJobReport } from './recovery-runs.js';
 
 /** What a component reports about a job it runs itself. */
 export interface ComponentJobReport {
@@ -21,10 +23,7 @@ export interface ComponentJobReport {
   result?: Record<string, unknown>;
 }
 
-/** The lease owner of jobs a component runs: the vault's runner never claims or resumes them. */
-export function componentLeaseOwner(componentId: string): string {
-  return `component:${componentId}`;
-}
+export { componentLeaseOwner };
 
 const STEP_STATE: Record<string, string> = {
   succeeded: 'done',
@@ -47,8 +46,29 @@ export async function reportComponentJob(
   report: ComponentJobReport,
 ): Promise<Record<string, unknown>> {
   const { db } = vault;
-  const id = `job_${component.id}_${externalId}`.slice(0, 100);
   const now = nowIso();
+  // A job the vault queued for this component (a test failover it asked for) is reported under
+  // the vault's own id; any other id is a job the component started itself.
+  const issued = await db
+    .selectFrom('jobs')
+    .selectAll()
+    .where('id', '=', externalId)
+    .executeTakeFirst();
+  const assignedTo =
+    issued === undefined
+      ? undefined
+      : (JSON.parse(issued.params) as { assignedTo?: string }).assignedTo;
+  if (issued !== undefined && assignedTo !== undefined) {
+    if (assignedTo !== component.id) {
+      throw new LifeboatError(
+        'LB_VAULT_FORBIDDEN',
+        `Job ${externalId} was queued for another component; only it may report on it.`,
+        { details: { id: externalId } },
+      );
+    }
+    return reportIssuedJob(vault, component, issued, report);
+  }
+  const id = `job_${component.id}_${externalId}`.slice(0, 100);
   // A report is a sign of life too: its jobs fail only when the component goes silent.
   await db
     .updateTable('components')
@@ -177,8 +197,8 @@ export async function failJobsOfSilentComponent(
   const now = nowIso();
   const jobs = await vault.db
     .selectFrom('jobs')
-    .select(['id'])
-    .where('state', '=', 'running')
+    .selectAll()
+    .where('state', 'in', ['running', 'queued'])
     .where('leaseOwner', '=', componentLeaseOwner(componentId))
     .execute();
   for (const j of jobs) {
@@ -197,9 +217,112 @@ export async function failJobsOfSilentComponent(
         updatedAt: now,
       })
       .where('id', '=', j.id)
-      .where('state', '=', 'running')
+      .where('state', '=', j.state)
       .executeTakeFirst();
-    if (Number(r.numUpdatedRows) === 1) await log(vault, j.id, error.message, 'error');
+    if (Number(r.numUpdatedRows) === 1) {
+      await log(vault, j.id, error.message, 'error');
+      await applyRunJobReport(vault, j, { state: 'failed', error }, SYSTEM);
+      await vault.alerts.raise({
+        kind: 'job-failed',
+        severity: 'error',
+        subjectType: 'job',
+        subjectId: `${j.kind}:${j.targetId ?? ''}`,
+        message: `Job ${j.kind} ${j.id} failed: ${error.message}`,
+        details: { jobId: j.id, kind: j.kind, targetId: j.targetId, code: error.code },
+      });
+    }
   }
   return jobs.length;
+}
+
+/** Updates a job the vault queued for this component with its report, and the run it serves. */
+async function reportIssuedJob(
+  vault: VaultContext,
+  component: Extract<Principal, { type: 'component' }>,
+  job: JobRow,
+  report: ComponentJobReport,
+): Promise<Record<string, unknown>> {
+  const { db } = vault;
+  const now = nowIso();
+  await db
+    .updateTable('components')
+    .set({ lastHeartbeatAt: now })
+    .where('id', '=', component.id)
+    .execute();
+  if (job.state !== 'running' && job.state !== 'queued') {
+    throw new LifeboatError(
+      'LB_VAULT_INVALID_STATE',
+      `Job ${job.id} already ended (${job.state}); it cannot be reported on again.`,
+      { details: { id: job.id, state: job.state } },
+    );
+  }
+  const steps = report.steps.map((s) => ({
+    name: s.name,
+    state: STEP_STATE[s.state] ?? s.state,
+    startedAt: s.startedAt ?? null,
+    finishedAt: s.endedAt ?? null,
+  }));
+  const finished = report.state !== 'running';
+  const doneSteps = steps.filter((s) => s.state === 'done').length;
+  const r = await db
+    .updateTable('jobs')
+    .set({
+      state: report.state,
+      steps: JSON.stringify(steps),
+      progress: finished
+        ? 1
+        : (report.progress ?? (steps.length === 0 ? 0 : doneSteps / Math.max(steps.length, 1))),
+      error: report.error === undefined ? null : JSON.stringify({ details: {}, ...report.error }),
+      result: report.result === undefined ? null : JSON.stringify(report.result),
+      // Finished: no owner, so no later silence fails it; running: still the component's.
+      leaseOwner: finished ? null : componentLeaseOwner(component.id),
+      attempts: Math.max(1, job.attempts),
+      startedAt: job.startedAt ?? now,
+      finishedAt: finished ? now : null,
+      updatedAt: now,
+    })
+    .where('id', '=', job.id)
+    .where('state', 'in', ['queued', 'running'])
+    .executeTakeFirst();
+  if (Number(r.numUpdatedRows) !== 1) {
+    throw new LifeboatError('LB_VAULT_INVALID_STATE', `Job ${job.id} ended meanwhile.`, {
+      details: { id: job.id },
+    });
+  }
+  if (job.state === 'queued') {
+    await log(vault, job.id, `Started by ${component.kind} ${component.name}.`, 'info');
+  }
+  const before = JSON.parse(job.steps) as Array<{ name: string; state: string }>;
+  for (const s of report.steps) {
+    const was = before.find((b) => b.name === s.name);
+    if (s.state === 'failed' && was?.state !== 'failed') {
+      await log(
+        vault,
+        job.id,
+        `Step ${s.name} failed: ${s.error?.message ?? 'no message'}`,
+        'error',
+      );
+    }
+  }
+  await applyRunJobReport(vault, job, report, component);
+  if (report.state === 'failed') {
+    await log(vault, job.id, `Failed: ${report.error?.message ?? 'no message'}`, 'error');
+    await vault.alerts.raise({
+      kind: 'job-failed',
+      severity: 'error',
+      subjectType: 'job',
+      subjectId: `${job.kind}:${job.targetId ?? ''}`,
+      message: `Job ${job.kind} ${job.id} on ${component.name} failed: ${report.error?.message ?? 'no message'}`,
+      details: {
+        jobId: job.id,
+        kind: job.kind,
+        targetId: job.targetId,
+        code: report.error?.code ?? 'LB_VAULT_JOB_FAILED',
+      },
+    });
+  } else if (report.state === 'succeeded') {
+    await log(vault, job.id, 'Succeeded.', 'info');
+    await vault.alerts.clear('job-failed', 'job', `${job.kind}:${job.targetId ?? ''}`);
+  }
+  return { id: job.id, state: report.state };
 }
