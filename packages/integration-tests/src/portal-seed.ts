@@ -87,9 +87,12 @@ export async function seedPortal(
   await p('POST', '/api/components/self/heartbeat', { health });
   await call(base, rh.token, 'POST', '/api/components/self/heartbeat', { health: {} });
 
+  const east = await a<{ id: string }>('POST', '/api/sites', { name: 'east', kind: 'source' });
+  await a('POST', '/api/sites', { name: 'west', kind: 'recovery' });
   const host = await a<{ id: string }>('POST', '/api/source-hosts', {
     name: 'kvm-east-1',
     kind: 'kvm',
+    siteId: east.id,
     processServerId: ps.id,
     endpoints: [],
   });
@@ -119,15 +122,26 @@ export async function seedPortal(
   await a('PUT', `/api/source-hosts/${host.id}/inventory`, {
     machines: [...machines, ...spares],
   });
-  // A real, empty store: the vault's scheduled retention opens it (its points are catalogue
-  // entries only, which is all the portal reads).
+  // A real store: the vault's scheduled retention and store-stats jobs open it. The points
+  // the portal lists are catalogue entries only; the store itself holds three points of one
+  // 1 MiB disk with the same data (what the dashboard's store figures measure).
   const passphrase = 'portal-test-passphrase';
   const real = await Store.init({
     backend: new DirectoryBackend({ path: storePath }),
     passphrase,
     kdfCost: 1024,
   });
-  await real.close();
+  try {
+    const data = Buffer.alloc(1 << 20);
+    for (let i = 0; i < data.length; i += 512) data[i] = (i / 512) % 251;
+    for (let k = 0; k < 3; k++) {
+      const w = await real.beginWrite({ machine: 'seed-vm', disk: 'vda', size: 1 << 20 });
+      await w.write(0, data);
+      await w.commit();
+    }
+  } finally {
+    await real.close();
+  }
   const store = await a<{ id: string }>('POST', '/api/target-stores', {
     name: 'east-store',
     kind: 'directory',

@@ -122,6 +122,14 @@ describe('portal', () => {
     const worst = page.getByTestId('worst-rpo').locator('tr').first();
     expect(await worst.textContent()).toContain(seed.names[seed.staleItem]);
     expect(await worst.textContent()).toMatch(/2 h 0 min|120 min/);
+    // The store's size and dedup ratio, from the vault's store-stats job over the real store
+    // (3 points of a 1 MiB disk with the same data: 3 MiB of points in less than 1 MiB).
+    await page.getByTestId('store-dedup').filter({ hasText: '×' }).waitFor();
+    const dedup = Number((await text(page, 'store-dedup'))?.replace('×', ''));
+    expect(dedup).toBeGreaterThan(3);
+    expect(await page.getByRole('region', { name: 'Target stores' }).textContent()).toContain(
+      '3.0 MiB of recovery points',
+    );
     const components = await page.getByTestId('components').textContent();
     expect(components).toContain('ps-east-1');
     expect(components).toContain('rh-west-1');
@@ -152,6 +160,14 @@ describe('portal', () => {
     await page.getByLabel('State').selectOption('resync-needed');
     await page.getByText('Page 1 of 1 (3 rows)').waitFor();
     await page.getByLabel('State').selectOption('');
+    // The site filter: every machine runs at east, none at west.
+    expect(await rows.first().textContent()).toContain('east');
+    await page.getByLabel('Site').selectOption({ label: 'west' });
+    await page.getByText('No protected machine matches.').waitFor();
+    await page.getByLabel('Site').selectOption({ label: 'east' });
+    await page.getByText(`Page 1 of 1 (${MACHINES} rows)`).waitFor();
+    expect(page.url()).toContain('site=');
+    await page.getByLabel('Site').selectOption('');
     await page.getByLabel('Search by name').fill(seed.pointsItem.name);
     await page.getByText('Page 1 of 1 (1 row)').waitFor();
     await shot('machines');
@@ -172,10 +188,18 @@ describe('portal', () => {
     ).toBe(seed.pointsItem.app);
     expect(await page.locator('.timeline .pt-app').count()).toBe(seed.pointsItem.app);
     expect(await page.locator('.timeline .pt-crash').count()).toBe(seed.pointsItem.crash);
-    // The RPO chart, derived from the points 5 min apart, against the policy's 5 min threshold.
-    const rpo = await page.locator('.chart svg').getAttribute('aria-label');
-    expect(rpo).toContain('worst 5 min');
+    // The RPO over the last hours, derived by the vault from the points 5 min apart, against
+    // the policy's 5 min threshold; the throughput the process server reported.
+    const rpo = await page.getByTestId('rpo-chart').getAttribute('aria-label');
+    expect(rpo).toContain('RPO over the last 6 h: worst 5 min');
     expect(rpo).toContain('threshold 5 min');
+    const tp = await page.getByTestId('throughput-chart').getAttribute('aria-label');
+    expect(tp).toContain('peak 3.0 MiB/s');
+    await page.getByLabel('Over the last', { exact: true }).selectOption('1');
+    await page
+      .getByTestId('rpo-chart')
+      .and(page.locator('[aria-label^="RPO over the last 1 h"]'))
+      .waitFor();
     await shot('machine');
     await page.getByLabel('Kind').selectOption('app');
     await page

@@ -13,6 +13,22 @@ export interface Summary {
   }>;
   alerts: { active: Record<string, number>; unacknowledged: number };
   jobs: Record<string, number>;
+  /** Target stores with their latest store-stats figures (null before the first). */
+  stores?: {
+    logicalBytes: number;
+    storedBytes: number;
+    dedupRatio: number | null;
+    items: Array<{
+      id: string;
+      name: string;
+      kind: string;
+      measuredAt: string | null;
+      points: number | null;
+      logicalBytes: number | null;
+      storedBytes: number | null;
+      dedupRatio: number | null;
+    }>;
+  };
   components: Array<{
     id: string;
     kind: string;

@@ -1,5 +1,5 @@
 import type { Page } from '../api';
-import { ago, duration, STATE_LABELS } from '../format';
+import { ago, bytes, duration, ratio, STATE_LABELS } from '../format';
 import { useLiveRefresh } from '../live';
 import { Link } from '../router';
 import type { Job, Summary } from '../types';
@@ -101,6 +101,7 @@ export function DashboardPage() {
                 <p className="muted">No job is running.</p>
               )}
             </section>
+            <StoresCard stores={s.stores} />
           </div>
           <section className="card" aria-labelledby="rpo-h">
             <h2 id="rpo-h">Worst RPOs</h2>
@@ -182,5 +183,54 @@ export function DashboardPage() {
         </div>
       )}
     </>
+  );
+}
+
+/**
+ * The target stores' size and dedup ratio, as the vault's store-stats jobs last measured them
+ * (the dashboard never scans a store): bytes stored, logical bytes of every point, and their
+ * ratio (deduplication and compression together).
+ */
+function StoresCard({ stores }: { stores: Summary['stores'] }) {
+  const measured = stores?.items.filter((x) => x.measuredAt !== null) ?? [];
+  return (
+    <section className="card" aria-labelledby="stores-h">
+      <h2 id="stores-h">Target stores</h2>
+      {stores === undefined || stores.items.length === 0 ? (
+        <p className="muted">No target store yet.</p>
+      ) : measured.length === 0 ? (
+        <p className="muted">Not measured yet: the vault measures each store within the hour.</p>
+      ) : (
+        <>
+          <p className="big">
+            <span data-testid="store-stored">{bytes(stores.storedBytes)}</span>{' '}
+            <span className="muted small">stored</span>
+          </p>
+          <p>
+            Dedup ratio <strong data-testid="store-dedup">{ratio(stores.dedupRatio)}</strong>{' '}
+            <span className="muted small">
+              ({bytes(stores.logicalBytes)} of recovery points in {bytes(stores.storedBytes)})
+            </span>
+          </p>
+        </>
+      )}
+      {stores !== undefined && stores.items.length > 1 ? (
+        <ul className="plain small" data-testid="store-list">
+          {stores.items.map((x) => (
+            <li key={x.id}>
+              {x.name}:{' '}
+              {x.measuredAt === null
+                ? 'not measured yet'
+                : `${bytes(x.storedBytes)}, ${ratio(x.dedupRatio)}, ${x.points ?? 0} points`}
+            </li>
+          ))}
+        </ul>
+      ) : null}
+      {measured.length > 0 ? (
+        <p className="muted small">
+          Measured {ago(measured.map((x) => x.measuredAt ?? '').sort()[0])}.
+        </p>
+      ) : null}
+    </section>
   );
 }

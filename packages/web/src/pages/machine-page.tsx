@@ -8,7 +8,7 @@ import { useApi } from '../use-api';
 import { Badge, ErrorBox, PageHeader } from '../ui';
 import { MachineActions } from './machine-actions';
 import { PointTimeline } from './point-timeline';
-import { RpoChart } from './rpo-chart';
+import { HistoryChart } from './history-chart';
 
 const POINTS = 100;
 
@@ -151,6 +151,12 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
               </table>
             </div>
           </section>
+          <HistoryChart
+            itemId={it.id}
+            {...(policy.data !== undefined
+              ? { thresholdSeconds: policy.data.rpoThresholdSeconds }
+              : {})}
+          />
           <section className="card wide" aria-labelledby="points-h">
             <h2 id="points-h">Recovery points</h2>
             <div className="toolbar">
@@ -176,14 +182,6 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
               </span>
             </div>
             <ErrorBox error={points.error} />
-            {points.data !== undefined && kind === '' && cursor === undefined ? (
-              <RpoChart
-                points={points.data.items}
-                {...(policy.data !== undefined
-                  ? { thresholdSeconds: policy.data.rpoThresholdSeconds }
-                  : {})}
-              />
-            ) : null}
             {points.data !== undefined ? <PointTimeline points={points.data.items} /> : null}
             <div className="table-wrap">
               <table>
