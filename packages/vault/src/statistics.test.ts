@@ -348,7 +348,7 @@ describe.each(DIALECTS)('store stats, replication history and site filter on %s'
     expect((await t.call('GET', '/api/protected-items/nope/history')).status).toBe(404);
   });
 
-  it('filters machines and protected items by site', async () => {
+  it('filters machines and protected items by site and consistency group', async () => {
     const a = await setup(['east-1', 'east-2']);
     const b = await setup(['west-1']);
     const items = async (siteId: string) =>
@@ -372,5 +372,11 @@ describe.each(DIALECTS)('store stats, replication history and site filter on %s'
     ]);
     expect(machines.body['total']).toBe(1);
     expect((await t.call('GET', '/api/protected-items?siteId=no-such-site')).body['total']).toBe(0);
+    // And by consistency group (the test-failover wizard lists a group's members).
+    await t.call('PATCH', `/api/protected-items/${a.itemIds[0] ?? ''}`, {
+      consistencyGroup: 'billing',
+    });
+    const group = await t.call('GET', '/api/protected-items?consistencyGroup=billing');
+    expect((group.body['items'] as Array<{ id: string }>).map((i) => i.id)).toEqual([a.itemIds[0]]);
   });
 });

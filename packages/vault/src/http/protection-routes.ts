@@ -400,6 +400,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         type: 'string',
         description: 'Items whose machine runs at this site (its source host’s site)',
       },
+      consistencyGroup: { type: 'string', minLength: 1, maxLength: 200 },
       sort: { type: 'string', enum: ['id', 'lastPointAt', 'stateChangedAt'] },
       order: { type: 'string', enum: ['asc', 'desc'] },
     },
@@ -433,6 +434,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
             processServerId: q['processServerId'],
             targetStoreId: q['targetStoreId'],
             machineId: q['machineId'],
+            consistencyGroup: q['consistencyGroup'],
           },
           where: (qb) => {
             let r = qb;
