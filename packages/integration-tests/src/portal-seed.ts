@@ -12,6 +12,8 @@ import { DirectoryBackend, Store } from '@lifeboat/store';
 export interface PortalSeed {
   adminToken: string;
   processServerToken: string;
+  /** The recovery host's component token (the tests play its part of a test failover). */
+  recoveryHostToken: string;
   /** Protected item ids by intended state. */
   items: Record<'protected' | 'resync-needed' | 'initial-replication' | 'enabling', string[]>;
   /** Machine name by protected item id. */
@@ -266,9 +268,54 @@ export async function seedPortal(
     spares: spares.map((m) => m.name),
     adminToken,
     processServerToken: ps.token,
+    recoveryHostToken: rh.token,
     items,
     names,
     pointsItem: { id: pointsItem, name: names[pointsItem] ?? '', crash, app },
     staleItem,
+  };
+}
+
+/** An operation a recovery host finds in its assignments (a test failover, a cleanup, …). */
+export interface RecoveryOperation {
+  jobId: string;
+  kind: string;
+  state: string;
+  runId: string;
+  spec: Record<string, unknown>;
+}
+
+/**
+ * Plays a recovery host over its component routes, as the real one calls them: reads its
+ * operations, reports on their jobs, uploads their artifacts.
+ */
+export function recoveryHostPlayer(base: string, token: string) {
+  return {
+    operations: async (): Promise<RecoveryOperation[]> =>
+      (
+        await call<{ operations: RecoveryOperation[] }>(
+          base,
+          token,
+          'GET',
+          '/api/components/self/assignments',
+        )
+      ).operations,
+    /** Waits for the queued operation of a run (of a kind). */
+    async operation(runId: string, kind: string): Promise<RecoveryOperation> {
+      const deadline = Date.now() + 20_000;
+      for (;;) {
+        const op = (await this.operations()).find((o) => o.runId === runId && o.kind === kind);
+        if (op !== undefined) return op;
+        if (Date.now() > deadline) throw new Error(`no ${kind} operation for run ${runId}`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    },
+    report: (jobId: string, body: Record<string, unknown>) =>
+      call(base, token, 'PUT', `/api/components/self/jobs/${jobId}`, { steps: [], ...body }),
+    artifact: (jobId: string, name: string, contentType: string, data: Buffer) =>
+      call(base, token, 'PUT', `/api/components/self/jobs/${jobId}/artifacts/${name}`, {
+        contentType,
+        data: data.toString('base64'),
+      }),
   };
 }

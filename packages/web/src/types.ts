@@ -171,7 +171,8 @@ export interface RunMachine {
     screenshot?: { width: number; height: number } | null;
   } | null;
   artifacts: { screenshot?: string | null; console?: string | null } | null;
-  localDisks?: Array<{ disk?: string; path?: string } & Record<string, unknown>>;
+  /** Failover, once hydrated: the disks' files on the recovery host. */
+  localDisks?: string[];
 }
 
 /** A test failover (`tf_…`) or failover (`fo_…`) run (`GET /api/test-failovers/:id`). */

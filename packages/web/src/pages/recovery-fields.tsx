@@ -68,20 +68,26 @@ export function PointFields(props: {
       ? null
       : `/api/protected-items/${encodeURIComponent(props.itemId)}/points?limit=200`,
   );
-  // One entry per cut (or per point when a point has no cut).
+  // One entry per cut (or per point when a point has no cut): any point of a cut names it.
   const seen = new Set<string>();
-  const cuts = (points.data?.items ?? []).filter((p) => {
+  const all = points.data?.items ?? [];
+  const cuts = all.filter((p) => {
     const k = p.cut ?? p.id;
     if (seen.has(k)) return false;
     seen.add(k);
     return true;
   });
+  const chosen = all.find((p) => p.id === value.pointId);
+  const shownId =
+    chosen === undefined
+      ? value.pointId
+      : (cuts.find((p) => (p.cut ?? p.id) === (chosen.cut ?? chosen.id))?.id ?? value.pointId);
   const set = (c: Partial<PointChoice>, field: string) => {
     f.touch(field);
     onChange({ ...value, ...c });
   };
   return (
-    <fieldset className="field" id={f.input('mode')['id'] as string}>
+    <fieldset className="field" {...f.input('mode')}>
       <legend>Recovery point</legend>
       {(
         [
@@ -119,13 +125,13 @@ export function PointFields(props: {
         <div className="field">
           <label htmlFor={f.input('pointId')['id'] as string}>Point</label>
           <select
-            value={value.pointId}
+            value={shownId}
             {...f.input('pointId')}
             onChange={(e) => set({ pointId: e.target.value }, 'pointId')}
           >
             <option value="">Choose…</option>
-            {value.pointId !== '' && !cuts.some((p) => p.id === value.pointId) ? (
-              <option value={value.pointId}>{value.pointId}</option>
+            {shownId !== '' && !cuts.some((p) => p.id === shownId) ? (
+              <option value={shownId}>{shownId}</option>
             ) : null}
             {cuts.map((p) => (
               <option key={`${p.targetStoreId}/${p.id}`} value={p.id}>
@@ -137,6 +143,7 @@ export function PointFields(props: {
         </div>
       ) : null}
       {value.mode !== 'point' ? f.error('pointId') : null}
+      {f.error('mode')}
     </fieldset>
   );
 }

@@ -88,11 +88,13 @@ function MachineResult({ m, run }: { m: RunMachine; run: RecoveryRun }) {
             </dd>
             <dt>Boot</dt>
             <dd data-testid="boot-result">
-              {v === null
-                ? run.state === 'failed'
-                  ? 'Did not boot (see the error)'
-                  : 'Not verified yet'
-                : 'Booted and verified'}
+              {v !== null
+                ? 'Booted and verified'
+                : BOOTED.includes(run.state)
+                  ? 'Booted'
+                  : run.state === 'failed'
+                    ? 'Did not boot (see the error)'
+                    : 'Not booted yet'}
             </dd>
             {v?.console != null ? (
               <>
@@ -114,9 +116,13 @@ function MachineResult({ m, run }: { m: RunMachine; run: RecoveryRun }) {
               <>
                 <dt>Local disks</dt>
                 <dd>
-                  {(m.localDisks ?? []).map((d, i) => (
-                    <code key={i}>{String(d.path ?? JSON.stringify(d))} </code>
-                  ))}
+                  <ul className="plain">
+                    {(m.localDisks ?? []).map((d) => (
+                      <li key={String(d)}>
+                        <code>{typeof d === 'string' ? d : JSON.stringify(d)}</code>
+                      </li>
+                    ))}
+                  </ul>
                 </dd>
               </>
             ) : null}
@@ -135,7 +141,17 @@ function MachineResult({ m, run }: { m: RunMachine; run: RecoveryRun }) {
   );
 }
 
+// Run states in which its machines have booted.
+const BOOTED = ['running', 'booted', 'committing', 'committed', 'hydrating', 'hydrated'];
+
 const CLEANABLE = (s: string) => s !== 'cleaned-up' && s !== 'cleaning-up' && s !== 'queued';
+
+/** True when the run's state allows an operator something (its Actions card then shows). */
+function actionable(r: RecoveryRun): boolean {
+  return r.kind === 'test-failover'
+    ? CLEANABLE(r.state)
+    : r.state === 'booted' || r.state === 'failed';
+}
 
 /**
  * One test failover or failover: its state, each machine's boot result with its screenshot and
@@ -208,6 +224,17 @@ export function RecoveryRunPage(props: { kind: RecoveryRun['kind']; id: string; 
           <strong>{r.error.message}</strong> <code>{r.error.code}</code>
         </div>
       ) : null}
+      {r?.kind === 'test-failover' && r.state === 'cleaned-up' ? (
+        <p role="status" data-testid="cleaned-up">
+          Cleaned up: its machines, overlays, exports and network are gone.
+        </p>
+      ) : null}
+      {r?.kind === 'failover' && (r.state === 'committed' || r.state === 'hydrated') ? (
+        <p role="status" data-testid="committed">
+          Committed: the machine runs on the recovery host for good
+          {r.state === 'hydrated' ? ', from local disks (it no longer needs the store)' : ''}.
+        </p>
+      ) : null}
       {r === undefined ? null : (
         <div className="grid halves">
           <section className="card" aria-labelledby="run-h">
@@ -228,7 +255,13 @@ export function RecoveryRunPage(props: { kind: RecoveryRun['kind']; id: string; 
                 {r.consistencyGroup !== null ? ` (group ${r.consistencyGroup})` : ''}
               </dd>
               <dt>Point</dt>
-              <dd>{r.planned === true ? 'Planned: a last sync first' : pointWords(r.point)}</dd>
+              <dd>
+                {r.planned === true
+                  ? 'Planned: a last sync first'
+                  : r.point !== null && 'pointId' in r.point
+                    ? `A chosen point (${time(r.machines[0]?.points[0]?.time)})`
+                    : pointWords(r.point)}
+              </dd>
               <dt>Network</dt>
               <dd>
                 {r.network === 'segment'
@@ -283,7 +316,7 @@ export function RecoveryRunPage(props: { kind: RecoveryRun['kind']; id: string; 
               ))}
             </ul>
           </section>
-          {operator ? (
+          {operator && actionable(r) ? (
             <section className="card wide" aria-labelledby="run-actions-h">
               <h2 id="run-actions-h">Actions</h2>
               <div className="toolbar">
@@ -313,11 +346,6 @@ export function RecoveryRunPage(props: { kind: RecoveryRun['kind']; id: string; 
                   >
                     Commit…
                   </button>
-                ) : null}
-                {r.kind === 'test-failover' && r.state === 'cleaned-up' ? (
-                  <p className="muted" data-testid="cleaned-up">
-                    Cleaned up: its machines, overlays and network are gone.
-                  </p>
                 ) : null}
               </div>
               {pending === 'change-point' ? (
