@@ -257,6 +257,8 @@ describe('portal', () => {
     try {
       await login(viewer, VIEWER);
       expect(await viewer.getByTestId('who').textContent()).toContain('viewer');
+      await viewer.getByTestId('store-dedup').waitFor();
+      expect(await viewer.getByRole('button', { name: 'Measure now' }).count()).toBe(0);
       await viewer.goto(vault.url + '/alerts');
       await viewer.getByTestId('alert-rows').locator('tr').first().waitFor();
       await viewer.getByText('Not yet').first().waitFor();
@@ -530,9 +532,11 @@ describe('portal', () => {
     });
     await page.getByTestId('boot-result').filter({ hasText: 'Booted and verified' }).waitFor();
     // The screenshot the recovery host uploaded, read with the session's token, decoded.
-    await page.waitForFunction(
-      `document.querySelector('[data-testid="screenshot"]')?.naturalWidth === 320`,
-    );
+    // Decoded and laid out: an <img> has no height before its data URL is decoded.
+    const img = page.getByTestId('screenshot');
+    await expect
+      .poll(async () => (await img.boundingBox())?.height ?? 0, { timeout: 30_000 })
+      .toBeGreaterThan(50);
     expect(await page.getByTestId('run-machine').textContent()).toContain(
       'LIFEBOAT-TCP-OK recovered',
     );

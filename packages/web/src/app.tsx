@@ -60,7 +60,7 @@ export function App() {
   const job = /^\/jobs\/([^/]+)$/.exec(path);
   const run = /^\/(test-failovers|failovers)\/([^/]+)$/.exec(path);
   let page;
-  if (path === '/') page = <DashboardPage />;
+  if (path === '/') page = <DashboardPage role={session.role} />;
   else if (path === '/machines') page = <MachinesPage role={session.role} />;
   else if (path === '/protect' && roleAtLeast(session.role, 'operator')) page = <ProtectPage />;
   else if (machine?.[1] !== undefined)
