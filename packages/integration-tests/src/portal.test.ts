@@ -288,16 +288,26 @@ describe('portal', () => {
   it('fits a phone-sized screen without sideways scrolling of the page', async () => {
     await page.setViewportSize({ width: 390, height: 844 });
     try {
-      await page.goto(vault.url + '/');
-      await page.getByTestId('count-total').waitFor();
-      // A string: this package's type check has no DOM library.
-      const overflow = Number(
-        await page.evaluate(
-          'document.documentElement.scrollWidth - document.documentElement.clientWidth',
-        ),
-      );
-      expect(overflow).toBeLessThanOrEqual(0);
-      await shot('dashboard-phone');
+      const id = encodeURIComponent(seed.pointsItem.id);
+      for (const [path, ready, name] of [
+        ['/', 'count-total', 'dashboard-phone'],
+        ['/machines', 'machine-rows', 'machines-phone'],
+        [`/machines/${id}`, 'points', 'machine-phone'],
+        [`/test-failover?item=${id}`, 'tf-candidates', 'test-failover-phone'],
+        ['/recovery', 'test-failover-rows', 'recovery-phone'],
+      ] as const) {
+        await page.goto(vault.url + path);
+        await page.getByTestId(ready).waitFor();
+        // A string: this package's type check has no DOM library. Wide tables scroll inside
+        // their own box; the page itself must not.
+        const overflow = Number(
+          await page.evaluate(
+            'document.documentElement.scrollWidth - document.documentElement.clientWidth',
+          ),
+        );
+        expect(overflow, path).toBeLessThanOrEqual(0);
+        await shot(name);
+      }
     } finally {
       await page.setViewportSize({ width: 1280, height: 800 });
     }
