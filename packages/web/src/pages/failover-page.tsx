@@ -67,7 +67,8 @@ const API_FIELDS: Record<string, string> = {
 
 /**
  * The failover wizard for one protected machine: unplanned from a chosen point, or planned (a
- * last sync of the running source, then it stops); the network, checks and recovery host;
+ * last sync of the running source, then it stops); the checks, recovery host and boot (on the
+ * isolated network, the only one the vault accepts for a failover);
  * a confirmation by typing the machine's name. Then the run's page offers change of point and
  * commit. The rules are the vault's, checked as the operator types.
  */
@@ -83,7 +84,6 @@ export function FailoverPage() {
   const [step, setStep] = useState(0);
   const [planned, setPlanned] = useState(false);
   const [point, setPoint] = useState(() => pointChoice(params.get('point') ?? undefined));
-  const [network, setNetwork] = useState<'' | 'isolated-user' | 'segment'>('');
   const [verify, setVerify] = useState(VERIFY_DEFAULT);
   const [hostId, setHostId] = useState('');
   const [boot, setBoot] = useState(BOOT_DEFAULT);
@@ -167,7 +167,6 @@ export function FailoverPage() {
       const run = await api<RecoveryRun>('POST', '/api/failovers', {
         protectedItemId: itemId,
         ...(planned ? { planned: true } : { point: pointSelector(point) }),
-        ...(network !== '' ? { network } : {}),
         verify: verifyBody(verify),
         ...(hostId !== '' ? { recoveryHostId: hostId } : {}),
         ...bootBody(boot),
@@ -240,30 +239,15 @@ export function FailoverPage() {
         ) : null}
         {step === 1 ? (
           <>
-            <fieldset className="field" id="fo-network">
-              <legend>Network</legend>
-              {(
-                [
-                  ['', 'Automatic'],
-                  ['isolated-user', 'No network (user networking restricted: reaches nothing)'],
-                  ['segment', 'A private segment'],
-                ] as const
-              ).map(([v, label]) => (
-                <label key={v} className="choice">
-                  <input
-                    type="radio"
-                    name="fo-network-radio"
-                    checked={network === v}
-                    onChange={() => {
-                      f.touch('network');
-                      setNetwork(v);
-                    }}
-                  />{' '}
-                  {label}
-                </label>
-              ))}
+            <div className="field" id="fo-network">
+              <span className="label">Network</span>
+              <p className="muted" data-testid="fo-network">
+                No network: user networking restricted so the machine reaches nothing (the only
+                network a recovery host builds for a failover today; the checked guest port is
+                forwarded from its 127.0.0.1).
+              </p>
               {f.error('network')}
-            </fieldset>
+            </div>
             <VerifyFields value={verify} onChange={setVerify} f={f} />
             <RecoveryHostField
               value={hostId}
