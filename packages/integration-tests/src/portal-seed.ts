@@ -12,6 +12,8 @@ import { DirectoryBackend, Store } from '@lifeboat/store';
 export interface PortalSeed {
   adminToken: string;
   processServerToken: string;
+  /** The recovery host's component token (the tests play its part of a test failover). */
+  recoveryHostToken: string;
   /** Protected item ids by intended state. */
   items: Record<'protected' | 'resync-needed' | 'initial-replication' | 'enabling', string[]>;
   /** Machine name by protected item id. */
@@ -87,9 +89,12 @@ export async function seedPortal(
   await p('POST', '/api/components/self/heartbeat', { health });
   await call(base, rh.token, 'POST', '/api/components/self/heartbeat', { health: {} });
 
+  const east = await a<{ id: string }>('POST', '/api/sites', { name: 'east', kind: 'source' });
+  await a('POST', '/api/sites', { name: 'west', kind: 'recovery' });
   const host = await a<{ id: string }>('POST', '/api/source-hosts', {
     name: 'kvm-east-1',
     kind: 'kvm',
+    siteId: east.id,
     processServerId: ps.id,
     endpoints: [],
   });
@@ -119,15 +124,26 @@ export async function seedPortal(
   await a('PUT', `/api/source-hosts/${host.id}/inventory`, {
     machines: [...machines, ...spares],
   });
-  // A real, empty store: the vault's scheduled retention opens it (its points are catalogue
-  // entries only, which is all the portal reads).
+  // A real store: the vault's scheduled retention and store-stats jobs open it. The points
+  // the portal lists are catalogue entries only; the store itself holds three points of one
+  // 1 MiB disk with the same data (what the dashboard's store figures measure).
   const passphrase = 'portal-test-passphrase';
   const real = await Store.init({
     backend: new DirectoryBackend({ path: storePath }),
     passphrase,
     kdfCost: 1024,
   });
-  await real.close();
+  try {
+    const data = Buffer.alloc(1 << 20);
+    for (let i = 0; i < data.length; i += 512) data[i] = (i / 512) % 251;
+    for (let k = 0; k < 3; k++) {
+      const w = await real.beginWrite({ machine: 'seed-vm', disk: 'vda', size: 1 << 20 });
+      await w.write(0, data);
+      await w.commit();
+    }
+  } finally {
+    await real.close();
+  }
   const store = await a<{ id: string }>('POST', '/api/target-stores', {
     name: 'east-store',
     kind: 'directory',
@@ -252,9 +268,54 @@ export async function seedPortal(
     spares: spares.map((m) => m.name),
     adminToken,
     processServerToken: ps.token,
+    recoveryHostToken: rh.token,
     items,
     names,
     pointsItem: { id: pointsItem, name: names[pointsItem] ?? '', crash, app },
     staleItem,
+  };
+}
+
+/** An operation a recovery host finds in its assignments (a test failover, a cleanup, …). */
+export interface RecoveryOperation {
+  jobId: string;
+  kind: string;
+  state: string;
+  runId: string;
+  spec: Record<string, unknown>;
+}
+
+/**
+ * Plays a recovery host over its component routes, as the real one calls them: reads its
+ * operations, reports on their jobs, uploads their artifacts.
+ */
+export function recoveryHostPlayer(base: string, token: string) {
+  return {
+    operations: async (): Promise<RecoveryOperation[]> =>
+      (
+        await call<{ operations: RecoveryOperation[] }>(
+          base,
+          token,
+          'GET',
+          '/api/components/self/assignments',
+        )
+      ).operations,
+    /** Waits for the queued operation of a run (of a kind). */
+    async operation(runId: string, kind: string): Promise<RecoveryOperation> {
+      const deadline = Date.now() + 20_000;
+      for (;;) {
+        const op = (await this.operations()).find((o) => o.runId === runId && o.kind === kind);
+        if (op !== undefined) return op;
+        if (Date.now() > deadline) throw new Error(`no ${kind} operation for run ${runId}`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    },
+    report: (jobId: string, body: Record<string, unknown>) =>
+      call(base, token, 'PUT', `/api/components/self/jobs/${jobId}`, { steps: [], ...body }),
+    artifact: (jobId: string, name: string, contentType: string, data: Buffer) =>
+      call(base, token, 'PUT', `/api/components/self/jobs/${jobId}/artifacts/${name}`, {
+        contentType,
+        data: data.toString('base64'),
+      }),
   };
 }

@@ -6,7 +6,7 @@ import type { BrowserContext, Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startVault, type Vault } from '@lifeboat/vault';
 import { ensurePortalBuilt, launchChromium, REPO_ROOT } from './portal-browser.js';
-import { call, seedPortal, type PortalSeed } from './portal-seed.js';
+import { call, recoveryHostPlayer, seedPortal, type PortalSeed } from './portal-seed.js';
 
 // The portal in Debian's Chromium against a real vault (SQLite) serving the built app. The
 // data is seeded through the vault's API, with the process server's part (heartbeats, points)
@@ -122,6 +122,14 @@ describe('portal', () => {
     const worst = page.getByTestId('worst-rpo').locator('tr').first();
     expect(await worst.textContent()).toContain(seed.names[seed.staleItem]);
     expect(await worst.textContent()).toMatch(/2 h 0 min|120 min/);
+    // The store's size and dedup ratio, from the vault's store-stats job over the real store
+    // (3 points of a 1 MiB disk with the same data: 3 MiB of points in less than 1 MiB).
+    await page.getByTestId('store-dedup').filter({ hasText: '×' }).waitFor();
+    const dedup = Number((await text(page, 'store-dedup'))?.replace('×', ''));
+    expect(dedup).toBeGreaterThan(3);
+    expect(await page.getByRole('region', { name: 'Target stores' }).textContent()).toContain(
+      '3.0 MiB of recovery points',
+    );
     const components = await page.getByTestId('components').textContent();
     expect(components).toContain('ps-east-1');
     expect(components).toContain('rh-west-1');
@@ -152,6 +160,14 @@ describe('portal', () => {
     await page.getByLabel('State').selectOption('resync-needed');
     await page.getByText('Page 1 of 1 (3 rows)').waitFor();
     await page.getByLabel('State').selectOption('');
+    // The site filter: every machine runs at east, none at west.
+    expect(await rows.first().textContent()).toContain('east');
+    await page.getByLabel('Site').selectOption({ label: 'west' });
+    await page.getByText('No protected machine matches.').waitFor();
+    await page.getByLabel('Site').selectOption({ label: 'east' });
+    await page.getByText(`Page 1 of 1 (${MACHINES} rows)`).waitFor();
+    expect(page.url()).toContain('site=');
+    await page.getByLabel('Site').selectOption('');
     await page.getByLabel('Search by name').fill(seed.pointsItem.name);
     await page.getByText('Page 1 of 1 (1 row)').waitFor();
     await shot('machines');
@@ -170,12 +186,21 @@ describe('portal', () => {
     expect(
       await page.getByTestId('points').getByText('App-consistent', { exact: true }).count(),
     ).toBe(seed.pointsItem.app);
-    expect(await page.locator('.timeline .pt-app').count()).toBe(seed.pointsItem.app);
-    expect(await page.locator('.timeline .pt-crash').count()).toBe(seed.pointsItem.crash);
-    // The RPO chart, derived from the points 5 min apart, against the policy's 5 min threshold.
-    const rpo = await page.locator('.chart svg').getAttribute('aria-label');
-    expect(rpo).toContain('worst 5 min');
+    // One mark per cut on the timeline (this machine has two disks).
+    expect(await page.locator('.timeline .pt-app').count()).toBe(seed.pointsItem.app / 2);
+    expect(await page.locator('.timeline .pt-crash').count()).toBe(seed.pointsItem.crash / 2);
+    // The RPO over the last hours, derived by the vault from the points 5 min apart, against
+    // the policy's 5 min threshold; the throughput the process server reported.
+    const rpo = await page.getByTestId('rpo-chart').getAttribute('aria-label');
+    expect(rpo).toContain('RPO over the last 6 h: worst 5 min');
     expect(rpo).toContain('threshold 5 min');
+    const tp = await page.getByTestId('throughput-chart').getAttribute('aria-label');
+    expect(tp).toContain('peak 3.0 MiB/s');
+    await page.getByLabel('Over the last', { exact: true }).selectOption('1');
+    await page
+      .getByTestId('rpo-chart')
+      .and(page.locator('[aria-label^="RPO over the last 1 h"]'))
+      .waitFor();
     await shot('machine');
     await page.getByLabel('Kind').selectOption('app');
     await page
@@ -232,6 +257,8 @@ describe('portal', () => {
     try {
       await login(viewer, VIEWER);
       expect(await viewer.getByTestId('who').textContent()).toContain('viewer');
+      await viewer.getByTestId('store-dedup').waitFor();
+      expect(await viewer.getByRole('button', { name: 'Measure now' }).count()).toBe(0);
       await viewer.goto(vault.url + '/alerts');
       await viewer.getByTestId('alert-rows').locator('tr').first().waitFor();
       await viewer.getByText('Not yet').first().waitFor();
@@ -261,16 +288,26 @@ describe('portal', () => {
   it('fits a phone-sized screen without sideways scrolling of the page', async () => {
     await page.setViewportSize({ width: 390, height: 844 });
     try {
-      await page.goto(vault.url + '/');
-      await page.getByTestId('count-total').waitFor();
-      // A string: this package's type check has no DOM library.
-      const overflow = Number(
-        await page.evaluate(
-          'document.documentElement.scrollWidth - document.documentElement.clientWidth',
-        ),
-      );
-      expect(overflow).toBeLessThanOrEqual(0);
-      await shot('dashboard-phone');
+      const id = encodeURIComponent(seed.pointsItem.id);
+      for (const [path, ready, name] of [
+        ['/', 'count-total', 'dashboard-phone'],
+        ['/machines', 'machine-rows', 'machines-phone'],
+        [`/machines/${id}`, 'points', 'machine-phone'],
+        [`/test-failover?item=${id}`, 'tf-candidates', 'test-failover-phone'],
+        ['/recovery', 'test-failover-rows', 'recovery-phone'],
+      ] as const) {
+        await page.goto(vault.url + path);
+        await page.getByTestId(ready).waitFor();
+        // A string: this package's type check has no DOM library. Wide tables scroll inside
+        // their own box; the page itself must not.
+        const overflow = Number(
+          await page.evaluate(
+            'document.documentElement.scrollWidth - document.documentElement.clientWidth',
+          ),
+        );
+        expect(overflow, path).toBeLessThanOrEqual(0);
+        await shot(name);
+      }
     } finally {
       await page.setViewportSize({ width: 1280, height: 800 });
     }
@@ -394,23 +431,202 @@ describe('portal', () => {
     );
   });
 
-  it('fails a machine over to a chosen point from its page, then offers re-protect', async () => {
+  /** A time as a `datetime-local` value in the browser's (and this process's) zone. */
+  const localInput = (ms: number) =>
+    new Date(ms - new Date(ms).getTimezoneOffset() * 60_000).toISOString().slice(0, 19);
+
+  it('runs a test failover from the timeline: checks as you type, the vault’s refusal at its field, the boot screenshot, cleanup', async () => {
+    const rh = recoveryHostPlayer(vault.url, seed.recoveryHostToken);
+    await page.goto(vault.url + `/machines/${seed.pointsItem.id}`);
+    await page.getByTestId('points').locator('tr').first().waitFor();
+    // The newest point's mark on the timeline opens the wizard for this machine and point.
+    await page.locator('.timeline a.pt-link').first().click();
+    await page.getByRole('heading', { name: 'Test failover', level: 1 }).waitFor();
+    expect(await page.getByLabel('A point from the list').isChecked()).toBe(true);
+    expect(await page.getByLabel('Point', { exact: true }).inputValue()).toMatch(/^pt-/);
+    await shot('test-failover-point');
+    const next = page.getByRole('button', { name: 'Next' });
+    await next.click();
+
+    // The vault's rules as the operator types.
+    const port = page.getByLabel('Guest TCP port that must answer (optional)');
+    await port.fill('99999');
+    expect(await page.locator('#tf-guestPort-error').textContent()).toBe(
+      'A TCP port from 1 to 65535, or leave empty.',
+    );
+    const consoleField = page.getByLabel('Console must show (regular expression, optional)');
+    await consoleField.fill('(boot');
+    expect(await page.locator('#tf-console-error').textContent()).toBe(
+      'Not a valid regular expression.',
+    );
+    expect(await consoleField.getAttribute('aria-invalid')).toBe('true');
+    await next.click();
+    // Still on this step, the first wrong field focused.
+    expect(await page.evaluate('document.activeElement.id')).toBe('tf-console');
+    await consoleField.fill('LIFEBOAT-BOOT-OK');
+    await port.fill('22');
+    expect(await page.locator('#tf-guestPort-error').count()).toBe(0);
+    await shot('test-failover-checks');
+
+    // A time before every point passes the form but not the vault, which names the field.
+    await page.getByRole('button', { name: 'Back' }).click();
+    await page.getByLabel('The latest point at or before a time').check();
+    await page
+      .getByLabel('Recover to (your local time)')
+      .fill(localInput(Date.now() - 3 * 3600_000));
+    await next.click();
+    await next.click();
+    await page.getByRole('button', { name: 'Start test failover' }).click();
+    const refused = page.locator('#tf-mode-error');
+    await refused.waitFor();
+    expect(await refused.textContent()).toContain('has no point at or before');
+    expect(await page.getByLabel('The latest point at or before a time').isVisible()).toBe(true);
+    await page.getByLabel('A point from the list').check();
+    await next.click();
+    await next.click();
+    const review = await page.getByTestId('tf-review').textContent();
+    expect(review).toContain(seed.pointsItem.name);
+    expect(review).toContain('port 22 answers');
+    await page.getByRole('button', { name: 'Start test failover' }).click();
+
+    // The run's page follows what the recovery host reports.
+    await page.waitForURL(/\/test-failovers\/tf/);
+    const runId = decodeURIComponent(page.url().split('/').pop() ?? '');
+    await page.getByTestId('run-state').filter({ hasText: 'queued' }).waitFor();
+    const op = await rh.operation(runId, 'test-failover');
+    const machine = (op.spec['machines'] as Array<{ name: string; pointIds: string[] }>)[0];
+    expect(machine?.pointIds).toHaveLength(2);
+    await rh.report(op.jobId, {
+      kind: 'test-failover',
+      state: 'running',
+      steps: [
+        { name: 'select points', state: 'succeeded' },
+        { name: `boot ${machine?.name ?? ''}`, state: 'running' },
+      ],
+      result: { instanceId: 'seed-rh' },
+    });
+    await page.getByTestId('run-state').filter({ hasText: 'starting' }).waitFor();
+    // A real PNG for the screenshot: the browser's own rendering of the login box.
+    const png = await page.screenshot({
+      type: 'png',
+      clip: { x: 0, y: 0, width: 320, height: 200 },
+    });
+    await rh.artifact(op.jobId, `${machine?.name ?? ''}-screenshot`, 'image/png', png);
+    await rh.artifact(
+      op.jobId,
+      `${machine?.name ?? ''}-console`,
+      'text/plain',
+      Buffer.from('LIFEBOAT-BOOT-OK recovered\n'),
+    );
+    await rh.report(op.jobId, {
+      kind: 'test-failover',
+      state: 'succeeded',
+      steps: [
+        { name: 'select points', state: 'succeeded' },
+        { name: `boot ${machine?.name ?? ''}`, state: 'succeeded' },
+        { name: `verify ${machine?.name ?? ''}`, state: 'succeeded' },
+      ],
+      result: {
+        instanceId: 'seed-rh',
+        machines: [
+          {
+            name: machine?.name,
+            verification: {
+              console: 'LIFEBOAT-BOOT-OK recovered',
+              port: { guestPort: 22, answer: 'LIFEBOAT-TCP-OK recovered' },
+              screenshot: { width: 320, height: 200 },
+            },
+          },
+        ],
+      },
+    });
+    await page.getByTestId('boot-result').filter({ hasText: 'Booted and verified' }).waitFor();
+    // The screenshot the recovery host uploaded, read with the session's token, decoded.
+    // Decoded and laid out: an <img> has no height before its data URL is decoded.
+    const img = page.getByTestId('screenshot');
+    await expect
+      .poll(async () => (await img.boundingBox())?.height ?? 0, { timeout: 30_000 })
+      .toBeGreaterThan(50);
+    expect(await page.getByTestId('run-machine').textContent()).toContain(
+      'LIFEBOAT-TCP-OK recovered',
+    );
+    await shot('test-failover-run');
+
+    // A viewer sees the result but no button to clean up, and no wizard.
+    const viewer = await context!.newPage();
+    try {
+      await login(viewer, VIEWER);
+      await viewer.goto(vault.url + `/test-failovers/${runId}`);
+      await viewer.getByTestId('boot-result').filter({ hasText: 'Booted and verified' }).waitFor();
+      expect(await viewer.getByRole('button', { name: 'Clean up' }).count()).toBe(0);
+      await viewer.goto(vault.url + `/machines/${seed.pointsItem.id}`);
+      await viewer.getByTestId('points').locator('tr').first().waitFor();
+      expect(await viewer.getByRole('link', { name: /Test failover|Fail over/ }).count()).toBe(0);
+      expect(await viewer.locator('.timeline a').count()).toBe(0);
+      await viewer.goto(vault.url + '/test-failover');
+      await viewer.getByRole('heading', { name: 'Not found' }).waitFor();
+    } finally {
+      await viewer.close();
+    }
+
+    await page.getByRole('button', { name: 'Clean up' }).click();
+    const cleanup = await rh.operation(runId, 'test-failover-cleanup');
+    expect(cleanup.spec['machines']).toEqual([machine?.name]);
+    await rh.report(cleanup.jobId, { kind: 'test-failover-cleanup', state: 'succeeded' });
+    await page.getByTestId('cleaned-up').waitFor();
+    expect(await page.getByRole('button', { name: 'Clean up' }).count()).toBe(0);
+    // The machine's page lists it.
+    await page.goto(vault.url + `/machines/${seed.pointsItem.id}`);
+    await page.getByTestId('machine-test-failovers').getByText('cleaned-up').waitFor();
+  });
+
+  it('fails a machine over through the wizard (confirmed by its name), then commits it', async () => {
+    const rh = recoveryHostPlayer(vault.url, seed.recoveryHostToken);
     const id = seed.items['resync-needed'][0] ?? '';
+    const name = seed.names[id] ?? '';
     await page.goto(vault.url + `/machines/${id}`);
-    await page.getByRole('button', { name: 'Fail over…' }).click();
-    await page.getByLabel('Recovery point', { exact: true }).selectOption({ index: 1 });
+    await page.getByRole('link', { name: 'Fail over…' }).click();
+    await page.getByRole('heading', { name: `Fail over ${name}` }).waitFor();
+    const next = page.getByRole('button', { name: 'Next' });
+    await next.click();
+    await next.click();
+    await page.getByLabel('Type the machine’s name to confirm').fill('not-it');
     await page.getByRole('button', { name: 'Fail over now' }).click();
-    await page.getByTestId('item-state').filter({ hasText: 'Failed over' }).waitFor();
-    await page.getByRole('button', { name: 'Re-protect' }).waitFor();
+    expect(await page.locator('#fo-confirm-error').textContent()).toBe(`Type ${name} to confirm.`);
+    await page.getByLabel('Type the machine’s name to confirm').fill(name);
+    await shot('failover-confirm');
+    await page.getByRole('button', { name: 'Fail over now' }).click();
+    await page.waitForURL(/\/failovers\/fo/);
+    const runId = decodeURIComponent(page.url().split('/').pop() ?? '');
+    const op = await rh.operation(runId, 'failover');
+    await rh.report(op.jobId, {
+      kind: 'failover',
+      state: 'running',
+      result: { instanceId: 'seed-rh' },
+    });
+    await rh.report(op.jobId, {
+      kind: 'failover',
+      state: 'succeeded',
+      result: { instanceId: 'seed-rh' },
+    });
+    await page.getByTestId('run-state').filter({ hasText: 'booted' }).waitFor();
+    await page.getByRole('button', { name: 'Commit…' }).click();
+    await page.getByLabel(/Copy its disks to local files/).uncheck();
+    await page.getByRole('button', { name: 'Commit now' }).click();
+    const commit = await rh.operation(runId, 'failover-commit');
+    await rh.report(commit.jobId, { kind: 'failover-commit', state: 'succeeded' });
+    await page.getByTestId('run-state').filter({ hasText: 'committed' }).waitFor();
+    expect(await page.getByRole('button', { name: 'Change point…' }).count()).toBe(0);
     await shot('failover');
-    const item = await call<{ state: string; stateReason: string }>(
+    const item = await call<{ state: string }>(
       vault.url,
       seed.adminToken,
       'GET',
       `/api/protected-items/${id}`,
     );
     expect(item.state).toBe('failed-over');
-    expect(item.stateReason).toContain('to point pt-');
+    await page.goto(vault.url + `/machines/${id}`);
+    await page.getByRole('button', { name: 'Re-protect' }).waitFor();
   });
 
   it('is usable from the keyboard: skip link first, focus moves to each new page', async () => {
@@ -429,8 +645,8 @@ describe('portal', () => {
   });
 
   it('logged no error in the browser (no CSP violation, no uncaught exception)', () => {
-    // The bad login (401) and the refusals the tests provoke (409) are logged by Chromium too.
-    const unexpected = consoleErrors.filter((e) => !/status of (401|409) /.test(e));
+    // The bad login (401) and the refusals the tests provoke (404, 409) are logged by Chromium too.
+    const unexpected = consoleErrors.filter((e) => !/status of (401|404|409) /.test(e));
     expect(unexpected).toEqual([]);
   });
 });

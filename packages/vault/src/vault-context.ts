@@ -7,6 +7,7 @@ import type { JobRunner } from './jobs/job-runner.js';
 import type { SecretBox } from './secret-box.js';
 import type { AlertService } from './services/alert-service.js';
 import type { CertificateAuthority } from './services/certificate-authority.js';
+import type { ItemHistory } from './services/item-history.js';
 import type { VaultMetrics } from './vault-metrics.js';
 import type { ResolvedVaultOptions } from './vault-options.js';
 
@@ -21,6 +22,8 @@ export interface VaultContext {
   readonly alerts: AlertService;
   readonly jobs: JobRunner;
   readonly ca: CertificateAuthority;
+  /** Per-item throughput and backlog history from heartbeats. */
+  readonly history: ItemHistory;
   /** Resolved bearer tokens; clear it after changing tokens, users or components. */
   readonly authCache: AuthCache;
   /** Random id of this running instance (job leases name it). */

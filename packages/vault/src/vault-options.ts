@@ -72,6 +72,18 @@ export interface VaultOptions {
   processServerAckTimeoutMs?: number;
   /** How long enabling waits for initial replication to finish. @default 86400000 */
   initialReplicationTimeoutMs?: number;
+  /**
+   * Width of the time buckets in which heartbeat reports of throughput and backlog are kept
+   * per protected item (the machine page's chart). @default 60
+   */
+  historyBucketSeconds?: number;
+  /** How long those per-item samples are kept; older ones are deleted by the scheduler. @default 24 */
+  historyRetentionHours?: number;
+  /**
+   * How often the scheduler measures each target store's size and deduplication (a
+   * `store-stats` job; it reads the store's index and every point's tree once). @default 3600
+   */
+  storeStatsIntervalSeconds?: number;
   /** Alerts are POSTed here as JSON when raised and cleared. */
   webhookUrl?: string;
   /** Validity of component certificates. @default 90 */
@@ -169,6 +181,17 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
     initialReplicationTimeoutMs: positive(
       'initialReplicationTimeoutMs',
       options.initialReplicationTimeoutMs ?? 86_400_000,
+    ),
+    historyBucketSeconds: positive('historyBucketSeconds', options.historyBucketSeconds ?? 60),
+    historyRetentionHours: positive(
+      'historyRetentionHours',
+      options.historyRetentionHours ?? 24,
+      1 / 60,
+    ),
+    storeStatsIntervalSeconds: positive(
+      'storeStatsIntervalSeconds',
+      options.storeStatsIntervalSeconds ?? 3600,
+      10,
     ),
     ...(options.webhookUrl !== undefined ? { webhookUrl: options.webhookUrl } : {}),
     certificateDays: positive('certificateDays', options.certificateDays ?? 90),

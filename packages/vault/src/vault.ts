@@ -16,6 +16,7 @@ import { registerPortalRoutes } from './http/portal-routes.js';
 import { registerProtectionRoutes } from './http/protection-routes.js';
 import { registerRecoveryRoutes } from './http/recovery-routes.js';
 import { registerSimpleResources } from './http/simple-resources.js';
+import { registerStatisticsRoutes } from './http/statistics-routes.js';
 import { createUser, registerUserRoutes } from './http/user-routes.js';
 import { lockDataDir } from './data-dir-lock.js';
 import { newId } from './ids.js';
@@ -25,11 +26,13 @@ import {
   enableReplicationJob,
   retentionJob,
 } from './jobs/builtin-jobs.js';
+import { storeStatsJob } from './jobs/store-stats-job.js';
 import { JobRunner } from './jobs/job-runner.js';
 import { Scheduler } from './jobs/scheduler.js';
 import { SecretBox } from './secret-box.js';
 import { AlertService } from './services/alert-service.js';
 import { CertificateAuthority } from './services/certificate-authority.js';
+import { ItemHistory } from './services/item-history.js';
 import type { VaultContext } from './vault-context.js';
 import { VaultMetrics } from './vault-metrics.js';
 import {
@@ -96,6 +99,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       alerts: new AlertService(database.db, log, options.webhookUrl),
       jobs: runner,
       ca,
+      history: new ItemHistory(database.db, options.historyBucketSeconds, log),
       authCache: new AuthCache(options.authCacheMs),
       instanceId: newId('vault'),
     };
@@ -105,6 +109,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       disableReplicationJob,
       retentionJob,
       catalogueSyncJob,
+      storeStatsJob,
       ...options.jobHandlers,
     ])
       runner.register(h);
@@ -181,6 +186,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     registerOperationsRoutes(fastify, context);
     registerRecoveryRoutes(fastify, context);
     registerEventRoutes(fastify, context, options.eventPollMs);
+    registerStatisticsRoutes(fastify, context);
     await fastify.ready();
 
     // SQLite has one vault process, so a job still `running` belongs to a vault that stopped.
@@ -206,6 +212,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
         await fastify.close();
         await sched.stop();
         await run.stop();
+        await ctx.history.close();
         await ctx.alerts.flush();
         await database.close();
         await unlock?.();

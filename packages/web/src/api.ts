@@ -135,3 +135,26 @@ export async function api<T>(
   }
   return parsed as T;
 }
+
+/**
+ * GETs bytes from the vault with the session's token (an artifact: a screenshot, a console
+ * log), which an `<img src>` could not send.
+ */
+export async function apiBytes(path: string, signal?: AbortSignal): Promise<Blob> {
+  const session = current;
+  const res = await fetch(path, {
+    headers: session === null ? {} : { authorization: `Bearer ${session.token}` },
+    ...(signal !== undefined ? { signal } : {}),
+  });
+  if (!res.ok) {
+    const e = (await res.json().catch(() => ({}))) as { code?: string; message?: string };
+    if (res.status === 401 && current !== null) setSession(null);
+    throw new ApiError(
+      res.status,
+      e.code ?? `HTTP_${res.status}`,
+      e.message ?? `The vault answered ${res.status} ${res.statusText}.`,
+      {},
+    );
+  }
+  return res.blob();
+}

@@ -14,10 +14,15 @@ import { LoginPage } from './pages/login-page';
 import { MachinePage } from './pages/machine-page';
 import { MachinesPage } from './pages/machines-page';
 import { ProtectPage } from './pages/protect-page';
+import { FailoverPage } from './pages/failover-page';
+import { RecoveryPage } from './pages/recovery-page';
+import { RecoveryRunPage } from './pages/recovery-run-page';
+import { TestFailoverPage } from './pages/test-failover-page';
 
 const NAV: Array<{ to: string; label: string; min: Role }> = [
   { to: '/', label: 'Dashboard', min: 'viewer' },
   { to: '/machines', label: 'Machines', min: 'viewer' },
+  { to: '/recovery', label: 'Recovery', min: 'viewer' },
   { to: '/alerts', label: 'Alerts', min: 'viewer' },
   { to: '/jobs', label: 'Jobs', min: 'viewer' },
   { to: '/policies', label: 'Policies', min: 'viewer' },
@@ -53,12 +58,25 @@ export function App() {
 
   const machine = /^\/machines\/([^/]+)$/.exec(path);
   const job = /^\/jobs\/([^/]+)$/.exec(path);
+  const run = /^\/(test-failovers|failovers)\/([^/]+)$/.exec(path);
   let page;
-  if (path === '/') page = <DashboardPage />;
+  if (path === '/') page = <DashboardPage role={session.role} />;
   else if (path === '/machines') page = <MachinesPage role={session.role} />;
   else if (path === '/protect' && roleAtLeast(session.role, 'operator')) page = <ProtectPage />;
   else if (machine?.[1] !== undefined)
     page = <MachinePage id={decodeURIComponent(machine[1])} role={session.role} />;
+  else if (path === '/recovery') page = <RecoveryPage role={session.role} />;
+  else if (path === '/test-failover' && roleAtLeast(session.role, 'operator'))
+    page = <TestFailoverPage />;
+  else if (path === '/failover' && roleAtLeast(session.role, 'operator')) page = <FailoverPage />;
+  else if (run?.[2] !== undefined)
+    page = (
+      <RecoveryRunPage
+        kind={run[1] === 'failovers' ? 'failover' : 'test-failover'}
+        id={decodeURIComponent(run[2])}
+        role={session.role}
+      />
+    );
   else if (path === '/alerts') page = <AlertsPage role={session.role} />;
   else if (path === '/jobs') page = <JobsPage />;
   else if (path === '/policies') page = <PoliciesPage role={session.role} />;
@@ -80,7 +98,8 @@ export function App() {
       </>
     );
 
-  const active = (to: string) => (to === '/' ? path === '/' : path.startsWith(to));
+  const section = /^\/(test-failovers?|failovers?)(\/|$)/.test(path) ? '/recovery' : path;
+  const active = (to: string) => (to === '/' ? path === '/' : section.startsWith(to));
   return (
     <>
       <a className="skip" href="#main">

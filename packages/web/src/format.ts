@@ -45,3 +45,9 @@ export const STATE_LABELS: Record<string, string> = {
   'failed-over': 'Failed over',
   disabled: 'Disabled',
 };
+
+/** A ratio such as a dedup ratio: `12.3×`, or a dash. */
+export function ratio(r: number | null | undefined): string {
+  if (r === null || r === undefined || !Number.isFinite(r) || r <= 0) return '—';
+  return `${r < 10 ? r.toFixed(2) : r < 100 ? r.toFixed(1) : Math.round(r)}×`;
+}

@@ -2,18 +2,18 @@ import { useEffect, useState } from 'react';
 import { api } from './api';
 import type { Machine, ProtectedItem } from './types';
 
-// The protected-item list names machines by id only; names are looked up once per machine and
+// The protected-item list names machines by id only; machines are looked up once per id and
 // kept for the tab's life (a page shows at most one page of rows, so this stays small).
-const cache = new Map<string, Promise<string>>();
+const cache = new Map<string, Promise<Machine | undefined>>();
 
-function machineName(id: string): Promise<string> {
+function machineOf(id: string): Promise<Machine | undefined> {
   let p = cache.get(id);
   if (p === undefined) {
     p = api<Machine>('GET', `/api/machines/${encodeURIComponent(id)}`).then(
-      (m) => m.name,
+      (m) => m,
       () => {
         cache.delete(id);
-        return id;
+        return undefined;
       },
     );
     cache.set(id, p);
@@ -21,23 +21,32 @@ function machineName(id: string): Promise<string> {
   return p;
 }
 
-/** Names of the given machine ids (the id until the name arrives). */
-export function useMachineNames(ids: string[]): Record<string, string> {
-  const [names, setNames] = useState<Record<string, string>>({});
+function machineName(id: string): Promise<string> {
+  return machineOf(id).then((m) => m?.name ?? id);
+}
+
+/** The machines of the given ids, as they arrive. */
+export function useMachines(ids: string[]): Record<string, Machine> {
+  const [machines, setMachines] = useState<Record<string, Machine>>({});
   const key = ids.join(',');
   useEffect(() => {
     let live = true;
     const wanted = key === '' ? [] : key.split(',');
-    void Promise.all(wanted.map(async (id) => [id, await machineName(id)] as const)).then(
-      (pairs) => {
-        if (live) setNames((old) => ({ ...old, ...Object.fromEntries(pairs) }));
-      },
-    );
+    void Promise.all(wanted.map(async (id) => [id, await machineOf(id)] as const)).then((pairs) => {
+      const found = pairs.filter((p): p is readonly [string, Machine] => p[1] !== undefined);
+      if (live) setMachines((old) => ({ ...old, ...Object.fromEntries(found) }));
+    });
     return () => {
       live = false;
     };
   }, [key]);
-  return names;
+  return machines;
+}
+
+/** Names of the given machine ids (the id until the name arrives). */
+export function useMachineNames(ids: string[]): Record<string, string> {
+  const machines = useMachines(ids);
+  return Object.fromEntries(Object.entries(machines).map(([id, m]) => [id, m.name]));
 }
 
 const itemCache = new Map<string, Promise<string>>();

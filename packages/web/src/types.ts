@@ -13,6 +13,22 @@ export interface Summary {
   }>;
   alerts: { active: Record<string, number>; unacknowledged: number };
   jobs: Record<string, number>;
+  /** Target stores with their latest store-stats figures (null before the first). */
+  stores?: {
+    logicalBytes: number;
+    storedBytes: number;
+    dedupRatio: number | null;
+    items: Array<{
+      id: string;
+      name: string;
+      kind: string;
+      measuredAt: string | null;
+      points: number | null;
+      logicalBytes: number | null;
+      storedBytes: number | null;
+      dedupRatio: number | null;
+    }>;
+  };
   components: Array<{
     id: string;
     kind: string;
@@ -134,4 +150,57 @@ export interface Alert {
   clearedAt: string | null;
   acknowledgedAt: string | null;
   acknowledgedBy: string | null;
+}
+
+/** How a test failover or failover picks its points (docs/architecture.md). */
+export type PointSelector =
+  { pick: 'latest'; at?: string } | { pick: 'latest-app' } | { pointId: string };
+
+/** A machine of a recovery run. */
+export interface RunMachine {
+  protectedItemId: string;
+  machineId: string;
+  machineName: string;
+  name: string;
+  targetStoreId: string;
+  points: Array<{ id: string; disk: string; time: string; kind: string; cut: string | null }>;
+  address: unknown;
+  verification: {
+    console?: string | null;
+    port?: { guestPort: number; answer: string } | null;
+    screenshot?: { width: number; height: number } | null;
+  } | null;
+  artifacts: { screenshot?: string | null; console?: string | null } | null;
+  /** Failover, once hydrated: the disks' files on the recovery host. */
+  localDisks?: string[];
+}
+
+/** A test failover (`tf_…`) or failover (`fo_…`) run (`GET /api/test-failovers/:id`). */
+export interface RecoveryRun {
+  id: string;
+  kind: 'test-failover' | 'failover';
+  state: string;
+  recoveryHostId: string | null;
+  protectedItemIds: string[];
+  consistencyGroup: string | null;
+  point: PointSelector | null;
+  network: string | null;
+  planned?: boolean;
+  verify: { console?: string; guestPort?: number; expect?: string; screenshot?: boolean } | null;
+  machines: RunMachine[];
+  jobs: Array<{ id: string; kind: string; state: string }>;
+  jobId: string | null;
+  error: { code: string; message: string; details?: Record<string, unknown> } | null;
+  createdBy: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** A registered component (`GET /api/recovery-hosts`). */
+export interface Component {
+  id: string;
+  kind: string;
+  name: string;
+  status: string;
+  lastHeartbeatAt: string | null;
 }

@@ -329,12 +329,44 @@ async function recoveryRuns(db: Db): Promise<void> {
     .execute();
 }
 
+// The portal's store figures and replication history (issue 8): the latest stats of each
+// target store, and per-item throughput/backlog samples per time bucket.
+async function storeStatsAndItemSamples(db: Db): Promise<void> {
+  await db.schema
+    .createTable('targetStoreStats')
+    .addColumn('targetStoreId', 'text', (c) => c.primaryKey())
+    .addColumn('measuredAt', 'text', (c) => c.notNull())
+    .addColumn('jobId', 'text')
+    .addColumn('points', 'integer', (c) => c.notNull())
+    .addColumn('machines', 'integer', (c) => c.notNull())
+    .addColumn('disks', 'integer', (c) => c.notNull())
+    .addColumn('logicalBytes', 'bigint', (c) => c.notNull())
+    .addColumn('uniqueBytes', 'bigint', (c) => c.notNull())
+    .addColumn('storedBytes', 'bigint', (c) => c.notNull())
+    .addColumn('packs', 'integer', (c) => c.notNull())
+    .addColumn('chunks', 'bigint', (c) => c.notNull())
+    .execute();
+  await db.schema
+    .createTable('itemSamples')
+    .addColumn('protectedItemId', 'text', (c) => c.notNull())
+    .addColumn('bucket', 'text', (c) => c.notNull())
+    .addColumn('reports', 'integer', (c) => c.notNull())
+    .addColumn('throughputSumBps', 'double precision', (c) => c.notNull())
+    .addColumn('throughputMaxBps', 'double precision', (c) => c.notNull())
+    .addColumn('backlogMaxBytes', 'bigint', (c) => c.notNull())
+    .addPrimaryKeyConstraint('itemSamplesPk', ['protectedItemId', 'bucket'])
+    .execute();
+  // Retention deletes by age across items.
+  await db.schema.createIndex('itemSamplesBucket').on('itemSamples').columns(['bucket']).execute();
+}
+
 /** The vault's migrations, in code so a built vault needs no migration files on disk. */
 export const migrations: Record<string, Migration> = {
   '0001-initial': { up: initial },
   '0002-rpo-indexes': { up: rpoIndexes },
   '0003-source-host-agent': { up: sourceHostAgent },
   '0004-recovery-runs': { up: recoveryRuns },
+  '0005-store-stats-item-samples': { up: storeStatsAndItemSamples },
 };
 
 /** Hands Kysely's Migrator the migrations above. */

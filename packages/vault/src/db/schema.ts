@@ -277,6 +277,39 @@ export interface AuditRow {
   summary: string;
 }
 
+/**
+ * The latest figures of one target store (the `store-stats` job measures them in the store,
+ * so the dashboard never scans the store itself).
+ */
+export interface TargetStoreStatsRow {
+  targetStoreId: string;
+  measuredAt: string;
+  jobId: string | null;
+  points: number;
+  machines: number;
+  disks: number;
+  logicalBytes: number;
+  uniqueBytes: number;
+  storedBytes: number;
+  packs: number;
+  chunks: number;
+}
+
+/**
+ * One protected item's replication figures over one time bucket, aggregated from its process
+ * server's heartbeat reports (kept for `historyRetentionHours`).
+ */
+export interface ItemSampleRow {
+  protectedItemId: string;
+  /** Start of the bucket (ISO, a multiple of `historyBucketSeconds`). */
+  bucket: string;
+  /** Reports aggregated into this row. */
+  reports: number;
+  throughputSumBps: number;
+  throughputMaxBps: number;
+  backlogMaxBytes: number;
+}
+
 /** Small vault-wide values (the CA). */
 export interface SettingRow {
   key: string;
@@ -344,4 +377,6 @@ export interface VaultDatabase {
   settings: SettingRow;
   recoveryRuns: RecoveryRunRow;
   jobArtifacts: JobArtifactRow;
+  targetStoreStats: TargetStoreStatsRow;
+  itemSamples: ItemSampleRow;
 }

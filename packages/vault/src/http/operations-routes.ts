@@ -371,6 +371,24 @@ export function registerOperationsRoutes(app: FastifyInstance, vault: VaultConte
         .orderBy('name')
         .limit(500)
         .execute()) as ComponentRow[];
+      const stores = await db
+        .selectFrom('targetStores')
+        .leftJoin('targetStoreStats', 'targetStoreStats.targetStoreId', 'targetStores.id')
+        .select([
+          'targetStores.id as id',
+          'targetStores.name as name',
+          'targetStores.kind as kind',
+          'targetStoreStats.measuredAt as measuredAt',
+          'targetStoreStats.points as points',
+          'targetStoreStats.logicalBytes as logicalBytes',
+          'targetStoreStats.storedBytes as storedBytes',
+        ])
+        .orderBy('targetStores.name')
+        .limit(500)
+        .execute();
+      const measured = stores.filter((st) => st.measuredAt !== null);
+      const logical = measured.reduce((a, st) => a + Number(st.logicalBytes ?? 0), 0);
+      const stored = measured.reduce((a, st) => a + Number(st.storedBytes ?? 0), 0);
       const counts = (rows: Array<{ n: unknown } & Record<string, unknown>>, key: string) =>
         Object.fromEntries(rows.map((r) => [r[key] as string, Number(r.n)]));
       const itemStates = counts(byState, 'state');
@@ -388,6 +406,19 @@ export function registerOperationsRoutes(app: FastifyInstance, vault: VaultConte
           unacknowledged: Number(unacknowledged?.n ?? 0),
         },
         jobs: counts(jobs, 'state'),
+        // Figures of the latest store-stats job of each store (null before its first).
+        stores: {
+          logicalBytes: logical,
+          storedBytes: stored,
+          dedupRatio: stored === 0 ? null : logical / stored,
+          items: stores.map((st) => ({
+            ...st,
+            dedupRatio:
+              st.measuredAt === null || !st.storedBytes
+                ? null
+                : Number(st.logicalBytes ?? 0) / Number(st.storedBytes),
+          })),
+        },
         components: components.map((c) => ({
           id: c.id,
           kind: c.kind,

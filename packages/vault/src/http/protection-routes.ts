@@ -33,6 +33,8 @@ export function pointToApi(r: RecoveryPointRow): Record<string, unknown> {
 /** Machines and inventory, protected items and their state changes, recovery points. */
 export function registerProtectionRoutes(app: FastifyInstance, vault: VaultContext): void {
   const { db } = vault;
+  const hostsAtSite = (siteId: string) =>
+    db.selectFrom('sourceHosts').select('id').where('siteId', '=', siteId);
 
   app.post(
     '/api/source-hosts/:id/discover',
@@ -318,6 +320,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
             ...pageQuerySchema,
             q: { type: 'string' },
             sourceHostId: { type: 'string' },
+            siteId: { type: 'string', description: 'Machines of source hosts at this site' },
             present: { type: 'boolean' },
           },
           additionalProperties: false,
@@ -329,6 +332,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
       const q = request.query as {
         q?: string;
         sourceHostId?: string;
+        siteId?: string;
         present?: boolean;
         limit?: number;
         cursor?: string;
@@ -343,8 +347,14 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
             present: q.present === undefined ? undefined : q.present ? 1 : 0,
           },
           search: { column: 'name', q: q.q },
+          where: (qb) =>
+            q.siteId === undefined ? qb : qb.where('sourceHostId', 'in', hostsAtSite(q.siteId)),
         },
-        q,
+        {
+          ...(q.limit !== undefined ? { limit: q.limit } : {}),
+          ...(q.cursor !== undefined ? { cursor: q.cursor } : {}),
+          ...(q.offset !== undefined ? { offset: q.offset } : {}),
+        },
       );
       return { ...page, items: page.items.map((m) => ({ ...m, present: m['present'] === 1 })) };
     },
@@ -386,6 +396,11 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
       processServerId: { type: 'string' },
       targetStoreId: { type: 'string' },
       machineId: { type: 'string' },
+      siteId: {
+        type: 'string',
+        description: 'Items whose machine runs at this site (its source host’s site)',
+      },
+      consistencyGroup: { type: 'string', minLength: 1, maxLength: 200 },
       sort: { type: 'string', enum: ['id', 'lastPointAt', 'stateChangedAt'] },
       order: { type: 'string', enum: ['asc', 'desc'] },
     },
@@ -419,20 +434,35 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
             processServerId: q['processServerId'],
             targetStoreId: q['targetStoreId'],
             machineId: q['machineId'],
+            consistencyGroup: q['consistencyGroup'],
           },
-          where: (qb) =>
-            q['q'] === undefined || q['q'] === ''
-              ? qb
-              : qb.where(
-                  'machineId',
-                  'in',
-                  db
-                    .selectFrom('machines')
-                    .select('id')
-                    .where((e) =>
-                      e(e.fn('lower', ['name']), 'like', `%${(q['q'] ?? '').toLowerCase()}%`),
-                    ),
-                ),
+          where: (qb) => {
+            let r = qb;
+            if (q['q'] !== undefined && q['q'] !== '') {
+              r = r.where(
+                'machineId',
+                'in',
+                db
+                  .selectFrom('machines')
+                  .select('id')
+                  .where((e) =>
+                    e(e.fn('lower', ['name']), 'like', `%${(q['q'] ?? '').toLowerCase()}%`),
+                  ),
+              );
+            }
+            const siteId = q['siteId'];
+            if (siteId !== undefined) {
+              r = r.where(
+                'machineId',
+                'in',
+                db
+                  .selectFrom('machines')
+                  .select('id')
+                  .where('sourceHostId', 'in', hostsAtSite(siteId)),
+              );
+            }
+            return r;
+          },
         },
         {
           ...(q['limit'] !== undefined ? { limit: q['limit'] } : {}),

@@ -84,6 +84,8 @@ export class Scheduler {
     await this.vault.jobs.recoverOrphans(false);
     await this.evaluateAlerts(now);
     await this.scheduleRetention(now);
+    await this.scheduleStoreStats(now);
+    await this.pruneHistory(now);
     await this.refreshGauges();
   }
 
@@ -104,6 +106,35 @@ export class Scheduler {
       );
       if (job !== undefined) this.created.push(job.id);
     }
+  }
+
+  // Each target store's size and deduplication, measured once per interval (and at once for a
+  // store never measured, since its first slot is the current one).
+  private async scheduleStoreStats(now: Date): Promise<void> {
+    const interval = this.vault.options.storeStatsIntervalSeconds * 1000;
+    const slot = Math.floor(now.getTime() / interval);
+    const stores = await this.vault.db.selectFrom('targetStores').select('id').execute();
+    for (const s of stores) {
+      const job = await this.vault.jobs.create(
+        {
+          kind: 'store-stats',
+          target: { type: 'target-store', id: s.id },
+          scheduleKey: `store-stats:${s.id}:${slot}`,
+        },
+        SYSTEM,
+      );
+      if (job !== undefined) this.created.push(job.id);
+    }
+  }
+
+  private lastHistoryPrune = 0;
+
+  // Per-item samples older than the retention go, at most once a minute.
+  private async pruneHistory(now: Date): Promise<void> {
+    if (now.getTime() - this.lastHistoryPrune < 60_000) return;
+    this.lastHistoryPrune = now.getTime();
+    const hours = this.vault.options.historyRetentionHours;
+    await this.vault.history.prune(new Date(now.getTime() - hours * 3_600_000));
   }
 
   /** Raises and clears the alerts that follow from the database's state at `now`. */

@@ -122,6 +122,7 @@ export async function applyItemReports(
     if (Object.keys(figures).length > 0) {
       await vault.db.updateTable('protectedItems').set(figures).where('id', '=', item.id).execute();
     }
+    vault.history.record(item.id, report.throughputBps, report.backlogBytes);
     for (const disk of report.disks ?? []) {
       const { name, ...diskFigures } = disk;
       if (Object.keys(diskFigures).length === 0) continue;

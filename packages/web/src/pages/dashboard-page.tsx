@@ -1,5 +1,6 @@
-import type { Page } from '../api';
-import { ago, duration, STATE_LABELS } from '../format';
+import { useState } from 'react';
+import { api, ApiError, roleAtLeast, type Page, type Role } from '../api';
+import { ago, bytes, duration, ratio, STATE_LABELS } from '../format';
 import { useLiveRefresh } from '../live';
 import { Link } from '../router';
 import type { Job, Summary } from '../types';
@@ -17,7 +18,7 @@ const STATES = [
 const SEVERITIES = ['critical', 'error', 'warning'];
 
 /** Health at a glance: machines by state, worst RPOs, alerts, running jobs, components. */
-export function DashboardPage() {
+export function DashboardPage({ role }: { role: Role }) {
   const summary = useApi<Summary>('/api/summary');
   const running = useApi<Page<Job>>('/api/jobs?state=running&limit=5');
   useLiveRefresh(
@@ -101,6 +102,11 @@ export function DashboardPage() {
                 <p className="muted">No job is running.</p>
               )}
             </section>
+            <StoresCard
+              stores={s.stores}
+              canMeasure={roleAtLeast(role, 'operator')}
+              onMeasured={summary.reload}
+            />
           </div>
           <section className="card" aria-labelledby="rpo-h">
             <h2 id="rpo-h">Worst RPOs</h2>
@@ -182,5 +188,100 @@ export function DashboardPage() {
         </div>
       )}
     </>
+  );
+}
+
+/**
+ * The target stores' size and dedup ratio, as the vault's store-stats jobs last measured them
+ * (the dashboard never scans a store): bytes stored, logical bytes of every point, and their
+ * ratio (deduplication and compression together).
+ */
+function StoresCard({
+  stores,
+  canMeasure,
+  onMeasured,
+}: {
+  stores: Summary['stores'];
+  canMeasure: boolean;
+  onMeasured: () => void;
+}) {
+  const measured = stores?.items.filter((x) => x.measuredAt !== null) ?? [];
+  const [measuring, setMeasuring] = useState<string>();
+  const [askedAt, setAskedAt] = useState<string>();
+  // Once every store's figures are newer than the newest shown at the click (the vault's
+  // clock on both sides), the figures shown are the new ones.
+  const pending =
+    measuring !== undefined &&
+    (askedAt === undefined ||
+      measured.length < (stores?.items.length ?? 0) ||
+      measured.some((x) => (x.measuredAt ?? '') <= askedAt));
+  const [error, setError] = useState<ApiError>();
+  // Starts a store-stats job per store; the figures change when they end (job events).
+  const measure = async () => {
+    setError(undefined);
+    setMeasuring('Measuring…');
+    setAskedAt(measured.map((x) => x.measuredAt ?? '').sort()[measured.length - 1] ?? '');
+    try {
+      for (const x of stores?.items ?? [])
+        await api('POST', `/api/target-stores/${encodeURIComponent(x.id)}/stats`);
+      setMeasuring('Measuring: the figures change when the jobs end.');
+      onMeasured();
+    } catch (e) {
+      setMeasuring(undefined);
+      if (e instanceof ApiError) setError(e);
+    }
+  };
+  return (
+    <section className="card" aria-labelledby="stores-h">
+      <h2 id="stores-h">Target stores</h2>
+      {stores === undefined || stores.items.length === 0 ? (
+        <p className="muted">No target store yet.</p>
+      ) : measured.length === 0 ? (
+        <p className="muted">Not measured yet: the vault measures each store within the hour.</p>
+      ) : (
+        <>
+          <p className="big">
+            <span data-testid="store-stored">{bytes(stores.storedBytes)}</span>{' '}
+            <span className="muted small">stored</span>
+          </p>
+          <p>
+            Dedup ratio <strong data-testid="store-dedup">{ratio(stores.dedupRatio)}</strong>{' '}
+            <span className="muted small">
+              ({bytes(stores.logicalBytes)} of recovery points in {bytes(stores.storedBytes)})
+            </span>
+          </p>
+        </>
+      )}
+      {stores !== undefined && stores.items.length > 1 ? (
+        <ul className="plain small" data-testid="store-list">
+          {stores.items.map((x) => (
+            <li key={x.id}>
+              {x.name}:{' '}
+              {x.measuredAt === null
+                ? 'not measured yet'
+                : `${bytes(x.storedBytes)}, ${ratio(x.dedupRatio)}, ${x.points ?? 0} points`}
+            </li>
+          ))}
+        </ul>
+      ) : null}
+      {measured.length > 0 ? (
+        <p className="muted small">
+          Measured {ago(measured.map((x) => x.measuredAt ?? '').sort()[0])}.
+        </p>
+      ) : null}
+      {canMeasure && stores !== undefined && stores.items.length > 0 ? (
+        <p className="small">
+          <button
+            type="button"
+            onClick={() => void measure()}
+            disabled={measuring === 'Measuring…'}
+          >
+            Measure now
+          </button>{' '}
+          <span role="status">{pending ? measuring : ''}</span>
+        </p>
+      ) : null}
+      <ErrorBox error={error} />
+    </section>
   );
 }

@@ -1,25 +1,19 @@
 import { useState } from 'react';
 import { api, ApiError } from '../api';
-import { time } from '../format';
 import { Link } from '../router';
-import type { ProtectedItem, RecoveryPoint } from '../types';
+import type { ProtectedItem } from '../types';
 import { ErrorBox } from '../ui';
 
-type Pending = 'failover' | 'disable' | undefined;
+type Pending = 'disable' | undefined;
 
 /**
  * What an operator can do to a protected machine in its state (the vault's state machine:
- * docs/architecture.md): resync, record a failover to a point, re-protect, disable. Risky
- * actions ask for a confirmation in place. Not rendered at all for viewers.
+ * docs/architecture.md): resync, a test failover or a failover (their wizards), re-protect,
+ * disable. Disabling asks for a confirmation in place. Not rendered at all for viewers.
  */
-export function MachineActions(props: {
-  item: ProtectedItem;
-  points: RecoveryPoint[];
-  onDone: () => void;
-}) {
-  const { item, points } = props;
+export function MachineActions(props: { item: ProtectedItem; onDone: () => void }) {
+  const { item } = props;
   const [pending, setPending] = useState<Pending>();
-  const [pointId, setPointId] = useState('');
   const [deletePoints, setDeletePoints] = useState(false);
   const [error, setError] = useState<ApiError>();
   const [message, setMessage] = useState<{ text: string; jobId?: string }>();
@@ -55,15 +49,19 @@ export function MachineActions(props: {
             Resync
           </button>
         ) : null}
-        {s === 'protected' || s === 'resync-needed' ? (
-          <button
-            type="button"
-            disabled={busy}
-            aria-expanded={pending === 'failover'}
-            onClick={() => setPending(pending === 'failover' ? undefined : 'failover')}
+        {item.lastPointAt !== null && s !== 'disabled' ? (
+          <Link
+            to={`/test-failover?item=${encodeURIComponent(item.id)}`}
+            className="button"
+            data-testid="start-test-failover"
           >
+            Test failover…
+          </Link>
+        ) : null}
+        {(s === 'protected' || s === 'resync-needed') && item.lastPointAt !== null ? (
+          <Link to={`/failover?item=${encodeURIComponent(item.id)}`} className="button">
             Fail over…
-          </button>
+          </Link>
         ) : null}
         {s === 'failed-over' ? (
           <button
@@ -85,41 +83,6 @@ export function MachineActions(props: {
           </button>
         ) : null}
       </div>
-      {pending === 'failover' ? (
-        <div className="confirm" role="group" aria-labelledby="failover-h">
-          <h3 id="failover-h">Fail over this machine</h3>
-          <p>
-            The vault records the failover and stops replicating the machine; the recovery host
-            boots the chosen point (<code>lifeboat failover start</code>).
-          </p>
-          <div className="field">
-            <label htmlFor="failover-point">Recovery point</label>
-            <select
-              id="failover-point"
-              value={pointId}
-              onChange={(e) => setPointId(e.target.value)}
-            >
-              <option value="">The latest point</option>
-              {points.map((p) => (
-                <option key={`${p.targetStoreId}/${p.id}`} value={p.id}>
-                  {time(p.time)} — {p.kind === 'app' ? 'app-consistent' : 'crash-consistent'} (
-                  {p.disk})
-                </option>
-              ))}
-            </select>
-          </div>
-          <button
-            type="button"
-            className="danger"
-            disabled={busy}
-            onClick={() =>
-              void run('failover', pointId === '' ? {} : { pointId }, 'Failover recorded.')
-            }
-          >
-            Fail over now
-          </button>
-        </div>
-      ) : null}
       {pending === 'disable' ? (
         <div className="confirm" role="group" aria-labelledby="disable-h">
           <h3 id="disable-h">Disable replication</h3>

@@ -3,12 +3,14 @@ import { query, roleAtLeast, type Page, type Role } from '../api';
 import { ago, bytes, duration, STATE_LABELS, time } from '../format';
 import { useLiveRefresh } from '../live';
 import { Link } from '../router';
-import type { Machine, Policy, ProtectedItem, RecoveryPoint, Summary } from '../types';
+import { PagedTable } from '../paged-table';
+import type { Machine, Policy, ProtectedItem, RecoveryPoint, RecoveryRun, Summary } from '../types';
 import { useApi } from '../use-api';
 import { Badge, ErrorBox, PageHeader } from '../ui';
 import { MachineActions } from './machine-actions';
 import { PointTimeline } from './point-timeline';
-import { RpoChart } from './rpo-chart';
+import { runColumns } from './recovery-page';
+import { HistoryChart } from './history-chart';
 
 const POINTS = 100;
 
@@ -43,6 +45,8 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
   );
 
   const ps = summary.data?.components.find((c) => c.id === it?.processServerId);
+  const operator = roleAtLeast(role, 'operator');
+  const testFailoverAt = (p: RecoveryPoint) => `/test-failover${query({ item: id, point: p.id })}`;
   const m = machine.data;
   const title = m?.name ?? (it === undefined ? 'Machine' : it.machineId);
 
@@ -106,10 +110,9 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
               </dd>
             </dl>
           </section>
-          {roleAtLeast(role, 'operator') ? (
+          {operator ? (
             <MachineActions
               item={it}
-              points={points.data?.items ?? []}
               onDone={() => {
                 item.reload();
                 points.reload();
@@ -151,6 +154,12 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
               </table>
             </div>
           </section>
+          <HistoryChart
+            itemId={it.id}
+            {...(policy.data !== undefined
+              ? { thresholdSeconds: policy.data.rpoThresholdSeconds }
+              : {})}
+          />
           <section className="card wide" aria-labelledby="points-h">
             <h2 id="points-h">Recovery points</h2>
             <div className="toolbar">
@@ -176,15 +185,12 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
               </span>
             </div>
             <ErrorBox error={points.error} />
-            {points.data !== undefined && kind === '' && cursor === undefined ? (
-              <RpoChart
+            {points.data !== undefined ? (
+              <PointTimeline
                 points={points.data.items}
-                {...(policy.data !== undefined
-                  ? { thresholdSeconds: policy.data.rpoThresholdSeconds }
-                  : {})}
+                {...(operator ? { linkTo: (p: RecoveryPoint) => testFailoverAt(p) } : {})}
               />
             ) : null}
-            {points.data !== undefined ? <PointTimeline points={points.data.items} /> : null}
             <div className="table-wrap">
               <table>
                 <caption className="sr-only">Recovery points, newest first</caption>
@@ -195,6 +201,7 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
                     <th scope="col">Disk</th>
                     <th scope="col">Size</th>
                     <th scope="col">Point id</th>
+                    {operator ? <th scope="col">Boot</th> : null}
                   </tr>
                 </thead>
                 <tbody data-testid="points">
@@ -212,11 +219,18 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
                       <td>
                         <code>{p.id}</code>
                       </td>
+                      {operator ? (
+                        <td>
+                          <Link to={testFailoverAt(p)}>
+                            Test failover<span className="sr-only"> from {time(p.time)}</span>
+                          </Link>
+                        </td>
+                      ) : null}
                     </tr>
                   ))}
                   {points.data !== undefined && points.data.items.length === 0 ? (
                     <tr>
-                      <td colSpan={5} className="muted">
+                      <td colSpan={operator ? 6 : 5} className="muted">
                         No recovery point yet.
                       </td>
                     </tr>
@@ -243,6 +257,27 @@ export function MachinePage({ id, role }: { id: string; role: Role }) {
                 Older
               </button>
             </nav>
+          </section>
+          <section className="card wide" aria-labelledby="runs-h">
+            <h2 id="runs-h">Test failovers and failovers</h2>
+            <PagedTable<RecoveryRun>
+              path={`/api/test-failovers${query({ protectedItemId: id })}`}
+              columns={runColumns()}
+              caption="Test failovers of this machine"
+              testId="machine-test-failovers"
+              live={['job']}
+              limit={5}
+              empty="No test failover of this machine yet."
+            />
+            <PagedTable<RecoveryRun>
+              path={`/api/failovers${query({ protectedItemId: id })}`}
+              columns={runColumns()}
+              caption="Failovers of this machine"
+              testId="machine-failovers"
+              live={['job']}
+              limit={5}
+              empty="No failover of this machine."
+            />
           </section>
         </div>
       )}

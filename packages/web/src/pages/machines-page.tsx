@@ -2,7 +2,7 @@ import { useEffect, useState } from 'react';
 import { query, roleAtLeast, type Page, type Role } from '../api';
 import { ago, bytes, duration, STATE_LABELS } from '../format';
 import { useLiveRefresh } from '../live';
-import { useMachineNames } from '../names';
+import { useMachines } from '../names';
 import { Link, navigate, useLocation } from '../router';
 import type { Policy, ProtectedItem } from '../types';
 import { useApi } from '../use-api';
@@ -10,11 +10,17 @@ import { Badge, ErrorBox, PageHeader, Pager } from '../ui';
 
 const LIMIT = 50;
 
-/** Protected machines: a server-side paged table with search, state and policy filters, sort. */
+interface Named {
+  id: string;
+  name: string;
+}
+
+/** Protected machines: a server-side paged table with search, state, site and policy filters, sort. */
 export function MachinesPage({ role }: { role: Role }) {
   const { params } = useLocation();
   const state = params.get('state') ?? '';
   const policyId = params.get('policy') ?? '';
+  const siteId = params.get('site') ?? '';
   const sort = params.get('sort') ?? 'lastPointAt';
   const q = params.get('q') ?? '';
   const offset = Math.max(0, Number(params.get('offset') ?? 0) || 0);
@@ -25,6 +31,7 @@ export function MachinesPage({ role }: { role: Role }) {
       q,
       state,
       policy: policyId,
+      site: siteId,
       sort: sort === 'lastPointAt' ? undefined : sort,
       offset: offset === 0 ? undefined : offset,
       ...changes,
@@ -42,12 +49,17 @@ export function MachinesPage({ role }: { role: Role }) {
 
   const policies = useApi<Page<Policy>>('/api/policies?limit=1000');
   const policyName = new Map((policies.data?.items ?? []).map((p) => [p.id, p.name]));
+  const sites = useApi<Page<Named>>('/api/sites?limit=1000');
+  const hosts = useApi<Page<Named & { siteId: string | null }>>('/api/source-hosts?limit=1000');
+  const siteName = new Map((sites.data?.items ?? []).map((x) => [x.id, x.name]));
+  const hostSite = new Map((hosts.data?.items ?? []).map((h) => [h.id, h.siteId]));
   const path = `/api/protected-items${query({
     limit: LIMIT,
     offset,
     q,
     state,
     policyId,
+    siteId,
     sort,
     // Oldest last point first is the useful order for an operator: worst RPO on top.
     order: sort === 'id' ? 'asc' : sort === 'lastPointAt' ? 'asc' : 'desc',
@@ -55,7 +67,13 @@ export function MachinesPage({ role }: { role: Role }) {
   const items = useApi<Page<ProtectedItem>>(path);
   useLiveRefresh(['protected-item'], items.reload, 10_000);
   const rows = items.data?.items ?? [];
-  const names = useMachineNames(rows.map((r) => r.machineId));
+  const machines = useMachines(rows.map((r) => r.machineId));
+  const siteOf = (machineId: string): string => {
+    const host = machines[machineId]?.sourceHostId;
+    if (host === undefined) return '';
+    const site = hostSite.get(host);
+    return site == null ? '—' : (siteName.get(site) ?? site);
+  };
 
   return (
     <>
@@ -87,6 +105,21 @@ export function MachinesPage({ role }: { role: Role }) {
             {Object.entries(STATE_LABELS).map(([v, l]) => (
               <option key={v} value={v}>
                 {l}
+              </option>
+            ))}
+          </select>
+        </div>
+        <div className="field inline">
+          <label htmlFor="site-filter">Site</label>
+          <select
+            id="site-filter"
+            value={siteId}
+            onChange={(e) => set({ site: e.target.value, offset: undefined })}
+          >
+            <option value="">All sites</option>
+            {(sites.data?.items ?? []).map((x) => (
+              <option key={x.id} value={x.id}>
+                {x.name}
               </option>
             ))}
           </select>
@@ -131,6 +164,7 @@ export function MachinesPage({ role }: { role: Role }) {
               <th scope="col">Last point</th>
               <th scope="col">Backlog</th>
               <th scope="col">Throughput</th>
+              <th scope="col">Site</th>
               <th scope="col">Policy</th>
             </tr>
           </thead>
@@ -139,7 +173,7 @@ export function MachinesPage({ role }: { role: Role }) {
               <tr key={r.id}>
                 <td>
                   <Link to={`/machines/${encodeURIComponent(r.id)}`}>
-                    {names[r.machineId] ?? r.machineId}
+                    {machines[r.machineId]?.name ?? r.machineId}
                   </Link>
                 </td>
                 <td>
@@ -149,12 +183,13 @@ export function MachinesPage({ role }: { role: Role }) {
                 <td>{ago(r.lastPointAt)}</td>
                 <td className="num">{bytes(r.backlogBytes)}</td>
                 <td className="num">{bytes(r.throughputBps)}/s</td>
+                <td>{siteOf(r.machineId)}</td>
                 <td>{policyName.get(r.policyId) ?? r.policyId}</td>
               </tr>
             ))}
             {items.data !== undefined && rows.length === 0 ? (
               <tr>
-                <td colSpan={7} className="muted">
+                <td colSpan={8} className="muted">
                   No protected machine matches.
                 </td>
               </tr>
