@@ -314,6 +314,13 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
           requireComponentCertificates: opts.requireComponentCertificates === true,
         });
         ctx.io.stderr.write(`vault listening on ${v.url} (API docs: ${v.url}/api/docs)\n`);
+        // Over HTTPS with --tls-internal nobody trusts the vault yet, so "lifeboat vault ca"
+        // cannot fetch its CA: it is written beside the database for the operator to copy.
+        const caFile = join(resolve(ctx.io.cwd, opts.dataDir), 'vault-ca.pem');
+        await writeFile(caFile, v.context.ca.certificate);
+        ctx.io.stderr.write(
+          `vault CA certificate in ${caFile} (components: --vault-ca; agents: --ca; the CLI: NODE_EXTRA_CA_CERTS)\n`,
+        );
         // Serves until the invocation is aborted (SIGINT/SIGTERM), then closes cleanly.
         await new Promise<void>((done) => {
           if (ctx.signal.aborted) done();
