@@ -3,6 +3,8 @@ import type { ChildProcess } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
+export { until } from './poll.js';
+
 // The built `lifeboat` as a user runs it: commands in child processes from one working
 // directory with one environment (LIFEBOAT_VAULT_URL/TOKEN once logged in), and long-running
 // roles (vault, process server, agent, recovery host) as daemons the session stops at the end.
@@ -34,21 +36,6 @@ export interface CliDaemon {
 
 /** A JSON object as `--json` prints it. */
 export type Row = Record<string, unknown>;
-
-/** Polls `check` every half second until it returns a value; fails after `ms` naming `what`. */
-export async function until<T>(
-  what: string,
-  check: () => Promise<T | undefined>,
-  ms = 60_000,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 500));
-  }
-}
 
 /** Commands and daemons of one user session in one working directory. */
 export class CliSession {
@@ -167,6 +154,27 @@ export async function createKeyFile(s: CliSession, kind: string): Promise<string
   const file = `${kind}.key`;
   await writeFile(join(s.cwd, file), `${String(k['key'])}\n`);
   return file;
+}
+
+/**
+ * Step 5 with a directory store: `lifeboat store init` in `<cwd>/store` with a passphrase
+ * file, `vault store add` and `vault store check`. Returns the vault's id of it and the global
+ * options that open it from the CLI.
+ */
+export async function addDirectoryStore(
+  s: CliSession,
+  passphrase: string,
+): Promise<{ storeId: string; storeArgs: string[]; check: Row }> {
+  await writeFile(join(s.cwd, 'store-passphrase'), `${passphrase}\n`);
+  const storeArgs = ['--store', 'store', '--passphrase-file', 'store-passphrase'];
+  const init = await s.run([...storeArgs, 'store', 'init']);
+  if (init.code !== 0) throw new Error(`store init exited ${init.code}:\n${init.stderr}`);
+  const ts = await s.json([
+    ...['vault', 'store', 'add', 'dr', '--kind', 'directory', '--path', join(s.cwd, 'store')],
+    ...['--store-passphrase-file', 'store-passphrase'],
+  ]);
+  const storeId = String(ts['id']);
+  return { storeId, storeArgs, check: await s.json(['vault', 'store', 'check', storeId]) };
 }
 
 /** Seconds each part of a walk took, for the log at its end. */

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
 import { makeTempDir, runCommand, startStorageDaemon } from '@lifeboat/testing';
@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   CliSession,
   StepTimer,
+  addDirectoryStore,
   createKeyFile,
   startVaultAndLogIn,
   until,
@@ -118,15 +119,11 @@ describe('the vault, a process server and an agent through the CLI (issue 5)', (
       ...['--keep', '1h'],
     ]);
     const policyId = String(policy['id']);
-    await writeFile(join(tmp.path, 'store-passphrase'), 'a store passphrase for the e2e test\n');
-    const storeArgs = ['--store', 'store', '--passphrase-file', 'store-passphrase'];
-    expect((await cli([...storeArgs, 'store', 'init'])).code).toBe(0);
-    const ts = await json([
-      ...['vault', 'store', 'add', 'dr', '--kind', 'directory', '--path', join(tmp.path, 'store')],
-      ...['--store-passphrase-file', 'store-passphrase'],
-    ]);
-    const storeId = String(ts['id']);
-    expect(await json(['vault', 'store', 'check', storeId])).toMatchObject({ ok: true, points: 0 });
+    const { storeId, storeArgs, check } = await addDirectoryStore(
+      session,
+      'a store passphrase for the e2e test',
+    );
+    expect(check).toMatchObject({ ok: true, points: 0 });
     mark('policy, store');
 
     // The guest writes while the machine is protected.

@@ -17,6 +17,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   CliSession,
   StepTimer,
+  addDirectoryStore,
   createKeyFile,
   startVaultAndLogIn,
   until,
@@ -168,15 +169,8 @@ describe('the reference workflow through the CLI (issue 7)', () => {
     timer.mark('step 8: KVM host, inventory');
 
     // Step 5: the target store, created, registered and checked by the vault.
-    await writeFile(join(tmp.path, 'store-passphrase'), 'the workflow test store passphrase\n');
-    const storeArgs = ['--store', 'store', '--passphrase-file', 'store-passphrase'];
-    expect((await cli([...storeArgs, 'store', 'init'])).code).toBe(0);
-    const ts = await json([
-      ...['vault', 'store', 'add', 'dr', '--kind', 'directory', '--path', join(tmp.path, 'store')],
-      ...['--store-passphrase-file', 'store-passphrase'],
-    ]);
-    const storeId = String(ts['id']);
-    expect(await json(['vault', 'store', 'check', storeId])).toMatchObject({ ok: true, points: 0 });
+    const { storeId, storeArgs, check } = await addDirectoryStore(session, 'workflow test store');
+    expect(check).toMatchObject({ ok: true, points: 0 });
     timer.mark('step 5: target store');
 
     // Step 9: a replication policy.
