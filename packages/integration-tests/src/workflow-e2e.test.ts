@@ -55,7 +55,7 @@ describe('the reference workflow through the CLI (issue 7)', () => {
     await tmp?.remove();
   });
 
-  it('walks steps 7, 8, 10, 5, 9, 11 and 12, then fails over from a chosen point and commits', async () => {
+  it('walks steps 7, 8, 10, 5, 9, 11 and 12, then a planned failover, a change to a chosen point and commit', async () => {
     const timer = new StepTimer();
     const image = await buildTestImage();
     timer.mark('test image (cached)');
@@ -282,26 +282,12 @@ describe('the reference workflow through the CLI (issue 7)', () => {
     expect((await item())['state']).toBe('protected');
     timer.mark('viewer refused');
 
-    // The disaster: the source machine is gone. Fail over from a chosen point (not the latest).
+    // A planned failover: the vault has the process server replicate a last cycle of the
+    // paused source and stop it, then the recovery host boots that point. Nothing is lost:
+    // the recovered machine holds every file the source had finished.
     expect(agent.err()).not.toMatch(/stopped item/);
-    await vm.stop({ kill: true });
-    vm = undefined;
-    const all = (await points()).sort((a, b) => String(a['time']).localeCompare(String(b['time'])));
-    const chosen = all[all.length - 3]!;
-    // What that point holds, restored from the store: the index of the writer's newest file.
-    const restored = join(tmp.path, 'chosen.raw');
-    const r = await cli([...storeArgs, 'store', 'restore', String(chosen['id']), 'chosen.raw']);
-    expect(r.code, r.stderr).toBe(0);
-    await replayExt4Journal(restored);
-    const index = (await readExt4File(restored, '/var/lifeboat/index'))?.toString().trim() ?? '';
-    expect(Number(index)).toBeGreaterThan(0);
-    const newest = await readExt4File(restored, `/var/lifeboat/files/${index}.dat`);
-    // The writer's file: 16 KiB of a line naming its counter, finished before the cut.
-    expect(newest?.toString()).toBe(`LIFEBOAT-FILE ${index}\n`.repeat(2000).slice(0, 16384));
-
-    const fo = await cli([
-      ...['--json', 'failover', 'start', '--machine', 'vm1', '--point', String(chosen['id'])],
-    ]);
+    const sourceVm = vm;
+    const fo = await cli(['--json', 'failover', 'start', '--machine', 'vm1', '--planned']);
     expect(fo.code, fo.stderr).toBe(0);
     const failover = (
       JSON.parse(fo.stdout) as {
@@ -309,7 +295,13 @@ describe('the reference workflow through the CLI (issue 7)', () => {
       }
     ).failover;
     expect(failover.state).toBe('booted');
-    expect(failover.machines[0]!.points.map((p) => p['id'])).toEqual([chosen['id']]);
+    await until('the source machine to be stopped', async () =>
+      sourceVm.process.exit !== undefined ? true : undefined,
+    );
+    vm = undefined;
+    const finished = [...(await sourceVm.consoleText()).matchAll(/^LIFEBOAT-WROTE (\d+)/gm)];
+    const lastWritten = Number(finished.at(-1)?.[1]);
+    expect(lastWritten).toBeGreaterThan(0);
     expect((await item())['state']).toBe('failed-over');
     // The vault tells the source side to stop replicating it, and the agent says so.
     await agent.wait(new RegExp(`^stopped item ${itemId}$`, 'm'));
@@ -318,18 +310,57 @@ describe('the reference workflow through the CLI (issue 7)', () => {
         (i) => i['id'],
       ),
     ).toEqual([itemId]);
-    // On the recovery host, the machine boots that point: its console names the same index.
-    const consoleLog = await until(
+    // On the recovery host, its console names the writer's newest file: the source's last
+    // one (or the next, made durable just before the pause but not yet reported).
+    const recovered = /LIFEBOAT-LAST-INDEX (\d+)/;
+    const lastSync = await until(
       'the recovered console',
       async () => {
-        const text = await readConsoles(join(tmp.path, 'rh'));
+        const text = await readConsoles(join(tmp.path, 'rh', 'm'));
         return /LIFEBOAT-READY recovered/.test(text) ? text : undefined;
       },
       180_000,
     );
-    expect(consoleLog).toContain(`LIFEBOAT-BOOT-OK recovered ${MARK}`);
-    expect(consoleLog).toContain(`LIFEBOAT-LAST-INDEX ${index}`);
-    timer.mark('failover from a chosen point');
+    expect(lastSync).toContain(`LIFEBOAT-BOOT-OK recovered ${MARK}`);
+    expect([lastWritten, lastWritten + 1]).toContain(Number(recovered.exec(lastSync)?.[1]));
+    timer.mark('planned failover: nothing lost');
+
+    // Before commit the point can change: an earlier point, chosen from the catalogue.
+    const all = (await points()).sort((x, y) => String(x['time']).localeCompare(String(y['time'])));
+    const chosen = all[all.length - 4]!;
+    expect(failover.machines[0]!.points.map((p) => p['id'])).not.toContain(chosen['id']);
+    // What that point holds, restored from the store: the index of the writer's newest file.
+    const restored = join(tmp.path, 'chosen.raw');
+    const r = await cli([...storeArgs, 'store', 'restore', String(chosen['id']), 'chosen.raw']);
+    expect(r.code, r.stderr).toBe(0);
+    await replayExt4Journal(restored);
+    const index = (await readExt4File(restored, '/var/lifeboat/index'))?.toString().trim() ?? '';
+    expect(Number(index)).toBeGreaterThan(0);
+    expect(Number(index)).toBeLessThan(lastWritten);
+    const newest = await readExt4File(restored, `/var/lifeboat/files/${index}.dat`);
+    // The writer's file: 16 KiB of a line naming its counter, finished before the cut.
+    expect(newest?.toString()).toBe(`LIFEBOAT-FILE ${index}\n`.repeat(2000).slice(0, 16384));
+    const changed = await cli([
+      ...['--json', 'failover', 'change-point', '--failover', failover.id],
+      ...['--point', String(chosen['id'])],
+    ]);
+    expect(changed.code, changed.stderr).toBe(0);
+    const rebooted = (
+      JSON.parse(changed.stdout) as { failover: { machines: Array<{ points: Row[] }> } }
+    ).failover;
+    expect(rebooted.machines[0]!.points.map((p) => p['id'])).toEqual([chosen['id']]);
+    // The machine boots that point now: its console names the same index.
+    const chosenBoot = new RegExp(`^LIFEBOAT-LAST-INDEX ${index}\\r?$`, 'm');
+    await until(
+      'the console of the chosen point',
+      async () =>
+        chosenBoot.test(await readConsoles(join(tmp.path, 'rh', 'm'))) ? true : undefined,
+      180_000,
+    ).catch(async (err: Error) => {
+      throw new Error(`${err.message}:\n${await readConsoles(join(tmp.path, 'rh', 'm'))}`);
+    });
+    expect((await item())['state']).toBe('failed-over');
+    timer.mark('change of point');
 
     // Commit: final, then hydrated into a local file while the machine runs.
     const commit = await cli([
@@ -386,7 +417,7 @@ describe('the reference workflow through the CLI (issue 7)', () => {
   }, 400_000);
 });
 
-/** Every console log under a recovery host's run directory, concatenated. */
+/** The console logs of the machines running on a recovery host (`<run-dir>/m/<machine>/`). */
 async function readConsoles(dir: string): Promise<string> {
   const found = (await readdir(dir, { recursive: true })).filter((f) => f.endsWith('console.log'));
   const texts = await Promise.all(found.map((f) => readFile(join(dir, f), 'utf8').catch(() => '')));
