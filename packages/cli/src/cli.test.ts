@@ -1,4 +1,4 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
@@ -504,4 +504,23 @@ describe.skipIf(!built)('bin/lifeboat.js', () => {
       await rm(where, { recursive: true, force: true });
     }
   }, 120_000);
+
+  it('ends quietly when the reader of its output goes away (| head)', async () => {
+    // `lifeboat failover start --help | true`: the reader is gone before the help is written.
+    const { stderr, code } = await new Promise<{ stderr: string; code: number | null }>(
+      (done, fail) => {
+        const child = spawn(
+          'bash',
+          ['-c', `set -o pipefail; "${process.execPath}" "${bin}" failover start --help | true`],
+          { stdio: ['ignore', 'ignore', 'pipe'] },
+        );
+        let err = '';
+        child.stderr.on('data', (c: Buffer) => (err += c.toString()));
+        child.once('error', fail);
+        child.once('exit', (c) => done({ stderr: err, code: c }));
+      },
+    );
+    expect(stderr).not.toMatch(/EPIPE|Unhandled/);
+    expect(code).toBe(0);
+  });
 });

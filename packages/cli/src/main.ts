@@ -218,10 +218,19 @@ export async function main(): Promise<void> {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  // A reader that goes away (`lifeboat vault item list | head -1`) ends the command like
+  // Ctrl-C instead of crashing it with an unhandled EPIPE and a stack trace.
+  let stdoutClosed = false;
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    if (stdoutClosed) return;
+    stdoutClosed = true;
+    controller.abort(new Error('stdout closed'));
+  });
   const code: ExitCodeValue | 130 = await runCli(process.argv.slice(2), {
     signal: controller.signal,
   });
   process.off('SIGINT', onSignal);
   process.off('SIGTERM', onSignal);
-  process.exitCode = interrupted > 0 && code !== ExitCode.ok ? 130 : code;
+  process.exitCode = interrupted > 0 && code !== ExitCode.ok ? 130 : stdoutClosed ? 0 : code;
 }

@@ -151,7 +151,9 @@ describe('lifeboat failover through the vault', () => {
     expect(refused.stderr).toMatch(/LB_VAULT_POINT_NOT_FOUND/);
     const unknown = await lifeboat(['failover', 'test', '--machine', 'db']);
     expect(unknown.code).toBe(2);
-    expect(unknown.stderr).toMatch(/no machine named db/);
+    expect(unknown.stderr).toMatch(
+      /no machine named db\. List them with "lifeboat vault machine list"/,
+    );
     expect(await qemuUnder(join(dir, 'run'))).toEqual([]);
   }, 420_000);
 

@@ -19,6 +19,7 @@ import type { StorageDaemon, TempDir } from '@lifeboat/testing';
 import { startVault } from '@lifeboat/vault';
 import type { Vault } from '@lifeboat/vault';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { until } from './poll.js';
 
 // A process server and an agent managed by the vault, in this process: registration with
 // one-time keys (the agent's through its process server), certificates renewed, the target
@@ -26,20 +27,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 // exactly the assigned machine (started, restarted on a policy change, stopped on disable),
 // and an agent refused for a machine that is not its own. The CLI-only walk through the same
 // path is vault-cli-e2e.test.ts.
-
-async function until<T>(
-  what: string,
-  check: () => Promise<T | undefined>,
-  ms = 60_000,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
 
 describe('process server and agent managed by the vault', () => {
   let tmp: TempDir;

@@ -17,6 +17,7 @@ import {
   type TestVm,
 } from '@lifeboat/testing';
 import { startVault, type Vault } from '@lifeboat/vault';
+import { until as poll } from './poll.js';
 import { qemuUnder } from './recovery-fixtures.js';
 
 // A planned failover along the standalone path: vault → process server (managed, its own
@@ -24,19 +25,9 @@ import { qemuUnder } from './recovery-fixtures.js';
 // paused, cut, committed and quit → recovery host boots the last cut. The vault never connects
 // to a component, and the agent talks only to its process server.
 
-async function until<T>(
-  what: string,
-  check: () => Promise<T | undefined>,
-  ms = 120_000,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
+// Slow steps here (a planned failover's last sync under TCG): two minutes unless told.
+const until = <T>(what: string, check: () => Promise<T | undefined>, ms = 120_000): Promise<T> =>
+  poll(what, check, ms, 250);
 
 let dir: string;
 let vault: Vault;

@@ -2,6 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { until } from './poll.js';
 import { runDemo, startLocalInstallation } from '@lifeboat/cli';
 import type { Demo, LocalInstallation } from '@lifeboat/cli';
 
@@ -15,16 +16,6 @@ interface Alert {
   kind: string;
   subjectId: string;
   state: string;
-}
-
-async function until<T>(what: string, check: () => Promise<T | undefined>, ms: number): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-  }
 }
 
 describe('lifeboat up --demo, process server outage', () => {

@@ -1,149 +1,54 @@
-import { spawn } from 'node:child_process';
-import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
 import { makeTempDir, runCommand, startStorageDaemon } from '@lifeboat/testing';
 import type { StorageDaemon, TempDir } from '@lifeboat/testing';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  CliSession,
+  StepTimer,
+  addDirectoryStore,
+  createKeyFile,
+  startVaultAndLogIn,
+  until,
+  type Row,
+} from './cli-session.js';
 
 // Issue 5's end-to-end walk, through the CLI only, as a user types it: the built `lifeboat`
 // in child processes (vault, process server and agent each their own, as on three machines),
 // every step checked by what the CLI prints (--json where a script would parse it). The KVM
 // host is a qemu-storage-daemon with a qcow2 disk; a "guest" writes into it over NBD.
 
-const root = join(import.meta.dirname, '..', '..', '..');
-const bin = join(root, 'packages', 'cli', 'bin', 'lifeboat.js');
-
-interface Daemon {
-  child: ChildProcess;
-  out: () => string;
-  err: () => string;
-  exited: Promise<number | null>;
-  /** Waits for a line of its stderr. */
-  wait(pattern: RegExp, ms?: number): Promise<RegExpMatchArray>;
-  /** SIGTERM, then its exit code (SIGKILL after 30 s). */
-  stop(): Promise<number | null>;
-}
-
-type Row = Record<string, unknown>;
-
 describe('the vault, a process server and an agent through the CLI (issue 5)', () => {
   let tmp: TempDir;
   let qsd: StorageDaemon | undefined;
-  const daemons: Daemon[] = [];
-  const env: Record<string, string> = {};
-
-  const daemon = (args: string[]): Daemon => {
-    const child = spawn(process.execPath, [bin, ...args], {
-      cwd: tmp.path,
-      env: { ...process.env, ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let out = '';
-    let err = '';
-    child.stdout?.on('data', (c: Buffer) => (out += c.toString()));
-    child.stderr?.on('data', (c: Buffer) => (err += c.toString()));
-    const exited = new Promise<number | null>((resolve) =>
-      child.once('exit', (code) => resolve(code)),
-    );
-    const d: Daemon = {
-      child,
-      out: () => out,
-      err: () => err,
-      exited,
-      wait: async (pattern, ms = 60_000) => {
-        const deadline = Date.now() + ms;
-        for (;;) {
-          const m = err.match(pattern);
-          if (m) return m;
-          if (child.exitCode !== null)
-            throw new Error(`lifeboat ${args[0]} exited ${child.exitCode}:\n${err}\n${out}`);
-          if (Date.now() > deadline) throw new Error(`no ${pattern} in:\n${err}`);
-          await new Promise((r) => setTimeout(r, 100));
-        }
-      },
-      stop: async () => {
-        if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-        const t = setTimeout(() => child.kill('SIGKILL'), 30_000);
-        const code = await exited;
-        clearTimeout(t);
-        return code;
-      },
-    };
-    daemons.push(d);
-    return d;
-  };
-
-  const cli = (args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> =>
-    new Promise((resolve) => {
-      const child = spawn(process.execPath, [bin, ...args], {
-        cwd: tmp.path,
-        env: { ...process.env, ...env },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-      child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-      child.once('exit', (code) => resolve({ code, stdout, stderr }));
-    });
-  /** Runs a command with --json that must succeed, and parses what it prints. */
-  const json = async <T = Row>(args: string[]): Promise<T> => {
-    const r = await cli([...args, '--json']);
-    if (r.code !== 0) throw new Error(`lifeboat ${args.join(' ')} exited ${r.code}:\n${r.stderr}`);
-    return JSON.parse(r.stdout) as T;
-  };
-  const until = async <T>(what: string, check: () => Promise<T | undefined>, ms = 60_000) => {
-    const deadline = Date.now() + ms;
-    for (;;) {
-      const v = await check();
-      if (v !== undefined) return v;
-      if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-      await new Promise((r) => setTimeout(r, 500));
-    }
-  };
-
-  // Seconds each part of the walk took, printed at the end (the time budget is ~2 minutes).
-  const timings: Array<[string, number]> = [];
-  let lastMark = Date.now();
-  const mark = (what: string): void => {
-    const now = Date.now();
-    timings.push([what, (now - lastMark) / 1000]);
-    lastMark = now;
-  };
-
+  let session: CliSession;
+  const cli = (args: string[]) => session.run(args);
+  const json = <T = Row>(args: string[]) => session.json<T>(args);
+  const daemon = (args: string[]) => session.daemon(args);
   beforeAll(async () => {
     tmp = await makeTempDir('lb-vault-e2e-');
+    session = new CliSession(tmp.path);
   });
   afterAll(async () => {
-    for (const d of daemons.reverse()) await d.stop();
+    await session?.stopAll();
     await qsd?.stop();
     await tmp?.remove();
   });
 
   it('registers components with keys, protects a KVM machine, alerts on a process server outage, and prunes by retention', async () => {
+    // Seconds each part of the walk took, printed at the end (the time budget is ~2 minutes).
+    const timer = new StepTimer();
+    const mark = (what: string) => timer.mark(what);
     // Step 7: the vault, and an admin session for the commands that follow.
-    const vault = daemon([
-      ...['vault', 'start', '--data-dir', 'vault', '--listen', '127.0.0.1:0'],
-      ...['--log-level', 'warn'],
-    ]);
-    env['LIFEBOAT_VAULT_URL'] = (await vault.wait(/vault listening on (http:\S+) /))[1] ?? '';
-    const login = await cli([
-      ...['vault', 'login', '--username', 'admin'],
-      ...['--password-file', join('vault', 'initial-admin-password')],
-    ]);
-    expect(login.code).toBe(0);
-    env['LIFEBOAT_VAULT_TOKEN'] = login.stdout.trim();
+    const vault = await startVaultAndLogIn(session);
+    const env = session.env;
     expect((await json(['vault', 'whoami']))['role']).toBe('admin');
     mark('vault started, logged in');
 
     // Step 8: one-time registration keys; the process server registers with its own.
-    for (const kind of ['process-server', 'agent']) {
-      const k = await json(['vault', 'key', 'create', '--kind', kind, '--expires-in', '600']);
-      await writeFile(join(tmp.path, `${kind}.key`), `${String(k['key'])}\n`);
-    }
+    for (const kind of ['process-server', 'agent']) await createKeyFile(session, kind);
     const psArgs = [
       ...['process-server', 'start', '--vault', env['LIFEBOAT_VAULT_URL'] ?? ''],
       ...['--state-dir', 'ps', '--name', 'ps1', '--health', '127.0.0.1:0'],
@@ -214,15 +119,11 @@ describe('the vault, a process server and an agent through the CLI (issue 5)', (
       ...['--keep', '1h'],
     ]);
     const policyId = String(policy['id']);
-    await writeFile(join(tmp.path, 'store-passphrase'), 'a store passphrase for the e2e test\n');
-    const storeArgs = ['--store', 'store', '--passphrase-file', 'store-passphrase'];
-    expect((await cli([...storeArgs, 'store', 'init'])).code).toBe(0);
-    const ts = await json([
-      ...['vault', 'store', 'add', 'dr', '--kind', 'directory', '--path', join(tmp.path, 'store')],
-      ...['--store-passphrase-file', 'store-passphrase'],
-    ]);
-    const storeId = String(ts['id']);
-    expect(await json(['vault', 'store', 'check', storeId])).toMatchObject({ ok: true, points: 0 });
+    const { storeId, storeArgs, check } = await addDirectoryStore(
+      session,
+      'a store passphrase for the e2e test',
+    );
+    expect(check).toMatchObject({ ok: true, points: 0 });
     mark('policy, store');
 
     // The guest writes while the machine is protected.
@@ -346,6 +247,6 @@ describe('the vault, a process server and an agent through the CLI (issue 5)', (
     expect(await ps.stop()).toBe(0);
     expect(await vault.stop()).toBe(0);
     mark('stopped');
-    console.info(timings.map(([w, t]) => `${t.toFixed(1).padStart(6)} s  ${w}`).join('\n'));
+    console.info(timer.report());
   }, 300_000);
 });

@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -38,7 +38,7 @@ export interface StartVmOptions {
   memoryMiB?: number;
   /** Virtual CPUs. @default 1 */
   cpus?: number;
-  /** Directory for sockets and the console log; removed by stop() when created here. @default a new temporary directory */
+  /** Directory for sockets and the console log (created if missing); removed by stop() only when it is the default. @default a new temporary directory */
   dir?: string;
   /** QMP socket path. @default <dir>/qmp.sock */
   qmpSocket?: string;
@@ -115,6 +115,8 @@ export async function startVm(options: StartVmOptions): Promise<TestVm> {
   }
   const ownDir = options.dir === undefined;
   const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'lifeboat-vm-')));
+  // A given directory may not exist yet: QEMU cannot bind its QMP socket in a missing one.
+  if (!ownDir) await mkdir(dir, { recursive: true });
   const qmpSocket = options.qmpSocket ?? join(dir, 'qmp.sock');
   const consolePath = options.console ?? join(dir, 'console.log');
   // A second monitor, never used by the test or an agent (a monitor serves one client): what

@@ -362,7 +362,13 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
         target: { machine: 'web' },
         state: 'running',
         steps: [
-          { name: 'export', state: 'succeeded', startedAt: started, endedAt: started },
+          {
+            name: 'export',
+            state: 'succeeded',
+            startedAt: started,
+            endedAt: started,
+            detail: { removed: ['export web-d0 of point p1'] },
+          },
           { name: 'boot', state: 'running', startedAt: started },
         ],
       },
@@ -377,6 +383,10 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
         (x) => `${x.name}:${x.state}`,
       ),
     ).toEqual(['export:done', 'boot:running']);
+    // What a step did (a cleanup's removed overlays and exports) reaches the user.
+    expect((shown.body['steps'] as Array<{ detail?: unknown }>)[0]!.detail).toEqual({
+      removed: ['export web-d0 of point p1'],
+    });
     expect(shown.body['progress']).toBe(0.5);
     const failed = await t.call(
       'PUT',

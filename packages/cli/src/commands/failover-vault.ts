@@ -47,6 +47,7 @@ interface Job extends ApiObject {
     state: string;
     startedAt: string | null;
     finishedAt: string | null;
+    detail?: { removed?: unknown };
   }>;
   error: { code: string; message: string; details?: Record<string, unknown> } | null;
 }
@@ -121,8 +122,8 @@ async function itemOfMachine(c: Client, machine: string): Promise<string> {
   throw new LifeboatError(
     'LB_CLI_BAD_OPTION',
     matches.length === 0
-      ? `The vault knows no machine named ${machine}. List them with "lifeboat vault machines list".`
-      : `Machine ${machine} is not protected. Protect it first ("lifeboat vault items protect").`,
+      ? `The vault knows no machine named ${machine}. List them with "lifeboat vault machine list".`
+      : `Machine ${machine} is not protected. Protect it first ("lifeboat vault protect <machine id> --policy ...").`,
     { details: { option: '--machine', value: machine } },
   );
 }
@@ -210,6 +211,15 @@ function failIfFailed(job: Job): void {
     `Job ${job.id} (${job.kind}) ${job.state}: ${job.error?.message ?? 'no message'}`,
     { details: { jobId: job.id, ...(job.error?.details ?? {}) } },
   );
+}
+
+/** What a cleanup job's steps removed (machines, exports, overlays, networks), one line each. */
+function printRemoved(out: CliPrinter, job: Job): void {
+  const removed = job.steps.flatMap((s) =>
+    Array.isArray(s.detail?.removed) ? (s.detail.removed as unknown[]).map(String) : [],
+  );
+  for (const r of removed) out.line(`removed ${r}`);
+  if (removed.length === 0 && job.state === 'succeeded') out.line('nothing was left to remove');
 }
 
 function printRun(out: CliPrinter, access: VaultAccess, run: Run): void {
@@ -306,6 +316,7 @@ export async function vaultTestFailover(
     const queued = await c.call<Run>('POST', `/api/test-failovers/${started.id}/cleanup`);
     const cj = await follow(ctx, c, out, queued.jobId, json);
     cleanup = { run: await c.call<Run>('GET', `/api/test-failovers/${started.id}`), job: cj };
+    printRemoved(out, cj);
     out.line(`cleanup: ${cj.state}`);
   } else {
     out.note(
@@ -428,6 +439,7 @@ export async function vaultCleanup(
   const queued = await c.call<Run>('POST', `/api/test-failovers/${encodeURIComponent(id)}/cleanup`);
   const job = await follow(ctx, c, out, queued.jobId, json);
   const run = await c.call<Run>('GET', `/api/test-failovers/${queued.id}`);
+  printRemoved(out, job);
   out.line(`test failover ${run.id}: ${run.state}`);
   out.json({ testFailover: run, job });
   failIfFailed(job);

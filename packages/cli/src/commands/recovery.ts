@@ -57,7 +57,10 @@ export function registerRecoveryCommands(program: Command, ctx: CliContext): voi
       '--registration-key-file <file>',
       'one-time key from "lifeboat vault key create --kind recovery-host" (first start only)',
     )
-    .option('--vault-ca-file <file>', "the vault's CA certificate, to trust it over HTTPS")
+    .option(
+      '--vault-ca <file>',
+      "with an HTTPS vault: the vault's CA certificate (PEM), as for a process server",
+    )
     .option('--name <name>', 'component name at registration (default: this host name)')
     .option(
       '--kernel-dir <dir...>',
@@ -118,7 +121,7 @@ export function registerRecoveryCommands(program: Command, ctx: CliContext): voi
 interface RecoveryHostStartOptions {
   vault?: string;
   registrationKeyFile?: string;
-  vaultCaFile?: string;
+  vaultCa?: string;
   name?: string;
   kernelDir?: string[];
   defaultKernel?: string;
@@ -159,8 +162,8 @@ async function startWithVault(
   }
   const runDir = resolve(ctx.io.cwd, opts.runDir);
   const ca =
-    opts.vaultCaFile !== undefined
-      ? await readFile(resolve(ctx.io.cwd, opts.vaultCaFile), 'utf8')
+    opts.vaultCa !== undefined
+      ? await readFile(resolve(ctx.io.cwd, opts.vaultCa), 'utf8')
       : undefined;
   const anonymous = new VaultClient({
     url: opts.vault!,

@@ -2,7 +2,6 @@ import { readFile, writeFile, mkdir, chmod } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { LifeboatError } from '@lifeboat/protocol';
-import { startVault } from '@lifeboat/vault';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
 import { resolveVaultConfig } from '../config.js';
@@ -298,6 +297,9 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
           opts.adminPasswordFile === undefined
             ? undefined
             : { username: 'admin', password: await readSecretFile(ctx, opts.adminPasswordFile) };
+        // Loaded here: the vault's server (Fastify, Kysely, SQLite) costs every other "lifeboat
+        // vault ..." command, a client of the API, most of a second of start-up.
+        const { startVault } = await import('@lifeboat/vault');
         const v = await startVault({
           dataDir: resolve(ctx.io.cwd, opts.dataDir),
           host,
@@ -314,6 +316,13 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
           requireComponentCertificates: opts.requireComponentCertificates === true,
         });
         ctx.io.stderr.write(`vault listening on ${v.url} (API docs: ${v.url}/api/docs)\n`);
+        // Over HTTPS with --tls-internal nobody trusts the vault yet, so "lifeboat vault ca"
+        // cannot fetch its CA: it is written beside the database for the operator to copy.
+        const caFile = join(resolve(ctx.io.cwd, opts.dataDir), 'vault-ca.pem');
+        await writeFile(caFile, v.context.ca.certificate);
+        ctx.io.stderr.write(
+          `vault CA certificate in ${caFile} (components: --vault-ca; agents: --ca; the CLI: NODE_EXTRA_CA_CERTS)\n`,
+        );
         // Serves until the invocation is aborted (SIGINT/SIGTERM), then closes cleanly.
         await new Promise<void>((done) => {
           if (ctx.signal.aborted) done();

@@ -591,6 +591,7 @@ export function registerComponentRoutes(app: FastifyInstance, vault: VaultContex
           state: string;
           startedAt?: string;
           endedAt?: string;
+          detail?: Record<string, unknown>;
           error?: { message?: string };
         }>;
         error?: { code: string; message: string; details?: Record<string, unknown> };

@@ -13,6 +13,8 @@ export interface JobStep {
   state: 'pending' | 'running' | 'done' | 'failed';
   startedAt: string | null;
   finishedAt: string | null;
+  /** What the step found or did, as a component reported it (its own jobs have none). */
+  detail?: Record<string, unknown>;
 }
 
 /** Job states: queued → running → succeeded | failed | cancelled (running → queued on resume). */

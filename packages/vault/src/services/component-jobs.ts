@@ -1,6 +1,7 @@
 import { LifeboatError } from '@lifeboat/protocol';
 import type { JobRow } from '../db/schema.js';
 import { newId, nowIso } from '../ids.js';
+import type { JobStep } from '../jobs/job-runner.js';
 import type { VaultContext } from '../vault-context.js';
 import { componentLeaseOwner } from './component-lease.js';
 import { SYSTEM, type Principal } from './principal.js';
@@ -17,6 +18,8 @@ export interface ComponentJobReport {
     state: string;
     startedAt?: string;
     endedAt?: string;
+    /** What the step found or did (a cleanup's removed machines, overlays and exports). */
+    detail?: Record<string, unknown>;
     error?: { message?: string };
   }>;
   error?: { code: string; message: string; details?: Record<string, unknown> };
@@ -32,6 +35,20 @@ const STEP_STATE: Record<string, string> = {
   running: 'running',
   pending: 'pending',
 };
+
+/**
+ * A report's steps as the vault stores and shows them, with each step's detail: what a
+ * recovery host's step did (e.g. what a test failover's cleanup removed) must reach the user.
+ */
+function jobSteps(report: ComponentJobReport): JobStep[] {
+  return report.steps.map((s) => ({
+    name: s.name,
+    state: (STEP_STATE[s.state] ?? s.state) as JobStep['state'],
+    startedAt: s.startedAt ?? null,
+    finishedAt: s.endedAt ?? null,
+    ...(s.detail !== undefined ? { detail: s.detail } : {}),
+  }));
+}
 
 /**
  * Upserts a job that a component (a recovery host running a test failover) runs and reports,
@@ -85,12 +102,7 @@ export async function reportComponentJob(
       },
     );
   }
-  const steps = report.steps.map((s) => ({
-    name: s.name,
-    state: STEP_STATE[s.state] ?? s.state,
-    startedAt: s.startedAt ?? null,
-    finishedAt: s.endedAt ?? null,
-  }));
+  const steps = jobSteps(report);
   const finished = report.state !== 'running';
   const doneSteps = steps.filter((s) => s.state === 'done').length;
   const fields: Partial<JobRow> = {
@@ -256,12 +268,7 @@ async function reportIssuedJob(
       { details: { id: job.id, state: job.state } },
     );
   }
-  const steps = report.steps.map((s) => ({
-    name: s.name,
-    state: STEP_STATE[s.state] ?? s.state,
-    startedAt: s.startedAt ?? null,
-    finishedAt: s.endedAt ?? null,
-  }));
+  const steps = jobSteps(report);
   const finished = report.state !== 'running';
   const doneSteps = steps.filter((s) => s.state === 'done').length;
   const r = await db
