@@ -306,6 +306,17 @@ describe('portal', () => {
           ),
         );
         expect(overflow, path).toBeLessThanOrEqual(0);
+        // Until a machine's name arrives the title is its id, one long word: it wraps too.
+        const withIdTitle = Number(
+          await page.evaluate(`(() => {
+            const h1 = document.querySelector('h1');
+            if (h1) h1.textContent = 'pi_0mx63cxmv000fb488ca485pi_0mx63cxmv000fb488ca485';
+            return document.documentElement.scrollWidth - document.documentElement.clientWidth;
+          })()`),
+        );
+        expect(withIdTitle, `${path} with an id as its title`).toBeLessThanOrEqual(0);
+        await page.goto(vault.url + path);
+        await page.getByTestId(ready).waitFor();
         await shot(name);
       }
     } finally {
