@@ -171,6 +171,28 @@ writer() {
 if [ "$(arg lifeboat.writer 0)" = 1 ]; then
   writer </dev/null >/dev/console 2>&1 &
 fi
+# The screen (VGA, what the recovery host's screendump shows): the machine as a user checks it at
+# a glance, instead of the firmware's last words. The serial console above is for the tests.
+if [ -c /dev/tty1 ]; then
+  {
+    printf '\033[2J\033[H'
+    echo "Lifeboat test machine $(hostname) ($(uname -r))"
+    echo
+    row() { printf '  %-16s %s\n' "$1" "$2"; }
+    row booted "$(date -u '+%Y-%m-%d %H:%M:%S') UTC"
+    row "marker at boot" "$marker"
+    [ -n "$mark" ] && row "marker written" "$mark"
+    row "last file" "$(cat /var/lifeboat/index 2>/dev/null || echo none)"
+    for n in /sys/class/net/*; do
+      nic=$(basename "$n")
+      [ "$nic" = lo ] && continue
+      row "$nic" "$(ip -4 -o addr show dev "$nic" | awk '{print $4}' | tr '\n' ' ')"
+    done
+    row services "tcp 22 (banner), http 80"
+    echo
+    echo "$(hostname) is ready."
+  } >/dev/tty1 2>/dev/null
+fi
 echo "LIFEBOAT-READY $(hostname)"
 
 # PID 1 must never exit; it also reaps orphans.
