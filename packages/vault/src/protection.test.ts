@@ -417,6 +417,38 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
       (await t.call('GET', '/api/alerts?kind=job-failed&subjectId=test-failover:web&state=active'))
         .body['total'],
     ).toBe(1);
+    // The same end again (a retry whose answer was lost, or the artifacts that came after):
+    // taken, with no second log line or alert.
+    const again = await t.call(
+      'PUT',
+      '/api/components/self/jobs/tf-1',
+      {
+        kind: 'test-failover',
+        target: { machine: 'web' },
+        state: 'failed',
+        steps: [
+          { name: 'export', state: 'succeeded' },
+          {
+            name: 'boot',
+            state: 'failed',
+            error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
+          },
+        ],
+        error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
+        result: { artifacts: { 'web-console': '/run/web/console.log' } },
+      },
+      rh,
+    );
+    expect(again.status).toBe(200);
+    const after = await t.call('GET', `/api/jobs/${jobId}`);
+    expect(after.body['state']).toBe('failed');
+    expect(after.body['result']).toEqual({ artifacts: { 'web-console': '/run/web/console.log' } });
+    const logsAfter = await t.call('GET', `/api/jobs/${jobId}/logs`);
+    expect(
+      (logsAfter.body['items'] as Array<{ message: string }>).filter(
+        (l) => l.message === 'Step boot failed: no console marker',
+      ),
+    ).toHaveLength(1);
     const reopen = await t.call(
       'PUT',
       '/api/components/self/jobs/tf-1',
@@ -424,6 +456,14 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
       rh,
     );
     expect(reopen.status).toBe(409);
+    // A different end is refused too: an ended job's outcome does not change.
+    const flipped = await t.call(
+      'PUT',
+      '/api/components/self/jobs/tf-1',
+      { kind: 'test-failover', state: 'succeeded', steps: [] },
+      rh,
+    );
+    expect(flipped.status).toBe(409);
     const users = await t.call('PUT', '/api/components/self/jobs/tf-9', {
       kind: 'x',
       state: 'running',

@@ -93,6 +93,24 @@ export async function reportComponentJob(
     .where('id', '=', component.id)
     .execute();
   const existing = await db.selectFrom('jobs').selectAll().where('id', '=', id).executeTakeFirst();
+  if (existing !== undefined && existing.state !== 'running' && report.state === existing.state) {
+    // The same end reported again: a retry whose answer was lost, or details that came after
+    // the end (artifacts). The record takes the details; its end, logs and alerts stay as
+    // they were.
+    await db
+      .updateTable('jobs')
+      .set({
+        steps: JSON.stringify(jobSteps(report)),
+        ...(report.error !== undefined
+          ? { error: JSON.stringify({ details: {}, ...report.error }) }
+          : {}),
+        ...(report.result !== undefined ? { result: JSON.stringify(report.result) } : {}),
+        updatedAt: now,
+      })
+      .where('id', '=', id)
+      .execute();
+    return { id, state: existing.state };
+  }
   if (existing !== undefined && existing.state !== 'running') {
     throw new LifeboatError(
       'LB_VAULT_INVALID_STATE',
