@@ -24,46 +24,13 @@ import {
   verifyBody,
   verifyErrors,
   VerifyFields,
+  fieldSteps,
+  RUN_API_FIELDS,
 } from './recovery-fields';
 
 const STEPS = ['Recovery point', 'Network and checks', 'Confirm'] as const;
-const FIELD_STEP: Record<string, number> = {
-  item: 0,
-  mode: 0,
-  at: 0,
-  pointId: 0,
-  network: 1,
-  console: 1,
-  guestPort: 1,
-  expect: 1,
-  host: 1,
-  how: 1,
-  kernel: 1,
-  append: 1,
-  initrd: 1,
-  cpus: 1,
-  memoryMiB: 1,
-  confirm: 2,
-};
-const API_FIELDS: Record<string, string> = {
-  protectedItemId: 'item',
-  point: 'mode',
-  'point.at': 'at',
-  'point.pointId': 'pointId',
-  'point.pick': 'mode',
-  network: 'network',
-  'verify.console': 'console',
-  'verify.guestPort': 'guestPort',
-  'verify.expect': 'expect',
-  verify: 'console',
-  recoveryHostId: 'host',
-  boot: 'how',
-  'boot.kernel': 'kernel',
-  'boot.append': 'append',
-  'boot.initrd': 'initrd',
-  cpus: 'cpus',
-  memoryMiB: 'memoryMiB',
-};
+const FIELD_STEP = fieldSteps(0, 1, { item: 0, confirm: 2 });
+const API_FIELDS: Record<string, string> = { protectedItemId: 'item', ...RUN_API_FIELDS };
 
 /**
  * The failover wizard for one protected machine: unplanned from a chosen point, or planned (a

@@ -444,3 +444,50 @@ export function RunState({ state }: { state: string }) {
           : 'running';
   return <Badge value={tone} label={state} />;
 }
+
+/** The vault's field paths of a recovery run's request (point, network, checks, host, boot), as the wizards name the fields. */
+export const RUN_API_FIELDS: Readonly<Record<string, string>> = {
+  point: 'mode',
+  'point.at': 'at',
+  'point.pointId': 'pointId',
+  'point.pick': 'mode',
+  network: 'network',
+  'verify.console': 'console',
+  'verify.guestPort': 'guestPort',
+  'verify.expect': 'expect',
+  verify: 'console',
+  recoveryHostId: 'host',
+  boot: 'how',
+  'boot.kernel': 'kernel',
+  'boot.append': 'append',
+  'boot.initrd': 'initrd',
+  cpus: 'cpus',
+  memoryMiB: 'memoryMiB',
+};
+
+const POINT_STEP_FIELDS = ['mode', 'at', 'pointId'];
+const CHECK_STEP_FIELDS = [
+  'network',
+  'console',
+  'guestPort',
+  'expect',
+  'host',
+  'how',
+  'kernel',
+  'append',
+  'initrd',
+  'cpus',
+  'memoryMiB',
+];
+
+/** Which wizard step shows each field: the point's fields on one, the checks' on another, plus a page's own. */
+export function fieldSteps(
+  pointStep: number,
+  checkStep: number,
+  own: Record<string, number>,
+): Record<string, number> {
+  const steps: Record<string, number> = { ...own };
+  for (const f of POINT_STEP_FIELDS) steps[f] = pointStep;
+  for (const f of CHECK_STEP_FIELDS) steps[f] = checkStep;
+  return steps;
+}

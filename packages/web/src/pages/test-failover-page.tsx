@@ -24,47 +24,17 @@ import {
   verifyBody,
   verifyErrors,
   VerifyFields,
+  fieldSteps,
+  RUN_API_FIELDS,
 } from './recovery-fields';
 
 const STEPS = ['Machines', 'Recovery point', 'Network and checks', 'Review'] as const;
 // Which step shows each field (to go back to the field the vault refused).
-const FIELD_STEP: Record<string, number> = {
-  machines: 0,
-  group: 0,
-  mode: 1,
-  at: 1,
-  pointId: 1,
-  network: 2,
-  console: 2,
-  guestPort: 2,
-  expect: 2,
-  host: 2,
-  how: 2,
-  kernel: 2,
-  append: 2,
-  initrd: 2,
-  cpus: 2,
-  memoryMiB: 2,
-};
+const FIELD_STEP = fieldSteps(1, 2, { machines: 0, group: 0 });
 const API_FIELDS: Record<string, string> = {
   protectedItemIds: 'machines',
   consistencyGroup: 'group',
-  point: 'mode',
-  'point.at': 'at',
-  'point.pointId': 'pointId',
-  'point.pick': 'mode',
-  network: 'network',
-  'verify.console': 'console',
-  'verify.guestPort': 'guestPort',
-  'verify.expect': 'expect',
-  verify: 'console',
-  recoveryHostId: 'host',
-  boot: 'how',
-  'boot.kernel': 'kernel',
-  'boot.append': 'append',
-  'boot.initrd': 'initrd',
-  cpus: 'cpus',
-  memoryMiB: 'memoryMiB',
+  ...RUN_API_FIELDS,
 };
 
 /** Items the vault boots: not enabling or disabled, with a point of every disk. */
