@@ -354,7 +354,11 @@ export class VaultLink {
           : {}),
         ...(m !== undefined
           ? { backlogBytes: m.backlogBytes, throughputBps: m.bytesPerSecondIn }
-          : {}),
+          : item.desired === 'stop'
+            ? // Stopped and nothing of it in the journal: the vault waits for this before
+              // it deletes the item's points.
+              { backlogBytes: 0, throughputBps: 0 }
+            : {}),
         ...(st?.initialDone !== undefined && st.initialDone.size > 0
           ? {
               disks: [...st.initialDone].map(([name, bytes]) => ({

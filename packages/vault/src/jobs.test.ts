@@ -322,6 +322,78 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     ).toBe(1);
   });
 
+  it('deletes the points of a disabled item only after the process server has committed its last cuts', async () => {
+    const storeDir = await mkdtemp(join(tmpdir(), 'lifeboat-vault-store-'));
+    dirs.push(storeDir);
+    const t = await start(await fx.fresh());
+    const s = await protect(t, storeDir, { rules: [{ for: '1d' }] }, 'disable');
+    const store = await Store.init({
+      backend: new DirectoryBackend({ path: storeDir }),
+      passphrase: 'store-passphrase',
+      kdfCost: 1024,
+    });
+    const commit = async (fill: number) => {
+      const w = await store.beginWrite({ machine: s.machineId, disk: 'vda', size: 1 << 20 });
+      await w.write(0, Buffer.alloc(65_536, fill));
+      return w.commit({ time: new Date() });
+    };
+    try {
+      await commit(1);
+      await t.call(
+        'POST',
+        '/api/components/self/heartbeat',
+        { items: [{ id: s.itemId, state: 'initial-replication', backlogBytes: 4096 }] },
+        s.psToken,
+      );
+      const off = await t.call('POST', `/api/protected-items/${s.itemId}/disable`, {
+        deletePoints: true,
+      });
+      expect(off.body['state']).toBe('disabled');
+      const jobId = off.body['jobId'] as string;
+      // The process server has not applied the stop yet: nothing is deleted.
+      await new Promise((r) => setTimeout(r, 1500));
+      const waiting = await t.call('GET', `/api/jobs/${jobId}`);
+      expect(waiting.body['state']).toBe('running');
+      expect((await store.listPoints({ machine: s.machineId })).length).toBe(1);
+      // A cut still in its journal becomes a point meanwhile, then it reports the stop applied
+      // with an empty backlog.
+      await commit(2);
+      const assigned = await t.call(
+        'GET',
+        '/api/components/self/assignments',
+        undefined,
+        s.psToken,
+      );
+      const mine = (
+        assigned.body['items'] as Array<{ id: string; generation: number; desired: string }>
+      ).find((i) => i.id === s.itemId);
+      expect(mine?.desired).toBe('stop');
+      await t.call(
+        'POST',
+        '/api/components/self/heartbeat',
+        { items: [{ id: s.itemId, appliedGeneration: mine?.generation, backlogBytes: 0 }] },
+        s.psToken,
+      );
+      await waitFor(
+        async () => (await t.call('GET', `/api/jobs/${jobId}`)).body['state'] !== 'running',
+      );
+      const done = await t.call('GET', `/api/jobs/${jobId}`);
+      expect(done.body['state']).toBe('succeeded');
+      expect(done.body['result']).toEqual({ deletedPoints: 2 });
+    } finally {
+      await store.close();
+    }
+    const reopened = await Store.open({
+      backend: new DirectoryBackend({ path: storeDir }),
+      passphrase: 'store-passphrase',
+    });
+    try {
+      expect(await reopened.listPoints({ machine: s.machineId })).toEqual([]);
+    } finally {
+      await reopened.close();
+    }
+  });
+
   it('checks a store, runs a policy retention on request, and bumps items on a new interval', async () => {
     const storeDir = await mkdtemp(join(tmpdir(), 'lifeboat-vault-store-'));
     dirs.push(storeDir);

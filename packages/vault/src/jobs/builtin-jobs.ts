@@ -84,12 +84,14 @@ export const enableReplicationJob: JobHandler = {
 
 /**
  * disable-replication: the item is already `disabled` (the process server sees `stop` in its
- * assignments); optionally deletes its points from the store and the catalogue.
+ * assignments); optionally deletes its points from the store and the catalogue, once the
+ * process server has stopped the agent and committed what its journal still held for the
+ * item, so that no point lands after the deletion.
  */
 export const disableReplicationJob: JobHandler = {
   kind: 'disable-replication',
   resumable: true,
-  steps: ['stop', 'delete-points'],
+  steps: ['stop', 'drain', 'delete-points'],
   async run(job) {
     const db = job.vault.db;
     const id = job.targetId ?? '';
@@ -109,6 +111,41 @@ export const disableReplicationJob: JobHandler = {
         });
       await job.log('The process server is told to stop (desired state "stop").');
       return row;
+    });
+    await job.step('drain', async () => {
+      if (job.params['deletePoints'] !== true) return;
+      // The process server reports the stop as applied (the agent let go) together with the
+      // item's journal backlog; at zero, every cut it acknowledged is a point in the store.
+      try {
+        await job.waitFor(
+          'the process server to stop the agent and commit its last cuts',
+          async () => {
+            const row = await db
+              .selectFrom('protectedItems')
+              .select(['state', 'generation', 'appliedGeneration', 'backlogBytes'])
+              .where('id', '=', id)
+              .executeTakeFirst();
+            if (row === undefined || row.state !== 'disabled') {
+              throw new LifeboatError(
+                'LB_VAULT_JOB_CANCELLED',
+                `Protected item ${id} was enabled again or removed meanwhile; its points are kept.`,
+                { details: { id } },
+              );
+            }
+            return row.appliedGeneration >= row.generation && row.backlogBytes === 0
+              ? row
+              : undefined;
+          },
+          job.vault.options.processServerAckTimeoutMs,
+        );
+        await job.log('The process server stopped the agent and has nothing left to commit.');
+      } catch (err) {
+        if (!(err instanceof LifeboatError) || err.code !== 'LB_VAULT_JOB_TIMEOUT') throw err;
+        await job.log(
+          `The process server did not confirm the stop in ${Math.round(job.vault.options.processServerAckTimeoutMs / 1000)} s (is it running?). The points are deleted now; a point it commits later stays in the store ('lifeboat store points' lists it).`,
+          'warn',
+        );
+      }
     });
     let deleted = 0;
     await job.step('delete-points', async () => {
