@@ -291,6 +291,54 @@ describe.each(DIALECTS)('registration and certificates on %s', (dialect) => {
       });
       expect(other.status).toBe(401);
       expect(other.body['code']).toBe('LB_VAULT_CLIENT_CERTIFICATE');
+      // An agent's calls come relayed by its process server, with the process server's
+      // certificate: accepted from the one serving the agent's host, refused from another.
+      const agentKey = await v.call('POST', '/api/registration-keys', { kind: 'agent' });
+      const agent = await call('/api/register', {
+        method: 'POST',
+        body: { key: agentKey.body['key'], kind: 'agent', name: 'tls-agent' },
+      });
+      expect(agent.status).toBe(201);
+      const agentToken = agent.body['token'] as string;
+      const agentId = (agent.body['component'] as { id: string }).id;
+      const aId = (
+        (await v.call('GET', '/api/process-servers?limit=100')).body['items'] as Array<{
+          id: string;
+          name: string;
+        }>
+      ).find((c) => c.name === 'tls-a')?.id;
+      const host = await v.call('POST', '/api/source-hosts', {
+        name: 'tls-host',
+        kind: 'kvm',
+        processServerId: aId,
+        agentId,
+        endpoints: [],
+      });
+      expect(host.status).toBe(201);
+      const relayed = (via: { cert: string; key: string }) =>
+        call('/api/components/self/heartbeat', {
+          method: 'POST',
+          token: agentToken,
+          cert: via.cert,
+          key: via.key,
+          body: {},
+        });
+      expect((await relayed(a)).status).toBe(200);
+      const wrongRelay = await relayed(b);
+      expect(wrongRelay.status).toBe(401);
+      expect(wrongRelay.body['code']).toBe('LB_VAULT_CLIENT_CERTIFICATE');
+      // A process server's own token never passes with another's certificate.
+      expect(
+        (
+          await call('/api/components/self/heartbeat', {
+            method: 'POST',
+            token: b.token,
+            cert: a.cert,
+            key: a.key,
+            body: {},
+          })
+        ).status,
+      ).toBe(401);
       // Users need no client certificate.
       expect((await call('/api/sites', { token: v.adminToken })).status).toBe(200);
     } finally {

@@ -62,13 +62,17 @@ export class AuthCache {
 /**
  * Over HTTPS, a component's client certificate (when presented, or always with
  * requireComponentCertificates) must be signed by the vault's CA and name the component whose
- * token is used: a stolen token is useless without the matching key.
+ * token is used: a stolen token is useless without the matching key. One exception: agents
+ * reach the vault only through their process server, which relays their calls (heartbeats,
+ * certificate renewals) with its own certificate; that is accepted for an agent of a source
+ * host the process server serves (or an agent not yet given a host).
  */
-function checkClientCertificate(
+async function checkClientCertificate(
   request: FastifyRequest,
-  componentId: string,
+  principal: Extract<Principal, { type: 'component' }>,
   vault: VaultContext,
-): void {
+): Promise<void> {
+  const componentId = principal.id;
   const socket = request.raw.socket as TLSSocket;
   if (typeof socket.getPeerCertificate !== 'function') return; // plain HTTP
   const peer = socket.getPeerCertificate();
@@ -83,13 +87,31 @@ function checkClientCertificate(
     return;
   }
   const cn = peer.subject?.CN;
-  if (!socket.authorized || cn !== componentId) {
-    throw new LifeboatError(
-      'LB_VAULT_CLIENT_CERTIFICATE',
-      `The client certificate ${socket.authorized ? `names ${String(cn)}, not the token's component ${componentId}` : `is not signed by this vault's CA (${String(socket.authorizationError)})`}. Use the certificate issued at registration.`,
-      { details: { componentId, subject: cn ?? null } },
-    );
+  if (socket.authorized && cn === componentId) return;
+  if (socket.authorized && principal.kind === 'agent' && typeof cn === 'string') {
+    if (await relaysFor(vault, cn, componentId)) return;
   }
+  throw new LifeboatError(
+    'LB_VAULT_CLIENT_CERTIFICATE',
+    `The client certificate ${socket.authorized ? `names ${String(cn)}, not the token's component ${componentId}` : `is not signed by this vault's CA (${String(socket.authorizationError)})`}. Use the certificate issued at registration.`,
+    { details: { componentId, subject: cn ?? null } },
+  );
+}
+
+/** True when `relayId` is a process server that may relay the calls of agent `agentId`. */
+async function relaysFor(vault: VaultContext, relayId: string, agentId: string): Promise<boolean> {
+  const relay = await vault.db
+    .selectFrom('components')
+    .select(['kind'])
+    .where('id', '=', relayId)
+    .executeTakeFirst();
+  if (relay?.kind !== 'process-server') return false;
+  const hosts = await vault.db
+    .selectFrom('sourceHosts')
+    .select(['processServerId'])
+    .where('agentId', '=', agentId)
+    .execute();
+  return hosts.length === 0 || hosts.some((h) => h.processServerId === relayId);
 }
 
 /** The caller of an authenticated route (routes with access other than public). */
@@ -208,7 +230,7 @@ export function installAuth(app: FastifyInstance, vault: VaultContext): void {
         .where('id', '=', tokenId)
         .execute();
     }
-    if (principal.type === 'component') checkClientCertificate(request, principal.id, vault);
+    if (principal.type === 'component') await checkClientCertificate(request, principal, vault);
     request.principal = principal;
     if (!allowed(principal, access)) {
       const needed = Array.isArray(access) ? access.join(' or ') : access;
