@@ -12,7 +12,7 @@ export interface RecoveryNetwork {
 }
 
 /** Names of the built-in isolated networks, which a declared network cannot take. */
-export const BUILT_IN_NETWORKS: readonly string[] = ['isolated-user', 'segment'];
+export const BUILT_IN_NETWORKS: readonly string[] = ['isolated', 'isolated-user', 'segment'];
 
 const NETWORK_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
