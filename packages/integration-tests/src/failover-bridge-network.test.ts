@@ -30,7 +30,9 @@ import {
 const root = process.getuid?.() === 0;
 const suffix = randomBytes(2).toString('hex');
 const bridge = `lbfo-${suffix}`;
-const subnet = `10.213.${(parseInt(suffix, 16) % 200) + 20}`;
+const testBridge = `lbft-${suffix}`;
+const subnet = `10.213.${(parseInt(suffix, 16) % 100) + 20}`;
+const testSubnet = `10.213.${(parseInt(suffix, 16) % 100) + 120}`;
 let dir: string;
 let image: TestImage;
 let vault: Vault;
@@ -39,13 +41,19 @@ let store: Store;
 let host: RecoveryHost;
 let link: RecoveryHostLink;
 let web: SeededMachine;
+let app: SeededMachine;
 
 describe.skipIf(!root)('failover onto a mapped bridge network through the vault', () => {
   beforeAll(async () => {
     const ip = promisify(execFile);
-    await ip('ip', ['link', 'add', bridge, 'type', 'bridge']);
-    await ip('ip', ['addr', 'add', `${subnet}.1/24`, 'dev', bridge]);
-    await ip('ip', ['link', 'set', bridge, 'up']);
+    for (const [br, net] of [
+      [bridge, subnet],
+      [testBridge, testSubnet],
+    ] as const) {
+      await ip('ip', ['link', 'add', br, 'type', 'bridge']);
+      await ip('ip', ['addr', 'add', `${net}.1/24`, 'dev', br]);
+      await ip('ip', ['link', 'set', br, 'up']);
+    }
     dir = await mkdtemp(join(tmpdir(), 'lb-fbn-'));
     image = await buildTestImage();
     const passphrase = 'bridge failover';
@@ -64,6 +72,7 @@ describe.skipIf(!root)('failover onto a mapped bridge network through the vault'
     admin = await adminLogin(vault.url);
     const seed = await seedVault(vault.url, admin, store, join(dir, 'store'), passphrase);
     web = await seed.protect('web', await markedRoot(image, dir, 'WEB'));
+    app = await seed.protect('app', await markedRoot(image, dir, 'APP'));
     const key = await api<{ key: string }>(vault.url, admin, 'POST', '/api/registration-keys', {
       kind: 'recovery-host',
     });
@@ -74,7 +83,10 @@ describe.skipIf(!root)('failover onto a mapped bridge network through the vault'
     });
     host = await RecoveryHost.start({
       runDir: join(dir, 'run'),
-      networks: { 'dr-lan': { kind: 'bridge', bridge } },
+      networks: {
+        'dr-lan': { kind: 'bridge', bridge },
+        'dr-test': { kind: 'bridge', bridge: testBridge },
+      },
     });
     link = new RecoveryHostLink({
       vault: new VaultClient({ url: vault.url, token: reg.token }),
@@ -95,7 +107,9 @@ describe.skipIf(!root)('failover onto a mapped bridge network through the vault'
     await host?.close();
     await vault?.close();
     await store?.close();
-    await promisify(execFile)('ip', ['link', 'del', bridge]).catch(() => undefined);
+    for (const br of [bridge, testBridge]) {
+      await promisify(execFile)('ip', ['link', 'del', br]).catch(() => undefined);
+    }
     if (dir !== undefined) {
       expect(await qemuUnder(dir)).toEqual([]);
       await rm(dir, { recursive: true, force: true });
@@ -126,6 +140,45 @@ describe.skipIf(!root)('failover onto a mapped bridge network through the vault'
     const banner = await machine.waitForPort(22, 60_000, { expect: /LIFEBOAT-TCP-OK/ });
     expect(banner).toContain(`LIFEBOAT-TCP-OK ${m.name}`);
     await host.removeMachine(m.name);
+    expect(existsSync(`/sys/class/net/${tap!}`)).toBe(false);
+  }, 90_000);
+
+  it("a test failover uses the mapping's test network: the recovery host verifies the port over that bridge; cleanup removes the tap", async () => {
+    const mapping = await api(vault.url, admin, 'POST', '/api/network-mappings', {
+      name: 'lan-with-test',
+      sourceNetwork: 'lan',
+      targetNetwork: 'dr-lan',
+      testNetwork: 'dr-test',
+    });
+    await api(vault.url, admin, 'PATCH', `/api/protected-items/${app.itemId}`, {
+      networkMappingId: mapping['id'],
+    });
+    const started = await api(vault.url, admin, 'POST', '/api/test-failovers', {
+      protectedItemIds: [app.itemId],
+      addresses: [{ protectedItemId: app.itemId, address: `${testSubnet}.20/24` }],
+      verify: { guestPort: 22, expect: 'LIFEBOAT-TCP-OK', screenshot: false },
+    });
+    const m = (started['machines'] as Array<{ name: string; network: string | null }>)[0]!;
+    expect(m.network).toBe('dr-test');
+    const job = await waitForJob(vault.url, admin, String(started['jobId']), 60_000);
+    expect(job['state'], JSON.stringify(job['error'])).toBe('succeeded');
+    const steps = job['steps'] as Array<{ name: string; detail?: Record<string, unknown> }>;
+    expect(steps.find((s) => s.name === `boot ${m.name}`)?.detail?.['network']).toBe(
+      `bridge ${testBridge}`,
+    );
+    const port = steps.find((s) => s.name === `port 22 of ${m.name}`)!;
+    expect(String(port.detail?.['answer'])).toContain(`LIFEBOAT-TCP-OK ${m.name}`);
+    const [tap] = host.running.get(m.name)!.machine.tapDevices;
+    expect(basename(await readlink(`/sys/class/net/${tap!}/master`))).toBe(testBridge);
+    const cleanup = await api(
+      vault.url,
+      admin,
+      'POST',
+      `/api/test-failovers/${String(started['id'])}/cleanup`,
+    );
+    const cleaned = await waitForJob(vault.url, admin, String(cleanup['jobId']), 30_000);
+    expect(cleaned['state']).toBe('succeeded');
+    expect(JSON.stringify(cleaned['steps'])).toContain(`tap ${tap!}`);
     expect(existsSync(`/sys/class/net/${tap!}`)).toBe(false);
   }, 90_000);
 });
