@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, open, readlink, rm, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
@@ -10,6 +10,7 @@ import { DirectoryBackend, Store, type PointInfo } from '@lifeboat/store';
 import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
 import { Failover } from './failover.js';
 import { RecoveryHost } from './recovery-host.js';
+import { cleanupRunDir } from './run-dir-cleanup.js';
 
 const run = promisify(execFile);
 
@@ -123,5 +124,17 @@ describe.skipIf(!root)('bridge network', () => {
       { name: 'dr', kind: 'bridge', bridge, present: true },
       { name: 'gone', kind: 'bridge', bridge: `lbno-${suffix}`, present: false },
     ]);
+  });
+
+  it('a crashed recovery host: cleanupRunDir removes the taps its machines listed, and only lbt- taps', async () => {
+    const runDir = join(dir, 'crashed');
+    const tap = `lbt-${randomBytes(5).toString('hex')}`;
+    await run('ip', ['tuntap', 'add', 'dev', tap, 'mode', 'tap']);
+    await mkdir(join(runDir, 'm', 'gone'), { recursive: true });
+    await writeFile(join(runDir, 'm', 'gone', 'taps'), `${tap}\nlo\n`);
+    const removed = await cleanupRunDir(runDir);
+    expect(removed).toContain(`tap ${tap} of gone`);
+    expect(existsSync(`/sys/class/net/${tap}`)).toBe(false);
+    expect(existsSync('/sys/class/net/lo')).toBe(true);
   });
 });
