@@ -260,6 +260,12 @@ describe('lifeboat vault (CLI over the vault API)', () => {
       'list',
     ]);
     expect(machines.items.map((m) => m.name)).toEqual(['web']);
+    // Where the machine lands on failover: a network of the recovery host.
+    const mapping = await json([
+      ...['vault', 'network-mapping', 'add', 'lan', '--source-network', 'br0'],
+      ...['--target-network', 'dr-lan'],
+    ]);
+    expect(mapping).toMatchObject({ targetNetwork: 'dr-lan', testNetwork: null });
     const protect = await json([
       'vault',
       'protect',
@@ -270,9 +276,16 @@ describe('lifeboat vault (CLI over the vault API)', () => {
       reg.component.id,
       '--target-store',
       String(store['id']),
+      '--network-mapping',
+      String(mapping['id']),
       '--no-wait',
     ]);
     expect(protect['state']).toBe('enabling');
+    expect(protect['networkMappingId']).toBe(mapping['id']);
+    const unmapped = await json([
+      ...['vault', 'item', 'update', String(protect['id']), '--network-mapping', 'none'],
+    ]);
+    expect(unmapped['networkMappingId']).toBeNull();
 
     // The KVM host gets its agent; the policy new settings; the store is checked.
     const agentKey = await json(['vault', 'key', 'create', '--kind', 'agent']);

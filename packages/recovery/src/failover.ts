@@ -116,9 +116,13 @@ export class Failover {
         await job.step('stop the source', () => source.stopSource());
       }
       const booted = await job.step(`boot ${plan.name}`, async (d) => {
-        const b = await host.bootMachine(store, failoverMachineSpec(plan, pointIds));
+        const spec = failoverMachineSpec(plan, pointIds);
+        const b = await host.bootMachine(store, spec);
         d['points'] = pointIds;
         d['accelerator'] = b.machine.accel;
+        d['networks'] = (spec.nics ?? []).map((n) =>
+          n.kind === 'bridge' ? `bridge ${n.bridge}` : n.kind,
+        );
         return b;
       });
       const f = new Failover(host, store, plan, booted, pointIds);

@@ -5,11 +5,19 @@ export {
   type MachineDiskSpec,
   type BootedMachine,
 } from './recovery-host.js';
-export type { RecoveryHostOptions, ResolvedRecoveryHostOptions } from './recovery-host-options.js';
+export {
+  parseNetworkOption,
+  parseNetworkOptions,
+  BUILT_IN_NETWORKS,
+  type RecoveryHostOptions,
+  type ResolvedRecoveryHostOptions,
+  type RecoveryNetwork,
+} from './recovery-host-options.js';
 export {
   RecoveryMachine,
   exportUri,
   machineMac,
+  bridgeExists,
   type DiskExport,
   type MachineBoot,
   type MachineNic,

@@ -35,6 +35,8 @@ interface OperationMachine {
   memoryMiB?: number;
   address?: { address: string; gateway?: string; nameservers?: string[] };
   boot?: { firmware?: 'bios' | 'uefi'; kernel?: string; append?: string; initrd?: string };
+  /** One of this host's declared networks (from the item's network mapping). @default isolated */
+  network?: string;
 }
 
 interface Verify {
@@ -211,6 +213,8 @@ export class RecoveryHostLink {
         machines: host.running.size,
         runs: this.runs.size,
         memoryBytes: usage.rss,
+        // The vault checks network mappings' target and test networks against these.
+        networks: host.networkReport(),
       },
     });
     const a = await vault.call<{
@@ -339,10 +343,12 @@ export class RecoveryHostLink {
           guestAgent: true,
           ...hardware,
           nics: [
-            {
-              kind: 'isolated-user',
-              ...(verify.guestPort !== undefined ? { forwardPorts: [verify.guestPort] } : {}),
-            },
+            m.network !== undefined
+              ? host.networkNic(m.network, m.name)
+              : {
+                  kind: 'isolated-user',
+                  ...(verify.guestPort !== undefined ? { forwardPorts: [verify.guestPort] } : {}),
+                },
           ],
           ...(m.address !== undefined ? { seed: seedOf(m, op.runId) } : {}),
           ...(planned ? { planned: this.plannedSource(op) } : {}),
@@ -443,9 +449,12 @@ export class RecoveryHostLink {
     m: OperationMachine,
   ): Promise<TestFailoverMachine> {
     const store = await this.store(m.targetStoreId);
+    const nic =
+      m.network !== undefined ? this.options.host.networkNic(m.network, m.name) : undefined;
     return {
       name: m.name,
       store,
+      ...(nic !== undefined ? { nic } : {}),
       points: { pointIds: m.pointIds },
       // A guest agent channel: harmless without an agent in the guest, and lets an operator
       // (or a test) look inside the isolated machine.

@@ -1,6 +1,20 @@
 import { LifeboatError } from '@lifeboat/protocol';
 import type { RecoveryJobListener } from './recovery-job.js';
 import type { QmpSession } from './qmp-session.js';
+import { validIfName } from './recovery-machine.js';
+
+/** A network of the recovery host that recovered machines can be attached to. */
+export interface RecoveryNetwork {
+  /** A Linux bridge of the host (each machine NIC gets a tap on it). */
+  kind: 'bridge';
+  /** The bridge's interface name. */
+  bridge: string;
+}
+
+/** Names of the built-in isolated networks, which a declared network cannot take. */
+export const BUILT_IN_NETWORKS: readonly string[] = ['isolated', 'isolated-user', 'segment'];
+
+const NETWORK_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
 /** Options for {@link RecoveryHost.start}. */
 export interface RecoveryHostOptions {
@@ -22,6 +36,11 @@ export interface RecoveryHostOptions {
   qemuBinary?: string;
   /** @default 'qemu-img' */
   qemuImg?: string;
+  /**
+   * The recovery site's networks by name (what network mappings' target and test networks
+   * name), e.g. `{ prod: { kind: 'bridge', bridge: 'br0' } }`. @default {} (isolated only)
+   */
+  networks?: Record<string, RecoveryNetwork>;
 }
 
 /** Validated {@link RecoveryHostOptions}. */
@@ -35,6 +54,69 @@ export interface ResolvedRecoveryHostOptions {
   readonly connectQmp: ((socketPath: string) => Promise<QmpSession>) | undefined;
   readonly qemuBinary: string;
   readonly qemuImg: string;
+  readonly networks: Readonly<Record<string, Readonly<RecoveryNetwork>>>;
+}
+
+function badNetwork(message: string, value: unknown): LifeboatError {
+  return new LifeboatError('LB_RECOVERY_BAD_OPTION', message, {
+    details: { option: 'networks', value },
+  });
+}
+
+/** Validates one declared network (its name and bridge). */
+function checkNetwork(name: string, n: RecoveryNetwork): RecoveryNetwork {
+  if (!NETWORK_NAME.test(name)) {
+    throw badNetwork(
+      `Network name "${name}" must be 1-63 letters, digits, dots, dashes or underscores, starting with a letter or digit.`,
+      name,
+    );
+  }
+  if (BUILT_IN_NETWORKS.includes(name)) {
+    throw badNetwork(
+      `Network name "${name}" is the built-in isolated network's; choose another name.`,
+      name,
+    );
+  }
+  if (n?.kind !== 'bridge') {
+    throw badNetwork(
+      `Network ${name} must be of kind bridge, not ${String((n as { kind?: unknown })?.kind)}.`,
+      name,
+    );
+  }
+  if (typeof n.bridge !== 'string' || !validIfName(n.bridge)) {
+    throw badNetwork(
+      `Bridge "${String(n.bridge)}" of network ${name} is not a Linux interface name (1-15 letters, digits, dots, dashes or underscores).`,
+      n.bridge,
+    );
+  }
+  return Object.freeze({ kind: 'bridge', bridge: n.bridge });
+}
+
+/**
+ * Parses a `--network NAME=bridge:BR` option value into its name and network (the CLI's
+ * syntax for {@link RecoveryHostOptions.networks}).
+ */
+export function parseNetworkOption(value: string): [string, RecoveryNetwork] {
+  const m = /^([^=]+)=([a-z]+):(.+)$/.exec(value);
+  if (m === null) {
+    throw badNetwork(`--network ${value}: give NAME=bridge:BRIDGE, e.g. prod=bridge:br0.`, value);
+  }
+  const [, name, kind, bridge] = m as unknown as [string, string, string, string];
+  if (kind !== 'bridge') {
+    throw badNetwork(`--network ${value}: the only network kind is bridge, not ${kind}.`, value);
+  }
+  return [name, checkNetwork(name, { kind, bridge })];
+}
+
+/** Parses repeated `--network` values into networks by name; a name given twice is an error. */
+export function parseNetworkOptions(values: readonly string[]): Record<string, RecoveryNetwork> {
+  const out: Record<string, RecoveryNetwork> = {};
+  for (const v of values) {
+    const [name, n] = parseNetworkOption(v);
+    if (name in out) throw badNetwork(`--network ${name} is given twice.`, v);
+    out[name] = n;
+  }
+  return out;
 }
 
 function positive(name: string, value: number | undefined, fallback: number, min = 1): number {
@@ -81,5 +163,10 @@ export function resolveRecoveryHostOptions(o: RecoveryHostOptions): ResolvedReco
     connectQmp: o.connectQmp,
     qemuBinary: o.qemuBinary ?? 'qemu-system-x86_64',
     qemuImg: o.qemuImg ?? 'qemu-img',
+    networks: Object.freeze(
+      Object.fromEntries(
+        Object.entries(o.networks ?? {}).map(([name, n]) => [name, checkNetwork(name, n)]),
+      ),
+    ),
   });
 }

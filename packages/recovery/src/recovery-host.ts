@@ -9,7 +9,9 @@ import type { RecoveryHostOptions, ResolvedRecoveryHostOptions } from './recover
 import { RecoveryJob, type RecoveryJobKind, type RecoveryJobListener } from './recovery-job.js';
 import {
   RecoveryMachine,
+  bridgeExists,
   machineMac,
+  noBridgeError,
   type DiskExport,
   type MachineBoot,
   type MachineNic,
@@ -135,6 +137,36 @@ export class RecoveryHost {
     await e.close();
   }
 
+  /**
+   * The NIC for one of this host's declared networks (`--network`), checked now: an unknown
+   * name, or a bridge the host does not have, is an error naming what to fix.
+   */
+  networkNic(network: string, machine: string, mac?: string): MachineNic {
+    const n = Object.hasOwn(this.options.networks, network)
+      ? this.options.networks[network]
+      : undefined;
+    if (n === undefined) {
+      const known = Object.keys(this.options.networks);
+      throw new LifeboatError(
+        'LB_RECOVERY_NO_NETWORK',
+        `Machine ${machine} is to be attached to network ${network}, which this recovery host does not declare (it has ${known.length > 0 ? known.join(', ') : 'none'}). Start it with --network ${network}=bridge:<bridge>, or fix the network mapping.`,
+        { details: { machine, network, networks: known } },
+      );
+    }
+    if (!bridgeExists(n.bridge)) throw noBridgeError(n.bridge, machine, network);
+    return { kind: 'bridge', bridge: n.bridge, ...(mac !== undefined ? { mac } : {}) };
+  }
+
+  /** The declared networks as reported to the vault: name, bridge, and whether it exists. */
+  networkReport(): Array<{ name: string; kind: 'bridge'; bridge: string; present: boolean }> {
+    return Object.entries(this.options.networks).map(([name, n]) => ({
+      name,
+      kind: n.kind,
+      bridge: n.bridge,
+      present: bridgeExists(n.bridge),
+    }));
+  }
+
   /** Machines running now, by name. */
   get running(): ReadonlyMap<string, BootedMachine> {
     return this.machines;
@@ -190,7 +222,7 @@ export class RecoveryHost {
         : undefined;
       // A guest that takes its static address from the seed is reached there on user networking.
       const nics = spec.nics?.map((n, i): MachineNic => {
-        if (n.kind !== 'isolated-user' || n.guestAddress !== undefined) return n;
+        if (n.kind === 'segment' || n.guestAddress !== undefined) return n;
         const mac = (n.mac ?? machineMac(spec.name, i)).toLowerCase();
         const a = addresses.find((x) => x.mac === mac);
         return a !== undefined ? { ...n, guestAddress: a.address } : n;
@@ -240,8 +272,10 @@ export class RecoveryHost {
     const b = this.machines.get(name);
     if (!b) return [];
     const removed: string[] = [];
+    const taps = b.machine.tapDevices;
     await b.machine.stop();
     removed.push(`machine ${name} (QEMU pid ${b.machine.pid ?? '?'})`);
+    for (const t of taps) removed.push(`tap ${t}`);
     for (const e of b.exports) {
       await this.closeExport(e);
       removed.push(`export ${e.name} of point ${e.pointId} (${e.socketPath})`);

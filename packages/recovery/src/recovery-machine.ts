@@ -47,7 +47,21 @@ export type MachineNic =
       guestAddress?: string;
     }
   /** The private segment of a test: reaches the other machines on it and nothing else. */
-  | { kind: 'segment'; segment: IsolatedSegment; mac?: string };
+  | { kind: 'segment'; segment: IsolatedSegment; mac?: string }
+  /**
+   * A Linux bridge of the recovery host (a recovery-site network): the machine gets a tap
+   * device `lbt-...` enslaved to it, removed when QEMU stops or dies. Needs root.
+   */
+  | {
+      kind: 'bridge';
+      bridge: string;
+      mac?: string;
+      /**
+       * The guest's static address on it (`A.B.C.D/N`, from its cloud-init seed), where
+       * waitForPort reaches the guest. @default none (waitForPort cannot reach it)
+       */
+      guestAddress?: string;
+    };
 
 /** Options for {@link RecoveryMachine.start}. */
 export interface RecoveryMachineOptions {
@@ -82,6 +96,8 @@ export interface RecoveryMachineOptions {
   qemuBinary?: string;
   /** @default 'qemu-img' */
   qemuImg?: string;
+  /** The `ip` tool (iproute2) that creates and removes bridge NICs' taps. @default 'ip' */
+  ipBinary?: string;
   /** How long to wait for QEMU's QMP socket. @default 30000 */
   startTimeoutMs?: number;
 }
@@ -97,6 +113,31 @@ export interface MachineDisk {
 }
 
 const UEFI_FIRMWARE = '/usr/share/qemu/OVMF.fd';
+
+/** Linux interface names: at most 15 bytes, no slash, colon or white space. */
+const IFNAME = /^[A-Za-z0-9_.-]{1,15}$/;
+
+/** True when `name` is a valid Linux network interface name (a bridge's). */
+export function validIfName(name: string): boolean {
+  return IFNAME.test(name) && name !== '.' && name !== '..';
+}
+
+/** The file in a machine's directory listing its taps (for cleanupRunDir after a crash). */
+export const TAPS_FILE = 'taps';
+
+/** True when `bridge` is a Linux bridge of this host (its sysfs directory has `bridge/`). */
+export function bridgeExists(bridge: string): boolean {
+  return validIfName(bridge) && existsSync(`/sys/class/net/${bridge}/bridge`);
+}
+
+/** The error for a bridge NIC whose bridge this host does not have. */
+export function noBridgeError(bridge: string, machine: string, network?: string): LifeboatError {
+  return new LifeboatError(
+    'LB_RECOVERY_NO_BRIDGE',
+    `Machine ${machine} is to be attached to bridge ${bridge}${network !== undefined ? ` (network ${network})` : ''}, which this recovery host does not have. Create the bridge ("ip link add ${bridge} type bridge && ip link set ${bridge} up"), or fix the network mapping / the recovery host's --network.`,
+    { details: { machine, bridge, ...(network !== undefined ? { network } : {}) } },
+  );
+}
 
 /** A locally administered MAC derived from the machine and interface, stable across boots. */
 export function machineMac(name: string, index: number): string {
@@ -149,12 +190,18 @@ export class RecoveryMachine {
   readonly ports = new Map<number, number>();
   /** MAC address of each NIC, in order. */
   readonly macs: string[] = [];
+  /** The guest's static addresses on bridge NICs (no prefix), where its ports are reached. */
+  readonly bridgeAddresses: string[] = [];
   /** Exit status once QEMU has exited. */
   exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   private output = '';
   private qmpSession: QmpSession | undefined;
   private process: ChildProcess | undefined;
   private exited: Promise<void> = Promise.resolve();
+  /** Tap devices created for bridge NICs (removed when QEMU stops or dies). */
+  private readonly taps: string[] = [];
+  private tapsRemoved: Promise<void> = Promise.resolve();
+  private ipBinary = 'ip';
 
   private constructor(
     readonly name: string,
@@ -208,7 +255,14 @@ export class RecoveryMachine {
       join(o.dir, 'qmp.sock'),
       qgaSocket,
     );
-    const args = await m.buildArgs(o);
+    m.ipBinary = o.ipBinary ?? 'ip';
+    let args: string[];
+    try {
+      args = await m.buildArgs(o);
+    } catch (err) {
+      await m.removeTaps();
+      throw err;
+    }
     await m.spawn(o.qemuBinary ?? 'qemu-system-x86_64', args, o.startTimeoutMs ?? 30_000);
     // The socket file appears at bind(), a moment before QEMU listens: retry briefly.
     const deadline = Date.now() + (o.startTimeoutMs ?? 30_000);
@@ -305,6 +359,11 @@ export class RecoveryMachine {
           netdev += `,hostfwd=tcp:127.0.0.1:${hostPort}-${subnet?.guest ?? ''}:${guestPort}`;
         }
         args.push('-netdev', netdev);
+      } else if (nic.kind === 'bridge') {
+        const tap = await this.createTap(nic.bridge, i);
+        const guest = nic.guestAddress?.split('/')[0];
+        if (guest !== undefined && guest !== '') this.bridgeAddresses.push(guest);
+        args.push('-netdev', `tap,id=net${i},ifname=${tap},script=no,downscript=no`);
       } else {
         args.push(
           '-netdev',
@@ -326,6 +385,48 @@ export class RecoveryMachine {
     return args;
   }
 
+  /**
+   * Creates a tap `lbt-<10 hex>` enslaved to `bridge` and up, listed in the machine's taps
+   * file first so that a crashed recovery host's leftovers can be removed.
+   */
+  private async createTap(bridge: string, index: number): Promise<string> {
+    if (!bridgeExists(bridge)) throw noBridgeError(bridge, this.name);
+    const tap = `lbt-${createHash('sha256')
+      .update(`${this.dir}/${index}/${process.pid}/${Date.now()}/${Math.random()}`)
+      .digest('hex')
+      .slice(0, 10)}`;
+    this.taps.push(tap);
+    await writeFile(join(this.dir, TAPS_FILE), `${this.taps.join('\n')}\n`);
+    const ip = this.ipBinary;
+    const what = `Creating tap ${tap} on bridge ${bridge} for ${this.name} (needs root)`;
+    await runTool('LB_RECOVERY_TAP', ip, ['tuntap', 'add', 'dev', tap, 'mode', 'tap'], what);
+    await runTool('LB_RECOVERY_TAP', ip, ['link', 'set', tap, 'master', bridge, 'up'], what);
+    return tap;
+  }
+
+  /** Removes the taps of bridge NICs (once; a tap that is already gone is fine). */
+  private removeTaps(): Promise<void> {
+    const taps = this.taps.splice(0);
+    if (taps.length === 0) return this.tapsRemoved;
+    const ip = this.ipBinary;
+    this.tapsRemoved = this.tapsRemoved.then(async () => {
+      for (const tap of taps) {
+        if (!existsSync(`/sys/class/net/${tap}`)) continue;
+        await runTool('LB_RECOVERY_TAP', ip, ['link', 'del', tap], `Removing tap ${tap}`).catch(
+          (err: unknown) => {
+            this.output += `\n${err instanceof Error ? err.message : String(err)}`;
+          },
+        );
+      }
+    });
+    return this.tapsRemoved;
+  }
+
+  /** The tap devices of this machine's bridge NICs (none once QEMU has stopped). */
+  get tapDevices(): readonly string[] {
+    return [...this.taps];
+  }
+
   private async spawn(binary: string, args: string[], timeoutMs: number): Promise<void> {
     const child = spawn(binary, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     this.process = child;
@@ -335,14 +436,15 @@ export class RecoveryMachine {
     child.stdout?.on('data', keep);
     child.stderr?.on('data', keep);
     this.exited = new Promise((resolve) => {
+      // QEMU gone (stopped or died): its taps go too, before `exited` resolves.
       child.on('exit', (code, signal) => {
         this.exit = { code, signal };
-        resolve();
+        void this.removeTaps().then(resolve);
       });
       child.on('error', (err) => {
         this.output += `\n${err.message}`;
         this.exit = { code: null, signal: null };
-        resolve();
+        void this.removeTaps().then(resolve);
       });
     });
     const deadline = Date.now() + timeoutMs;
@@ -405,27 +507,34 @@ export class RecoveryMachine {
   }
 
   /**
-   * Waits until guest port `guestPort` (forwarded from 127.0.0.1) answers with data matching
-   * `expect` (any data when absent) after sending `send`. User networking accepts every host
-   * connection itself, so only data from the guest proves the guest's port answers.
+   * Waits until guest port `guestPort` (forwarded from 127.0.0.1, else at the guest's static
+   * address on its bridge) answers with data matching `expect` (any data when absent) after
+   * sending `send`. User networking accepts every host connection itself, so only data from
+   * the guest proves the guest's port answers.
    */
   async waitForPort(
     guestPort: number,
     timeoutMs: number,
     probe: { send?: string; expect?: RegExp } = {},
   ): Promise<string> {
-    const hostPort = this.ports.get(guestPort);
-    if (hostPort === undefined) {
+    const forwarded = this.ports.get(guestPort);
+    const [host, hostPort] =
+      forwarded !== undefined
+        ? ['127.0.0.1', forwarded]
+        : this.bridgeAddresses[0] !== undefined
+          ? [this.bridgeAddresses[0], guestPort]
+          : [undefined, undefined];
+    if (host === undefined || hostPort === undefined) {
       throw new LifeboatError(
         'LB_RECOVERY_BAD_MACHINE',
-        `Port ${guestPort} of machine ${this.name} is not forwarded. Add it to the NIC's forwardPorts.`,
+        `Port ${guestPort} of machine ${this.name} is not forwarded and the machine has no static address on a bridge. Add it to the NIC's forwardPorts, or give the machine a static address.`,
       );
     }
     const deadline = Date.now() + timeoutMs;
     let last = '';
     while (Date.now() < deadline && !this.exit) {
       last = await new Promise<string>((resolve) => {
-        const s = connect(hostPort, '127.0.0.1');
+        const s = connect(hostPort, host);
         let got = '';
         const done = (): void => {
           clearTimeout(timer);
@@ -449,7 +558,9 @@ export class RecoveryMachine {
     throw new LifeboatError(
       'LB_RECOVERY_PORT_TIMEOUT',
       `Port ${guestPort} of machine ${this.name} did not answer${probe.expect ? ` with ${String(probe.expect)}` : ''} within ${timeoutMs} ms. Check that the service starts in the guest (console: ${this.consolePath}).`,
-      { details: { machine: this.name, guestPort, hostPort, received: last.slice(0, 200) } },
+      {
+        details: { machine: this.name, guestPort, host, hostPort, received: last.slice(0, 200) },
+      },
     );
   }
 
@@ -492,6 +603,7 @@ export class RecoveryMachine {
       await this.exited;
       clearTimeout(timer);
     }
+    await this.removeTaps();
     await this.qmpSession?.close().catch(() => undefined);
     this.qmpSession = undefined;
   }

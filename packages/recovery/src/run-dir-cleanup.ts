@@ -2,12 +2,15 @@ import { existsSync } from 'node:fs';
 import { readFile, readdir, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
+import { TAPS_FILE } from './recovery-machine.js';
+import { runTool } from './run-tool.js';
 
 /**
  * Removes what a recovery host that died left in its run directory: stops each QEMU whose
  * `qemu.pid` names a process whose command line names that machine's directory (never any
  * other process), removes the machines' overlays and sockets, and the export, segment and
- * control sockets nothing listens on any more. Returns what it removed.
+ * control sockets nothing listens on any more, and the tap devices of bridge NICs the machines'
+ * `taps` files list (only names `lbt-...`). Returns what it removed.
  */
 export async function cleanupRunDir(runDir: string): Promise<string[]> {
   const removed: string[] = [];
@@ -24,6 +27,18 @@ export async function cleanupRunDir(runDir: string): Promise<string[]> {
         removed.push(`machine ${m} (QEMU pid ${pid})`);
       } catch {
         // It exited meanwhile.
+      }
+    }
+    const taps = (await readFile(join(runDir, 'm', m, TAPS_FILE), 'utf8').catch(() => ''))
+      .split('\n')
+      .filter((t) => /^lbt-[0-9a-f]{10}$/.test(t));
+    for (const tap of taps) {
+      if (!existsSync(`/sys/class/net/${tap}`)) continue;
+      try {
+        await runTool('LB_RECOVERY_TAP', 'ip', ['link', 'del', tap], `Removing tap ${tap}`);
+        removed.push(`tap ${tap} of ${m}`);
+      } catch {
+        // Removed meanwhile, or not ours to remove (not root): nothing more to do here.
       }
     }
     await rm(join(runDir, 'm', m), { recursive: true, force: true });

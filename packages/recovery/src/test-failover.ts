@@ -29,6 +29,11 @@ export interface TestFailoverMachine extends Omit<MachineSpec, 'disks' | 'nics' 
   points: { pointIds: string[] } | PointSelector;
   /** @default the plan's verification */
   verify?: BootVerification;
+  /**
+   * Its NIC instead of the plan's isolated network: a recovery-site network that the
+   * machine's network mapping names for tests (never chosen by default). @default the plan's
+   */
+  nic?: MachineNic;
 }
 
 /** A test failover of one machine, or of the machines of one consistency group. */
@@ -132,7 +137,7 @@ export async function runTestFailover(
       }
       return out;
     });
-    if (network === 'segment') {
+    if (network === 'segment' && plan.machines.some((m) => m.nic === undefined)) {
       segment = await job.step('create isolated network', async (d) => {
         const s = await IsolatedSegment.start(
           join(host.options.runDir, 'x', `seg-${job.record.id.slice(-6)}.sock`),
@@ -144,14 +149,16 @@ export async function runTestFailover(
     for (const [i, m] of plan.machines.entries()) {
       const verify = m.verify ?? plan.verify ?? {};
       const nic: MachineNic =
-        network === 'segment' && segment
-          ? { kind: 'segment', segment }
-          : {
-              kind: 'isolated-user',
-              forwardPorts: verify.port ? [verify.port.guestPort] : [],
-            };
+        m.nic !== undefined
+          ? m.nic
+          : network === 'segment' && segment
+            ? { kind: 'segment', segment }
+            : {
+                kind: 'isolated-user',
+                forwardPorts: verify.port ? [verify.port.guestPort] : [],
+              };
       const b = await job.step(`boot ${m.name}`, async (d) => {
-        const { points: _points, verify: _verify, store: _store, ...rest } = m;
+        const { points: _points, verify: _verify, store: _store, nic: _nic, ...rest } = m;
         const spec: MachineSpec = {
           ...rest,
           disks: chosen[i]!.map((pointId) => ({ pointId })),
@@ -159,6 +166,7 @@ export async function runTestFailover(
         };
         const started = await host.bootMachine(m.store ?? store, spec);
         d['accelerator'] = started.machine.accel;
+        d['network'] = nic.kind === 'bridge' ? `bridge ${nic.bridge}` : nic.kind;
         d['cpus'] = spec.cpus ?? 1;
         d['memoryMiB'] = spec.memoryMiB ?? 512;
         d['points'] = chosen[i];

@@ -587,4 +587,109 @@ describe.each(DIALECTS)('test failovers and failovers through the vault on %s', 
     );
     expect(refused.body.code).toBe('LB_VAULT_INVALID_STATE');
   });
+
+  it("puts each machine on its item's network mapping: the target network on failover, the test network (else isolated) in tests; an explicit network wins; a host without the network is a 400 naming the field", async () => {
+    const mapping = async (name: string, testNetwork?: string) =>
+      (await ok('POST', '/api/network-mappings', {
+        name,
+        sourceNetwork: 'lan',
+        targetNetwork: 'dr-lan',
+        ...(testNetwork !== undefined ? { testNetwork } : {}),
+      })) as Body;
+    const withTest = await mapping(`map-test-${dialect}`, 'dr-test');
+    const targetOnly = await mapping(`map-target-${dialect}`);
+    const a = await protectedItem();
+    const b = await protectedItem();
+    await ok('PATCH', `/api/protected-items/${a.itemId}`, { networkMappingId: withTest['id'] });
+    await ok('PATCH', `/api/protected-items/${b.itemId}`, { networkMappingId: targetOnly['id'] });
+    await ok('POST', '/api/components/self/heartbeat', { health: { instanceId: 'i2' } }, rhToken);
+
+    // No recovery host has network dr-lan yet.
+    const missing = await t.call('POST', '/api/failovers', { protectedItemId: a.itemId });
+    expect(missing.status).toBe(400);
+    expect(missing.body.code).toBe('LB_VAULT_NETWORK_UNAVAILABLE');
+    expect(missing.body.details).toMatchObject({
+      field: 'networkMapping.targetNetwork',
+      networkMappingId: withTest['id'],
+      network: 'dr-lan',
+    });
+
+    const net = await registerHost(`rh-net-${dialect}`);
+    const beat = (testPresent: boolean) =>
+      ok(
+        'POST',
+        '/api/components/self/heartbeat',
+        {
+          health: {
+            instanceId: 'n1',
+            networks: [
+              { name: 'dr-lan', kind: 'bridge', bridge: 'br0', present: true },
+              { name: 'dr-test', kind: 'bridge', bridge: 'br-test', present: testPresent },
+            ],
+          },
+        },
+        net.token,
+      );
+    await beat(false);
+    const specOf = async (jobId: string, token = net.token) =>
+      (await operations(token)).operations.find((o) => o.jobId === jobId)!.spec;
+
+    // Test failover: a mapping without a test network stays isolated, on any host.
+    const tb = await ok('POST', '/api/test-failovers', { protectedItemIds: [b.itemId] });
+    expect((tb['machines'] as Body[])[0]!['network']).toBeNull();
+    const tbSpec = await specOf(
+      tb['jobId'] as string,
+      tb['recoveryHostId'] === net.id ? net.token : rhToken,
+    );
+    expect((tbSpec['machines'] as Body[])[0]!['network']).toBeUndefined();
+    expect(tbSpec['network']).toBe('isolated-user');
+
+    // Its test network: declared, but the bridge is missing on the host.
+    const noBridge = await t.call('POST', '/api/test-failovers', { protectedItemIds: [a.itemId] });
+    expect(noBridge.status).toBe(400);
+    expect(noBridge.body.details).toMatchObject({
+      field: 'networkMapping.testNetwork',
+      network: 'dr-test',
+      recoveryHostId: net.id,
+    });
+    expect(noBridge.body.message).toMatch(/bridge does not exist/);
+    await beat(true);
+    const ta = await ok('POST', '/api/test-failovers', { protectedItemIds: [a.itemId] });
+    expect(ta['recoveryHostId']).toBe(net.id);
+    expect((ta['machines'] as Body[])[0]!['network']).toBe('dr-test');
+    expect(((await specOf(ta['jobId'] as string))['machines'] as Body[])[0]).toMatchObject({
+      network: 'dr-test',
+    });
+    // An explicit isolated network wins over the mapping.
+    const explicit = await ok('POST', '/api/test-failovers', {
+      protectedItemIds: [a.itemId],
+      network: 'isolated-user',
+    });
+    expect((explicit['machines'] as Body[])[0]!['network']).toBeNull();
+
+    // A named host without the network: refused, naming the mapping's field and the host.
+    const wrongHost = await t.call('POST', '/api/failovers', {
+      protectedItemId: b.itemId,
+      recoveryHostId: rhId,
+    });
+    expect(wrongHost.status).toBe(400);
+    expect(wrongHost.body.details).toMatchObject({
+      field: 'networkMapping.targetNetwork',
+      recoveryHostId: rhId,
+    });
+    expect(wrongHost.body.message).toMatch(/--network dr-lan=bridge:/);
+
+    // Failover: the target network, on the host that has it.
+    const fa = await ok('POST', '/api/failovers', { protectedItemId: a.itemId, planned: false });
+    expect(fa['recoveryHostId']).toBe(net.id);
+    expect((fa['machines'] as Body[])[0]!['network']).toBe('dr-lan');
+    const faSpec = await specOf(fa['jobId'] as string);
+    expect(faSpec['machine']).toMatchObject({ network: 'dr-lan', protectedItemId: a.itemId });
+    // Explicitly isolated: no mapping applies.
+    const fb = await ok('POST', '/api/failovers', {
+      protectedItemId: b.itemId,
+      network: 'isolated-user',
+    });
+    expect((fb['machines'] as Body[])[0]!['network']).toBeNull();
+  });
 });

@@ -64,6 +64,8 @@ interface RunMachine {
   } | null;
   artifacts: { screenshot: string | null; console: string | null };
   localDisks: string[];
+  /** The recovery host network it is on (its item's network mapping); null or absent: isolated. */
+  network?: string | null;
 }
 
 interface Run extends ApiObject {
@@ -228,6 +230,7 @@ function printRun(out: CliPrinter, access: VaultAccess, run: Run): void {
     out.line(
       `  ${m.machineName} as ${m.name}: points ${m.points.map((p) => `${p.id.slice(0, 12)} (${p.disk}, ${p.kind}, ${p.time})`).join(', ') || 'from the last sync'}`,
     );
+    if (typeof m.network === 'string') out.line(`    network: ${m.network} (network mapping)`);
     const v = m.verification;
     if (v?.console !== undefined) out.line(`    console matched: ${v.console}`);
     if (v?.port !== undefined)

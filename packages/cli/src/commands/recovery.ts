@@ -9,6 +9,7 @@ import {
   cleanupRunDir,
   componentClient,
   exportUri,
+  parseNetworkOptions,
   recoveryHostCredentials,
 } from '@lifeboat/recovery';
 import { openAssignedStore } from '../open-assigned-store.js';
@@ -80,9 +81,15 @@ export function registerRecoveryCommands(program: Command, ctx: CliContext): voi
       'private directory for sockets, machines, jobs (and with --vault the credentials: required)',
     )
     .option('--cache-mib <n>', 'chunk cache per export in MiB', '64')
+    .option(
+      '--network <name=bridge:br>',
+      "a recovery-site network (repeatable): network mappings' target or test network NAME is the host's Linux bridge BR (needs root)",
+      (v: string, all: string[]) => [...all, v],
+      [] as string[],
+    )
     .addHelpText(
       'after',
-      '\nExamples:\n  lifeboat recovery-host start --vault https://vault:9440 --registration-key-file rh.key --run-dir /var/lib/lifeboat/rh\n  lifeboat --store /srv/store recovery-host start --export latest --machine web\n  qemu-img info "nbd+unix:///web-d0?socket=..."',
+      '\nExamples:\n  lifeboat recovery-host start --vault https://vault:9440 --registration-key-file rh.key --run-dir /var/lib/lifeboat/rh --network dr-lan=bridge:br0\n  lifeboat --store /srv/store recovery-host start --export latest --machine web\n  qemu-img info "nbd+unix:///web-d0?socket=..."',
     )
     .action(async (opts: RecoveryHostStartOptions, cmd: Command) => {
       if (opts.vault !== undefined) {
@@ -95,6 +102,7 @@ export function registerRecoveryCommands(program: Command, ctx: CliContext): voi
       const host = await RecoveryHost.start({
         runDir: await recoveryRunDir(opts.runDir, ctx.io.cwd),
         cacheBytes: intOption('--cache-mib', opts.cacheMib) * 1024 * 1024,
+        networks: parseNetworkOptions(opts.network),
       });
       ctx.cleanups.push(() => host.close());
       const served: Array<{ point: string; machine: string; disk: string; uri: string }> = [];
@@ -132,6 +140,7 @@ interface RecoveryHostStartOptions {
   machine?: string;
   runDir?: string;
   cacheMib: string;
+  network: string[];
 }
 
 /**
@@ -160,6 +169,8 @@ async function startWithVault(
       { details: { option: '--export' } },
     );
   }
+  // Checked before registering: a typo in --network must not cost the one-time key.
+  const networks = parseNetworkOptions(opts.network);
   const runDir = resolve(ctx.io.cwd, opts.runDir);
   const ca =
     opts.vaultCa !== undefined
@@ -186,6 +197,7 @@ async function startWithVault(
   const host = await RecoveryHost.start({
     runDir,
     cacheBytes: intOption('--cache-mib', opts.cacheMib) * 1024 * 1024,
+    networks,
   });
   ctx.cleanups.push(() => host.close());
   const link = new RecoveryHostLink({
@@ -215,10 +227,16 @@ async function startWithVault(
     vault: anonymous.url,
     runDir,
     accelerator: host.accel,
+    networks: host.networkReport(),
     instanceId: link.instanceId,
     removedAtStart: leftovers,
   });
   for (const r of leftovers) out.line(`removed what a previous run left: ${r}`);
+  for (const n of host.networkReport()) {
+    out.line(
+      `network ${n.name}: bridge ${n.bridge}${n.present ? '' : ' (MISSING: create it before a failover uses it)'}`,
+    );
+  }
   out.line(
     `recovery host ${creds.name} (${creds.id}) registered with ${anonymous.url}; run directory ${runDir}, accelerator ${host.accel}`,
   );

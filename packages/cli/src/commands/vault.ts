@@ -631,8 +631,16 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       args: '<name>',
       options: [
         ['--source-network <net>', 'network on the source site', true],
-        ['--target-network <net>', 'network after failover', true],
-        ['--test-network <net>', 'isolated network for test failover', false],
+        [
+          '--target-network <net>',
+          'network after failover: a network of the recovery host (its --network NAME)',
+          true,
+        ],
+        [
+          '--test-network <net>',
+          'network for test failovers (a recovery host network; default: isolated)',
+          false,
+        ],
       ],
       body: ([n], o) => ({
         name: n,
@@ -641,9 +649,11 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         ...opt(o, 'testNetwork'),
       }),
       example:
-        'lifeboat vault mapping add lan --source-network br0 --target-network dr-br0 --test-network isolated',
+        'lifeboat vault mapping add lan --source-network br0 --target-network dr-lan --test-network dr-test',
     },
   );
+  // The vault API's name for them too.
+  vault.commands.find((c) => c.name() === 'mapping')?.alias('network-mapping');
   const host = simple(
     'host',
     '/api/source-hosts',
@@ -897,15 +907,25 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     .requiredOption('--policy <id>', 'replication policy')
     .requiredOption('--process-server <id>', 'process server that replicates it')
     .requiredOption('--target-store <id>', 'target store')
+    .option(
+      '--network-mapping <id>',
+      'network mapping: where the machine lands on failover (its target network) and in tests (its test network, else isolated)',
+    )
     .option('--no-wait', 'return once the job is created')
     .addHelpText(
       'after',
-      '\nExample:\n  lifeboat vault protect vm_... --policy pol_... --process-server ps_... --target-store ts_...\n',
+      '\nExample:\n  lifeboat vault protect vm_... --policy pol_... --process-server ps_... --target-store ts_... --network-mapping net_...\n',
     )
     .action(
       async (
         machineId: string,
-        o: { policy: string; processServer: string; targetStore: string; wait: boolean },
+        o: {
+          policy: string;
+          processServer: string;
+          targetStore: string;
+          networkMapping?: string;
+          wait: boolean;
+        },
         command: Command,
       ) => {
         const c = client(ctx, command);
@@ -914,6 +934,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
           policyId: o.policy,
           processServerId: o.processServer,
           targetStoreId: o.targetStore,
+          ...(o.networkMapping !== undefined ? { networkMappingId: o.networkMapping } : {}),
         });
         c.out.note(`protected item ${String(created['id'])}, job ${String(created['jobId'])}`);
         const job = o.wait ? await followJob(ctx, c, String(created['jobId'])) : undefined;
@@ -921,6 +942,31 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         if (job !== undefined && job['state'] !== 'succeeded') ctx.exitCode = 1;
       },
     );
+  item
+    .command('update <id>')
+    .description('Change the policy, network mapping or consistency group of a protected item')
+    .option('--policy <id>', 'replication policy')
+    .option('--network-mapping <id>', 'network mapping ("none" to remove it)')
+    .option('--consistency-group <name>', 'consistency group ("none" to remove it)')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault item update pi_... --network-mapping net_...\n',
+    )
+    .action(async (id: string, o: Record<string, string | undefined>, command: Command) => {
+      const c = client(ctx, command);
+      const orNull = (v: string): string | null => (v === 'none' ? null : v);
+      const body = {
+        ...(o['policy'] !== undefined ? { policyId: o['policy'] } : {}),
+        ...(o['networkMapping'] !== undefined
+          ? { networkMappingId: orNull(o['networkMapping']) }
+          : {}),
+        ...(o['consistencyGroup'] !== undefined
+          ? { consistencyGroup: orNull(o['consistencyGroup']) }
+          : {}),
+      };
+      if (Object.keys(body).length === 0) throw bad('Give at least one setting to change.');
+      printObject(c, await c.call('PATCH', `/api/protected-items/${encodeURIComponent(id)}`, body));
+    });
   for (const [action, desc] of [
     ['disable', 'Disable replication (add --delete-points to delete its points too)'],
     ['resync', 'Mark for resync'],

@@ -11,6 +11,7 @@ export interface ApiErrorBody {
 // The only place codes meet HTTP statuses: services throw LifeboatErrors and never know HTTP.
 const STATUS: Record<string, number> = {
   LB_VAULT_INVALID_INPUT: 400,
+  LB_VAULT_NETWORK_UNAVAILABLE: 400,
   LB_VAULT_UNAUTHENTICATED: 401,
   LB_VAULT_LOGIN_FAILED: 401,
   LB_VAULT_REGISTRATION_KEY_UNKNOWN: 401,

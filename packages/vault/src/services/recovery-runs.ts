@@ -3,6 +3,7 @@ import { LifeboatError } from '@lifeboat/protocol';
 import type {
   ComponentRow,
   JobRow,
+  NetworkMappingRow,
   ProtectedItemRow,
   RecoveryPointRow,
   RecoveryRunRow,
@@ -90,6 +91,11 @@ export interface RunMachine {
   cpus?: number;
   memoryMiB?: number;
   address: StaticAddressChoice | null;
+  /**
+   * The recovery host's network it is attached to (its network mapping's target network, or
+   * test network in a test failover); null: the run's isolated network.
+   */
+  network: string | null;
   verification: Record<string, unknown> | null;
   artifacts: { screenshot: string | null; console: string | null };
   localDisks: string[];
@@ -217,8 +223,114 @@ function healthy(c: ComponentRow, vault: VaultContext, now = Date.now()): boolea
   );
 }
 
-/** The recovery host named, which must be healthy, or the healthy one with the fewest active runs. */
-async function chooseRecoveryHost(vault: VaultContext, given: string | undefined): Promise<string> {
+/** Network names that mean the recovery host's built-in isolated network, never a bridge. */
+const ISOLATED_NETWORKS = ['isolated', 'isolated-user', 'segment'];
+
+/** A machine's network as its item's mapping decides it, with what to name when it is missing. */
+export interface NetworkNeed {
+  protectedItemId: string;
+  network: string;
+  networkMappingId: string;
+  /** The mapping's field that names it (what to fix). */
+  field: 'networkMapping.targetNetwork' | 'networkMapping.testNetwork';
+}
+
+/**
+ * The recovery host network a machine boots on, from its item's network mapping: a failover
+ * takes the mapping's target network; a test failover its test network when the mapping sets
+ * one (a name of the built-in isolated network counts as none), else it stays isolated, so a
+ * test never reaches a production network unless the mapping says so. An explicit network in
+ * the request wins (isolated); no mapping: isolated, as before mappings were used.
+ */
+export function mappedNetwork(
+  kind: RunKind,
+  requested: string | undefined,
+  mapping: Pick<NetworkMappingRow, 'id' | 'targetNetwork' | 'testNetwork'> | undefined,
+  protectedItemId: string,
+): NetworkNeed | null {
+  if (requested !== undefined || mapping === undefined) return null;
+  const [network, field] =
+    kind === 'failover'
+      ? [mapping.targetNetwork, 'networkMapping.targetNetwork' as const]
+      : [mapping.testNetwork, 'networkMapping.testNetwork' as const];
+  if (network === null || ISOLATED_NETWORKS.includes(network)) return null;
+  return { protectedItemId, network, networkMappingId: mapping.id, field };
+}
+
+async function networkNeeds(
+  vault: VaultContext,
+  kind: RunKind,
+  requested: string | undefined,
+  items: ProtectedItemRow[],
+): Promise<Map<string, NetworkNeed>> {
+  const out = new Map<string, NetworkNeed>();
+  for (const item of items) {
+    if (item.networkMappingId === null) continue;
+    const mapping = await vault.db
+      .selectFrom('networkMappings')
+      .selectAll()
+      .where('id', '=', item.networkMappingId)
+      .executeTakeFirst();
+    const need = mappedNetwork(kind, requested, mapping, item.id);
+    if (need !== null) out.set(item.id, need);
+  }
+  return out;
+}
+
+/** The networks a recovery host reported in its last heartbeat: name -> its bridge exists. */
+function hostNetworks(c: ComponentRow): Map<string, boolean> {
+  let health: unknown;
+  try {
+    health = JSON.parse(c.health);
+  } catch {
+    return new Map();
+  }
+  const list = (health as { networks?: unknown } | null)?.networks;
+  if (!Array.isArray(list)) return new Map();
+  return new Map(
+    list
+      .filter((n): n is { name: string; present?: unknown } => typeof n?.name === 'string')
+      .map((n) => [n.name, n.present !== false]),
+  );
+}
+
+/** The first need the host cannot meet (undeclared network, or its bridge missing). */
+function unmet(c: ComponentRow, needs: readonly NetworkNeed[]): NetworkNeed | undefined {
+  const nets = hostNetworks(c);
+  return needs.find((n) => nets.get(n.network) !== true);
+}
+
+function networkError(c: ComponentRow | undefined, need: NetworkNeed): LifeboatError {
+  const has = c !== undefined ? hostNetworks(c) : new Map<string, boolean>();
+  const declared = has.has(need.network);
+  return new LifeboatError(
+    'LB_VAULT_NETWORK_UNAVAILABLE',
+    c !== undefined
+      ? declared
+        ? `Invalid ${need.field}: network ${need.network} of network mapping ${need.networkMappingId} (protected item ${need.protectedItemId}) is declared by recovery host ${c.name}, but its bridge does not exist there. Create the bridge on that host, or choose another recovery host.`
+        : `Invalid ${need.field}: network mapping ${need.networkMappingId} (protected item ${need.protectedItemId}) names network ${need.network}, which recovery host ${c.name} does not have (it has ${[...has.keys()].join(', ') || 'none'}). Start it with --network ${need.network}=bridge:<bridge>, fix the mapping, or choose another recovery host.`
+      : `Invalid ${need.field}: network mapping ${need.networkMappingId} (protected item ${need.protectedItemId}) names network ${need.network}, which no healthy recovery host has. Start one with --network ${need.network}=bridge:<bridge>, or fix the mapping.`,
+    {
+      details: {
+        field: need.field,
+        networkMappingId: need.networkMappingId,
+        protectedItemId: need.protectedItemId,
+        network: need.network,
+        ...(c !== undefined ? { recoveryHostId: c.id } : {}),
+      },
+    },
+  );
+}
+
+/**
+ * The recovery host named, which must be healthy and have the networks the machines' mappings
+ * name, or the healthy one with those networks and the fewest active runs.
+ */
+async function chooseRecoveryHost(
+  vault: VaultContext,
+  given: string | undefined,
+  needs: readonly NetworkNeed[] = [],
+): Promise<string> {
   const { db } = vault;
   if (given !== undefined) {
     const c = await db
@@ -235,6 +347,8 @@ async function chooseRecoveryHost(vault: VaultContext, given: string | undefined
         { details: { field: 'body.recoveryHostId', recoveryHostId: c.id } },
       );
     }
+    const missing = unmet(c, needs);
+    if (missing !== undefined) throw networkError(c, missing);
     return c.id;
   }
   const hosts = (
@@ -252,6 +366,14 @@ async function chooseRecoveryHost(vault: VaultContext, given: string | undefined
       { details: { field: 'body.recoveryHostId' } },
     );
   }
+  const able = hosts.filter((c) => unmet(c, needs) === undefined);
+  if (able.length === 0) {
+    // Name the host that declares the network (its bridge is missing), or the only host.
+    const need = needs.find((n) => hosts.every((c) => unmet(c, [n]) !== undefined)) ?? needs[0]!;
+    const declaring = hosts.find((c) => hostNetworks(c).has(need.network));
+    throw networkError(declaring ?? (hosts.length === 1 ? hosts[0] : undefined), need);
+  }
+  hosts.splice(0, hosts.length, ...able);
   const active = await db
     .selectFrom('recoveryRuns')
     .select(['recoveryHostId', (eb) => eb.fn.countAll().as('n')])
@@ -575,6 +697,7 @@ function machineSpec(m: RunMachine, spec: RunSpec): Record<string, unknown> {
     ...(m.cpus !== undefined ? { cpus: m.cpus } : {}),
     ...(m.memoryMiB !== undefined ? { memoryMiB: m.memoryMiB } : {}),
     ...(m.address !== null ? { address: m.address } : {}),
+    ...(m.network !== undefined && m.network !== null ? { network: m.network } : {}),
     ...(spec.boot !== undefined ? { boot: spec.boot } : {}),
   };
 }
@@ -610,6 +733,7 @@ function buildMachines(
   points: RecoveryPointRow[][] | undefined,
   req: { cpus?: number; memoryMiB?: number },
   addressOf: (itemId: string) => StaticAddressChoice | null,
+  networks: ReadonlyMap<string, NetworkNeed> = new Map(),
 ): RunMachine[] {
   return items.map((i, n) => {
     const memoryMiB =
@@ -628,6 +752,7 @@ function buildMachines(
       ...(cpus !== undefined ? { cpus } : {}),
       ...(memoryMiB !== undefined && memoryMiB > 0 ? { memoryMiB } : {}),
       address: addressOf(i.item.id),
+      network: networks.get(i.item.id)?.network ?? null,
       verification: null,
       artifacts: { screenshot: null, console: null },
       localDisks: [],
@@ -714,9 +839,10 @@ export async function startTestFailover(
     ...(req.cpus !== undefined ? { cpus: req.cpus } : {}),
     ...(req.memoryMiB !== undefined ? { memoryMiB: req.memoryMiB } : {}),
   };
-  const hostId = await chooseRecoveryHost(vault, req.recoveryHostId);
+  const needs = await networkNeeds(vault, 'test-failover', req.network, items);
+  const hostId = await chooseRecoveryHost(vault, req.recoveryHostId, [...needs.values()]);
   const id = runId('test-failover');
-  const machines = buildMachines(id, details, points, req, (i) => addresses.get(i) ?? null);
+  const machines = buildMachines(id, details, points, req, (i) => addresses.get(i) ?? null, needs);
   const run = await insertRun(vault, {
     id,
     kind: 'test-failover',
@@ -886,9 +1012,10 @@ export async function startFailover(
     ...(req.memoryMiB !== undefined ? { memoryMiB: req.memoryMiB } : {}),
   };
   const address = req.address === undefined ? null : checkAddress(req.address, 'body.address');
-  const hostId = await chooseRecoveryHost(vault, req.recoveryHostId);
+  const needs = await networkNeeds(vault, 'failover', req.network, [item]);
+  const hostId = await chooseRecoveryHost(vault, req.recoveryHostId, [...needs.values()]);
   const id = runId('failover');
-  const machines = buildMachines(id, [details!], points, req, () => address);
+  const machines = buildMachines(id, [details!], points, req, () => address, needs);
   const run = await insertRun(vault, {
     id,
     kind: 'failover',
