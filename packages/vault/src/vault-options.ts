@@ -35,7 +35,7 @@ export interface VaultOptions {
   tls?: 'internal' | { certFile: string; keyFile: string };
   /** With `tls`, refuse component calls without their client certificate. @default false */
   requireComponentCertificates?: boolean;
-  /** pino log level ('silent' in tests). @default 'info' */
+  /** pino log level ('silent' in tests); one line per request only at 'debug' and 'trace'. @default 'info' */
   logLevel?: string;
   /** The first admin, created when the database has no user. @default 'admin' with a random password written to `<dataDir>/initial-admin-password` */
   initialAdmin?: { username: string; password: string };

@@ -119,6 +119,9 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     const https = await serverTls(options, ca);
     const fastify = Fastify({
       loggerInstance: log,
+      // A log line per request start and end cost more than a list page's query at info
+      // level; they are there at debug. Failed requests are logged by errorHandler anyway.
+      disableRequestLogging: !log.isLevelEnabled('debug'),
       ...(https !== undefined ? { https } : {}),
       ajv: {
         customOptions: {
