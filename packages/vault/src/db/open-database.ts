@@ -1,7 +1,14 @@
 import { mkdir } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import SQLite from 'better-sqlite3';
-import { Kysely, Migrator, PostgresDialect, SqliteDialect } from 'kysely';
+import {
+  Kysely,
+  Migrator,
+  PostgresDialect,
+  SqliteDialect,
+  type PostgresPool,
+  type PostgresPoolClient,
+} from 'kysely';
 import pg from 'pg';
 import { LifeboatError } from '@lifeboat/protocol';
 import { attachCountCache, CountCache } from './count-cache.js';
@@ -51,7 +58,10 @@ export async function openDatabase(options: {
     });
     // An idle client losing its server must not crash the vault; the next query reports it.
     pool.on('error', () => undefined);
-    db = new Kysely<VaultDatabase>({ dialect: new PostgresDialect({ pool }), plugins });
+    db = new Kysely<VaultDatabase>({
+      dialect: new PostgresDialect({ pool: namingStatements(pool) }),
+      plugins,
+    });
   } else {
     dialect = 'sqlite';
     await mkdir(dirname(options.sqliteFile), { recursive: true });
@@ -120,5 +130,47 @@ function reusingStatements(sqlite: SQLite.Database): {
       }
       return stmt;
     },
+  };
+}
+
+/**
+ * A pg pool whose selects run as named prepared statements: PostgreSQL then parses and
+ * analyses a statement once per connection instead of on every call (a list page's JSON
+ * statement is long). At most 500 texts get a name; a statement whose tables changed shape
+ * under it ("cached plan must not change result type", after another vault migrated) runs
+ * unnamed from then on.
+ */
+function namingStatements(pool: pg.Pool): PostgresPool {
+  const names = new Map<string, string | null>();
+  const nameOf = (text: string): string | null => {
+    let name = names.get(text);
+    if (name === undefined) {
+      name = names.size < 500 && /^\s*select\b/i.test(text) ? `lifeboat_${names.size + 1}` : null;
+      names.set(text, name);
+    }
+    return name;
+  };
+  return {
+    connect: async () => {
+      const client = await pool.connect();
+      const query = async (text: string, values: readonly unknown[]) => {
+        const name = nameOf(text);
+        if (name === null) return client.query(text, [...values]);
+        try {
+          return await client.query({ name, text, values: [...values] });
+        } catch (err) {
+          if ((err as { code?: unknown }).code !== '0A000') throw err;
+          names.set(text, null);
+          return client.query(text, [...values]);
+        }
+      };
+      const wrapped = {
+        query: (a: unknown, b?: readonly unknown[]) =>
+          typeof a === 'string' ? query(a, b ?? []) : client.query(a as never),
+        release: (destroy?: boolean) => client.release(destroy),
+      };
+      return wrapped as unknown as PostgresPoolClient;
+    },
+    end: () => pool.end(),
   };
 }
