@@ -167,6 +167,17 @@ describe.each(DIALECTS)('lists rendered by the database on %s', (dialect) => {
       cursor = page.body['nextCursor'] as string | null;
     } while (cursor !== null);
     expect(seen).toEqual(['pi_c', 'pi_b', 'pi_d', 'pi_e', 'pi_a']); // no point last
+    const ascending: string[] = [];
+    cursor = null;
+    do {
+      const page: { body: Record<string, unknown> } = await t.call(
+        'GET',
+        `/api/protected-items?sort=lastPointAt&limit=1${cursor === null ? '' : `&cursor=${cursor}`}`,
+      );
+      ascending.push(...(page.body['items'] as Array<{ id: string }>).map((i) => i.id));
+      cursor = page.body['nextCursor'] as string | null;
+    } while (cursor !== null);
+    expect(ascending).toEqual(['pi_a', 'pi_e', 'pi_d', 'pi_b', 'pi_c']); // from a null cursor on
     const offset = await t.call('GET', '/api/protected-items?limit=2&offset=4');
     expect((offset.body['items'] as unknown[]).length).toBe(1);
     expect(offset.body['nextCursor']).toBeNull();
