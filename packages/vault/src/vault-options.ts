@@ -35,7 +35,7 @@ export interface VaultOptions {
   tls?: 'internal' | { certFile: string; keyFile: string };
   /** With `tls`, refuse component calls without their client certificate. @default false */
   requireComponentCertificates?: boolean;
-  /** pino log level ('silent' in tests). @default 'info' */
+  /** pino log level ('silent' in tests); one line per request only at 'debug' and 'trace'. @default 'info' */
   logLevel?: string;
   /** The first admin, created when the database has no user. @default 'admin' with a random password written to `<dataDir>/initial-admin-password` */
   initialAdmin?: { username: string; password: string };
@@ -48,6 +48,12 @@ export interface VaultOptions {
   eventPollMs?: number;
   /** How long GET /api/summary may be served from memory (0 = always fresh). @default 1000 */
   summaryCacheMs?: number;
+  /**
+   * How long a list's `total` may be served from memory: this instance's writes to the
+   * counted tables clear it at once, another instance's (same PostgreSQL) show after at most
+   * this long. 0 = always counted. @default 1000
+   */
+  countCacheMs?: number;
   /** Lifetime of a login session. @default 43200 */
   sessionTtlSeconds?: number;
   /** A process server or recovery host without a heartbeat for this long is unhealthy. @default 60 */
@@ -163,6 +169,7 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
     authCacheMs: positive('authCacheMs', options.authCacheMs ?? 5000, 0),
     eventPollMs: positive('eventPollMs', options.eventPollMs ?? 1000, 10),
     summaryCacheMs: positive('summaryCacheMs', options.summaryCacheMs ?? 1000, 0),
+    countCacheMs: positive('countCacheMs', options.countCacheMs ?? 1000, 0),
     sessionTtlSeconds: positive('sessionTtlSeconds', options.sessionTtlSeconds ?? 43_200),
     heartbeatTimeoutSeconds: positive(
       'heartbeatTimeoutSeconds',

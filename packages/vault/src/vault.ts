@@ -4,7 +4,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { openDatabase, type OpenDatabase } from './db/open-database.js';
 import { AuthCache, installAuth, type Access } from './http/auth.js';
@@ -72,6 +72,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     database = await openDatabase({
       sqliteFile: join(options.dataDir, 'vault.sqlite'),
       postgresUrl: options.databaseUrl,
+      countCacheMs: options.countCacheMs,
     });
   } catch (err) {
     await unlock?.();
@@ -119,6 +120,9 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     const https = await serverTls(options, ca);
     const fastify = Fastify({
       loggerInstance: log,
+      // A log line per request start and end cost more than a list page's query at info
+      // level; they are there at debug. Failed requests are logged by errorHandler anyway.
+      logController: new LogController({ disableRequestLogging: !log.isLevelEnabled('debug') }),
       ...(https !== undefined ? { https } : {}),
       ajv: {
         customOptions: {

@@ -1,9 +1,17 @@
 import { mkdir } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import SQLite from 'better-sqlite3';
-import { Kysely, Migrator, PostgresDialect, SqliteDialect } from 'kysely';
+import {
+  Kysely,
+  Migrator,
+  PostgresDialect,
+  SqliteDialect,
+  type PostgresPool,
+  type PostgresPoolClient,
+} from 'kysely';
 import pg from 'pg';
 import { LifeboatError } from '@lifeboat/protocol';
+import { attachCountCache, CountCache } from './count-cache.js';
 import { migrationProvider } from './migrations.js';
 import type { VaultDatabase } from './schema.js';
 
@@ -34,9 +42,13 @@ export async function openDatabase(options: {
   sqliteFile: string;
   postgresUrl?: string | undefined;
   poolSize?: number;
+  /** How long list totals may be served from memory (see CountCache). @default 1000 */
+  countCacheMs?: number;
 }): Promise<OpenDatabase> {
   let db: Kysely<VaultDatabase>;
   let dialect: DialectName;
+  const counts = new CountCache(options.countCacheMs ?? 1000);
+  const plugins = [counts.plugin];
   if (options.postgresUrl !== undefined) {
     dialect = 'postgres';
     const pool = new pg.Pool({
@@ -46,7 +58,10 @@ export async function openDatabase(options: {
     });
     // An idle client losing its server must not crash the vault; the next query reports it.
     pool.on('error', () => undefined);
-    db = new Kysely<VaultDatabase>({ dialect: new PostgresDialect({ pool }) });
+    db = new Kysely<VaultDatabase>({
+      dialect: new PostgresDialect({ pool: namingStatements(pool) }),
+      plugins,
+    });
   } else {
     dialect = 'sqlite';
     await mkdir(dirname(options.sqliteFile), { recursive: true });
@@ -63,8 +78,12 @@ export async function openDatabase(options: {
     sqlite.pragma('journal_mode = WAL');
     sqlite.pragma('synchronous = NORMAL');
     sqlite.pragma('busy_timeout = 5000');
-    db = new Kysely<VaultDatabase>({ dialect: new SqliteDialect({ database: sqlite }) });
+    db = new Kysely<VaultDatabase>({
+      dialect: new SqliteDialect({ database: reusingStatements(sqlite) }),
+      plugins,
+    });
   }
+  attachCountCache(db, counts);
   try {
     const migrator = new Migrator({ db, provider: migrationProvider });
     const { error } = await migrator.migrateToLatest();
@@ -82,5 +101,76 @@ export async function openDatabase(options: {
     dialect,
     ...(options.postgresUrl !== undefined ? { postgresUrl: options.postgresUrl } : {}),
     close: () => db.destroy(),
+  };
+}
+
+/**
+ * better-sqlite3 with prepared statements reused by SQL text: Kysely prepares every query
+ * afresh, which costs as much as running a small one. Kysely runs one query at a time on
+ * this connection, so a statement is never in use twice; SQLite re-prepares a cached
+ * statement by itself after a schema change.
+ */
+function reusingStatements(sqlite: SQLite.Database): {
+  close(): void;
+  prepare(sql: string): SQLite.Statement;
+} {
+  const cache = new Map<string, SQLite.Statement>();
+  return {
+    close: () => {
+      cache.clear();
+      sqlite.close();
+    },
+    prepare: (text: string) => {
+      let stmt = cache.get(text);
+      if (stmt === undefined) {
+        stmt = sqlite.prepare(text);
+        // Many distinct texts (lists of ids of varying length) would grow the map forever.
+        if (cache.size >= 500) cache.clear();
+        cache.set(text, stmt);
+      }
+      return stmt;
+    },
+  };
+}
+
+/**
+ * A pg pool whose selects run as named prepared statements: PostgreSQL then parses and
+ * analyses a statement once per connection instead of on every call (a list page's JSON
+ * statement is long). At most 500 texts get a name; a statement whose tables changed shape
+ * under it ("cached plan must not change result type", after another vault migrated) runs
+ * unnamed from then on.
+ */
+function namingStatements(pool: pg.Pool): PostgresPool {
+  const names = new Map<string, string | null>();
+  const nameOf = (text: string): string | null => {
+    let name = names.get(text);
+    if (name === undefined) {
+      name = names.size < 500 && /^\s*select\b/i.test(text) ? `lifeboat_${names.size + 1}` : null;
+      names.set(text, name);
+    }
+    return name;
+  };
+  return {
+    connect: async () => {
+      const client = await pool.connect();
+      const query = async (text: string, values: readonly unknown[]) => {
+        const name = nameOf(text);
+        if (name === null) return client.query(text, [...values]);
+        try {
+          return await client.query({ name, text, values: [...values] });
+        } catch (err) {
+          if ((err as { code?: unknown }).code !== '0A000') throw err;
+          names.set(text, null);
+          return client.query(text, [...values]);
+        }
+      };
+      const wrapped = {
+        query: (a: unknown, b?: readonly unknown[]) =>
+          typeof a === 'string' ? query(a, b ?? []) : client.query(a as never),
+        release: (destroy?: boolean) => client.release(destroy),
+      };
+      return wrapped as unknown as PostgresPoolClient;
+    },
+    end: () => pool.end(),
   };
 }

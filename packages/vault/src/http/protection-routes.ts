@@ -4,7 +4,7 @@ import type { MachineRow, ProtectedItemRow, RecoveryPointRow } from '../db/schem
 import { newId, nowIso } from '../ids.js';
 import { audit } from '../services/audit.js';
 import { invalid, notFound } from '../services/errors.js';
-import { listPage, pageQuerySchema } from '../services/list-page.js';
+import { listPage, listPageJson, pageQuerySchema, type JsonField } from '../services/list-page.js';
 import { upsertPoints } from '../services/catalogue.js';
 import { transition } from '../services/protection.js';
 import { openTargetStore } from '../jobs/open-target-store.js';
@@ -29,6 +29,50 @@ export function itemToApi(r: ProtectedItemRow, now = Date.now()): Record<string,
 export function pointToApi(r: RecoveryPointRow): Record<string, unknown> {
   return { ...r, labels: JSON.parse(r.labels) as unknown };
 }
+
+/**
+ * {@link itemToApi} as the database renders it in lists (same keys in the same order; a test
+ * compares the list with the single-item route).
+ */
+export const itemJsonFields: readonly JsonField[] = [
+  { key: 'id' },
+  { key: 'machineId' },
+  { key: 'policyId' },
+  { key: 'processServerId' },
+  { key: 'targetStoreId' },
+  { key: 'networkMappingId' },
+  { key: 'consistencyGroup' },
+  { key: 'state' },
+  { key: 'stateReason' },
+  { key: 'stateChangedAt' },
+  { key: 'generation' },
+  { key: 'appliedGeneration' },
+  { key: 'lastPointAt' },
+  { key: 'rpoSeconds', column: 'lastPointAt', as: 'ageSeconds' },
+  { key: 'backlogBytes' },
+  { key: 'throughputBps' },
+  { key: 'createdAt' },
+  { key: 'updatedAt' },
+];
+
+/** {@link pointToApi} as the database renders it in lists. */
+export const pointJsonFields: readonly JsonField[] = [
+  { key: 'id' },
+  { key: 'targetStoreId' },
+  { key: 'protectedItemId' },
+  { key: 'machine' },
+  { key: 'disk' },
+  { key: 'time' },
+  { key: 'committedAt' },
+  { key: 'kind' },
+  { key: 'size' },
+  { key: 'cut' },
+  { key: 'consistencyGroup' },
+  { key: 'labels', as: 'json' },
+  { key: 'parent' },
+];
+
+const JSON_TYPE = 'application/json; charset=utf-8';
 
 /** Machines and inventory, protected items and their state changes, recovery points. */
 export function registerProtectionRoutes(app: FastifyInstance, vault: VaultContext): void {
@@ -417,14 +461,16 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         response: responses(pageSchema),
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const q = request.query as Record<string, string | undefined> & {
         limit?: number;
         offset?: number;
       };
-      const page = await listPage(
+      const page = await listPageJson(
         db,
         {
+          dialect: vault.dialect,
+          fields: itemJsonFields,
           table: 'protectedItems',
           sort: q['sort'] ?? 'id',
           descending: q['order'] === 'desc',
@@ -470,11 +516,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
           ...(q['offset'] !== undefined ? { offset: q['offset'] } : {}),
         },
       );
-      const now = Date.now();
-      return {
-        ...page,
-        items: page.items.map((r) => itemToApi(r as unknown as ProtectedItemRow, now)),
-      };
+      return reply.type(JSON_TYPE).send(page);
     },
   );
 
@@ -895,10 +937,16 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
     },
     additionalProperties: false,
   };
-  const listPoints = async (q: Record<string, unknown>): Promise<unknown> => {
-    const page = await listPage(
+  const listPoints = async (
+    q: Record<string, unknown>,
+    parent?: { table: string; id: string; noun: string },
+  ): Promise<string> =>
+    listPageJson(
       db,
       {
+        dialect: vault.dialect,
+        fields: pointJsonFields,
+        ...(parent !== undefined ? { parent } : {}),
         table: 'recoveryPoints',
         sort: 'time',
         descending: true,
@@ -921,8 +969,6 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
       },
       q,
     );
-    return { ...page, items: page.items.map((r) => pointToApi(r as unknown as RecoveryPointRow)) };
-  };
 
   app.get(
     '/api/recovery-points',
@@ -934,7 +980,8 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         response: responses(pageSchema),
       },
     },
-    async (request) => listPoints(request.query as Record<string, unknown>),
+    async (request, reply) =>
+      reply.type(JSON_TYPE).send(await listPoints(request.query as Record<string, unknown>)),
   );
 
   app.get(
@@ -951,10 +998,13 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         response: responses(pageSchema),
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const { id } = request.params as { id: string };
-      await getRow(db, 'protectedItems', id, 'protected item');
-      return listPoints({ ...(request.query as Record<string, unknown>), protectedItemId: id });
+      const page = await listPoints(
+        { ...(request.query as Record<string, unknown>), protectedItemId: id },
+        { table: 'protectedItems', id, noun: 'protected item' },
+      );
+      return reply.type(JSON_TYPE).send(page);
     },
   );
 

@@ -215,8 +215,12 @@ export const retentionJob: JobHandler = {
     let kept = 0;
     await job.step('prune', async () => {
       const byStore = new Map<string, string[]>();
-      for (const i of items)
-        byStore.set(i.targetStoreId, [...(byStore.get(i.targetStoreId) ?? []), i.machineId]);
+      // push, not a spread copy per item: that was quadratic (seconds at 10,000 items).
+      for (const i of items) {
+        const list = byStore.get(i.targetStoreId);
+        if (list === undefined) byStore.set(i.targetStoreId, [i.machineId]);
+        else list.push(i.machineId);
+      }
       let done = 0;
       for (const [storeId, machines] of byStore) {
         const store = await openTargetStore(job.vault, storeId);

@@ -1,5 +1,6 @@
-import type { Kysely, SelectQueryBuilder } from 'kysely';
-import { invalid } from './errors.js';
+import { sql, type Kysely, type RawBuilder, type SelectQueryBuilder } from 'kysely';
+import { countCacheOf } from '../db/count-cache.js';
+import { invalid, notFound } from './errors.js';
 
 // Lists are built over any table by name; rows come back untyped and each resource maps them.
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
@@ -64,12 +65,13 @@ function decodeCursor(cursor: string): [unknown, string] {
   throw invalid('query.cursor', 'not a cursor this vault returned. Start again without a cursor.');
 }
 
-/** Lists a page of rows with keyset paging on (sort, id), or offset paging. */
-export async function listPage(
+// The filtered, cursor-limited, ordered query of a list (without selection, limit or offset),
+// and its filtered count query.
+function listQueries(
   db: AnyDb,
   spec: ListSpec,
   page: PageQuery,
-): Promise<Page<Record<string, unknown>>> {
+): { ordered: AnyQuery; count: AnyQuery; sort: string; desc: boolean; limit: number } {
   if (page.cursor !== undefined && page.offset !== undefined) {
     throw invalid('query.offset', 'give either cursor or offset, not both.');
   }
@@ -87,7 +89,7 @@ export async function listPage(
     }
     return spec.where === undefined ? qb : spec.where(qb);
   };
-  let query = filtered(db.selectFrom(spec.table).selectAll());
+  let query = filtered(db.selectFrom(spec.table));
   // NULLs of the sort column (an item without a point yet) come first ascending and last
   // descending on both dialects (their defaults differ), and the cursor condition follows.
   if (page.cursor !== undefined) {
@@ -114,12 +116,33 @@ export async function listPage(
       : query
           .orderBy(sort, (ob) => (desc ? ob.desc().nullsLast() : ob.asc().nullsFirst()))
           .orderBy('id', desc ? 'desc' : 'asc');
-  query = query.limit(limit + 1);
+  const count = filtered(db.selectFrom(spec.table)).select((eb) => eb.fn.countAll().as('n'));
+  return { ordered: query, count, sort, desc, limit };
+}
+
+// Rows matching the filters over all pages, from the count cache when the database has one.
+async function countRows(db: AnyDb, count: AnyQuery): Promise<number> {
+  const run = async () => {
+    const row = (await count.executeTakeFirst()) as { n: number | string } | undefined;
+    return Number(row?.n ?? 0);
+  };
+  const cache = countCacheOf(db);
+  if (cache === undefined) return run();
+  const compiled = count.compile();
+  return cache.get(compiled.sql, compiled.parameters, compiled.query, run);
+}
+
+/** Lists a page of rows with keyset paging on (sort, id), or offset paging. */
+export async function listPage(
+  db: AnyDb,
+  spec: ListSpec,
+  page: PageQuery,
+): Promise<Page<Record<string, unknown>>> {
+  const { ordered, count, sort, limit } = listQueries(db, spec, page);
+  let query = ordered.selectAll().limit(limit + 1);
   if (page.offset !== undefined) query = query.offset(page.offset);
   const rows = (await query.execute()) as Record<string, unknown>[];
-  const countRow = (await filtered(db.selectFrom(spec.table))
-    .select((eb) => eb.fn.countAll().as('n'))
-    .executeTakeFirst()) as { n: number | string } | undefined;
+  const total = await countRows(db, count);
   const more = rows.length > limit;
   const items = more ? rows.slice(0, limit) : rows;
   const last = items[items.length - 1];
@@ -129,6 +152,114 @@ export async function listPage(
       more && last !== undefined
         ? encodeCursor([sort === 'id' ? null : last[sort], last['id']])
         : null,
-    total: Number(countRow?.n ?? 0),
+    total,
   };
+}
+
+/**
+ * One field of a list item that the database renders as JSON: the column as it is, a text
+ * column holding JSON (`json`), or the seconds from a timestamp column to `now` (`ageSeconds`,
+ * never negative, null when the column is).
+ */
+export interface JsonField {
+  key: string;
+  column?: string;
+  as?: 'json' | 'ageSeconds';
+}
+
+/** A list whose items the database renders as JSON (see {@link listPageJson}). */
+export interface JsonListSpec extends ListSpec {
+  dialect: 'sqlite' | 'postgres';
+  /** The item's fields in order. */
+  fields: readonly JsonField[];
+  /** The time `ageSeconds` fields count to, in ms. @default Date.now() */
+  now?: number;
+  /** A row that must exist (the parent of the list), else 404 naming `noun`. */
+  parent?: { table: string; id: string; noun: string };
+}
+
+/**
+ * The same page as {@link listPage}, already serialised: the database builds each item's JSON
+ * and aggregates them (SQLite json_object/json_group_array, PostgreSQL json_build_object/
+ * json_agg), so the vault neither builds row objects nor serialises them; one statement
+ * returns the items, the cursor's key and (when asked for) whether the parent row exists.
+ * Send the result with content type application/json.
+ */
+export async function listPageJson(
+  db: AnyDb,
+  spec: JsonListSpec,
+  page: PageQuery,
+): Promise<string> {
+  const { ordered, count, sort, desc, limit } = listQueries(db, spec, page);
+  const pg = spec.dialect === 'postgres';
+  const now = spec.now ?? Date.now();
+  const value = (f: JsonField): RawBuilder<unknown> => {
+    const ref = sql.ref(`p.${f.column ?? f.key}`);
+    if (f.as === 'json') return pg ? sql`${ref}::json` : sql`json(${ref})`;
+    if (f.as === 'ageSeconds') {
+      // Whole milliseconds as Date.parse gives them, then one division as in JavaScript, so
+      // the value is the same double. SQLite's max() is null when the column is.
+      if (!pg) return sql`max(0, (${now} - round(unixepoch(${ref}, 'subsec') * 1000)) / 1000.0)`;
+      const diff = sql`cast((cast(${String(now)} as numeric) - extract(epoch from cast(${ref} as timestamptz)) * 1000) / 1000 as float8)`;
+      return sql`case when ${ref} is null then null else greatest(0, ${diff}) end`;
+    }
+    return ref;
+  };
+  const object = sql.join(
+    spec.fields.map((f) => sql`${sql.lit(f.key)}, ${value(f)}`),
+    sql`, `,
+  );
+  const order = (alias: string) => {
+    const dir = desc ? sql`desc` : sql`asc`;
+    const id = sql`${sql.ref(`${alias}.id`)} ${dir}`;
+    return sort === 'id'
+      ? id
+      : sql`${sql.ref(`${alias}.${sort}`)} ${dir} ${desc ? sql`nulls last` : sql`nulls first`}, ${id}`;
+  };
+  const offset = page.offset ?? 0;
+  let rows = ordered.selectAll().limit(limit);
+  if (offset > 0) rows = rows.offset(offset);
+  // The last row of this page and the first of the next: the cursor, and whether there is more.
+  const keys = ordered
+    .select([sql.ref(sort).as('s'), sql.ref('id').as('i')])
+    .limit(2)
+    .offset(offset + limit - 1);
+  const items = pg
+    ? sql`coalesce(json_agg(json_build_object(${object}) order by ${order('p')}), '[]'::json)::text`
+    : sql`json_group_array(json_object(${object}) order by ${order('p')})`;
+  const keyDir = desc ? sql`desc` : sql`asc`;
+  const keyOrder =
+    sort === 'id'
+      ? sql`k.i ${keyDir}`
+      : sql`k.s ${keyDir} ${desc ? sql`nulls last` : sql`nulls first`}, k.i ${keyDir}`;
+  const keyJson = pg
+    ? sql`coalesce(json_agg(json_build_array(k.s, k.i) order by ${keyOrder}), '[]'::json)::text`
+    : sql`json_group_array(json_array(k.s, k.i) order by ${keyOrder})`;
+  const parent = spec.parent;
+  const statement = db.selectNoFrom((eb) => [
+    eb.selectFrom(rows.as('p')).select(items.as('j')).as('items'),
+    eb.selectFrom(keys.as('k')).select(keyJson.as('j')).as('keys'),
+    ...(parent === undefined
+      ? []
+      : [
+          eb
+            .selectFrom(parent.table)
+            .select(sql.lit(1).as('one'))
+            .where('id', '=', parent.id)
+            .as('parent'),
+        ]),
+  ]);
+  const row = (await statement.executeTakeFirst()) as
+    { items: string; keys: string; parent?: number | null } | undefined;
+  if (parent !== undefined && (row?.parent ?? null) === null) {
+    throw notFound(parent.noun, parent.id);
+  }
+  const total = await countRows(db, count);
+  const next = JSON.parse(row?.keys ?? '[]') as Array<[unknown, string]>;
+  const last = next[0];
+  const cursor =
+    next.length === 2 && last !== undefined
+      ? encodeCursor([sort === 'id' ? null : last[0], last[1]])
+      : null;
+  return `{"items":${row?.items ?? '[]'},"nextCursor":${JSON.stringify(cursor)},"total":${total}}`;
 }
