@@ -9,7 +9,7 @@
 //
 //   npx tsx bench/agent-rpo.ts [--rates 5,20,50] [--seconds 120] [--ref-seconds 30]
 //                              [--interval-ms 2000] [--size-mib 2048] [--workers 2]
-//                              [--catch-up-s 60]
+//                              [--catch-up-s 60] [--trace] [--crypto-threads N]
 //
 // The process server runs its store work on --workers threads, as `lifeboat process-server
 // start` does (0: on the ingest thread). After each writer phase the benchmark waits at most
@@ -47,6 +47,10 @@ const INTERVAL_MS = Number(arg('--interval-ms', '2000'));
 const SIZE_MIB = Number(arg('--size-mib', '2048'));
 const WORKERS = Number(arg('--workers', '2'));
 const CATCH_UP_S = Number(arg('--catch-up-s', '60'));
+const TRACE = args.includes('--trace');
+const CRYPTO = args.includes('--crypto-threads')
+  ? { cryptoThreads: Number(arg('--crypto-threads', '0')) }
+  : {};
 const MB = 1e6;
 
 function pct(xs: number[], p: number): number {
@@ -168,7 +172,12 @@ async function main(): Promise<void> {
       ? {
           storeWorkers: {
             count: WORKERS,
-            spec: { kind: 'directory' as const, path: join(dir, 'store'), passphrase: 'bench' },
+            spec: {
+              kind: 'directory' as const,
+              path: join(dir, 'store'),
+              passphrase: 'bench',
+              ...CRYPTO,
+            },
           },
         }
       : { store }),
@@ -234,6 +243,11 @@ async function main(): Promise<void> {
         if (c.machine !== machine) return;
         newest = Math.max(newest, c.time.getTime());
         commitDelay.push((Date.now() - c.time.getTime()) / 1000);
+        // --trace: when each point committed and how old its cut was then, to find stalls.
+        if (TRACE)
+          console.error(
+            `trace ${rate} MB/s: ${new Date().toISOString()} cut age at commit ${((Date.now() - c.time.getTime()) / 1000).toFixed(1)} s`,
+          );
       };
       server.on('committed', onCommit);
       let lagged = 0;
@@ -271,7 +285,11 @@ async function main(): Promise<void> {
       const written = onRate * SECONDS;
       const row = `| ${rate} | ${pct(rpo, 50).toFixed(1)} | ${pct(rpo, 99).toFixed(1)} | ${(refRate / MB).toFixed(1)} | ${(onRate / MB).toFixed(1)} | ${(onRate / refRate).toFixed(3)} | ${(sent / written).toFixed(2)} | ${lagged} | ${pct(parts.cut, 50).toFixed(0)} / ${pct(parts.send, 50).toFixed(0)} / ${pct(parts.ack, 50).toFixed(0)} | ${pct(commitDelay, 50).toFixed(1)} / ${pct(commitDelay, 99).toFixed(1)} | ${caughtUp ? `yes, ${catchUpS.toFixed(1)} s` : `no: ${backlogMiB.toFixed(0)} MiB backlog, RPO ${endRpo.toFixed(0)} s after ${catchUpS.toFixed(0)} s`} |`;
       rows.push(row);
-      console.log(row);
+      console.log(
+        `${row}  (load ${loadavg()
+          .map((l) => l.toFixed(1))
+          .join(' ')})`,
+      );
     }
   } finally {
     await server.stop();
