@@ -8,6 +8,8 @@
 // - peak RSS of the process server with 100 machines.
 //
 //   npx tsx bench/process-server-ingest.ts [--seconds 10] [--machines 1,10,100] [--workers 2]
+//     [--crypto-threads N]   (crypto threads of each worker's store; default the server's)
+//     [--cpu-prof DIR]   (CPU profiles of the process server and its worker threads, in DIR)
 //
 // Everything lives in a temp dir under bench/out/ and is removed at the end.
 import { spawn } from 'node:child_process';
@@ -46,6 +48,7 @@ interface ServeConfig {
   keyPath: string;
   caPath: string;
   workers: number;
+  cryptoThreads?: number;
 }
 
 /** The process server child. */
@@ -66,7 +69,12 @@ async function serve(cfg: ServeConfig): Promise<void> {
       : {
           storeWorkers: {
             count: cfg.workers,
-            spec: { kind: 'directory' as const, path: cfg.storeDir, passphrase: 'bench' },
+            spec: {
+              kind: 'directory' as const,
+              path: cfg.storeDir,
+              passphrase: 'bench',
+              ...(cfg.cryptoThreads === undefined ? {} : { cryptoThreads: cfg.cryptoThreads }),
+            },
           },
         }),
     journalDir: cfg.journalDir,
@@ -186,9 +194,12 @@ interface Health {
 async function startServer(
   cfg: ServeConfig,
 ): Promise<{ child: ChildProcess; port: number; health: () => Promise<Health> }> {
+  const prof = args.includes('--cpu-prof')
+    ? ['--cpu-prof', '--cpu-prof-dir', arg('--cpu-prof', '')]
+    : [];
   const child = spawn(
     process.execPath,
-    ['--conditions=source', '--import', 'tsx', SELF, '--serve', JSON.stringify(cfg)],
+    [...prof, '--conditions=source', '--import', 'tsx', SELF, '--serve', JSON.stringify(cfg)],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
   const line = await new Promise<string>((resolve, reject) => {
@@ -276,6 +287,9 @@ async function phase(
     keyPath: p.keyPath,
     caPath: p.caPath,
     workers: WORKERS,
+    ...(args.includes('--crypto-threads')
+      ? { cryptoThreads: Number(arg('--crypto-threads', '0')) }
+      : {}),
   });
   let peakRss = 0;
   let last: Health | undefined;

@@ -33,6 +33,9 @@ export interface MachineReplicatorDeps {
   retryMaxMs: number;
 }
 
+/** How often a replicator that started a cut early checks whether others wait for its slot. */
+const EARLY_RECHECK_MS = 250;
+
 /** Metadata of a cut as journaled. */
 interface CutMeta {
   cutId: string;
@@ -125,7 +128,12 @@ export class MachineReplicator {
 
   private async run(): Promise<void> {
     while (!this.stopped) {
-      if (this.cutsQueued === 0) {
+      // A cut's records are applied once the whole cut is in the journal; or, when a slot is
+      // idle (no other machine waits for one), as soon as its first records are: the store
+      // work then overlaps the agent's sending, and the point commits soon after its cut.
+      const early =
+        this.cutsQueued === 0 && this.records.length > this.cursor && this.deps.applySlots.idle;
+      if (this.cutsQueued === 0 && !early) {
         await new Promise<void>((resolve) => (this.wake = resolve));
         this.wake = undefined;
         continue;
@@ -137,7 +145,25 @@ export class MachineReplicator {
         await this.deps.applySlots.run(async () => {
           while (!this.stopped && gen === this.generation) {
             const r = this.records[this.cursor];
-            if (!r) return;
+            if (!r) {
+              // Started early: the rest of the cut is still on its way from the agent. When
+              // another machine waits for the slot meanwhile, give it back: the sessions are
+              // aborted and the records applied again with the cut.
+              if (this.cutsQueued === 0 && this.deps.applySlots.waiting > 0) {
+                await this.abortSessions();
+                this.cursor = 0;
+                return;
+              }
+              await new Promise<void>((resolve) => {
+                const timer = setTimeout(resolve, EARLY_RECHECK_MS);
+                this.wake = () => {
+                  clearTimeout(timer);
+                  resolve();
+                };
+              });
+              this.wake = undefined;
+              continue;
+            }
             await this.apply(r, gen);
             if (gen !== this.generation) return;
             this.cursor++;

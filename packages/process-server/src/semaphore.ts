@@ -10,6 +10,16 @@ export class Semaphore {
     return this.active;
   }
 
+  /** True when a slot is free now and nobody waits for one. */
+  get idle(): boolean {
+    return this.active < this.limit && this.waiters.length === 0;
+  }
+
+  /** Operations waiting for a slot. */
+  get waiting(): number {
+    return this.waiters.length;
+  }
+
   /** Runs `fn` when a slot is free. */
   async run<T>(fn: () => Promise<T>): Promise<T> {
     if (this.active >= this.limit) await new Promise<void>((resolve) => this.waiters.push(resolve));

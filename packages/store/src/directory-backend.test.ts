@@ -32,6 +32,13 @@ describe('DirectoryBackend', () => {
     const all: string[] = [];
     for await (const o of b.list('')) all.push(o.key);
     expect(all.sort()).toEqual(['config', 'packs/ab/abcd']);
+    // listKeys: the same keys without a stat per file.
+    const names: string[] = [];
+    for await (const k of b.listKeys('')) names.push(k);
+    expect(names.sort()).toEqual(['config', 'packs/ab/abcd']);
+    const packNames: string[] = [];
+    for await (const k of b.listKeys('packs/a')) packNames.push(k);
+    expect(packNames).toEqual(['packs/ab/abcd']);
     await b.delete('packs/ab/abcd');
     await b.delete('packs/ab/abcd');
     await expect(b.get('packs/ab/abcd')).rejects.toSatisfy(code('LB_BACKEND_NOT_FOUND'));
@@ -60,6 +67,9 @@ describe('DirectoryBackend', () => {
     const keys: string[] = [];
     for await (const o of b.list('index/')) keys.push(o.key);
     expect(keys).toEqual(['index/a']);
+    const names: string[] = [];
+    for await (const k of b.listKeys('index/')) names.push(k);
+    expect(names).toEqual(['index/a']);
     // A temporary file of a put killed long ago is removed by the next listing.
     const old = join(dir, 'store', 'index', '.tmp-0ld');
     await writeFile(old, 'abandoned');

@@ -184,7 +184,13 @@ export class DirectoryBackend implements ObjectBackend {
   async *list(prefix: string): AsyncIterable<ObjectInfo> {
     const slash = prefix.lastIndexOf('/');
     const baseKey = slash < 0 ? '' : prefix.slice(0, slash);
-    yield* this.walk(baseKey, prefix);
+    for await (const e of this.walk(baseKey, prefix, true)) yield e as ObjectInfo;
+  }
+
+  async *listKeys(prefix: string): AsyncIterable<string> {
+    const slash = prefix.lastIndexOf('/');
+    const baseKey = slash < 0 ? '' : prefix.slice(0, slash);
+    for await (const e of this.walk(baseKey, prefix, false)) yield e as string;
   }
 
   async delete(key: string): Promise<void> {
@@ -242,7 +248,12 @@ export class DirectoryBackend implements ObjectBackend {
     if (entry.users === 0) closeQuietly(entry.handle);
   }
 
-  private async *walk(dirKey: string, prefix: string): AsyncIterable<ObjectInfo> {
+  /** Objects under `dirKey` whose keys start with `prefix`: infos with sizes, or keys only. */
+  private async *walk(
+    dirKey: string,
+    prefix: string,
+    sizes: boolean,
+  ): AsyncIterable<ObjectInfo | string> {
     const dir = dirKey === '' ? this.root : join(this.root, ...dirKey.split('/'));
     let entries;
     try {
@@ -259,8 +270,13 @@ export class DirectoryBackend implements ObjectBackend {
       const key = dirKey === '' ? entry.name : `${dirKey}/${entry.name}`;
       if (entry.isDirectory()) {
         // Descend only where keys below can still match the prefix.
-        if (key.startsWith(prefix) || prefix.startsWith(`${key}/`)) yield* this.walk(key, prefix);
+        if (key.startsWith(prefix) || prefix.startsWith(`${key}/`))
+          yield* this.walk(key, prefix, sizes);
       } else if (entry.isFile() && key.startsWith(prefix)) {
+        if (!sizes) {
+          yield key;
+          continue;
+        }
         try {
           const s = await stat(join(dir, entry.name));
           yield { key, size: s.size };

@@ -60,8 +60,22 @@ export interface ObjectBackend {
   stat(key: string): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with `prefix`. */
   list(prefix: string): AsyncIterable<ObjectInfo>;
+  /**
+   * Optional: the keys `list` would yield, without their sizes (a directory then reads the
+   * directory only, not a `stat` per file). The store falls back to `list` when a backend lacks it.
+   */
+  listKeys?(prefix: string): AsyncIterable<string>;
   /** Deletes an object; succeeds when it is already gone. */
   delete(key: string): Promise<void>;
   /** Releases connections and handles. */
   close(): Promise<void>;
+}
+
+/** The keys under `prefix`: the backend's cheaper key listing when it has one. */
+export async function* listKeys(backend: ObjectBackend, prefix: string): AsyncIterable<string> {
+  if (backend.listKeys !== undefined) {
+    yield* backend.listKeys(prefix);
+    return;
+  }
+  for await (const info of backend.list(prefix)) yield info.key;
 }

@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import { BroadcastChannel, threadId } from 'node:worker_threads';
 import { isLifeboatError } from '@lifeboat/protocol';
 import type { ObjectBackend } from './object-backend.js';
+import { listKeys } from './object-backend.js';
 import { storeError } from './store-error.js';
 
 /** Lock timings. */
@@ -373,7 +374,8 @@ export class StoreLocks {
   /** Every lock object except `own`, with whether it is stale. */
   async others(own?: string): Promise<Array<{ key: string; record: LockRecord; stale: boolean }>> {
     const out: Array<{ key: string; record: LockRecord; stale: boolean }> = [];
-    for await (const info of this.backend.list('locks/')) {
+    for await (const lockKey of listKeys(this.backend, 'locks/')) {
+      const info = { key: lockKey };
       if (info.key === own) continue;
       let record: LockRecord;
       try {

@@ -8,6 +8,7 @@ import type { OpenItem, OpenResult } from './crypto-pool.js';
 import { LruCache } from './lru-cache.js';
 import { mapLimit } from './map-limit.js';
 import type { ObjectBackend } from './object-backend.js';
+import { listKeys } from './object-backend.js';
 import {
   FormatError,
   ObjectKind,
@@ -492,7 +493,7 @@ export class Store implements StoreApi {
       // while the listing runs is not "vanished" (that would force a needless full reload).
       const known = new Set(this.index.loaded);
       const keys: string[] = [];
-      for await (const info of this.backend.list('index/')) keys.push(info.key);
+      for await (const key of listKeys(this.backend, 'index/')) keys.push(key);
       const present = new Set(keys);
       const vanished = [...known].some((k) => !present.has(k));
       // A full reload fills a new index and swaps it in, so readers never see an empty one.
@@ -549,8 +550,8 @@ export class Store implements StoreApi {
   /** @internal Reloads the point list from the backend. */
   async refreshPoints(): Promise<void> {
     const ids: string[] = [];
-    for await (const info of this.backend.list('points/')) {
-      const id = info.key.slice('points/'.length);
+    for await (const key of listKeys(this.backend, 'points/')) {
+      const id = key.slice('points/'.length);
       if (/^[0-9a-f]{32}$/.test(id)) ids.push(id);
     }
     const present = new Set(ids);

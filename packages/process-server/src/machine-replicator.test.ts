@@ -1,0 +1,128 @@
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DirectoryBackend, Store } from '@lifeboat/store';
+import type { WriteSession } from '@lifeboat/store';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Journal, JournalRecord } from './journal.js';
+import { MachineReplicator } from './machine-replicator.js';
+import type { CommittedCut } from './machine-replicator.js';
+import type { MachineState } from './machine-state-store.js';
+import { Semaphore } from './semaphore.js';
+
+const CHUNK = 65536;
+
+describe('MachineReplicator', () => {
+  let dir: string;
+  let store: Store;
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'lb-replicator-'));
+    store = await Store.init({
+      backend: new DirectoryBackend({ path: dir }),
+      passphrase: 'replicator',
+      kdfCost: 1024,
+    });
+  });
+  afterAll(async () => {
+    await store?.close();
+    if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('starts a cut before its marker while a slot is idle, gives the slot back when another machine waits, and commits every record at the cut', async () => {
+    const bodies = new Map<JournalRecord, Buffer>();
+    const journal = {
+      readBody: async (r: JournalRecord) => Buffer.from(bodies.get(r)!),
+      release: async () => undefined,
+    } as unknown as Journal;
+    const events: string[] = [];
+    const committed: CommittedCut[] = [];
+    const replicatorStore = {
+      beginWrite: async (o: Parameters<Store['beginWrite']>[0]): Promise<WriteSession> => {
+        events.push(`begin ${o.machine}`);
+        const s = await store.beginWrite(o);
+        const abort = s.abort.bind(s);
+        s.abort = async () => {
+          events.push(`abort ${o.machine}`);
+          return abort();
+        };
+        return s;
+      },
+      listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+    };
+    const slots = new Semaphore(1);
+    const make = (machine: string): MachineReplicator => {
+      const state: MachineState = {
+        machine,
+        releasedSeq: 0,
+        disks: { d: { size: 4 * CHUNK } },
+        points: {},
+      };
+      return new MachineReplicator(state, {
+        store: replicatorStore,
+        journal,
+        storeLimit: new Semaphore(8),
+        applySlots: slots,
+        logger: pino({ level: 'silent' }),
+        saveState: async () => undefined,
+        onCommitted: (c) => committed.push(c),
+        retryInitialMs: 10,
+        retryMaxMs: 100,
+      });
+    };
+    const record = (machine: string, seq: number, body: Buffer, at = 0): JournalRecord => {
+      const r: JournalRecord = {
+        kind: at < 0 ? 'cut' : 'data',
+        machine,
+        disk: at < 0 ? '' : 'd',
+        seq,
+        a: Math.max(at, 0),
+        b: 0,
+        segment: 0,
+        bodyPosition: 0,
+        bodyLength: body.length,
+        recordBytes: body.length + 64,
+      };
+      bodies.set(r, body);
+      return r;
+    };
+    const cut = (machine: string, seq: number, id: string): JournalRecord =>
+      record(machine, seq, Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: 1 })), -1);
+    const until = async (what: () => boolean): Promise<void> => {
+      for (let i = 0; i < 200 && !what(); i++) await new Promise((r) => setTimeout(r, 25));
+      expect(what()).toBe(true);
+    };
+
+    const a = make('a');
+    const b = make('b');
+    a.start();
+    b.start();
+    try {
+      const dataA = randomBytes(CHUNK);
+      // No cut yet, the only slot idle: a begins its session at once.
+      a.push(record('a', 1, dataA, CHUNK));
+      await until(() => events.includes('begin a'));
+      // b's whole cut waits for the slot: a gives it back (its session aborted) and b commits.
+      b.push(record('b', 1, randomBytes(CHUNK)));
+      b.push(cut('b', 2, 'cut-b'));
+      await until(() => committed.some((c) => c.machine === 'b'));
+      expect(events.slice(0, 3)).toEqual(['begin a', 'abort a', 'begin b']);
+      expect(committed.some((c) => c.machine === 'a')).toBe(false);
+      // a's cut arrives: its records are applied again from the first and committed.
+      const moreA = randomBytes(CHUNK);
+      a.push(record('a', 2, moreA, 2 * CHUNK));
+      a.push(cut('a', 3, 'cut-a'));
+      await until(() => committed.some((c) => c.machine === 'a'));
+      const point = committed.find((c) => c.machine === 'a')!.points[0]!;
+      const reader = await store.openPoint(point.id);
+      expect(Buffer.from(await reader.readAt(0, 3 * CHUNK))).toEqual(
+        Buffer.concat([Buffer.alloc(CHUNK), dataA, moreA]),
+      );
+      expect(a.backlogRecords).toBe(0);
+    } finally {
+      await a.stop();
+      await b.stop();
+    }
+  });
+});

@@ -1,0 +1,83 @@
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DirectoryBackend, Store } from '@lifeboat/store';
+import type { WriteSession } from '@lifeboat/store';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { StoreWorkerPool } from './store-worker-pool.js';
+
+const CHUNK = 65536;
+
+describe('StoreWorkerPool', () => {
+  let dir: string;
+  const passphrase = 'pool-passphrase';
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'lb-pool-'));
+    const s = await Store.init({
+      backend: new DirectoryBackend({ path: dir }),
+      passphrase,
+      kdfCost: 1024,
+    });
+    await s.close();
+  });
+  afterAll(async () => {
+    if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  });
+
+  /** The worker thread that holds each machine's write lock now (from the lock objects). */
+  async function threadsOf(): Promise<Map<string, number>> {
+    const out = new Map<string, number>();
+    for (const name of await readdir(join(dir, 'locks'))) {
+      if (name.startsWith('.')) continue;
+      const r = JSON.parse(await readFile(join(dir, 'locks', name), 'utf8')) as {
+        machine?: string;
+        thread?: number;
+      };
+      if (r.machine !== undefined && r.thread !== undefined) out.set(r.machine, r.thread);
+    }
+    return out;
+  }
+
+  it('spreads write sessions over the threads by their open sessions, and a machine that moves keeps its history', async () => {
+    const pool = new StoreWorkerPool({ spec: { kind: 'directory', path: dir, passphrase } });
+    try {
+      const begin = (machine: string): Promise<WriteSession> =>
+        pool.forMachine(machine).beginWrite({ machine, disk: 'd', size: 4 * CHUNK });
+      const first = randomBytes(CHUNK);
+      // Two sessions at once: one per thread, whatever the machines' names hash to.
+      const m1 = await begin('m1');
+      const m2 = await begin('m2');
+      let t = await threadsOf();
+      expect(t.get('m1')).not.toBe(t.get('m2'));
+      const threadOfM1 = t.get('m1');
+      await m1.write(0, Buffer.from(first));
+      await m1.commit({ cut: 'c1' });
+      // m1's thread now runs two sessions, m2's one: m1's next session moves to m2's thread.
+      const m3 = await begin('m3');
+      const m4 = await begin('m4');
+      t = await threadsOf();
+      expect(t.get('m3')).toBe(threadOfM1);
+      expect(t.get('m4')).toBe(threadOfM1);
+      const again = await begin('m1');
+      t = await threadsOf();
+      expect(t.get('m1')).not.toBe(threadOfM1);
+      // Its base is the point the other thread committed.
+      const second = randomBytes(CHUNK);
+      await again.write(CHUNK, Buffer.from(second));
+      const point = await again.commit({ cut: 'c2' });
+      for (const s of [m2, m3, m4]) await s.abort();
+      const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
+      try {
+        const reader = await store.openPoint(point.id);
+        expect(Buffer.from(await reader.readAt(0, 2 * CHUNK))).toEqual(
+          Buffer.concat([first, second]),
+        );
+      } finally {
+        await store.close();
+      }
+    } finally {
+      await pool.close();
+    }
+  });
+});
