@@ -1,9 +1,11 @@
 import { execFile } from 'node:child_process';
-import { open, stat, writeFile } from 'node:fs/promises';
+import { stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import type { PointInfo, StoreApi } from '@lifeboat/store';
-import type { TestImage } from '@lifeboat/testing';
+import { importRaw, type TestImage } from '@lifeboat/testing';
+
+export { importRaw };
 
 const run = promisify(execFile);
 
@@ -35,30 +37,6 @@ export async function adminLogin(base: string, password = 'admin-password'): Pro
     password,
   });
   return r.token;
-}
-
-/** Imports a raw image as a point of `machine`/`disk`, storing only non-zero chunks. */
-export async function importRaw(
-  store: StoreApi,
-  path: string,
-  machine: string,
-  disk: string,
-  commit: { cut?: string; kind?: 'crash' | 'app'; consistencyGroup?: string } = {},
-): Promise<PointInfo> {
-  const size = (await stat(path)).size;
-  const session = await store.beginWrite({ machine, disk, size, base: null });
-  const fh = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(store.chunkSize);
-    for (let off = 0; off < size; off += buf.length) {
-      const { bytesRead } = await fh.read(buf, 0, buf.length, off);
-      const chunk = buf.subarray(0, bytesRead);
-      if (chunk.some((b) => b !== 0)) await session.write(off, Buffer.from(chunk));
-    }
-  } finally {
-    await fh.close();
-  }
-  return session.commit(commit);
 }
 
 /** A copy of the test image's root with `text` in /var/lifeboat/marker (what the source wrote). */

@@ -1,13 +1,13 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, open, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readlink, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DirectoryBackend, Store, type PointInfo } from '@lifeboat/store';
-import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
+import { buildTestImage, importRaw, testImageAppend, type TestImage } from '@lifeboat/testing';
 import { Failover } from './failover.js';
 import { RecoveryHost } from './recovery-host.js';
 import { cleanupRunDir } from './run-dir-cleanup.js';
@@ -29,23 +29,6 @@ let store: Store;
 let host: RecoveryHost;
 let point: PointInfo;
 
-async function importRaw(path: string): Promise<PointInfo> {
-  const size = (await stat(path)).size;
-  const session = await store.beginWrite({ machine: 'web', disk: 'root', size, base: null });
-  const fh = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(store.chunkSize);
-    for (let off = 0; off < size; off += buf.length) {
-      const { bytesRead } = await fh.read(buf, 0, buf.length, off);
-      const chunk = buf.subarray(0, bytesRead);
-      if (chunk.some((b) => b !== 0)) await session.write(off, Buffer.from(chunk));
-    }
-  } finally {
-    await fh.close();
-  }
-  return session.commit({});
-}
-
 describe.skipIf(!root)('bridge network', () => {
   beforeAll(async () => {
     await run('ip', ['link', 'add', bridge, 'type', 'bridge']);
@@ -58,7 +41,7 @@ describe.skipIf(!root)('bridge network', () => {
       passphrase: 'bridge test',
       kdfCost: 1024,
     });
-    point = await importRaw(image.rootImage);
+    point = await importRaw(store, image.rootImage, 'web', 'root');
     host = await RecoveryHost.start({
       runDir: join(dir, 'run'),
       networks: {

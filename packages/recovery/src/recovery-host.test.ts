@@ -8,7 +8,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestAgentClient } from '@lifeboat/qmp';
 import { DirectoryBackend, Store, type PointInfo } from '@lifeboat/store';
-import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
+import { buildTestImage, importRaw, testImageAppend, type TestImage } from '@lifeboat/testing';
 import { Failover } from './failover.js';
 import { listeningSockets } from './listening-sockets.js';
 import { pngSize } from './png.js';
@@ -28,29 +28,6 @@ let host: RecoveryHost;
 let storeDir: string;
 let pointA: PointInfo;
 let pointB: PointInfo;
-
-/** Imports a raw image as a point, storing only non-zero chunks (the image is sparse). */
-async function importRaw(
-  path: string,
-  machine: string,
-  disk: string,
-  commit: { consistencyGroup?: string; cut?: string; kind?: 'crash' | 'app' } = {},
-): Promise<PointInfo> {
-  const size = (await stat(path)).size;
-  const session = await store.beginWrite({ machine, disk, size, base: null });
-  const fh = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(store.chunkSize);
-    for (let off = 0; off < size; off += buf.length) {
-      const { bytesRead } = await fh.read(buf, 0, buf.length, off);
-      const chunk = buf.subarray(0, bytesRead);
-      if (chunk.some((b) => b !== 0)) await session.write(off, Buffer.from(chunk));
-    }
-  } finally {
-    await fh.close();
-  }
-  return session.commit(commit);
-}
 
 /** A copy of the test image's root with `text` in /var/lifeboat/marker (what the source wrote). */
 async function markedRoot(text: string): Promise<string> {
@@ -76,8 +53,8 @@ beforeAll(async () => {
     passphrase: 'recovery test',
     kdfCost: 1024,
   });
-  pointA = await importRaw(await markedRoot('MARK-A'), 'web', 'root');
-  pointB = await importRaw(await markedRoot('MARK-B'), 'web', 'root');
+  pointA = await importRaw(store, await markedRoot('MARK-A'), 'web', 'root');
+  pointB = await importRaw(store, await markedRoot('MARK-B'), 'web', 'root');
   host = await RecoveryHost.start({ runDir: join(dir, 'run'), bootTimeoutMs: 180_000 });
 }, 600_000);
 
@@ -192,8 +169,8 @@ describe('test failover', () => {
   it('two machines of one consistency group reach each other over their private segment and nothing else', async () => {
     const cut = `cut-${randomBytes(4).toString('hex')}`;
     const root = await markedRoot('GROUP');
-    await importRaw(root, 'app', 'root', { consistencyGroup: 'shop', cut });
-    await importRaw(root, 'db', 'root', { consistencyGroup: 'shop', cut });
+    await importRaw(store, root, 'app', 'root', { consistencyGroup: 'shop', cut });
+    await importRaw(store, root, 'db', 'root', { consistencyGroup: 'shop', cut });
     const tf = await runTestFailover(host, store, {
       network: 'segment',
       machines: [
@@ -331,7 +308,7 @@ describe('failover', () => {
     const dataPath = join(dir, 'data.raw');
     await writeFile(dataPath, data);
     const packsBefore = new Set(await listFiles(storeDir));
-    const damaged = await importRaw(dataPath, 'fo2', 'data');
+    const damaged = await importRaw(store, dataPath, 'fo2', 'data');
     const newPacks = (await listFiles(storeDir)).filter(
       (f) => !packsBefore.has(f) && f.includes('pack'),
     );

@@ -7,6 +7,7 @@ export { startPostgres } from './postgres.js';
 export type { PostgresOptions, PostgresServer } from './postgres.js';
 export { buildTestImage, createRootOverlay, copyRootImage, testImageAppend } from './test-image.js';
 export type { TestImage, TestImageOptions, TestImageAppendOptions } from './test-image.js';
+export { importRaw } from './import-raw.js';
 export { startVm } from './start-vm.js';
 export type { StartVmOptions, TestVm, VmDisk, VmNet } from './start-vm.js';
 export { startStorageDaemon } from './start-storage-daemon.js';
