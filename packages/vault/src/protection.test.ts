@@ -388,25 +388,21 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
       removed: ['export web-d0 of point p1'],
     });
     expect(shown.body['progress']).toBe(0.5);
-    const failed = await t.call(
-      'PUT',
-      '/api/components/self/jobs/tf-1',
-      {
-        kind: 'test-failover',
-        target: { machine: 'web' },
-        state: 'failed',
-        steps: [
-          { name: 'export', state: 'succeeded' },
-          {
-            name: 'boot',
-            state: 'failed',
-            error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
-          },
-        ],
-        error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
-      },
-      rh,
-    );
+    const failedReport = {
+      kind: 'test-failover',
+      target: { machine: 'web' },
+      state: 'failed',
+      steps: [
+        { name: 'export', state: 'succeeded' },
+        {
+          name: 'boot',
+          state: 'failed',
+          error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
+        },
+      ],
+      error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
+    };
+    const failed = await t.call('PUT', '/api/components/self/jobs/tf-1', failedReport, rh);
     expect(failed.status).toBe(200);
     expect((await t.call('GET', `/api/jobs/${jobId}`)).body['state']).toBe('failed');
     const logs = await t.call('GET', `/api/jobs/${jobId}/logs`);
@@ -422,21 +418,7 @@ describe.each(DIALECTS)('protection, catalogue and alerts on %s', (dialect) => {
     const again = await t.call(
       'PUT',
       '/api/components/self/jobs/tf-1',
-      {
-        kind: 'test-failover',
-        target: { machine: 'web' },
-        state: 'failed',
-        steps: [
-          { name: 'export', state: 'succeeded' },
-          {
-            name: 'boot',
-            state: 'failed',
-            error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
-          },
-        ],
-        error: { code: 'LB_RECOVERY_BOOT', message: 'no console marker' },
-        result: { artifacts: { 'web-console': '/run/web/console.log' } },
-      },
+      { ...failedReport, result: { artifacts: { 'web-console': '/run/web/console.log' } } },
       rh,
     );
     expect(again.status).toBe(200);
