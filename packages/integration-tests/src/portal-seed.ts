@@ -24,6 +24,8 @@ export interface PortalSeed {
   staleItem: string;
   /** Names of discovered machines that are not protected. */
   spares: string[];
+  /** What the seed's recovery host reports in its heartbeats (a test may add `networks`). */
+  recoveryHostHealth: Record<string, unknown>;
   /** Stops the heartbeats the seed keeps sending for its process server and recovery host. */
   stop(): void;
 }
@@ -257,14 +259,16 @@ export async function seedPortal(
     ],
   });
   // Like the real components, keep heartbeating so neither turns unhealthy during a long test.
+  const recoveryHostHealth: Record<string, unknown> = {};
   const timer = setInterval(() => {
     void p('POST', '/api/components/self/heartbeat', { health }).catch(() => undefined);
-    void call(base, rh.token, 'POST', '/api/components/self/heartbeat', { health: {} }).catch(
-      () => undefined,
-    );
+    void call(base, rh.token, 'POST', '/api/components/self/heartbeat', {
+      health: recoveryHostHealth,
+    }).catch(() => undefined);
   }, 10_000);
   return {
     stop: () => clearInterval(timer),
+    recoveryHostHealth,
     spares: spares.map((m) => m.name),
     adminToken,
     processServerToken: ps.token,

@@ -591,16 +591,48 @@ describe('portal', () => {
     await page.getByTestId('machine-test-failovers').getByText('cleaned-up').waitFor();
   });
 
-  it('fails a machine over through the wizard (confirmed by its name), then commits it', async () => {
+  it('fails a machine over onto its mapped network through the wizard (confirmed by its name), then commits it', async () => {
     const rh = recoveryHostPlayer(vault.url, seed.recoveryHostToken);
     const id = seed.items['resync-needed'][0] ?? '';
     const name = seed.names[id] ?? '';
+    // Its network mapping sends it to the recovery site's dr-lan, which no recovery host has yet.
+    const mapping = await call<{ id: string }>(
+      vault.url,
+      seed.adminToken,
+      'POST',
+      '/api/network-mappings',
+      { name: 'prod-lan', sourceNetwork: 'lan', targetNetwork: 'dr-lan' },
+    );
+    await call(vault.url, seed.adminToken, 'PATCH', `/api/protected-items/${id}`, {
+      networkMappingId: mapping.id,
+    });
     await page.goto(vault.url + `/machines/${id}`);
     await page.getByRole('link', { name: 'Fail over…' }).click();
     await page.getByRole('heading', { name: `Fail over ${name}` }).waitFor();
     const next = page.getByRole('button', { name: 'Next' });
     await next.click();
+    await page.getByTestId('fo-network').filter({ hasText: 'dr-lan (mapping prod-lan)' }).waitFor();
     await next.click();
+    // The wizard stays at the network: no recovery host can attach the machine to dr-lan.
+    expect(await page.locator('#fo-network-error').textContent()).toContain(
+      'No healthy recovery host has network dr-lan',
+    );
+    await shot('failover-network-missing');
+    // The recovery host now reports dr-lan with its bridge; the wizard, opened again, goes on.
+    seed.recoveryHostHealth['networks'] = [
+      { name: 'dr-lan', kind: 'bridge', bridge: 'br-dr', present: true },
+    ];
+    await call(vault.url, seed.recoveryHostToken, 'POST', '/api/components/self/heartbeat', {
+      health: seed.recoveryHostHealth,
+    });
+    await page.reload();
+    await page.getByRole('heading', { name: `Fail over ${name}` }).waitFor();
+    await next.click();
+    await page.getByTestId('fo-network').filter({ hasText: 'dr-lan' }).waitFor();
+    await next.click();
+    expect(await page.getByTestId('fo-review').textContent()).toContain(
+      'dr-lan (mapping prod-lan)',
+    );
     await page.getByLabel('Type the machine’s name to confirm').fill('not-it');
     await page.getByRole('button', { name: 'Fail over now' }).click();
     expect(await page.locator('#fo-confirm-error').textContent()).toBe(`Type ${name} to confirm.`);
@@ -610,6 +642,7 @@ describe('portal', () => {
     await page.waitForURL(/\/failovers\/fo/);
     const runId = decodeURIComponent(page.url().split('/').pop() ?? '');
     const op = await rh.operation(runId, 'failover');
+    expect((op.spec['machine'] as { network?: string }).network).toBe('dr-lan');
     await rh.report(op.jobId, {
       kind: 'failover',
       state: 'running',
@@ -621,6 +654,7 @@ describe('portal', () => {
       result: { instanceId: 'seed-rh' },
     });
     await page.getByTestId('run-state').filter({ hasText: 'booted' }).waitFor();
+    expect(await text(page, 'run-network')).toBe('network dr-lan');
     await page.getByRole('button', { name: 'Commit…' }).click();
     await page.getByLabel(/Copy its disks to local files/).uncheck();
     await page.getByRole('button', { name: 'Commit now' }).click();

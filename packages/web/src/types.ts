@@ -171,6 +171,8 @@ export interface RunMachine {
     screenshot?: { width: number; height: number } | null;
   } | null;
   artifacts: { screenshot?: string | null; console?: string | null } | null;
+  /** The recovery host's network it is attached to (its network mapping's); null: the run's isolated network. */
+  network?: string | null;
   /** Failover, once hydrated: the disks' files on the recovery host. */
   localDisks?: string[];
 }
@@ -203,4 +205,15 @@ export interface Component {
   name: string;
   status: string;
   lastHeartbeatAt: string | null;
+  /** What it reported in its last heartbeat (a recovery host: its `networks`). */
+  health?: unknown;
+}
+
+/** A network mapping (`GET /api/network-mappings`): a source network and where it fails over to. */
+export interface NetworkMapping {
+  id: string;
+  name: string;
+  sourceNetwork: string;
+  targetNetwork: string;
+  testNetwork: string | null;
 }

@@ -13,12 +13,16 @@ import {
   bootErrors,
   BootFields,
   hostErrors,
+  mappedNetworks,
+  networkErrors,
+  networkWords,
   pointChoice,
   pointErrors,
   PointFields,
   pointSelector,
   pointWords,
   RecoveryHostField,
+  useNetworkMappings,
   useRecoveryHosts,
   VERIFY_DEFAULT,
   verifyBody,
@@ -34,9 +38,9 @@ const API_FIELDS: Record<string, string> = { protectedItemId: 'item', ...RUN_API
 
 /**
  * The failover wizard for one protected machine: unplanned from a chosen point, or planned (a
- * last sync of the running source, then it stops); the checks, recovery host and boot (on the
- * isolated network, the only one the vault accepts for a failover);
- * a confirmation by typing the machine's name. Then the run's page offers change of point and
+ * last sync of the running source, then it stops); the network (its network mapping's target
+ * network, on a recovery host that has it, else the isolated one), checks, recovery host and
+ * boot; a confirmation by typing the machine's name. Then the run's page offers change of point and
  * commit. The rules are the vault's, checked as the operator types.
  */
 export function FailoverPage() {
@@ -48,6 +52,7 @@ export function FailoverPage() {
   const machines = useMachines(item.data === undefined ? [] : [item.data.machineId]);
   const name = item.data === undefined ? itemId : (machines[item.data.machineId]?.name ?? '');
   const hosts = useRecoveryHosts();
+  const mappings = useNetworkMappings();
   const [step, setStep] = useState(0);
   const [planned, setPlanned] = useState(false);
   const [point, setPoint] = useState(() => pointChoice(params.get('point') ?? undefined));
@@ -88,7 +93,12 @@ export function FailoverPage() {
   if (!planned) Object.assign(errors, pointErrors(point, 1));
   Object.assign(errors, verifyErrors(verify));
   Object.assign(errors, hostErrors(hostId, hosts.data?.items));
+  const needs = mappedNetworks('failover', [item.data], mappings.data?.items);
+  Object.assign(errors, networkErrors(needs, hostId, hosts.data?.items));
   Object.assign(errors, bootErrors(boot));
+  const isolated =
+    'No network: user networking restricted so the machine reaches nothing (the checked guest port is forwarded from the recovery host’s 127.0.0.1)';
+  const networkText = networkWords(needs, 1, () => name, isolated);
   if (confirm.trim() !== name) errors['confirm'] = `Type ${name} to confirm.`;
   const f = useFieldErrors('fo', errors, API_FIELDS);
   const stepFields = [
@@ -209,9 +219,11 @@ export function FailoverPage() {
             <div className="field" id="fo-network">
               <span className="label">Network</span>
               <p className="muted" data-testid="fo-network">
-                No network: user networking restricted so the machine reaches nothing (the only
-                network a recovery host builds for a failover today; the checked guest port is
-                forwarded from its 127.0.0.1).
+                {needs.length > 0
+                  ? `${networkText}: the recovery host attaches its network interfaces to that network’s bridge.`
+                  : item.data?.networkMappingId !== null && item.data !== undefined
+                    ? `${isolated}. Its network mapping names no recovery-site bridge network.`
+                    : `${isolated}. Give the machine a network mapping to fail over onto a real network.`}
               </p>
               {f.error('network')}
             </div>
@@ -236,6 +248,8 @@ export function FailoverPage() {
                   ? 'Planned: a last sync, then the source stops'
                   : pointWords(pointSelector(point))}
               </dd>
+              <dt>Network</dt>
+              <dd>{networkText}</dd>
               <dt>Recovery host</dt>
               <dd>
                 {hostId === ''

@@ -1,6 +1,7 @@
 import { ago, time } from '../format';
 import { PagedTable } from '../paged-table';
 import { Badge, PageHeader } from '../ui';
+import type { NetworkMapping } from '../types';
 
 interface Component {
   id: string;
@@ -27,13 +28,6 @@ interface TargetStore {
   kind: string;
   path: string | null;
   container: string | null;
-}
-interface NetworkMapping {
-  id: string;
-  name: string;
-  sourceNetwork: string;
-  targetNetwork: string;
-  testNetwork: string | null;
 }
 interface Site {
   id: string;

@@ -1,7 +1,13 @@
 import type { Page } from '../api';
 import { isRegExp, type FieldErrors } from '../form';
 import { time } from '../format';
-import type { Component, PointSelector, RecoveryPoint } from '../types';
+import type {
+  Component,
+  NetworkMapping,
+  PointSelector,
+  ProtectedItem,
+  RecoveryPoint,
+} from '../types';
 import { useApi } from '../use-api';
 import { Badge } from '../ui';
 
@@ -396,6 +402,102 @@ export function hostErrors(
   return {};
 }
 
+/** Network names that mean the recovery host's built-in isolated network, never a bridge. */
+const ISOLATED_NETWORKS = ['isolated', 'isolated-user', 'segment'];
+
+/** A machine's recovery-site network, from its item's network mapping. */
+export interface MappedNetwork {
+  itemId: string;
+  network: string;
+  mapping: NetworkMapping;
+}
+
+export function useNetworkMappings() {
+  return useApi<Page<NetworkMapping>>('/api/network-mappings?limit=1000');
+}
+
+/**
+ * The network each machine boots on, as the vault decides it: a failover takes its mapping's
+ * target network; a test failover its test network when the mapping sets one (and no network
+ * was chosen in the wizard), else the run's isolated network. Items without one are left out.
+ */
+export function mappedNetworks(
+  kind: 'failover' | 'test-failover',
+  items: Array<ProtectedItem | undefined>,
+  mappings: NetworkMapping[] | undefined,
+  chosen = false,
+): MappedNetwork[] {
+  if (chosen || mappings === undefined) return [];
+  const out: MappedNetwork[] = [];
+  for (const i of items) {
+    if (i === undefined || i.networkMappingId === null) continue;
+    const mapping = mappings.find((m) => m.id === i.networkMappingId);
+    if (mapping === undefined) continue;
+    const network = kind === 'failover' ? mapping.targetNetwork : mapping.testNetwork;
+    if (network === null || ISOLATED_NETWORKS.includes(network)) continue;
+    out.push({ itemId: i.id, network, mapping });
+  }
+  return out;
+}
+
+/** The networks a recovery host reported in its last heartbeat: name -> its bridge exists. */
+export function hostNetworks(h: Component): Map<string, boolean> {
+  const list = (h.health as { networks?: unknown } | null | undefined)?.networks;
+  if (!Array.isArray(list)) return new Map();
+  return new Map(
+    list
+      .filter((n): n is { name: string; present?: unknown } => typeof n?.name === 'string')
+      .map((n) => [n.name, n.present !== false]),
+  );
+}
+
+/**
+ * What is wrong with the machines' mapped networks on the chosen recovery host (or, chosen
+ * automatically, on every healthy one): the vault's LB_VAULT_NETWORK_UNAVAILABLE, as you type.
+ */
+export function networkErrors(
+  needs: MappedNetwork[],
+  hostId: string,
+  hosts: Component[] | undefined,
+): Record<string, string | undefined> {
+  if (needs.length === 0 || hosts === undefined) return {};
+  const names = [...new Set(needs.map((n) => n.network))];
+  const lacks = (h: Component) => names.filter((n) => hostNetworks(h).get(n) !== true);
+  if (hostId === '') {
+    const healthy = hosts.filter((h) => h.status === 'healthy');
+    if (healthy.length === 0 || healthy.some((h) => lacks(h).length === 0)) return {};
+    return {
+      network: `No healthy recovery host has network ${lacks(healthy[0]!).join(', ')} with its bridge. Start one with --network ${names[0]}=bridge:<bridge>, or fix the network mapping.`,
+    };
+  }
+  const h = hosts.find((x) => x.id === hostId);
+  if (h === undefined || h.status !== 'healthy') return {};
+  const missing = lacks(h);
+  if (missing.length === 0) return {};
+  const declared = missing.filter((n) => hostNetworks(h).has(n));
+  return {
+    network:
+      declared.length > 0
+        ? `${h.name} declares network ${declared.join(', ')}, but its bridge does not exist there. Create the bridge, or choose another recovery host.`
+        : `${h.name} has no network ${missing.join(', ')} (it has ${[...hostNetworks(h).keys()].join(', ') || 'none'}). Start it with --network ${missing[0]}=bridge:<bridge>, or choose another recovery host.`,
+  };
+}
+
+/** The sentence saying which network the machines boot on. */
+export function networkWords(
+  needs: MappedNetwork[],
+  count: number,
+  nameOf: (itemId: string) => string,
+  isolated: string,
+): string {
+  if (needs.length === 0) return isolated;
+  const on = needs.map(
+    (n) => `${count > 1 ? `${nameOf(n.itemId)}: ` : ''}${n.network} (mapping ${n.mapping.name})`,
+  );
+  const rest = count - needs.length;
+  return `${on.join('; ')}${rest > 0 ? `; the other ${rest === 1 ? 'machine' : `${rest} machines`}: ${isolated.toLowerCase()}` : ''}`;
+}
+
 /** The recovery host: automatic (the healthy one with the fewest runs) or a named one. */
 export function RecoveryHostField(props: {
   value: string;
@@ -416,11 +518,15 @@ export function RecoveryHostField(props: {
         }}
       >
         <option value="">Automatic (the healthy host with the fewest runs)</option>
-        {(props.hosts ?? []).map((h) => (
-          <option key={h.id} value={h.id}>
-            {h.name} ({h.status})
-          </option>
-        ))}
+        {(props.hosts ?? []).map((h) => {
+          const nets = [...hostNetworks(h).keys()];
+          return (
+            <option key={h.id} value={h.id}>
+              {h.name} ({h.status}
+              {nets.length > 0 ? `; networks ${nets.join(', ')}` : ''})
+            </option>
+          );
+        })}
       </select>
       {f.error('host')}
     </div>
@@ -452,6 +558,8 @@ export const RUN_API_FIELDS: Readonly<Record<string, string>> = {
   'point.pointId': 'pointId',
   'point.pick': 'mode',
   network: 'network',
+  'networkMapping.targetNetwork': 'network',
+  'networkMapping.testNetwork': 'network',
   'verify.console': 'console',
   'verify.guestPort': 'guestPort',
   'verify.expect': 'expect',

@@ -147,6 +147,23 @@ const BOOTED = ['running', 'booted', 'committing', 'committed', 'hydrating', 'hy
 const CLEANABLE = (s: string) => s !== 'cleaned-up' && s !== 'cleaning-up' && s !== 'queued';
 
 /** True when the run's state allows an operator something (its Actions card then shows). */
+/** The run's network, and each machine's mapped network where it has one. */
+function runNetworkWords(r: RecoveryRun): string {
+  const isolated =
+    r.network === 'segment'
+      ? 'A private segment'
+      : r.network === 'isolated-user'
+        ? 'No network (isolated)'
+        : (r.network ?? '—');
+  const mapped = r.machines.filter((m) => typeof m.network === 'string' && m.network !== '');
+  if (mapped.length === 0) return isolated;
+  const on = mapped.map(
+    (m) => `${r.machines.length > 1 ? `${m.machineName}: ` : ''}network ${m.network ?? ''}`,
+  );
+  const rest = r.machines.length - mapped.length;
+  return `${on.join('; ')}${rest > 0 ? `; the others: ${isolated.toLowerCase()}` : ''}`;
+}
+
 function actionable(r: RecoveryRun): boolean {
   return r.kind === 'test-failover'
     ? CLEANABLE(r.state)
@@ -263,13 +280,7 @@ export function RecoveryRunPage(props: { kind: RecoveryRun['kind']; id: string; 
                     : pointWords(r.point)}
               </dd>
               <dt>Network</dt>
-              <dd>
-                {r.network === 'segment'
-                  ? 'A private segment'
-                  : r.network === 'isolated-user'
-                    ? 'No network (isolated)'
-                    : (r.network ?? '—')}
-              </dd>
+              <dd data-testid="run-network">{runNetworkWords(r)}</dd>
               <dt>Recovery host</dt>
               <dd>
                 {host.data?.name ?? r.recoveryHostId ?? '—'}{' '}

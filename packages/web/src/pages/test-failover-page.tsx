@@ -13,12 +13,16 @@ import {
   bootErrors,
   BootFields,
   hostErrors,
+  mappedNetworks,
+  networkErrors,
+  networkWords,
   pointChoice,
   pointErrors,
   PointFields,
   pointSelector,
   pointWords,
   RecoveryHostField,
+  useNetworkMappings,
   useRecoveryHosts,
   VERIFY_DEFAULT,
   verifyBody,
@@ -102,6 +106,7 @@ export function TestFailoverPage() {
     return i === undefined ? id : (machines[i.machineId]?.name ?? i.machineId);
   };
   const hosts = useRecoveryHosts();
+  const mappings = useNetworkMappings();
 
   const groupMembers = (members.data?.items ?? []).filter((i) => i.state !== 'disabled');
   const targets =
@@ -125,6 +130,14 @@ export function TestFailoverPage() {
   Object.assign(errors, pointErrors(point, targets.length));
   Object.assign(errors, verifyErrors(verify));
   Object.assign(errors, hostErrors(hostId, hosts.data?.items));
+  // Machines whose network mapping names a test network boot on it when the network is automatic.
+  const needs = mappedNetworks(
+    'test-failover',
+    targets.map((id) => known[id]),
+    mappings.data?.items,
+    network !== '',
+  );
+  Object.assign(errors, networkErrors(needs, hostId, hosts.data?.items));
   Object.assign(errors, bootErrors(boot));
   const f = useFieldErrors('tf', errors, API_FIELDS);
   const stepFields = [
@@ -307,7 +320,10 @@ export function TestFailoverPage() {
               <legend>Isolated network</legend>
               {(
                 [
-                  ['', 'Automatic: no network for one machine, a private segment for several'],
+                  [
+                    '',
+                    'Automatic: the test network of each machine’s network mapping where it names one; otherwise no network for one machine, a private segment for several',
+                  ],
                   ['isolated-user', 'No network (user networking restricted: reaches nothing)'],
                   ['segment', 'A private segment only these machines share'],
                 ] as const
@@ -349,9 +365,12 @@ export function TestFailoverPage() {
             <dt>Network</dt>
             <dd>
               {network === ''
-                ? targets.length > 1
-                  ? 'A private segment (automatic)'
-                  : 'No network (automatic)'
+                ? networkWords(
+                    needs,
+                    targets.length,
+                    nameOf,
+                    targets.length > 1 ? 'A private segment (automatic)' : 'No network (automatic)',
+                  )
                 : network === 'segment'
                   ? 'A private segment'
                   : 'No network'}
