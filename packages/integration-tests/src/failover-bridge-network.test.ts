@@ -1,23 +1,18 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readlink, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { basename, dirname, join } from 'node:path';
+import { readlink } from 'node:fs/promises';
+import { basename } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { VaultClient } from '@lifeboat/protocol';
-import { RecoveryHost, RecoveryHostLink } from '@lifeboat/recovery';
-import { DirectoryBackend, Store } from '@lifeboat/store';
-import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
-import { startVault, type Vault } from '@lifeboat/vault';
+import type { RecoveryHost } from '@lifeboat/recovery';
+import type { Vault } from '@lifeboat/vault';
 import {
-  adminLogin,
   api,
   markedRoot,
-  qemuUnder,
-  seedVault,
+  startRecoverySite,
   waitForJob,
+  type RecoverySite,
   type SeededMachine,
 } from './recovery-fixtures.js';
 
@@ -33,13 +28,10 @@ const bridge = `lbfo-${suffix}`;
 const testBridge = `lbft-${suffix}`;
 const subnet = `10.213.${(parseInt(suffix, 16) % 100) + 20}`;
 const testSubnet = `10.213.${(parseInt(suffix, 16) % 100) + 120}`;
-let dir: string;
-let image: TestImage;
+let site: RecoverySite | undefined;
 let vault: Vault;
 let admin: string;
-let store: Store;
 let host: RecoveryHost;
-let link: RecoveryHostLink;
 let web: SeededMachine;
 let app: SeededMachine;
 
@@ -54,66 +46,24 @@ describe.skipIf(!root)('failover onto a mapped bridge network through the vault'
       await ip('ip', ['addr', 'add', `${net}.1/24`, 'dev', br]);
       await ip('ip', ['link', 'set', br, 'up']);
     }
-    dir = await mkdtemp(join(tmpdir(), 'lb-fbn-'));
-    image = await buildTestImage();
-    const passphrase = 'bridge failover';
-    store = await Store.init({
-      backend: new DirectoryBackend({ path: join(dir, 'store') }),
-      passphrase,
-      kdfCost: 1024,
-    });
-    vault = await startVault({
-      dataDir: join(dir, 'vault'),
-      port: 0,
-      logLevel: 'silent',
-      passwordCost: 1024,
-      initialAdmin: { username: 'admin', password: 'admin-password' },
-    });
-    admin = await adminLogin(vault.url);
-    const seed = await seedVault(vault.url, admin, store, join(dir, 'store'), passphrase);
-    web = await seed.protect('web', await markedRoot(image, dir, 'WEB'));
-    app = await seed.protect('app', await markedRoot(image, dir, 'APP'));
-    const key = await api<{ key: string }>(vault.url, admin, 'POST', '/api/registration-keys', {
-      kind: 'recovery-host',
-    });
-    const reg = await api<{ token: string }>(vault.url, null, 'POST', '/api/register', {
-      key: key.key,
-      kind: 'recovery-host',
-      name: 'rh-bridge',
-    });
-    host = await RecoveryHost.start({
-      runDir: join(dir, 'run'),
+    site = await startRecoverySite('lb-fbn-', 'bridge failover');
+    ({ vault, admin } = site);
+    web = await site.seed.protect('web', await markedRoot(site.image, site.dir, 'WEB'));
+    app = await site.seed.protect('app', await markedRoot(site.image, site.dir, 'APP'));
+    ({ host } = await site.addRecoveryHost('rh-bridge', {
       networks: {
         'dr-lan': { kind: 'bridge', bridge },
         'dr-test': { kind: 'bridge', bridge: testBridge },
       },
-    });
-    link = new RecoveryHostLink({
-      vault: new VaultClient({ url: vault.url, token: reg.token }),
-      host,
-      openStore: async (s) =>
-        Store.open({ backend: new DirectoryBackend({ path: s.path! }), passphrase: s.passphrase }),
-      hydrationDir: join(dir, 'disks'),
-      kernelDirs: [dirname(image.kernel)],
-      defaultBoot: { kernel: image.kernel, append: testImageAppend({ hostname: 'recovered' }) },
-      intervalMs: 300,
-    });
-    link.start();
-    await link.sync();
+    }));
   }, 300_000);
 
   afterAll(async () => {
-    await link?.stop();
-    await host?.close();
-    await vault?.close();
-    await store?.close();
+    const left = await site?.close();
     for (const br of [bridge, testBridge]) {
       await promisify(execFile)('ip', ['link', 'del', br]).catch(() => undefined);
     }
-    if (dir !== undefined) {
-      expect(await qemuUnder(dir)).toEqual([]);
-      await rm(dir, { recursive: true, force: true });
-    }
+    expect(left ?? []).toEqual([]);
   });
 
   it('the machine lands on the mapped network with its static address; its port answers over the bridge; the tap goes with it', async () => {

@@ -1,22 +1,19 @@
 import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '@lifeboat/cli';
 import type { CliIo } from '@lifeboat/cli';
-import { VaultClient } from '@lifeboat/protocol';
-import { RecoveryHost, RecoveryHostLink, pngSize } from '@lifeboat/recovery';
-import { DirectoryBackend, Store } from '@lifeboat/store';
-import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
-import { startVault, type Vault } from '@lifeboat/vault';
+import { pngSize, type RecoveryHost } from '@lifeboat/recovery';
+import { testImageAppend } from '@lifeboat/testing';
+import type { Vault } from '@lifeboat/vault';
 import {
-  adminLogin,
   api,
   markedRoot,
   qemuUnder,
-  seedVault,
+  startRecoverySite,
+  type RecoverySite,
   type SeededMachine,
 } from './recovery-fixtures.js';
 
@@ -24,13 +21,11 @@ import {
 // who logged in (LIFEBOAT_VAULT_TOKEN): the vault picks the points and the recovery host,
 // which runs the jobs; the CLI follows them and prints what the vault shows.
 
+let site: RecoverySite;
 let dir: string;
-let image: TestImage;
 let vault: Vault;
 let admin: string;
-let store: Store;
 let host: RecoveryHost;
-let link: RecoveryHostLink;
 let web: SeededMachine;
 
 async function lifeboat(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
@@ -51,56 +46,18 @@ async function lifeboat(args: string[]): Promise<{ code: number; stdout: string;
 const boot = ['--kernel', '', '--append', ''];
 
 beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'lb-fvc-'));
-  image = await buildTestImage();
-  boot[1] = image.kernel;
+  site = await startRecoverySite('lb-fvc-', 'failover vault cli test');
+  ({ dir, vault, admin } = site);
+  boot[1] = site.image.kernel;
   boot[3] = testImageAppend({ hostname: 'recovered' });
-  const passphrase = 'failover vault cli test';
-  store = await Store.init({
-    backend: new DirectoryBackend({ path: join(dir, 'store') }),
-    passphrase,
-    kdfCost: 1024,
-  });
-  vault = await startVault({
-    dataDir: join(dir, 'vault'),
-    port: 0,
-    logLevel: 'silent',
-    passwordCost: 1024,
-    initialAdmin: { username: 'admin', password: 'admin-password' },
-  });
-  admin = await adminLogin(vault.url);
-  const seed = await seedVault(vault.url, admin, store, join(dir, 'store'), passphrase);
-  web = await seed.protect('web', await markedRoot(image, dir, 'MARK-A'));
+  web = await site.seed.protect('web', await markedRoot(site.image, dir, 'MARK-A'));
   // A second, newer point of web with another marker: change-point goes back to the first.
-  await seed.addPoint(web, await markedRoot(image, dir, 'MARK-B'));
-  const key = await api<{ key: string }>(vault.url, admin, 'POST', '/api/registration-keys', {
-    kind: 'recovery-host',
-  });
-  const reg = await api<{ token: string }>(vault.url, null, 'POST', '/api/register', {
-    key: key.key,
-    kind: 'recovery-host',
-    name: 'rh-cli',
-  });
-  host = await RecoveryHost.start({ runDir: join(dir, 'run') });
-  link = new RecoveryHostLink({
-    vault: new VaultClient({ url: vault.url, token: reg.token }),
-    host,
-    openStore: async (s) =>
-      Store.open({ backend: new DirectoryBackend({ path: s.path! }), passphrase: s.passphrase }),
-    hydrationDir: join(dir, 'disks'),
-    kernelDirs: [dirname(image.kernel)],
-    intervalMs: 300,
-  });
-  link.start();
-  await link.sync();
+  await site.seed.addPoint(web, await markedRoot(site.image, dir, 'MARK-B'));
+  // No default boot: the CLI names the kernel (`boot`).
+  ({ host } = await site.addRecoveryHost('rh-cli', { defaultBoot: false }));
 }, 240_000);
 afterAll(async () => {
-  await link?.stop();
-  await host?.close();
-  await vault?.close();
-  await store?.close();
-  expect(await qemuUnder(dir)).toEqual([]);
-  await rm(dir, { recursive: true, force: true });
+  expect(await site?.close()).toEqual([]);
 });
 
 describe('lifeboat failover through the vault', () => {

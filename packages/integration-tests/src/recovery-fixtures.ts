@@ -1,9 +1,13 @@
 import { execFile } from 'node:child_process';
-import { stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
-import type { PointInfo, StoreApi } from '@lifeboat/store';
-import { importRaw, type TestImage } from '@lifeboat/testing';
+import { VaultClient } from '@lifeboat/protocol';
+import { RecoveryHost, RecoveryHostLink, type RecoveryHostOptions } from '@lifeboat/recovery';
+import { DirectoryBackend, Store, type PointInfo, type StoreApi } from '@lifeboat/store';
+import { buildTestImage, importRaw, testImageAppend, type TestImage } from '@lifeboat/testing';
+import { startVault, type Vault, type VaultOptions } from '@lifeboat/vault';
 
 export { importRaw };
 
@@ -203,4 +207,112 @@ export async function waitForJob(
 export async function qemuUnder(dir: string): Promise<string[]> {
   const { stdout } = await run('pgrep', ['-af', 'qemu-system']).catch(() => ({ stdout: '' }));
   return stdout.split('\n').filter((l) => l.includes(dir));
+}
+
+/** A recovery site for a test: a temporary directory, the test image, a store and a seeded vault. */
+export interface RecoverySite {
+  dir: string;
+  image: TestImage;
+  store: Store;
+  vault: Vault;
+  /** The initial admin's token. */
+  admin: string;
+  seed: SeededVault;
+  /**
+   * Registers a recovery host with a one-time key and links it to the vault (polling every
+   * 300 ms). Its default boot is the test image's kernel (the image has no boot loader) unless
+   * `defaultBoot` is false.
+   */
+  addRecoveryHost(
+    name: string,
+    options?: { networks?: RecoveryHostOptions['networks']; defaultBoot?: boolean },
+  ): Promise<{ host: RecoveryHost; link: RecoveryHostLink }>;
+  /**
+   * Stops the recovery hosts, the vault and the store; returns the QEMU processes still running
+   * under the directory (a test expects none) and removes the directory only when there are none.
+   */
+  close(): Promise<string[]>;
+}
+
+/** Starts a {@link RecoverySite}: store (cheap key derivation), vault (SQLite) and its seed. */
+export async function startRecoverySite(
+  prefix: string,
+  passphrase: string,
+  vaultOptions: Partial<VaultOptions> = {},
+): Promise<RecoverySite> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  const image = await buildTestImage();
+  const store = await Store.init({
+    backend: new DirectoryBackend({ path: join(dir, 'store') }),
+    passphrase,
+    kdfCost: 1024,
+  });
+  const vault = await startVault({
+    dataDir: join(dir, 'vault'),
+    port: 0,
+    logLevel: 'silent',
+    passwordCost: 1024,
+    initialAdmin: { username: 'admin', password: 'admin-password' },
+    ...vaultOptions,
+  });
+  const admin = await adminLogin(vault.url);
+  const seed = await seedVault(vault.url, admin, store, join(dir, 'store'), passphrase);
+  const hosts: Array<{ host: RecoveryHost; link: RecoveryHostLink }> = [];
+  return {
+    dir,
+    image,
+    store,
+    vault,
+    admin,
+    seed,
+    async addRecoveryHost(name, options = {}) {
+      const key = await api<{ key: string }>(vault.url, admin, 'POST', '/api/registration-keys', {
+        kind: 'recovery-host',
+      });
+      const reg = await api<{ token: string }>(vault.url, null, 'POST', '/api/register', {
+        key: key.key,
+        kind: 'recovery-host',
+        name,
+      });
+      const host = await RecoveryHost.start({
+        runDir: join(dir, hosts.length === 0 ? 'run' : `run-${name}`),
+        ...(options.networks !== undefined ? { networks: options.networks } : {}),
+      });
+      const link = new RecoveryHostLink({
+        vault: new VaultClient({ url: vault.url, token: reg.token }),
+        host,
+        openStore: async (s) =>
+          Store.open({
+            backend: new DirectoryBackend({ path: s.path! }),
+            passphrase: s.passphrase,
+          }),
+        hydrationDir: join(dir, hosts.length === 0 ? 'disks' : `disks-${name}`),
+        kernelDirs: [dirname(image.kernel)],
+        ...(options.defaultBoot !== false
+          ? {
+              defaultBoot: {
+                kernel: image.kernel,
+                append: testImageAppend({ hostname: 'recovered' }),
+              },
+            }
+          : {}),
+        intervalMs: 300,
+      });
+      hosts.push({ host, link });
+      link.start();
+      await link.sync();
+      return { host, link };
+    },
+    async close() {
+      for (const { host, link } of hosts) {
+        await link.stop();
+        await host.close();
+      }
+      await vault.close();
+      await store.close();
+      const left = await qemuUnder(dir);
+      if (left.length === 0) await rm(dir, { recursive: true, force: true });
+      return left;
+    },
+  };
 }

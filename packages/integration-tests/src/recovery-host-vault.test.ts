@@ -1,21 +1,19 @@
 import { EventEmitter } from 'node:events';
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readFile, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '@lifeboat/cli';
 import type { CliIo } from '@lifeboat/cli';
 import { pngSize } from '@lifeboat/recovery';
-import { DirectoryBackend, Store } from '@lifeboat/store';
-import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
-import { startVault, type Vault } from '@lifeboat/vault';
+import { testImageAppend, type TestImage } from '@lifeboat/testing';
+import type { Vault } from '@lifeboat/vault';
 import {
-  adminLogin,
   api,
   markedRoot,
   qemuUnder,
-  seedVault,
+  startRecoverySite,
   waitForJob,
+  type RecoverySite,
   type SeededMachine,
 } from './recovery-fixtures.js';
 
@@ -25,11 +23,11 @@ import {
 // up; and its registration survives a restart, while the machines of a restarted host are lost
 // visibly.
 
+let site: RecoverySite;
 let dir: string;
 let image: TestImage;
 let vault: Vault;
 let admin: string;
-let store: Store;
 let web: SeededMachine;
 
 interface Host {
@@ -81,31 +79,14 @@ async function waitHealthy(name: string): Promise<Record<string, unknown>> {
 }
 
 beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'lb-rhv-'));
-  image = await buildTestImage();
-  const passphrase = 'recovery host vault test';
-  store = await Store.init({
-    backend: new DirectoryBackend({ path: join(dir, 'store') }),
-    passphrase,
-    kdfCost: 1024,
-  });
-  vault = await startVault({
-    dataDir: join(dir, 'vault'),
-    port: 0,
-    logLevel: 'silent',
-    passwordCost: 1024,
-    initialAdmin: { username: 'admin', password: 'admin-password' },
+  site = await startRecoverySite('lb-rhv-', 'recovery host vault test', {
     schedulerIntervalMs: 200,
   });
-  admin = await adminLogin(vault.url);
-  const seed = await seedVault(vault.url, admin, store, join(dir, 'store'), passphrase);
-  web = await seed.protect('web', await markedRoot(image, dir, 'BEFORE-THE-CUT'));
+  ({ dir, image, vault, admin } = site);
+  web = await site.seed.protect('web', await markedRoot(image, dir, 'BEFORE-THE-CUT'));
 }, 240_000);
 afterAll(async () => {
-  await vault?.close();
-  await store?.close();
-  expect(await qemuUnder(dir)).toEqual([]);
-  await rm(dir, { recursive: true, force: true });
+  expect(await site?.close()).toEqual([]);
 });
 
 describe('recovery host driven by the vault', () => {

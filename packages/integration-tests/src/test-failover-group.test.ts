@@ -1,20 +1,13 @@
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestAgentClient } from '@lifeboat/qmp';
-import { VaultClient } from '@lifeboat/protocol';
-import { RecoveryHost, RecoveryHostLink, machineMac } from '@lifeboat/recovery';
-import { DirectoryBackend, Store } from '@lifeboat/store';
-import { buildTestImage, testImageAppend, type TestImage } from '@lifeboat/testing';
-import { startVault, type Vault } from '@lifeboat/vault';
+import { machineMac, type RecoveryHost } from '@lifeboat/recovery';
+import type { Vault } from '@lifeboat/vault';
 import {
-  adminLogin,
   api,
   markedRoot,
-  qemuUnder,
-  seedVault,
+  startRecoverySite,
   waitForJob,
+  type RecoverySite,
   type SeededMachine,
 } from './recovery-fixtures.js';
 
@@ -24,68 +17,26 @@ import {
 // MAC; seed-disk.test.ts checks real cloud-init reads the same document), and one reaches the
 // other's port at that address, and nothing else.
 
-let dir: string;
-let image: TestImage;
+let site: RecoverySite;
 let vault: Vault;
 let admin: string;
-let store: Store;
 let host: RecoveryHost;
-let link: RecoveryHostLink;
 let app: SeededMachine;
 let db: SeededMachine;
 
 beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), 'lb-tfg-'));
-  image = await buildTestImage();
-  const passphrase = 'group test failover';
-  store = await Store.init({
-    backend: new DirectoryBackend({ path: join(dir, 'store') }),
-    passphrase,
-    kdfCost: 1024,
-  });
-  vault = await startVault({
-    dataDir: join(dir, 'vault'),
-    port: 0,
-    logLevel: 'silent',
-    passwordCost: 1024,
-    initialAdmin: { username: 'admin', password: 'admin-password' },
-  });
-  admin = await adminLogin(vault.url);
-  const seed = await seedVault(vault.url, admin, store, join(dir, 'store'), passphrase);
-  app = await seed.protect('app', await markedRoot(image, dir, 'APP'), {
+  site = await startRecoverySite('lb-tfg-', 'group test failover');
+  ({ vault, admin } = site);
+  app = await site.seed.protect('app', await markedRoot(site.image, site.dir, 'APP'), {
     consistencyGroup: 'shop',
   });
-  db = await seed.protect('db', await markedRoot(image, dir, 'DB'), { consistencyGroup: 'shop' });
-  const key = await api<{ key: string }>(vault.url, admin, 'POST', '/api/registration-keys', {
-    kind: 'recovery-host',
+  db = await site.seed.protect('db', await markedRoot(site.image, site.dir, 'DB'), {
+    consistencyGroup: 'shop',
   });
-  const reg = await api<{ token: string }>(vault.url, null, 'POST', '/api/register', {
-    key: key.key,
-    kind: 'recovery-host',
-    name: 'rh-group',
-  });
-  host = await RecoveryHost.start({ runDir: join(dir, 'run') });
-  link = new RecoveryHostLink({
-    vault: new VaultClient({ url: vault.url, token: reg.token }),
-    host,
-    openStore: async (s) =>
-      Store.open({ backend: new DirectoryBackend({ path: s.path! }), passphrase: s.passphrase }),
-    hydrationDir: join(dir, 'disks'),
-    kernelDirs: [dirname(image.kernel)],
-    // The test image has no boot loader: the recovery host boots its kernel by default.
-    defaultBoot: { kernel: image.kernel, append: testImageAppend({ hostname: 'recovered' }) },
-    intervalMs: 300,
-  });
-  link.start();
-  await link.sync();
+  ({ host } = await site.addRecoveryHost('rh-group'));
 }, 300_000);
 afterAll(async () => {
-  await link?.stop();
-  await host?.close();
-  await vault?.close();
-  await store?.close();
-  expect(await qemuUnder(dir)).toEqual([]);
-  await rm(dir, { recursive: true, force: true });
+  expect(await site?.close()).toEqual([]);
 });
 
 describe('test failover of a consistency group with mapped addresses', () => {
