@@ -79,6 +79,13 @@ describe('ReadCache and WriteTracker', () => {
     await db.schema.createIndex('a_v').on('a').column('v').execute();
     await read();
     expect(reads).toBe(5);
+    await db
+      .with('w', (qb) => qb.selectFrom('b').select('v'))
+      .selectFrom('w')
+      .selectAll()
+      .execute();
+    await read();
+    expect(reads).toBe(6);
   });
 
   it('does not keep a read that ran while a write to its table was under way', async () => {

@@ -69,7 +69,8 @@ export class WriteTracker {
 
   // undefined: a read; null: unknown (bump everything); else the tables written.
   private writtenBy(node: RootOperationNode): string[] | null | undefined {
-    if (node.kind === 'SelectQueryNode') return undefined;
+    // A select with common table expressions may hide a write in one (`with x as (update ...)`).
+    if (node.kind === 'SelectQueryNode') return node.with === undefined ? undefined : null;
     if (node.kind === 'RawNode') {
       const text = node.sqlFragments.join('?').trimStart().slice(0, 10).toLowerCase();
       if (text.startsWith('select') || text.startsWith('analyze')) return undefined;
