@@ -1,3 +1,4 @@
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   DIALECTS,
@@ -194,4 +195,148 @@ describe.each(DIALECTS)('lists rendered by the database on %s', (dialect) => {
     expect(after.body['total']).toBe(1);
     expect((await t.call('GET', '/api/protected-items/nope/points')).status).toBe(404);
   });
+
+  // Pages are cached (listCacheMs) until a write through the vault touches a table they read.
+  const reasonOf = async (url: string, id: string) => {
+    const list = await t.call('GET', url);
+    expect(list.status).toBe(200);
+    const items = list.body['items'] as Array<Record<string, unknown>>;
+    return items.find((i) => i['id'] === id)?.['stateReason'];
+  };
+
+  it('serves a list page from its cache only until a write changes what it shows', async () => {
+    const db = t.vault.context.db;
+    const url = '/api/protected-items?sort=lastPointAt';
+    const before = await reasonOf(url, 'pi_a');
+    expect(await reasonOf(url, 'pi_a')).toBe(before); // now from the cache
+    await db
+      .updateTable('protectedItems')
+      .set({ stateReason: 'r1' })
+      .where('id', '=', 'pi_a')
+      .execute();
+    expect(await reasonOf(url, 'pi_a')).toBe('r1');
+
+    // In a transaction: on PostgreSQL a list read meanwhile sees the old row (and may keep
+    // it); once committed, the list shows the change.
+    await db.transaction().execute(async (tx) => {
+      await tx
+        .updateTable('protectedItems')
+        .set({ stateReason: 'r2' })
+        .where('id', '=', 'pi_a')
+        .execute();
+      if (dialect === 'postgres') expect(await reasonOf(url, 'pi_a')).toBe('r1');
+    });
+    expect(await reasonOf(url, 'pi_a')).toBe('r2');
+
+    // A filter over other tables (the machine's host's site): writes to those clear it too.
+    const atSite = async () => (await t.call('GET', '/api/protected-items?siteId=site_x')).body;
+    expect((await atSite())['total']).toBe(0);
+    expect((await atSite())['total']).toBe(0);
+    const at = new Date(now).toISOString();
+    await db
+      .insertInto('sourceHosts')
+      .values({
+        id: 'sh_x',
+        kind: 'kvm',
+        name: 'h',
+        siteId: 'site_x',
+        processServerId: null,
+        agentId: null,
+        credentialId: null,
+        endpoints: '[]',
+        discoveryRequestedAt: null,
+        discoveredAt: null,
+        createdAt: at,
+        updatedAt: at,
+      })
+      .execute();
+    expect((await atSite())['total']).toBe(0);
+    await db
+      .insertInto('machines')
+      .values({
+        id: 'vm_0',
+        sourceHostId: 'sh_x',
+        name: 'vm-0',
+        externalId: 'vm-0',
+        endpoint: null,
+        cpus: null,
+        memoryBytes: null,
+        os: null,
+        present: 1,
+        discoveredAt: at,
+        createdAt: at,
+        updatedAt: at,
+      })
+      .execute();
+    expect((await atSite())['total']).toBe(1);
+    expect(((await atSite())['items'] as Array<{ id: string }>)[0]?.id).toBe('pi_a');
+
+    // Points of one item: a new point and the parent's deletion show at once.
+    const points = '/api/protected-items/pi_b/points';
+    const count = async () => (await t.call('GET', points)).body['total'];
+    expect(await count()).toBe(4);
+    await db
+      .insertInto('recoveryPoints')
+      .values({
+        id: 'pt-new',
+        targetStoreId: 'ts_x',
+        protectedItemId: 'pi_b',
+        machine: 'vm_1',
+        disk: 'vda',
+        time: new Date(now + 1000).toISOString(),
+        committedAt: new Date(now + 1000).toISOString(),
+        kind: 'crash',
+        size: 1,
+        cut: null,
+        consistencyGroup: null,
+        labels: '{}',
+        parent: null,
+      })
+      .execute();
+    const page = await t.call('GET', points);
+    expect(page.body['total']).toBe(5);
+    expect((page.body['items'] as Array<{ id: string }>)[0]?.id).toBe('pt-new');
+    await db.deleteFrom('protectedItems').where('id', '=', 'pi_b').execute();
+    expect((await t.call('GET', points)).status).toBe(404);
+  });
+
+  it.runIf(dialect === 'postgres')(
+    'does not keep a page read while a write was under way, and sees other writers within listCacheMs',
+    async () => {
+      const db = t.vault.context.db;
+      const url = '/api/protected-items?state=protected';
+      const other = new pg.Client({ connectionString: t.databaseUrl });
+      await other.connect();
+      try {
+        // Another connection holds pi_c's row: the vault's update of it waits (already built,
+        // not yet done) while a list reads the old row.
+        await other.query('begin');
+        await other.query(`select 1 from "protectedItems" where id = 'pi_c' for update`);
+        const update = db
+          .updateTable('protectedItems')
+          .set({ stateReason: 'after the lock' })
+          .where('id', '=', 'pi_c')
+          .execute();
+        await new Promise((r) => setTimeout(r, 200));
+        expect(await reasonOf(url, 'pi_c')).not.toBe('after the lock');
+        await other.query('rollback');
+        await update;
+        expect(await reasonOf(url, 'pi_c')).toBe('after the lock');
+
+        // A write the vault does not see (another instance's): shown after listCacheMs (1 s).
+        await other.query(
+          `update "protectedItems" set "stateReason" = 'elsewhere' where id = 'pi_c'`,
+        );
+        const deadline = Date.now() + 1500;
+        let seen: unknown;
+        while (Date.now() < deadline && seen !== 'elsewhere') {
+          seen = await reasonOf(url, 'pi_c');
+          await new Promise((r) => setTimeout(r, 50));
+        }
+        expect(seen).toBe('elsewhere');
+      } finally {
+        await other.end();
+      }
+    },
+  );
 });

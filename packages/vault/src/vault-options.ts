@@ -54,6 +54,13 @@ export interface VaultOptions {
    * this long. 0 = always counted. @default 1000
    */
   countCacheMs?: number;
+  /**
+   * How long a rendered page of the protected items' and recovery points' lists may be served
+   * from memory: this instance's writes to the tables the list reads clear it at once, another
+   * instance's show after at most this long; the `rpoSeconds` of a served page are as of its
+   * rendering, at most this long before. 0 = always rendered. @default 1000
+   */
+  listCacheMs?: number;
   /** Lifetime of a login session. @default 43200 */
   sessionTtlSeconds?: number;
   /** A process server or recovery host without a heartbeat for this long is unhealthy. @default 60 */
@@ -170,6 +177,7 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
     eventPollMs: positive('eventPollMs', options.eventPollMs ?? 1000, 10),
     summaryCacheMs: positive('summaryCacheMs', options.summaryCacheMs ?? 1000, 0),
     countCacheMs: positive('countCacheMs', options.countCacheMs ?? 1000, 0),
+    listCacheMs: positive('listCacheMs', options.listCacheMs ?? 1000, 0),
     sessionTtlSeconds: positive('sessionTtlSeconds', options.sessionTtlSeconds ?? 43_200),
     heartbeatTimeoutSeconds: positive(
       'heartbeatTimeoutSeconds',

@@ -73,6 +73,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       sqliteFile: join(options.dataDir, 'vault.sqlite'),
       postgresUrl: options.databaseUrl,
       countCacheMs: options.countCacheMs,
+      listCacheMs: options.listCacheMs,
     });
   } catch (err) {
     await unlock?.();

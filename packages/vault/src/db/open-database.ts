@@ -11,7 +11,7 @@ import {
 } from 'kysely';
 import pg from 'pg';
 import { LifeboatError } from '@lifeboat/protocol';
-import { attachCountCache, CountCache } from './count-cache.js';
+import { attachReadCaches, ReadCache, WriteTracker } from './read-cache.js';
 import { migrationProvider } from './migrations.js';
 import type { VaultDatabase } from './schema.js';
 
@@ -42,13 +42,15 @@ export async function openDatabase(options: {
   sqliteFile: string;
   postgresUrl?: string | undefined;
   poolSize?: number;
-  /** How long list totals may be served from memory (see CountCache). @default 1000 */
+  /** How long list totals may be served from memory (see ReadCache). @default 1000 */
   countCacheMs?: number;
+  /** How long rendered list pages may be served from memory (see ReadCache). @default 1000 */
+  listCacheMs?: number;
 }): Promise<OpenDatabase> {
   let db: Kysely<VaultDatabase>;
   let dialect: DialectName;
-  const counts = new CountCache(options.countCacheMs ?? 1000);
-  const plugins = [counts.plugin];
+  const tracker = new WriteTracker();
+  const plugins = [tracker.plugin];
   if (options.postgresUrl !== undefined) {
     dialect = 'postgres';
     const pool = new pg.Pool({
@@ -59,7 +61,7 @@ export async function openDatabase(options: {
     // An idle client losing its server must not crash the vault; the next query reports it.
     pool.on('error', () => undefined);
     db = new Kysely<VaultDatabase>({
-      dialect: new PostgresDialect({ pool: namingStatements(pool) }),
+      dialect: tracker.wrapDialect(new PostgresDialect({ pool: namingStatements(pool) })),
       plugins,
     });
   } else {
@@ -79,11 +81,21 @@ export async function openDatabase(options: {
     sqlite.pragma('synchronous = NORMAL');
     sqlite.pragma('busy_timeout = 5000');
     db = new Kysely<VaultDatabase>({
-      dialect: new SqliteDialect({ database: reusingStatements(sqlite) }),
+      dialect: tracker.wrapDialect(new SqliteDialect({ database: reusingStatements(sqlite) })),
       plugins,
     });
   }
-  attachCountCache(db, counts);
+  attachReadCaches(db, {
+    tracker,
+    counts: new ReadCache<number>(tracker, options.countCacheMs ?? 1000, 10_000),
+    // At most 32 MiB of pages are kept.
+    pages: new ReadCache<Buffer>(
+      tracker,
+      options.listCacheMs ?? 1000,
+      32 * 2 ** 20,
+      (page) => page.length,
+    ),
+  });
   try {
     const migrator = new Migrator({ db, provider: migrationProvider });
     const { error } = await migrator.migrateToLatest();

@@ -30,6 +30,20 @@ export function pointToApi(r: RecoveryPointRow): Record<string, unknown> {
   return { ...r, labels: JSON.parse(r.labels) as unknown };
 }
 
+const PAGING = new Set(['limit', 'cursor', 'offset']);
+
+/**
+ * What identifies a list's filters for the page cache (listPageJson's `cacheKey`): the list's
+ * name and its querystring's filters in a fixed order, paging left out (listPageJson adds it).
+ */
+export function listCacheKey(list: string, query: Record<string, unknown>): string {
+  const filters = Object.keys(query)
+    .filter((k) => !PAGING.has(k) && query[k] !== undefined)
+    .sort()
+    .map((k) => [k, query[k]]);
+  return `${list}\u0000${JSON.stringify(filters)}`;
+}
+
 /**
  * {@link itemToApi} as the database renders it in lists (same keys in the same order; a test
  * compares the list with the single-item route).
@@ -471,6 +485,7 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         {
           dialect: vault.dialect,
           fields: itemJsonFields,
+          cacheKey: listCacheKey('protected-items', q),
           table: 'protectedItems',
           sort: q['sort'] ?? 'id',
           descending: q['order'] === 'desc',
@@ -940,12 +955,13 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
   const listPoints = async (
     q: Record<string, unknown>,
     parent?: { table: string; id: string; noun: string },
-  ): Promise<string> =>
+  ): Promise<Buffer> =>
     listPageJson(
       db,
       {
         dialect: vault.dialect,
         fields: pointJsonFields,
+        cacheKey: listCacheKey(parent === undefined ? 'points' : `points of ${parent.table}`, q),
         ...(parent !== undefined ? { parent } : {}),
         table: 'recoveryPoints',
         sort: 'time',

@@ -1,5 +1,5 @@
 import { sql, type Kysely, type RawBuilder, type SelectQueryBuilder } from 'kysely';
-import { countCacheOf } from '../db/count-cache.js';
+import { readCachesOf, tablesOf } from '../db/read-cache.js';
 import { invalid, notFound } from './errors.js';
 
 // Lists are built over any table by name; rows come back untyped and each resource maps them.
@@ -126,10 +126,13 @@ async function countRows(db: AnyDb, count: AnyQuery): Promise<number> {
     const row = (await count.executeTakeFirst()) as { n: number | string } | undefined;
     return Number(row?.n ?? 0);
   };
-  const cache = countCacheOf(db);
+  const cache = readCachesOf(db)?.counts;
   if (cache === undefined) return run();
   const compiled = count.compile();
-  return cache.get(compiled.sql, compiled.parameters, compiled.query, run);
+  return cache.get(`${compiled.sql}\u0000${JSON.stringify(compiled.parameters)}`, () => ({
+    tables: [...tablesOf(compiled.query)],
+    run,
+  }));
 }
 
 /** Lists a page of rows with keyset paging on (sort, id), or offset paging. */
@@ -176,6 +179,12 @@ export interface JsonListSpec extends ListSpec {
   now?: number;
   /** A row that must exist (the parent of the list), else 404 naming `noun`. */
   parent?: { table: string; id: string; noun: string };
+  /**
+   * What identifies this list and its filters (the route and its normalised query, paging
+   * excluded): with it, a rendered page is kept in the database's page cache until a write
+   * touches a table the list reads (see ReadCache), and served from there.
+   */
+  cacheKey?: string;
 }
 
 /**
@@ -183,13 +192,27 @@ export interface JsonListSpec extends ListSpec {
  * and aggregates them (SQLite json_object/json_group_array, PostgreSQL json_build_object/
  * json_agg), so the vault neither builds row objects nor serialises them; one statement
  * returns the items, the cursor's key and (when asked for) whether the parent row exists.
- * Send the result with content type application/json.
+ * The result is the page's UTF-8 JSON: send it with content type application/json.
+ * With a `cacheKey`, pages come from the database's page cache while they are valid.
  */
 export async function listPageJson(
   db: AnyDb,
   spec: JsonListSpec,
   page: PageQuery,
-): Promise<string> {
+): Promise<Buffer> {
+  const cache = spec.cacheKey === undefined ? undefined : readCachesOf(db)?.pages;
+  if (cache === undefined) return renderPage(db, spec, page).run();
+  const key = `${spec.cacheKey}\u0000${page.limit ?? 50}\u0000${page.offset ?? ''}\u0000${page.cursor ?? ''}`;
+  return cache.get(key, () => renderPage(db, spec, page));
+}
+
+// The statements of a rendered page (built at once, so that bad paging throws here), the
+// tables they read and the function that runs them.
+function renderPage(
+  db: AnyDb,
+  spec: JsonListSpec,
+  page: PageQuery,
+): { tables: string[]; run: () => Promise<Buffer> } {
   const { ordered, count, sort, desc, limit } = listQueries(db, spec, page);
   const pg = spec.dialect === 'postgres';
   const now = spec.now ?? Date.now();
@@ -249,17 +272,24 @@ export async function listPageJson(
             .as('parent'),
         ]),
   ]);
-  const row = (await statement.executeTakeFirst()) as
-    { items: string; keys: string; parent?: number | null } | undefined;
-  if (parent !== undefined && (row?.parent ?? null) === null) {
-    throw notFound(parent.noun, parent.id);
-  }
-  const total = await countRows(db, count);
-  const next = JSON.parse(row?.keys ?? '[]') as Array<[unknown, string]>;
-  const last = next[0];
-  const cursor =
-    next.length === 2 && last !== undefined
-      ? encodeCursor([sort === 'id' ? null : last[0], last[1]])
-      : null;
-  return `{"items":${row?.items ?? '[]'},"nextCursor":${JSON.stringify(cursor)},"total":${total}}`;
+  const tables = [...tablesOf(count.toOperationNode(), tablesOf(statement.toOperationNode()))];
+  const run = async (): Promise<Buffer> => {
+    const row = (await statement.executeTakeFirst()) as
+      { items: string; keys: string; parent?: number | null } | undefined;
+    if (parent !== undefined && (row?.parent ?? null) === null) {
+      throw notFound(parent.noun, parent.id);
+    }
+    const total = await countRows(db, count);
+    const next = JSON.parse(row?.keys ?? '[]') as Array<[unknown, string]>;
+    const last = next[0];
+    const cursor =
+      next.length === 2 && last !== undefined
+        ? encodeCursor([sort === 'id' ? null : last[0], last[1]])
+        : null;
+    // Encoded once here rather than on every send of a cached page.
+    return Buffer.from(
+      `{"items":${row?.items ?? '[]'},"nextCursor":${JSON.stringify(cursor)},"total":${total}}`,
+    );
+  };
+  return { tables, run };
 }
