@@ -1,6 +1,6 @@
 import { open, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { PointInfo, StoreApi } from '@lifeboat/store';
 
 /** Options of {@link restorePoint}. */
