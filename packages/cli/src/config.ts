@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { isAbsolute, resolve } from 'node:path';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 import { prefetchDirectoryStoreKeys } from '@lifeboat/store/key-prefetch';
 import type { CliIo } from './cli-context.js';
 import { promptHidden } from './prompt-hidden.js';

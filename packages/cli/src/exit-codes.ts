@@ -1,4 +1,4 @@
-import { isLifeboatError } from '@lifeboat/protocol';
+import { isLifeboatError } from '@lifeboat/protocol/errors';
 
 /** Process exit codes of the `lifeboat` command, stable for scripts. */
 export const ExitCode = {

@@ -1,5 +1,5 @@
 import { readFile } from 'node:fs/promises';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { ByteRange } from './byte-ranges.js';
 import { mergeRanges } from './byte-ranges.js';
 

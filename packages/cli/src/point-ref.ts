@@ -1,4 +1,4 @@
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { PointInfo, StoreApi } from '@lifeboat/store';
 
 /**

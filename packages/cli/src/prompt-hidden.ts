@@ -1,4 +1,4 @@
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { CliIo } from './cli-context.js';
 
 /**

@@ -4,7 +4,7 @@ import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 
 /** Options of {@link QemuNbdReader.start}. */
 export interface QemuNbdReaderOptions {

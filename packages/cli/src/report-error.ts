@@ -1,4 +1,4 @@
-import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol/errors';
 import type { CliIo } from './cli-context.js';
 
 /** How {@link reportError} prints. */

@@ -1,4 +1,4 @@
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { RetentionPolicy } from '@lifeboat/store';
 
 const DURATION = /^[1-9]\d*(?:s|m|h|d|w)$/;

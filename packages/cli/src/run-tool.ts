@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 
 /** Options of {@link runTool}. */
 export interface RunToolOptions {

@@ -1,4 +1,4 @@
-import { isLifeboatError } from '@lifeboat/protocol';
+import { isLifeboatError } from '@lifeboat/protocol/errors';
 import { packKey } from './object-format.js';
 import type { BlobLocation } from './object-format.js';
 import { BlobType } from './store-crypto.js';

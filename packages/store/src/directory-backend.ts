@@ -3,7 +3,7 @@ import { constants } from 'node:fs';
 import { link, mkdir, open, readFile, readdir, rename, stat, unlink } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { ObjectBackend, ObjectInfo, PutOptions } from './object-backend.js';
 
 /** Options for {@link DirectoryBackend}. */

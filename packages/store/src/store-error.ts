@@ -1,4 +1,4 @@
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError } from '@lifeboat/protocol/errors';
 
 /** Builds a {@link LifeboatError} for the store; a tiny helper so every throw site stays one line. */
 export function storeError(

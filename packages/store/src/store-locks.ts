@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { BroadcastChannel, threadId } from 'node:worker_threads';
-import { isLifeboatError } from '@lifeboat/protocol';
+import { isLifeboatError } from '@lifeboat/protocol/errors';
 import type { ObjectBackend } from './object-backend.js';
 import { listKeys } from './object-backend.js';
 import { storeError } from './store-error.js';

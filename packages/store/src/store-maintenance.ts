@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { isLifeboatError } from '@lifeboat/protocol';
+import { isLifeboatError } from '@lifeboat/protocol/errors';
 import { ChunkIndex } from './chunk-index.js';
 import { mapLimit } from './map-limit.js';
 import {

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { availableParallelism } from 'node:os';
-import { isLifeboatError } from '@lifeboat/protocol';
+import { isLifeboatError } from '@lifeboat/protocol/errors';
 import { BlobFetcher } from './blob-fetcher.js';
 import { ChunkIndex } from './chunk-index.js';
 import { CryptoPool } from './crypto-pool.js';

@@ -1,7 +1,7 @@
 import { basename } from 'node:path';
 import { Option } from 'commander';
 import type { Command } from 'commander';
-import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol/errors';
 import { Store } from '@lifeboat/store';
 import type { PointInfo, PointKind, Progress, StoreApi } from '@lifeboat/store';
 import type { CliContext } from '../cli-context.js';
@@ -210,6 +210,9 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         opening?.catch(() => undefined);
         const image = await DiskImage.open(imagePath, {
           ...(opts.format === undefined ? {} : { format: opts.format }),
+          // A changed-extents import is a fraction of a second, of which qemu-img info would
+          // be a tenth: a file that plainly is raw is taken as raw (see DiskImageOptions).
+          sniffRaw: opts.changedExtents !== undefined,
           signal: ctx.signal,
         });
         ctx.cleanups.push(() => image.close());
