@@ -1,4 +1,5 @@
 import { crc32 } from 'node:zlib';
+import { crc32Combine, rememberCrc32 } from './crc32-combine.js';
 import { LifeboatError } from './lifeboat-error.js';
 
 /** First four bytes of every frame: ASCII `LBRP`. */
@@ -774,7 +775,18 @@ export class FrameDecoder {
         const whole = this.take(FRAME_HEADER_BYTES + length);
         const payload = whole.subarray(FRAME_HEADER_BYTES);
         const expected = whole.readUInt32BE(20);
-        const actual = crc32(payload, crc32(whole.subarray(0, 20)));
+        // A DATA frame's extent bytes get their own CRC, combined with the rest's: the journal
+        // then reuses it (knownCrc32) instead of a second pass over the same bytes.
+        const type = whole.readUInt8(5);
+        let dataCrc: number | undefined;
+        let actual: number;
+        if (type === FrameType.data && payload.length > DATA_PREFIX_BYTES) {
+          const head = crc32(payload.subarray(0, DATA_PREFIX_BYTES), crc32(whole.subarray(0, 20)));
+          dataCrc = crc32(payload.subarray(DATA_PREFIX_BYTES));
+          actual = crc32Combine(head, dataCrc, payload.length - DATA_PREFIX_BYTES);
+        } else {
+          actual = crc32(payload, crc32(whole.subarray(0, 20)));
+        }
         if (expected !== actual) {
           throw new LifeboatError(
             'LB_PROTO_BAD_CHECKSUM',
@@ -785,7 +797,9 @@ export class FrameDecoder {
           );
         }
         const seq = readU64(whole, 12, 'seq');
-        out.push(decodePayload(whole.readUInt8(5), seq, payload, version));
+        const frame = decodePayload(type, seq, payload, version);
+        if (dataCrc !== undefined && frame.type === 'data') rememberCrc32(frame.data, dataCrc);
+        out.push(frame);
       }
     } catch (err) {
       this.failed =

@@ -37,6 +37,7 @@ export type {
   SequencedFrame,
   WelcomeFrame,
 } from './frame-codec.js';
+export { crc32Combine, knownCrc32 } from './crc32-combine.js';
 export { ReplicationClient } from './replication-client.js';
 export type {
   BaselineDigests,
