@@ -48,7 +48,7 @@ import type {
   WriteSession,
   WriteSessionOptions,
 } from './store-types.js';
-import { TreeNode, getRef } from './tree-node.js';
+import { REF_BYTES, TreeNode, getRef } from './tree-node.js';
 import { StoreWriteSession } from './write-session.js';
 import { StorePointReader } from './point-reader.js';
 import { StoreMaintenance } from './store-maintenance.js';
@@ -836,6 +836,17 @@ export class Store implements StoreApi {
     }
     this.nodeCache.set(key, refs);
     return refs;
+  }
+
+  /**
+   * @internal Remembers the references of a node a write session just wrote (`refs`,
+   * fanout*32 bytes, copied), so the next session of the disk, whose base is that point, finds
+   * its tree in memory instead of reading it back from the packs. Nodes are addressed by their
+   * content, so an entry is right whether or not the session commits.
+   */
+  cacheNode(id: Buffer, refs: Buffer): void {
+    if (refs.length !== this.fanout * REF_BYTES) return;
+    this.nodeCache.set(id.toString('latin1'), Buffer.from(refs));
   }
 
   /** @internal The id of node (level, idx) of a tree, or null when that subtree reads as zeros. */
