@@ -11,7 +11,7 @@ afterEach(async () => {
 
 describe('tree nodes a session wrote', () => {
   it('serve the next session of the disk from memory, and its point reads back exact', async () => {
-    t = await tempStore({ chunkSize: CS, packSize: 64 * 1024, fanout: 16 });
+    t = await tempStore({ chunkSize: CS, packSize: 64 * 1024, treeFanout: 16 });
     const store = t.store;
     const size = CS * 16 * 40; // 40 leaves, 3 levels
     const disk = Buffer.alloc(size);
