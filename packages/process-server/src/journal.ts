@@ -42,6 +42,11 @@ export interface JournalInput {
   b: number;
   /** data: the bytes; cut: JSON metadata; otherwise empty. */
   body: Buffer;
+  /**
+   * Keep a data body in memory after its fsync (within `holdBytes`) for a reader expected to
+   * ask for it soon; otherwise it is read back from the segment. @default false
+   */
+  hold?: boolean;
 }
 
 /** A durable record: where its body lives, so it can be read back without keeping it in memory. */
@@ -97,6 +102,7 @@ interface Segment {
 interface Queued {
   parts: Buffer[];
   body: Buffer;
+  hold: boolean;
   bytes: number;
   record: Omit<JournalRecord, 'segment' | 'bodyPosition'>;
   bodyOffset: number;
@@ -249,6 +255,7 @@ export class Journal extends EventEmitter {
       this.queue.push({
         parts: [header, machine, disk, input.body],
         body: input.body,
+        hold: input.hold === true,
         bytes: total,
         bodyOffset: RECORD_HEADER_BYTES + machine.length + disk.length,
         record: {
@@ -439,7 +446,7 @@ export class Journal extends EventEmitter {
         seg.machines.set(r.machine, Math.max(seg.machines.get(r.machine) ?? 0, r.seq));
       for (const [i, q] of batch.entries()) {
         const r = done[i]!;
-        if (r.kind === 'data' && r.bodyLength > 0) {
+        if (q.hold && r.kind === 'data' && r.bodyLength > 0) {
           // A small body may be a view of a larger buffer (a TLS read): count what it keeps alive.
           const weight = Math.max(q.body.length, q.body.buffer.byteLength);
           if (this.heldBytes + weight <= this.holdBytes) {
