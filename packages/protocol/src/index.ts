@@ -16,7 +16,6 @@ export {
   PROTOCOL_VERSION,
   encodeFrame,
   encodeFrameBuffer,
-  frameOwnsBuffer,
 } from './frame-codec.js';
 export type {
   AckFrame,
