@@ -705,6 +705,20 @@ function unsupportedVersion(version: number, expected?: number): LifeboatError {
   );
 }
 
+/** Buffers the decoder allocated for exactly one frame each. */
+const ownFrames = new WeakSet<ArrayBufferLike>();
+/** DATA bytes whose buffer holds only their own frame (see {@link frameOwnsBuffer}). */
+const ownData = new WeakSet<Uint8Array>();
+
+/**
+ * True when these decoded DATA bytes are the only data in their ArrayBuffer (the rest is their
+ * frame's header): a receiver done with the frame may transfer the buffer to a worker thread
+ * instead of copying the bytes. False for frames that were views of a larger network read.
+ */
+export function frameOwnsBuffer(data: Uint8Array): boolean {
+  return ownData.has(data);
+}
+
 /**
  * Strict incremental decoder: feed it bytes as they arrive, it returns whole frames. Any
  * violation (magic, version, flags, size, checksum, layout, field ranges) throws a
@@ -801,6 +815,7 @@ export class FrameDecoder {
         const seq = readU64(whole, 12, 'seq');
         const frame = decodePayload(type, seq, payload, version);
         if (dataCrc !== undefined && frame.type === 'data') rememberCrc32(frame.data, dataCrc);
+        if (frame.type === 'data' && ownFrames.has(frame.data.buffer)) ownData.add(frame.data);
         out.push(frame);
       }
     } catch (err) {
@@ -840,16 +855,21 @@ export class FrameDecoder {
   }
 
   private take(n: number): Buffer {
-    let first = this.chunks[0]!;
+    const first = this.chunks[0]!;
     if (first.length < n) {
-      // Gather only as many chunks as the frame needs, so a big frame is copied once. (Copying
-      // exactly the frame's bytes, leaving the rest a view of the last read, raised the peak RSS
-      // with 100 agents by some 35 MiB: each session's view pinned a whole network read.)
+      // Gather only as many chunks as the frame needs, and copy exactly the frame's bytes: its
+      // buffer then holds nothing else, and its DATA bytes can move to a worker thread whole.
       let have = 0;
       let k = 0;
       while (have < n) have += this.chunks[k++]!.length;
-      first = Buffer.concat(this.chunks.slice(0, k), have);
-      this.chunks.splice(0, k, first);
+      const last = this.chunks[k - 1]!;
+      const whole = Buffer.concat(this.chunks.slice(0, k), n);
+      const rest = have - n;
+      if (rest > 0) this.chunks.splice(0, k, last.subarray(last.length - rest));
+      else this.chunks.splice(0, k);
+      this.buffered -= n;
+      if (whole.byteOffset === 0 && whole.buffer.byteLength === n) ownFrames.add(whole.buffer);
+      return whole;
     }
     const out = first.subarray(0, n);
     if (first.length === n) this.chunks.shift();

@@ -16,6 +16,7 @@ export {
   PROTOCOL_VERSION,
   encodeFrame,
   encodeFrameBuffer,
+  frameOwnsBuffer,
 } from './frame-codec.js';
 export type {
   AckFrame,
