@@ -113,9 +113,15 @@ function guardSink(sink: ReplicationSink, abandon: Promise<void>): ReplicationSi
   return out;
 }
 
+const ZEROS = Buffer.alloc(64 * 1024);
+
 function isZero(b: Buffer): boolean {
-  // Compare 8 bytes at a time through a BigUint64 view when aligned; fall back bytewise.
-  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  // memcmp against zeros, a piece at a time: a byte loop in JS cost the agent 0.8 s per 1.6 GB
+  // sent at 20 MB/s (partly written clusters start with zeros, so the loop ran far).
+  for (let pos = 0; pos < b.length; pos += ZEROS.length) {
+    const n = Math.min(ZEROS.length, b.length - pos);
+    if (ZEROS.compare(b, pos, pos + n, 0, n) !== 0) return false;
+  }
   return true;
 }
 

@@ -3,7 +3,7 @@ import { mkdir, open, readdir, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, crc32Combine, knownCrc32 } from '@lifeboat/protocol';
 
 /** Kinds of journal records (the sequenced frame types). */
 export type JournalRecordKind = 'data' | 'zero' | 'trim' | 'resize' | 'cut' | 'discard';
@@ -42,6 +42,11 @@ export interface JournalInput {
   b: number;
   /** data: the bytes; cut: JSON metadata; otherwise empty. */
   body: Buffer;
+  /**
+   * Keep a data body in memory after its fsync (within `holdBytes`) for a reader expected to
+   * ask for it soon; otherwise it is read back from the segment. @default false
+   */
+  hold?: boolean;
 }
 
 /** A durable record: where its body lives, so it can be read back without keeping it in memory. */
@@ -69,6 +74,13 @@ export interface JournalOptions {
   segmentBytes?: number;
   /** Skip fsync (benchmarks of the fsync cost only; never in production). @default false */
   noSync?: boolean;
+  /**
+   * Data bodies kept in memory after their fsync, up to this many bytes, so the replicator
+   * applies them without reading them back from the segment (0: always read back). The
+   * bytes are the same the journal holds; a record applied again, or replayed after a
+   * restart, is read from disk. @default 16777216
+   */
+  holdBytes?: number;
 }
 
 /** Result of {@link Journal.open}: the journal and every record found on disk, in append order. */
@@ -89,6 +101,8 @@ interface Segment {
 
 interface Queued {
   parts: Buffer[];
+  body: Buffer;
+  hold: boolean;
   bytes: number;
   record: Omit<JournalRecord, 'segment' | 'bodyPosition'>;
   bodyOffset: number;
@@ -116,6 +130,9 @@ export class Journal extends EventEmitter {
   private readonly released = new Map<string, number>();
   private readonly readers = new Map<number, Promise<FileHandle>>();
   private closed = false;
+  /** Bodies of durable data records still in memory (see `holdBytes`), with their weight. */
+  private readonly held = new Map<JournalRecord, { body: Buffer; weight: number }>();
+  private heldBytes = 0;
   /** Records appended, and fsyncs done: appends/fsyncs is the group-commit factor. */
   readonly counters = { appends: 0, syncs: 0, bytes: 0 };
 
@@ -125,6 +142,7 @@ export class Journal extends EventEmitter {
     readonly maxBytes: number,
     private readonly segmentBytes: number,
     private readonly noSync: boolean,
+    private readonly holdBytes: number,
   ) {
     super();
   }
@@ -139,6 +157,7 @@ export class Journal extends EventEmitter {
       maxBytes,
       Math.min(segmentBytes, Math.max(1024 * 1024, Math.floor(maxBytes / 4))),
       options.noSync ?? false,
+      Math.max(0, options.holdBytes ?? 16 * 1024 * 1024),
     );
     const ids = (await readdir(options.dir))
       .map((n) => SEGMENT_RE.exec(n)?.[1])
@@ -225,11 +244,18 @@ export class Journal extends EventEmitter {
     let crc = crc32(header.subarray(12));
     crc = crc32(machine, crc);
     crc = crc32(disk, crc);
-    crc = crc32(input.body, crc);
+    // The frame decoder already ran over a DATA frame's bytes: combine instead of a second pass.
+    const bodyCrc = input.body.length > 0 ? knownCrc32(input.body) : undefined;
+    crc =
+      bodyCrc === undefined
+        ? crc32(input.body, crc)
+        : crc32Combine(crc, bodyCrc, input.body.length);
     header.writeUInt32BE(crc, 8);
     return new Promise((resolve, reject) => {
       this.queue.push({
         parts: [header, machine, disk, input.body],
+        body: input.body,
+        hold: input.hold === true,
         bytes: total,
         bodyOffset: RECORD_HEADER_BYTES + machine.length + disk.length,
         record: {
@@ -255,9 +281,23 @@ export class Journal extends EventEmitter {
     while (this.flushing) await this.flushing;
   }
 
-  /** Reads a record's body back (data bytes or cut metadata). */
+  /** Bytes of bodies held in memory after their fsync (see `holdBytes`). */
+  get heldBodyBytes(): number {
+    return this.heldBytes;
+  }
+
+  /**
+   * A record's body (data bytes or cut metadata): the bytes still held in memory the first
+   * time it is asked for (they are then let go), read back from the segment otherwise.
+   */
   async readBody(r: JournalRecord): Promise<Buffer> {
     if (r.bodyLength === 0) return Buffer.alloc(0);
+    const h = this.held.get(r);
+    if (h !== undefined) {
+      this.held.delete(r);
+      this.heldBytes -= h.weight;
+      return h.body;
+    }
     let p = this.readers.get(r.segment);
     if (!p) {
       p = open(this.segmentPath(r.segment), 'r');
@@ -281,6 +321,14 @@ export class Journal extends EventEmitter {
    * dropped for a resync); segments holding only such records are deleted.
    */
   async release(machine: string, seq: number): Promise<void> {
+    // Bodies of released records are not needed any more (a dropped backlog, a resent frame).
+    const upTo = Math.max(seq, this.released.get(machine) ?? 0);
+    for (const [r, h] of this.held) {
+      if (r.machine === machine && r.seq <= upTo) {
+        this.held.delete(r);
+        this.heldBytes -= h.weight;
+      }
+    }
     if ((this.released.get(machine) ?? 0) >= seq) return;
     this.released.set(machine, seq);
     for (const seg of [...this.segments.values()]) {
@@ -318,6 +366,8 @@ export class Journal extends EventEmitter {
     if (this.closed) return;
     this.closed = true;
     await this.sync();
+    this.held.clear();
+    this.heldBytes = 0;
     await this.fh.close().catch(() => undefined);
     for (const p of this.readers.values()) await p.then((fh) => fh.close()).catch(() => undefined);
     this.readers.clear();
@@ -394,7 +444,18 @@ export class Journal extends EventEmitter {
       this.counters.bytes += bytes;
       for (const r of done)
         seg.machines.set(r.machine, Math.max(seg.machines.get(r.machine) ?? 0, r.seq));
-      for (const [i, q] of batch.entries()) q.resolve(done[i]!);
+      for (const [i, q] of batch.entries()) {
+        const r = done[i]!;
+        if (q.hold && r.kind === 'data' && r.bodyLength > 0) {
+          // A small body may be a view of a larger buffer (a TLS read): count what it keeps alive.
+          const weight = Math.max(q.body.length, q.body.buffer.byteLength);
+          if (this.heldBytes + weight <= this.holdBytes) {
+            this.held.set(r, { body: q.body, weight });
+            this.heldBytes += weight;
+          }
+        }
+        q.resolve(r);
+      }
       this.emit('flushed');
       if (seg.bytes >= this.segmentBytes) await this.rotate();
     }

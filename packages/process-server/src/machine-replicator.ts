@@ -35,6 +35,8 @@ export interface MachineReplicatorDeps {
 
 /** How often a replicator that started a cut early checks whether others wait for its slot. */
 const EARLY_RECHECK_MS = 250;
+/** Records received and not applied yet, at most, for a machine to count as keeping up. */
+const KEEPING_UP_RECORDS = 16;
 
 /** Metadata of a cut as journaled. */
 interface CutMeta {
@@ -66,6 +68,7 @@ export class MachineReplicator {
   private cutsQueued = 0;
   private readonly arrivals = new Map<number, number>();
   private loop: Promise<void> | undefined;
+  private inSlot = false;
   /** The last store error, cleared by the next commit. */
   lastError: LifeboatError | undefined;
   /** Bytes of data applied to the store. */
@@ -77,6 +80,15 @@ export class MachineReplicator {
     readonly state: MachineState,
     private readonly deps: MachineReplicatorDeps,
   ) {}
+
+  /**
+   * True while this machine holds an apply slot and has applied nearly all it received: its
+   * next records are applied as soon as they are durable, so the journal may keep their bytes
+   * in memory for it instead of a read back (a machine with a backlog would only pin them).
+   */
+  get keepingUp(): boolean {
+    return this.inSlot && this.records.length - this.cursor <= KEEPING_UP_RECORDS;
+  }
 
   /** Journal bytes of records not yet committed. */
   get backlogBytes(): number {
@@ -143,31 +155,11 @@ export class MachineReplicator {
         // A cut's records are applied and committed in one go while holding a slot: memory
         // (open sessions, partial packs) is bounded by the slots, not by the number of machines.
         await this.deps.applySlots.run(async () => {
-          while (!this.stopped && gen === this.generation) {
-            const r = this.records[this.cursor];
-            if (!r) {
-              // Started early: the rest of the cut is still on its way from the agent. When
-              // another machine waits for the slot meanwhile, give it back: the sessions are
-              // aborted and the records applied again with the cut.
-              if (this.cutsQueued === 0 && this.deps.applySlots.waiting > 0) {
-                await this.abortSessions();
-                this.cursor = 0;
-                return;
-              }
-              await new Promise<void>((resolve) => {
-                const timer = setTimeout(resolve, EARLY_RECHECK_MS);
-                this.wake = () => {
-                  clearTimeout(timer);
-                  resolve();
-                };
-              });
-              this.wake = undefined;
-              continue;
-            }
-            await this.apply(r, gen);
-            if (gen !== this.generation) return;
-            this.cursor++;
-            if (r.kind === 'cut') return;
+          this.inSlot = true;
+          try {
+            await this.applyInSlot(gen);
+          } finally {
+            this.inSlot = false;
           }
         });
         this.failures = 0;
@@ -199,6 +191,36 @@ export class MachineReplicator {
         this.mayHaveCommitted = true;
         await sleep(delay * (0.75 + Math.random() * 0.5));
       }
+    }
+  }
+
+  /** Applies records while holding a slot, up to and including the next cut. */
+  private async applyInSlot(gen: number): Promise<void> {
+    while (!this.stopped && gen === this.generation) {
+      const r = this.records[this.cursor];
+      if (!r) {
+        // Started early: the rest of the cut is still on its way from the agent. When
+        // another machine waits for the slot meanwhile, give it back: the sessions are
+        // aborted and the records applied again with the cut.
+        if (this.cutsQueued === 0 && this.deps.applySlots.waiting > 0) {
+          await this.abortSessions();
+          this.cursor = 0;
+          return;
+        }
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, EARLY_RECHECK_MS);
+          this.wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        this.wake = undefined;
+        continue;
+      }
+      await this.apply(r, gen);
+      if (gen !== this.generation) return;
+      this.cursor++;
+      if (r.kind === 'cut') return;
     }
   }
 

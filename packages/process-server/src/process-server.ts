@@ -961,6 +961,8 @@ export class ProcessServer extends EventEmitter {
           a: f.offset,
           b: f.type === 'data' ? 0 : f.length,
           body: f.type === 'data' ? f.data : Buffer.alloc(0),
+          // Applied right after its fsync when the machine keeps up: no read back then.
+          hold: f.type === 'data' && m.replicator.keepingUp,
         };
       }
       if (f.type === 'resize') m.sizes.set(disk, f.size);

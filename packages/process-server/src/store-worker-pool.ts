@@ -1,5 +1,5 @@
 import { Worker } from 'node:worker_threads';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, frameOwnsBuffer } from '@lifeboat/protocol';
 import type {
   CommitOptions,
   PointFilter,
@@ -343,11 +343,13 @@ class WorkerWriteSession implements WriteSession {
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
-    // Transfer whole, unpooled buffers (journal reads are); copy the rest.
+    // Transfer whole, unpooled buffers (journal reads are) and a decoded frame's own buffer (a
+    // body still held by the journal: the frame is durable, nothing reads it again); copy the
+    // rest. A transferred buffer is detached here: the caller must not use `data` afterwards.
     const own =
-      data.byteOffset === 0 &&
-      data.byteLength === data.buffer.byteLength &&
-      data.buffer instanceof ArrayBuffer;
+      data.buffer instanceof ArrayBuffer &&
+      ((data.byteOffset === 0 && data.byteLength === data.buffer.byteLength) ||
+        frameOwnsBuffer(data));
     const bytes = own ? data : new Uint8Array(data);
     await this.post(
       { op: 'write', session: this.id, offset, data: bytes } as Omit<StoreWorkerRequest, 'id'>,

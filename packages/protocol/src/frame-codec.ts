@@ -1,4 +1,5 @@
 import { crc32 } from 'node:zlib';
+import { crc32Combine, rememberCrc32 } from './crc32-combine.js';
 import { LifeboatError } from './lifeboat-error.js';
 
 /** First four bytes of every frame: ASCII `LBRP`. */
@@ -422,7 +423,9 @@ export function encodeFrame(frame: Frame, version: number = PROTOCOL_VERSION): B
       `A ${frame.type} frame cannot be sent in protocol version ${version}; this is a bug in the sender.`,
       { details: { type: frame.type, version } },
     );
-  const whole = payload.length === 1 ? payload[0]! : Buffer.concat(payload);
+  // Only the length is needed here: a concat copied every DATA frame's bytes once more.
+  let payloadLength = 0;
+  for (const part of payload) payloadLength += part.length;
   if (!isSafeUint(seq))
     throw new LifeboatError(
       'LB_PROTO_MALFORMED',
@@ -434,7 +437,7 @@ export function encodeFrame(frame: Frame, version: number = PROTOCOL_VERSION): B
   header.writeUInt8(version, 4);
   header.writeUInt8(type, 5);
   header.writeUInt16BE(0, 6);
-  header.writeUInt32BE(whole.length, 8);
+  header.writeUInt32BE(payloadLength, 8);
   header.writeBigUInt64BE(BigInt(seq), 12);
   let crc = crc32(header.subarray(0, 20));
   for (const part of payload) crc = crc32(part, crc);
@@ -702,6 +705,20 @@ function unsupportedVersion(version: number, expected?: number): LifeboatError {
   );
 }
 
+/** Buffers the decoder allocated for exactly one frame each. */
+const ownFrames = new WeakSet<ArrayBufferLike>();
+/** DATA bytes whose buffer holds only their own frame (see {@link frameOwnsBuffer}). */
+const ownData = new WeakSet<Uint8Array>();
+
+/**
+ * True when these decoded DATA bytes are the only data in their ArrayBuffer (the rest is their
+ * frame's header): a receiver done with the frame may transfer the buffer to a worker thread
+ * instead of copying the bytes. False for frames that were views of a larger network read.
+ */
+export function frameOwnsBuffer(data: Uint8Array): boolean {
+  return ownData.has(data);
+}
+
 /**
  * Strict incremental decoder: feed it bytes as they arrive, it returns whole frames. Any
  * violation (magic, version, flags, size, checksum, layout, field ranges) throws a
@@ -774,7 +791,18 @@ export class FrameDecoder {
         const whole = this.take(FRAME_HEADER_BYTES + length);
         const payload = whole.subarray(FRAME_HEADER_BYTES);
         const expected = whole.readUInt32BE(20);
-        const actual = crc32(payload, crc32(whole.subarray(0, 20)));
+        // A DATA frame's extent bytes get their own CRC, combined with the rest's: the journal
+        // then reuses it (knownCrc32) instead of a second pass over the same bytes.
+        const type = whole.readUInt8(5);
+        let dataCrc: number | undefined;
+        let actual: number;
+        if (type === FrameType.data && payload.length > DATA_PREFIX_BYTES) {
+          const head = crc32(payload.subarray(0, DATA_PREFIX_BYTES), crc32(whole.subarray(0, 20)));
+          dataCrc = crc32(payload.subarray(DATA_PREFIX_BYTES));
+          actual = crc32Combine(head, dataCrc, payload.length - DATA_PREFIX_BYTES);
+        } else {
+          actual = crc32(payload, crc32(whole.subarray(0, 20)));
+        }
         if (expected !== actual) {
           throw new LifeboatError(
             'LB_PROTO_BAD_CHECKSUM',
@@ -785,7 +813,10 @@ export class FrameDecoder {
           );
         }
         const seq = readU64(whole, 12, 'seq');
-        out.push(decodePayload(whole.readUInt8(5), seq, payload, version));
+        const frame = decodePayload(type, seq, payload, version);
+        if (dataCrc !== undefined && frame.type === 'data') rememberCrc32(frame.data, dataCrc);
+        if (frame.type === 'data' && ownFrames.has(frame.data.buffer)) ownData.add(frame.data);
+        out.push(frame);
       }
     } catch (err) {
       this.failed =
@@ -815,20 +846,30 @@ export class FrameDecoder {
   private peek(n: number): Buffer {
     const first = this.chunks[0]!;
     if (first.length >= n) return first.subarray(0, n);
-    const merged = Buffer.concat(this.chunks);
-    this.chunks = [merged];
-    return merged.subarray(0, n);
+    // A header split between reads: copy just its bytes (merging every chunk held copied a
+    // whole frame's worth, and made its bytes a view of a buffer shared with the next frame).
+    let have = 0;
+    let k = 0;
+    while (have < n) have += this.chunks[k++]!.length;
+    return Buffer.concat(this.chunks.slice(0, k), n);
   }
 
   private take(n: number): Buffer {
-    let first = this.chunks[0]!;
+    const first = this.chunks[0]!;
     if (first.length < n) {
-      // Gather only as many chunks as the frame needs, so a big frame is copied once.
+      // Gather only as many chunks as the frame needs, and copy exactly the frame's bytes: its
+      // buffer then holds nothing else, and its DATA bytes can move to a worker thread whole.
       let have = 0;
       let k = 0;
       while (have < n) have += this.chunks[k++]!.length;
-      first = Buffer.concat(this.chunks.slice(0, k), have);
-      this.chunks.splice(0, k, first);
+      const last = this.chunks[k - 1]!;
+      const whole = Buffer.concat(this.chunks.slice(0, k), n);
+      const rest = have - n;
+      if (rest > 0) this.chunks.splice(0, k, last.subarray(last.length - rest));
+      else this.chunks.splice(0, k);
+      this.buffered -= n;
+      if (whole.byteOffset === 0 && whole.buffer.byteLength === n) ownFrames.add(whole.buffer);
+      return whole;
     }
     const out = first.subarray(0, n);
     if (first.length === n) this.chunks.shift();

@@ -16,6 +16,7 @@ export {
   PROTOCOL_VERSION,
   encodeFrame,
   encodeFrameBuffer,
+  frameOwnsBuffer,
 } from './frame-codec.js';
 export type {
   AckFrame,
@@ -37,6 +38,7 @@ export type {
   SequencedFrame,
   WelcomeFrame,
 } from './frame-codec.js';
+export { crc32Combine, knownCrc32 } from './crc32-combine.js';
 export { ReplicationClient } from './replication-client.js';
 export type {
   BaselineDigests,

@@ -48,7 +48,7 @@ import type {
   WriteSession,
   WriteSessionOptions,
 } from './store-types.js';
-import { TreeNode, getRef } from './tree-node.js';
+import { REF_BYTES, TreeNode, getRef } from './tree-node.js';
 import { StoreWriteSession } from './write-session.js';
 import { StorePointReader } from './point-reader.js';
 import { StoreMaintenance } from './store-maintenance.js';
@@ -68,6 +68,8 @@ const DEFAULT_KDF = 32768;
 const DEFAULT_FANOUT = 256;
 const DEFAULT_CACHE = 64 * 1024 * 1024;
 const NODE_CACHE = 32 * 1024 * 1024;
+/** Recently written tree nodes kept for the next session of their disk (a process server's next cut). */
+const WRITTEN_NODE_CACHE = 8 * 1024 * 1024;
 // Below this many bytes moved, thread start-up would cost more than it saves (a changed-extents
 // import of 1% of a 2 GiB disk, 20 MiB, was slower with threads than without).
 const DEFAULT_PARALLEL_MIN = 64 * 1024 * 1024;
@@ -111,6 +113,11 @@ export class Store implements StoreApi {
   private readonly parallelMinBytes: number;
   private movedBytes = 0;
   private readonly nodeCache = new LruCache<string, Buffer>(NODE_CACHE, (b) => b.length + 64);
+  /** Nodes this store's write sessions wrote last (see cacheNode): small, to bound memory. */
+  private readonly writtenNodes = new LruCache<string, Buffer>(
+    WRITTEN_NODE_CACHE,
+    (b) => b.length + 64,
+  );
   private readonly chunkCache: LruCache<string, Buffer>;
   private readonly points = new Map<string, PointRecord>();
   /** Point objects that could not be read, by id. */
@@ -411,6 +418,7 @@ export class Store implements StoreApi {
     }
     this.chunkCache.clear();
     this.nodeCache.clear();
+    this.writtenNodes.clear();
     this.index.clear();
     this.masterKey.fill(0);
     await this.locks.releaseAll();
@@ -820,7 +828,7 @@ export class Store implements StoreApi {
     writer?: PackWriter,
   ): Promise<Buffer> {
     const key = id.toString('latin1');
-    const hit = this.nodeCache.get(key);
+    const hit = this.nodeCache.get(key) ?? this.writtenNodes.get(key);
     if (hit !== undefined) return hit;
     const plain = await this.readBlobUncached(id, BlobType.Tree, ctx, writer);
     let refs: Buffer;
@@ -836,6 +844,19 @@ export class Store implements StoreApi {
     }
     this.nodeCache.set(key, refs);
     return refs;
+  }
+
+  /**
+   * @internal Remembers the references of a node a write session just wrote (`refs`,
+   * fanout*32 bytes, copied), so the next session of the disk, whose base is that point, finds
+   * its tree in memory instead of reading it back from the packs. Nodes are addressed by their
+   * content, so an entry is right whether or not the session commits. They go to a cache of
+   * their own (8 MiB): in the node cache they raised a 100-machine process server's RSS by
+   * some 55 MiB.
+   */
+  cacheNode(id: Buffer, refs: Buffer): void {
+    if (refs.length !== this.fanout * REF_BYTES) return;
+    this.writtenNodes.set(id.toString('latin1'), Buffer.from(refs));
   }
 
   /** @internal The id of node (level, idx) of a tree, or null when that subtree reads as zeros. */

@@ -358,6 +358,7 @@ export class StoreWriteSession implements WriteSession {
     if (node === null) return null;
     const id = this.store.crypto.treeId(node);
     if (!this.store.index.has(id)) await this.writer.add(BlobType.Tree, id, node);
+    this.store.cacheNode(id, refs);
     return id;
   }
 
