@@ -15,6 +15,7 @@ export {
 export {
   NbdServer,
   type NbdServerOptions,
+  type NbdPendingRequests,
   type NbdExportOptions,
   type NbdSourceErrorContext,
 } from './nbd-server.js';

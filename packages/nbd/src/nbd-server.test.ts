@@ -484,6 +484,24 @@ describe('NbdServer refuses bad client input and keeps serving', () => {
     expect(await c.closed()).toBe(true);
   });
 
+  it('counts the requests waiting for their source, with the age of the oldest', async () => {
+    expect(server.pendingRequests).toEqual({ count: 0, oldestMs: 0 });
+    const c = await NbdClient.connect({ path: sock }, { exportName: 'broken' });
+    const slow = c.readAt(7 * MiB, 4096); // the source takes 300 ms
+    const fast = c.readAt(0, 4096);
+    expect((await fast).equals(disk.subarray(0, 4096))).toBe(true);
+    await new Promise((r) => setTimeout(r, 120));
+    const waiting = server.pendingRequests;
+    expect(waiting.count).toBe(1);
+    expect(waiting.oldestMs).toBeGreaterThanOrEqual(100);
+    expect((await slow).equals(disk.subarray(7 * MiB, 7 * MiB + 4096))).toBe(true);
+    expect(server.pendingRequests).toEqual({ count: 0, oldestMs: 0 });
+    // A failed read is answered too, and no longer counted.
+    await expect(c.readAt(2 * MiB, 4096)).rejects.toThrow();
+    expect(server.pendingRequests.count).toBe(0);
+    await c.close();
+  });
+
   it('survives a client that vanishes mid-request and one that never finishes the handshake', async () => {
     const c = await Raw.open();
     await c.go('broken', true);

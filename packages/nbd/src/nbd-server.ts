@@ -69,6 +69,14 @@ const EXPORT_FLAGS =
   NBD.FLAG_SEND_DF |
   NBD.FLAG_CAN_MULTI_CONN;
 
+/** Requests a server has read and not answered yet (see {@link NbdServer.pendingRequests}). */
+export interface NbdPendingRequests {
+  /** Reads and block status requests waiting for their source. */
+  count: number;
+  /** How long the oldest of them has waited, in ms (0 when none waits). */
+  oldestMs: number;
+}
+
 /** Ends a connection without an error reply: the peer broke the protocol. */
 class Hangup extends Error {}
 
@@ -112,6 +120,8 @@ export class NbdServer {
   private readonly opts: Readonly<ResolvedServerOptions>;
   private readonly exports = new Map<string, ExportEntry>();
   private readonly sockets = new Set<Socket>();
+  /** Start times of the requests waiting for their source, over every connection. */
+  private readonly pending = new Set<{ since: number }>();
   private server: Server | undefined;
   private bound: NbdTarget | undefined;
 
@@ -149,6 +159,17 @@ export class NbdServer {
   /** Open client connections. */
   get connections(): number {
     return this.sockets.size;
+  }
+
+  /**
+   * Requests read from clients whose source has not answered yet, and the age of the oldest:
+   * a guest whose disk I/O times out while this is 0 is not waiting for this server.
+   */
+  get pendingRequests(): NbdPendingRequests {
+    const now = Date.now();
+    let oldest = now;
+    for (const p of this.pending) oldest = Math.min(oldest, p.since);
+    return { count: this.pending.size, oldestMs: now - oldest };
   }
 
   /** Where the server listens (after {@link listen}); a TCP port 0 is resolved to the real one. */
@@ -212,6 +233,7 @@ export class NbdServer {
       this.opts,
       (name) => this.exports.get(name),
       () => [...this.exports.values()],
+      this.pending,
     );
     conn.run().catch(() => socket.destroy());
   }
@@ -233,6 +255,7 @@ class Connection {
     private readonly opts: Readonly<ResolvedServerOptions>,
     private readonly lookup: (name: string) => ExportEntry | undefined,
     private readonly all: () => ExportEntry[],
+    private readonly pending: Set<{ since: number }>,
   ) {
     this.reader = new SocketReader(socket);
   }
@@ -514,7 +537,10 @@ class Connection {
   }
 
   private spawn(p: Promise<void>): void {
+    const mark = { since: Date.now() };
+    this.pending.add(mark);
     const h = p.finally(() => {
+      this.pending.delete(mark);
       this.handlers.delete(h);
       this.releaseSlot();
     });

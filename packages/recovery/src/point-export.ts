@@ -1,6 +1,6 @@
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { NbdServer, exportSourceFromReader } from '@lifeboat/nbd';
+import { NbdServer, exportSourceFromReader, type NbdPendingRequests } from '@lifeboat/nbd';
 import type { PointInfo, StoreApi } from '@lifeboat/store';
 import { CachedPointSource, type PointReadFault } from './cached-point-source.js';
 import type { DiskExport } from './recovery-machine.js';
@@ -71,6 +71,11 @@ export class PointExport implements DiskExport {
     const socketPath = join(options.dir, `${options.name}.nbd.sock`);
     await server.listen({ path: socketPath });
     return new PointExport(options.name, socketPath, reader.point, source, server);
+  }
+
+  /** Reads QEMU asked for that the store has not answered yet (see NbdServer.pendingRequests). */
+  get pendingRequests(): NbdPendingRequests {
+    return this.server.pendingRequests;
   }
 
   /** Open NBD connections (QEMU holds one per disk). */

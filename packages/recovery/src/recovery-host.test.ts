@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { LifeboatError } from '@lifeboat/protocol';
 import { GuestAgentClient } from '@lifeboat/qmp';
 import { DirectoryBackend, Store, type PointInfo } from '@lifeboat/store';
 import { buildTestImage, importRaw, testImageAppend, type TestImage } from '@lifeboat/testing';
@@ -245,6 +246,16 @@ describe('failover', () => {
     });
     try {
       await f.machine.waitForConsole(/LIFEBOAT-BOOT-OK \S+ MARK-A/, 180_000);
+      // A boot timeout says whether the guest's disk was waiting for its export.
+      const late = (await f.machine.waitForConsole(/NEVER-ON-THE-CONSOLE/, 1).then(
+        () => undefined,
+        (e: unknown) => e,
+      )) as LifeboatError;
+      expect(late.code).toBe('LB_RECOVERY_BOOT_TIMEOUT');
+      expect(late.message).toMatch(/disk reads not answered yet: disk0 \d+/);
+      expect(late.details['unansweredReads']).toEqual([
+        { disk: 'disk0', count: expect.any(Number), oldestMs: expect.any(Number) },
+      ]);
       expect(f.machine.macs).toEqual(['52:54:00:0a:0b:0c']);
       const { stdout: net } = await run('isoinfo', [
         '-i',

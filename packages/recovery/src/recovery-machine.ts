@@ -21,6 +21,8 @@ export interface DiskExport {
   readonly size: number;
   /** The point it serves, when it is one. */
   readonly pointId?: string;
+  /** Reads asked for and not answered yet (a recovery point's export reports them). */
+  readonly pendingRequests?: { count: number; oldestMs: number };
 }
 
 /** The NBD URI QEMU opens for an export. */
@@ -496,10 +498,26 @@ export class RecoveryMachine {
       const m = text.slice(from).match(pattern);
       if (m) return m;
       if (this.exit || Date.now() > deadline) {
+        // Whether the guest's disk waits for its export: guest I/O timeouts while no read is
+        // outstanding point at the emulated device or QEMU, not at the store.
+        const unanswered = this.disks.map((d) => ({
+          disk: d.node,
+          ...(d.export.pendingRequests ?? { count: 0, oldestMs: 0 }),
+        }));
+        const reads = unanswered
+          .map((u) => `${u.disk} ${u.count}${u.count > 0 ? ` (oldest ${u.oldestMs} ms)` : ''}`)
+          .join(', ');
         throw new LifeboatError(
           'LB_RECOVERY_BOOT_TIMEOUT',
-          `Machine ${this.name} did not show ${String(pattern)} on its console ${this.exit ? 'before QEMU exited' : `within ${timeoutMs} ms`} (accelerator ${this.accel}). Look at the console log ${this.consolePath}; its tail: ${text.slice(-1500)}`,
-          { details: { machine: this.name, pattern: String(pattern), console: this.consolePath } },
+          `Machine ${this.name} did not show ${String(pattern)} on its console ${this.exit ? 'before QEMU exited' : `within ${timeoutMs} ms`} (accelerator ${this.accel}; disk reads not answered yet: ${reads}). Look at the console log ${this.consolePath}; its tail: ${text.slice(-1500)}`,
+          {
+            details: {
+              machine: this.name,
+              pattern: String(pattern),
+              console: this.consolePath,
+              unansweredReads: unanswered,
+            },
+          },
         );
       }
       await new Promise((r) => setTimeout(r, 200));
