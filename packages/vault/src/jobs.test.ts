@@ -84,6 +84,8 @@ async function protect(t: TestVault, storePath: string, retention: unknown, tag:
     name: `pol-${tag}`,
     rpoThresholdSeconds: 600,
     retention,
+    // A week-long retention slot, so that no test's ticks straddle a slot's end.
+    retentionIntervalSeconds: 7 * 86_400,
   });
   const store = await t.call('POST', '/api/target-stores', {
     name: `st-${tag}`,
@@ -496,6 +498,9 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     async () => {
       const where = await fx.fresh();
       const runs = new Map<string, number>();
+      // A retention slot a week long: with the default hour, a run across a full hour made
+      // a second, rightful slot per policy and failed the count below.
+      const WEEK = 7 * 86_400;
       const a = await start(
         { ...where, dataDir: `${where.dataDir}-a` },
         { schedulerIntervalMs: 100, jobHandlers: [countingJob(runs)] },
@@ -513,11 +518,13 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
         name: 'ha-1',
         rpoThresholdSeconds: 600,
         retention: { rules: [{ for: '1d' }] },
+        retentionIntervalSeconds: WEEK,
       });
       await a.call('POST', '/api/policies', {
         name: 'ha-2',
         rpoThresholdSeconds: 600,
         retention: { rules: [{ for: '1d' }] },
+        retentionIntervalSeconds: WEEK,
       });
       await waitFor(
         async () =>
