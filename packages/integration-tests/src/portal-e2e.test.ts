@@ -328,7 +328,9 @@ describe('portal end to end with lifeboat up and a real VM', () => {
         await page.getByRole('heading', { name: heading, level: 1 }).waitFor();
         // Its first rows (the live event stream keeps the network busy: no networkidle).
         await page.locator('tbody tr, .card p').first().waitFor();
-        await expect.poll(() => page.locator('[aria-busy="true"]').count()).toBe(0);
+        await expect
+          .poll(() => page.locator('[aria-busy="true"]').count(), { timeout: 20_000 })
+          .toBe(0);
         await shot(name);
       }
       await page.goto(url + '/jobs?state=succeeded');
