@@ -1,5 +1,5 @@
-import { useState, type FormEvent } from 'react';
-import { api, ApiError, query, type Page } from '../api';
+import { useState } from 'react';
+import { api, query, type Page } from '../api';
 import { useFieldErrors } from '../form';
 import { STATE_LABELS } from '../format';
 import { useMachines } from '../names';
@@ -7,11 +7,13 @@ import { Link, navigate, useLocation } from '../router';
 import type { Component, ProtectedItem, RecoveryRun } from '../types';
 import { useApi } from '../use-api';
 import { ErrorBox, PageHeader } from '../ui';
+import { useRunWizard, WizardButtons, WizardSteps } from '../wizard';
 import {
   BOOT_DEFAULT,
   bootBody,
   bootErrors,
   BootFields,
+  CHECK_STEP_FIELDS,
   hostErrors,
   mappedNetworks,
   networkErrors,
@@ -19,6 +21,7 @@ import {
   pointChoice,
   pointErrors,
   PointFields,
+  POINT_STEP_FIELDS,
   pointSelector,
   pointWords,
   RecoveryHostField,
@@ -53,15 +56,12 @@ export function FailoverPage() {
   const name = item.data === undefined ? itemId : (machines[item.data.machineId]?.name ?? '');
   const hosts = useRecoveryHosts();
   const mappings = useNetworkMappings();
-  const [step, setStep] = useState(0);
   const [planned, setPlanned] = useState(false);
   const [point, setPoint] = useState(() => pointChoice(params.get('point') ?? undefined));
   const [verify, setVerify] = useState(VERIFY_DEFAULT);
   const [hostId, setHostId] = useState('');
   const [boot, setBoot] = useState(BOOT_DEFAULT);
   const [confirm, setConfirm] = useState('');
-  const [busy, setBusy] = useState(false);
-  const [refusal, setRefusal] = useState<ApiError>();
 
   // The vault allows one failover per item at a time, and another only after one failed.
   const runs = useApi<Page<RecoveryRun>>(
@@ -101,46 +101,12 @@ export function FailoverPage() {
   const networkText = networkWords(needs, 1, () => name, isolated);
   if (confirm.trim() !== name) errors['confirm'] = `Type ${name} to confirm.`;
   const f = useFieldErrors('fo', errors, API_FIELDS);
-  const stepFields = [
-    ['item', 'mode', 'at', 'pointId'],
-    [
-      'network',
-      'console',
-      'guestPort',
-      'expect',
-      'host',
-      'kernel',
-      'append',
-      'initrd',
-      'cpus',
-      'memoryMiB',
-    ],
-    ['confirm'],
-  ];
-
-  const next = (e: FormEvent) => {
-    e.preventDefault();
-    const bad = f.attempt(stepFields[step] ?? []);
-    if (bad !== undefined) {
-      document.getElementById(`fo-${bad}`)?.focus();
-      return;
-    }
-    if (step < STEPS.length - 1) {
-      setStep((s) => s + 1);
-      return;
-    }
-    void start();
-  };
-
-  const start = async () => {
-    const bad = f.attempt(stepFields.flat());
-    if (bad !== undefined) {
-      setStep(FIELD_STEP[bad] ?? 0);
-      return;
-    }
-    setBusy(true);
-    setRefusal(undefined);
-    try {
+  const { step, setStep, busy, refusal, next } = useRunWizard({
+    prefix: 'fo',
+    f,
+    stepFields: [['item', ...POINT_STEP_FIELDS], CHECK_STEP_FIELDS, ['confirm']],
+    fieldStep: FIELD_STEP,
+    submit: async () => {
       const run = await api<RecoveryRun>('POST', '/api/failovers', {
         protectedItemId: itemId,
         ...(planned ? { planned: true } : { point: pointSelector(point) }),
@@ -149,15 +115,8 @@ export function FailoverPage() {
         ...bootBody(boot),
       });
       navigate(`/failovers/${encodeURIComponent(run.id)}`);
-    } catch (err) {
-      if (!(err instanceof ApiError)) throw err;
-      setRefusal(err);
-      const ours = f.refused(err);
-      if (ours !== undefined) setStep(FIELD_STEP[ours] ?? step);
-    } finally {
-      setBusy(false);
-    }
-  };
+    },
+  });
 
   return (
     <>
@@ -169,13 +128,7 @@ export function FailoverPage() {
         Boots the machine on a recovery host for real: the vault stops replicating it once it runs.
         You can still change the point until you commit.
       </p>
-      <ol className="wizard-steps" aria-label="Steps">
-        {STEPS.map((s, i) => (
-          <li key={s} aria-current={i === step ? 'step' : undefined}>
-            {i + 1}. {s}
-          </li>
-        ))}
-      </ol>
+      <WizardSteps steps={STEPS} step={step} />
       <ErrorBox error={item.error ?? hosts.error ?? refusal} />
       {active !== undefined ? (
         <p>
@@ -273,24 +226,16 @@ export function FailoverPage() {
             </div>
           </>
         ) : null}
-        <div className="wizard-buttons">
-          {step > 0 ? (
-            <button type="button" onClick={() => setStep((s) => s - 1)} disabled={busy}>
-              Back
-            </button>
-          ) : (
-            <Link to={`/machines/${encodeURIComponent(itemId)}`}>Cancel</Link>
-          )}
-          {step < STEPS.length - 1 ? (
-            <button type="submit" className="primary">
-              Next
-            </button>
-          ) : (
-            <button type="submit" className="danger" disabled={busy}>
-              {busy ? 'Starting…' : 'Fail over now'}
-            </button>
-          )}
-        </div>
+        <WizardButtons
+          step={step}
+          steps={STEPS.length}
+          busy={busy}
+          onBack={() => setStep((s) => s - 1)}
+          cancelTo={`/machines/${encodeURIComponent(itemId)}`}
+          finish="Fail over now"
+          finishing="Starting…"
+          kind="danger"
+        />
       </form>
     </>
   );

@@ -5,6 +5,7 @@ import { Link } from '../router';
 import type { Machine, Policy } from '../types';
 import { useApi } from '../use-api';
 import { ErrorBox, PageHeader } from '../ui';
+import { WizardButtons, WizardSteps } from '../wizard';
 
 interface SourceHost {
   id: string;
@@ -75,7 +76,8 @@ export function ProtectPage() {
       document.getElementById(`protect-${first}`)?.focus();
       return;
     }
-    setStep((s) => s + 1);
+    if (step < STEPS.length - 1) setStep((s) => s + 1);
+    else if (!busy) void protect();
   };
 
   const protect = async () => {
@@ -151,13 +153,7 @@ export function ProtectPage() {
   return (
     <>
       <PageHeader title="Protect machines" />
-      <ol className="wizard-steps" aria-label="Steps">
-        {STEPS.map((s, i) => (
-          <li key={s} aria-current={i === step ? 'step' : undefined}>
-            {i + 1}. {s}
-          </li>
-        ))}
-      </ol>
+      <WizardSteps steps={STEPS} step={step} />
       <ErrorBox
         error={hosts.error ?? policies.error ?? stores.error ?? mappings.error ?? machines.error}
       />
@@ -299,31 +295,15 @@ export function ProtectPage() {
             <dd>{mappings.data?.items.find((m) => m.id === mappingId)?.name ?? 'None'}</dd>
           </dl>
         ) : null}
-        <div className="wizard-buttons">
-          {step > 0 ? (
-            <button type="button" onClick={() => setStep((s) => s - 1)} disabled={busy}>
-              Back
-            </button>
-          ) : (
-            <Link to="/machines">Cancel</Link>
-          )}
-          {step < 2 ? (
-            <button type="submit" className="primary">
-              Next
-            </button>
-          ) : (
-            <button
-              type="button"
-              className="primary"
-              disabled={busy}
-              onClick={() => void protect()}
-            >
-              {busy
-                ? 'Protecting…'
-                : `Protect ${chosen.size} ${chosen.size === 1 ? 'machine' : 'machines'}`}
-            </button>
-          )}
-        </div>
+        <WizardButtons
+          step={step}
+          steps={STEPS.length}
+          busy={busy}
+          onBack={() => setStep((s) => s - 1)}
+          cancelTo="/machines"
+          finish={`Protect ${chosen.size} ${chosen.size === 1 ? 'machine' : 'machines'}`}
+          finishing="Protecting…"
+        />
       </form>
     </>
   );

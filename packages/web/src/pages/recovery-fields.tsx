@@ -573,8 +573,10 @@ export const RUN_API_FIELDS: Readonly<Record<string, string>> = {
   memoryMiB: 'memoryMiB',
 };
 
-const POINT_STEP_FIELDS = ['mode', 'at', 'pointId'];
-const CHECK_STEP_FIELDS = [
+/** The fields of a recovery wizard's point step. */
+export const POINT_STEP_FIELDS = ['mode', 'at', 'pointId'] as const;
+/** The fields of a recovery wizard's network-and-checks step. */
+export const CHECK_STEP_FIELDS = [
   'network',
   'console',
   'guestPort',
@@ -586,7 +588,7 @@ const CHECK_STEP_FIELDS = [
   'initrd',
   'cpus',
   'memoryMiB',
-];
+] as const;
 
 /** Which wizard step shows each field: the point's fields on one, the checks' on another, plus a page's own. */
 export function fieldSteps(

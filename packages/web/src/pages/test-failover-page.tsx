@@ -1,17 +1,19 @@
-import { useEffect, useState, type FormEvent } from 'react';
-import { api, ApiError, query, type Page } from '../api';
+import { useEffect, useState } from 'react';
+import { api, query, type Page } from '../api';
 import { useFieldErrors } from '../form';
 import { ago, STATE_LABELS } from '../format';
 import { useMachines } from '../names';
-import { Link, navigate, useLocation } from '../router';
+import { navigate, useLocation } from '../router';
 import type { ProtectedItem, RecoveryRun } from '../types';
 import { useApi } from '../use-api';
 import { Badge, ErrorBox, PageHeader } from '../ui';
+import { useRunWizard, WizardButtons, WizardSteps } from '../wizard';
 import {
   BOOT_DEFAULT,
   bootBody,
   bootErrors,
   BootFields,
+  CHECK_STEP_FIELDS,
   hostErrors,
   mappedNetworks,
   networkErrors,
@@ -19,6 +21,7 @@ import {
   pointChoice,
   pointErrors,
   PointFields,
+  POINT_STEP_FIELDS,
   pointSelector,
   pointWords,
   RecoveryHostField,
@@ -53,7 +56,6 @@ const bootable = (i: ProtectedItem) =>
  */
 export function TestFailoverPage() {
   const { params } = useLocation();
-  const [step, setStep] = useState(0);
   const [by, setBy] = useState<'machines' | 'group'>('machines');
   const [chosen, setChosen] = useState<string[]>(() =>
     (params.get('item') ?? '').split(',').filter((s) => s !== ''),
@@ -65,13 +67,6 @@ export function TestFailoverPage() {
   const [verify, setVerify] = useState(VERIFY_DEFAULT);
   const [hostId, setHostId] = useState('');
   const [boot, setBoot] = useState(BOOT_DEFAULT);
-  const [busy, setBusy] = useState(false);
-  const [refusal, setRefusal] = useState<ApiError>();
-
-  // Start at the point step when the machine (and point) came with the link.
-  useEffect(() => {
-    if (chosen.length > 0 && params.get('point') !== null) setStep(1);
-  }, []);
 
   const found = useApi<Page<ProtectedItem>>(
     by === 'machines' ? `/api/protected-items${query({ q: search, limit: 20 })}` : null,
@@ -140,43 +135,19 @@ export function TestFailoverPage() {
   Object.assign(errors, networkErrors(needs, hostId, hosts.data?.items));
   Object.assign(errors, bootErrors(boot));
   const f = useFieldErrors('tf', errors, API_FIELDS);
-  const stepFields = [
-    by === 'machines' ? ['machines'] : ['group'],
-    ['mode', 'at', 'pointId'],
-    [
-      'network',
-      'console',
-      'guestPort',
-      'expect',
-      'host',
-      'kernel',
-      'append',
-      'initrd',
-      'cpus',
-      'memoryMiB',
+  const { step, setStep, busy, refusal, next } = useRunWizard({
+    prefix: 'tf',
+    f,
+    stepFields: [
+      by === 'machines' ? ['machines'] : ['group'],
+      POINT_STEP_FIELDS,
+      CHECK_STEP_FIELDS,
+      [],
     ],
-    [],
-  ];
-
-  const next = (e: FormEvent) => {
-    e.preventDefault();
-    const bad = f.attempt(stepFields[step] ?? []);
-    if (bad !== undefined) {
-      document.getElementById(`tf-${bad}`)?.focus();
-      return;
-    }
-    setStep((s) => s + 1);
-  };
-
-  const start = async () => {
-    const bad = f.attempt(stepFields.flat());
-    if (bad !== undefined) {
-      setStep(FIELD_STEP[bad] ?? 0);
-      return;
-    }
-    setBusy(true);
-    setRefusal(undefined);
-    try {
+    fieldStep: FIELD_STEP,
+    // Start at the point step when the machine (and point) came with the link.
+    initialStep: chosen.length > 0 && params.get('point') !== null ? 1 : 0,
+    submit: async () => {
       const run = await api<RecoveryRun & { jobId: string }>('POST', '/api/test-failovers', {
         ...(by === 'machines' ? { protectedItemIds: chosen } : { consistencyGroup: group.trim() }),
         point: pointSelector(point),
@@ -186,15 +157,8 @@ export function TestFailoverPage() {
         ...bootBody(boot),
       });
       navigate(`/test-failovers/${encodeURIComponent(run.id)}`);
-    } catch (err) {
-      if (!(err instanceof ApiError)) throw err;
-      setRefusal(err);
-      const ours = f.refused(err);
-      if (ours !== undefined) setStep(FIELD_STEP[ours] ?? step);
-    } finally {
-      setBusy(false);
-    }
-  };
+    },
+  });
 
   const toggle = (id: string, on: boolean) => {
     f.touch('machines');
@@ -208,13 +172,7 @@ export function TestFailoverPage() {
         Boots recovery points on a recovery host in an isolated network, checks that they boot, and
         leaves production untouched (replication goes on). Clean up when you are done.
       </p>
-      <ol className="wizard-steps" aria-label="Steps">
-        {STEPS.map((s, i) => (
-          <li key={s} aria-current={i === step ? 'step' : undefined}>
-            {i + 1}. {s}
-          </li>
-        ))}
-      </ol>
+      <WizardSteps steps={STEPS} step={step} />
       <ErrorBox error={found.error ?? members.error ?? hosts.error ?? refusal} />
       <form onSubmit={next} noValidate className="card wizard" aria-label="Test failover">
         {step === 0 ? (
@@ -395,24 +353,15 @@ export function TestFailoverPage() {
             </dd>
           </dl>
         ) : null}
-        <div className="wizard-buttons">
-          {step > 0 ? (
-            <button type="button" onClick={() => setStep((s) => s - 1)} disabled={busy}>
-              Back
-            </button>
-          ) : (
-            <Link to="/recovery">Cancel</Link>
-          )}
-          {step < STEPS.length - 1 ? (
-            <button type="submit" className="primary">
-              Next
-            </button>
-          ) : (
-            <button type="button" className="primary" disabled={busy} onClick={() => void start()}>
-              {busy ? 'Starting…' : 'Start test failover'}
-            </button>
-          )}
-        </div>
+        <WizardButtons
+          step={step}
+          steps={STEPS.length}
+          busy={busy}
+          onBack={() => setStep((s) => s - 1)}
+          cancelTo="/recovery"
+          finish="Start test failover"
+          finishing="Starting…"
+        />
       </form>
     </>
   );
