@@ -1,4 +1,5 @@
 import { LifeboatError } from '@lifeboat/protocol';
+import { BUILT_IN_NETWORKS } from '@lifeboat/protocol/networks';
 import type { RecoveryJobListener } from './recovery-job.js';
 import type { QmpSession } from './qmp-session.js';
 import { validIfName } from './recovery-machine.js';
@@ -12,7 +13,7 @@ export interface RecoveryNetwork {
 }
 
 /** Names of the built-in isolated networks, which a declared network cannot take. */
-export const BUILT_IN_NETWORKS: readonly string[] = ['isolated', 'isolated-user', 'segment'];
+export { BUILT_IN_NETWORKS };
 
 const NETWORK_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 

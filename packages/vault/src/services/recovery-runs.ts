@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { LifeboatError } from '@lifeboat/protocol';
+import { isBuiltInNetwork, reportedNetworks } from '@lifeboat/protocol/networks';
 import type {
   ComponentRow,
   JobRow,
@@ -223,9 +224,6 @@ function healthy(c: ComponentRow, vault: VaultContext, now = Date.now()): boolea
   );
 }
 
-/** Network names that mean the recovery host's built-in isolated network, never a bridge. */
-const ISOLATED_NETWORKS = ['isolated', 'isolated-user', 'segment'];
-
 /** A machine's network as its item's mapping decides it, with what to name when it is missing. */
 export interface NetworkNeed {
   protectedItemId: string;
@@ -253,7 +251,7 @@ export function mappedNetwork(
     kind === 'failover'
       ? [mapping.targetNetwork, 'networkMapping.targetNetwork' as const]
       : [mapping.testNetwork, 'networkMapping.testNetwork' as const];
-  if (network === null || ISOLATED_NETWORKS.includes(network)) return null;
+  if (network === null || isBuiltInNetwork(network)) return null;
   return { protectedItemId, network, networkMappingId: mapping.id, field };
 }
 
@@ -279,19 +277,11 @@ async function networkNeeds(
 
 /** The networks a recovery host reported in its last heartbeat: name -> its bridge exists. */
 function hostNetworks(c: ComponentRow): Map<string, boolean> {
-  let health: unknown;
   try {
-    health = JSON.parse(c.health);
+    return reportedNetworks(JSON.parse(c.health));
   } catch {
     return new Map();
   }
-  const list = (health as { networks?: unknown } | null)?.networks;
-  if (!Array.isArray(list)) return new Map();
-  return new Map(
-    list
-      .filter((n): n is { name: string; present?: unknown } => typeof n?.name === 'string')
-      .map((n) => [n.name, n.present !== false]),
-  );
 }
 
 /** The first need the host cannot meet (undeclared network, or its bridge missing). */

@@ -1,3 +1,4 @@
+import { isBuiltInNetwork, reportedNetworks } from '@lifeboat/protocol/networks';
 import type { Page } from '../api';
 import { isRegExp, type FieldErrors } from '../form';
 import { time } from '../format';
@@ -402,9 +403,6 @@ export function hostErrors(
   return {};
 }
 
-/** Network names that mean the recovery host's built-in isolated network, never a bridge. */
-const ISOLATED_NETWORKS = ['isolated', 'isolated-user', 'segment'];
-
 /** A machine's recovery-site network, from its item's network mapping. */
 export interface MappedNetwork {
   itemId: string;
@@ -434,7 +432,7 @@ export function mappedNetworks(
     const mapping = mappings.find((m) => m.id === i.networkMappingId);
     if (mapping === undefined) continue;
     const network = kind === 'failover' ? mapping.targetNetwork : mapping.testNetwork;
-    if (network === null || ISOLATED_NETWORKS.includes(network)) continue;
+    if (network === null || isBuiltInNetwork(network)) continue;
     out.push({ itemId: i.id, network, mapping });
   }
   return out;
@@ -442,13 +440,7 @@ export function mappedNetworks(
 
 /** The networks a recovery host reported in its last heartbeat: name -> its bridge exists. */
 export function hostNetworks(h: Component): Map<string, boolean> {
-  const list = (h.health as { networks?: unknown } | null | undefined)?.networks;
-  if (!Array.isArray(list)) return new Map();
-  return new Map(
-    list
-      .filter((n): n is { name: string; present?: unknown } => typeof n?.name === 'string')
-      .map((n) => [n.name, n.present !== false]),
-  );
+  return reportedNetworks(h.health);
 }
 
 /**
