@@ -148,6 +148,11 @@ describe('portal', () => {
   });
 
   it('lists machines a page at a time, filtered by state and searched by name', async () => {
+    const machineRequests: string[] = [];
+    const onRequest = (r: { url(): string }) => {
+      if (new URL(r.url()).pathname.startsWith('/api/machines')) machineRequests.push(r.url());
+    };
+    page.on('request', onRequest);
     await page
       .getByRole('navigation', { name: 'Main' })
       .getByRole('link', { name: 'Machines' })
@@ -155,8 +160,14 @@ describe('portal', () => {
     const rows = page.getByTestId('machine-rows').locator('tr');
     await page.getByText(`Page 1 of 1 (${MACHINES} rows)`).waitFor();
     expect(await rows.count()).toBe(MACHINES);
-    // Names come from the machines API and replace the ids as they arrive.
+    // Names come from the machines API and replace the ids as they arrive: one request for
+    // the page's rows, not one a row.
     await page.getByRole('link', { name: seed.names[seed.staleItem] ?? '' }).waitFor();
+    page.off('request', onRequest);
+    expect(machineRequests).toHaveLength(1);
+    expect(
+      new URL(machineRequests[0] ?? 'http://x/').searchParams.get('ids')?.split(','),
+    ).toHaveLength(MACHINES);
     await page.getByLabel('State').selectOption('resync-needed');
     await page.getByText('Page 1 of 1 (3 rows)').waitFor();
     await page.getByLabel('State').selectOption('');

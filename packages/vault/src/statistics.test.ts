@@ -371,6 +371,20 @@ describe.each(DIALECTS)('store stats, replication history and site filter on %s'
       'west-1',
     ]);
     expect(machines.body['total']).toBe(1);
+    // By ids, as the portal names a page of rows in one request; unknown ids are left out.
+    const byIds = await t.call(
+      'GET',
+      `/api/machines?ids=${[b.machineIds[0], 'no-such-machine', a.machineIds[1]].join(',')}`,
+    );
+    expect((byIds.body['items'] as Array<{ name: string }>).map((m) => m.name).sort()).toEqual([
+      'east-2',
+      'west-1',
+    ]);
+    const tooMany = Array.from({ length: 101 }, (_, i) => `m${i}`).join(',');
+    const refused = await t.call('GET', `/api/machines?ids=${tooMany}`);
+    expect(refused.status).toBe(400);
+    expect(refused.body.details?.['field']).toBe('query.ids');
+    expect((await t.call('GET', '/api/machines?ids=a,,b')).status).toBe(400);
     expect((await t.call('GET', '/api/protected-items?siteId=no-such-site')).body['total']).toBe(0);
     // And by consistency group (the test-failover wizard lists a group's members).
     await t.call('PATCH', `/api/protected-items/${a.itemIds[0] ?? ''}`, {

@@ -1,21 +1,45 @@
 import { useEffect, useState } from 'react';
-import { api } from './api';
+import { api, query, type Page } from './api';
 import type { Machine, ProtectedItem } from './types';
 
 // The protected-item list names machines by id only; machines are looked up once per id and
-// kept for the tab's life (a page shows at most one page of rows, so this stays small).
+// kept for the tab's life (a page shows at most one page of rows, so this stays small). The ids
+// a render asks for are fetched together, a hundred to a request (`GET /api/machines?ids=`),
+// not one request a row.
 const cache = new Map<string, Promise<Machine | undefined>>();
+const BATCH = 100;
+let queued = new Map<string, (m: Machine | undefined) => void>();
+
+function flush(): void {
+  const batch = [...queued];
+  queued = new Map();
+  for (let i = 0; i < batch.length; i += BATCH) {
+    const part = batch.slice(i, i + BATCH);
+    const ids = part.map(([id]) => id);
+    api<Page<Machine>>('GET', `/api/machines${query({ ids: ids.join(','), limit: BATCH })}`).then(
+      (page) => {
+        const found = new Map(page.items.map((m) => [m.id, m]));
+        for (const [id, resolve] of part) {
+          const m = found.get(id);
+          if (m === undefined) cache.delete(id);
+          resolve(m);
+        }
+      },
+      () => {
+        for (const [id, resolve] of part) {
+          cache.delete(id);
+          resolve(undefined);
+        }
+      },
+    );
+  }
+}
 
 function machineOf(id: string): Promise<Machine | undefined> {
   let p = cache.get(id);
   if (p === undefined) {
-    p = api<Machine>('GET', `/api/machines/${encodeURIComponent(id)}`).then(
-      (m) => m,
-      () => {
-        cache.delete(id);
-        return undefined;
-      },
-    );
+    if (queued.size === 0) queueMicrotask(flush);
+    p = new Promise<Machine | undefined>((resolve) => queued.set(id, resolve));
     cache.set(id, p);
   }
   return p;

@@ -14,6 +14,8 @@ import { getRow, pageSchema, requireRef, responses } from './crud-routes.js';
 
 const idParams = { type: 'object', properties: { id: { type: 'string' } }, required: ['id'] };
 const isoTime = { type: 'string', format: 'date-time' };
+/** Most ids one `GET /api/machines?ids=` takes (a page of the portal's rows). */
+const MAX_IDS = 100;
 
 /** A protected item as the API shows it, with its RPO computed now. */
 export function itemToApi(r: ProtectedItemRow, now = Date.now()): Record<string, unknown> {
@@ -380,6 +382,10 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
             sourceHostId: { type: 'string' },
             siteId: { type: 'string', description: 'Machines of source hosts at this site' },
             present: { type: 'boolean' },
+            ids: {
+              type: 'string',
+              description: `These machines only: ids separated by commas, at most ${MAX_IDS}`,
+            },
           },
           additionalProperties: false,
         },
@@ -392,10 +398,17 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
         sourceHostId?: string;
         siteId?: string;
         present?: boolean;
+        ids?: string;
         limit?: number;
         cursor?: string;
         offset?: number;
       };
+      const ids = q.ids === undefined ? undefined : [...new Set(q.ids.split(','))];
+      if (ids !== undefined && (ids.length > MAX_IDS || ids.some((id) => id === '')))
+        throw invalid(
+          'query.ids',
+          `ids takes 1 to ${MAX_IDS} machine ids separated by commas, none empty.`,
+        );
       const page = await listPage(
         db,
         {
@@ -405,8 +418,12 @@ export function registerProtectionRoutes(app: FastifyInstance, vault: VaultConte
             present: q.present === undefined ? undefined : q.present ? 1 : 0,
           },
           search: { column: 'name', q: q.q },
-          where: (qb) =>
-            q.siteId === undefined ? qb : qb.where('sourceHostId', 'in', hostsAtSite(q.siteId)),
+          where: (qb) => {
+            let w =
+              q.siteId === undefined ? qb : qb.where('sourceHostId', 'in', hostsAtSite(q.siteId));
+            if (ids !== undefined) w = w.where('id', 'in', ids);
+            return w;
+          },
         },
         {
           ...(q.limit !== undefined ? { limit: q.limit } : {}),
