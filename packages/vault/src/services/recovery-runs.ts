@@ -922,6 +922,33 @@ export async function cleanupTestFailover(
   return runToApi(vault, { ...run, lastJobId: job.id });
 }
 
+/**
+ * The failover `id` when it is in one of `states` and has no job queued or running, else the
+ * refusal (LB_VAULT_INVALID_STATE) saying which: `why` tells what its state allows.
+ */
+async function idleFailover(
+  vault: VaultContext,
+  id: string,
+  states: readonly string[],
+  why: string,
+): Promise<Awaited<ReturnType<typeof loadRun>>> {
+  const run = await loadRun(vault, 'failover', id);
+  if (!states.includes(run.state)) {
+    throw new LifeboatError('LB_VAULT_INVALID_STATE', `Failover ${id} is ${run.state}; ${why}.`, {
+      details: { id, state: run.state },
+    });
+  }
+  const pending = await pendingJob(vault, run.id);
+  if (pending !== undefined) {
+    throw new LifeboatError(
+      'LB_VAULT_INVALID_STATE',
+      `Failover ${id} has job ${pending.id} (${pending.kind}) ${pending.state}; wait for it to end.`,
+      { details: { id, jobId: pending.id } },
+    );
+  }
+  return run;
+}
+
 async function pendingJob(
   vault: VaultContext,
   runId: string,
@@ -1080,22 +1107,12 @@ export async function changeFailoverPoint(
   id: string,
   point: PointChoice,
 ): Promise<Record<string, unknown>> {
-  const run = await loadRun(vault, 'failover', id);
-  if (run.state !== 'booted' && run.state !== 'failed') {
-    throw new LifeboatError(
-      'LB_VAULT_INVALID_STATE',
-      `Failover ${id} is ${run.state}; its point can change only once it has booted and before commit.`,
-      { details: { id, state: run.state } },
-    );
-  }
-  const pending = await pendingJob(vault, run.id);
-  if (pending !== undefined) {
-    throw new LifeboatError(
-      'LB_VAULT_INVALID_STATE',
-      `Failover ${id} has job ${pending.id} (${pending.kind}) ${pending.state}; wait for it to end.`,
-      { details: { id, jobId: pending.id } },
-    );
-  }
+  const run = await idleFailover(
+    vault,
+    id,
+    ['booted', 'failed'],
+    'its point can change only once it has booted and before commit',
+  );
   const machines = JSON.parse(run.machines) as RunMachine[];
   const m = machines[0]!;
   const item = await vault.db
@@ -1137,22 +1154,12 @@ export async function commitFailover(
   id: string,
   body: { hydrate?: boolean; format?: 'qcow2' | 'raw'; verify?: boolean },
 ): Promise<Record<string, unknown>> {
-  const run = await loadRun(vault, 'failover', id);
-  if (run.state !== 'booted') {
-    throw new LifeboatError(
-      'LB_VAULT_INVALID_STATE',
-      `Failover ${id} is ${run.state}; only a booted failover (before commit) can be committed.`,
-      { details: { id, state: run.state } },
-    );
-  }
-  const pending = await pendingJob(vault, run.id);
-  if (pending !== undefined) {
-    throw new LifeboatError(
-      'LB_VAULT_INVALID_STATE',
-      `Failover ${id} has job ${pending.id} (${pending.kind}) ${pending.state}; wait for it to end.`,
-      { details: { id, jobId: pending.id } },
-    );
-  }
+  const run = await idleFailover(
+    vault,
+    id,
+    ['booted'],
+    'only a booted failover (before commit) can be committed',
+  );
   const machines = JSON.parse(run.machines) as RunMachine[];
   const commit = await createComponentJob(
     vault,
