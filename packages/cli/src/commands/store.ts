@@ -216,7 +216,11 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
           signal: ctx.signal,
         });
         ctx.cleanups.push(() => image.close());
-        image.map().catch(() => undefined);
+        // The map is read ahead while the key unwraps, except where it is not used at all: the
+        // changed ranges of a raw file are read as they are (a qemu-img process for nothing
+        // took a core for 20-30 ms of a 0.3 s command).
+        if (image.info.format !== 'raw' || opts.changedExtents === undefined)
+          image.map().catch(() => undefined);
         const changed =
           opts.changedExtents === undefined
             ? undefined
