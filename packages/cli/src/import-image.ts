@@ -176,7 +176,7 @@ function splitBlocks(pieces: readonly ImportPiece[], block: number): Block[] {
  * held, so memory stays bounded (the ring) while many small ranges (changed extents) are read
  * at once instead of one after the other. Views of one allocation, so none is transferred.
  */
-class ReadAhead {
+export class ReadAhead {
   private readonly ringBytes: number;
   private readonly pending: Array<{ read: Promise<Buffer> | undefined; bytes: number }> = [];
   /** Next block to start reading. */
@@ -225,9 +225,14 @@ class ReadAhead {
         continue;
       }
       let at = this.tail;
-      // A read never wraps: the end of the ring it cannot use is held along with it.
-      const waste = at + b.length > this.ringBytes ? this.ringBytes - at : 0;
-      if (waste > 0) at = 0;
+      // A read never wraps: the end of the ring it cannot use is held along with it. A tail
+      // exactly at the ring's end wraps too (it wasted nothing; reading there got an empty
+      // view, so every third block was read into fresh memory instead of the ring).
+      let waste = 0;
+      if (at + b.length > this.ringBytes) {
+        waste = this.ringBytes - at;
+        at = 0;
+      }
       if (this.held + waste + b.length > this.ringBytes) break;
       this.held += waste + b.length;
       this.tail = at + b.length;
