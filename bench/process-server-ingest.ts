@@ -10,6 +10,7 @@
 //   npx tsx bench/process-server-ingest.ts [--seconds 10] [--machines 1,10,100] [--workers 2]
 //     [--crypto-threads N]   (crypto threads of each worker's store; default the server's)
 //     [--cpu-prof DIR]   (CPU profiles of the process server and its worker threads, in DIR)
+//     [--from-sources]   (the server from TypeScript through tsx; default: built dist/, as the CLI runs it)
 //
 // Everything lives in a temp dir under bench/out/ and is removed at the end.
 import { spawn } from 'node:child_process';
@@ -17,6 +18,7 @@ import type { ChildProcess } from 'node:child_process';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -197,9 +199,19 @@ async function startServer(
   const prof = args.includes('--cpu-prof')
     ? ['--cpu-prof', '--cpu-prof-dir', arg('--cpu-prof', '')]
     : [];
+  // The server runs the packages as `lifeboat process-server start` does: built JavaScript
+  // (dist/, from `npx tsc -b`), its store worker threads too. Only this script itself goes
+  // through tsx. `--from-sources` runs them from TypeScript as before 2026-12-02 23:00 UTC
+  // (every worker thread then loads tsx and its compiler: tens of MiB each).
+  const sources = args.includes('--from-sources') ? ['--conditions=source'] : [];
+  if (
+    sources.length === 0 &&
+    !existsSync(new URL('../packages/process-server/dist/index.js', import.meta.url))
+  )
+    throw new Error('The packages are not built: run "npx tsc -b" first (or pass --from-sources).');
   const child = spawn(
     process.execPath,
-    [...prof, '--conditions=source', '--import', 'tsx', SELF, '--serve', JSON.stringify(cfg)],
+    [...prof, ...sources, '--import', 'tsx', SELF, '--serve', JSON.stringify(cfg)],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
   const line = await new Promise<string>((resolve, reject) => {
