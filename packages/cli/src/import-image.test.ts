@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { DirectoryBackend, Store } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DiskImage } from './disk-image.js';
-import { importImage, ReadAhead } from './import-image.js';
+import { importImage, ReadAhead, readChangedEarly } from './import-image.js';
 import { restorePoint } from './restore-point.js';
 
 const K = 1024;
@@ -90,6 +90,64 @@ describe('importImage', () => {
       await fh.close().catch(() => undefined);
       await store.close();
     }
+  });
+});
+
+describe('readChangedEarly', () => {
+  it('hands its reads to the import when they are the ones it needs, and is ignored when not', async () => {
+    const path = join(dir, 'early.raw');
+    const size = 16 * MiB;
+    const disk = randomBytes(size);
+    const fh = await open(path, 'w');
+    await fh.write(disk, 0, size, 0);
+    for (const chunkSize of [CHUNK, 2 * CHUNK]) {
+      const store = await Store.init({
+        backend: new DirectoryBackend({ path: join(dir, `store-early-${chunkSize}`) }),
+        passphrase: 'p',
+        kdfCost: 1024,
+        chunkSize,
+      });
+      try {
+        const first = await DiskImage.open(path);
+        await importImage({ store, image: first, machine: 'm', disk: 'd' });
+        await first.close();
+        const changed: Array<{ offset: number; length: number }> = [];
+        for (let i = 0; i < 60; i++) {
+          const offset = randomInt(size / CHUNK) * CHUNK + (i % 4 === 0 ? 512 : 0);
+          const length = Math.min(i % 9 === 0 ? 3 * CHUNK : CHUNK, size - offset);
+          const bytes = randomBytes(length);
+          bytes.copy(disk, offset);
+          await fh.write(bytes, 0, length, offset);
+          changed.push({ offset, length });
+        }
+        const image = await DiskImage.open(path, { sniffRaw: true });
+        // Started with the default chunk size, as the CLI does before the store is open.
+        const early = readChangedEarly(image, changed, CHUNK);
+        expect(early).toBeDefined();
+        let taken: boolean | undefined;
+        const result = await importImage({
+          store,
+          image,
+          machine: 'm',
+          disk: 'd',
+          changed,
+          early: {
+            take: (img, blocks) => {
+              const reads = early?.take(img, blocks);
+              taken = reads !== undefined;
+              return reads;
+            },
+          },
+        });
+        await image.close();
+        expect(taken, `chunk size ${chunkSize}`).toBe(chunkSize === CHUNK);
+        const got = await (await store.openPoint(result.point.id)).readAt(0, size);
+        expect(got.equals(disk), `chunk size ${chunkSize}`).toBe(true);
+      } finally {
+        await store.close();
+      }
+    }
+    await fh.close();
   });
 });
 

@@ -13,7 +13,7 @@ import type { ImageFormat } from '../disk-image.js';
 import { ExitCode } from '../exit-codes.js';
 import { readExtentsFile } from '../extents-file.js';
 import { formatBytes, formatRate, formatTime } from '../format.js';
-import { importImage } from '../import-image.js';
+import { importImage, readChangedEarly } from '../import-image.js';
 import { describeLocation, openBackend, openStore, storePassphrase } from '../open-store.js';
 import { resolvePoint } from '../point-ref.js';
 import { ProgressBar } from '../progress-bar.js';
@@ -109,6 +109,9 @@ function pointRow(p: PointInfo): string[] {
 const POINT_HEADERS = ['ID', 'TIME', 'KIND', 'MACHINE', 'DISK', 'SIZE', 'LABELS'];
 
 /** Registers `lifeboat store init|import|points|restore|verify|prune|gc|stats|passwd`. */
+/** The chunk size `lifeboat store init` gives a store unless told otherwise. */
+const DEFAULT_CHUNK_SIZE = 64 * 1024;
+
 export function registerStoreCommands(program: Command, ctx: CliContext): void {
   const store = program
     .command('store')
@@ -225,6 +228,12 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
           opts.changedExtents === undefined
             ? undefined
             : await readExtentsFile(opts.changedExtents, image.info.size);
+        // Reading the changed ranges needs no key either: start it now, for the store's
+        // default chunk size (a store made with another just reads them again).
+        const earlyReads =
+          changed === undefined || opening === undefined
+            ? undefined
+            : readChangedEarly(image, changed, DEFAULT_CHUNK_SIZE);
         const target = await (opening ?? openStore(config, ctx));
         const progress = bar(ctx, config, 'import');
         const result = await importImage({
@@ -233,6 +242,7 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
           machine,
           disk,
           ...(changed === undefined ? {} : { changed }),
+          ...(earlyReads === undefined ? {} : { early: earlyReads }),
           commit: { kind: opts.kind, labels, ...(time === undefined ? {} : { time }) },
           onProgress: (done, total) => progress.update(done, total),
           signal: ctx.signal,
