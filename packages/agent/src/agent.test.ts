@@ -266,10 +266,30 @@ describe('agent against qemu-storage-daemon', () => {
     const opts = { readBytes: MiB, checkpointBytes: 4 * MiB };
 
     const first = agentFor(qsd, sink, opts);
+    const reports: SyncProgressReport[] = [];
+    first.on('progress', (p: SyncProgressReport) => reports.push(p));
+    let initialOffsets: number[] | undefined = [];
+    const sinkWrite = sink.write.bind(sink);
+    sink.write = async (disk, offset, data) => {
+      initialOffsets?.push(offset);
+      await sinkWrite(disk, offset, data);
+    };
     await first.start();
     await waitFor<SyncProgressReport>(first, 'progress', (p) => p.doneBytes >= 16 * MiB);
     await first.stop({ crash: true });
     const sentBefore = first.bytesSent;
+    // Progress in bytes of the allocated ranges, with a rate and an ETA from that rate; the
+    // ranges go out in disk order.
+    const midway = reports.filter((p) => p.doneBytes > 0 && p.doneBytes < p.totalBytes);
+    expect(midway.length).toBeGreaterThan(3);
+    for (const p of midway) {
+      expect(p).toMatchObject({ kind: 'initial', disk: 'disk0', totalBytes: 40 * MiB });
+      expect(p.bytesPerSecond).toBeGreaterThan(0);
+      expect(p.etaSeconds).toBeCloseTo((p.totalBytes - p.doneBytes) / p.bytesPerSecond, 6);
+    }
+    expect(initialOffsets.length).toBeGreaterThan(0);
+    expect(initialOffsets).toEqual([...initialOffsets].sort((a, b) => a - b));
+    initialOffsets = undefined;
 
     const second = agentFor(qsd, sink, opts);
     const resumedAt: number[] = [];
