@@ -466,6 +466,10 @@ describe('agent against qemu-storage-daemon', () => {
     await slow.start();
     const late = await waitFor<CutReport>(slow, 'cut', () => true);
     expect(late.lagMs).toBeGreaterThan(0);
+    // The next cycle starts when the late one ends, not an interval (1 s) after it.
+    const next = await waitFor<CutReport>(slow, 'cut', () => true);
+    expect(next.time - late.time).toBeLessThan(late.durationMs + 600);
+    expect(slow.status().lagMs).toBeGreaterThan(0);
     expect(slow.status().disks[0]?.persistentBitmaps).toBe(false);
     await slow.stop();
     expect((await readAll(store, sink.committed[0]?.points[0]?.id as string)).equals(model)).toBe(
