@@ -37,12 +37,18 @@ async function restore(store: Store, pointId: string, path: string): Promise<voi
   }
 }
 
-/** Checks a restored root file system: clean, and every file the index names finished. */
-async function checkGuestFiles(raw: string): Promise<number> {
+/**
+ * Checks a restored root file system: clean, every file the index names finished, and the
+ * newest file the guest said it had finished (on its console) before the cut is there.
+ */
+async function checkGuestFiles(raw: string, finishedBeforeCut: number): Promise<number> {
   const check = await checkExt4(raw);
   expect(check.clean, check.output).toBe(true);
   const index = Number((await readExt4File(raw, '/var/lifeboat/index'))?.toString().trim());
-  expect(index).toBeGreaterThan(0);
+  expect(finishedBeforeCut).toBeGreaterThan(0);
+  expect(index).toBeGreaterThanOrEqual(finishedBeforeCut);
+  const file = await readExt4File(raw, `/var/lifeboat/files/${finishedBeforeCut}.dat`);
+  expect(file?.toString().startsWith(`LIFEBOAT-FILE ${finishedBeforeCut}\n`)).toBe(true);
   // The writer keeps the newest 100 files; each was fsynced before the index named it.
   for (let n = Math.max(1, index - 20); n <= index; n++) {
     const file = await readExt4File(raw, `/var/lifeboat/files/${n}.dat`);
@@ -96,6 +102,15 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
 
     const sink = new StoreSink(store, 'prot1');
     const stateDir = join(dir, 'agent');
+    // The guest prints LIFEBOAT-WROTE n once file n and the index naming it are durable: the
+    // newest n on the console before a cut must be in that cut's point.
+    const finishedBefore = new Map<string, number>();
+    const hooks = {
+      beforeCut: async (cutId: string): Promise<void> => {
+        const wrote = [...((await vm?.consoleText()) ?? '').matchAll(/LIFEBOAT-WROTE (\d+)/g)];
+        finishedBefore.set(cutId, Number(wrote[wrote.length - 1]?.[1] ?? 0));
+      },
+    };
     const app = new Agent({
       qmpSocket: vm.qmpSocket,
       machine: 'prot1',
@@ -104,6 +119,7 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
       intervalMs: 1000,
       guestAgentSocket: vm.qgaSocket as string,
       appConsistentIntervalMs: 1000,
+      hooks,
     });
     agents.push(app);
     await app.start();
@@ -113,7 +129,8 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
     expect(second.kind).toBe('app');
     await app.stop();
 
-    const appPoints = sink.committed[sink.committed.length - 1]?.points ?? [];
+    const appCut = sink.committed[sink.committed.length - 1];
+    const appPoints = appCut?.points ?? [];
     // Every point records the machine's hardware, as the recovery host reads it.
     for (const p of sink.committed.flatMap((c) => c.points)) {
       expect(p.labels).toMatchObject({
@@ -135,7 +152,7 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
     const appRoot = join(dir, 'app-root.raw');
     await restore(store, appPoints.find((p) => p.disk === 'disk0')?.id as string, appRoot);
     // A frozen ext4 has its journal checkpointed: clean without any replay.
-    const index = await checkGuestFiles(appRoot);
+    const index = await checkGuestFiles(appRoot, finishedBefore.get(appCut?.cutId ?? '') ?? 0);
     const stampDisk = await store.openPoint(
       appPoints.find((p) => p.disk === 'disk1')?.id as string,
     );
@@ -157,6 +174,7 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
       guestAgentSocket: dead,
       appConsistentIntervalMs: 1000,
       guestAgentTimeoutMs: 1000,
+      hooks,
     });
     agents.push(crash);
     const warnings: Array<{ code: string; message: string }> = [];
@@ -170,12 +188,13 @@ describe('agent protecting a real VM (test image, writer, guest agent)', () => {
     // The restart continued from the bitmaps: no resync, only changes.
     expect(warnings.map((w) => w.code)).not.toContain('LB_AGENT_RESYNC');
     const crashRoot = join(dir, 'crash-root.raw');
-    const crashPoints = sink.committed[sink.committed.length - 1]?.points ?? [];
+    const crashCut = sink.committed[sink.committed.length - 1];
+    const crashPoints = crashCut?.points ?? [];
     expect(crashPoints[0]?.kind).toBe('crash');
     await restore(store, crashPoints.find((p) => p.disk === 'disk0')?.id as string, crashRoot);
     // Crash-consistent: the journal is replayed first, as mounting would.
     await replayExt4Journal(crashRoot);
-    const later = await checkGuestFiles(crashRoot);
+    const later = await checkGuestFiles(crashRoot, finishedBefore.get(crashCut?.cutId ?? '') ?? 0);
     expect(later).toBeGreaterThanOrEqual(index);
   }, 300_000);
 });

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { copyFile, mkdtemp, rm } from 'node:fs/promises';
+import { copyFile, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdClient } from '@lifeboat/nbd';
@@ -114,6 +115,35 @@ function waitFor<T>(
     agent.on(event, on);
     agent.on('failed', onFail);
   });
+}
+
+/**
+ * A guest agent's host socket (guest-sync-delimited, fsfreeze) whose freeze and thaw run the
+ * test's checks first: when the agent freezes and thaws, seen from QEMU's side.
+ */
+async function fakeGuestAgent(
+  path: string,
+  on: { freeze: () => Promise<void>; thaw: () => Promise<void> },
+): Promise<{ close: () => Promise<void> }> {
+  const server = createServer((c) => {
+    let buf = '';
+    c.on('error', () => undefined);
+    c.on('data', (d: Buffer) => {
+      buf += d.toString('latin1').replace(/\xff/g, '');
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const msg = JSON.parse(buf.slice(0, nl)) as { execute: string; arguments?: { id: number } };
+        buf = buf.slice(nl + 1);
+        const reply = (r: unknown): void =>
+          void c.write(`\xff${JSON.stringify({ return: r })}\n`, 'latin1');
+        if (msg.execute === 'guest-sync-delimited') reply(msg.arguments?.id);
+        else if (msg.execute === 'guest-fsfreeze-freeze') void on.freeze().then(() => reply(1));
+        else if (msg.execute === 'guest-fsfreeze-thaw') void on.thaw().then(() => reply(1));
+      }
+    });
+  });
+  await new Promise<void>((r) => server.listen(path, r));
+  return { close: () => new Promise<void>((r) => server.close(() => r())) };
 }
 
 describe('agent against qemu-storage-daemon', () => {
@@ -236,10 +266,30 @@ describe('agent against qemu-storage-daemon', () => {
     const opts = { readBytes: MiB, checkpointBytes: 4 * MiB };
 
     const first = agentFor(qsd, sink, opts);
+    const reports: SyncProgressReport[] = [];
+    first.on('progress', (p: SyncProgressReport) => reports.push(p));
+    let initialOffsets: number[] | undefined = [];
+    const sinkWrite = sink.write.bind(sink);
+    sink.write = async (disk, offset, data) => {
+      initialOffsets?.push(offset);
+      await sinkWrite(disk, offset, data);
+    };
     await first.start();
     await waitFor<SyncProgressReport>(first, 'progress', (p) => p.doneBytes >= 16 * MiB);
     await first.stop({ crash: true });
     const sentBefore = first.bytesSent;
+    // Progress in bytes of the allocated ranges, with a rate and an ETA from that rate; the
+    // ranges go out in disk order.
+    const midway = reports.filter((p) => p.doneBytes > 0 && p.doneBytes < p.totalBytes);
+    expect(midway.length).toBeGreaterThan(3);
+    for (const p of midway) {
+      expect(p).toMatchObject({ kind: 'initial', disk: 'disk0', totalBytes: 40 * MiB });
+      expect(p.bytesPerSecond).toBeGreaterThan(0);
+      expect(p.etaSeconds).toBeCloseTo((p.totalBytes - p.doneBytes) / p.bytesPerSecond, 6);
+    }
+    expect(initialOffsets.length).toBeGreaterThan(0);
+    expect(initialOffsets).toEqual([...initialOffsets].sort((a, b) => a - b));
+    initialOffsets = undefined;
 
     const second = agentFor(qsd, sink, opts);
     const resumedAt: number[] = [];
@@ -416,6 +466,10 @@ describe('agent against qemu-storage-daemon', () => {
     await slow.start();
     const late = await waitFor<CutReport>(slow, 'cut', () => true);
     expect(late.lagMs).toBeGreaterThan(0);
+    // The next cycle starts when the late one ends, not an interval (1 s) after it.
+    const next = await waitFor<CutReport>(slow, 'cut', () => true);
+    expect(next.time - late.time).toBeLessThan(late.durationMs + 600);
+    expect(slow.status().lagMs).toBeGreaterThan(0);
     expect(slow.status().disks[0]?.persistentBitmaps).toBe(false);
     await slow.stop();
     expect((await readAll(store, sink.committed[0]?.points[0]?.id as string)).equals(model)).toBe(
@@ -591,5 +645,50 @@ describe('agent against qemu-storage-daemon', () => {
     expect(warnings).not.toContain('LB_AGENT_RESYNC');
     const last = sink.committed[sink.committed.length - 1]?.points[0];
     expect((await readAll(store, last?.id as string)).equals(model)).toBe(true);
+  });
+  it('freezes the guest for the transaction alone: after its overlays exist, thawed before the views are exported', async () => {
+    const img = join(dir, 'disk.qcow2');
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', img, '4M']);
+    const qsd = await daemon([{ path: img }]);
+    const nbd = await guest(qsd, 0);
+    await nbd.write(0, randomBytes(MiB));
+    const sink = new StoreSink(store, 'vm1');
+    let cutId = '';
+    const seen: string[] = [];
+    const frozenAt = new Map<string, number>();
+    const qga = await fakeGuestAgent(join(dir, 'qga.sock'), {
+      freeze: async () => {
+        frozenAt.set(cutId, Date.now());
+        const overlays = await readdir(join(dir, 'agent', 'overlays')).catch((): string[] => []);
+        seen.push(
+          `freeze: overlay ${overlays.includes(`0-${cutId}.qcow2`) ? 'created' : 'missing'}`,
+        );
+      },
+      thaw: async () => {
+        const exports = await NbdClient.listExports({ path: qsd.nbdSocket as string });
+        const view = exports.some((e) => e.name === 'lb-cut-disk0');
+        seen.push(`thaw: view ${view ? 'exported' : 'not exported'}`);
+      },
+    });
+    cleanups.push(() => qga.close());
+    const agent = agentFor(qsd, sink, {
+      guestAgentSocket: join(dir, 'qga.sock'),
+      appConsistentIntervalMs: 1000,
+      hooks: { beforeCut: (id) => void (cutId = id) },
+    });
+    await agent.start();
+    const first = await agent.nextCut();
+    const second = await agent.nextCut();
+    await agent.stop();
+    expect([first.kind, second.kind]).toEqual(['app', 'app']);
+    expect(seen.slice(0, 4)).toEqual([
+      'freeze: overlay created',
+      'thaw: view not exported',
+      'freeze: overlay created',
+      'thaw: view not exported',
+    ]);
+    // The point's time is taken once the guest is frozen, right before the transaction.
+    for (const c of [first, second])
+      expect(c.time).toBeGreaterThanOrEqual(frozenAt.get(c.cutId) as number);
   });
 });

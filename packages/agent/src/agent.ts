@@ -43,7 +43,7 @@ export interface CutReport {
   bytes: number;
   /** Milliseconds from the cycle's start to the acknowledgement. */
   durationMs: number;
-  /** Of which: the cut itself (freeze, overlays, transaction, thaw). */
+  /** Of which: the cut itself (overlays, freeze, transaction, thaw, exports). */
   cutMs: number;
   /** Of which: reading the dirty extents and queueing them to the sink. */
   sendMs: number;
@@ -898,7 +898,7 @@ export class Agent extends EventEmitter {
     this.hardware = await readMachineHardware(this.q, this.disks);
 
     const cutId = randomUUID();
-    let kind: 'crash' | 'app' = 'crash';
+    let kind = 'crash' as 'crash' | 'app';
     let warning: string | undefined;
     const wantApp =
       !this.finalizing &&
@@ -910,7 +910,10 @@ export class Agent extends EventEmitter {
     await this.opts.hooks.beforeCut?.(cutId);
     let frozen = false;
     let freezeTried = false;
-    if (wantApp && qga) {
+    // The guest is frozen for the transaction alone (startFleecing calls these around it): the
+    // overlays are created before and the views exported after, while it writes.
+    const freeze = async (): Promise<void> => {
+      if (!wantApp || !qga) return;
       freezeTried = true;
       try {
         await qga.freeze();
@@ -923,8 +926,24 @@ export class Agent extends EventEmitter {
         warning = `App-consistent point not possible, this point is crash-consistent: ${(err as Error).message}`;
         this.warn('LB_AGENT_APP_CONSISTENT_FAILED', warning);
       }
-    }
-    const time = Date.now();
+    };
+    const thaw = async (): Promise<void> => {
+      if (!freezeTried) return;
+      freezeTried = false;
+      // Thaw even after a failed freeze: a freeze that timed out may still have happened.
+      await qga?.thaw().catch((err: unknown) => {
+        if (frozen) {
+          this.warn(
+            'LB_AGENT_THAW_FAILED',
+            `Thawing the guest's file systems failed: ${(err as Error).message}`,
+          );
+        }
+      });
+    };
+    const cutStart = Date.now();
+    // The point's time: just before the transaction (after any freeze), so the point holds every
+    // write before it.
+    let time = cutStart;
     const overlayDir = join(this.opts.stateDir, 'overlays');
     await mkdir(overlayDir, { recursive: true });
     let cut: FleecingCut;
@@ -937,6 +956,11 @@ export class Agent extends EventEmitter {
         idPrefix: `${AGENT_NODE_PREFIX}fleece`,
         removeOldBitmapOnRelease: false,
         timeoutMs: this.opts.qmpTimeoutMs,
+        beforeTransaction: async () => {
+          await freeze();
+          time = Date.now();
+        },
+        afterTransaction: thaw,
         disks: tracked.map((t, i) => ({
           node: t.d.node,
           oldBitmap: t.old,
@@ -947,17 +971,8 @@ export class Agent extends EventEmitter {
         })),
       });
     } finally {
-      if (frozen || freezeTried) {
-        // Thaw even after a failed freeze: a freeze that timed out may still have happened.
-        await qga?.thaw().catch((err: unknown) => {
-          if (frozen) {
-            this.warn(
-              'LB_AGENT_THAW_FAILED',
-              `Thawing the guest's file systems failed: ${(err as Error).message}`,
-            );
-          }
-        });
-      }
+      // startFleecing thaws right after its transaction; this is for a cut that failed between.
+      await thaw();
       await this.opts.hooks.afterCut?.(cutId);
     }
     // Measured from cycle start to cycle start, so "every N ms" with N = interval means every cut.
@@ -1042,7 +1057,7 @@ export class Agent extends EventEmitter {
       time,
       bytes,
       durationMs: Date.now() - started,
-      cutMs: cutAt - time,
+      cutMs: cutAt - cutStart,
       sendMs: sentAt - cutAt,
       ackMs: ackedAt - sentAt,
       lagMs: Math.max(0, Date.now() - started - this.opts.intervalMs),

@@ -270,4 +270,61 @@ describe('image fleecing on qemu-storage-daemon (QEMU 7.2)', () => {
     });
     expect(nodes.map((n) => n['node-name']).filter((n) => n.startsWith('lbfleece'))).toEqual([]);
   });
+
+  it('freezes for the transaction alone: beforeTransaction once the overlays exist, afterTransaction before any export, also after a refused transaction', async () => {
+    const qmp = qsd.qmp;
+    await qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 't0' });
+    const fleeceNodes = async (): Promise<string[]> =>
+      (await qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true }))
+        .map((n) => n['node-name'])
+        .filter((n) => n.startsWith('lbfleece'));
+    const jobs = async (): Promise<number> =>
+      (await qmp.execute<unknown[]>('query-block-jobs')).length;
+    const exported = async (): Promise<string[]> =>
+      (await NbdClient.listExports({ path: nbdSocket })).map((e) => e.name);
+    const overlayPath = join(dir, 't.qcow2');
+    const seen: string[] = [];
+    const cut = await startFleecing(qmp, {
+      disks: [{ node: 'disk0', oldBitmap: 't0', newBitmap: 't1', overlayPath, exportName: 't' }],
+      beforeTransaction: async () => {
+        await access(overlayPath);
+        seen.push(`before: ${(await fleeceNodes()).length} overlay node, ${await jobs()} job`);
+      },
+      afterTransaction: async () => {
+        const t = (await exported()).includes('t');
+        seen.push(`after: ${await jobs()} job, ${t ? 'exported' : 'not exported'}`);
+      },
+    });
+    expect(seen).toEqual(['before: 1 overlay node, 0 job', 'after: 1 job, not exported']);
+    expect(await exported()).toContain('t');
+    await cut.release();
+
+    // QEMU refuses the transaction: afterTransaction still runs (a frozen guest is thawed),
+    // nothing is left behind and QEMU's error is the one thrown.
+    seen.length = 0;
+    const refused = await startFleecing(qmp, {
+      disks: [{ node: 'disk0', oldBitmap: 'nope', overlayPath, exportName: 't' }],
+      beforeTransaction: async () => void seen.push('before'),
+      afterTransaction: async () => void seen.push('after'),
+    }).catch((e: unknown) => e);
+    expect(String(refused)).toMatch(/nope/);
+    expect(seen).toEqual(['before', 'after']);
+    expect(await fleeceNodes()).toEqual([]);
+
+    // A failing afterTransaction fails the cut, which is undone: the old bitmap records again.
+    const failed = await startFleecing(qmp, {
+      disks: [{ node: 'disk0', oldBitmap: 't1', newBitmap: 't2', overlayPath, exportName: 't' }],
+      afterTransaction: () => Promise.reject(new Error('thaw failed')),
+    }).catch((e: unknown) => e);
+    expect(String(failed)).toMatch(/thaw failed/);
+    const nodes = await qmp.execute<
+      { 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]
+    >('query-named-block-nodes', { flat: true });
+    const bitmaps = nodes.find((n) => n['node-name'] === 'disk0')?.['dirty-bitmaps'] ?? [];
+    expect(bitmaps.find((b) => b.name === 't1')?.recording).toBe(true);
+    expect(bitmaps.find((b) => b.name === 't2')).toBeUndefined();
+    expect(await fleeceNodes()).toEqual([]);
+    expect(await jobs()).toBe(0);
+    await qmp.execute('block-dirty-bitmap-remove', { node: 'disk0', name: 't1' });
+  });
 });

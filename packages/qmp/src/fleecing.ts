@@ -29,6 +29,17 @@ export interface FleecingOptions {
   removeOldBitmapOnRelease?: boolean;
   /** Time limit of each QMP command and event wait. @default 30000 */
   timeoutMs?: number;
+  /**
+   * Runs right before the cut's transaction, once the overlays are in place: where to freeze
+   * the guest's file systems, so they stay frozen for the transaction alone, not for the
+   * overlays' creation or the exports. A failure rolls the cut back. @default none
+   */
+  beforeTransaction?: () => Promise<void>;
+  /**
+   * Runs right after the transaction, also when the transaction failed (where to thaw). A
+   * failure fails the cut (rolled back) unless the transaction's own error is thrown. @default none
+   */
+  afterTransaction?: () => Promise<void>;
 }
 
 /** A point-in-time view of each disk, exported over NBD with its old bitmap. */
@@ -57,7 +68,7 @@ interface NamedNode {
  *
  * 1. `qemu-img create` an empty qcow2 overlay per disk, `blockdev-add` it with the live node
  *    as its backing.
- * 2. One `transaction`: per disk `block-dirty-bitmap-add` (new bitmap),
+ * 2. One `transaction` (between the optional `beforeTransaction` and `afterTransaction`): per disk `block-dirty-bitmap-add` (new bitmap),
  *    `block-dirty-bitmap-disable` (old bitmap) and `blockdev-backup sync=none` from the live
  *    node into the overlay. From this instant QEMU copies old data into the overlay before
  *    any guest write lands, so overlay-over-live reads as the disk at the cut.
@@ -168,8 +179,20 @@ export async function startFleecing(
         data: { device: d.node, target: d.fleeceNode, sync: 'none', 'job-id': d.jobId },
       });
     }
-    await exec('transaction', { actions });
-    transacted = true;
+    await options.beforeTransaction?.();
+    let failed: { error: unknown } | undefined;
+    try {
+      await exec('transaction', { actions });
+      transacted = true;
+    } catch (error) {
+      failed = { error };
+    }
+    try {
+      await options.afterTransaction?.();
+    } catch (error) {
+      failed ??= { error };
+    }
+    if (failed) throw failed.error;
     for (const d of disks) {
       await exec('block-export-add', {
         type: 'nbd',
