@@ -2,26 +2,27 @@ import { FormatError } from './object-format.js';
 import type { BlobLocation, PackEntry } from './object-format.js';
 
 const ID = 32;
-/** Words of an entry in `meta`: pack number, offset, length, raw length. */
-const META = 4;
-/** Bytes of one entry in an index object's plaintext (id, type, offset, length, raw length). */
-const ENCODED_ENTRY = 45;
+/** Bytes of one entry in an index object's plaintext: id, type, offset, length, raw length. */
+const ENTRY = 45;
 
 /**
  * The in-memory map from blob id to its place in a pack, loaded from the index objects.
  *
- * Kept in flat typed arrays, not as a Map of strings to objects: the ids one after the other in
- * one buffer, each entry's pack number, offset, lengths and type in parallel arrays, and an
- * open-addressing hash table of entry numbers keyed by the id's first four bytes (ids are keyed
- * HMACs, so those are uniformly random). About 60 bytes a blob (the Map took about 140, and a
- * key string and an object per blob for the garbage collector to trace), so 1 TiB of unique
- * 64 KiB chunks (16 M blobs) needs about 1 GiB; loading an index object is copying its entries
- * in, with no object per entry.
+ * An index object's plaintext is kept as it is (a segment) and its entries are looked up in
+ * place: loading one is a pass that puts each entry's number in an open-addressing hash table
+ * keyed by the id's first four bytes (ids are keyed HMACs, so those are uniformly random), with
+ * no object, string or copy per entry. The Map of id strings to location objects this replaced
+ * cost about 140 bytes a blob and most of a changed-extents import's index load (a string and
+ * an object per blob for the garbage collector); this is about 65 (the 45-byte entry, its
+ * place, its pack and two table slots), so 1 TiB of unique 64 KiB chunks (16 M blobs) needs
+ * about 1 GiB.
  */
 export class ChunkIndex {
-  private ids = Buffer.alloc(0);
-  private meta = new Uint32Array(0);
-  private types = new Uint8Array(0);
+  private segments: Buffer[] = [];
+  /** Per entry: its segment, its byte position there, its pack's number. */
+  private entrySegment = new Int32Array(0);
+  private entryPos = new Int32Array(0);
+  private entryPack = new Int32Array(0);
   /** Entry number + 1 per slot, 0 for an empty slot; its length is a power of two. */
   private table = new Int32Array(0);
   private count = 0;
@@ -34,17 +35,27 @@ export class ChunkIndex {
 
   /** Adds a pack's entries (a later entry for the same id replaces the earlier one). */
   addPack(pack: string, entries: readonly PackEntry[]): void {
-    this.reserve(entries.length);
-    const p = this.packNumber(pack);
-    for (const e of entries) {
+    const seg = Buffer.allocUnsafe(entries.length * ENTRY);
+    for (let j = 0; j < entries.length; j++) {
+      const e = entries[j] as PackEntry;
       if (e.id.length !== ID) throw new FormatError(`blob id of ${e.id.length} bytes`);
-      this.put(e.id, 0, p, e.offset, e.length, e.rawLength, e.type);
+      const at = j * ENTRY;
+      e.id.copy(seg, at);
+      seg[at + ID] = e.type;
+      seg.writeUInt32LE(e.offset, at + 33);
+      seg.writeUInt32LE(e.length, at + 37);
+      seg.writeUInt32LE(e.rawLength, at + 41);
     }
+    this.reserve(entries.length);
+    const s = this.segments.push(seg) - 1;
+    const p = this.packNumber(pack);
+    for (let j = 0; j < entries.length; j++) this.put(s, j * ENTRY, p);
   }
 
   /**
-   * Adds every entry of an index object's plaintext (the layout decodeIndex reads), straight
-   * from the bytes. Throws FormatError (and adds nothing) when the layout is wrong.
+   * Adds every entry of an index object's plaintext (the layout decodeIndex reads), keeping
+   * `buf` (which must not change afterwards). Throws FormatError (and adds nothing) when the
+   * layout is wrong.
    */
   addEncoded(buf: Buffer): void {
     // First check the layout, then add: a bad object adds nothing.
@@ -62,42 +73,33 @@ export class ChunkIndex {
       if (pos + 20 > buf.length) bad('index ends early');
       const n = buf.readUInt32LE(pos + 16);
       pos += 20;
-      if (pos + n * ENCODED_ENTRY > buf.length) bad('index ends early');
-      for (let j = 0, e = pos + ID; j < n; j++, e += ENCODED_ENTRY) {
+      if (pos + n * ENTRY > buf.length) bad('index ends early');
+      for (let j = 0, e = pos + ID; j < n; j++, e += ENTRY) {
         const type = buf[e];
         if (type !== 0 && type !== 1) bad(`unknown blob type ${String(type)}`);
       }
-      pos += n * ENCODED_ENTRY;
+      pos += n * ENTRY;
       total += n;
     }
     if (pos !== buf.length) bad('index has trailing bytes');
     this.reserve(total);
+    const s = this.segments.push(buf) - 1;
     pos = start;
     for (let i = 0; i < nPacks; i++) {
       const p = this.packNumber(buf.toString('hex', pos, pos + 16));
       const n = buf.readUInt32LE(pos + 16);
       pos += 20;
-      for (let j = 0; j < n; j++, pos += ENCODED_ENTRY) {
-        this.put(
-          buf,
-          pos,
-          p,
-          buf.readUInt32LE(pos + 33),
-          buf.readUInt32LE(pos + 37),
-          buf.readUInt32LE(pos + 41),
-          buf[pos + 32] as number,
-        );
-      }
+      for (let j = 0; j < n; j++, pos += ENTRY) this.put(s, pos, p);
     }
   }
 
   get(id: Buffer): BlobLocation | undefined {
-    const e = this.find(id, 0);
+    const e = this.find(id);
     return e < 0 ? undefined : this.location(e);
   }
 
   has(id: Buffer): boolean {
-    return this.find(id, 0) >= 0;
+    return this.find(id) >= 0;
   }
 
   get size(): number {
@@ -107,17 +109,19 @@ export class ChunkIndex {
   /** Every entry, as [id, location]. */
   *entries(): IterableIterator<[Buffer, BlobLocation]> {
     const n = this.count;
-    const ids = this.ids;
     for (let e = 0; e < n; e++) {
-      yield [Buffer.from(ids.subarray(e * ID, e * ID + ID)), this.location(e)];
+      const seg = this.segments[this.entrySegment[e] as number] as Buffer;
+      const at = this.entryPos[e] as number;
+      yield [Buffer.from(seg.subarray(at, at + ID)), this.location(e)];
     }
   }
 
   /** Takes over another index's content in one step, so concurrent readers never see it empty. */
   adopt(other: ChunkIndex): void {
-    this.ids = other.ids;
-    this.meta = other.meta;
-    this.types = other.types;
+    this.segments = other.segments;
+    this.entrySegment = other.entrySegment;
+    this.entryPos = other.entryPos;
+    this.entryPack = other.entryPack;
     this.table = other.table;
     this.count = other.count;
     this.packs = other.packs;
@@ -136,14 +140,14 @@ export class ChunkIndex {
   }
 
   private location(e: number): BlobLocation {
-    const m = e * META;
-    const meta = this.meta;
+    const seg = this.segments[this.entrySegment[e] as number] as Buffer;
+    const at = this.entryPos[e] as number;
     return {
-      pack: this.packs[meta[m] as number] as string,
-      offset: meta[m + 1] as number,
-      length: meta[m + 2] as number,
-      rawLength: meta[m + 3] as number,
-      type: this.types[e] as 0 | 1,
+      pack: this.packs[this.entryPack[e] as number] as string,
+      offset: seg.readUInt32LE(at + 33),
+      length: seg.readUInt32LE(at + 37),
+      rawLength: seg.readUInt32LE(at + 41),
+      type: seg[at + ID] as 0 | 1,
     };
   }
 
@@ -157,90 +161,83 @@ export class ChunkIndex {
     return p;
   }
 
-  /** The entry holding the id at `src[at..at+32]`, or -1. */
-  private find(src: Buffer, at: number): number {
+  /** True when entry `e`'s id is the 32 bytes of `src` at `at`. */
+  private idIs(e: number, src: Buffer, at: number): boolean {
+    const seg = this.segments[this.entrySegment[e] as number] as Buffer;
+    const pos = this.entryPos[e] as number;
+    for (let k = 0; k < ID; k++) if (seg[pos + k] !== src[at + k]) return false;
+    return true;
+  }
+
+  /** The entry of an id, or -1. */
+  private find(id: Buffer): number {
     const table = this.table;
-    if (table.length === 0) return -1;
+    if (table.length === 0 || id.length !== ID) return -1;
     const mask = table.length - 1;
-    const head = src.readUInt32LE(at);
-    const ids = this.ids;
-    for (let slot = head & mask; ; slot = (slot + 1) & mask) {
+    for (let slot = head(id, 0) & mask; ; slot = (slot + 1) & mask) {
       const v = table[slot] as number;
       if (v === 0) return -1;
-      const e = v - 1;
-      if (
-        ids.readUInt32LE(e * ID) === head &&
-        src.compare(ids, e * ID, e * ID + ID, at, at + ID) === 0
-      )
-        return e;
+      if (this.idIs(v - 1, id, 0)) return v - 1;
     }
   }
 
-  /** Adds or replaces the entry of the id at `src[at..at+32]`; room must be reserved. */
-  private put(
-    src: Buffer,
-    at: number,
-    pack: number,
-    offset: number,
-    length: number,
-    rawLength: number,
-    type: number,
-  ): void {
+  /** Adds (or, for an id already present, points to) the entry at `pos` of segment `s`. */
+  private put(s: number, pos: number, pack: number): void {
+    const seg = this.segments[s] as Buffer;
     const table = this.table;
     const mask = table.length - 1;
-    const head = src.readUInt32LE(at);
-    const ids = this.ids;
-    let slot = head & mask;
-    let e = -1;
+    let slot = head(seg, pos) & mask;
     for (; ; slot = (slot + 1) & mask) {
       const v = table[slot] as number;
       if (v === 0) break;
-      const x = v - 1;
-      if (
-        ids.readUInt32LE(x * ID) === head &&
-        src.compare(ids, x * ID, x * ID + ID, at, at + ID) === 0
-      ) {
-        e = x;
-        break;
+      if (this.idIs(v - 1, seg, pos)) {
+        // A later entry for the same id replaces the earlier one.
+        this.entrySegment[v - 1] = s;
+        this.entryPos[v - 1] = pos;
+        this.entryPack[v - 1] = pack;
+        return;
       }
     }
-    if (e < 0) {
-      e = this.count++;
-      src.copy(ids, e * ID, at, at + ID);
-      table[slot] = e + 1;
-    }
-    const m = e * META;
-    const meta = this.meta;
-    meta[m] = pack;
-    meta[m + 1] = offset;
-    meta[m + 2] = length;
-    meta[m + 3] = rawLength;
-    this.types[e] = type;
+    const e = this.count++;
+    this.entrySegment[e] = s;
+    this.entryPos[e] = pos;
+    this.entryPack[e] = pack;
+    table[slot] = e + 1;
   }
 
   /** Makes room for `more` entries: arrays grown by doubling, the table kept at most half full. */
   private reserve(more: number): void {
     const need = this.count + more;
-    const cap = this.types.length;
+    const cap = this.entryPos.length;
     if (need <= cap) return;
     let next = Math.max(1024, cap);
     while (next < need) next *= 2;
-    const ids = Buffer.allocUnsafe(next * ID);
-    this.ids.copy(ids, 0, 0, this.count * ID);
-    const meta = new Uint32Array(next * META);
-    meta.set(this.meta.subarray(0, this.count * META));
-    const types = new Uint8Array(next);
-    types.set(this.types.subarray(0, this.count));
+    const grow = (a: Int32Array): Int32Array<ArrayBuffer> => {
+      const b = new Int32Array(next);
+      b.set(a.subarray(0, this.count));
+      return b;
+    };
+    this.entrySegment = grow(this.entrySegment);
+    this.entryPos = grow(this.entryPos);
+    this.entryPack = grow(this.entryPack);
     const table = new Int32Array(next * 2);
     const mask = table.length - 1;
     for (let e = 0; e < this.count; e++) {
-      let slot = ids.readUInt32LE(e * ID) & mask;
+      const seg = this.segments[this.entrySegment[e] as number] as Buffer;
+      let slot = head(seg, this.entryPos[e] as number) & mask;
       while (table[slot] !== 0) slot = (slot + 1) & mask;
       table[slot] = e + 1;
     }
-    this.ids = ids;
-    this.meta = meta;
-    this.types = types;
     this.table = table;
   }
+}
+
+/** The first four bytes of the id at `at` as a non-negative 31-bit number (its hash). */
+function head(b: Buffer, at: number): number {
+  return (
+    (b[at] as number) |
+    ((b[at + 1] as number) << 8) |
+    ((b[at + 2] as number) << 16) |
+    (((b[at + 3] as number) & 0x7f) << 24)
+  );
 }
