@@ -188,6 +188,9 @@ describe('lifeboat store', () => {
     expect(r.code).toBe(1);
     expect(r.stderr).toContain('error LB_CLI_BAD_EXTENTS: ');
     expect(r.stderr).toContain('line 2');
+    // The store opened meanwhile (the key unwraps while the file is read) is closed again: the
+    // disk's write lock, taken early, is not left behind to block the next gc or prune.
+    expect((await readdir(join(storeDir, 'locks'))).filter((n) => !n.startsWith('.'))).toEqual([]);
     const { points } = await json<{ points: PointJson[] }>([
       'store',
       'points',

@@ -1,5 +1,5 @@
 import { DirectoryBackend, Store } from '@lifeboat/store';
-import type { ObjectBackend, StoreApi } from '@lifeboat/store';
+import type { ObjectBackend, StoreApi, StoreOpenOptions } from '@lifeboat/store';
 import type { CliContext } from './cli-context.js';
 import type { CliConfig, StoreLocation } from './config.js';
 import { readPassphrase, requireStore } from './config.js';
@@ -51,7 +51,7 @@ export function storePassphrase(
 export async function openStore(
   config: CliConfig,
   ctx: CliContext,
-  options: { cacheBytes?: number } = {},
+  options: Pick<StoreOpenOptions, 'cacheBytes' | 'prepareWrite'> = {},
 ): Promise<StoreApi> {
   const location = requireStore(config);
   const passphrase = await storePassphrase(config, ctx);

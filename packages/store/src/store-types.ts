@@ -74,6 +74,13 @@ export interface StoreOpenOptions {
    * @default the number of cores (os.availableParallelism()), at most 4
    */
   cryptoThreads?: number;
+  /**
+   * The disk a write session will begin on right after opening: its write lock is taken while
+   * the passphrase's key is derived (scrypt: most of an open's time), so that beginWrite of
+   * this disk finds it held. A lock that cannot be taken then is simply taken (or refused) again
+   * by beginWrite; one that no session uses is released when the store closes. @default none
+   */
+  prepareWrite?: { machine: string; disk: string };
 }
 
 /** Begins writing a new point of one disk. */

@@ -53,6 +53,7 @@ import { StoreWriteSession } from './write-session.js';
 import { StorePointReader } from './point-reader.js';
 import { StoreMaintenance } from './store-maintenance.js';
 import { StoreLocks } from './store-locks.js';
+import type { HeldLock } from './store-locks.js';
 import type { LockOptions } from './store-locks.js';
 
 /** Facts about a read, for error messages and details. */
@@ -129,13 +130,19 @@ export class Store implements StoreApi {
   /** The refresh queued to start after the running one, shared by the callers waiting for it. */
   private nextRefresh: Promise<void> | undefined;
   private nextRefreshFull = false;
+  /** What {@link Store.open} started while the key was derived, until it is used. */
+  private early: EarlyWork | undefined;
 
   private constructor(
     backend: ObjectBackend,
     config: StoreConfig,
     masterKey: Buffer,
     cacheBytes: number,
-    extra: StoreExtraOptions & { cryptoThreads?: number | undefined },
+    extra: StoreExtraOptions & {
+      cryptoThreads?: number | undefined;
+      earlyLocks?: StoreLocks;
+      early?: EarlyWork;
+    },
   ) {
     this.backend = backend;
     this.config = config;
@@ -151,7 +158,8 @@ export class Store implements StoreApi {
     while ((this.pow[this.pow.length - 1] as number) * this.fanout <= Number.MAX_SAFE_INTEGER) {
       this.pow.push((this.pow[this.pow.length - 1] as number) * this.fanout);
     }
-    this.locks = new StoreLocks(backend, extra.locks ?? {});
+    this.locks = extra.earlyLocks ?? new StoreLocks(backend, extra.locks ?? {});
+    this.early = extra.early;
     this.indexEveryBlobs = Math.max(1, extra.indexEveryBlobs ?? 65_536);
     this.parallelMinBytes = Math.max(0, extra.parallelMinBytes ?? DEFAULT_PARALLEL_MIN);
     const slotBytes = config.chunkSize + SEAL_OVERHEAD + 64;
@@ -253,10 +261,28 @@ export class Store implements StoreApi {
         damaged ??= err;
       }
     }
+    // While the key is derived: the write lock the caller asked for, and the index objects'
+    // bytes (plain reads; opened once the key is there).
+    const locks = new StoreLocks(backend, options.locks ?? {});
+    const want = options.prepareWrite;
+    const early: EarlyWork = {
+      lock: undefined,
+      // A writer needs the index first thing (a reader of points may never).
+      indexBytes: want === undefined ? new Map() : prefetchObjects(backend, 'index/'),
+    };
+    if (want !== undefined) {
+      const lock = locks.acquire(false, writePurpose(want.machine, want.disk), want);
+      lock.catch(() => undefined);
+      early.lock = { ...want, lock };
+    }
     let masterKey: Buffer | undefined;
-    for (const k of keys) {
-      masterKey = await unwrapMasterKey(k.file, options.passphrase, config.id);
-      if (masterKey !== undefined) break;
+    try {
+      for (const k of keys) {
+        masterKey = await unwrapMasterKey(k.file, options.passphrase, config.id);
+        if (masterKey !== undefined) break;
+      }
+    } finally {
+      if (masterKey === undefined) await releaseEarly(early);
     }
     if (masterKey === undefined) {
       if (keys.length === 0) {
@@ -276,14 +302,13 @@ export class Store implements StoreApi {
       );
     }
     const { mac, ...plain } = config;
-    const store = new Store(
-      backend,
-      plain,
-      masterKey,
-      options.cacheBytes ?? DEFAULT_CACHE,
-      options,
-    );
+    const store = new Store(backend, plain, masterKey, options.cacheBytes ?? DEFAULT_CACHE, {
+      ...options,
+      earlyLocks: locks,
+      early,
+    });
     if (store.crypto.configMac(configText(plain)) !== mac) {
+      await releaseEarly(early);
       throw storeError(
         'LB_STORE_CORRUPT_CONFIG',
         `The config object of the store at ${backend.location} fails its authentication check: it was changed or damaged. Restore it from a copy of the store.`,
@@ -291,7 +316,8 @@ export class Store implements StoreApi {
       );
     }
     // The index loads on first need (a read, a write session, gc): listing points stays fast
-    // on a large store.
+    // on a large store. A prepared lock is settled (held, or refused for beginWrite to retry).
+    await early.lock?.lock.catch(() => undefined);
     return store;
   }
 
@@ -412,6 +438,10 @@ export class Store implements StoreApi {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.early !== undefined) {
+      await releaseEarly(this.early);
+      this.early = undefined;
+    }
     if (this.pool !== undefined) {
       this.pool.unregister(this.poolKey);
       if (this.ownPool) await this.pool.close();
@@ -487,6 +517,25 @@ export class Store implements StoreApi {
     return this.nextRefresh;
   }
 
+  /** An index object's bytes: read while the key was derived, or now. */
+  private async getIndexObject(key: string): Promise<Buffer> {
+    const early = this.early?.indexBytes.get(key);
+    if (early !== undefined) {
+      this.early?.indexBytes.delete(key);
+      const bytes = await early.catch(() => undefined);
+      if (bytes !== undefined) return bytes;
+    }
+    return this.backend.get(key);
+  }
+
+  /** @internal The write lock of this disk taken while the store opened, if any (once). */
+  takePreparedLock(machine: string, disk: string): Promise<HeldLock> | undefined {
+    const early = this.early?.lock;
+    if (early === undefined || early.machine !== machine || early.disk !== disk) return undefined;
+    if (this.early !== undefined) this.early.lock = undefined;
+    return early.lock;
+  }
+
   private startIndexRefresh(full: boolean): Promise<void> {
     const run: Promise<void> = this.doRefreshIndex(full).finally(() => {
       if (this.indexRefresh === run) this.indexRefresh = undefined;
@@ -511,7 +560,7 @@ export class Store implements StoreApi {
       const load = async (key: string): Promise<void> => {
         try {
           target.addEncoded(
-            openObject(this.crypto, ObjectKind.Index, key, await this.backend.get(key)),
+            openObject(this.crypto, ObjectKind.Index, key, await this.getIndexObject(key)),
           );
           target.loaded.add(key);
         } catch (err) {
@@ -886,6 +935,54 @@ export class Store implements StoreApi {
 
 function invalid(message: string): Error {
   return storeError('LB_STORE_INVALID_ARGUMENT', message, {});
+}
+
+/** Work {@link Store.open} starts before the key is there. */
+interface EarlyWork {
+  lock: { machine: string; disk: string; lock: Promise<HeldLock> } | undefined;
+  /** Index objects' bytes by key, read as listed when the open began. */
+  indexBytes: Map<string, Promise<Buffer>>;
+}
+
+/** The purpose a write session's lock carries (shown to whoever it blocks). */
+export function writePurpose(machine: string, disk: string): string {
+  return `write ${machine}/${disk}`;
+}
+
+/** Lets go of what an open started early and nobody took (a lock; the reads just end). */
+async function releaseEarly(early: EarlyWork): Promise<void> {
+  early.indexBytes.clear();
+  const lock = early.lock?.lock;
+  early.lock = undefined;
+  if (lock !== undefined) await lock.then((l) => l.release()).catch(() => undefined);
+}
+
+/**
+ * Starts reading every object under `prefix` (a few at a time; nothing when there are more
+ * than 16: a large store's index is read as it is needed) and returns their reads by key. Never rejects as a whole; a read that fails
+ * is read again by whoever needs it.
+ */
+function prefetchObjects(backend: ObjectBackend, prefix: string): Map<string, Promise<Buffer>> {
+  const reads = new Map<string, Promise<Buffer>>();
+  void (async () => {
+    const keys: string[] = [];
+    for await (const key of listKeys(backend, prefix)) {
+      keys.push(key);
+      if (keys.length > 16) return;
+    }
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < keys.length) {
+        const key = keys[next++] as string;
+        const read = backend.get(key);
+        read.catch(() => undefined);
+        reads.set(key, read);
+        await read.catch(() => undefined);
+      }
+    };
+    await Promise.all([worker(), worker(), worker(), worker()]);
+  })().catch(() => undefined);
+  return reads;
 }
 
 function threadCount(option: number | undefined): number {

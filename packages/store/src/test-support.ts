@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { DirectoryBackend } from './directory-backend.js';
 import { Store } from './store.js';
 import type { StoreExtraOptions } from './store.js';
-import type { StoreInitOptions } from './store-types.js';
+import type { StoreInitOptions, StoreOpenOptions } from './store-types.js';
 
 /** Test fixture: a temporary store directory (tests only; not exported from the package). */
 export interface TempStore {
@@ -14,7 +14,7 @@ export interface TempStore {
   /** Opens the same store again (a second process's view). */
   reopen(
     passphrase?: string,
-    extra?: StoreExtraOptions & { cryptoThreads?: number },
+    extra?: StoreExtraOptions & Pick<StoreOpenOptions, 'cryptoThreads' | 'prepareWrite'>,
   ): Promise<Store>;
   cleanup(): Promise<void>;
 }

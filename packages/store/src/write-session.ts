@@ -7,7 +7,7 @@ import { BlobType } from './store-crypto.js';
 import { storeError } from './store-error.js';
 import type { HeldLock } from './store-locks.js';
 import type { ReadContext, Store } from './store.js';
-import { isZero } from './store.js';
+import { isZero, writePurpose } from './store.js';
 import type { CommitOptions, PointInfo, WriteSession, WriteSessionOptions } from './store-types.js';
 import { REF_BYTES, TreeNode, getRef, setRef, treeHeight } from './tree-node.js';
 
@@ -82,7 +82,11 @@ export class StoreWriteSession implements WriteSession {
     const warm = store.refreshIndex();
     warm.catch(() => undefined);
     // The lock names the disk: a second writer of it, here or in another process, is refused.
-    const lock = await store.locks.acquire(false, `write ${machine}/${disk}`, { machine, disk });
+    // Taken while the store opened, when the opener said this disk would be written.
+    const prepared = await store.takePreparedLock(machine, disk)?.catch(() => undefined);
+    const lock =
+      prepared ??
+      (await store.locks.acquire(false, writePurpose(machine, disk), { machine, disk }));
     try {
       await warm.catch(() => undefined);
       // Under the shared lock no gc runs, so what the index says stays true until commit.

@@ -209,8 +209,18 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
         // the image is probed and mapped and the extents are read: they need no key. With a
         // prompt, the image is checked first, so a bad path never waits for a passphrase.
         const early = config.passphrase.kind !== 'prompt';
-        const opening = early ? openStore(config, ctx) : undefined;
+        // The disk's write lock is taken meanwhile too (prepareWrite).
+        const opening = early
+          ? openStore(config, ctx, { prepareWrite: { machine, disk } })
+          : undefined;
         opening?.catch(() => undefined);
+        // Should the command fail before it takes the store (a bad image or extents file), the
+        // store still opens: close it then too, which lets go of the prepared lock.
+        if (opening !== undefined) {
+          ctx.cleanups.push(async () => {
+            await (await opening.catch(() => undefined))?.close();
+          });
+        }
         const image = await DiskImage.open(imagePath, {
           ...(opts.format === undefined ? {} : { format: opts.format }),
           // A changed-extents import is a fraction of a second, of which qemu-img info would
@@ -234,7 +244,8 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
           changed === undefined || opening === undefined
             ? undefined
             : readChangedEarly(image, changed, DEFAULT_CHUNK_SIZE);
-        const target = await (opening ?? openStore(config, ctx));
+        const target = await (opening ??
+          openStore(config, ctx, { prepareWrite: { machine, disk } }));
         const progress = bar(ctx, config, 'import');
         const result = await importImage({
           store: target,
