@@ -155,6 +155,14 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     );
     const failed = await b.call('GET', `/api/jobs/${holdId}`);
     expect((failed.body['error'] as { code: string }).code).toBe('LB_VAULT_JOB_INTERRUPTED');
+    // Its log, filtered by level: the error says why it failed.
+    const errors = await b.call('GET', `/api/jobs/${holdId}/logs?level=error`);
+    expect((errors.body['items'] as Array<{ level: string }>).map((l) => l.level)).toEqual([
+      'error',
+    ]);
+    expect(
+      (await b.call('GET', `/api/jobs/${holdId}/logs?level=loud`)).body.details?.['field'],
+    ).toBe('querystring.level');
     const alerts = await b.call('GET', '/api/alerts?kind=job-failed&state=active');
     expect(
       (alerts.body['items'] as Array<{ details: { jobId: string } }>).map((x) => x.details.jobId),

@@ -1074,11 +1074,16 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
   jobs
     .command('show <id>')
     .description('Show a job, its steps and its log')
-    .action(async (id: string, _o: unknown, command: Command) => {
+    .option('--level <level>', 'only log lines of this level: info, warn or error')
+    .action(async (id: string, o: { level?: string }, command: Command) => {
       const c = client(ctx, command);
+      const q = new URLSearchParams({
+        limit: '1000',
+        ...(o.level !== undefined ? { level: o.level } : {}),
+      });
       const [job, logs] = await Promise.all([
         c.call<Row>('GET', `/api/jobs/${encodeURIComponent(id)}`),
-        c.call<{ items: Row[] }>('GET', `/api/jobs/${encodeURIComponent(id)}/logs?limit=1000`),
+        c.call<{ items: Row[] }>('GET', `/api/jobs/${encodeURIComponent(id)}/logs?${q}`),
       ]);
       c.out.json({ ...job, logs: logs.items });
       c.out.line(
