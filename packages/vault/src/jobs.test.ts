@@ -234,6 +234,45 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     expect((await t.call('GET', '/api/alerts?kind=job-failed&state=active')).body['total']).toBe(0);
   });
 
+  it('raises one job-failed alert per kind and target, and clears it when a later job succeeds', async () => {
+    let failing = true;
+    const flaky: JobHandler = {
+      kind: 'flaky',
+      resumable: false,
+      steps: ['work'],
+      run: async () => {
+        if (failing) throw new Error('the work failed');
+        await new Promise((r) => setTimeout(r, 1));
+      },
+    };
+    const t = await start(await fx.fresh(), { jobHandlers: [flaky] });
+    const system = { type: 'system', id: 'system', name: 'test' } as const;
+    const run = async () => {
+      const job = await t.vault.context.jobs.create(
+        { kind: 'flaky', target: { type: 'test', id: 't1' } },
+        system,
+      );
+      await waitFor(async () =>
+        ['succeeded', 'failed'].includes(
+          (await t.call('GET', `/api/jobs/${job?.id ?? ''}`)).body['state'] as string,
+        ),
+      );
+    };
+    const alerts = async (state: string) =>
+      (await t.call('GET', `/api/alerts?kind=job-failed&subjectId=flaky:t1&state=${state}`)).body[
+        'items'
+      ] as Array<{ id: string; message: string }>;
+    await run();
+    await run();
+    const active = await alerts('active');
+    expect(active).toHaveLength(1);
+    expect(active[0]?.message).toContain('the work failed');
+    failing = false;
+    await run();
+    expect(await alerts('active')).toEqual([]);
+    expect((await alerts('cleared')).map((a) => a.id)).toEqual([active[0]?.id]);
+  });
+
   it('runs retention as a scheduled job that prunes the store and the catalogue', async () => {
     const storeDir = await mkdtemp(join(tmpdir(), 'lifeboat-vault-store-'));
     dirs.push(storeDir);
