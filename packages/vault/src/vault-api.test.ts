@@ -26,6 +26,20 @@ describe.each(DIALECTS)('vault API on %s', (dialect) => {
     expect(Object.keys(openapi.body['paths'] as object)).toContain('/api/protected-items');
     const docs = await t.vault.app.inject({ method: 'GET', url: '/api/docs/' });
     expect(docs.statusCode).toBe(200);
+    // The browsable page loads without a token: its script, and the document it shows.
+    expect(docs.body).toContain('swagger-ui-bundle.js');
+    const bundle = await t.vault.app.inject({
+      method: 'GET',
+      url: '/api/docs/static/swagger-ui-bundle.js',
+    });
+    expect([bundle.statusCode, bundle.headers['content-type']]).toEqual([
+      200,
+      'application/javascript; charset=utf-8',
+    ]);
+    const shown = await t.vault.app.inject({ method: 'GET', url: '/api/docs/json' });
+    expect(Object.keys((JSON.parse(shown.body) as { paths: object }).paths)).toEqual(
+      Object.keys(openapi.body['paths'] as object),
+    );
     const none = await t.call('GET', '/api/sites', undefined, null);
     expect(none.status).toBe(401);
     expect(none.body.code).toBe('LB_VAULT_UNAUTHENTICATED');
