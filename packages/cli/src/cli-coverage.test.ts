@@ -169,6 +169,9 @@ describe('the lifeboat CLI as a whole', () => {
       if (!/^Examples?:$/m.test(x.out())) without.push(path.join(' '));
     }
     expect(without).toEqual([]);
+    const top = io({});
+    expect(await runCli(['--help'], { io: top.io })).toBe(0);
+    expect(top.out()).toMatch(/^Exit codes[^\n]*:\n {2}0 .*\n {2}1 .*\n {2}2 .*\n {2}3 /m);
   });
   it('the commands added for coverage do what they say', async () => {
     const v = vault as Vault;
