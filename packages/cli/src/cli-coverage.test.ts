@@ -102,10 +102,14 @@ describe('the lifeboat CLI as a whole', () => {
     }));
     // What the vault was asked, whichever HTTP client a command uses.
     const called = new Set<string>();
+    // The query parameters each route was given, as "GET /api/x ?name".
+    const queried = new Set<string>();
     const onRequest = (req: IncomingMessage): void => {
-      const path = new URL(req.url ?? '/', 'http://x').pathname;
-      const hit = patterns.find((p) => p.method === req.method && p.re.test(path));
-      if (hit !== undefined) called.add(hit.key);
+      const url = new URL(req.url ?? '/', 'http://x');
+      const hit = patterns.find((p) => p.method === req.method && p.re.test(url.pathname));
+      if (hit === undefined) return;
+      called.add(hit.key);
+      for (const name of url.searchParams.keys()) queried.add(`${hit.key} ?${name}`);
     };
     v.app.server.on('request', onRequest);
     try {
@@ -138,13 +142,18 @@ describe('the lifeboat CLI as a whole', () => {
             .flatMap((o) => [o.long ?? '', dummy(o.long ?? '')]),
           ...(cmd.options.some((o) => o.long === '--no-wait') ? ['--no-wait'] : []),
         ];
+        const given = (o: (typeof optional)[number]): string[] => [
+          o.long ?? '',
+          ...(o.required || o.optional ? [dummy(o.long ?? '')] : []),
+        ];
+        // A switch can change the route (`failover list --test`): each option with it too.
+        const switches = optional.filter((o) => !o.required && !o.optional);
         const variants = [
           base,
-          ...optional.map((o) => [
-            ...base,
-            o.long ?? '',
-            ...(o.required || o.optional ? [dummy(o.long ?? '')] : []),
-          ]),
+          ...optional.map((o) => [...base, ...given(o)]),
+          ...switches.flatMap((b) =>
+            optional.filter((o) => o !== b).map((o) => [...base, ...given(b), ...given(o)]),
+          ),
         ];
         // `failover show` tells a test failover from a failover by its id.
         if (path.join(' ') === 'failover show') variants.push([...path, 'tf_nope']);
@@ -159,6 +168,28 @@ describe('the lifeboat CLI as a whole', () => {
       .map((p) => p.key)
       .filter((k) => !called.has(k) && NOT_FOR_THE_CLI[k] === undefined);
     expect(missing, 'routes no lifeboat command calls').toEqual([]);
+
+    // Every filter of every list is an option of its list command. Paging is the commands'
+    // own (--limit, --all); `all` of the tokens is an admin's view of everyone's tokens.
+    const doc = (await (await fetch(`${v.url}/api/openapi.json`)).json()) as {
+      paths: Record<string, Record<string, { parameters?: Array<{ in: string; name: string }> }>>;
+    };
+    const filters = routes
+      .filter((r) => r.method === 'GET' && NOT_FOR_THE_CLI[`GET ${r.url}`] === undefined)
+      .flatMap((r) => {
+        const op = doc.paths[r.url.replace(/:(\w+)/g, '{$1}')]?.['get'];
+        const names = (op?.parameters ?? []).filter((x) => x.in === 'query').map((x) => x.name);
+        if (!names.includes('limit')) return [];
+        return names
+          .filter((n) => !['limit', 'cursor', 'offset'].includes(n))
+          .filter((n) => !(r.url === '/api/tokens' && n === 'all'))
+          .map((n) => `GET ${r.url} ?${n}`);
+      });
+    expect(filters.length).toBeGreaterThan(50);
+    expect(
+      filters.filter((f) => !queried.has(f)),
+      'list filters no command passes',
+    ).toEqual([]);
   });
 
   it('has --help with an example on every command', async () => {
@@ -348,6 +379,12 @@ describe('the lifeboat CLI as a whole', () => {
       'items'
     ] as Array<{ id: string }>;
     expect(machines).toHaveLength(1);
+    // The list filters the API has are options: a search, the site.
+    expect((await ok(['vault', 'machine', 'list', '--search', 'VM1']))['total']).toBe(1);
+    expect((await ok(['vault', 'machine', 'list', '--search', 'web']))['total']).toBe(0);
+    expect((await ok(['vault', 'process-server', 'list', '--site-id', site['id']]))['total']).toBe(
+      1,
+    );
     await writeFile(join(dir, 'pp'), 'store-passphrase\n');
     await ok(['--store', join(dir, 'store'), '--passphrase-file', 'pp', 'store', 'init']);
     const store = await ok([

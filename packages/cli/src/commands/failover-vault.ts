@@ -452,7 +452,14 @@ export async function vaultCleanup(
 export async function vaultListRuns(
   ctx: CliContext,
   access: VaultAccess,
-  o: { test?: boolean; state?: string; protectedItemId?: string; limit?: string; all?: boolean },
+  o: {
+    test?: boolean;
+    state?: string;
+    protectedItemId?: string;
+    recoveryHostId?: string;
+    limit?: string;
+    all?: boolean;
+  },
   json: boolean,
 ): Promise<void> {
   const c = new Client(access, ctx);
@@ -460,6 +467,7 @@ export async function vaultListRuns(
   const params = new URLSearchParams({ limit: o.limit ?? '100' });
   if (o.state !== undefined) params.set('state', o.state);
   if (o.protectedItemId !== undefined) params.set('protectedItemId', o.protectedItemId);
+  if (o.recoveryHostId !== undefined) params.set('recoveryHostId', o.recoveryHostId);
   const path = o.test === true ? '/api/test-failovers' : '/api/failovers';
   const runs: Run[] = [];
   let total = 0;

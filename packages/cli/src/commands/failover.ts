@@ -556,6 +556,7 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
     .option('--test', 'list test failovers instead')
     .option('--state <state>', 'only in this state')
     .option('--protected-item-id <id>', 'only of this protected item')
+    .option('--recovery-host-id <id>', 'only on this recovery host')
     .option('--limit <n>', 'rows per page (1-1000)', '100')
     .option('--all', 'fetch every page')
     .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
@@ -567,6 +568,7 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
           test?: boolean;
           state?: string;
           protectedItemId?: string;
+          recoveryHostId?: string;
           limit: string;
           all?: boolean;
         },

@@ -178,6 +178,26 @@ function cell(v: unknown): string {
   return String(v);
 }
 
+// Query parameters whose flag is not just their name (`q` is a search, not "a q").
+const FILTER_FLAGS: Record<string, [flag: string, help: string]> = {
+  q: ['--search <text>', 'only those whose name contains this text (case-insensitive)'],
+  sort: ['--sort <column>', 'sort by this column'],
+  order: ['--order <order>', 'asc or desc'],
+  since: ['--since <time>', 'only from this ISO time on'],
+  until: ['--until <time>', 'only up to this ISO time'],
+  ids: ['--ids <list>', 'only these ids (comma-separated, at most 100)'],
+  present: ['--present <yes|no>', 'only machines still (true) or no longer (false) on their host'],
+  acknowledged: ['--acknowledged <bool>', 'only acknowledged (true) or unacknowledged (false)'],
+};
+
+// The option key commander gives a FILTER_FLAGS flag (`--search` -> `search`).
+function filterKey(param: string): string {
+  const flag = FILTER_FLAGS[param]?.[0] ?? '';
+  return (/^--([a-z-]+)/.exec(flag)?.[1] ?? param).replace(/-([a-z])/g, (_m, c: string) =>
+    c.toUpperCase(),
+  );
+}
+
 /** Adds a `list` subcommand that pages through an API list and prints a table. */
 function listCommand(
   parent: Command,
@@ -192,11 +212,13 @@ function listCommand(
   },
 ): void {
   const cmd = parent.command(spec.name ?? 'list').description(spec.description);
-  for (const f of spec.filters ?? [])
-    cmd.option(
+  for (const f of spec.filters ?? []) {
+    const [flag, help] = FILTER_FLAGS[f] ?? [
       `--${f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} <value>`,
       `only with this ${f}`,
-    );
+    ];
+    cmd.option(flag, help);
+  }
   cmd
     .option('--limit <n>', 'rows per page (1-1000)', '100')
     .option('--all', 'fetch every page')
@@ -206,7 +228,7 @@ function listCommand(
       const o = command.opts<Record<string, string | boolean | undefined>>();
       const params = new URLSearchParams({ limit: String(o['limit']) });
       for (const f of spec.filters ?? []) {
-        const v = o[f];
+        const v = o[FILTER_FLAGS[f] !== undefined ? filterKey(f) : f];
         if (typeof v === 'string') params.set(f, v);
       }
       const items: Row[] = [];
@@ -436,7 +458,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/users',
     description: 'List users',
     columns: ['id', 'username', 'role', 'disabled', 'lastLoginAt'],
-    filters: ['role'],
+    filters: ['q', 'role'],
     example: 'lifeboat vault user list --role admin',
   });
   user
@@ -468,6 +490,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/tokens',
     description: 'List your API tokens',
     columns: ['id', 'name', 'expiresAt', 'lastUsedAt'],
+    filters: ['userId'],
     example: 'lifeboat vault token list',
   });
 
@@ -614,7 +637,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
   const num = (o: Record<string, string | undefined>, k: string, as = k) =>
     o[k] === undefined ? {} : { [as]: Number(o[k]) };
 
-  simple('site', '/api/sites', ['id', 'name', 'kind', 'description'], ['kind'], {
+  simple('site', '/api/sites', ['id', 'name', 'kind', 'description'], ['q', 'kind'], {
     args: '<name>',
     options: [
       ['--kind <kind>', 'source or recovery', true],
@@ -634,7 +657,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       'appConsistentIntervalSeconds',
       'retention',
     ],
-    [],
+    ['q'],
     {
       args: '<name>',
       options: [
@@ -655,25 +678,37 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       example: 'lifeboat vault policy add gold --rpo 60 --crash-interval 15 --keep 24h,7d/1h',
     },
   );
-  simple('store', '/api/target-stores', ['id', 'name', 'kind', 'path', 'container'], ['kind'], {
-    args: '<name>',
-    options: [
-      ['--kind <kind>', 'directory or azure', true],
-      ['--path <dir>', 'directory of a directory store', false],
-      ['--container <name>', 'Azure container', false],
-      ['--connection-string-file <file>', 'file with the Azure connection string', false],
-      ['--store-passphrase-file <file>', "file with the store's passphrase", true],
-    ],
-    body: () => ({}),
-    example:
-      'lifeboat vault store add dr --kind directory --path /srv/lifeboat --store-passphrase-file pp.txt',
-  });
-  simple('credential', '/api/credentials', ['id', 'name', 'kind', 'username'], ['kind'], undefined);
+  simple(
+    'store',
+    '/api/target-stores',
+    ['id', 'name', 'kind', 'path', 'container'],
+    ['q', 'kind', 'siteId'],
+    {
+      args: '<name>',
+      options: [
+        ['--kind <kind>', 'directory or azure', true],
+        ['--path <dir>', 'directory of a directory store', false],
+        ['--container <name>', 'Azure container', false],
+        ['--connection-string-file <file>', 'file with the Azure connection string', false],
+        ['--store-passphrase-file <file>', "file with the store's passphrase", true],
+      ],
+      body: () => ({}),
+      example:
+        'lifeboat vault store add dr --kind directory --path /srv/lifeboat --store-passphrase-file pp.txt',
+    },
+  );
+  simple(
+    'credential',
+    '/api/credentials',
+    ['id', 'name', 'kind', 'username'],
+    ['q', 'kind'],
+    undefined,
+  );
   simple(
     'mapping',
     '/api/network-mappings',
     ['id', 'name', 'sourceNetwork', 'targetNetwork', 'testNetwork'],
-    [],
+    ['q', 'sourceSiteId', 'targetSiteId'],
     {
       args: '<name>',
       options: [
@@ -709,7 +744,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     'host',
     '/api/source-hosts',
     ['id', 'name', 'kind', 'processServerId', 'discoveredAt'],
-    ['processServerId'],
+    ['q', 'siteId', 'processServerId', 'agentId', 'kind'],
     {
       args: '<name>',
       options: [
@@ -778,28 +813,28 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     'machine',
     '/api/machines',
     ['id', 'name', 'sourceHostId', 'present', 'discoveredAt'],
-    ['sourceHostId'],
+    ['q', 'sourceHostId', 'siteId', 'present', 'ids'],
     undefined,
   );
   simple(
     'process-server',
     '/api/process-servers',
     ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
-    ['siteId'],
+    ['q', 'siteId'],
     undefined,
   );
   simple(
     'agent',
     '/api/agents',
     ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
-    ['siteId'],
+    ['q', 'siteId'],
     undefined,
   );
   simple(
     'recovery-host',
     '/api/recovery-hosts',
     ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
-    ['siteId'],
+    ['q', 'siteId'],
     undefined,
   );
 
@@ -957,7 +992,18 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     'item',
     '/api/protected-items',
     ['id', 'machineId', 'state', 'policyId', 'lastPointAt', 'rpoSeconds'],
-    ['state', 'policyId', 'processServerId'],
+    [
+      'q',
+      'state',
+      'policyId',
+      'processServerId',
+      'targetStoreId',
+      'machineId',
+      'siteId',
+      'consistencyGroup',
+      'sort',
+      'order',
+    ],
     undefined,
   );
   vault
@@ -1059,7 +1105,16 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/recovery-points',
     description: 'List recovery points, newest first',
     columns: ['id', 'machine', 'disk', 'time', 'kind', 'size'],
-    filters: ['protectedItemId', 'disk', 'kind', 'since', 'until'],
+    filters: [
+      'protectedItemId',
+      'targetStoreId',
+      'machine',
+      'disk',
+      'kind',
+      'cut',
+      'since',
+      'until',
+    ],
     example: 'lifeboat vault points list --protected-item-id pi_... --kind app',
   });
 
@@ -1125,7 +1180,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/alerts',
     description: 'List alerts, newest first',
     columns: ['id', 'kind', 'severity', 'state', 'subjectId', 'acknowledgedBy', 'message'],
-    filters: ['state', 'kind', 'severity'],
+    filters: ['state', 'kind', 'severity', 'subjectId', 'acknowledged'],
     example: 'lifeboat vault alerts list --state active',
   });
   alerts
@@ -1141,7 +1196,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/audit',
     description: 'The audit log, newest first',
     columns: ['time', 'actorName', 'action', 'targetType', 'targetId'],
-    filters: ['action', 'targetId'],
+    filters: ['actorId', 'action', 'targetType', 'targetId', 'since'],
     example: 'lifeboat vault audit --target-id pi_...',
   });
 
