@@ -129,7 +129,22 @@ export async function buildProgram(ctx: CliContext, args?: readonly string[]): P
       'read the store passphrase from the first line of a file (or LIFEBOAT_PASSPHRASE)',
     )
     .option('--json', 'machine-readable output on stdout')
-    .option('--progress', 'show progress on stderr even when it is not a terminal');
+    .option('--progress', 'show progress on stderr even when it is not a terminal')
+    .addHelpText(
+      'after',
+      `
+Exit codes (stable, for scripts):
+  ${ExitCode.ok}  done
+  ${ExitCode.failure}  failed (the error's code and message are on stderr; with --json also on stdout)
+  ${ExitCode.usage}  wrong command line: unknown option, missing argument, bad value
+  ${ExitCode.integrityFault}  an integrity fault was found (store verify)
+
+Examples:
+  lifeboat up --demo
+  lifeboat vault item list --state protected --json
+  lifeboat failover test --machine web --console "login:"
+`,
+    );
   const selected = args === undefined ? undefined : selectedCommand(program, args);
   for (const group of COMMAND_GROUPS) {
     if (args === undefined || group.name === selected) {

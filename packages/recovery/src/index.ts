@@ -95,6 +95,8 @@ export {
 export {
   recoveryHostCredentials,
   componentClient,
+  keepRecoveryHostCertificate,
+  type KeepCertificateOptions,
   type RecoveryHostCredentialsOptions,
 } from './recovery-host-credentials.js';
 export { cleanupRunDir } from './run-dir-cleanup.js';

@@ -84,19 +84,7 @@ export async function recoveryHostCredentials(
     }
   }
   if (known !== undefined) {
-    if (certificateNeedsRenewal(known.cert)) {
-      const pair = await createKeyAndCsr(known.id);
-      const r = await componentClient(options.vault, known, options.ca).call<IssuedIdentity>(
-        'POST',
-        '/api/components/self/certificate',
-        pair !== undefined ? { csr: pair.csr } : {},
-      );
-      const key = pair?.key ?? r.privateKey;
-      if (key !== undefined) {
-        known = { ...known, cert: r.certificate, key, ca: r.caCertificate };
-        await saveComponentIdentity(options.dir, known);
-      }
-    }
+    if (certificateNeedsRenewal(known.cert)) known = await renewCertificate(options, known);
     return known;
   }
   if (options.registrationKey === undefined) {
@@ -129,4 +117,74 @@ export async function recoveryHostCredentials(
   };
   await saveComponentIdentity(options.dir, identity);
   return identity;
+}
+
+/** Has the vault sign a new certificate (a new key pair made here) and saves the identity. */
+async function renewCertificate(
+  options: { dir: string; vault: VaultClient; ca?: string },
+  known: ComponentIdentity,
+): Promise<ComponentIdentity> {
+  const pair = await createKeyAndCsr(known.id);
+  const r = await componentClient(options.vault, known, options.ca).call<IssuedIdentity>(
+    'POST',
+    '/api/components/self/certificate',
+    pair !== undefined ? { csr: pair.csr } : {},
+  );
+  const key = pair?.key ?? r.privateKey;
+  if (key === undefined) return known;
+  const renewed = { ...known, cert: r.certificate, key, ca: r.caCertificate };
+  await saveComponentIdentity(options.dir, renewed);
+  return renewed;
+}
+
+/** Options of {@link keepRecoveryHostCertificate}. */
+export interface KeepCertificateOptions {
+  /** The recovery host's private directory (its `identity.json`). */
+  dir: string;
+  /** The vault, without a token (as for {@link recoveryHostCredentials}). */
+  vault: VaultClient;
+  /** The identity in use now. */
+  identity: ComponentIdentity;
+  /** The CA the vault's server certificate chains to. @default the vault's own CA */
+  ca?: string;
+  /** Gets the client with the renewed certificate (e.g. `RecoveryHostLink.setVault`). */
+  onRenewed: (client: VaultClient, identity: ComponentIdentity) => void;
+  /** How often to check. @default 3600000 (hourly) */
+  checkMs?: number;
+  /** Renew when less than this fraction of the certificate's lifetime is left. @default 1/3 */
+  fraction?: number;
+  /** A renewal that failed (the vault unreachable); it is tried again at the next check. */
+  onError?: (err: unknown) => void;
+}
+
+/**
+ * Renews a running recovery host's certificate before it expires: checks every `checkMs` (and
+ * at once), and when less than `fraction` of its lifetime is left has the vault sign a new one,
+ * saves it in `identity.json` and hands a client with it to `onRenewed`. A recovery host runs
+ * for months; renewing only at start would let its certificate run out under it.
+ */
+export function keepRecoveryHostCertificate(o: KeepCertificateOptions): {
+  /** Checks (and renews when due) now. */
+  check(): Promise<void>;
+  stop(): void;
+} {
+  let identity = o.identity;
+  let running: Promise<void> | undefined;
+  const check = (): Promise<void> => {
+    running ??= (async () => {
+      if (!certificateNeedsRenewal(identity.cert, new Date(), o.fraction ?? 1 / 3)) return;
+      identity = await renewCertificate(o, identity);
+      o.onRenewed(componentClient(o.vault, identity, o.ca), identity);
+    })().finally(() => {
+      running = undefined;
+    });
+    return running;
+  };
+  const timer = setInterval(
+    () => void check().catch((err) => o.onError?.(err)),
+    o.checkMs ?? 3_600_000,
+  );
+  timer.unref();
+  void check().catch((err) => o.onError?.(err));
+  return { check, stop: () => clearInterval(timer) };
 }

@@ -123,12 +123,15 @@ export class RecoveryHostLink {
   private defaultBoot: MachineBoot | undefined;
   private stopping = false;
   private stopped = false;
+  // The client with the recovery host's token and certificate (a renewal replaces it).
+  private vault: VaultClient;
 
   constructor(private readonly options: RecoveryHostLinkOptions) {
+    this.vault = options.vault;
     this.kernelDirs = [...(options.kernelDirs ?? [])];
     this.defaultBoot = options.defaultBoot;
     this.reporter = vaultJobReporter({
-      client: options.vault,
+      client: { call: (method, path, body) => this.vault.call(method, path, body) },
       result: (job) => this.resultOf(job),
       onError: (err) => options.onError?.(err),
     });
@@ -146,6 +149,11 @@ export class RecoveryHostLink {
   /** True for a job this link runs for the vault (reported by it, on the vault's id). */
   owns(jobId: string): boolean {
     return this.operations.has(jobId) || this.known.has(jobId);
+  }
+
+  /** Talks to the vault through this client from now on (its certificate was renewed). */
+  setVault(vault: VaultClient): void {
+    this.vault = vault;
   }
 
   /** Lets operations boot kernel files from `dir` too (e.g. a test image built later). */
@@ -169,7 +177,8 @@ export class RecoveryHostLink {
 
   /** Runs one round now and waits for it. */
   async sync(): Promise<void> {
-    this.round = this.round.then(() => this.once());
+    // A round that failed before (the vault unreachable) does not stop this one.
+    this.round = this.round.catch(() => undefined).then(() => this.once());
     await this.round;
   }
 
@@ -203,7 +212,8 @@ export class RecoveryHostLink {
 
   private async once(): Promise<void> {
     if (this.stopping) return;
-    const { vault, host } = this.options;
+    const { host } = this.options;
+    const vault = this.vault;
     const usage = process.memoryUsage();
     await vault.call('POST', '/api/components/self/heartbeat', {
       ...(this.options.version !== undefined ? { version: this.options.version } : {}),
@@ -609,7 +619,7 @@ export class RecoveryHostLink {
       } catch {
         continue; // removed meanwhile: the job's record still names it
       }
-      await this.options.vault
+      await this.vault
         .call('PUT', `/api/components/self/jobs/${op.jobId}/artifacts/${name}`, {
           contentType: png ? 'image/png' : 'text/plain',
           data: data.toString('base64'),
@@ -624,7 +634,7 @@ export class RecoveryHostLink {
     const error = isLifeboatError(err)
       ? { code: err.code, message: err.message, details: err.details }
       : { code: 'LB_RECOVERY_INTERNAL', message: err instanceof Error ? err.message : String(err) };
-    await this.options.vault.call('PUT', `/api/components/self/jobs/${op.jobId}`, {
+    await this.vault.call('PUT', `/api/components/self/jobs/${op.jobId}`, {
       kind: op.kind,
       target: { runId: op.runId },
       state: 'failed',

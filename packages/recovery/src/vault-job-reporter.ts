@@ -8,7 +8,7 @@ export interface VaultJobReporterOptions {
   /** The recovery host's component token (from registration), unless `client` is given. */
   token?: string;
   /** Sends through this client (with its token and client certificate) instead of fetch. @default none */
-  client?: VaultClient;
+  client?: Pick<VaultClient, 'call'>;
   /** More of the job's result for the vault (e.g. verification per machine). @default none */
   result?: (job: RecoveryJobRecord) => Record<string, unknown>;
   /** Called when a report fails; the job itself goes on. @default ignore */

@@ -141,6 +141,17 @@ describe.each(DIALECTS)('every route on %s', (dialect) => {
       expect(ok.status, r.url).toBe(200);
       expect(Object.keys(ok.body).sort(), r.url).toEqual(['items', 'nextCursor', 'total']);
     }
+    // The lists under an id: the paging is checked before the id is looked up.
+    for (const url of [
+      '/api/protected-items/:id/points',
+      '/api/jobs/:id/logs',
+      '/api/jobs/:id/artifacts',
+    ]) {
+      expect(t.vault.routes.some((r) => r.method === 'GET' && r.url === url)).toBe(true);
+      const res = await t.call('GET', `${concrete(url)}?limit=5000`);
+      expect([res.status, res.body.details?.['field']], url).toEqual([400, 'querystring.limit']);
+      expect((await t.call('GET', `${concrete(url)}?limit=2`)).status, url).toBe(404);
+    }
   });
 });
 

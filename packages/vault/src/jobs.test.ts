@@ -155,6 +155,14 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     );
     const failed = await b.call('GET', `/api/jobs/${holdId}`);
     expect((failed.body['error'] as { code: string }).code).toBe('LB_VAULT_JOB_INTERRUPTED');
+    // Its log, filtered by level: the error says why it failed.
+    const errors = await b.call('GET', `/api/jobs/${holdId}/logs?level=error`);
+    expect((errors.body['items'] as Array<{ level: string }>).map((l) => l.level)).toEqual([
+      'error',
+    ]);
+    expect(
+      (await b.call('GET', `/api/jobs/${holdId}/logs?level=loud`)).body.details?.['field'],
+    ).toBe('querystring.level');
     const alerts = await b.call('GET', '/api/alerts?kind=job-failed&state=active');
     expect(
       (alerts.body['items'] as Array<{ details: { jobId: string } }>).map((x) => x.details.jobId),
@@ -224,6 +232,45 @@ describe.each(DIALECTS)('jobs and scheduler on %s', (dialect) => {
     expect(again.body.code).toBe('LB_VAULT_INVALID_STATE');
     // A cancelled job is no failure: no alert.
     expect((await t.call('GET', '/api/alerts?kind=job-failed&state=active')).body['total']).toBe(0);
+  });
+
+  it('raises one job-failed alert per kind and target, and clears it when a later job succeeds', async () => {
+    let failing = true;
+    const flaky: JobHandler = {
+      kind: 'flaky',
+      resumable: false,
+      steps: ['work'],
+      run: async () => {
+        if (failing) throw new Error('the work failed');
+        await new Promise((r) => setTimeout(r, 1));
+      },
+    };
+    const t = await start(await fx.fresh(), { jobHandlers: [flaky] });
+    const system = { type: 'system', id: 'system', name: 'test' } as const;
+    const run = async () => {
+      const job = await t.vault.context.jobs.create(
+        { kind: 'flaky', target: { type: 'test', id: 't1' } },
+        system,
+      );
+      await waitFor(async () =>
+        ['succeeded', 'failed'].includes(
+          (await t.call('GET', `/api/jobs/${job?.id ?? ''}`)).body['state'] as string,
+        ),
+      );
+    };
+    const alerts = async (state: string) =>
+      (await t.call('GET', `/api/alerts?kind=job-failed&subjectId=flaky:t1&state=${state}`)).body[
+        'items'
+      ] as Array<{ id: string; message: string }>;
+    await run();
+    await run();
+    const active = await alerts('active');
+    expect(active).toHaveLength(1);
+    expect(active[0]?.message).toContain('the work failed');
+    failing = false;
+    await run();
+    expect(await alerts('active')).toEqual([]);
+    expect((await alerts('cleared')).map((a) => a.id)).toEqual([active[0]?.id]);
   });
 
   it('runs retention as a scheduled job that prunes the store and the catalogue', async () => {

@@ -350,6 +350,17 @@ describe.each(DIALECTS)('test failovers and failovers through the vault on %s', 
       `${String(m['name'])}-console`,
       `${String(m['name'])}-screenshot`,
     ]);
+    // Paged like every list.
+    const first = await ok('GET', `/api/jobs/${jobId}/artifacts?limit=1`);
+    expect([(first['items'] as unknown[]).length, first['total']]).toEqual([1, 2]);
+    const second = await ok(
+      'GET',
+      `/api/jobs/${jobId}/artifacts?limit=1&cursor=${String(first['nextCursor'])}`,
+    );
+    expect((second['items'] as Array<{ name: string }>).map((x) => x.name)).toEqual([
+      `${String(m['name'])}-screenshot`,
+    ]);
+    expect(second['nextCursor']).toBeNull();
     expect((await ok('GET', `/api/jobs/${jobId}`))['state']).toBe('succeeded');
     expect((await ok('GET', `/api/protected-items/${a.itemId}`))['state']).toBe('protected');
     const byItem = await ok('GET', `/api/test-failovers?protectedItemId=${a.itemId}`);

@@ -26,6 +26,20 @@ describe.each(DIALECTS)('vault API on %s', (dialect) => {
     expect(Object.keys(openapi.body['paths'] as object)).toContain('/api/protected-items');
     const docs = await t.vault.app.inject({ method: 'GET', url: '/api/docs/' });
     expect(docs.statusCode).toBe(200);
+    // The browsable page loads without a token: its script, and the document it shows.
+    expect(docs.body).toContain('swagger-ui-bundle.js');
+    const bundle = await t.vault.app.inject({
+      method: 'GET',
+      url: '/api/docs/static/swagger-ui-bundle.js',
+    });
+    expect([bundle.statusCode, bundle.headers['content-type']]).toEqual([
+      200,
+      'application/javascript; charset=utf-8',
+    ]);
+    const shown = await t.vault.app.inject({ method: 'GET', url: '/api/docs/json' });
+    expect(Object.keys((JSON.parse(shown.body) as { paths: object }).paths)).toEqual(
+      Object.keys(openapi.body['paths'] as object),
+    );
     const none = await t.call('GET', '/api/sites', undefined, null);
     expect(none.status).toBe(401);
     expect(none.body.code).toBe('LB_VAULT_UNAUTHENTICATED');
@@ -63,8 +77,15 @@ describe.each(DIALECTS)('vault API on %s', (dialect) => {
     expect(bad.body.code).toBe('LB_VAULT_LOGIN_FAILED');
     const token = await t.userToken('viewer');
     expect((await t.call('GET', '/api/auth/me', undefined, token)).body['role']).toBe('viewer');
+    const me = (await t.call('GET', '/api/auth/me', undefined, token)).body['id'] as string;
     await t.call('POST', '/api/auth/logout', undefined, token);
     expect((await t.call('GET', '/api/auth/me', undefined, token)).status).toBe(401);
+    // Audited with who and when, like the login.
+    const audit = await t.call('GET', `/api/audit?targetId=${me}`);
+    const entries = audit.body['items'] as Array<{ action: string; actorId: string; time: string }>;
+    expect(entries.map((a) => a.action).slice(0, 2)).toEqual(['user.logout', 'user.login']);
+    expect(entries[0]?.actorId).toBe(me);
+    expect(Date.parse(entries[0]?.time ?? '')).toBeGreaterThan(Date.now() - 60_000);
   });
 
   it('enforces roles: viewer reads only, operator manages protection, admin manages users and stores', async () => {

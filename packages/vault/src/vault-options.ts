@@ -99,6 +99,11 @@ export interface VaultOptions {
   storeStatsIntervalSeconds?: number;
   /** Alerts are POSTed here as JSON when raised and cleared. */
   webhookUrl?: string;
+  /**
+   * Waits before each retry of a webhook delivery that failed (no answer, 429 or 5xx), in ms;
+   * a delivery is dropped (and logged) after the last. @default [1000, 5000, 30000, 120000]
+   */
+  webhookRetryDelaysMs?: number[];
   /** Validity of component certificates. @default 90 */
   certificateDays?: number;
   /** scrypt cost N of password hashes (tests lower it). @default 16384 */
@@ -209,6 +214,9 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
       10,
     ),
     ...(options.webhookUrl !== undefined ? { webhookUrl: options.webhookUrl } : {}),
+    webhookRetryDelaysMs: (options.webhookRetryDelaysMs ?? [1000, 5000, 30_000, 120_000]).map(
+      (ms, i) => positive(`webhookRetryDelaysMs[${i}]`, ms),
+    ),
     certificateDays: positive('certificateDays', options.certificateDays ?? 90),
     passwordCost: positive('passwordCost', options.passwordCost ?? 16_384, 2),
     ...(options.openStore !== undefined ? { openStore: options.openStore } : {}),

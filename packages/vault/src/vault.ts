@@ -98,7 +98,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       secrets,
       log,
       metrics,
-      alerts: new AlertService(database.db, log, options.webhookUrl),
+      alerts: new AlertService(database.db, log, options.webhookUrl, options.webhookRetryDelaysMs),
       jobs: runner,
       ca,
       history: new ItemHistory(database.db, options.historyBucketSeconds, log),
@@ -218,7 +218,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
         await sched.stop();
         await run.stop();
         await ctx.history.close();
-        await ctx.alerts.flush();
+        await ctx.alerts.close();
         await database.close();
         await unlock?.();
       },

@@ -361,6 +361,10 @@ export function registerAgentCommands(program: Command, ctx: CliContext): void {
     .command('status')
     .description('Show what a running agent is doing (from its state directory)')
     .requiredOption('--state-dir <dir>', 'the agent’s state directory')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat agent status --state-dir /var/lib/lifeboat/agent --json\n',
+    )
     .action(async (opts: { stateDir: string }, command: Command) => {
       const config = resolveConfig(command.optsWithGlobals<GlobalCliOptions>(), ctx.io);
       const out = new CliPrinter(ctx.io, config.json);

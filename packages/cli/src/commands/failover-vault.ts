@@ -447,3 +447,60 @@ export async function vaultCleanup(
   out.json({ testFailover: run, job });
   failIfFailed(job);
 }
+
+/** `failover list`: the vault's failovers, or its test failovers with `test`. */
+export async function vaultListRuns(
+  ctx: CliContext,
+  access: VaultAccess,
+  o: {
+    test?: boolean;
+    state?: string;
+    protectedItemId?: string;
+    recoveryHostId?: string;
+    limit?: string;
+    all?: boolean;
+  },
+  json: boolean,
+): Promise<void> {
+  const c = new Client(access, ctx);
+  const out = new CliPrinter(ctx.io, json);
+  const params = new URLSearchParams({ limit: o.limit ?? '100' });
+  if (o.state !== undefined) params.set('state', o.state);
+  if (o.protectedItemId !== undefined) params.set('protectedItemId', o.protectedItemId);
+  if (o.recoveryHostId !== undefined) params.set('recoveryHostId', o.recoveryHostId);
+  const path = o.test === true ? '/api/test-failovers' : '/api/failovers';
+  const runs: Run[] = [];
+  let total = 0;
+  for (;;) {
+    const page = await c.call<{ items: Run[]; nextCursor: string | null; total: number }>(
+      'GET',
+      `${path}?${params}`,
+    );
+    runs.push(...page.items);
+    total = page.total;
+    if (o.all !== true || page.nextCursor === null) break;
+    params.set('cursor', page.nextCursor);
+  }
+  out.json({ items: runs, total });
+  for (const r of runs) {
+    out.line(
+      `${r.id}  ${r.state}  ${r.machines.map((m) => m.machineName).join(', ')}  recovery host ${r.recoveryHostId}  job ${r.jobId}`,
+    );
+  }
+  if (runs.length < total) out.note(`${runs.length} of ${total} shown; use --all or --limit.`);
+}
+
+/** `failover show <id>`: one failover (`fo_...`) or test failover (`tf_...`). */
+export async function vaultShowRun(
+  ctx: CliContext,
+  access: VaultAccess,
+  id: string,
+  json: boolean,
+): Promise<void> {
+  const c = new Client(access, ctx);
+  const out = new CliPrinter(ctx.io, json);
+  const path = id.startsWith('tf_') ? '/api/test-failovers' : '/api/failovers';
+  const run = await c.call<Run>('GET', `${path}/${encodeURIComponent(id)}`);
+  out.json(run);
+  printRun(out, access, run);
+}

@@ -29,6 +29,8 @@ import {
   vaultChangePoint,
   vaultCleanup,
   vaultCommit,
+  vaultListRuns,
+  vaultShowRun,
   vaultStartFailover,
   vaultTestFailover,
   type VaultRunOptions,
@@ -362,6 +364,10 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       '--hydrate-to <dir>',
       'after commit, copy the disks into local qcow2 files here and switch to them',
     )
+    .addHelpText(
+      'after',
+      '\nExamples:\n  lifeboat failover start --vault https://vault:9440 --machine web --planned\n  lifeboat --store /srv/store failover start --machine web --kernel vmlinuz --append "console=ttyS0 root=/dev/vda" --commit --hydrate-to /var/lib/vms/web\n',
+    )
     .action(async (o: MachineOpts & { commit?: boolean; hydrateTo?: string }, cmd: Command) => {
       const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
       const access = vaultOf(o, cmd, ctx);
@@ -426,6 +432,10 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
     .option('--at <time>', 'vault: the latest point at or before this ISO time')
     .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
     .option('--token <token>', 'a session or API token (or LIFEBOAT_VAULT_TOKEN)')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  lifeboat failover change-point --failover fo_... --latest-app\n  lifeboat failover change-point --run-dir /tmp/lifeboat-fo --point 3f2a9c\n',
+    )
     .action(
       async (
         o: FailoverRef & { point?: string[]; latestApp?: boolean; at?: string },
@@ -477,6 +487,10 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       '--verify',
       "pause the guest briefly to compare each copy with the point plus the guest's writes",
     )
+    .addHelpText(
+      'after',
+      '\nExamples:\n  lifeboat failover commit --failover fo_...\n  lifeboat failover commit --run-dir /tmp/lifeboat-fo --hydrate-to /var/lib/vms/web\n',
+    )
     .action(
       async (
         o: FailoverRef & { hydrateTo?: string; raw?: boolean; verify?: boolean; hydrate: boolean },
@@ -517,6 +531,10 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
     .option('--test-failover <id>', 'vault: the test failover to clean up')
     .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
     .option('--token <token>', 'a session or API token (or LIFEBOAT_VAULT_TOKEN)')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  lifeboat failover cleanup --test-failover tf_...\n  lifeboat failover cleanup --run-dir /var/lib/lifeboat/recovery\n',
+    )
     .action(async (o: FailoverRef & { testFailover?: string }, cmd: Command) => {
       const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
       const out = new CliPrinter(ctx.io, config.json);
@@ -530,5 +548,45 @@ export function registerFailoverCommands(program: Command, ctx: CliContext): voi
       out.json({ removed });
       for (const r of removed) out.line(`removed ${r}`);
       if (removed.length === 0) out.line(`nothing to remove in ${runDir}`);
+    });
+
+  group
+    .command('list')
+    .description('vault: the failovers (or with --test the test failovers), newest first')
+    .option('--test', 'list test failovers instead')
+    .option('--state <state>', 'only in this state')
+    .option('--protected-item-id <id>', 'only of this protected item')
+    .option('--recovery-host-id <id>', 'only on this recovery host')
+    .option('--limit <n>', 'rows per page (1-1000)', '100')
+    .option('--all', 'fetch every page')
+    .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
+    .option('--token <token>', 'a session or API token (or LIFEBOAT_VAULT_TOKEN)')
+    .addHelpText('after', '\nExample:\n  lifeboat failover list --test --state running\n')
+    .action(
+      async (
+        o: FailoverRef & {
+          test?: boolean;
+          state?: string;
+          protectedItemId?: string;
+          recoveryHostId?: string;
+          limit: string;
+          all?: boolean;
+        },
+        cmd: Command,
+      ) => {
+        const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+        await vaultListRuns(ctx, vaultAccessFor(o, ctx), o, config.json);
+      },
+    );
+
+  group
+    .command('show <id>')
+    .description('vault: one failover (fo_...) or test failover (tf_...), its machines and points')
+    .option('--vault <url>', 'the vault (or LIFEBOAT_VAULT_URL)')
+    .option('--token <token>', 'a session or API token (or LIFEBOAT_VAULT_TOKEN)')
+    .addHelpText('after', '\nExample:\n  lifeboat failover show tf_... --json\n')
+    .action(async (id: string, o: FailoverRef, cmd: Command) => {
+      const config = resolveConfig(cmd.optsWithGlobals<GlobalCliOptions>(), ctx.io);
+      await vaultShowRun(ctx, vaultAccessFor(o, ctx), id, config.json);
     });
 }

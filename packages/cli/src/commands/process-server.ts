@@ -319,6 +319,10 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
       'Show a running process server’s health: RPO per disk, backlog, journal, throughput',
     )
     .option('--health <host:port>', 'its health listener', '127.0.0.1:9444')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat process-server status --health 127.0.0.1:9444 --json\n',
+    )
     .action(async (opts: { health: string }, command: Command) => {
       const config = resolveConfig(command.optsWithGlobals<GlobalCliOptions>(), ctx.io);
       const out = new CliPrinter(ctx.io, config.json);

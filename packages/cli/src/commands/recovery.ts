@@ -8,6 +8,7 @@ import {
   RecoveryHostLink,
   cleanupRunDir,
   componentClient,
+  keepRecoveryHostCertificate,
   exportUri,
   parseNetworkOptions,
   recoveryHostCredentials,
@@ -221,6 +222,22 @@ async function startWithVault(
   });
   link.start();
   ctx.cleanups.push(() => link.stop());
+  // Renewed before it expires, while it runs (hourly checks, a third of its lifetime left).
+  const renewal = keepRecoveryHostCertificate({
+    dir: runDir,
+    vault: anonymous,
+    identity: creds,
+    ...(ca !== undefined ? { ca } : {}),
+    onRenewed: (client, identity) => {
+      link.setVault(client);
+      ctx.io.stderr.write(`renewed the certificate of recovery host ${identity.id}\n`);
+    },
+    onError: (err) =>
+      void ctx.io.stderr.write(
+        `warning: cannot renew the certificate: ${err instanceof Error ? err.message : String(err)}\n`,
+      ),
+  });
+  ctx.cleanups.push(() => renewal.stop());
   out.json({
     id: creds.id,
     name: creds.name,

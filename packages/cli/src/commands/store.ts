@@ -126,6 +126,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
       '64K',
     )
     .addOption(new Option('--kdf-cost <n>', 'scrypt cost N (tests lower it)').hideHelp())
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat store init --passphrase-file pp.txt\n',
+    )
     .action(async (opts: { chunkSize: string; kdfCost?: string }, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);
       const location = requireStore(config);
@@ -177,6 +181,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     )
     .option('--time <iso-time>', 'when the image was taken (default: now)')
     .option('--label <key=value>', 'a label on the point (repeatable)', collect, [])
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store import web-vda.qcow2 --machine web --disk vda\n',
+    )
     .action(
       async (
         imagePath: string,
@@ -280,6 +288,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     .addOption(
       new Option('--kind <kind>', 'only crash- or app-consistent points').choices(['crash', 'app']),
     )
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store points --machine web --json\n',
+    )
     .action(async (opts: { machine?: string; disk?: string; kind?: PointKind }, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);
       const target = await openStore(config, ctx);
@@ -318,6 +330,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     .option('--machine <name>', 'with "latest": the machine')
     .option('--disk <name>', 'with "latest": the disk')
     .option('--force', 'replace <out> if it exists')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store restore latest web-vda.raw --machine web --disk vda\n',
+    )
     .action(
       async (
         ref: string,
@@ -354,6 +370,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
   store
     .command('verify')
     .description('read and check every object; exits 3 when a fault is found')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store verify --json\n',
+    )
     .action(async (_opts: unknown, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);
       const target = await openStore(config, ctx);
@@ -387,6 +407,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     .option('--machine <name>', 'only this machine')
     .option('--dry-run', 'only say what would be removed')
     .option('--no-gc', 'do not collect garbage after removing points')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store prune --keep 24h --keep 7d:1h --dry-run\n',
+    )
     .action(
       async (
         opts: { keep: string[]; keepApp?: string; machine?: string; dryRun?: boolean; gc: boolean },
@@ -429,6 +453,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
   store
     .command('gc')
     .description('delete and repack data no point references (takes an exclusive lock)')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store gc\n',
+    )
     .action(async (_opts: unknown, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);
       const target = await openStore(config, ctx);
@@ -444,6 +472,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
   store
     .command('stats')
     .description('sizes: logical, unique, stored, dedup ratio')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store stats --json\n',
+    )
     .action(async (_opts: unknown, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);
       const target = await openStore(config, ctx);
@@ -473,6 +505,10 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     .option(
       '--new-passphrase-file <file>',
       'the new passphrase (or LIFEBOAT_NEW_PASSPHRASE, or a prompt)',
+    )
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file old.txt store passwd --new-passphrase-file new.txt\n',
     )
     .action(async (_opts: unknown, cmd: Command) => {
       const { config, out } = setup(ctx, cmd);

@@ -23,6 +23,10 @@ interface Client {
   call<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<T>;
   /** A route's body as text (the CA certificate). */
   text(path: string): Promise<string>;
+  /** A route's body as bytes (a job's screenshot). */
+  bytes(path: string): Promise<Buffer>;
+  /** The server-sent events of a route, until it ends or the command is aborted. */
+  events(path: string): AsyncGenerator<{ event: string; data: unknown }>;
 }
 
 type Row = Record<string, unknown>;
@@ -91,6 +95,49 @@ function client(ctx: CliContext, cmd: Command, needToken = true): Client {
       if (!res.ok) throw failure(res, {});
       return text;
     },
+    bytes: async (path: string): Promise<Buffer> => {
+      const res = await send('GET', path);
+      const body = Buffer.from(await res.arrayBuffer());
+      if (!res.ok) {
+        let parsed: unknown = {};
+        try {
+          parsed = JSON.parse(body.toString('utf8'));
+        } catch {
+          // Reported with the status alone.
+        }
+        throw failure(res, parsed);
+      }
+      return body;
+    },
+    events: async function* (path: string) {
+      const res = await send('GET', path);
+      if (!res.ok || res.body === null) throw failure(res, JSON.parse(await res.text()) as unknown);
+      const decoder = new TextDecoder();
+      let buffered = '';
+      for await (const chunk of res.body) {
+        buffered += decoder.decode(chunk as Uint8Array, { stream: true });
+        let end: number;
+        while ((end = buffered.indexOf('\n\n')) >= 0) {
+          const block = buffered.slice(0, end);
+          buffered = buffered.slice(end + 2);
+          let event = 'message';
+          const data: string[] = [];
+          for (const line of block.split('\n')) {
+            if (line.startsWith('event:')) event = line.slice(6).trim();
+            else if (line.startsWith('data:')) data.push(line.slice(5).trimStart());
+          }
+          if (data.length === 0) continue;
+          const text = data.join('\n');
+          let parsed: unknown = text;
+          try {
+            parsed = JSON.parse(text);
+          } catch {
+            // Kept as text.
+          }
+          yield { event, data: parsed };
+        }
+      }
+    },
   };
 }
 
@@ -131,6 +178,26 @@ function cell(v: unknown): string {
   return String(v);
 }
 
+// Query parameters whose flag is not just their name (`q` is a search, not "a q").
+const FILTER_FLAGS: Record<string, [flag: string, help: string]> = {
+  q: ['--search <text>', 'only those whose name contains this text (case-insensitive)'],
+  sort: ['--sort <column>', 'sort by this column'],
+  order: ['--order <order>', 'asc or desc'],
+  since: ['--since <time>', 'only from this ISO time on'],
+  until: ['--until <time>', 'only up to this ISO time'],
+  ids: ['--ids <list>', 'only these ids (comma-separated, at most 100)'],
+  present: ['--present <yes|no>', 'only machines still (true) or no longer (false) on their host'],
+  acknowledged: ['--acknowledged <bool>', 'only acknowledged (true) or unacknowledged (false)'],
+};
+
+// The option key commander gives a FILTER_FLAGS flag (`--search` -> `search`).
+function filterKey(param: string): string {
+  const flag = FILTER_FLAGS[param]?.[0] ?? '';
+  return (/^--([a-z-]+)/.exec(flag)?.[1] ?? param).replace(/-([a-z])/g, (_m, c: string) =>
+    c.toUpperCase(),
+  );
+}
+
 /** Adds a `list` subcommand that pages through an API list and prints a table. */
 function listCommand(
   parent: Command,
@@ -145,11 +212,13 @@ function listCommand(
   },
 ): void {
   const cmd = parent.command(spec.name ?? 'list').description(spec.description);
-  for (const f of spec.filters ?? [])
-    cmd.option(
+  for (const f of spec.filters ?? []) {
+    const [flag, help] = FILTER_FLAGS[f] ?? [
       `--${f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} <value>`,
       `only with this ${f}`,
-    );
+    ];
+    cmd.option(flag, help);
+  }
   cmd
     .option('--limit <n>', 'rows per page (1-1000)', '100')
     .option('--all', 'fetch every page')
@@ -159,7 +228,7 @@ function listCommand(
       const o = command.opts<Record<string, string | boolean | undefined>>();
       const params = new URLSearchParams({ limit: String(o['limit']) });
       for (const f of spec.filters ?? []) {
-        const v = o[f];
+        const v = o[FILTER_FLAGS[f] !== undefined ? filterKey(f) : f];
         if (typeof v === 'string') params.set(f, v);
       }
       const items: Row[] = [];
@@ -389,7 +458,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/users',
     description: 'List users',
     columns: ['id', 'username', 'role', 'disabled', 'lastLoginAt'],
-    filters: ['role'],
+    filters: ['q', 'role'],
     example: 'lifeboat vault user list --role admin',
   });
   user
@@ -421,6 +490,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/tokens',
     description: 'List your API tokens',
     columns: ['id', 'name', 'expiresAt', 'lastUsedAt'],
+    filters: ['userId'],
     example: 'lifeboat vault token list',
   });
 
@@ -567,7 +637,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
   const num = (o: Record<string, string | undefined>, k: string, as = k) =>
     o[k] === undefined ? {} : { [as]: Number(o[k]) };
 
-  simple('site', '/api/sites', ['id', 'name', 'kind', 'description'], ['kind'], {
+  simple('site', '/api/sites', ['id', 'name', 'kind', 'description'], ['q', 'kind'], {
     args: '<name>',
     options: [
       ['--kind <kind>', 'source or recovery', true],
@@ -587,7 +657,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       'appConsistentIntervalSeconds',
       'retention',
     ],
-    [],
+    ['q'],
     {
       args: '<name>',
       options: [
@@ -608,25 +678,37 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       example: 'lifeboat vault policy add gold --rpo 60 --crash-interval 15 --keep 24h,7d/1h',
     },
   );
-  simple('store', '/api/target-stores', ['id', 'name', 'kind', 'path', 'container'], ['kind'], {
-    args: '<name>',
-    options: [
-      ['--kind <kind>', 'directory or azure', true],
-      ['--path <dir>', 'directory of a directory store', false],
-      ['--container <name>', 'Azure container', false],
-      ['--connection-string-file <file>', 'file with the Azure connection string', false],
-      ['--store-passphrase-file <file>', "file with the store's passphrase", true],
-    ],
-    body: () => ({}),
-    example:
-      'lifeboat vault store add dr --kind directory --path /srv/lifeboat --store-passphrase-file pp.txt',
-  });
-  simple('credential', '/api/credentials', ['id', 'name', 'kind', 'username'], ['kind'], undefined);
+  simple(
+    'store',
+    '/api/target-stores',
+    ['id', 'name', 'kind', 'path', 'container'],
+    ['q', 'kind', 'siteId'],
+    {
+      args: '<name>',
+      options: [
+        ['--kind <kind>', 'directory or azure', true],
+        ['--path <dir>', 'directory of a directory store', false],
+        ['--container <name>', 'Azure container', false],
+        ['--connection-string-file <file>', 'file with the Azure connection string', false],
+        ['--store-passphrase-file <file>', "file with the store's passphrase", true],
+      ],
+      body: () => ({}),
+      example:
+        'lifeboat vault store add dr --kind directory --path /srv/lifeboat --store-passphrase-file pp.txt',
+    },
+  );
+  simple(
+    'credential',
+    '/api/credentials',
+    ['id', 'name', 'kind', 'username'],
+    ['q', 'kind'],
+    undefined,
+  );
   simple(
     'mapping',
     '/api/network-mappings',
     ['id', 'name', 'sourceNetwork', 'targetNetwork', 'testNetwork'],
-    [],
+    ['q', 'sourceSiteId', 'targetSiteId'],
     {
       args: '<name>',
       options: [
@@ -641,12 +723,16 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
           'network for test failovers (a recovery host network; default: isolated)',
           false,
         ],
+        ['--source-site <id>', 'the source site', false],
+        ['--target-site <id>', 'the recovery site', false],
       ],
       body: ([n], o) => ({
         name: n,
         sourceNetwork: o['sourceNetwork'],
         targetNetwork: o['targetNetwork'],
         ...opt(o, 'testNetwork'),
+        ...(o['sourceSite'] !== undefined ? { sourceSiteId: o['sourceSite'] } : {}),
+        ...(o['targetSite'] !== undefined ? { targetSiteId: o['targetSite'] } : {}),
       }),
       example:
         'lifeboat vault mapping add lan --source-network br0 --target-network dr-lan --test-network dr-test',
@@ -658,7 +744,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     'host',
     '/api/source-hosts',
     ['id', 'name', 'kind', 'processServerId', 'discoveredAt'],
-    ['processServerId'],
+    ['q', 'siteId', 'processServerId', 'agentId', 'kind'],
     {
       args: '<name>',
       options: [
@@ -670,6 +756,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         ],
         ['--qmp <list>', 'machines and their QMP sockets: name=path,name=path', false],
         ['--site <id>', 'its site', false],
+        ['--credential <id>', 'a stored credential for the host', false],
       ],
       body: ([n], o) => ({
         name: n,
@@ -677,6 +764,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         processServerId: o['processServer'],
         ...(o['agent'] !== undefined ? { agentId: o['agent'] } : {}),
         ...(o['site'] !== undefined ? { siteId: o['site'] } : {}),
+        ...(o['credential'] !== undefined ? { credentialId: o['credential'] } : {}),
         endpoints: qmpEndpoints(o['qmp']),
       }),
       example:
@@ -690,6 +778,8 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     .option('--process-server <id>', 'the process server that serves it')
     .option('--agent <id>', 'the agent running on the host ("none": the process server itself)')
     .option('--qmp <list>', 'machines and their QMP sockets: name=path,name=path (replaces them)')
+    .option('--site <id>', 'its site ("none" to remove it)')
+    .option('--credential <id>', 'a stored credential for the host ("none" to remove it)')
     .addHelpText(
       'after',
       '\nExample:\n  lifeboat vault host update sh_... --agent agt_... --qmp web=/run/web.qmp\n',
@@ -701,9 +791,15 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
         ...(o['processServer'] !== undefined ? { processServerId: o['processServer'] } : {}),
         ...(o['agent'] !== undefined ? { agentId: o['agent'] === 'none' ? null : o['agent'] } : {}),
         ...(o['qmp'] !== undefined ? { endpoints: qmpEndpoints(o['qmp']) } : {}),
+        ...(o['site'] !== undefined ? { siteId: o['site'] === 'none' ? null : o['site'] } : {}),
+        ...(o['credential'] !== undefined
+          ? { credentialId: o['credential'] === 'none' ? null : o['credential'] }
+          : {}),
       };
       if (Object.keys(body).length === 0)
-        throw bad('Give at least one of --name, --process-server, --agent, --qmp.');
+        throw bad(
+          'Give at least one of --name, --process-server, --agent, --qmp, --site, --credential.',
+        );
       printObject(c, await c.call('PATCH', `/api/source-hosts/${encodeURIComponent(id)}`, body));
     });
   host
@@ -717,28 +813,28 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     'machine',
     '/api/machines',
     ['id', 'name', 'sourceHostId', 'present', 'discoveredAt'],
-    ['sourceHostId'],
+    ['q', 'sourceHostId', 'siteId', 'present', 'ids'],
     undefined,
   );
   simple(
     'process-server',
     '/api/process-servers',
     ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
-    ['siteId'],
+    ['q', 'siteId'],
     undefined,
   );
   simple(
     'agent',
     '/api/agents',
     ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
-    ['siteId'],
+    ['q', 'siteId'],
     undefined,
   );
   simple(
     'recovery-host',
     '/api/recovery-hosts',
     ['id', 'name', 'status', 'lastHeartbeatAt', 'certificateExpiresAt'],
-    ['siteId'],
+    ['q', 'siteId'],
     undefined,
   );
 
@@ -896,7 +992,18 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     'item',
     '/api/protected-items',
     ['id', 'machineId', 'state', 'policyId', 'lastPointAt', 'rpoSeconds'],
-    ['state', 'policyId', 'processServerId'],
+    [
+      'q',
+      'state',
+      'policyId',
+      'processServerId',
+      'targetStoreId',
+      'machineId',
+      'siteId',
+      'consistencyGroup',
+      'sort',
+      'order',
+    ],
     undefined,
   );
   vault
@@ -998,7 +1105,16 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/recovery-points',
     description: 'List recovery points, newest first',
     columns: ['id', 'machine', 'disk', 'time', 'kind', 'size'],
-    filters: ['protectedItemId', 'disk', 'kind', 'since', 'until'],
+    filters: [
+      'protectedItemId',
+      'targetStoreId',
+      'machine',
+      'disk',
+      'kind',
+      'cut',
+      'since',
+      'until',
+    ],
     example: 'lifeboat vault points list --protected-item-id pi_... --kind app',
   });
 
@@ -1013,13 +1129,17 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
   jobs
     .command('show <id>')
     .description('Show a job, its steps and its log')
-    .action(async (id: string, _o: unknown, command: Command) => {
+    .option('--level <level>', 'only log lines of this level: info, warn or error')
+    .action(async (id: string, o: { level?: string }, command: Command) => {
       const c = client(ctx, command);
-      const job = await c.call<Row>('GET', `/api/jobs/${encodeURIComponent(id)}`);
-      const logs = await c.call<{ items: Row[] }>(
-        'GET',
-        `/api/jobs/${encodeURIComponent(id)}/logs?limit=1000`,
-      );
+      const q = new URLSearchParams({
+        limit: '1000',
+        ...(o.level !== undefined ? { level: o.level } : {}),
+      });
+      const [job, logs] = await Promise.all([
+        c.call<Row>('GET', `/api/jobs/${encodeURIComponent(id)}`),
+        c.call<{ items: Row[] }>('GET', `/api/jobs/${encodeURIComponent(id)}/logs?${q}`),
+      ]);
       c.out.json({ ...job, logs: logs.items });
       c.out.line(
         `${String(job['kind'])} ${String(job['state'])} ${Math.round(Number(job['progress']) * 100)}%`,
@@ -1060,7 +1180,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/alerts',
     description: 'List alerts, newest first',
     columns: ['id', 'kind', 'severity', 'state', 'subjectId', 'acknowledgedBy', 'message'],
-    filters: ['state', 'kind', 'severity'],
+    filters: ['state', 'kind', 'severity', 'subjectId', 'acknowledged'],
     example: 'lifeboat vault alerts list --state active',
   });
   alerts
@@ -1076,7 +1196,7 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
     path: '/api/audit',
     description: 'The audit log, newest first',
     columns: ['time', 'actorName', 'action', 'targetType', 'targetId'],
-    filters: ['action', 'targetId'],
+    filters: ['actorId', 'action', 'targetType', 'targetId', 'since'],
     example: 'lifeboat vault audit --target-id pi_...',
   });
 
@@ -1108,6 +1228,442 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
           cell(x['lastHeartbeatAt']),
         ]),
       );
+    });
+
+  // What is left of the API beyond the commands above, so that the CLI covers all of it
+  // (vault-coverage.test.ts fails for a route no command calls).
+  const group = (name: string): Command => {
+    const g = vault.commands.find((c) => c.name() === name);
+    if (g === undefined) throw new Error(`no vault ${name} command`);
+    return g;
+  };
+  const updateCommand = (
+    parent: Command,
+    path: string,
+    noun: string,
+    options: Array<[flag: string, description: string, toBody: (v: string) => Promise<Row>]>,
+    example: string,
+  ): void => {
+    const cmd = parent.command('update <id>').description(`Change a ${noun}`);
+    for (const [flag, description] of options) cmd.option(flag, description);
+    cmd
+      .addHelpText('after', `\nExample:\n  ${example}\n`)
+      .action(async (id: string, o: Record<string, string | undefined>, command: Command) => {
+        const c = client(ctx, command);
+        const body: Row = {};
+        for (const [flag, , toBody] of options) {
+          const key = (/^--([a-z-]+)/.exec(flag)?.[1] ?? '').replace(/-([a-z])/g, (_m, x: string) =>
+            x.toUpperCase(),
+          );
+          const v = o[key];
+          if (v !== undefined) Object.assign(body, await toBody(v));
+        }
+        if (Object.keys(body).length === 0)
+          throw bad(`Give at least one of ${options.map(([f]) => f.split(' ')[0]).join(', ')}.`);
+        printObject(c, await c.call('PATCH', `${path}/${encodeURIComponent(id)}`, body));
+      });
+  };
+  const field =
+    (key: string) =>
+    (v: string): Promise<Row> =>
+      Promise.resolve({ [key]: v });
+  const nullable =
+    (key: string) =>
+    (v: string): Promise<Row> =>
+      Promise.resolve({ [key]: v === 'none' ? null : v });
+  const secretFile =
+    (key: string) =>
+    async (file: string): Promise<Row> => ({ [key]: await readSecretFile(ctx, file) });
+  const removeCommand = (parent: Command, path: string, noun: string, description: string) =>
+    parent
+      .command('remove <id>')
+      .description(description)
+      .action(async (id: string, _o: unknown, command: Command) => {
+        const c = client(ctx, command);
+        await c.call('DELETE', `${path}/${encodeURIComponent(id)}`);
+        c.out.json({ deleted: id });
+        c.out.line(`deleted ${noun} ${id}`);
+      });
+
+  vault
+    .command('logout')
+    .description('End the session of the token in use (LIFEBOAT_VAULT_TOKEN or --token)')
+    .addHelpText('after', '\nExample:\n  lifeboat vault logout && unset LIFEBOAT_VAULT_TOKEN\n')
+    .action(async (_o: unknown, command: Command) => {
+      const c = client(ctx, command);
+      await c.call('POST', '/api/auth/logout');
+      c.out.json({ loggedOut: true });
+      c.out.note('logged out: the token no longer works');
+    });
+  vault
+    .command('password')
+    .description('Change your own password (your other sessions end)')
+    .requiredOption('--current-password-file <file>', 'file whose first line is your password')
+    .requiredOption('--new-password-file <file>', 'file whose first line is the new one (8+)')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault password --current-password-file old.txt --new-password-file new.txt\n',
+    )
+    .action(
+      async (o: { currentPasswordFile: string; newPasswordFile: string }, command: Command) => {
+        const c = client(ctx, command);
+        await c.call('POST', '/api/auth/password', {
+          currentPassword: await readSecretFile(ctx, o.currentPasswordFile),
+          newPassword: await readSecretFile(ctx, o.newPasswordFile),
+        });
+        c.out.json({ changed: true });
+        c.out.note('password changed');
+      },
+    );
+
+  const users = group('user');
+  users
+    .command('show <id>')
+    .description('Show a user')
+    .action(async (id: string, _o: unknown, command: Command) => {
+      const c = client(ctx, command);
+      printObject(c, await c.call('GET', `/api/users/${encodeURIComponent(id)}`));
+    });
+  updateCommand(
+    users,
+    '/api/users',
+    'user: role, password, or disable or enable them',
+    [
+      ['--role <role>', 'admin, operator or viewer', field('role')],
+      [
+        '--password-file <file>',
+        'file whose first line is the new password',
+        secretFile('password'),
+      ],
+      [
+        '--disabled <yes|no>',
+        '"yes" disables the user (their sessions end), "no" enables them again',
+        (v) => {
+          if (v !== 'yes' && v !== 'no') throw bad(`--disabled ${v}: give yes or no.`);
+          return Promise.resolve({ disabled: v === 'yes' });
+        },
+      ],
+    ],
+    'lifeboat vault user update usr_... --role viewer --disabled yes',
+  );
+  removeCommand(group('token'), '/api/tokens', 'token', 'Revoke an API token').addHelpText(
+    'after',
+    '\nExample:\n  lifeboat vault token remove tok_...\n',
+  );
+  removeCommand(group('key'), '/api/registration-keys', 'key', 'Revoke an unused key');
+
+  updateCommand(
+    group('site'),
+    '/api/sites',
+    'site',
+    [
+      ['--name <name>', 'new name', field('name')],
+      ['--kind <kind>', 'source or recovery', field('kind')],
+      ['--description <text>', 'free text', field('description')],
+    ],
+    'lifeboat vault site update site_... --description "London, rack 4"',
+  );
+
+  const stores = group('store');
+  updateCommand(
+    stores,
+    '/api/target-stores',
+    'target store (its location or secrets, e.g. a rotated Azure key)',
+    [
+      ['--name <name>', 'new name', field('name')],
+      ['--site <id>', 'its site ("none" to remove it)', nullable('siteId')],
+      ['--path <dir>', 'directory of a directory store', field('path')],
+      ['--container <name>', 'Azure container', field('container')],
+      [
+        '--connection-string-file <file>',
+        'file with the Azure connection string',
+        secretFile('connectionString'),
+      ],
+      [
+        '--store-passphrase-file <file>',
+        "file with the store's passphrase",
+        secretFile('passphrase'),
+      ],
+    ],
+    'lifeboat vault store update ts_... --connection-string-file azure.txt',
+  );
+  stores
+    .command('stats <id>')
+    .description(
+      "The store's size and deduplication as last measured (--refresh: measure now and wait)",
+    )
+    .option('--refresh', 'start a store-stats job and wait for it first')
+    .addHelpText('after', '\nExample:\n  lifeboat vault store stats ts_... --refresh\n')
+    .action(async (id: string, o: { refresh?: boolean }, command: Command) => {
+      const c = client(ctx, command);
+      const path = `/api/target-stores/${encodeURIComponent(id)}/stats`;
+      if (o.refresh === true) {
+        const r = await c.call<Row>('POST', path);
+        const job = await followJob(ctx, c, String(r['jobId']));
+        if (job['state'] !== 'succeeded') {
+          printObject(c, { jobId: r['jobId'], state: job['state'], error: job['error'] });
+          ctx.exitCode = 1;
+          return;
+        }
+      }
+      printObject(c, await c.call('GET', path));
+    });
+
+  const credentials = group('credential');
+  updateCommand(
+    credentials,
+    '/api/credentials',
+    'credential',
+    [
+      ['--name <name>', 'new name', field('name')],
+      ['--username <user>', 'user name', field('username')],
+      [
+        '--secret-file <file>',
+        'file with the new password or private key',
+        async (file) => {
+          const secret = (await readFile(resolve(ctx.io.cwd, file), 'utf8')).replace(/\n$/, '');
+          if (secret === '') throw bad(`${file} is empty.`, { file });
+          return { secret };
+        },
+      ],
+      ['--description <text>', 'free text', field('description')],
+    ],
+    'lifeboat vault credential update cred_... --secret-file new-key',
+  );
+  removeCommand(credentials, '/api/credentials', 'credential', 'Delete a credential');
+
+  updateCommand(
+    group('mapping'),
+    '/api/network-mappings',
+    'network mapping',
+    [
+      ['--name <name>', 'new name', field('name')],
+      ['--source-network <net>', 'network on the source site', field('sourceNetwork')],
+      ['--target-network <net>', 'network after failover', field('targetNetwork')],
+      [
+        '--test-network <net>',
+        'network for test failovers ("none": isolated)',
+        nullable('testNetwork'),
+      ],
+      ['--source-site <id>', 'the source site ("none" to remove it)', nullable('sourceSiteId')],
+      ['--target-site <id>', 'the recovery site ("none" to remove it)', nullable('targetSiteId')],
+    ],
+    'lifeboat vault mapping update net_... --test-network dr-test',
+  );
+
+  for (const [kind, path] of [
+    ['process-server', '/api/process-servers'],
+    ['agent', '/api/agents'],
+    ['recovery-host', '/api/recovery-hosts'],
+  ] as const) {
+    const g = group(kind);
+    updateCommand(
+      g,
+      path,
+      `${kind}: rename it or move it to a site`,
+      [
+        ['--name <name>', 'new name', field('name')],
+        ['--site <id>', 'its site ("none" to remove it)', nullable('siteId')],
+      ],
+      `lifeboat vault ${kind} update <id> --site site_...`,
+    );
+    removeCommand(
+      g,
+      path,
+      kind,
+      `Unregister a ${kind}: its token stops working (a new key registers it again)`,
+    );
+  }
+
+  group('host')
+    .command('inventory <id>')
+    .description(
+      'Report the machines and disks of a host yourself (what discovery does): a JSON file of { machines: [{ externalId, name, disks: [{ name, sizeBytes }] }] }',
+    )
+    .requiredOption('--file <file>', 'the inventory (JSON)')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault host inventory sh_... --file machines.json\n',
+    )
+    .action(async (id: string, o: { file: string }, command: Command) => {
+      const c = client(ctx, command);
+      let body: unknown;
+      try {
+        body = JSON.parse(await readFile(resolve(ctx.io.cwd, o.file), 'utf8'));
+      } catch (err) {
+        throw bad(`${o.file} is not JSON: ${(err as Error).message}`, { file: o.file });
+      }
+      printObject(
+        c,
+        await c.call('PUT', `/api/source-hosts/${encodeURIComponent(id)}/inventory`, body),
+      );
+    });
+
+  removeCommand(
+    item,
+    '/api/protected-items',
+    'protected item',
+    'Forget a disabled protected item and its catalogue points (the store keeps its points)',
+  );
+  item
+    .command('history <id>')
+    .description('RPO, throughput and backlog of a protected item over the last hours')
+    .option('--hours <n>', 'how far back', '6')
+    .option('--bucket-seconds <n>', 'width of a time bucket')
+    .addHelpText('after', '\nExample:\n  lifeboat vault item history pi_... --hours 6 --json\n')
+    .action(async (id: string, o: { hours: string; bucketSeconds?: string }, command: Command) => {
+      const c = client(ctx, command);
+      const q = new URLSearchParams({ hours: o.hours });
+      if (o.bucketSeconds !== undefined) q.set('bucketSeconds', o.bucketSeconds);
+      const h = await c.call<Row>(
+        'GET',
+        `/api/protected-items/${encodeURIComponent(id)}/history?${q}`,
+      );
+      c.out.json(h);
+      const buckets = (h['buckets'] as Row[] | undefined) ?? [];
+      const columns = [...new Set(buckets.flatMap((b) => Object.keys(b)))];
+      c.out.table(
+        columns,
+        buckets.map((b) => columns.map((k) => cell(b[k]))),
+      );
+    });
+
+  points
+    .command('show <storeId> <id>')
+    .description('Show one recovery point of a target store')
+    .addHelpText('after', '\nExample:\n  lifeboat vault points show ts_... 3f2a9c --json\n')
+    .action(async (storeId: string, id: string, _o: unknown, command: Command) => {
+      const c = client(ctx, command);
+      printObject(
+        c,
+        await c.call(
+          'GET',
+          `/api/recovery-points/${encodeURIComponent(storeId)}/${encodeURIComponent(id)}`,
+        ),
+      );
+    });
+  points
+    .command('upsert')
+    .description(
+      'Add or update catalogue entries of points already in a store (admin; "vault store sync" rebuilds them all from the store)',
+    )
+    .requiredOption('--target-store <id>', 'the target store the points are in')
+    .requiredOption(
+      '--file <file>',
+      'JSON array of points: { id, machine, disk, time, kind, size }',
+    )
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault points upsert --target-store ts_... --file points.json\n',
+    )
+    .action(async (o: { targetStore: string; file: string }, command: Command) => {
+      const c = client(ctx, command);
+      let list: unknown;
+      try {
+        list = JSON.parse(await readFile(resolve(ctx.io.cwd, o.file), 'utf8'));
+      } catch (err) {
+        throw bad(`${o.file} is not JSON: ${(err as Error).message}`, { file: o.file });
+      }
+      printObject(
+        c,
+        await c.call('PUT', '/api/recovery-points', { targetStoreId: o.targetStore, points: list }),
+      );
+    });
+
+  jobs
+    .command('artifacts <id>')
+    .description("List a job's artifacts (boot screenshots, console log tails)")
+    .addHelpText('after', '\nExample:\n  lifeboat vault jobs artifacts job_...\n')
+    .action(async (id: string, _o: unknown, command: Command) => {
+      const c = client(ctx, command);
+      const r = await c.call<{ items: Row[] }>(
+        'GET',
+        `/api/jobs/${encodeURIComponent(id)}/artifacts`,
+      );
+      c.out.json(r);
+      c.out.table(
+        ['name', 'contentType', 'size', 'createdAt'],
+        r.items.map((a) => [
+          cell(a['name']),
+          cell(a['contentType']),
+          cell(a['size']),
+          cell(a['createdAt']),
+        ]),
+      );
+    });
+  jobs
+    .command('artifact <id> <name>')
+    .description("Save one of a job's artifacts to a file")
+    .requiredOption('--out <file>', 'where to write it')
+    .addHelpText(
+      'after',
+      '\nExample:\n  lifeboat vault jobs artifact job_... screenshot-web.png --out web.png\n',
+    )
+    .action(async (id: string, name: string, o: { out: string }, command: Command) => {
+      const c = client(ctx, command);
+      const bytes = await c.bytes(
+        `/api/jobs/${encodeURIComponent(id)}/artifacts/${encodeURIComponent(name)}`,
+      );
+      const file = resolve(ctx.io.cwd, o.out);
+      await writeFile(file, bytes);
+      c.out.json({ file, size: bytes.length });
+      c.out.note(`wrote ${bytes.length} bytes to ${o.out}`);
+    });
+
+  vault
+    .command('health')
+    .description('Is this vault instance up, and its database reachable? (no token needed)')
+    .addHelpText('after', '\nExample:\n  lifeboat vault health --vault-url http://vault:9440\n')
+    .action(async (_o: unknown, command: Command) => {
+      const c = client(ctx, command, false);
+      printObject(c, await c.call('GET', '/api/health'));
+    });
+  vault
+    .command('metrics')
+    .description("The vault's Prometheus metrics (text exposition format)")
+    .addHelpText('after', '\nExample:\n  lifeboat vault metrics | grep lifeboat_vault_jobs\n')
+    .action(async (_o: unknown, command: Command) => {
+      const c = client(ctx, command);
+      const text = await c.text('/metrics');
+      if (c.json) c.out.json({ metrics: text });
+      else ctx.io.stdout.write(text);
+    });
+  vault
+    .command('openapi')
+    .description('The OpenAPI document of the vault API (also browsable at <vault>/api/docs)')
+    .option('--out <file>', 'write it to this file instead')
+    .addHelpText('after', '\nExample:\n  lifeboat vault openapi --out vault-api.json\n')
+    .action(async (o: { out?: string }, command: Command) => {
+      const c = client(ctx, command, false);
+      const text = await c.text('/api/openapi.json');
+      if (o.out !== undefined) {
+        await writeFile(resolve(ctx.io.cwd, o.out), text);
+        c.out.json({ file: resolve(ctx.io.cwd, o.out) });
+        c.out.note(`wrote the OpenAPI document to ${o.out}`);
+      } else ctx.io.stdout.write(`${text}\n`);
+    });
+  vault
+    .command('events')
+    .description(
+      'Follow changes as they happen (jobs, protected items, alerts, components) until Ctrl-C',
+    )
+    .option('--count <n>', 'stop after this many events')
+    .addHelpText('after', '\nExample:\n  lifeboat vault events --json | jq .type\n')
+    .action(async (o: { count?: string }, command: Command) => {
+      const c = client(ctx, command);
+      const max = o.count === undefined ? Infinity : Number(o.count);
+      if (!(max > 0)) throw bad(`--count ${o.count}: give a positive number.`);
+      let seen = 0;
+      try {
+        for await (const event of c.events('/api/events')) {
+          if (event.event === 'ready') continue;
+          if (c.json) ctx.io.stdout.write(`${JSON.stringify(event)}\n`);
+          else c.out.line(`${event.event} ${JSON.stringify(event.data)}`);
+          if (++seen >= max) break;
+        }
+      } catch (err) {
+        if (!ctx.signal.aborted) throw err;
+      }
     });
 
   // Every command gets an example in its --help: those without a hand-written one get one

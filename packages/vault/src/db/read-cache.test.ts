@@ -1,6 +1,10 @@
+import { randomBytes } from 'node:crypto';
 import SQLite from 'better-sqlite3';
-import { Kysely, SqliteDialect, sql } from 'kysely';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { Kysely, PostgresDialect, SqliteDialect, sql, type Dialect } from 'kysely';
+import pg from 'pg';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { startPostgres, type PostgresServer } from '@lifeboat/testing';
+import { DIALECTS } from '../test-harness.js';
 import { ReadCache, WriteTracker } from './read-cache.js';
 
 interface Db {
@@ -8,7 +12,20 @@ interface Db {
   b: { id: number; v: string };
 }
 
-describe('ReadCache and WriteTracker', () => {
+describe.each(DIALECTS)('ReadCache and WriteTracker on %s', (dialect) => {
+  let server: PostgresServer | undefined;
+  beforeAll(async () => {
+    if (dialect === 'postgres') server = await startPostgres();
+  });
+  afterAll(async () => {
+    await server?.stop();
+  });
+  // A fresh database per test: an in-memory SQLite one, or a new PostgreSQL database.
+  const dialectOf = async (): Promise<Dialect> => {
+    if (server === undefined) return new SqliteDialect({ database: new SQLite(':memory:') });
+    const url = await server.createDatabase(`cache_${randomBytes(4).toString('hex')}`);
+    return new PostgresDialect({ pool: new pg.Pool({ connectionString: url, max: 4 }) });
+  };
   let tracker: WriteTracker;
   let db: Kysely<Db>;
   let cache: ReadCache<string>;
@@ -27,7 +44,7 @@ describe('ReadCache and WriteTracker', () => {
   beforeEach(async () => {
     tracker = new WriteTracker();
     db = new Kysely<Db>({
-      dialect: tracker.wrapDialect(new SqliteDialect({ database: new SQLite(':memory:') })),
+      dialect: tracker.wrapDialect(await dialectOf()),
       plugins: [tracker.plugin],
     });
     await db.schema.createTable('a').addColumn('id', 'integer').addColumn('v', 'text').execute();

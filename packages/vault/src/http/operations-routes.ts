@@ -102,7 +102,10 @@ export function registerOperationsRoutes(app: FastifyInstance, vault: VaultConte
         params: idParams,
         querystring: {
           type: 'object',
-          properties: { ...pageQuerySchema },
+          properties: {
+            ...pageQuerySchema,
+            level: { type: 'string', enum: ['info', 'warn', 'error'] },
+          },
           additionalProperties: false,
         },
         response: responses(pageSchema),
@@ -110,12 +113,9 @@ export function registerOperationsRoutes(app: FastifyInstance, vault: VaultConte
     },
     async (request) => {
       const { id } = request.params as { id: string };
+      const { level, ...page } = request.query as { level?: string; limit?: number };
       await getRow(db, 'jobs', id, 'job');
-      return listPage(
-        db,
-        { table: 'jobLogs', equals: { jobId: id } },
-        request.query as { limit?: number },
-      );
+      return listPage(db, { table: 'jobLogs', equals: { jobId: id, level } }, page);
     },
   );
 

@@ -327,21 +327,35 @@ export function registerRecoveryRoutes(app: FastifyInstance, vault: VaultContext
     {
       schema: {
         tags: ['jobs'],
-        summary: "A job's artifacts (boot screenshots, console log tails), without their bytes",
+        summary:
+          "A job's artifacts (boot screenshots, console log tails), without their bytes, by name",
         params: idParams,
+        querystring: {
+          type: 'object',
+          properties: { ...pageQuerySchema },
+          additionalProperties: false,
+        },
       },
     },
     async (request) => {
       const { id } = request.params as { id: string };
       await requireJob(vault, id);
-      const rows = await db
-        .selectFrom('jobArtifacts')
-        .select(['name', 'contentType', 'size', 'createdAt'])
-        .where('jobId', '=', id)
-        .orderBy('name')
-        .execute();
+      const page = await listPage(
+        db,
+        {
+          table: 'jobArtifacts',
+          sort: 'name',
+          equals: { jobId: id },
+          columns: ['name', 'contentType', 'size', 'createdAt'],
+        },
+        request.query as { limit?: number },
+      );
       return {
-        items: rows.map((r) => ({ ...r, url: `/api/jobs/${id}/artifacts/${r.name}` })),
+        ...page,
+        items: page.items.map(({ id: _row, ...r }) => ({
+          ...r,
+          url: `/api/jobs/${id}/artifacts/${String(r['name'])}`,
+        })),
       };
     },
   );

@@ -199,7 +199,17 @@ export function registerUserRoutes(app: FastifyInstance, vault: VaultContext): v
     },
     async (request, reply) => {
       const p = principalOf(request);
-      if (p.type !== 'system') await db.deleteFrom('tokens').where('id', '=', p.tokenId).execute();
+      if (p.type !== 'system') {
+        await db.deleteFrom('tokens').where('id', '=', p.tokenId).execute();
+        // Recorded like the login (the token's id, never the token).
+        await audit(
+          db,
+          p,
+          `${p.type === 'user' ? 'user' : p.kind}.logout`,
+          { type: p.type === 'user' ? 'user' : p.kind, id: p.id },
+          { before: { tokenId: p.tokenId } },
+        );
+      }
       vault.authCache.clear();
       return reply.status(204).send();
     },

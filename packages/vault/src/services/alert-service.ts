@@ -37,11 +37,15 @@ export function alertToApi(row: AlertRow): Record<string, unknown> {
  */
 export class AlertService {
   private readonly deliveries = new Set<Promise<void>>();
+  // Aborted on close: deliveries waiting for a retry give up.
+  private readonly closing = new AbortController();
 
   constructor(
     private readonly db: Kysely<VaultDatabase>,
     private readonly log: Logger,
     private readonly webhookUrl: string | undefined,
+    /** Waits before each retry of a failed delivery (no answer, 429, 5xx). */
+    private readonly retryDelaysMs: readonly number[] = [1000, 5000, 30_000, 120_000],
   ) {}
 
   /** Raises a condition; returns the new alert, or undefined when it is already active. */
@@ -108,24 +112,67 @@ export class AlertService {
   private deliver(event: string, alert: AlertRow): void {
     const url = this.webhookUrl;
     if (url === undefined) return;
-    const p = fetch(url, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ event, alert: alertToApi(alert) }),
-      signal: AbortSignal.timeout(5000),
-    })
-      .then(async (res) => {
-        await res.body?.cancel();
-        if (!res.ok)
-          this.log.warn({ status: res.status, event }, 'alert webhook refused the delivery');
-      })
-      .catch((err: unknown) => this.log.warn({ err, event }, 'alert webhook delivery failed'))
-      .finally(() => this.deliveries.delete(p));
+    const body = JSON.stringify({ event, alert: alertToApi(alert) });
+    const p = this.post(url, event, body).finally(() => this.deliveries.delete(p));
     this.deliveries.add(p);
   }
 
-  /** Waits for webhook deliveries in flight (on shutdown and in tests). */
+  // One delivery: retried with the configured waits while the receiver is down or overloaded
+  // (no answer, 429, 5xx); a 4xx other than 429 is the receiver's final no.
+  private async post(url: string, event: string, body: string): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      let retryable: boolean;
+      let why: Record<string, unknown>;
+      try {
+        const res = await fetch(url, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body,
+          signal: AbortSignal.timeout(5000),
+        });
+        await res.body?.cancel();
+        if (res.ok) return;
+        retryable = res.status === 429 || res.status >= 500;
+        why = { status: res.status };
+      } catch (err) {
+        retryable = true;
+        why = { err };
+      }
+      const wait = this.retryDelaysMs[attempt];
+      if (!retryable || wait === undefined || this.closing.signal.aborted) {
+        this.log.warn(
+          { ...why, event, attempts: attempt + 1 },
+          'alert webhook delivery failed; not retried',
+        );
+        return;
+      }
+      this.log.warn({ ...why, event, retryInMs: wait }, 'alert webhook delivery failed; retrying');
+      const stopped = await new Promise<boolean>((resolve) => {
+        const onAbort = (): void => {
+          clearTimeout(timer);
+          resolve(true);
+        };
+        const timer = setTimeout(() => {
+          this.closing.signal.removeEventListener('abort', onAbort);
+          resolve(false);
+        }, wait);
+        this.closing.signal.addEventListener('abort', onAbort, { once: true });
+      });
+      if (stopped) {
+        this.log.warn({ event }, 'alert webhook delivery dropped: the vault is stopping');
+        return;
+      }
+    }
+  }
+
+  /** Waits for webhook deliveries in flight, retries included (tests). */
   async flush(): Promise<void> {
     await Promise.allSettled([...this.deliveries]);
+  }
+
+  /** On shutdown: deliveries waiting for a retry give up; waits for those in flight. */
+  async close(): Promise<void> {
+    this.closing.abort();
+    await this.flush();
   }
 }

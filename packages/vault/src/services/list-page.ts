@@ -40,6 +40,8 @@ export interface ListSpec {
   search?: { column: string; q: string | undefined };
   /** Further conditions. */
   where?: (qb: AnyQuery) => AnyQuery;
+  /** The columns an item has (the sort column and `id` are read anyway). @default all */
+  columns?: readonly string[];
 }
 
 /** JSON schema of the paging parameters, for list routes' querystrings. */
@@ -142,7 +144,11 @@ export async function listPage(
   page: PageQuery,
 ): Promise<Page<Record<string, unknown>>> {
   const { ordered, count, sort, limit } = listQueries(db, spec, page);
-  let query = ordered.selectAll().limit(limit + 1);
+  const selected =
+    spec.columns === undefined
+      ? ordered.selectAll()
+      : ordered.select([...new Set([...spec.columns, sort, 'id'])]);
+  let query = selected.limit(limit + 1);
   if (page.offset !== undefined) query = query.offset(page.offset);
   const rows = (await query.execute()) as Record<string, unknown>[];
   const total = await countRows(db, count);
