@@ -105,29 +105,6 @@ function describeBackendConformance(
       expect(b.location.length).toBeGreaterThan(0);
     });
 
-    it('stores an object given as parts (when the backend takes parts) as their concatenation', async (ctx) => {
-      const b = await fresh();
-      if (b.putParts === undefined) {
-        ctx.skip();
-        return;
-      }
-      // More parts than one writev takes (1024), empty ones and views among them.
-      const big = binary(5000);
-      const parts: Uint8Array[] = [];
-      for (let i = 0; i < 2500; i++) {
-        parts.push(
-          i % 7 === 0 ? new Uint8Array(0) : big.subarray(i % 1000, (i % 1000) + (i % 13) + 1),
-        );
-      }
-      parts.push(binary(300_000));
-      await b.putParts('packs/cd/cd01', parts);
-      const want = Buffer.concat(parts);
-      expect((await b.get('packs/cd/cd01')).equals(want)).toBe(true);
-      expect(await codeOf(b.putParts('packs/cd/cd01', [Buffer.from('x')]))).toBe(
-        'LB_BACKEND_EXISTS',
-      );
-    });
-
     it('never replaces an object unless asked to', async () => {
       const b = await fresh();
       await b.put('config', Buffer.from('first'));

@@ -55,15 +55,7 @@ export class DirectoryBackend implements ObjectBackend {
     this.maxOpenFiles = Math.max(0, options.maxOpenFiles ?? 64);
   }
 
-  put(key: string, data: Uint8Array, options: PutOptions = {}): Promise<void> {
-    return this.putParts(key, [data], options);
-  }
-
-  async putParts(
-    key: string,
-    parts: readonly Uint8Array[],
-    options: PutOptions = {},
-  ): Promise<void> {
+  async put(key: string, data: Uint8Array, options: PutOptions = {}): Promise<void> {
     const file = this.file(key);
     const dir = dirname(file);
     this.forget(file);
@@ -73,7 +65,7 @@ export class DirectoryBackend implements ObjectBackend {
     try {
       const handle = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL);
       try {
-        await writeAll(handle, parts);
+        await handle.writeFile(data);
         if (options.durable !== false) await handle.sync();
       } finally {
         await handle.close();
@@ -390,38 +382,4 @@ function errCode(err: unknown): string | undefined {
   return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string'
     ? err.code
     : undefined;
-}
-
-/** At most this many buffers per writev (the kernel's IOV_MAX on Linux). */
-const MAX_IOV = 1024;
-
-/**
- * Writes `parts` one after the other from the file's start, with as few system calls as the
- * kernel allows (writev of up to {@link MAX_IOV} buffers), finishing short writes.
- */
-async function writeAll(handle: FileHandle, parts: readonly Uint8Array[]): Promise<void> {
-  let position = 0;
-  let i = 0;
-  let skip = 0; // bytes of parts[i] already written
-  while (i < parts.length) {
-    const batch: Uint8Array[] = [];
-    let bytes = 0;
-    for (let k = i; k < parts.length && batch.length < MAX_IOV; k++) {
-      const part = k === i ? (parts[k] as Uint8Array).subarray(skip) : (parts[k] as Uint8Array);
-      if (part.length === 0) continue;
-      batch.push(part);
-      bytes += part.length;
-    }
-    if (batch.length === 0) return;
-    const { bytesWritten } = await handle.writev(batch, position);
-    if (bytesWritten <= 0) throw new Error(`write of ${bytes} bytes wrote ${bytesWritten}`);
-    position += bytesWritten;
-    // Advance past what was written.
-    let left = bytesWritten + skip;
-    while (i < parts.length && left >= (parts[i] as Uint8Array).length) {
-      left -= (parts[i] as Uint8Array).length;
-      i++;
-    }
-    skip = left;
-  }
 }

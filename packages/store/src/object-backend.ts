@@ -41,12 +41,6 @@ export interface ObjectBackend {
   readonly location: string;
   /** Stores `data` under `key`, atomically and durably. */
   put(key: string, data: Uint8Array, options?: PutOptions): Promise<void>;
-  /**
-   * Optional: like put, with the object's bytes given as consecutive parts (a pack's sealed
-   * blobs), so they need not be copied into one buffer first. The store concatenates them and
-   * calls put when a backend lacks it. Same contract and errors as put.
-   */
-  putParts?(key: string, parts: readonly Uint8Array[], options?: PutOptions): Promise<void>;
   /** Reads a whole object. */
   get(key: string, signal?: AbortSignal): Promise<Buffer>;
   /** Reads `length` bytes at `offset` of an object. */

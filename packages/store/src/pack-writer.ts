@@ -7,29 +7,19 @@ import type { BlobType, StoreCrypto } from './store-crypto.js';
 /** A blob this writer has written, with its sealed bytes while its pack is not yet durable. */
 interface PendingBlob {
   loc: BlobLocation;
-  /** The sealed blob as the parts it was sealed in; undefined once its pack is durable. */
-  parts: readonly Buffer[] | undefined;
+  data: Buffer | undefined;
 }
 
 /**
  * Collects sealed blobs into packs of about `packSize` bytes and uploads each under a fresh
  * random name (so concurrent writers, in this process or others, never collide). At most
  * `maxInFlight` packs upload at once, which bounds memory to about (maxInFlight + 1) packs.
- *
- * A pack is kept as the list of its blobs' sealed parts and uploaded as such
- * (`ObjectBackend.putParts`, a `writev` on a directory): copying every sealed byte into one
- * pack buffer first cost a pass over the data plus, on a VM, faulting in the buffer's pages
- * (14 ms of a 0.26 s changed-extents import of 21 MB).
  */
 export class PackWriter {
   private readonly blobs = new Map<string, PendingBlob>();
-  /** The sealed parts of the pack being filled, in pack order. */
-  private parts: Buffer[] = [];
-  /** Where blobs given by {@link addSealed} are copied to, and the pack's arenas so far. */
-  private arena: Buffer | undefined;
-  private arenaPos = 0;
-  private arenas: Buffer[] = [];
-  /** Arenas whose pack is uploaded, reused so the kernel need not fault in fresh pages. */
+  /** The pack being filled: sealed blobs are copied in as they come, so a pack is one buffer. */
+  private buf: Buffer | undefined;
+  /** Pack buffers whose upload finished, reused so the kernel need not fault in fresh pages. */
   private readonly free: Buffer[] = [];
   private partsBytes = 0;
   private entries: PackEntry[] = [];
@@ -66,40 +56,16 @@ export class PackWriter {
   }
 
   /** Where a blob of this writer lives, and its sealed bytes while they are still in memory. */
-  locate(id: Buffer): { loc: BlobLocation; data: Buffer | undefined } | undefined {
-    const b = this.blobs.get(id.toString('latin1'));
-    if (b === undefined) return undefined;
-    const parts = b.parts;
-    return {
-      loc: b.loc,
-      data: parts === undefined ? undefined : parts.length === 1 ? parts[0] : Buffer.concat(parts),
-    };
+  locate(id: Buffer): PendingBlob | undefined {
+    return this.blobs.get(id.toString('latin1'));
   }
 
-  /**
-   * Adds an already sealed blob, copied (the caller may reuse `sealed`'s memory: the crypto
-   * threads' slots); uploads the pack when it is full.
-   */
+  /** Adds an already sealed blob; uploads the pack when it is full. */
   async addSealed(type: BlobType, id: Buffer, rawLength: number, sealed: Buffer): Promise<void> {
-    this.throwIfFailed();
-    if (this.has(id)) return;
-    let arena = this.arena;
-    if (arena === undefined || this.arenaPos + sealed.length > arena.length) {
-      // Room for a full pack plus one large blob: usually one arena a pack.
-      const cap = Math.max(this.packSize + Math.min(this.packSize, 256 * 1024), sealed.length);
-      const spare = this.free.pop();
-      arena = spare !== undefined && spare.length >= cap ? spare : Buffer.allocUnsafe(cap);
-      this.arena = arena;
-      this.arenaPos = 0;
-      this.arenas.push(arena);
-    }
-    const view = arena.subarray(this.arenaPos, this.arenaPos + sealed.length);
-    sealed.copy(view);
-    this.arenaPos += sealed.length;
-    await this.addParts(type, id, rawLength, [view]);
+    await this.addParts(type, id, rawLength, [sealed]);
   }
 
-  /** Adds a sealed blob given as consecutive parts; they are written as they are, not copied. */
+  /** Adds a sealed blob given as consecutive parts, copied straight into the pack buffer. */
   private async addParts(
     type: BlobType,
     id: Buffer,
@@ -110,14 +76,43 @@ export class PackWriter {
     const key = id.toString('latin1');
     if (this.blobs.has(key)) return;
     let length = 0;
-    for (const part of parts) {
-      length += part.length;
-      this.parts.push(part);
+    for (const part of parts) length += part.length;
+    const sealed = { length };
+    const loc: BlobLocation = {
+      pack: this.pack,
+      offset: this.partsBytes,
+      length: sealed.length,
+      rawLength,
+      type,
+    };
+    if (this.buf === undefined || this.partsBytes + sealed.length > this.buf.length) {
+      // Room for a full pack plus one large blob; the trailer usually fits in the slack too
+      // (45 bytes per blob; if it does not, flush copies once).
+      const slack = Math.max(2 * sealed.length, Math.min(this.packSize, 256 * 1024));
+      const cap = Math.max(this.packSize + slack, this.partsBytes + sealed.length);
+      const spare = this.free.pop();
+      const grown = spare !== undefined && spare.length >= cap ? spare : Buffer.allocUnsafe(cap);
+      if (this.buf !== undefined) {
+        this.buf.copy(grown, 0, 0, this.partsBytes);
+        for (const e of this.entries) {
+          const b = this.blobs.get(e.id.toString('latin1'));
+          if (b !== undefined && b.loc.pack === this.pack)
+            b.data = grown.subarray(e.offset, e.offset + e.length);
+        }
+      }
+      this.buf = grown;
     }
-    const loc: BlobLocation = { pack: this.pack, offset: this.partsBytes, length, rawLength, type };
-    this.blobs.set(key, { loc, parts });
-    this.entries.push({ id: Buffer.from(id), type, offset: loc.offset, length, rawLength });
-    this.partsBytes += length;
+    let pos = this.partsBytes;
+    for (const part of parts) pos += part.copy(this.buf, pos);
+    this.blobs.set(key, { loc, data: this.buf.subarray(loc.offset, loc.offset + sealed.length) });
+    this.entries.push({
+      id: Buffer.from(id),
+      type,
+      offset: loc.offset,
+      length: sealed.length,
+      rawLength,
+    });
+    this.partsBytes += sealed.length;
     if (this.partsBytes >= this.packSize) await this.flush();
   }
 
@@ -135,28 +130,36 @@ export class PackWriter {
     this.throwIfFailed();
     const pack = this.pack;
     const entries = this.entries;
-    const parts = this.parts;
+    const buf = this.buf as Buffer;
+    const used = this.partsBytes;
     this.pack = newPackId();
     this.entries = [];
-    this.parts = [];
-    const bytes = this.partsBytes;
+    this.buf = undefined;
     this.partsBytes = 0;
-    // The next pack starts a fresh arena: this one's is free again once the pack is uploaded.
-    const arenas = this.arenas;
-    this.arenas = [];
-    this.arena = undefined;
     const trailer = encodePackTrailer(this.crypto, pack, entries);
-    parts.push(trailer);
-    const upload = putParts(this.backend, packKey(pack), parts).then(
+    let body: Buffer;
+    if (used + trailer.length <= buf.length) {
+      trailer.copy(buf, used);
+      body = buf.subarray(0, used + trailer.length);
+    } else {
+      body = Buffer.concat([buf.subarray(0, used), trailer]);
+      for (const e of entries) {
+        const b = this.blobs.get(e.id.toString('latin1'));
+        if (b !== undefined && b.loc.pack === pack)
+          b.data = body.subarray(e.offset, e.offset + e.length);
+      }
+    }
+    const upload = this.backend.put(packKey(pack), body).then(
       () => {
-        this.uploadedBytes += bytes + trailer.length;
+        this.uploadedBytes += body.length;
         this.written.push({ pack, entries });
         for (const e of entries) {
           const b = this.blobs.get(e.id.toString('latin1'));
-          if (b !== undefined) b.parts = undefined;
+          if (b !== undefined) b.data = undefined;
         }
-        // One spare arena is enough: the next pack takes it, a second would only sit in memory.
-        for (const a of arenas) if (this.free.length < 1) this.free.push(a);
+        // Nothing refers to the pack's buffer any more: keep it for the next pack.
+        // One spare is enough: the next pack takes it, and a second would only sit in memory.
+        if (this.free.length < 1) this.free.push(buf);
         this.unpublished += entries.length;
         if (this.unpublished >= this.publishEvery) this.startPublish();
       },
@@ -208,12 +211,6 @@ export class PackWriter {
   private throwIfFailed(): void {
     if (this.failure !== undefined) throw this.failure;
   }
-}
-
-/** Puts an object given as parts: in one go where the backend can, else as one buffer. */
-function putParts(backend: ObjectBackend, key: string, parts: readonly Buffer[]): Promise<void> {
-  if (backend.putParts !== undefined) return backend.putParts(key, parts);
-  return backend.put(key, parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts));
 }
 
 function newPackId(): string {

@@ -91,28 +91,11 @@ export class StoreCrypto {
     return n;
   }
 
-  /** Nonce and encrypted flag byte in one 13-byte head, the ciphertext, the tag. */
-  /** Writes a fresh nonce at the start of `dest` and returns that view of it. */
-  private nonceInto(dest: Buffer): Buffer {
-    if (this.noncePos + NONCE_BYTES > this.nonces.length) {
-      this.nonces = randomBytes(NONCE_BYTES * 256);
-      this.noncePos = 0;
-    }
-    this.nonces.copy(dest, 0, this.noncePos, this.noncePos + NONCE_BYTES);
-    this.noncePos += NONCE_BYTES;
-    return dest.subarray(0, NONCE_BYTES);
-  }
-
   private sealParts(type: BlobType, id: Buffer, flag: number, body: Uint8Array): Buffer[] {
-    const head = Buffer.allocUnsafe(NONCE_BYTES + 1);
-    const nonce = this.nonceInto(head);
+    const nonce = this.nonce();
     const cipher = createCipheriv('aes-256-gcm', this.dataKey, nonce);
     cipher.setAAD(chunkAad(type, id));
-    cipher.update(Buffer.of(flag)).copy(head, NONCE_BYTES);
-    const parts = [head, cipher.update(body)];
-    // GCM's final() yields no bytes; kept only if it ever did.
-    const tail = cipher.final();
-    if (tail.length > 0) parts.push(tail);
+    const parts = [nonce, cipher.update(Buffer.of(flag)), cipher.update(body), cipher.final()];
     parts.push(cipher.getAuthTag());
     return parts;
   }
