@@ -261,8 +261,8 @@ export class ReadAhead {
     private readonly ring: Buffer,
     /** Reads started and not yet handed out, at most. */
     private readonly maxReads: number,
-    /** Reads not yet finished, at most (finished ones wait in the ring until handed out). */
-    private readonly maxInFlight = maxReads,
+    /** Reads not yet finished, at most (finished ones wait in the ring until handed out); by default only `maxReads` limits them. */
+    private readonly maxInFlight = Infinity,
   ) {
     this.ringBytes = ring.length;
     this.issue();
