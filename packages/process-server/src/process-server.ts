@@ -18,7 +18,6 @@ import type {
   SequencedFrame,
   WelcomeFrame,
 } from '@lifeboat/protocol';
-import { collectYoungGarbage } from '@lifeboat/store';
 import type { StoreApi } from '@lifeboat/store';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
@@ -44,16 +43,6 @@ import { Semaphore } from './semaphore.js';
 import { StoreWorkerPool } from './store-worker-pool.js';
 import type { StoreWorkerPoolHealth } from './store-worker-pool.js';
 import { TokenBucket } from './token-bucket.js';
-
-/**
- * Bytes received between two young-generation collections asked of V8. Every byte arrives in
- * a TLS read buffer that is garbage once the decoder copied it into its frame, and most frames
- * are garbage once journaled; V8 frees such buffers only when its young generation fills with
- * JS objects, which at 100+ MB/s left 90-160 MiB of dead buffers on the ingest thread, spread
- * over glibc's heap. A minor collection every few MiB (tens of microseconds: little survives)
- * keeps that pile, and the RSS it leaves behind, small.
- */
-const COLLECT_EVERY_BYTES = 8 * 1024 * 1024;
 
 /** Bytes of all sessions waiting for the journal's fsync before sessions stop being read. */
 const JOURNAL_PENDING_LIMIT = 32 * 1024 * 1024;
@@ -161,7 +150,6 @@ export class ProcessServer extends EventEmitter {
   private health: HealthServer | undefined;
   private timers: NodeJS.Timeout[] = [];
   private fullSince = 0;
-  private sinceCollect = 0;
   private stopping = false;
   private readonly started = performance.now();
   private cpuPrev = process.cpuUsage();
@@ -865,11 +853,6 @@ export class ProcessServer extends EventEmitter {
   }
 
   private bytes(s: IngestSession, n: number): void {
-    this.sinceCollect += n;
-    if (this.sinceCollect >= COLLECT_EVERY_BYTES) {
-      this.sinceCollect = 0;
-      collectYoungGarbage();
-    }
     const m = s.machine ? this.machines.get(s.machine) : undefined;
     this.rateIn.add(n);
     m?.rateIn.add(n);
