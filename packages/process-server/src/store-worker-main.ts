@@ -1,5 +1,4 @@
 import { parentPort, workerData } from 'node:worker_threads';
-import { collectYoungGarbage } from '@lifeboat/store';
 import type { StoreApi, WriteSession } from '@lifeboat/store';
 import { computePointDigests } from './point-digests.js';
 import { serializeError } from './store-worker-protocol.js';
@@ -40,8 +39,6 @@ if (memLog) {
 const port = parentPort!;
 const sessions = new Map<number, WriteSession>();
 let nextSession = 1;
-const COLLECT_EVERY_BYTES = 8 * 1024 * 1024;
-let sinceCollect = 0;
 
 const storePromise: Promise<StoreApi> = import(init.module).then(
   (m: { openWorkerStore: (o: unknown) => Promise<StoreApi> }) => m.openWorkerStore(init.options),
@@ -62,13 +59,6 @@ async function handle(req: StoreWorkerRequest): Promise<unknown> {
       return { session: id, size: s.size };
     }
     case 'write':
-      // Each chunk's sealed bytes are garbage once copied into the pack: collect them every
-      // few MiB, as the store's crypto threads do, instead of letting them pile up.
-      sinceCollect += req.data.byteLength;
-      if (sinceCollect >= COLLECT_EVERY_BYTES) {
-        sinceCollect = 0;
-        collectYoungGarbage();
-      }
       return session(req.session).write(req.offset, req.data);
     case 'writeZeroes':
       return session(req.session).writeZeroes(req.offset, req.length);

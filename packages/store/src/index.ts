@@ -7,4 +7,3 @@ export type { LockOptions } from './store-locks.js';
 export { DirectoryBackend } from './directory-backend.js';
 export type { DirectoryBackendOptions } from './directory-backend.js';
 export { parseDuration } from './retention.js';
-export { collectYoungGarbage } from './gc-hint.js';
