@@ -11,6 +11,7 @@
 //     [--crypto-threads N]   (crypto threads of each worker's store; default the server's)
 //     [--cpu-prof DIR]   (CPU profiles of the process server and its worker threads, in DIR)
 //     [--from-sources]   (the server from TypeScript through tsx; default: built dist/, as the CLI runs it)
+//     [--mem-log FILE]   (memory of the server's threads every 200 ms, JSON lines; see logMemory)
 //
 // Everything lives in a temp dir under bench/out/ and is removed at the end.
 import { spawn } from 'node:child_process';
@@ -91,6 +92,8 @@ async function serve(cfg: ServeConfig): Promise<void> {
     journalMaxBytes: 2048 * MiB,
     logLevel: 'warn',
   });
+  const memLog = process.env['LIFEBOAT_MEM_LOG'];
+  if (memLog) await logMemory(memLog);
   process.stdout.write(`${JSON.stringify({ port: server.port, healthPort: server.healthPort })}\n`);
   process.on('SIGTERM', () => {
     void server
@@ -98,6 +101,44 @@ async function serve(cfg: ServeConfig): Promise<void> {
       .then(() => store?.close())
       .finally(() => process.exit(0));
   });
+}
+
+/**
+ * `--mem-log FILE`: the server's main thread appends a JSON line every 200 ms (RSS, anonymous
+ * and file-backed RSS, V8 heap, ArrayBuffers, the frame pool's counters), its store worker
+ * threads theirs (store-worker-main.ts); at exit, /proc/self/smaps of the highest RSS seen goes
+ * to FILE.smaps.PID (which mappings hold it: glibc's heap and arenas, V8 pages, files).
+ */
+async function logMemory(file: string): Promise<void> {
+  const { appendFileSync, readFileSync } = await import('node:fs');
+  const { getHeapStatistics } = await import('node:v8');
+  const { frameBufferPool } = await import('@lifeboat/protocol');
+  const peak = { rss: 0, smaps: '' };
+  process.on('SIGTERM', () => appendFileSync(`${file}.smaps.${process.pid}`, peak.smaps));
+  setInterval(() => {
+    const m = process.memoryUsage();
+    const status = readFileSync('/proc/self/status', 'utf8');
+    const kib = (k: string): number =>
+      Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) * 1024;
+    if (m.rss > peak.rss) {
+      peak.rss = m.rss;
+      peak.smaps = readFileSync('/proc/self/smaps', 'utf8');
+    }
+    const line = {
+      t: Date.now(),
+      thread: 0,
+      rss: m.rss,
+      rssAnon: kib('RssAnon'),
+      rssFile: kib('RssFile'),
+      heapTotal: m.heapTotal,
+      heapUsed: m.heapUsed,
+      external: m.external,
+      arrayBuffers: m.arrayBuffers,
+      heapPhysical: getHeapStatistics().total_physical_size,
+      pool: { ...frameBufferPool.counters, heldBytes: frameBufferPool.heldBytes },
+    };
+    appendFileSync(file, `${JSON.stringify(line)}\n`);
+  }, 200).unref();
 }
 
 /** A pool of random bytes; each extent is a slice with a unique counter stamped in every 64 KiB so nothing dedups. */
@@ -212,7 +253,12 @@ async function startServer(
   const child = spawn(
     process.execPath,
     [...prof, ...sources, '--import', 'tsx', SELF, '--serve', JSON.stringify(cfg)],
-    { stdio: ['ignore', 'pipe', 'inherit'] },
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: args.includes('--mem-log')
+        ? { ...process.env, LIFEBOAT_MEM_LOG: arg('--mem-log', '') }
+        : process.env,
+    },
   );
   const line = await new Promise<string>((resolve, reject) => {
     createInterface({ input: child.stdout! }).once('line', resolve);
@@ -277,6 +323,8 @@ interface PhaseResult {
   endToEndMBs: number;
   peakRssMiB: number;
   framesPerSync: number;
+  /** CPU seconds of the server process (every thread) per GB ingested. */
+  cpuSecondsPerGB: number;
   latency?: { p50: number; p99: number; samples: number };
 }
 
@@ -379,6 +427,12 @@ async function phase(
   }
   const drained = (performance.now() - start) / 1000;
   clearInterval(sampler);
+  // The server's CPU time (all its threads), from /proc: per GB it varies less with the load of
+  // a shared machine than the rates do.
+  const stat = (await readFile(`/proc/${server.child.pid}/stat`, 'utf8'))
+    .split(') ')[1]!
+    .split(' ');
+  const cpuSeconds = (Number(stat[11]) + Number(stat[12])) / 100;
   for (const c of clients) await c.close();
   await stopServer(server.child);
   await rm(dir, { recursive: true, force: true });
@@ -388,6 +442,7 @@ async function phase(
     endToEndMBs: sent / MiB / drained,
     peakRssMiB: peakRss / MiB,
     framesPerSync: last?.journal.framesPerSync ?? 0,
+    cpuSecondsPerGB: cpuSeconds / (sent / 1e9),
   };
   if (paceMBs !== undefined && last) result.latency = last.ingest.commitLatencyMs;
   return result;
@@ -412,7 +467,7 @@ async function main(): Promise<void> {
       const r = await phase(base, p, n, seconds, src);
       results.push(r);
       console.log(
-        `${n} machines: acked ${r.ackMBs.toFixed(1)} MB/s, end to end ${r.endToEndMBs.toFixed(1)} MB/s (${(r.endToEndMBs / ref).toFixed(2)}x the store's import, ${(r.endToEndMBs / REF_MB_S).toFixed(1)}x 23 MB/s), peak RSS ${r.peakRssMiB.toFixed(0)} MiB, ${r.framesPerSync.toFixed(1)} frames per fsync`,
+        `${n} machines: acked ${r.ackMBs.toFixed(1)} MB/s, end to end ${r.endToEndMBs.toFixed(1)} MB/s (${(r.endToEndMBs / ref).toFixed(2)}x the store's import, ${(r.endToEndMBs / REF_MB_S).toFixed(1)}x 23 MB/s), peak RSS ${r.peakRssMiB.toFixed(0)} MiB, ${r.framesPerSync.toFixed(1)} frames per fsync, server CPU ${r.cpuSecondsPerGB.toFixed(1)} s/GB`,
       );
     }
     const ten = results.find((r) => r.machines === 10) ?? results[0]!;
@@ -422,12 +477,12 @@ async function main(): Promise<void> {
       `commit latency, 10 machines at ${half.toFixed(1)} MB/s (half the sustained rate), a cut per machine per second: p50 ${lat.latency?.p50.toFixed(0)} ms, p99 ${lat.latency?.p99.toFixed(0)} ms over ${lat.latency?.samples} cuts`,
     );
     console.log(
-      '\n| machines | acked MB/s | end to end MB/s | vs store import | vs 23 MB/s | peak RSS MiB | frames/fsync |',
+      '\n| machines | acked MB/s | end to end MB/s | vs store import | vs 23 MB/s | peak RSS MiB | frames/fsync | server CPU s/GB |',
     );
-    console.log('|---|---|---|---|---|---|---|');
+    console.log('|---|---|---|---|---|---|---|---|');
     for (const r of results)
       console.log(
-        `| ${r.machines} | ${r.ackMBs.toFixed(1)} | ${r.endToEndMBs.toFixed(1)} | ${(r.endToEndMBs / ref).toFixed(2)} | ${(r.endToEndMBs / REF_MB_S).toFixed(1)}x | ${r.peakRssMiB.toFixed(0)} | ${r.framesPerSync.toFixed(1)} |`,
+        `| ${r.machines} | ${r.ackMBs.toFixed(1)} | ${r.endToEndMBs.toFixed(1)} | ${(r.endToEndMBs / ref).toFixed(2)} | ${(r.endToEndMBs / REF_MB_S).toFixed(1)}x | ${r.peakRssMiB.toFixed(0)} | ${r.framesPerSync.toFixed(1)} | ${r.cpuSecondsPerGB.toFixed(1)} |`,
       );
   } finally {
     await rm(base, { recursive: true, force: true });

@@ -2,6 +2,7 @@ import { mkdtemp, readdir, rm, stat, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { frameBufferPool } from '@lifeboat/protocol';
 import { Journal } from './journal.js';
 import type { JournalInput } from './journal.js';
 
@@ -26,6 +27,39 @@ function data(machine: string, seq: number, bytes: number): JournalInput {
 }
 
 describe('Journal', () => {
+  it('gives a recyclable body back to the frame pool, detached, once durable and not held', async () => {
+    const { journal } = await Journal.open({ dir, holdBytes: 300 * 1024 });
+    const body = (seq: number): Buffer => frameBufferPool.take(256 * 1024).fill(seq);
+    const before = frameBufferPool.counters.given;
+    const b1 = body(1);
+    const r1 = await journal.append({ ...data('m', 1, 0), body: b1, recycle: true });
+    // Not held: detached (every view reads as empty) and back in the pool; read from disk.
+    expect(b1.length).toBe(0);
+    expect(frameBufferPool.counters.given).toBe(before + 1);
+    expect(await journal.readBody(r1)).toEqual(Buffer.alloc(256 * 1024, 1));
+    // Held: untouched, and the reader gets those very bytes.
+    const b2 = body(2);
+    const r2 = await journal.append({ ...data('m', 2, 0), body: b2, hold: true, recycle: true });
+    expect(b2.length).toBe(256 * 1024);
+    expect(await journal.readBody(r2)).toBe(b2);
+    // Held beyond holdBytes: recycled like any other.
+    const b3 = body(3);
+    const b4 = body(4);
+    const [r3, r4] = await Promise.all([
+      journal.append({ ...data('m', 3, 0), body: b3, hold: true, recycle: true }),
+      journal.append({ ...data('m', 4, 0), body: b4, hold: true, recycle: true }),
+    ]);
+    expect(b3.length).toBe(256 * 1024);
+    expect(b4.length).toBe(0);
+    expect(await journal.readBody(r3)).toBe(b3);
+    expect(await journal.readBody(r4)).toEqual(Buffer.alloc(256 * 1024, 4));
+    // Without recycle nothing is detached.
+    const b5 = body(5);
+    await journal.append({ ...data('m', 5, 0), body: b5 });
+    expect(b5.length).toBe(256 * 1024);
+    await journal.close();
+  });
+
   it('makes appends durable in group commits and replays them in order after reopen', async () => {
     const { journal } = await Journal.open({ dir });
     const appended = await Promise.all(

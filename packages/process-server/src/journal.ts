@@ -3,7 +3,7 @@ import { mkdir, open, readdir, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { LifeboatError, crc32Combine, knownCrc32 } from '@lifeboat/protocol';
+import { LifeboatError, crc32Combine, frameBufferPool, knownCrc32 } from '@lifeboat/protocol';
 
 /** Kinds of journal records (the sequenced frame types). */
 export type JournalRecordKind = 'data' | 'zero' | 'trim' | 'resize' | 'cut' | 'discard';
@@ -47,6 +47,12 @@ export interface JournalInput {
    * ask for it soon; otherwise it is read back from the segment. @default false
    */
   hold?: boolean;
+  /**
+   * The body's buffer came from `frameBufferPool` (a decoded frame that owns its buffer) and
+   * nobody else reads it: once durable and not held, the journal detaches it and gives it
+   * back to the pool, so the next frame reuses its memory. @default false
+   */
+  recycle?: boolean;
 }
 
 /** A durable record: where its body lives, so it can be read back without keeping it in memory. */
@@ -103,6 +109,7 @@ interface Queued {
   parts: Buffer[];
   body: Buffer;
   hold: boolean;
+  recycle: boolean;
   bytes: number;
   record: Omit<JournalRecord, 'segment' | 'bodyPosition'>;
   bodyOffset: number;
@@ -256,6 +263,7 @@ export class Journal extends EventEmitter {
         parts: [header, machine, disk, input.body],
         body: input.body,
         hold: input.hold === true,
+        recycle: input.recycle === true && input.body.length > 0,
         bytes: total,
         bodyOffset: RECORD_HEADER_BYTES + machine.length + disk.length,
         record: {
@@ -304,7 +312,8 @@ export class Journal extends EventEmitter {
       this.readers.set(r.segment, p);
     }
     const fh = await p;
-    const buf = Buffer.allocUnsafe(r.bodyLength);
+    // From the pool: a data body goes to a store worker, which hands the buffer back.
+    const buf = frameBufferPool.take(r.bodyLength);
     const { bytesRead } = await fh.read(buf, 0, r.bodyLength, r.bodyPosition);
     if (bytesRead !== r.bodyLength) {
       throw new LifeboatError(
@@ -452,10 +461,17 @@ export class Journal extends EventEmitter {
           if (this.heldBytes + weight <= this.holdBytes) {
             this.held.set(r, { body: q.body, weight });
             this.heldBytes += weight;
+            continue;
           }
         }
-        q.resolve(r);
+        if (q.recycle) {
+          // Detached first (every view of it, anywhere, reads as empty): no stale reader can
+          // see the next frame's bytes through it.
+          const ab = q.body.buffer as ArrayBuffer;
+          frameBufferPool.give(structuredClone(ab, { transfer: [ab] }));
+        }
       }
+      for (const [i, q] of batch.entries()) q.resolve(done[i]!);
       this.emit('flushed');
       if (seg.bytes >= this.segmentBytes) await this.rotate();
     }

@@ -10,6 +10,7 @@ import {
   LifeboatError,
   MIN_PROTOCOL_VERSION,
   encodeFrame,
+  frameOwnsBuffer,
 } from '@lifeboat/protocol';
 import type {
   BaselineRequestFrame,
@@ -963,6 +964,8 @@ export class ProcessServer extends EventEmitter {
           body: f.type === 'data' ? f.data : Buffer.alloc(0),
           // Applied right after its fsync when the machine keeps up: no read back then.
           hold: f.type === 'data' && m.replicator.keepingUp,
+          // Nothing here reads a frame's bytes after the journal: its buffer can be reused.
+          recycle: f.type === 'data' && frameOwnsBuffer(f.data),
         };
       }
       if (f.type === 'resize') m.sizes.set(disk, f.size);

@@ -14,6 +14,28 @@ interface WorkerInit {
 }
 
 const init = workerData as WorkerInit;
+// Diagnostics (benchmarks): with LIFEBOAT_MEM_LOG=FILE each thread appends a JSON line of its
+// V8 heap and ArrayBuffer bytes to FILE every 200 ms (the server's main thread is logged by
+// the benchmark, with the process's RSS).
+const memLog = process.env['LIFEBOAT_MEM_LOG'];
+if (memLog) {
+  const { appendFileSync } = await import('node:fs');
+  const { getHeapStatistics } = await import('node:v8');
+  const { threadId } = await import('node:worker_threads');
+  setInterval(() => {
+    const m = process.memoryUsage();
+    const line = {
+      t: Date.now(),
+      thread: threadId,
+      heapTotal: m.heapTotal,
+      heapUsed: m.heapUsed,
+      external: m.external,
+      arrayBuffers: m.arrayBuffers,
+      heapPhysical: getHeapStatistics().total_physical_size,
+    };
+    appendFileSync(memLog, `${JSON.stringify(line)}\n`);
+  }, 200).unref();
+}
 const port = parentPort!;
 const sessions = new Map<number, WriteSession>();
 let nextSession = 1;
@@ -87,12 +109,25 @@ function ordered(req: StoreWorkerRequest): Promise<unknown> {
 
 port.on('message', (req: StoreWorkerRequest) => {
   ordered(req).then(
-    (value) =>
+    (value) => {
+      // A write's bytes are copied into the session's chunks and pack once it resolves, and
+      // nothing here keeps them: the buffer goes back to the server's pool for the next frame
+      // (freed here instead, it left the memory in glibc's arenas and the next frame faulted
+      // in fresh pages).
+      const ab = req.op === 'write' ? req.data.buffer : undefined;
+      if (ab instanceof ArrayBuffer && ab.byteLength > 0) {
+        port.postMessage(
+          { id: req.id, ok: true, value: value ?? null, buffer: ab } satisfies StoreWorkerResponse,
+          [ab],
+        );
+        return;
+      }
       port.postMessage({
         id: req.id,
         ok: true,
         value: value ?? null,
-      } satisfies StoreWorkerResponse),
+      } satisfies StoreWorkerResponse);
+    },
     (err: unknown) =>
       port.postMessage({
         id: req.id,

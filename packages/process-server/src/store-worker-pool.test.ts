@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { DirectoryBackend, Store } from '@lifeboat/store';
 import type { WriteSession } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { frameBufferPool } from '@lifeboat/protocol';
 import { StoreWorkerPool } from './store-worker-pool.js';
 
 const CHUNK = 65536;
@@ -73,6 +74,45 @@ describe('StoreWorkerPool', () => {
         expect(Buffer.from(await reader.readAt(0, 2 * CHUNK))).toEqual(
           Buffer.concat([first, second]),
         );
+      } finally {
+        await store.close();
+      }
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it("gets each write's buffer back for the frame pool, and reusing it at once loses no byte", async () => {
+    const pool = new StoreWorkerPool({ spec: { kind: 'directory', path: dir, passphrase } });
+    frameBufferPool.clear();
+    try {
+      const extent = 4 * CHUNK;
+      const s = await pool.forMachine('reuse').beginWrite({
+        machine: 'reuse',
+        disk: 'd',
+        size: 16 * extent,
+      });
+      const expected: Buffer[] = [];
+      const given = frameBufferPool.counters.given;
+      const allocated = frameBufferPool.counters.allocated;
+      for (let i = 0; i < 16; i++) {
+        // Each write's buffer is the one the previous writes gave back, refilled at once.
+        const b = frameBufferPool.take(extent);
+        randomBytes(extent).copy(b);
+        expected.push(Buffer.from(b));
+        await s.write(i * extent, b);
+        expect(b.length).toBe(0); // transferred, not copied
+      }
+      const point = await s.commit({ cut: 'r1' });
+      expect(frameBufferPool.counters.given - given).toBe(16);
+      // Writes pipeline (up to 4 MiB in flight), so a few buffers were new; most were reused.
+      expect(frameBufferPool.counters.allocated - allocated).toBeLessThan(16);
+      const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
+      try {
+        const reader = await store.openPoint(point.id);
+        expect(
+          Buffer.from(await reader.readAt(0, 16 * extent)).equals(Buffer.concat(expected)),
+        ).toBe(true);
       } finally {
         await store.close();
       }

@@ -23,7 +23,13 @@ export type StoreWorkerRequest =
 
 /** A worker's answer. */
 export type StoreWorkerResponse =
-  | { id: number; ok: true; value: unknown }
+  | {
+      id: number;
+      ok: true;
+      value: unknown;
+      /** A write's bytes handed back once the store took them (transferred), for reuse. */
+      buffer?: ArrayBuffer;
+    }
   | {
       id: number;
       ok: false;

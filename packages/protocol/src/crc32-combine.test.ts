@@ -59,7 +59,10 @@ describe('frameOwnsBuffer', () => {
     expect(f2!.data.equals(small)).toBe(true);
     expect(f3!.data.equals(big)).toBe(true);
     expect(frameOwnsBuffer(f1!.data)).toBe(true);
-    expect(f1!.data.buffer.byteLength).toBe(a.length);
+    // Its own buffer (from the frame pool: rounded up to the pool's 16 KiB classes).
+    expect(f1!.data.buffer).not.toBe(f3!.data.buffer);
+    expect(f1!.data.buffer.byteLength).toBeGreaterThanOrEqual(a.length);
+    expect(f1!.data.buffer.byteLength).toBeLessThan(a.length + 16_384);
     expect(frameOwnsBuffer(f2!.data)).toBe(false);
     expect(frameOwnsBuffer(f3!.data)).toBe(true);
     // Transferring frame 1's buffer leaves the others intact.

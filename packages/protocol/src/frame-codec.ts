@@ -1,4 +1,5 @@
 import { crc32 } from 'node:zlib';
+import { frameBufferPool, isPooledView } from './buffer-pool.js';
 import { crc32Combine, rememberCrc32 } from './crc32-combine.js';
 import { LifeboatError } from './lifeboat-error.js';
 
@@ -716,7 +717,7 @@ const ownData = new WeakSet<Uint8Array>();
  * instead of copying the bytes. False for frames that were views of a larger network read.
  */
 export function frameOwnsBuffer(data: Uint8Array): boolean {
-  return ownData.has(data);
+  return ownData.has(data) || isPooledView(data);
 }
 
 /**
@@ -863,12 +864,19 @@ export class FrameDecoder {
       let k = 0;
       while (have < n) have += this.chunks[k++]!.length;
       const last = this.chunks[k - 1]!;
-      const whole = Buffer.concat(this.chunks.slice(0, k), n);
+      // A large frame's buffer comes from the pool: the process server gets it back from the
+      // store worker it moves to, instead of every frame faulting in fresh memory.
+      const whole = frameBufferPool.take(n);
+      let at = 0;
+      for (let i = 0; i < k; i++) {
+        const c = this.chunks[i]!;
+        at += c.copy(whole, at, 0, Math.min(c.length, n - at));
+      }
       const rest = have - n;
       if (rest > 0) this.chunks.splice(0, k, last.subarray(last.length - rest));
       else this.chunks.splice(0, k);
       this.buffered -= n;
-      if (whole.byteOffset === 0 && whole.buffer.byteLength === n) ownFrames.add(whole.buffer);
+      ownFrames.add(whole.buffer);
       return whole;
     }
     const out = first.subarray(0, n);

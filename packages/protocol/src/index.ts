@@ -39,6 +39,7 @@ export type {
   WelcomeFrame,
 } from './frame-codec.js';
 export { crc32Combine, knownCrc32 } from './crc32-combine.js';
+export { FrameBufferPool, POOL_MIN_BYTES, frameBufferPool, isPooledView } from './buffer-pool.js';
 export { ReplicationClient } from './replication-client.js';
 export type {
   BaselineDigests,
