@@ -72,6 +72,9 @@ async function serve(cfg: ServeConfig): Promise<void> {
       : {
           storeWorkers: {
             count: cfg.workers,
+            ...(process.env['LIFEBOAT_MEM_LOG']
+              ? { memLogFile: process.env['LIFEBOAT_MEM_LOG'] }
+              : {}),
             spec: {
               kind: 'directory' as const,
               path: cfg.storeDir,

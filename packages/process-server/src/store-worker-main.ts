@@ -11,13 +11,15 @@ import type { StoreWorkerRequest, StoreWorkerResponse } from './store-worker-pro
 interface WorkerInit {
   module: string;
   options: unknown;
+  /** See StoreWorkerOptions.memLogFile. */
+  memLogFile?: string;
 }
 
 const init = workerData as WorkerInit;
-// Diagnostics (benchmarks): with LIFEBOAT_MEM_LOG=FILE each thread appends a JSON line of its
-// V8 heap and ArrayBuffer bytes to FILE every 200 ms (the server's main thread is logged by
-// the benchmark, with the process's RSS).
-const memLog = process.env['LIFEBOAT_MEM_LOG'];
+// Diagnostics (benchmarks): with memLogFile each thread appends a JSON line of its V8 heap and
+// ArrayBuffer bytes to that file every 200 ms (the server's main thread is logged by the
+// benchmark, with the process's RSS).
+const memLog = init.memLogFile;
 if (memLog) {
   const { appendFileSync } = await import('node:fs');
   const { getHeapStatistics } = await import('node:v8');

@@ -19,6 +19,11 @@ export interface StoreWorkerOptions {
   count?: number;
   /** A module exporting `openWorkerStore(spec): Promise<StoreApi>` instead of the built-in one (file URL). */
   module?: string;
+  /**
+   * Diagnostics (benchmarks): each worker appends a JSON line of its V8 heap and ArrayBuffer
+   * bytes to this file every 200 ms. @default none
+   */
+  memLogFile?: string;
 }
 
 /** The part of the store API the process server's replicators use. */
@@ -166,6 +171,7 @@ export class StoreWorkerPool {
     const workerData = {
       module,
       options: { ...options.spec, cryptoThreads: options.spec.cryptoThreads ?? 0 },
+      ...(options.memLogFile === undefined ? {} : { memLogFile: options.memLogFile }),
     };
     const resourceLimits = { maxYoungGenerationSizeMb: WORKER_YOUNG_GENERATION_MB };
     const spawnWorker = (): Worker => {
