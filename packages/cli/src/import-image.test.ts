@@ -21,6 +21,23 @@ afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
+/** A fresh store (cheap KDF) holding the image at `path` as disk m/d's first point. */
+async function storeWithImport(storeDir: string, path: string, chunkSize?: number): Promise<Store> {
+  const store = await Store.init({
+    backend: new DirectoryBackend({ path: storeDir }),
+    passphrase: 'p',
+    kdfCost: 1024,
+    ...(chunkSize === undefined ? {} : { chunkSize }),
+  });
+  const first = await DiskImage.open(path);
+  try {
+    await importImage({ store, image: first, machine: 'm', disk: 'd' });
+  } finally {
+    await first.close();
+  }
+  return store;
+}
+
 describe('importImage', () => {
   it('reads many changed extents at once (small blocks, a ring that wraps) byte-exact', async () => {
     const path = join(dir, 'disk.raw');
@@ -33,16 +50,8 @@ describe('importImage', () => {
     await fh.write(disk, 0, 8 * MiB, 0);
     await fh.write(disk, 16 * MiB, 8 * MiB, 16 * MiB);
     await fh.truncate(size);
-    const store = await Store.init({
-      backend: new DirectoryBackend({ path: join(dir, 'store') }),
-      passphrase: 'p',
-      kdfCost: 1024,
-    });
+    const store = await storeWithImport(join(dir, 'store'), path);
     try {
-      const first = await DiskImage.open(path);
-      await importImage({ store, image: first, machine: 'm', disk: 'd' });
-      await first.close();
-
       // Rewrite a few hundred scattered ranges: single chunks, runs of several (several
       // blocks of reading), unaligned pieces, some turned into zeros, some into the hole.
       const changed: Array<{ offset: number; length: number }> = [];
@@ -101,16 +110,8 @@ describe('readChangedEarly', () => {
     const fh = await open(path, 'w');
     await fh.write(disk, 0, size, 0);
     for (const chunkSize of [CHUNK, 2 * CHUNK]) {
-      const store = await Store.init({
-        backend: new DirectoryBackend({ path: join(dir, `store-early-${chunkSize}`) }),
-        passphrase: 'p',
-        kdfCost: 1024,
-        chunkSize,
-      });
+      const store = await storeWithImport(join(dir, `store-early-${chunkSize}`), path, chunkSize);
       try {
-        const first = await DiskImage.open(path);
-        await importImage({ store, image: first, machine: 'm', disk: 'd' });
-        await first.close();
         const changed: Array<{ offset: number; length: number }> = [];
         for (let i = 0; i < 60; i++) {
           const offset = randomInt(size / CHUNK) * CHUNK + (i % 4 === 0 ? 512 : 0);

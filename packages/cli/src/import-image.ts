@@ -57,7 +57,7 @@ export async function importImage(options: ImportImageOptions): Promise<ImportRe
   const { store, image, machine, disk, signal } = options;
   const size = image.info.size;
   const chunk = store.chunkSize;
-  const block = Math.max(chunk, Math.floor((options.blockBytes ?? DEFAULT_BLOCK) / chunk) * chunk);
+  const block = readBlockBytes(chunk, options.blockBytes);
   let baseId: string | undefined;
   let changedRanges = options.changed;
   if (options.changed !== undefined) {
@@ -80,7 +80,7 @@ export async function importImage(options: ImportImageOptions): Promise<ImportRe
   // the holes of a few ranges. A whole import skips holes by the map.
   let map: ImageMapEntry[];
   if (image.info.format === 'raw' && changedRanges !== undefined) {
-    map = [{ start: 0, length: size, zero: false, data: true, depth: 0, offset: 0 }];
+    map = wholeRawMap(size);
   } else {
     map = await image.map();
     if (image.info.format === 'raw') map = coarsenRawMap(map, chunk, size);
@@ -177,15 +177,15 @@ export function readChangedEarly(
   image: DiskImage,
   changed: readonly ByteRange[],
   chunk: number,
-  blockBytes = DEFAULT_BLOCK,
+  blockBytes?: number,
 ): EarlyReads | undefined {
   if (image.info.format !== 'raw') return undefined;
   const size = image.info.size;
-  const block = Math.max(chunk, Math.floor(blockBytes / chunk) * chunk);
-  const map: ImageMapEntry[] = [
-    { start: 0, length: size, zero: false, data: true, depth: 0, offset: 0 },
-  ];
-  const blocks = splitBlocks(planImport(map, alignRanges(changed, chunk, size)), block);
+  const block = readBlockBytes(chunk, blockBytes);
+  const blocks = splitBlocks(
+    planImport(wholeRawMap(size), alignRanges(changed, chunk, size)),
+    block,
+  );
   let bytes = 0;
   for (const b of blocks) if (b.piece.kind === 'data') bytes += b.length;
   const ringBytes = Math.max(3 * block, Math.min(EARLY_RING_MAX, bytes));
@@ -198,6 +198,16 @@ export function readChangedEarly(
       return reads;
     },
   };
+}
+
+/** Bytes of one read: `blockBytes` (2 MiB by default) rounded down to whole chunks, at least one. */
+function readBlockBytes(chunk: number, blockBytes = DEFAULT_BLOCK): number {
+  return Math.max(chunk, Math.floor(blockBytes / chunk) * chunk);
+}
+
+/** The map of a raw file read as it is: all data (its holes read as zeros). */
+function wholeRawMap(size: number): ImageMapEntry[] {
+  return [{ start: 0, length: size, zero: false, data: true, depth: 0, offset: 0 }];
 }
 
 function sameBlocks(a: readonly Block[], b: readonly Block[]): boolean {
@@ -239,8 +249,8 @@ function splitBlocks(pieces: readonly ImportPiece[], block: number): Block[] {
 /**
  * Reads the data blocks of an import ahead, in order, into one ring buffer used first in,
  * first out: up to `maxReads` reads ahead (at most `maxInFlight` of them unfinished) and never
- * more than the ring's bytes held, so memory stays bounded (the ring) while many small ranges (changed extents) are read
- * at once instead of one after the other. Views of one allocation, so none is transferred.
+ * more than the ring's bytes held, so memory stays bounded (the ring) while many small ranges
+ * (changed extents) are read at once instead of one after the other. Views of one allocation, so none is transferred.
  */
 export class ReadAhead {
   private readonly ringBytes: number;
@@ -261,7 +271,10 @@ export class ReadAhead {
     private readonly ring: Buffer,
     /** Reads started and not yet handed out, at most. */
     private readonly maxReads: number,
-    /** Reads not yet finished, at most (finished ones wait in the ring until handed out); by default only `maxReads` limits them. */
+    /**
+     * Reads not yet finished, at most (finished ones wait in the ring until handed out); by
+     * default only `maxReads` limits them.
+     */
     private readonly maxInFlight = Infinity,
   ) {
     this.ringBytes = ring.length;

@@ -959,8 +959,8 @@ async function releaseEarly(early: EarlyWork): Promise<void> {
 
 /**
  * Starts reading every object under `prefix` (a few at a time; nothing when there are more
- * than 16: a large store's index is read as it is needed) and returns their reads by key. Never rejects as a whole; a read that fails
- * is read again by whoever needs it.
+ * than 16: a large store's index is read as it is needed) and returns their reads by key.
+ * Never rejects as a whole; a read that fails is read again by whoever needs it.
  */
 function prefetchObjects(backend: ObjectBackend, prefix: string): Map<string, Promise<Buffer>> {
   const reads = new Map<string, Promise<Buffer>>();

@@ -108,10 +108,10 @@ function pointRow(p: PointInfo): string[] {
 
 const POINT_HEADERS = ['ID', 'TIME', 'KIND', 'MACHINE', 'DISK', 'SIZE', 'LABELS'];
 
-/** Registers `lifeboat store init|import|points|restore|verify|prune|gc|stats|passwd`. */
 /** The chunk size `lifeboat store init` gives a store unless told otherwise. */
 const DEFAULT_CHUNK_SIZE = 64 * 1024;
 
+/** Registers `lifeboat store init|import|points|restore|verify|prune|gc|stats|passwd`. */
 export function registerStoreCommands(program: Command, ctx: CliContext): void {
   const store = program
     .command('store')
