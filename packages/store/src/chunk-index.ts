@@ -171,38 +171,33 @@ export class ChunkIndex {
 
   /** The entry of an id, or -1. */
   private find(id: Buffer): number {
+    if (this.table.length === 0 || id.length !== ID) return -1;
+    return (this.table[this.slotOf(id, 0)] as number) - 1;
+  }
+
+  /** The table slot holding the id at `src[at..at+32]`, or the empty slot where it would go. */
+  private slotOf(src: Buffer, at: number): number {
     const table = this.table;
-    if (table.length === 0 || id.length !== ID) return -1;
     const mask = table.length - 1;
-    for (let slot = head(id, 0) & mask; ; slot = (slot + 1) & mask) {
+    let slot = head(src, at) & mask;
+    for (; ; slot = (slot + 1) & mask) {
       const v = table[slot] as number;
-      if (v === 0) return -1;
-      if (this.idIs(v - 1, id, 0)) return v - 1;
+      if (v === 0 || this.idIs(v - 1, src, at)) return slot;
     }
   }
 
   /** Adds (or, for an id already present, points to) the entry at `pos` of segment `s`. */
   private put(s: number, pos: number, pack: number): void {
-    const seg = this.segments[s] as Buffer;
-    const table = this.table;
-    const mask = table.length - 1;
-    let slot = head(seg, pos) & mask;
-    for (; ; slot = (slot + 1) & mask) {
-      const v = table[slot] as number;
-      if (v === 0) break;
-      if (this.idIs(v - 1, seg, pos)) {
-        // A later entry for the same id replaces the earlier one.
-        this.entrySegment[v - 1] = s;
-        this.entryPos[v - 1] = pos;
-        this.entryPack[v - 1] = pack;
-        return;
-      }
+    const slot = this.slotOf(this.segments[s] as Buffer, pos);
+    // A later entry for the same id replaces the earlier one.
+    let e = (this.table[slot] as number) - 1;
+    if (e < 0) {
+      e = this.count++;
+      this.table[slot] = e + 1;
     }
-    const e = this.count++;
     this.entrySegment[e] = s;
     this.entryPos[e] = pos;
     this.entryPack[e] = pack;
-    table[slot] = e + 1;
   }
 
   /** Makes room for `more` entries: arrays grown by doubling, the table kept at most half full. */
