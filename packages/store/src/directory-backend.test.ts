@@ -54,6 +54,33 @@ describe('DirectoryBackend', () => {
     expect(await readdir(join(dir, 'store', 'locks'))).toEqual(['x']);
   });
 
+  it('writes an object in pieces that nobody sees before its commit', async () => {
+    const w = await b.openWrite('packs/cd/cdef');
+    await w.append(Buffer.from('hello '));
+    await w.syncEarly?.();
+    await w.append(Buffer.from('world'));
+    expect(await b.stat('packs/cd/cdef')).toBeUndefined();
+    const seen: string[] = [];
+    for await (const k of b.listKeys('packs/')) seen.push(k);
+    expect(seen).toEqual([]);
+    await w.commit();
+    expect((await b.get('packs/cd/cdef')).toString()).toBe('hello world');
+    // Nothing but the object is left in its directory.
+    expect(await readdir(join(dir, 'store', 'packs', 'cd'))).toEqual(['cdef']);
+
+    // An aborted object leaves nothing; one whose key exists fails its commit and is dropped.
+    const dropped = await b.openWrite('packs/cd/0000');
+    await dropped.append(Buffer.from('partial'));
+    await dropped.abort();
+    const clash = await b.openWrite('packs/cd/cdef');
+    await clash.append(Buffer.from('other'));
+    await expect(clash.commit()).rejects.toSatisfy(code('LB_BACKEND_EXISTS'));
+    await clash.abort();
+    expect(await readdir(join(dir, 'store', 'packs', 'cd'))).toEqual(['cdef']);
+    expect((await b.get('packs/cd/cdef')).toString()).toBe('hello world');
+    await expect(b.openWrite('../escape')).rejects.toSatisfy(code('LB_BACKEND_INVALID_KEY'));
+  });
+
   it('rejects ranges past the end, bad keys, and hides temporary files from list', async () => {
     await b.put('index/a', Buffer.from('abc'));
     await expect(b.getRange('index/a', 2, 5)).rejects.toSatisfy(code('LB_BACKEND_RANGE'));

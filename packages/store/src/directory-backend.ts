@@ -4,7 +4,7 @@ import { link, mkdir, open, readFile, readdir, rename, stat, unlink } from 'node
 import type { FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol/errors';
-import type { ObjectBackend, ObjectInfo, PutOptions } from './object-backend.js';
+import type { ObjectBackend, ObjectInfo, ObjectWriter, PutOptions } from './object-backend.js';
 
 /** Options for {@link DirectoryBackend}. */
 export interface DirectoryBackendOptions {
@@ -61,7 +61,7 @@ export class DirectoryBackend implements ObjectBackend {
     this.forget(file);
     options.signal?.throwIfAborted();
     await this.ensureDir(dir);
-    const tmp = join(dir, `${TMP_PREFIX}${randomBytes(8).toString('hex')}`);
+    const tmp = tmpName(dir);
     try {
       const handle = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL);
       try {
@@ -70,41 +70,111 @@ export class DirectoryBackend implements ObjectBackend {
       } finally {
         await handle.close();
       }
-      if (options.overwrite === true) {
-        await rename(tmp, file);
-      } else {
-        // link fails atomically when the name exists, which rename would silently replace.
-        try {
-          await link(tmp, file).catch(async (err: unknown) => {
-            // File systems without hard links: check, then rename (racy only against
-            // another writer of the same key, which random object names make moot).
-            if (!['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS'].includes(errCode(err) ?? ''))
-              throw err;
-            if ((await this.stat(key)) !== undefined)
-              throw Object.assign(new Error('exists'), { code: 'EEXIST' });
-            await rename(tmp, file);
-          });
-        } catch (err) {
-          if (errCode(err) === 'EEXIST') {
-            throw new LifeboatError(
-              'LB_BACKEND_EXISTS',
-              `Object ${key} already exists in ${this.location}.`,
-              {
-                details: { key, location: this.location },
-              },
-            );
-          }
-          throw err;
-        }
-        await unlink(tmp).catch((err: unknown) => {
-          if (errCode(err) !== 'ENOENT') throw err;
-        });
-      }
+      await this.publish(tmp, key, options.overwrite === true);
       if (options.durable !== false) await fsyncDir(dir);
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw this.wrap(err, key);
     }
+  }
+
+  /**
+   * An object written in pieces into a temporary file beside its name, then published as
+   * `put` does (fsync, hard link, fsync of the directory). `syncEarly` is an fdatasync of what
+   * is there so far. A killed writer leaves only the temporary file, removed by a later
+   * listing once it is an hour old (every append touches it).
+   */
+  async openWrite(key: string): Promise<ObjectWriter> {
+    const file = this.file(key);
+    const dir = dirname(file);
+    this.forget(file);
+    await this.ensureDir(dir);
+    const tmp = tmpName(dir);
+    let handle: FileHandle;
+    try {
+      handle = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL);
+    } catch (err) {
+      throw this.wrap(err, key);
+    }
+    let position = 0;
+    let closed = false;
+    const close = async (): Promise<void> => {
+      if (closed) return;
+      closed = true;
+      await handle.close();
+    };
+    return {
+      append: async (data) => {
+        try {
+          let done = 0;
+          while (done < data.length) {
+            const { bytesWritten } = await handle.write(data, done, data.length - done, position);
+            done += bytesWritten;
+            position += bytesWritten;
+          }
+        } catch (err) {
+          throw this.wrap(err, key);
+        }
+      },
+      syncEarly: async () => {
+        try {
+          await handle.datasync();
+        } catch (err) {
+          throw this.wrap(err, key);
+        }
+      },
+      commit: async () => {
+        try {
+          await handle.sync();
+          await close();
+          await this.publish(tmp, key, false);
+          await fsyncDir(dir);
+        } catch (err) {
+          throw this.wrap(err, key);
+        }
+      },
+      abort: async () => {
+        await close().catch(() => undefined);
+        await unlink(tmp).catch(() => undefined);
+      },
+    };
+  }
+
+  /**
+   * Gives the durable temporary file `tmp` the name of `key`: renames it over an existing
+   * object with `overwrite`, else hard-links it (which fails atomically when the name exists,
+   * where rename would silently replace) and removes the temporary name.
+   */
+  private async publish(tmp: string, key: string, overwrite: boolean): Promise<void> {
+    const file = this.file(key);
+    if (overwrite) {
+      await rename(tmp, file);
+      return;
+    }
+    try {
+      await link(tmp, file).catch(async (err: unknown) => {
+        // File systems without hard links: check, then rename (racy only against
+        // another writer of the same key, which random object names make moot).
+        if (!['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS'].includes(errCode(err) ?? '')) throw err;
+        if ((await this.stat(key)) !== undefined)
+          throw Object.assign(new Error('exists'), { code: 'EEXIST' });
+        await rename(tmp, file);
+      });
+    } catch (err) {
+      if (errCode(err) === 'EEXIST') {
+        throw new LifeboatError(
+          'LB_BACKEND_EXISTS',
+          `Object ${key} already exists in ${this.location}.`,
+          {
+            details: { key, location: this.location },
+          },
+        );
+      }
+      throw err;
+    }
+    await unlink(tmp).catch((err: unknown) => {
+      if (errCode(err) !== 'ENOENT') throw err;
+    });
   }
 
   async get(key: string, signal?: AbortSignal): Promise<Buffer> {
@@ -360,6 +430,10 @@ export class DirectoryBackend implements ObjectBackend {
       { cause: err, details: { key, location: this.location, errno: code } },
     );
   }
+}
+
+function tmpName(dir: string): string {
+  return join(dir, `${TMP_PREFIX}${randomBytes(8).toString('hex')}`);
 }
 
 function closeQuietly(handle: Promise<FileHandle>): void {

@@ -1,5 +1,5 @@
 /** @lifeboat/store: the replica store's public API. */
-export type { ObjectBackend, ObjectInfo, PutOptions } from './object-backend.js';
+export type { ObjectBackend, ObjectInfo, ObjectWriter, PutOptions } from './object-backend.js';
 export type * from './store-types.js';
 export { Store } from './store.js';
 export type { StoreExtraOptions } from './store.js';

@@ -65,10 +65,39 @@ export interface ObjectBackend {
    * directory only, not a `stat` per file). The store falls back to `list` when a backend lacks it.
    */
   listKeys?(prefix: string): AsyncIterable<string>;
+  /**
+   * Optional: starts an object that is written in pieces and published whole by
+   * {@link ObjectWriter.commit}, atomically and durably as `put` would (a pack, as its blobs are
+   * sealed: most of its bytes reach the disk while later ones are still being sealed, so the
+   * commit has little left to write). Readers see nothing of it before the commit. The store
+   * falls back to one `put` when a backend lacks it.
+   */
+  openWrite?(key: string): Promise<ObjectWriter>;
   /** Deletes an object; succeeds when it is already gone. */
   delete(key: string): Promise<void>;
   /** Releases connections and handles. */
   close(): Promise<void>;
+}
+
+/** An object being written in pieces ({@link ObjectBackend.openWrite}). */
+export interface ObjectWriter {
+  /**
+   * Appends `data` to the object. Calls must not overlap (each waits for the previous one);
+   * the caller leaves the bytes unchanged until the call resolves.
+   */
+  append(data: Uint8Array): Promise<void>;
+  /**
+   * Optional: makes the bytes appended so far durable now, so that `commit` has less to wait
+   * for. Never needed for correctness: `commit` makes everything durable.
+   */
+  syncEarly?(): Promise<void>;
+  /**
+   * Publishes the object under its key, complete and durable; rejects with
+   * `LB_BACKEND_EXISTS` when the key exists. After a failed commit, call `abort`.
+   */
+  commit(): Promise<void>;
+  /** Drops what was written: nothing becomes visible. Never rejects. */
+  abort(): Promise<void>;
 }
 
 /** The keys under `prefix`: the backend's cheaper key listing when it has one. */

@@ -1,8 +1,29 @@
 import { randomBytes } from 'node:crypto';
-import type { ObjectBackend } from './object-backend.js';
+import type { ObjectBackend, ObjectWriter } from './object-backend.js';
 import { encodePackTrailer, packKey } from './object-format.js';
 import type { BlobLocation, PackEntry } from './object-format.js';
 import type { BlobType, StoreCrypto } from './store-crypto.js';
+
+/**
+ * With a backend that writes objects in pieces (`openWrite`), the pack being filled goes to it
+ * in pieces of this size as blobs are added, and is made durable early every `SYNC_PIECES`
+ * pieces: at the commit only the tail, the trailer and one short fsync are left, instead of a
+ * whole pack's write and flush (about 45 ms for 16 MiB on the development VM).
+ */
+const STREAM_PIECE = 1024 * 1024;
+/** Early syncs come every this many pieces. */
+const SYNC_PIECES = 4;
+
+/** The pack being filled, as far as it went to the backend already. */
+interface PackStream {
+  writer: Promise<ObjectWriter>;
+  /** Bytes of the pack buffer handed to the writer so far. */
+  sent: number;
+  /** Bytes sent when the last early sync was asked for. */
+  synced: number;
+  /** The appends (and early syncs) so far, in order; rejects when one failed. */
+  chain: Promise<void>;
+}
 
 /** A blob this writer has written, with its sealed bytes while its pack is not yet durable. */
 interface PendingBlob {
@@ -24,6 +45,9 @@ export class PackWriter {
   private partsBytes = 0;
   private entries: PackEntry[] = [];
   private pack = newPackId();
+  private stream: PackStream | undefined;
+  /** Size of the pieces a streamed pack goes out in: a quarter pack for small (test) packs. */
+  private readonly piece: number;
   private readonly inFlight = new Set<Promise<void>>();
   private failure: unknown;
   /** Packs fully uploaded, with their entries, for the index object written at commit. */
@@ -48,7 +72,9 @@ export class PackWriter {
       packs: Array<{ pack: string; entries: PackEntry[] }>,
     ) => Promise<void>,
     private readonly publishEvery = 65_536,
-  ) {}
+  ) {
+    this.piece = Math.min(STREAM_PIECE, Math.max(4096, packSize >> 2));
+  }
 
   /** True when this writer already holds a blob with this id. */
   has(id: Buffer): boolean {
@@ -114,6 +140,32 @@ export class PackWriter {
     });
     this.partsBytes += sealed.length;
     if (this.partsBytes >= this.packSize) await this.flush();
+    else if (this.partsBytes - (this.stream?.sent ?? 0) >= this.piece) this.sendPiece();
+  }
+
+  /** Hands the pack buffer's bytes not yet sent to the backend's writer (opened on first use). */
+  private sendPiece(): void {
+    const openWrite = this.backend.openWrite?.bind(this.backend);
+    if (openWrite === undefined) return;
+    const key = packKey(this.pack);
+    const stream = (this.stream ??= (() => {
+      const writer = openWrite(key);
+      return { writer, sent: 0, synced: 0, chain: writer.then(() => undefined) };
+    })());
+    // The bytes below partsBytes never change again: a grown buffer is a copy of them.
+    const piece = (this.buf as Buffer).subarray(stream.sent, this.partsBytes);
+    stream.sent = this.partsBytes;
+    const syncNow = stream.sent - stream.synced >= SYNC_PIECES * this.piece;
+    if (syncNow) stream.synced = stream.sent;
+    stream.chain = stream.chain.then(async () => {
+      const w = await stream.writer;
+      await w.append(piece);
+      if (syncNow) await w.syncEarly?.();
+    });
+    // Nothing waits for the pieces until the pack's flush; a failure fails the writer at once.
+    stream.chain.catch((err: unknown) => {
+      this.failure ??= err;
+    });
   }
 
   /** Seals and adds a blob. */
@@ -149,7 +201,13 @@ export class PackWriter {
           b.data = body.subarray(e.offset, e.offset + e.length);
       }
     }
-    const upload = this.backend.put(packKey(pack), body).then(
+    const stream = this.stream;
+    this.stream = undefined;
+    const written =
+      stream === undefined
+        ? this.backend.put(packKey(pack), body)
+        : finishStream(stream, body.subarray(stream.sent));
+    const upload = written.then(
       () => {
         this.uploadedBytes += body.length;
         this.written.push({ pack, entries });
@@ -185,8 +243,14 @@ export class PackWriter {
     return this.written;
   }
 
-  /** Waits for uploads without raising their errors (for abort). */
+  /**
+   * Waits for uploads without raising their errors, and drops the pack being filled (for
+   * abort: nothing of it is published).
+   */
   async settle(): Promise<void> {
+    const stream = this.stream;
+    this.stream = undefined;
+    if (stream !== undefined) await dropStream(stream);
     await Promise.allSettled(this.inFlight);
     await this.publishing;
   }
@@ -211,6 +275,25 @@ export class PackWriter {
   private throwIfFailed(): void {
     if (this.failure !== undefined) throw this.failure;
   }
+}
+
+/** Sends the pack's last bytes and publishes it; on any failure, drops what was written. */
+async function finishStream(stream: PackStream, rest: Buffer): Promise<void> {
+  try {
+    await stream.chain;
+    const w = await stream.writer;
+    if (rest.length > 0) await w.append(rest);
+    await w.commit();
+  } catch (err) {
+    await dropStream(stream);
+    throw err;
+  }
+}
+
+async function dropStream(stream: PackStream): Promise<void> {
+  await stream.chain.catch(() => undefined);
+  const w = await stream.writer.catch(() => undefined);
+  await w?.abort();
 }
 
 function newPackId(): string {

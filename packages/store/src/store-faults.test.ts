@@ -4,7 +4,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { isLifeboatError } from '@lifeboat/protocol';
 import type { LifeboatError } from '@lifeboat/protocol';
 import { DirectoryBackend } from './directory-backend.js';
-import type { ObjectBackend, PutOptions } from './object-backend.js';
+import type { ObjectBackend, ObjectWriter, PutOptions } from './object-backend.js';
 import { packKey } from './object-format.js';
 import { BlobType } from './store-crypto.js';
 import { Store } from './store.js';
@@ -321,7 +321,59 @@ describe('bad input and faults give a coded error naming what is affected', () =
       t = undefined;
     }
   });
+  it('a streamed pack failing at any append or at its commit: no point, no file left over', async () => {
+    // Every operation of the session in turn fails, until one run has none left to fail.
+    for (let failAt = 0; ; failAt++) {
+      expect(failAt).toBeLessThan(200);
+      const f = await twoPoints();
+      t = f.t;
+      const before = await listFiles(t.dir);
+      const backend = new FailingBackend(new DirectoryBackend({ path: t.dir }), failAt, true);
+      const s = await Store.open({ backend, passphrase: TEST_PASSPHRASE });
+      const w = await s.beginWrite({ machine: 'm', disk: 'vda', size: SIZE });
+      const d3 = pseudoRandom(SIZE, 99);
+      backend.arm();
+      const committed = await (async () => {
+        await w.write(0, d3);
+        return w.commit();
+      })().catch((err: unknown) => {
+        expect(String(err)).toMatch(/injected/);
+        return undefined;
+      });
+      backend.disarm();
+      if (committed === undefined) await w.abort();
+      await s.close();
+      // No temporary file of a streamed pack is left behind, committed or not.
+      expect((await allNames(t.dir)).filter((n) => n.includes('.tmp-'))).toEqual([]);
+      const s2 = await t.reopen();
+      const ids = (await s2.listPoints()).map((p) => p.id);
+      expect((await (await s2.openPoint(f.p1.id)).readAt(0, SIZE)).equals(f.d1)).toBe(true);
+      expect((await (await s2.openPoint(f.p2.id)).readAt(0, SIZE)).equals(f.d2)).toBe(true);
+      if (committed !== undefined) {
+        // The run with nothing left to fail: the streamed packs read back byte-exact.
+        expect(ids).toEqual([f.p1.id, f.p2.id, committed.id]);
+        expect((await (await s2.openPoint(committed.id)).readAt(0, SIZE)).equals(d3)).toBe(true);
+        expect(backend.done).toBeGreaterThan(8);
+        expect((await s2.verify()).ok).toBe(true);
+        break;
+      }
+      expect(ids).toEqual([f.p1.id, f.p2.id]);
+      await s2.gc();
+      const packs = (await listFiles(t.dir)).filter((k) => k.startsWith('packs/'));
+      expect(packs.every((k) => before.includes(k))).toBe(true);
+      await t.cleanup();
+      t = undefined;
+    }
+  });
 });
+
+/** Every file name under `dir`, temporary ones too, relative to it. */
+async function allNames(dir: string): Promise<string[]> {
+  const entries = await readdir(dir, { recursive: true, withFileTypes: true });
+  return entries
+    .filter((e) => e.isFile())
+    .map((e) => join(e.parentPath, e.name).slice(dir.length + 1));
+}
 
 async function listFiles(dir: string): Promise<string[]> {
   const b = new DirectoryBackend({ path: dir });
@@ -330,16 +382,47 @@ async function listFiles(dir: string): Promise<string[]> {
   return out.sort();
 }
 
-/** Wraps a backend; once armed, puts (other than locks) fail after `n` succeeded. */
+/**
+ * Wraps a backend; once armed, puts (other than locks) fail after `n` succeeded. With
+ * `streamed`, it also writes objects in pieces (`openWrite`), and each append and commit of
+ * such an object counts as one more operation that may fail.
+ */
 class FailingBackend implements ObjectBackend {
   readonly location: string;
+  openWrite?: (key: string) => Promise<ObjectWriter>;
   private armed = false;
   private left = 0;
+  /** Operations that went through while armed. */
+  done = 0;
   constructor(
     private readonly inner: ObjectBackend,
     private readonly n: number,
+    streamed = false,
   ) {
     this.location = inner.location;
+    const openWrite = inner.openWrite?.bind(inner);
+    if (streamed && openWrite !== undefined) {
+      this.openWrite = async (key) => {
+        const w = await openWrite(key);
+        return {
+          append: async (data) => {
+            this.step(`append to ${key}`);
+            await w.append(data);
+          },
+          commit: async () => {
+            this.step(`commit of ${key}`);
+            await w.commit();
+          },
+          abort: () => w.abort(),
+        };
+      };
+    }
+  }
+  private step(what: string): void {
+    if (!this.armed) return;
+    if (this.left === 0) throw new Error(`injected failure on ${what}`);
+    this.left--;
+    this.done++;
   }
   arm(): void {
     this.armed = true;
@@ -349,10 +432,7 @@ class FailingBackend implements ObjectBackend {
     this.armed = false;
   }
   async put(key: string, data: Uint8Array, options?: PutOptions): Promise<void> {
-    if (this.armed && !key.startsWith('locks/')) {
-      if (this.left === 0) throw new Error(`injected failure on put ${key}`);
-      this.left--;
-    }
+    if (!key.startsWith('locks/')) this.step(`put ${key}`);
     return this.inner.put(key, data, options);
   }
   get(key: string, signal?: AbortSignal): Promise<Buffer> {
