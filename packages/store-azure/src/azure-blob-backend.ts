@@ -7,7 +7,7 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import { LifeboatError } from '@lifeboat/protocol';
-import type { ObjectBackend, ObjectInfo, PutOptions } from '@lifeboat/store';
+import type { ObjectBackend, ObjectInfo, ObjectWriter, PutOptions } from '@lifeboat/store';
 import {
   resolveAzureBlobBackendOptions,
   type AzureBlobBackendOptions,
@@ -29,6 +29,8 @@ import { withRetry } from './retry.js';
 const MAX_BLOCKS = 50_000;
 /** Times a large put stages its blocks again after a concurrent writer's commit discarded them. */
 const MAX_UPLOAD_ROUNDS = 5;
+/** Blocks of an object written in pieces (openWrite) staged at once before an append waits. */
+const STAGE_AHEAD = 4;
 /** Metadata name of the id each put gives its blob (metadata names are C# identifiers). */
 const UPLOAD_ID = 'lifeboatupload';
 /** Longest blob name the service accepts, in characters. */
@@ -295,6 +297,86 @@ export class AzureBlobBackend implements ObjectBackend {
         );
       }
     });
+  }
+
+  /**
+   * An object written in pieces: each piece is staged as an uncommitted block as it comes (a
+   * few at once, within the request limit) and `commit` puts the block list, as a large put
+   * ends, so most of a pack is uploaded while its later blobs are still being sealed.
+   * Uncommitted blocks are invisible; the service discards those never committed (after a
+   * week), which is all `abort` leaves. When the commit meets anything but a clean answer (the
+   * name exists, or another writer's commit of it discarded these blocks), it hands the pieces
+   * to one whole `put`, which sorts each of those cases out.
+   */
+  async openWrite(key: string): Promise<ObjectWriter> {
+    checkKey(key, this.location);
+    this.checkOpen();
+    const blob = this.client.getBlockBlobClient(key);
+    // Ids unique to this object, all of one length, as the service wants within a blob.
+    const nonce = randomBytes(12).toString('hex');
+    const uploadId = randomBytes(12).toString('hex');
+    const pieces: Buffer[] = [];
+    const ids: string[] = [];
+    const staged: Array<Promise<void>> = [];
+    let failure: unknown;
+    const stageFacts = { location: this.location, operation: 'put (stage block)', key };
+    const whole = (): Promise<void> => this.put(key, Buffer.concat(pieces));
+    return {
+      append: async (data) => {
+        if (data.length === 0) return;
+        // The caller leaves the bytes alone until commit or abort (ObjectWriter's contract).
+        const piece = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+        pieces.push(piece);
+        // Past the service's block count the pieces go up with the whole put at commit.
+        if (pieces.length > MAX_BLOCKS) return;
+        const id = Buffer.from(`${nonce}-${String(ids.length).padStart(6, '0')}`).toString(
+          'base64',
+        );
+        ids.push(id);
+        const stage = this.track(async () => {
+          await this.ensureReady();
+          await this.retried(stageFacts, undefined, (s) =>
+            blob.stageBlock(id, piece, piece.length, { abortSignal: s }),
+          );
+        });
+        stage.catch((err: unknown) => {
+          failure ??= err;
+        });
+        staged.push(stage);
+        await staged[staged.length - 1 - STAGE_AHEAD]?.catch(() => undefined);
+      },
+      commit: async () => {
+        await Promise.allSettled(staged);
+        if (failure !== undefined) throw this.mapError(failure, stageFacts);
+        if (ids.length === 0 || ids.length !== pieces.length) return whole();
+        const facts = { location: this.location, operation: 'put', key };
+        let attempts = 0;
+        try {
+          await this.track(() =>
+            this.retried(facts, undefined, (s) => {
+              attempts++;
+              return blob.commitBlockList(ids, {
+                conditions: { ifNoneMatch: '*' },
+                metadata: { [UPLOAD_ID]: uploadId },
+                abortSignal: s,
+              });
+            }),
+          );
+        } catch (err) {
+          const status = statusOf(err);
+          const code = errorCodeOf(err);
+          if (status !== 409 && status !== 412 && code !== 'InvalidBlockList') {
+            throw this.mapError(err, facts);
+          }
+          // An earlier attempt may have succeeded with its answer lost: then the blob is ours.
+          if (attempts > 1 && (await this.isOwnUpload(key, uploadId, undefined))) return;
+          await whole();
+        }
+      },
+      abort: async () => {
+        await Promise.allSettled(staged);
+      },
+    };
   }
 
   async get(key: string, signal?: AbortSignal): Promise<Buffer> {

@@ -83,7 +83,8 @@ export interface ObjectBackend {
 export interface ObjectWriter {
   /**
    * Appends `data` to the object. Calls must not overlap (each waits for the previous one);
-   * the caller leaves the bytes unchanged until the call resolves.
+   * the caller leaves the bytes unchanged until `commit` or `abort` resolves (a backend may
+   * still be uploading them, or upload them again).
    */
   append(data: Uint8Array): Promise<void>;
   /**
