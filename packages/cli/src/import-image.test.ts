@@ -1,12 +1,13 @@
 import { randomBytes, randomInt } from 'node:crypto';
-import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { mkdtemp, open, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DirectoryBackend, Store } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DiskImage } from './disk-image.js';
 import { importImage, ReadAhead, readChangedEarly } from './import-image.js';
-import { restorePoint } from './restore-point.js';
+import { pageAlignedShared, restorePoint } from './restore-point.js';
 
 const K = 1024;
 const MiB = 1024 * K;
@@ -180,6 +181,67 @@ describe('restorePoint', () => {
       });
       expect(result.bytesData).toBe(10 * MiB);
       expect((await readFile(out)).equals(disk)).toBe(true);
+    } finally {
+      await store.close();
+    }
+  });
+
+  it('writes whole pages with direct I/O where the file system takes it, and a partial tail through the page cache', async () => {
+    // A disk whose size is not whole pages: its last chunk is partial.
+    const disk = randomBytes(6 * MiB + 1024);
+    disk.fill(0, 2 * MiB, 3 * MiB);
+    const path = join(dir, 'direct-src.raw');
+    const fh = await open(path, 'w');
+    await fh.write(disk, 0, disk.length, 0);
+    await fh.close();
+    const store = await Store.init({
+      backend: new DirectoryBackend({ path: join(dir, 'store-direct') }),
+      passphrase: 'p',
+      kdfCost: 1024,
+    });
+    try {
+      const image = await DiskImage.open(path);
+      const { point } = await importImage({ store, image, machine: 'm', disk: 'direct' });
+      await image.close();
+      // Whether this directory takes direct I/O, found out on its own: an aligned page written
+      // with O_DIRECT from page-aligned memory.
+      const probe = join(dir, 'direct-probe');
+      const takesDirect = await (async () => {
+        const h = await open(
+          probe,
+          constants.O_WRONLY | constants.O_CREAT | constants.O_DIRECT,
+        ).catch(() => undefined);
+        if (h === undefined) return false;
+        try {
+          await h.write(Buffer.from(pageAlignedShared(4096)), 0, 4096, 0);
+          return true;
+        } catch {
+          return false;
+        } finally {
+          await h.close();
+          await rm(probe);
+        }
+      })();
+      const out = join(dir, 'direct-restored.raw');
+      const result = await restorePoint({ store, pointId: point.id, out, blockBytes: 1 * MiB });
+      expect((await readFile(out)).equals(disk)).toBe(true);
+      expect((await stat(out)).size).toBe(disk.length);
+      expect(result.bytesData).toBe(disk.length - 1 * MiB);
+      // Every 1 MiB block went direct, the last 1024 bytes (a partial page) not, if the file system can.
+      expect(result.bytesDirect).toBe(takesDirect ? result.bytesData - 1024 : 0);
+      // And with memory that is not page-aligned, direct writes would have failed: the reason
+      // for the ring's WebAssembly memory.
+      if (takesDirect) {
+        const h = await open(probe, constants.O_WRONLY | constants.O_CREAT | constants.O_DIRECT);
+        try {
+          await expect(
+            h.write(Buffer.alloc(8192).subarray(16, 16 + 4096), 0, 4096, 0),
+          ).rejects.toThrow(/EINVAL/);
+        } finally {
+          await h.close();
+          await rm(probe);
+        }
+      }
     } finally {
       await store.close();
     }

@@ -1,4 +1,6 @@
+import { constants } from 'node:fs';
 import { open, rename, stat, unlink } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { PointInfo, StoreApi } from '@lifeboat/store';
@@ -31,12 +33,27 @@ export interface RestoreResult {
   size: number;
   /** Bytes of data written (the rest are holes). */
   bytesData: number;
+  /** Of those, bytes written with direct I/O (O_DIRECT), past the page cache. */
+  bytesDirect: number;
 }
+
+/** Writes of a restore in flight at once. */
+const WRITES_IN_FLIGHT = 4;
+
+/** Offsets and lengths of direct writes are multiples of this (a page, and every sector size). */
+const DIRECT_ALIGN = 4096;
 
 /**
  * Writes a point as a sparse raw image: data extents are read from the store and written at
  * their offsets, zero extents stay holes. It streams with a bounded read-ahead, writes into a
  * temporary file beside `out`, fsyncs and renames, so `out` is never a half-restored disk.
+ *
+ * Where the file system takes it, the data goes out with direct I/O (O_DIRECT) from the
+ * read-ahead ring, past the page cache: a restore is as large as a disk, and copying it into
+ * the page cache cost more than the decryption (on the development VM the kernel's time for
+ * it swung from 0.9 to 2.4 s for 1.5 GiB, as fresh memory had to be faulted in), and would
+ * evict what the machine had cached for nothing. Ranges that are not whole pages (a disk's
+ * last partial chunk) go through the page cache.
  */
 export async function restorePoint(options: RestorePointOptions): Promise<RestoreResult> {
   const { store, out, signal } = options;
@@ -79,6 +96,9 @@ export async function restorePoint(options: RestorePointOptions): Promise<Restor
   }
   const tmp = join(dirname(out), `.${basename(out)}.lifeboat-partial-${process.pid}`);
   const fh = await open(tmp, 'wx', 0o600);
+  const directHandle = await openDirect(tmp);
+  let direct = directHandle;
+  let bytesDirect = 0;
   let done = 0;
   let ok = false;
   // The kernel starts writing a file's pages to disk only when it must, so a plain restore
@@ -101,55 +121,117 @@ export async function restorePoint(options: RestorePointOptions): Promise<Restor
   };
   try {
     options.onProgress?.(0, total);
-    // depth + 1 buffers in turn (depth being read, one being written), in shared memory: the
-    // store's crypto threads decrypt straight into them, and nothing is allocated per block.
-    const ring = Buffer.from(new SharedArrayBuffer((depth + 1) * block));
+    // depth + WRITES_IN_FLIGHT buffers in turn (depth being read, the others being written),
+    // in shared memory: the store's crypto threads decrypt straight into them, and nothing is
+    // allocated per block. Page-aligned, as direct I/O needs.
+    const slots = depth + WRITES_IN_FLIGHT;
+    const ring = Buffer.from(pageAlignedShared(slots * block));
     const inFlight: Array<Promise<Buffer>> = [];
     let nextToRead = 0;
     const fill = (): void => {
       while (inFlight.length < depth && nextToRead < blocks.length) {
         const i = nextToRead++;
         const b = blocks[i] as { offset: number; length: number };
-        const at = (i % (depth + 1)) * block;
+        const at = (i % slots) * block;
         const target = ring.subarray(at, at + b.length);
         const p = reader.readInto(b.offset, target).then(() => target);
         p.catch(() => undefined);
         inFlight.push(p);
       }
     };
-    for (let i = 0; i < blocks.length; i++) {
-      if (signal?.aborted === true) {
-        throw new LifeboatError('LB_CLI_ABORTED', `Restore interrupted; ${out} was not written.`);
-      }
-      fill();
-      const data = await (inFlight.shift() as Promise<Buffer>);
-      const b = blocks[i] as { offset: number; length: number };
-      let written = 0;
-      while (written < data.length) {
-        const { bytesWritten } = await fh.write(
-          data,
-          written,
-          data.length - written,
-          b.offset + written,
-        );
-        written += bytesWritten;
+    // A direct write returns once the device has the data, so several are kept in flight to
+    // give it a queue to work on (one at a time left it idle between writes).
+    const writing: Array<Promise<void>> = [];
+    const writeBlock = async (data: Buffer, at: number): Promise<void> => {
+      const handle = direct;
+      if (handle !== undefined && at % DIRECT_ALIGN === 0 && data.length % DIRECT_ALIGN === 0) {
+        try {
+          await writeFully(handle, data, at);
+          bytesDirect += data.length;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+          // The file system refuses direct I/O after all: the page cache from here on (the
+          // handle is closed at the end, once no write uses it).
+          direct = undefined;
+          await writeFully(fh, data, at);
+        }
+      } else {
+        await writeFully(fh, data, at);
       }
       done += data.length;
       sinceSync += data.length;
       if (sinceSync >= syncEvery && syncing === undefined) backgroundSync();
       options.onProgress?.(done, total);
+    };
+    try {
+      for (let i = 0; i < blocks.length; i++) {
+        if (signal?.aborted === true) {
+          throw new LifeboatError('LB_CLI_ABORTED', `Restore interrupted; ${out} was not written.`);
+        }
+        fill();
+        const data = await (inFlight.shift() as Promise<Buffer>);
+        const b = blocks[i] as { offset: number; length: number };
+        const w = writeBlock(data, b.offset);
+        w.catch(() => undefined);
+        writing.push(w);
+        // The block WRITES_IN_FLIGHT back is written: its slot of the ring is free again.
+        if (writing.length >= WRITES_IN_FLIGHT) await writing.shift();
+      }
+      await Promise.all(writing);
+    } finally {
+      await Promise.allSettled(writing);
     }
     await syncing;
     if (syncFailure !== undefined) throw syncFailure;
     // The tail of the disk may be a hole: truncate gives the file its full logical size.
     await fh.truncate(reader.size);
+    // One fsync makes the whole file durable, whichever handle wrote it: the direct writes are
+    // on the device already, and it flushes the device's cache and the file's metadata.
     await fh.sync();
     ok = true;
   } finally {
     await syncing;
+    await directHandle?.close();
     await fh.close();
     if (!ok) await unlink(tmp).catch(() => undefined);
   }
   await rename(tmp, out);
-  return { point: reader.point, out, size: reader.size, bytesData: done };
+  return { point: reader.point, out, size: reader.size, bytesData: done, bytesDirect };
 }
+
+async function writeFully(fh: FileHandle, data: Buffer, at: number): Promise<void> {
+  let written = 0;
+  while (written < data.length) {
+    const { bytesWritten } = await fh.write(data, written, data.length - written, at + written);
+    written += bytesWritten;
+  }
+}
+
+/** A second handle on `path` for direct I/O, or undefined where the platform or file system has none. */
+async function openDirect(path: string): Promise<FileHandle | undefined> {
+  const flag = (constants as { O_DIRECT?: number }).O_DIRECT;
+  if (flag === undefined) return undefined;
+  return open(path, constants.O_WRONLY | flag).catch(() => undefined);
+}
+
+/**
+ * Shared memory that starts on a page boundary: a shared WebAssembly memory, which V8 maps
+ * whole pages for. Buffers and SharedArrayBuffers come from malloc, 16 bytes past a page, and
+ * direct I/O refuses them (EINVAL).
+ */
+export function pageAlignedShared(bytes: number): SharedArrayBuffer {
+  const pages = Math.max(1, Math.ceil(bytes / WASM_PAGE));
+  return new Wasm.Memory({ initial: pages, maximum: pages, shared: true }).buffer;
+}
+
+const WASM_PAGE = 65536;
+/** The global WebAssembly object (Node's type definitions declare its types, not the value). */
+const Wasm = (
+  globalThis as unknown as {
+    WebAssembly: {
+      Memory: new (d: { initial: number; maximum: number; shared: boolean }) => {
+        buffer: SharedArrayBuffer;
+      };
+    };
+  }
+).WebAssembly;
