@@ -106,4 +106,43 @@ describe('CachedPointSource', () => {
     await expect(src.readAt(2 * CS, 1)).rejects.toMatchObject({ code: 'LB_STORE_CORRUPT_CHUNK' });
     expect((await src.readAt(CS, CS)).equals(data.subarray(CS, 2 * CS))).toBe(true);
   });
+  it('fails a read the store never answers after its timeout, and asks the store again next time', async () => {
+    const real = await store.openPoint(point.id);
+    // A store that stops answering for reads of chunk 4, until it comes back.
+    let hung = true;
+    const stuck: Array<() => void> = [];
+    const hanging: PointReader = {
+      ...real,
+      point: real.point,
+      size: real.size,
+      extents: () => real.extents(),
+      readAt: (offset, length) => real.readAt(offset, length),
+      readInto: async (offset, target) => {
+        if (hung && offset <= 4 * CS && offset + target.length > 4 * CS) {
+          await new Promise<void>((resolve) => stuck.push(resolve));
+        }
+        return real.readInto(offset, target);
+      },
+    };
+    const faults: Array<{ code: string }> = [];
+    const src = new CachedPointSource(hanging, {
+      blockSize: CS,
+      readAheadBlocks: 0,
+      readTimeoutMs: 200,
+      onFault: (f) => faults.push(f),
+    });
+    const started = Date.now();
+    await expect(src.readAt(4 * CS + 10, 100)).rejects.toMatchObject({
+      code: 'LB_RECOVERY_READ_TIMEOUT',
+      details: { pointId: point.id, offset: 4 * CS, length: CS, timeoutMs: 200 },
+    });
+    expect(Date.now() - started).toBeGreaterThanOrEqual(190);
+    expect(faults.map((f) => f.code)).toEqual(['LB_RECOVERY_READ_TIMEOUT']);
+    // Other blocks are served meanwhile.
+    expect((await src.readAt(CS, CS)).equals(data.subarray(CS, 2 * CS))).toBe(true);
+    // The store answers again: the timed-out block is read anew, byte-exact, not from the hung read.
+    hung = false;
+    expect((await src.readAt(4 * CS, CS)).equals(data.subarray(4 * CS, 5 * CS))).toBe(true);
+    for (const release of stuck) release();
+  });
 });

@@ -1,4 +1,4 @@
-import { isLifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
 import type { PointExtent, PointReader } from '@lifeboat/store';
 
 /** A failed read of a point, as the job reports it. */
@@ -20,6 +20,14 @@ export interface CachedPointSourceOptions {
   cacheBytes?: number;
   /** Blocks read ahead once reads are sequential. @default 16 */
   readAheadBlocks?: number;
+  /**
+   * A store read that has not answered after this long fails (`LB_RECOVERY_READ_TIMEOUT`, an
+   * I/O error for the guest) instead of holding every later read of its blocks for good, and
+   * the next read of them asks the store again. Longer than the Azure backend's whole retry
+   * budget, so only a store that truly hangs (a stuck network file system) meets it.
+   * @default 300000
+   */
+  readTimeoutMs?: number;
   /** Called for each failed read (the NBD client gets an I/O error for it). */
   onFault?: (fault: PointReadFault) => void;
 }
@@ -43,6 +51,7 @@ export class CachedPointSource {
   private readonly maxBlocks: number;
   private readonly readAheadBlocks: number;
   private readonly onFault: ((fault: PointReadFault) => void) | undefined;
+  private readonly readTimeoutMs: number;
   // Insertion order is recency order: a hit re-inserts. Values are promises so concurrent
   // readers (and read-ahead) of one block share a single store read.
   private readonly blocks = new Map<number, Promise<Buffer>>();
@@ -65,6 +74,7 @@ export class CachedPointSource {
       Math.min(options.readAheadBlocks ?? 16, Math.floor(this.maxBlocks / 2)),
     );
     this.onFault = options.onFault;
+    this.readTimeoutMs = options.readTimeoutMs ?? 300_000;
   }
 
   /** The point this source serves. */
@@ -136,7 +146,7 @@ export class CachedPointSource {
       const start = a * this.blockSize;
       const stop = Math.min(this.size, (end + 1) * this.blockSize);
       const buf = Buffer.from(new SharedArrayBuffer(stop - start));
-      const read = this.reader.readInto(start, buf);
+      const read = this.timed(this.reader.readInto(start, buf), start, stop - start);
       for (let b = a; b <= end; b++) {
         const at = (b - a) * this.blockSize;
         const pending = read.then(() =>
@@ -161,6 +171,34 @@ export class CachedPointSource {
     }
     flushRun(last);
     return out;
+  }
+
+  /** `read`, or a timeout error once it has taken longer than the read timeout. */
+  private timed(read: Promise<void>, offset: number, length: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const seconds = Math.round(this.readTimeoutMs / 100) / 10;
+        reject(
+          new LifeboatError(
+            'LB_RECOVERY_READ_TIMEOUT',
+            `Reading ${length} bytes at offset ${offset} of point ${this.reader.point.id} got no answer from the store in ${seconds} s; the guest got an I/O error for it. Check that the store's disk or container answers (lifeboat store verify); the next read asks the store again.`,
+            {
+              details: {
+                pointId: this.reader.point.id,
+                offset,
+                length,
+                timeoutMs: this.readTimeoutMs,
+              },
+            },
+          ),
+        );
+      }, this.readTimeoutMs);
+      timer.unref();
+    });
+    // The store's read cannot be called off: if it answers late, its bytes are dropped.
+    read.catch(() => undefined);
+    return Promise.race([read, timeout]).finally(() => clearTimeout(timer));
   }
 
   private remember(index: number, pending: Promise<Buffer>): void {
