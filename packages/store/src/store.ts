@@ -63,7 +63,8 @@ export interface ReadContext {
   offset?: number;
 }
 
-const DEFAULT_CHUNK = 65536;
+/** The chunk size a store gets unless its init says otherwise. */
+export const DEFAULT_CHUNK_SIZE = 65536;
 const DEFAULT_PACK = 16 * 1024 * 1024;
 const DEFAULT_KDF = 32768;
 const DEFAULT_FANOUT = 256;
@@ -179,7 +180,7 @@ export class Store implements StoreApi {
 
   /** Creates a new store in an empty backend. */
   static async init(options: StoreInitOptions & StoreExtraOptions): Promise<Store> {
-    const chunkSize = options.chunkSize ?? DEFAULT_CHUNK;
+    const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
     const packSize = options.packSize ?? DEFAULT_PACK;
     const kdfCost = options.kdfCost ?? DEFAULT_KDF;
     const pow2 = (n: number): boolean => Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;

@@ -2,7 +2,7 @@ import { basename } from 'node:path';
 import { Option } from 'commander';
 import type { Command } from 'commander';
 import { LifeboatError, isLifeboatError } from '@lifeboat/protocol/errors';
-import { Store } from '@lifeboat/store';
+import { DEFAULT_CHUNK_SIZE, Store } from '@lifeboat/store';
 import type { PointInfo, PointKind, Progress, StoreApi } from '@lifeboat/store';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
@@ -107,9 +107,6 @@ function pointRow(p: PointInfo): string[] {
 }
 
 const POINT_HEADERS = ['ID', 'TIME', 'KIND', 'MACHINE', 'DISK', 'SIZE', 'LABELS'];
-
-/** The chunk size `lifeboat store init` gives a store unless told otherwise. */
-const DEFAULT_CHUNK_SIZE = 64 * 1024;
 
 /** Registers `lifeboat store init|import|points|restore|verify|prune|gc|stats|passwd`. */
 export function registerStoreCommands(program: Command, ctx: CliContext): void {
