@@ -1,6 +1,6 @@
 import { randomBytes, randomInt } from 'node:crypto';
 import { constants } from 'node:fs';
-import { mkdtemp, open, readFile, rm, stat } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DirectoryBackend, Store } from '@lifeboat/store';
@@ -153,28 +153,30 @@ describe('readChangedEarly', () => {
   });
 });
 
+/** A store holding `disk` (written to the file `name`.raw first) as disk m/d's first point. */
+async function storeHolding(
+  name: string,
+  disk: Buffer,
+): Promise<{ store: Store; pointId: string }> {
+  const path = join(dir, `${name}.raw`);
+  await writeFile(path, disk);
+  const store = await storeWithImport(join(dir, `store-${name}`), path);
+  const point = await store.latestPoint('m', 'd');
+  if (point === undefined) throw new Error('the import committed no point');
+  return { store, pointId: point.id };
+}
+
 describe('restorePoint', () => {
   it('writes a point byte-exact while datasyncs of what it wrote run in the background', async () => {
-    const path = join(dir, 'restore-src.raw');
     const disk = randomBytes(12 * MiB);
     disk.fill(0, 4 * MiB, 6 * MiB); // a zero range stays a hole
-    const fh = await open(path, 'w');
-    await fh.write(disk, 0, disk.length, 0);
-    await fh.close();
-    const store = await Store.init({
-      backend: new DirectoryBackend({ path: join(dir, 'store-restore') }),
-      passphrase: 'p',
-      kdfCost: 1024,
-    });
+    const { store, pointId } = await storeHolding('restore', disk);
     try {
-      const image = await DiskImage.open(path);
-      const { point } = await importImage({ store, image, machine: 'm', disk: 'r' });
-      await image.close();
       const out = join(dir, 'restored.raw');
       // A datasync after every 1 MiB block: many overlap the reads and writes that follow.
       const result = await restorePoint({
         store,
-        pointId: point.id,
+        pointId,
         out,
         blockBytes: 1 * MiB,
         syncEveryBytes: 1,
@@ -190,19 +192,8 @@ describe('restorePoint', () => {
     // A disk whose size is not whole pages: its last chunk is partial.
     const disk = randomBytes(6 * MiB + 1024);
     disk.fill(0, 2 * MiB, 3 * MiB);
-    const path = join(dir, 'direct-src.raw');
-    const fh = await open(path, 'w');
-    await fh.write(disk, 0, disk.length, 0);
-    await fh.close();
-    const store = await Store.init({
-      backend: new DirectoryBackend({ path: join(dir, 'store-direct') }),
-      passphrase: 'p',
-      kdfCost: 1024,
-    });
+    const { store, pointId } = await storeHolding('direct', disk);
     try {
-      const image = await DiskImage.open(path);
-      const { point } = await importImage({ store, image, machine: 'm', disk: 'direct' });
-      await image.close();
       // Whether this directory takes direct I/O, found out on its own: an aligned page written
       // with O_DIRECT from page-aligned memory.
       const probe = join(dir, 'direct-probe');
@@ -223,7 +214,7 @@ describe('restorePoint', () => {
         }
       })();
       const out = join(dir, 'direct-restored.raw');
-      const result = await restorePoint({ store, pointId: point.id, out, blockBytes: 1 * MiB });
+      const result = await restorePoint({ store, pointId, out, blockBytes: 1 * MiB });
       expect((await readFile(out)).equals(disk)).toBe(true);
       expect((await stat(out)).size).toBe(disk.length);
       expect(result.bytesData).toBe(disk.length - 1 * MiB);
