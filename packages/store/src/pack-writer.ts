@@ -48,6 +48,8 @@ export class PackWriter {
   private stream: PackStream | undefined;
   /** Size of the pieces a streamed pack goes out in: a quarter pack for small (test) packs. */
   private readonly piece: number;
+  /** The backend's `openWrite`, when it writes objects in pieces. */
+  private readonly openWrite: ((key: string) => Promise<ObjectWriter>) | undefined;
   private readonly inFlight = new Set<Promise<void>>();
   private failure: unknown;
   /** Packs fully uploaded, with their entries, for the index object written at commit. */
@@ -74,6 +76,7 @@ export class PackWriter {
     private readonly publishEvery = 65_536,
   ) {
     this.piece = Math.min(STREAM_PIECE, Math.max(4096, packSize >> 2));
+    this.openWrite = backend.openWrite?.bind(backend);
   }
 
   /** True when this writer already holds a blob with this id. */
@@ -140,13 +143,16 @@ export class PackWriter {
     });
     this.partsBytes += sealed.length;
     if (this.partsBytes >= this.packSize) await this.flush();
-    else if (this.partsBytes - (this.stream?.sent ?? 0) >= this.piece) this.sendPiece();
+    else if (
+      this.openWrite !== undefined &&
+      this.partsBytes - (this.stream?.sent ?? 0) >= this.piece
+    ) {
+      this.sendPiece(this.openWrite);
+    }
   }
 
   /** Hands the pack buffer's bytes not yet sent to the backend's writer (opened on first use). */
-  private sendPiece(): void {
-    const openWrite = this.backend.openWrite?.bind(this.backend);
-    if (openWrite === undefined) return;
+  private sendPiece(openWrite: (key: string) => Promise<ObjectWriter>): void {
     const key = packKey(this.pack);
     const stream = (this.stream ??= (() => {
       const writer = openWrite(key);
