@@ -34,6 +34,12 @@ export class VaultMetrics {
     labelNames: ['kind'] as const,
     registers: [this.registry],
   });
+  readonly alertWebhookDeliveries = new Counter({
+    name: 'lifeboat_vault_alert_webhook_deliveries_total',
+    help: 'Alert webhook POSTs by this instance, by outcome (delivered, retried, failed)',
+    labelNames: ['outcome'] as const,
+    registers: [this.registry],
+  });
   readonly schedulerLeader = new Gauge({
     name: 'lifeboat_vault_scheduler_leader',
     help: '1 when this instance holds the scheduler lock',

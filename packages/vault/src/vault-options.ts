@@ -2,6 +2,7 @@ import { isAbsolute, join, resolve } from 'node:path';
 import { LifeboatError } from '@lifeboat/protocol';
 import type { StoreApi } from '@lifeboat/store';
 import type { JobHandler } from './jobs/job-handler.js';
+import { DEFAULT_WEBHOOK_RETRY_DELAYS_MS } from './services/alert-service.js';
 
 /** What the vault knows of a target store when it must open it (retention, point deletion). */
 export interface TargetStoreAccess {
@@ -101,9 +102,15 @@ export interface VaultOptions {
   webhookUrl?: string;
   /**
    * Waits before each retry of a webhook delivery that failed (no answer, 429 or 5xx), in ms;
-   * a delivery is dropped (and logged) after the last. @default [1000, 5000, 30000, 120000]
+   * a delivery is given up (and logged) after the last. Pending deliveries are in the database
+   * and survive a restart. @default 1 s, 5 s, 30 s, 2 min, 10 min, 30 min, then hourly (about 9 h)
    */
   webhookRetryDelaysMs?: number[];
+  /**
+   * How often, in ms, pending webhook deliveries are looked for besides those this instance
+   * makes (another instance's, after it stopped). @default 5000
+   */
+  webhookPollMs?: number;
   /** Validity of component certificates. @default 90 */
   certificateDays?: number;
   /** scrypt cost N of password hashes (tests lower it). @default 16384 */
@@ -214,9 +221,10 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
       10,
     ),
     ...(options.webhookUrl !== undefined ? { webhookUrl: options.webhookUrl } : {}),
-    webhookRetryDelaysMs: (options.webhookRetryDelaysMs ?? [1000, 5000, 30_000, 120_000]).map(
-      (ms, i) => positive(`webhookRetryDelaysMs[${i}]`, ms),
-    ),
+    webhookRetryDelaysMs: (
+      options.webhookRetryDelaysMs ?? [...DEFAULT_WEBHOOK_RETRY_DELAYS_MS]
+    ).map((ms, i) => positive(`webhookRetryDelaysMs[${i}]`, ms)),
+    webhookPollMs: positive('webhookPollMs', options.webhookPollMs ?? 5000, 10),
     certificateDays: positive('certificateDays', options.certificateDays ?? 90),
     passwordCost: positive('passwordCost', options.passwordCost ?? 16_384, 2),
     ...(options.openStore !== undefined ? { openStore: options.openStore } : {}),

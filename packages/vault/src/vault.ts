@@ -98,7 +98,12 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       secrets,
       log,
       metrics,
-      alerts: new AlertService(database.db, log, options.webhookUrl, options.webhookRetryDelaysMs),
+      alerts: new AlertService(database.db, log, {
+        webhookUrl: options.webhookUrl,
+        retryDelaysMs: options.webhookRetryDelaysMs,
+        pollMs: options.webhookPollMs,
+        deliveries: metrics.alertWebhookDeliveries,
+      }),
       jobs: runner,
       ca,
       history: new ItemHistory(database.db, options.historyBucketSeconds, log),
@@ -199,6 +204,8 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
     runner.start();
     scheduler = new Scheduler(context);
     scheduler.start();
+    // Deliveries a stopped vault left pending go out first.
+    context.alerts.start();
     const address = await fastify.listen({ host: options.host, port: options.port });
     log.info({ address, database: database.dialect }, 'vault listening');
     const ctx = context;

@@ -375,6 +375,31 @@ async function postgresNullsFirstIndexes(db: Db): Promise<void> {
   }
 }
 
+// Webhook deliveries were promises in memory: a vault that stopped (or crashed) while a
+// receiver was down lost them. Now an outbox row per delivery, written with the alert's change.
+async function alertDeliveries(db: Db): Promise<void> {
+  await db.schema
+    .createTable('alertDeliveries')
+    .addColumn('id', 'text', (c) => c.primaryKey())
+    .addColumn('alertId', 'text', (c) => c.notNull())
+    .addColumn('event', 'text', (c) => c.notNull())
+    .addColumn('body', 'text', (c) => c.notNull())
+    .addColumn('state', 'text', (c) => c.notNull())
+    .addColumn('attempts', 'integer', (c) => c.notNull())
+    .addColumn('nextAttemptAt', 'text', (c) => c.notNull())
+    .addColumn('claimedUntil', 'text')
+    .addColumn('lastError', 'text')
+    .addColumn('createdAt', 'text', (c) => c.notNull())
+    .addColumn('finishedAt', 'text')
+    .execute();
+  // The deliverer reads the pending ones in order of creation.
+  await db.schema
+    .createIndex('alertDeliveriesState')
+    .on('alertDeliveries')
+    .columns(['state', 'createdAt', 'id'])
+    .execute();
+}
+
 /** The vault's migrations, in code so a built vault needs no migration files on disk. */
 export const migrations: Record<string, Migration> = {
   '0001-initial': { up: initial },
@@ -383,6 +408,7 @@ export const migrations: Record<string, Migration> = {
   '0004-recovery-runs': { up: recoveryRuns },
   '0005-store-stats-item-samples': { up: storeStatsAndItemSamples },
   '0006-postgres-nulls-first-indexes': { up: postgresNullsFirstIndexes },
+  '0007-alert-deliveries': { up: alertDeliveries },
 };
 
 /** Hands Kysely's Migrator the migrations above. */

@@ -214,6 +214,32 @@ export interface AlertRow {
   acknowledgedBy: string | null;
 }
 
+/**
+ * One webhook delivery of an alert event (the outbox): written in the same transaction as the
+ * alert's change, so a raised or cleared alert is delivered even when the vault stops before
+ * the receiver takes it. At least once: the receiver may see a delivery id twice.
+ */
+export interface AlertDeliveryRow {
+  id: string;
+  alertId: string;
+  /** alert.raised | alert.cleared */
+  event: string;
+  /** The JSON POSTed, as it was when the event happened. */
+  body: string;
+  /** pending | delivered | failed */
+  state: string;
+  /** POSTs made so far. */
+  attempts: number;
+  /** When the next POST is due (ISO time). */
+  nextAttemptAt: string;
+  /** A vault instance is POSTing it until this time; NULL when none is. */
+  claimedUntil: string | null;
+  lastError: string | null;
+  createdAt: string;
+  /** When it was delivered or given up. */
+  finishedAt: string | null;
+}
+
 /** Maps a source network to the network machines use after failover (and in tests). */
 export interface NetworkMappingRow {
   id: string;
@@ -369,6 +395,7 @@ export interface VaultDatabase {
   jobs: JobRow;
   jobLogs: JobLogRow;
   alerts: AlertRow;
+  alertDeliveries: AlertDeliveryRow;
   networkMappings: NetworkMappingRow;
   credentials: CredentialRow;
   users: UserRow;
