@@ -7,7 +7,8 @@ import { DirectoryBackend, Store } from '@lifeboat/store';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DiskImage } from './disk-image.js';
 import { importImage, ReadAhead, readChangedEarly } from './import-image.js';
-import { pageAlignedShared, restorePoint } from './restore-point.js';
+import { pageAlignedShared } from '@lifeboat/protocol/direct-io';
+import { restorePoint } from './restore-point.js';
 
 const K = 1024;
 const MiB = 1024 * K;
@@ -221,12 +222,13 @@ describe('restorePoint', () => {
       // Every 1 MiB block went direct, the last 1024 bytes (a partial page) not, if the file system can.
       expect(result.bytesDirect).toBe(takesDirect ? result.bytesData - 1024 : 0);
       // And with memory that is not page-aligned, direct writes would have failed: the reason
-      // for the ring's WebAssembly memory.
+      // for the ring's WebAssembly memory. (An odd address: malloc's are 16 bytes past a page
+      // almost always, but not always, and an offset of 16 once landed on a page boundary.)
       if (takesDirect) {
         const h = await open(probe, constants.O_WRONLY | constants.O_CREAT | constants.O_DIRECT);
         try {
           await expect(
-            h.write(Buffer.alloc(8192).subarray(16, 16 + 4096), 0, 4096, 0),
+            h.write(Buffer.alloc(8192).subarray(1, 1 + 4096), 0, 4096, 0),
           ).rejects.toThrow(/EINVAL/);
         } finally {
           await h.close();

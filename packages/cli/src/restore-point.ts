@@ -2,6 +2,7 @@ import { constants } from 'node:fs';
 import { open, rename, stat, unlink } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { O_DIRECT, pageAlignedShared, writeFully } from '@lifeboat/protocol/direct-io';
 import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { PointInfo, StoreApi } from '@lifeboat/store';
 
@@ -199,39 +200,8 @@ export async function restorePoint(options: RestorePointOptions): Promise<Restor
   return { point: reader.point, out, size: reader.size, bytesData: done, bytesDirect };
 }
 
-async function writeFully(fh: FileHandle, data: Buffer, at: number): Promise<void> {
-  let written = 0;
-  while (written < data.length) {
-    const { bytesWritten } = await fh.write(data, written, data.length - written, at + written);
-    written += bytesWritten;
-  }
-}
-
 /** A second handle on `path` for direct I/O, or undefined where the platform or file system has none. */
 async function openDirect(path: string): Promise<FileHandle | undefined> {
-  const flag = (constants as { O_DIRECT?: number }).O_DIRECT;
-  if (flag === undefined) return undefined;
-  return open(path, constants.O_WRONLY | flag).catch(() => undefined);
+  if (O_DIRECT === undefined) return undefined;
+  return open(path, constants.O_WRONLY | O_DIRECT).catch(() => undefined);
 }
-
-/**
- * Shared memory that starts on a page boundary: a shared WebAssembly memory, which V8 maps
- * whole pages for. Buffers and SharedArrayBuffers come from malloc, 16 bytes past a page, and
- * direct I/O refuses them (EINVAL).
- */
-export function pageAlignedShared(bytes: number): SharedArrayBuffer {
-  const pages = Math.max(1, Math.ceil(bytes / WASM_PAGE));
-  return new Wasm.Memory({ initial: pages, maximum: pages, shared: true }).buffer;
-}
-
-const WASM_PAGE = 65536;
-/** The global WebAssembly object (Node's type definitions declare its types, not the value). */
-const Wasm = (
-  globalThis as unknown as {
-    WebAssembly: {
-      Memory: new (d: { initial: number; maximum: number; shared: boolean }) => {
-        buffer: SharedArrayBuffer;
-      };
-    };
-  }
-).WebAssembly;

@@ -3,6 +3,7 @@ import { constants } from 'node:fs';
 import { link, mkdir, open, readFile, readdir, rename, stat, unlink } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
+import { writeFully } from '@lifeboat/protocol/direct-io';
 import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { ObjectBackend, ObjectInfo, ObjectWriter, PutOptions } from './object-backend.js';
 
@@ -106,12 +107,8 @@ export class DirectoryBackend implements ObjectBackend {
     return {
       append: async (data) => {
         try {
-          let done = 0;
-          while (done < data.length) {
-            const { bytesWritten } = await handle.write(data, done, data.length - done, position);
-            done += bytesWritten;
-            position += bytesWritten;
-          }
+          await writeFully(handle, data, position);
+          position += data.length;
         } catch (err) {
           throw this.wrap(err, key);
         }
