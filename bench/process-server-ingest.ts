@@ -477,7 +477,7 @@ async function main(): Promise<void> {
     const half = ten.endToEndMBs / 2;
     const lat = await phase(base, p, 10, Math.max(seconds, 10), src, half);
     console.log(
-      `commit latency, 10 machines at ${half.toFixed(1)} MB/s (half the sustained rate), a cut per machine per second: p50 ${lat.latency?.p50.toFixed(0)} ms, p99 ${lat.latency?.p99.toFixed(0)} ms over ${lat.latency?.samples} cuts`,
+      `commit latency, 10 machines at ${half.toFixed(1)} MB/s (half the sustained rate), a cut per machine per second: p50 ${lat.latency?.p50.toFixed(0)} ms, p99 ${lat.latency?.p99.toFixed(0)} ms over ${lat.latency?.samples} cuts; server CPU ${lat.cpuSecondsPerGB.toFixed(1)} s/GB, peak RSS ${lat.peakRssMiB.toFixed(0)} MiB`,
     );
     console.log(
       '\n| machines | acked MB/s | end to end MB/s | vs store import | vs 23 MB/s | peak RSS MiB | frames/fsync | server CPU s/GB |',

@@ -1,10 +1,10 @@
-import { mkdtemp, readdir, rm, stat, truncate } from 'node:fs/promises';
+import { mkdtemp, open, readdir, rm, stat, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { frameBufferPool } from '@lifeboat/protocol';
 import { Journal } from './journal.js';
-import type { JournalInput } from './journal.js';
+import type { JournalInput, JournalOptions, JournalRecord } from './journal.js';
 
 let dir: string;
 beforeEach(async () => {
@@ -26,9 +26,13 @@ function data(machine: string, seq: number, bytes: number): JournalInput {
   };
 }
 
-describe('Journal', () => {
+// Every test runs with direct writes (the default, where the file system takes them: segments
+// end in zero padding to 4 KiB) and through the page cache.
+describe.each([true, false])('Journal (direct I/O %s)', (direct) => {
+  const openJournal = (o: Omit<JournalOptions, 'direct'>) => Journal.open({ ...o, direct });
+
   it('gives a recyclable body back to the frame pool, detached, once durable and not held', async () => {
-    const { journal } = await Journal.open({ dir, holdBytes: 300 * 1024 });
+    const { journal } = await openJournal({ dir, holdBytes: 300 * 1024 });
     const body = (seq: number): Buffer => frameBufferPool.take(256 * 1024).fill(seq);
     const before = frameBufferPool.counters.given;
     const b1 = body(1);
@@ -36,7 +40,7 @@ describe('Journal', () => {
     // Not held: detached (every view reads as empty) and back in the pool; read from disk.
     expect(b1.length).toBe(0);
     expect(frameBufferPool.counters.given).toBe(before + 1);
-    expect(await journal.readBody(r1)).toEqual(Buffer.alloc(256 * 1024, 1));
+    expect((await journal.readBody(r1)).equals(Buffer.alloc(256 * 1024, 1))).toBe(true);
     // Held: untouched, and the reader gets those very bytes.
     const b2 = body(2);
     const r2 = await journal.append({ ...data('m', 2, 0), body: b2, hold: true, recycle: true });
@@ -52,7 +56,7 @@ describe('Journal', () => {
     expect(b3.length).toBe(256 * 1024);
     expect(b4.length).toBe(0);
     expect(await journal.readBody(r3)).toBe(b3);
-    expect(await journal.readBody(r4)).toEqual(Buffer.alloc(256 * 1024, 4));
+    expect((await journal.readBody(r4)).equals(Buffer.alloc(256 * 1024, 4))).toBe(true);
     // Without recycle nothing is detached.
     const b5 = body(5);
     await journal.append({ ...data('m', 5, 0), body: b5 });
@@ -61,7 +65,7 @@ describe('Journal', () => {
   });
 
   it('makes appends durable in group commits and replays them in order after reopen', async () => {
-    const { journal } = await Journal.open({ dir });
+    const { journal } = await openJournal({ dir });
     const appended = await Promise.all(
       Array.from({ length: 200 }, (_, i) => journal.append(data(i % 2 ? 'm1' : 'm2', i + 1, 1000))),
     );
@@ -70,32 +74,33 @@ describe('Journal', () => {
     expect(journal.counters.syncs).toBeLessThan(200);
     expect(await journal.readBody(appended[7]!)).toEqual(Buffer.alloc(1000, 8));
     await journal.close();
-    const again = await Journal.open({ dir });
+    const again = await openJournal({ dir });
     expect(again.records.map((r) => r.seq)).toEqual(appended.map((r) => r.seq));
     expect(await again.journal.readBody(again.records[199]!)).toEqual(Buffer.alloc(1000, 200));
     await again.journal.close();
   });
 
   it('drops a torn tail (crash in the middle of an append) and keeps every whole record', async () => {
-    const { journal } = await Journal.open({ dir });
-    for (let i = 1; i <= 5; i++) await journal.append(data('m', i, 5000));
+    const { journal } = await openJournal({ dir });
+    let last: JournalRecord | undefined;
+    for (let i = 1; i <= 5; i++) last = await journal.append(data('m', i, 5000));
     await journal.close();
     const seg = (await readdir(dir)).sort()[0]!;
-    const size = (await stat(join(dir, seg))).size;
-    await truncate(join(dir, seg), size - 100);
-    const again = await Journal.open({ dir });
+    // Cut into the last record's body (past the padding a direct write leaves after it).
+    await truncate(join(dir, seg), last!.bodyPosition + last!.bodyLength - 100);
+    const again = await openJournal({ dir });
     expect(again.records.map((r) => r.seq)).toEqual([1, 2, 3, 4]);
     expect(again.corruptSegments).toEqual([]);
     // New appends go after the valid prefix and replay too.
     await again.journal.append(data('m', 5, 10));
     await again.journal.close();
-    const third = await Journal.open({ dir });
+    const third = await openJournal({ dir });
     expect(third.records.map((r) => r.seq)).toEqual([1, 2, 3, 4, 5]);
     await third.journal.close();
   });
 
   it('deletes segments once all their records are released and reports space', async () => {
-    const { journal } = await Journal.open({
+    const { journal } = await openJournal({
       dir,
       maxBytes: 4 * 1024 * 1024,
       segmentBytes: 1024 * 1024,
@@ -111,13 +116,13 @@ describe('Journal', () => {
     await journal.release('m', seq);
     expect(journal.usedBytes).toBe(0);
     await journal.close();
-    const again = await Journal.open({ dir });
+    const again = await openJournal({ dir });
     expect(again.records).toEqual([]);
     await again.journal.close();
   });
 
   it('keeps bodies in memory after their fsync up to holdBytes, then reads them back', async () => {
-    const { journal } = await Journal.open({ dir, holdBytes: 2500 });
+    const { journal } = await openJournal({ dir, holdBytes: 2500 });
     const recs = await Promise.all(
       [1, 2, 3].map((seq) => journal.append({ ...data('m', seq, 1000), hold: true })),
     );
@@ -148,13 +153,69 @@ describe('Journal', () => {
       encodeFrameBuffer({ type: 'data', seq: 1, disk: 0, offset: 0, data: bytes }),
     );
     if (f?.type !== 'data') throw new Error('not data');
-    const { journal } = await Journal.open({ dir, holdBytes: 0 });
+    const { journal } = await openJournal({ dir, holdBytes: 0 });
     await journal.append({ ...data('m', 1, 0), body: f.data });
     await journal.close();
-    const again = await Journal.open({ dir });
+    const again = await openJournal({ dir });
     expect(again.corruptSegments).toEqual([]);
     expect(again.records).toHaveLength(1);
     expect(await again.journal.readBody(again.records[0]!)).toEqual(bytes);
+    await again.journal.close();
+  });
+
+  it("tells the zero padding after a segment's last record from damage, and finds damage", async () => {
+    const { journal } = await openJournal({ dir, segmentBytes: 1024 * 1024, maxBytes: 64 << 20 });
+    expect(journal.directIo).toBe(direct);
+    // Odd sizes, one batch each: every batch ends mid-block and the next rewrites that block.
+    const sizes = Array.from({ length: 40 }, (_, i) => 1000 + 7919 * i);
+    for (const [i, n] of sizes.entries()) await journal.append(data('m', i + 1, n));
+    await journal.close();
+    const names = (await readdir(dir)).sort();
+    expect(names.length).toBeGreaterThan(2);
+    if (direct) {
+      for (const n of names) expect((await stat(join(dir, n))).size % 4096).toBe(0);
+    }
+    const again = await openJournal({ dir, segmentBytes: 1024 * 1024, maxBytes: 64 << 20 });
+    expect(again.corruptSegments).toEqual([]);
+    expect(again.records.map((r) => r.seq)).toEqual(sizes.map((_, i) => i + 1));
+    for (const [i, r] of again.records.entries()) {
+      // equals(), not toEqual: a deep compare of 300 KiB takes seconds.
+      expect(
+        (await again.journal.readBody(r)).equals(Buffer.alloc(sizes[i]!, (i + 1) & 0xff)),
+      ).toBe(true);
+    }
+    await again.journal.close();
+    // A flipped byte in an older segment's record is damage, padding or not.
+    const older = join(dir, names[0]!);
+    const fh = await open(older, 'r+');
+    await fh.write(Buffer.from([0x5a]), 0, 1, 100);
+    await fh.close();
+    const third = await openJournal({ dir, segmentBytes: 1024 * 1024, maxBytes: 64 << 20 });
+    expect(third.corruptSegments.map((c) => c.segment)).toEqual([
+      Number(/\d+/.exec(names[0]!)![0]),
+    ]);
+    await third.journal.close();
+  });
+
+  it('writes a batch larger than the direct-write buffer whole', async () => {
+    const { journal } = await openJournal({ dir });
+    // 48 appends of 256 KiB at once: one group commit of 12 MiB, more than the 8 MiB buffer.
+    const recs = await Promise.all(
+      Array.from({ length: 48 }, (_, i) => journal.append(data('m', i + 1, 256 * 1024 + i))),
+    );
+    expect(journal.counters.syncs).toBeLessThan(48);
+    // A body larger than a direct read's buffer is read back through the page cache.
+    const large = await journal.append(data('m', 49, 3 * 1024 * 1024 + 5));
+    expect((await journal.readBody(large)).equals(Buffer.alloc(3 * 1024 * 1024 + 5, 49))).toBe(
+      true,
+    );
+    await journal.close();
+    const again = await openJournal({ dir });
+    expect(again.records.map((r) => r.seq)).toEqual([...recs.map((r) => r.seq), 49]);
+    for (const [i, r] of again.records.slice(0, 48).entries()) {
+      const want = Buffer.alloc(256 * 1024 + i, (i + 1) & 0xff);
+      expect((await again.journal.readBody(r)).equals(want)).toBe(true);
+    }
     await again.journal.close();
   });
 });
