@@ -133,6 +133,8 @@ describe('process server ingest', () => {
       }
     }
     expect(health.journal.maxBytes).toBeGreaterThan(0);
+    // This machine's file system takes direct I/O: the journal bypasses the page cache.
+    expect(health.journal.directIo).toBe(true);
     expect(health.process.rssBytes).toBeGreaterThan(0);
     const metrics = await (await fetch(`http://127.0.0.1:${server.healthPort}/metrics`)).text();
     expect(metrics).toContain('lifeboat_ps_disk_rpo_seconds{machine="machine-1",disk="vda"}');

@@ -94,6 +94,8 @@ export interface ProcessServerHealth {
     segments: number;
     fullForSeconds: number | null;
     framesPerSync: number;
+    /** True while segments are written with direct I/O (past the page cache). */
+    directIo: boolean;
     failed: string | null;
   };
   store: { location: string; reachable: boolean; lastError: string | null };
@@ -322,6 +324,7 @@ export class ProcessServer extends EventEmitter {
         segments: this.journal.segmentCount,
         fullForSeconds: this.fullSince > 0 ? (performance.now() - this.fullSince) / 1000 : null,
         framesPerSync: c.syncs > 0 ? c.appends / c.syncs : 0,
+        directIo: this.journal.directIo,
         failed: jf?.message ?? null,
       },
       store: {

@@ -100,7 +100,7 @@ function printHealth(out: CliPrinter, h: ProcessServerHealth): void {
     `status ${h.status}   uptime ${formatDuration(h.uptimeSeconds)}   cpu ${h.process.cpuPercent.toFixed(0)}%   rss ${formatBytes(h.process.rssBytes)}`,
   );
   out.line(
-    `journal ${formatBytes(h.journal.usedBytes)} of ${formatBytes(h.journal.maxBytes)} (${(h.journal.usedRatio * 100).toFixed(1)}%)${h.journal.fullForSeconds !== null ? `, FULL for ${formatDuration(h.journal.fullForSeconds)}` : ''}`,
+    `journal ${formatBytes(h.journal.usedBytes)} of ${formatBytes(h.journal.maxBytes)} (${(h.journal.usedRatio * 100).toFixed(1)}%)${h.journal.directIo === false ? ', through the page cache (no direct I/O here)' : ''}${h.journal.fullForSeconds !== null ? `, FULL for ${formatDuration(h.journal.fullForSeconds)}` : ''}`,
   );
   out.line(
     `store ${h.store.location}: ${h.store.reachable ? 'reachable' : `UNREACHABLE (${h.store.lastError ?? ''})`}`,
