@@ -218,4 +218,23 @@ describe.each([true, false])('Journal (direct I/O %s)', (direct) => {
     }
     await again.journal.close();
   });
+
+  it('refuses a body read back from disk that the disk changed after it was acknowledged', async () => {
+    const { journal } = await openJournal({ dir, holdBytes: 0 });
+    const good = await journal.append(data('m', 1, 5000));
+    const bad = await journal.append(data('m', 2, 5000));
+    // A flipped bit in the second body, as a failing disk would leave it.
+    const seg = join(dir, (await readdir(dir)).sort()[0]!);
+    const fh = await open(seg, 'r+');
+    const b = Buffer.alloc(1);
+    await fh.read(b, 0, 1, bad.bodyPosition + 10);
+    await fh.write(Buffer.from([b[0]! ^ 0x01]), 0, 1, bad.bodyPosition + 10);
+    await fh.close();
+    expect((await journal.readBody(good)).equals(Buffer.alloc(5000, 1))).toBe(true);
+    await expect(journal.readBody(bad)).rejects.toMatchObject({
+      code: 'LB_PS_JOURNAL_CORRUPT',
+      details: { machine: 'm', seq: 2 },
+    });
+    await journal.close();
+  });
 });

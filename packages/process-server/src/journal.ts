@@ -350,16 +350,27 @@ export class Journal extends EventEmitter {
     const fh = await p;
     // From the pool: a data body goes to a store worker, which hands the buffer back.
     const buf = frameBufferPool.take(r.bodyLength);
+    // The whole record, header and names too, so its CRC is checked: a body the disk changed
+    // since it was acknowledged must not become a recovery point's data.
+    const head = Buffer.allocUnsafe(r.recordBytes - r.bodyLength);
+    const start = r.bodyPosition - head.length;
     // Through the page cache, even after direct writes: a replay of a backlog reads a segment
     // in order, and the kernel's read-ahead keeps that fast (direct reads, one body at a time,
     // waited on the disk for each: one machine's backlog drained at 69 MB/s instead of 83-92).
-    const { bytesRead } = await fh.read(buf, 0, r.bodyLength, r.bodyPosition);
-    if (bytesRead !== r.bodyLength) {
-      throw new LifeboatError(
+    const { bytesRead } = await fh.readv([head, buf], start);
+    const damage = (what: string): LifeboatError =>
+      new LifeboatError(
         'LB_PS_JOURNAL_CORRUPT',
-        `Journal segment ${r.segment} is shorter than a record it holds; check the journal's disk.`,
-        { details: { segment: r.segment, seq: r.seq, machine: r.machine } },
+        `Journal segment ${r.segment} ${what} at record ${r.seq} of machine ${r.machine}; the machine must resync. Check the journal's disk.`,
+        { details: { segment: r.segment, seq: r.seq, machine: r.machine, position: start } },
       );
+    if (bytesRead !== head.length + r.bodyLength) throw damage('is shorter than a record it holds');
+    if (
+      head.readUInt32BE(0) !== RECORD_MAGIC ||
+      head.readUInt32BE(4) !== r.recordBytes ||
+      crc32(buf, crc32(head.subarray(12))) !== head.readUInt32BE(8)
+    ) {
+      throw damage('fails its CRC-32 check');
     }
     return buf;
   }

@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { LifeboatError } from '@lifeboat/protocol';
 import { DirectoryBackend, Store } from '@lifeboat/store';
 import type { WriteSession } from '@lifeboat/store';
 import { pino } from 'pino';
@@ -123,6 +124,76 @@ describe('MachineReplicator', () => {
     } finally {
       await a.stop();
       await b.stop();
+    }
+  });
+
+  it('does not retry a record the journal found damaged: it reports it once, and nothing of that backlog is committed', async () => {
+    const damaged = new LifeboatError(
+      'LB_PS_JOURNAL_CORRUPT',
+      'Journal segment 0 fails its CRC-32 check',
+    );
+    let reads = 0;
+    const journal = {
+      readBody: async () => {
+        reads++;
+        throw damaged;
+      },
+      release: async () => undefined,
+    } as unknown as Journal;
+    const reports: LifeboatError[] = [];
+    const committed: CommittedCut[] = [];
+    const state: MachineState = {
+      machine: 'z',
+      releasedSeq: 0,
+      disks: { d: { size: 4 * CHUNK } },
+      points: {},
+    };
+    const rep: MachineReplicator = new MachineReplicator(state, {
+      store: {
+        beginWrite: (o: Parameters<Store['beginWrite']>[0]) => store.beginWrite(o),
+        listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+      },
+      journal,
+      storeLimit: new Semaphore(8),
+      applySlots: new Semaphore(1),
+      logger: pino({ level: 'silent' }),
+      saveState: async () => undefined,
+      onCommitted: (c) => committed.push(c),
+      // The server marks the machine for resync, which drops the backlog.
+      onJournalDamage: (err) => {
+        reports.push(err);
+        void rep.dropBacklog();
+      },
+      retryInitialMs: 10,
+      retryMaxMs: 100,
+    });
+    const rec = (seq: number, kind: 'data' | 'cut'): JournalRecord => ({
+      kind,
+      machine: 'z',
+      disk: kind === 'cut' ? '' : 'd',
+      seq,
+      a: 0,
+      b: 0,
+      segment: 0,
+      bodyPosition: 0,
+      bodyLength: 100,
+      recordBytes: 164,
+    });
+    rep.start();
+    try {
+      rep.push(rec(1, 'data'));
+      rep.push(rec(2, 'cut'));
+      for (let i = 0; i < 200 && rep.backlogRecords > 0; i++)
+        await new Promise((r) => setTimeout(r, 10));
+      expect(rep.backlogRecords).toBe(0);
+      // A while later: no retries of the damaged record, one report, no point.
+      await new Promise((r) => setTimeout(r, 200));
+      expect(reports).toEqual([damaged]);
+      expect(reads).toBe(1);
+      expect(committed).toEqual([]);
+      expect(await store.listPoints({ machine: 'z' })).toEqual([]);
+    } finally {
+      await rep.stop();
     }
   });
 });

@@ -1,5 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { LifeboatError } from '@lifeboat/protocol';
+import { LifeboatError, isLifeboatError } from '@lifeboat/protocol';
 import type { PointInfo, WriteSession } from '@lifeboat/store';
 import type { Logger } from 'pino';
 import type { Journal, JournalRecord } from './journal.js';
@@ -29,6 +29,11 @@ export interface MachineReplicatorDeps {
   logger: Logger;
   saveState: (state: MachineState) => Promise<void>;
   onCommitted: (cut: CommittedCut) => void;
+  /**
+   * A record read back from the journal failed its check (LB_PS_JOURNAL_CORRUPT): the server
+   * marks the machine for resync, which drops its backlog. Called once per damaged backlog.
+   */
+  onJournalDamage?: (err: LifeboatError) => void;
   retryInitialMs: number;
   retryMaxMs: number;
 }
@@ -69,6 +74,8 @@ export class MachineReplicator {
   private readonly arrivals = new Map<number, number>();
   private loop: Promise<void> | undefined;
   private inSlot = false;
+  /** The generation whose damaged journal record was reported (once per backlog). */
+  private damagedGeneration = -1;
   /** The last store error, cleared by the next commit. */
   lastError: LifeboatError | undefined;
   /** Bytes of data applied to the store. */
@@ -165,6 +172,24 @@ export class MachineReplicator {
         this.failures = 0;
       } catch (err) {
         if (this.stopped) break;
+        if (
+          isLifeboatError(err, 'LB_PS_JOURNAL_CORRUPT') &&
+          this.deps.onJournalDamage !== undefined &&
+          this.damagedGeneration !== gen
+        ) {
+          // Retrying cannot help: the bytes on disk are not what was acknowledged. Nothing of
+          // it reaches a point; the machine resyncs (its backlog is dropped, the agent told).
+          this.damagedGeneration = gen;
+          this.lastError = err;
+          this.deps.logger.error(
+            { err: err.toJSON(), machine: this.state.machine },
+            'journal record damaged on disk; the machine must resync',
+          );
+          await this.abortSessions();
+          this.cursor = 0;
+          this.deps.onJournalDamage(err);
+          continue;
+        }
         this.lastError =
           err instanceof LifeboatError
             ? err

@@ -385,6 +385,11 @@ export class ProcessServer extends EventEmitter {
         logger: this.logger,
         saveState: (s) => this.stateStore.save(s),
         onCommitted: (cut) => this.committed(m, cut),
+        onJournalDamage: (err) => {
+          void this.markResync(m, `journal damaged: ${err.message}`).catch((e: unknown) =>
+            this.logger.error({ err: e, machine: m.id }, 'marking the machine for resync failed'),
+          );
+        },
         retryInitialMs: this.opts.storeRetryInitialMs,
         retryMaxMs: this.opts.storeRetryMaxMs,
       }),
