@@ -2,7 +2,13 @@ import { constants } from 'node:fs';
 import { open, rename, stat, unlink } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { O_DIRECT, pageAlignedShared, writeFully } from '@lifeboat/protocol/direct-io';
+import {
+  DIRECT_IO_ALIGN,
+  O_DIRECT,
+  directIoRefused,
+  pageAlignedShared,
+  writeFully,
+} from '@lifeboat/protocol/direct-io';
 import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { PointInfo, StoreApi } from '@lifeboat/store';
 
@@ -40,9 +46,6 @@ export interface RestoreResult {
 
 /** Writes of a restore in flight at once. */
 const WRITES_IN_FLIGHT = 4;
-
-/** Offsets and lengths of direct writes are multiples of this (a page, and every sector size). */
-const DIRECT_ALIGN = 4096;
 
 /**
  * Writes a point as a sparse raw image: data extents are read from the store and written at
@@ -145,12 +148,16 @@ export async function restorePoint(options: RestorePointOptions): Promise<Restor
     const writing: Array<Promise<void>> = [];
     const writeBlock = async (data: Buffer, at: number): Promise<void> => {
       const handle = direct;
-      if (handle !== undefined && at % DIRECT_ALIGN === 0 && data.length % DIRECT_ALIGN === 0) {
+      if (
+        handle !== undefined &&
+        at % DIRECT_IO_ALIGN === 0 &&
+        data.length % DIRECT_IO_ALIGN === 0
+      ) {
         try {
           await writeFully(handle, data, at);
           bytesDirect += data.length;
         } catch (err) {
-          if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+          if (!directIoRefused(err)) throw err;
           // The file system refuses direct I/O after all: the page cache from here on (the
           // handle is closed at the end, once no write uses it).
           direct = undefined;

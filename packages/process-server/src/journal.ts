@@ -9,6 +9,7 @@ import {
   LifeboatError,
   O_DIRECT,
   crc32Combine,
+  directIoRefused,
   frameBufferPool,
   knownCrc32,
   pageAlignedShared,
@@ -219,8 +220,7 @@ export class Journal extends EventEmitter {
         if (valid < size) {
           // Only the newest segment can end in a torn write (crash mid-append); elsewhere it is
           // damage, unless it is the zero padding a direct write leaves after the last record.
-          const padding = await isPadding(fh, valid, size);
-          if (i !== ids.length - 1 && !padding)
+          if (i !== ids.length - 1 && !(await isPadding(fh, valid, size)))
             corruptSegments.push({ segment: id, position: valid });
           await fh.truncate(valid);
           await fh.sync();
@@ -368,7 +368,7 @@ export class Journal extends EventEmitter {
     if (
       head.readUInt32BE(0) !== RECORD_MAGIC ||
       head.readUInt32BE(4) !== r.recordBytes ||
-      crc32(buf, crc32(head.subarray(12))) !== head.readUInt32BE(8)
+      !recordCrcMatches(head, buf)
     ) {
       throw damage('fails its CRC-32 check');
     }
@@ -471,7 +471,7 @@ export class Journal extends EventEmitter {
         this.staging ??= Buffer.from(pageAlignedShared(STAGING_BYTES));
         return fh;
       } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+        if (!directIoRefused(err)) throw err;
         this.direct = false; // a file system without direct I/O (EINVAL at open)
       }
     }
@@ -485,7 +485,7 @@ export class Journal extends EventEmitter {
         await this.writeDirect(parts, at);
         return;
       } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+        if (!directIoRefused(err)) throw err;
         // Direct I/O refused at the first write: the page cache from here on, for this segment
         // too (nothing of this batch is acknowledged yet; it is written again in full).
         this.direct = false;
@@ -621,7 +621,7 @@ async function scanSegment(
       break;
     const rest = Buffer.allocUnsafe(total - RECORD_HEADER_BYTES);
     await fh.read(rest, 0, rest.length, pos + RECORD_HEADER_BYTES);
-    if (crc32(rest, crc32(header.subarray(12))) !== header.readUInt32BE(8)) break;
+    if (!recordCrcMatches(header, rest)) break;
     onRecord({
       kind,
       machine: rest.subarray(0, mlen).toString('utf8'),
@@ -637,6 +637,15 @@ async function scanSegment(
     pos += total;
   }
   return pos;
+}
+
+/**
+ * True when a record's CRC-32 (in its header) matches its bytes, given as two consecutive
+ * pieces: the first starts with the header (the CRC covers it from byte 12 on), the second
+ * runs to the record's end.
+ */
+function recordCrcMatches(first: Buffer, second: Buffer): boolean {
+  return crc32(second, crc32(first.subarray(12))) === first.readUInt32BE(8);
 }
 
 /**

@@ -23,6 +23,11 @@ export function pageAlignedShared(bytes: number): SharedArrayBuffer {
   return new Wasm.Memory({ initial: pages, maximum: pages, shared: true }).buffer;
 }
 
+/** True when an error is the file system refusing direct I/O (EINVAL): go through the page cache. */
+export function directIoRefused(err: unknown): boolean {
+  return (err as NodeJS.ErrnoException | undefined)?.code === 'EINVAL';
+}
+
 /** Writes all of `data[offset, offset + length)` at `position`, however many writes it takes. */
 export async function writeFully(
   fh: FileHandle,

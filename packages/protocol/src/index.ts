@@ -59,4 +59,10 @@ export {
   saveComponentIdentity,
 } from './component-identity.js';
 export type { ComponentIdentity, IssuedIdentity } from './component-identity.js';
-export { DIRECT_IO_ALIGN, O_DIRECT, pageAlignedShared, writeFully } from './direct-io.js';
+export {
+  DIRECT_IO_ALIGN,
+  O_DIRECT,
+  directIoRefused,
+  pageAlignedShared,
+  writeFully,
+} from './direct-io.js';
