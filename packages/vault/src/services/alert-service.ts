@@ -196,11 +196,7 @@ export class AlertService {
         .orderBy('nextAttemptAt')
         .executeTakeFirst();
       if (next === undefined || this.closing.signal.aborted) return;
-      const due = Math.max(
-        Date.parse(next.nextAttemptAt),
-        next.claimedUntil === null ? 0 : Date.parse(next.claimedUntil),
-      );
-      await sleep(Math.min(Math.max(due - Date.now(), 5), 1000));
+      await sleep(Math.min(Math.max(dueAt(next) - Date.now(), 5), 1000));
     }
   }
 
@@ -306,11 +302,7 @@ export class AlertService {
       if (this.inFlight.has(r.id) || this.inFlight.size >= PARALLEL) continue;
       if (r.nextAttemptAt > now || (r.claimedUntil !== null && r.claimedUntil > now)) {
         // Not due yet, or another instance is POSTing it (its claim runs out if it stopped).
-        const due = Math.max(
-          Date.parse(r.nextAttemptAt),
-          r.claimedUntil === null ? 0 : Date.parse(r.claimedUntil),
-        );
-        this.nextDue = Math.min(this.nextDue, due);
+        this.nextDue = Math.min(this.nextDue, dueAt(r));
         continue;
       }
       const run = this.attempt(url, r)
@@ -333,6 +325,7 @@ export class AlertService {
   /** One POST of a delivery, when this instance can claim it; records the outcome. */
   private async attempt(url: string, r: AlertDeliveryRow): Promise<void> {
     const now = Date.now();
+    const nowText = nowIso(new Date(now));
     const claimed = await this.db
       .updateTable('alertDeliveries')
       .set({ claimedUntil: nowIso(new Date(now + CLAIM_MS)) })
@@ -341,10 +334,8 @@ export class AlertService {
       // Checked again here, on the row as it is now: the pass may have read it before another
       // attempt of it (this instance's or another's) recorded its outcome.
       .where('attempts', '=', r.attempts)
-      .where('nextAttemptAt', '<=', nowIso(new Date(now)))
-      .where((eb) =>
-        eb.or([eb('claimedUntil', 'is', null), eb('claimedUntil', '<=', nowIso(new Date(now)))]),
-      )
+      .where('nextAttemptAt', '<=', nowText)
+      .where((eb) => eb.or([eb('claimedUntil', 'is', null), eb('claimedUntil', '<=', nowText)]))
       .executeTakeFirst();
     if (Number(claimed.numUpdatedRows) !== 1) return;
     const attempts = r.attempts + 1;
@@ -447,6 +438,14 @@ export class AlertService {
       .where('finishedAt', '<', nowIso(new Date(now - KEEP_FINISHED_MS)))
       .execute();
   }
+}
+
+/** When a pending delivery may be POSTed: its next attempt, once no instance claims it. */
+function dueAt(r: Pick<AlertDeliveryRow, 'nextAttemptAt' | 'claimedUntil'>): number {
+  return Math.max(
+    Date.parse(r.nextAttemptAt),
+    r.claimedUntil === null ? 0 : Date.parse(r.claimedUntil),
+  );
 }
 
 function errorText(err: unknown): string {
