@@ -196,4 +196,130 @@ describe('MachineReplicator', () => {
       await rep.stop();
     }
   });
+
+  it('reads bodies ahead, applies the next cut while the last one is saved, and a failed save costs neither a point nor a duplicate', async () => {
+    const bodies = new Map<JournalRecord, Buffer>();
+    let reading = 0;
+    let mostReading = 0;
+    const released: number[] = [];
+    const journal = {
+      readBody: async (r: JournalRecord) => {
+        mostReading = Math.max(mostReading, ++reading);
+        await new Promise((res) => setTimeout(res, 5));
+        reading--;
+        return Buffer.from(bodies.get(r)!);
+      },
+      release: async (_m: string, seq: number) => void released.push(seq),
+    } as unknown as Journal;
+    const events: string[] = [];
+    const replicatorStore = {
+      beginWrite: async (o: Parameters<Store['beginWrite']>[0]): Promise<WriteSession> => {
+        const s = await store.beginWrite(o);
+        const write = s.write.bind(s);
+        s.write = async (offset, data) => {
+          events.push(`write ${offset / CHUNK}`);
+          return write(offset, data);
+        };
+        const commit = s.commit.bind(s);
+        s.commit = async (opts) => {
+          events.push(`commit ${opts?.cut}`);
+          return commit(opts);
+        };
+        return s;
+      },
+      listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+    };
+    // The first save waits for the test; the second fails once.
+    let openGate: () => void = () => undefined;
+    const gate = new Promise<void>((res) => (openGate = res));
+    let saves = 0;
+    const saved: MachineState[] = [];
+    const committed: CommittedCut[] = [];
+    const state: MachineState = {
+      machine: 's',
+      releasedSeq: 0,
+      disks: { d: { size: 16 * CHUNK } },
+      points: {},
+    };
+    const rep = new MachineReplicator(state, {
+      store: replicatorStore,
+      journal,
+      storeLimit: new Semaphore(8),
+      applySlots: new Semaphore(1),
+      logger: pino({ level: 'silent' }),
+      saveState: async (st) => {
+        const n = ++saves;
+        const snapshot = structuredClone(st);
+        events.push(`save ${snapshot.lastCut?.cutId}`);
+        if (n === 1) await gate;
+        if (n === 2) throw new Error('disk full');
+        saved.push(snapshot);
+        events.push(`saved ${snapshot.lastCut?.cutId}`);
+      },
+      onCommitted: (c) => committed.push(c),
+      retryInitialMs: 10,
+      retryMaxMs: 100,
+    });
+    const expected = Buffer.alloc(16 * CHUNK);
+    let seq = 0;
+    const push = (kind: 'data' | 'cut', body: Buffer, at = 0): void => {
+      const r: JournalRecord = {
+        kind,
+        machine: 's',
+        disk: kind === 'cut' ? '' : 'd',
+        seq: ++seq,
+        a: at,
+        b: 0,
+        segment: 0,
+        bodyPosition: 0,
+        bodyLength: body.length,
+        recordBytes: body.length + 64,
+      };
+      bodies.set(r, body);
+      rep.push(r);
+    };
+    const pushCut = (first: number, id: string): void => {
+      for (let i = first; i < first + 4; i++) {
+        const data = randomBytes(CHUNK);
+        data.copy(expected, i * CHUNK);
+        push('data', data, i * CHUNK);
+      }
+      push('cut', Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: first + 1 })));
+    };
+    const until = async (what: () => boolean): Promise<void> => {
+      for (let i = 0; i < 400 && !what(); i++) await new Promise((r) => setTimeout(r, 10));
+      expect(what()).toBe(true);
+    };
+    rep.start();
+    try {
+      pushCut(0, 'c1');
+      pushCut(4, 'c2');
+      pushCut(8, 'c3');
+      // c1 committed and its save held: c2's records go into the store meanwhile, its commit waits.
+      await until(() => events.filter((e) => e === 'write 7').length > 0);
+      await new Promise((r) => setTimeout(r, 50));
+      expect(events.includes('commit c2')).toBe(false);
+      expect(released).toEqual([]);
+      openGate();
+      // c2's save fails: the drain retries from c3's first record, c2 is not committed again.
+      await until(() => committed.length === 3 && saved.length === 2);
+      expect(events.filter((e) => e.startsWith('commit'))).toEqual([
+        'commit c1',
+        'commit c2',
+        'commit c3',
+      ]);
+      expect(events.indexOf('saved c1')).toBeLessThan(events.indexOf('commit c2'));
+      expect(saved.map((s) => s.releasedSeq)).toEqual([5, 15]);
+      expect(released).toEqual([5, 15]);
+      expect(rep.lastError).toBeUndefined();
+      expect(mostReading).toBeGreaterThan(1);
+      for (const id of ['c1', 'c2', 'c3'])
+        expect(await store.listPoints({ machine: 's', cut: id })).toHaveLength(1);
+      const last = committed[2]!.points[0]!;
+      const reader = await store.openPoint(last.id);
+      expect(Buffer.from(await reader.readAt(0, 16 * CHUNK))).toEqual(expected);
+    } finally {
+      await rep.stop();
+    }
+  });
 });
