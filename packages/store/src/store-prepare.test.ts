@@ -1,7 +1,11 @@
-import { readdir } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isLifeboatError } from '@lifeboat/protocol';
+import { DirectoryBackend } from './directory-backend.js';
+import { Store } from './store.js';
+import type { PointInfo } from './store-types.js';
 import type { TempStore } from './test-support.js';
 import { pseudoRandom, tempStore } from './test-support.js';
 
@@ -88,5 +92,49 @@ describe('Store.open with prepareWrite', () => {
     await s.write(0, pseudoRandom(CS, 3));
     await s.commit();
     expect(await lockObjects(t.dir)).toHaveLength(0);
+  });
+});
+
+describe('a write session on a store with a long history', () => {
+  it('lists index/ once and points/ not at all when its base is named, however many points there are', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'lifeboat-history-'));
+    const backend = new DirectoryBackend({ path: dir });
+    const listed: string[] = [];
+    const listKeys = backend.listKeys.bind(backend);
+    backend.listKeys = (prefix: string) => {
+      listed.push(prefix);
+      return listKeys(prefix);
+    };
+    const store = await Store.init({
+      backend,
+      passphrase: 'history',
+      kdfCost: 1024,
+      chunkSize: CS,
+    });
+    try {
+      let last: PointInfo | undefined;
+      const expected = Buffer.alloc(64 * CS);
+      for (let i = 0; i < 40; i++) {
+        const s = await store.beginWrite({
+          machine: 'm',
+          disk: 'd',
+          size: 64 * CS,
+          base: last?.id ?? null,
+        });
+        const data = pseudoRandom(CS, i + 1);
+        data.copy(expected, (i % 64) * CS);
+        await s.write((i % 64) * CS, data);
+        last = await s.commit();
+        // The first session loads the index; after that each session lists what is new, once.
+        if (i >= 1) expect(listed.filter((p) => p !== 'locks/')).toEqual(['index/']);
+        listed.length = 0;
+      }
+      expect((await store.listPoints({ machine: 'm' })).length).toBe(40);
+      const reader = await store.openPoint(last!.id);
+      expect(Buffer.from(await reader.readAt(0, 64 * CS))).toEqual(expected);
+    } finally {
+      await store.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

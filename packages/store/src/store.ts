@@ -128,6 +128,8 @@ export class Store implements StoreApi {
   private closed = false;
   /** The index refresh running now, if any. */
   private indexRefresh: Promise<void> | undefined;
+  /** @internal True once an index refresh has completed: the index holds what was listed then. */
+  indexWarm = false;
   /** The refresh queued to start after the running one, shared by the callers waiting for it. */
   private nextRefresh: Promise<void> | undefined;
   private nextRefreshFull = false;
@@ -600,7 +602,10 @@ export class Store implements StoreApi {
         }
         this.index.adopt(target);
       }
-      if (!raced || attempt >= 3) return;
+      if (!raced || attempt >= 3) {
+        this.indexWarm = true;
+        return;
+      }
       full = true;
     }
   }

@@ -77,9 +77,10 @@ export class StoreWriteSession implements WriteSession {
       throw invalid('A write session needs a non-empty machine and disk.');
     }
     checkSize(size);
-    // Most of the index loads while the lock is taken; the refresh that counts lists index/
-    // again once the lock is held (a cheap one then: only what is new).
-    const warm = store.refreshIndex();
+    // The first time, most of the index loads while the lock is taken; the refresh that counts
+    // lists index/ again once the lock is held (a cheap one then: only what is new). Once the
+    // index is loaded, only that one: a listing costs in proportion to the index objects.
+    const warm = store.indexWarm ? Promise.resolve() : store.refreshIndex();
     warm.catch(() => undefined);
     // The lock names the disk: a second writer of it, here or in another process, is refused.
     // Taken while the store opened, when the opener said this disk would be written.
