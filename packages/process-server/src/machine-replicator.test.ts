@@ -322,4 +322,93 @@ describe('MachineReplicator', () => {
       await rep.stop();
     }
   });
+
+  it('writes on the point it committed last, not on a newer one written by someone else, and resyncs when that point is deleted', async () => {
+    const bodies = new Map<JournalRecord, Buffer>();
+    const journal = {
+      readBody: async (r: JournalRecord) => Buffer.from(bodies.get(r)!),
+      release: async () => undefined,
+    } as unknown as Journal;
+    const committed: CommittedCut[] = [];
+    const reports: LifeboatError[] = [];
+    const state: MachineState = {
+      machine: 'q',
+      releasedSeq: 0,
+      disks: { d: { size: 4 * CHUNK } },
+      points: {},
+    };
+    const rep: MachineReplicator = new MachineReplicator(state, {
+      store: {
+        beginWrite: (o: Parameters<Store['beginWrite']>[0]) => store.beginWrite(o),
+        listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+      },
+      journal,
+      storeLimit: new Semaphore(8),
+      applySlots: new Semaphore(1),
+      logger: pino({ level: 'silent' }),
+      saveState: async () => undefined,
+      onCommitted: (c) => committed.push(c),
+      onJournalDamage: (err) => {
+        reports.push(err);
+        void rep.dropBacklog();
+      },
+      retryInitialMs: 10,
+      retryMaxMs: 100,
+    });
+    let seq = 0;
+    const push = (kind: 'data' | 'cut', body: Buffer, at = 0): void => {
+      const r: JournalRecord = {
+        kind,
+        machine: 'q',
+        disk: kind === 'cut' ? '' : 'd',
+        seq: ++seq,
+        a: at,
+        b: 0,
+        segment: 0,
+        bodyPosition: 0,
+        bodyLength: body.length,
+        recordBytes: body.length + 64,
+      };
+      bodies.set(r, body);
+      rep.push(r);
+    };
+    const cutMeta = (id: string): Buffer =>
+      Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: seq + 1 }));
+    const until = async (what: () => boolean): Promise<void> => {
+      for (let i = 0; i < 400 && !what(); i++) await new Promise((r) => setTimeout(r, 10));
+      expect(what()).toBe(true);
+    };
+    rep.start();
+    try {
+      const first = randomBytes(CHUNK);
+      push('data', first, 0);
+      push('cut', cutMeta('q1'));
+      await until(() => committed.length === 1);
+      // Another writer puts a newer point on the same disk (a mistaken import, say).
+      const other = await store.beginWrite({ machine: 'q', disk: 'd', size: 4 * CHUNK });
+      await other.write(CHUNK, randomBytes(CHUNK));
+      const foreign = await other.commit({ time: new Date(), kind: 'crash' });
+      const second = randomBytes(CHUNK);
+      push('data', second, 2 * CHUNK);
+      push('cut', cutMeta('q2'));
+      await until(() => committed.length === 2);
+      const p2 = committed[1]!.points[0]!;
+      expect(p2.id).not.toBe(foreign.id);
+      const reader = await store.openPoint(p2.id);
+      expect(Buffer.from(await reader.readAt(0, 4 * CHUNK))).toEqual(
+        Buffer.concat([first, Buffer.alloc(CHUNK), second, Buffer.alloc(CHUNK)]),
+      );
+      // That point deleted by hand: the next changes have nothing to go on, the machine resyncs.
+      await store.deletePoints([p2.id]);
+      push('data', randomBytes(CHUNK), 3 * CHUNK);
+      push('cut', cutMeta('q3'));
+      await until(() => reports.length === 1 && rep.backlogRecords === 0);
+      expect(reports[0]!.code).toBe('LB_PS_BASE_POINT_MISSING');
+      expect(state.points.d).toBeUndefined();
+      expect(committed).toHaveLength(2);
+      expect(await store.listPoints({ machine: 'q', cut: 'q3' })).toEqual([]);
+    } finally {
+      await rep.stop();
+    }
+  });
 });

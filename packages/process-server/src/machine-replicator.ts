@@ -30,7 +30,8 @@ export interface MachineReplicatorDeps {
   saveState: (state: MachineState) => Promise<void>;
   onCommitted: (cut: CommittedCut) => void;
   /**
-   * A record read back from the journal failed its check (LB_PS_JOURNAL_CORRUPT): the server
+   * A record read back from the journal failed its check (LB_PS_JOURNAL_CORRUPT), or the point
+   * a disk's changes go on was deleted from the store (LB_PS_BASE_POINT_MISSING): the server
    * marks the machine for resync, which drops its backlog. Called once per damaged backlog.
    */
   onJournalDamage?: (err: LifeboatError) => void;
@@ -199,17 +200,21 @@ export class MachineReplicator {
       } catch (err) {
         if (this.stopped) break;
         if (
-          isLifeboatError(err, 'LB_PS_JOURNAL_CORRUPT') &&
+          (isLifeboatError(err, 'LB_PS_JOURNAL_CORRUPT') ||
+            isLifeboatError(err, 'LB_PS_BASE_POINT_MISSING')) &&
           this.deps.onJournalDamage !== undefined &&
           this.damagedGeneration !== gen
         ) {
-          // Retrying cannot help: the bytes on disk are not what was acknowledged. Nothing of
-          // it reaches a point; the machine resyncs (its backlog is dropped, the agent told).
+          // Retrying cannot help: the bytes on disk are not what was acknowledged (or the point
+          // they change is gone). Nothing of it reaches a point; the machine resyncs (its
+          // backlog is dropped, the agent told).
           this.damagedGeneration = gen;
           this.lastError = err;
           this.deps.logger.error(
             { err: err.toJSON(), machine: this.state.machine },
-            'journal record damaged on disk; the machine must resync',
+            err.code === 'LB_PS_JOURNAL_CORRUPT'
+              ? 'journal record damaged on disk; the machine must resync'
+              : 'the base point of a disk is gone; the machine must resync',
           );
           this.dropReadAhead();
           await this.abortSessions();
@@ -282,9 +287,27 @@ export class MachineReplicator {
     let s = this.sessions.get(disk);
     if (!s) {
       const size = this.state.disks[disk]?.size ?? 0;
-      s = await this.deps.storeLimit.run(() =>
-        this.deps.store.beginWrite({ machine: this.state.machine, disk, size, base: 'latest' }),
-      );
+      // On top of the point this server committed last for the disk: the agent's extents are
+      // changes since that cut (and a resync baseline is that point's digests), whatever else
+      // was written to the disk meanwhile. Naming it also spares the store a listing of every
+      // point, which grows with the retention. Unknown (a machine new to this server): latest.
+      const known = this.state.points[disk]?.id;
+      const base = known ?? 'latest';
+      try {
+        s = await this.deps.storeLimit.run(() =>
+          this.deps.store.beginWrite({ machine: this.state.machine, disk, size, base }),
+        );
+      } catch (err) {
+        if (known === undefined || !isLifeboatError(err, 'LB_STORE_POINT_NOT_FOUND')) throw err;
+        // Deleted from the store (by hand: retention keeps a disk's latest point). Changes
+        // since it cannot go on top of another point; the whole disk is sent again.
+        delete this.state.points[disk];
+        throw new LifeboatError(
+          'LB_PS_BASE_POINT_MISSING',
+          `Recovery point ${known}, the last one of disk ${disk} of machine ${this.state.machine}, is no longer in the store, so the changes since it have nothing to go on; the machine must resync.`,
+          { cause: err, details: { machine: this.state.machine, disk, point: known } },
+        );
+      }
       this.sessions.set(disk, s);
     }
     return s;

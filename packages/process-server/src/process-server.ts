@@ -386,7 +386,9 @@ export class ProcessServer extends EventEmitter {
         saveState: (s) => this.stateStore.save(s),
         onCommitted: (cut) => this.committed(m, cut),
         onJournalDamage: (err) => {
-          void this.markResync(m, `journal damaged: ${err.message}`).catch((e: unknown) =>
+          const reason =
+            err.code === 'LB_PS_JOURNAL_CORRUPT' ? `journal damaged: ${err.message}` : err.message;
+          void this.markResync(m, reason).catch((e: unknown) =>
             this.logger.error({ err: e, machine: m.id }, 'marking the machine for resync failed'),
           );
         },
