@@ -405,6 +405,9 @@ describe('the lifeboat CLI as a whole', () => {
     expect((await ok(['vault', 'store', 'stats', store['id']]))['stats']).toBeNull();
     const measured = await ok(['vault', 'store', 'stats', store['id'], '--refresh']);
     expect(measured['stats']).not.toBeNull();
+    const collected = await ok(['vault', 'store', 'gc', store['id']]);
+    expect(collected['state']).toBe('succeeded');
+    expect(collected['bytesFreed']).toBe(0);
     const policy = await ok(['vault', 'policy', 'add', 'gold', '--rpo', '60', '--keep', '24h']);
     const item = await ok([
       'vault',

@@ -1,4 +1,5 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DirectoryBackend, Store } from '@lifeboat/store';
@@ -11,6 +12,15 @@ import {
   type DialectFixture,
   type TestVault,
 } from './test-harness.js';
+
+/** Bytes of every file under `dir`. */
+async function dirSize(dir: string): Promise<number> {
+  let total = 0;
+  for (const e of await readdir(dir, { withFileTypes: true, recursive: true })) {
+    if (e.isFile()) total += (await stat(join(e.parentPath, e.name))).size;
+  }
+  return total;
+}
 
 async function waitFor(check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -184,6 +194,72 @@ describe.each(DIALECTS)('store stats, replication history and site filter on %s'
     await t.vault.scheduler.tick();
     await t.vault.scheduler.tick();
     const scheduled = await t.call('GET', `/api/jobs?kind=store-stats&targetId=${s.storeId}`);
+    expect(scheduled.body['total']).toBe(2);
+  });
+
+  it('garbage-collects a target store in a store-gc job: the data of deleted points is freed, the rest reads back', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'lifeboat-gc-store-'));
+    dirs.push(dir);
+    const s = await setup(['gc-vm'], dir);
+    const store = await Store.init({
+      backend: new DirectoryBackend({ path: dir }),
+      passphrase: 'store-passphrase',
+      kdfCost: 1024,
+    });
+    // Incompressible: what gc frees is about what the deleted points wrote.
+    const datas = [0, 1, 2].map(() => randomBytes(8 * 65_536));
+    const disk = (k: number): Buffer => datas[k] as Buffer;
+    const ids: string[] = [];
+    try {
+      // Three points of wholly different data; the first two go (as retention would do).
+      for (let k = 0; k < 3; k++) {
+        const w = await store.beginWrite({
+          machine: s.machineIds[0] ?? '',
+          disk: 'vda',
+          size: 1 << 20,
+        });
+        await w.write(0, disk(k));
+        ids.push((await w.commit()).id);
+      }
+      await store.deletePoints(ids.slice(0, 2));
+    } finally {
+      await store.close();
+    }
+    const sizeBefore = await dirSize(dir);
+    const viewer = await t.userToken('viewer');
+    expect(
+      (await t.call('POST', `/api/target-stores/${s.storeId}/gc`, undefined, viewer)).status,
+    ).toBe(403);
+    expect((await t.call('POST', '/api/target-stores/nope/gc')).status).toBe(404);
+    const started = await t.call('POST', `/api/target-stores/${s.storeId}/gc`);
+    expect(started.status).toBe(202);
+    const jobId = started.body['jobId'] as string;
+    await waitFor(async () =>
+      ['succeeded', 'failed'].includes(
+        (await t.call('GET', `/api/jobs/${jobId}`)).body['state'] as string,
+      ),
+    );
+    const job = (await t.call('GET', `/api/jobs/${jobId}`)).body;
+    expect(job['error']).toBeNull();
+    const result = job['result'] as Record<string, number>;
+    expect(result['bytesFreed']).toBeGreaterThan(2 * 8 * 65_536 * 0.5);
+    expect(await dirSize(dir)).toBeLessThan(sizeBefore - (result['bytesFreed'] ?? 0) + 4096);
+    // The point that is left reads back byte-exact.
+    const again = await Store.open({
+      backend: new DirectoryBackend({ path: dir }),
+      passphrase: 'store-passphrase',
+    });
+    try {
+      expect((await again.listPoints()).map((p) => p.id)).toEqual([ids[2]]);
+      const reader = await again.openPoint(ids[2] ?? '');
+      expect(Buffer.from(await reader.readAt(0, 8 * 65_536)).equals(disk(2))).toBe(true);
+    } finally {
+      await again.close();
+    }
+    // The scheduler collects every store once per interval: one job per store and slot.
+    await t.vault.scheduler.tick();
+    await t.vault.scheduler.tick();
+    const scheduled = await t.call('GET', `/api/jobs?kind=store-gc&targetId=${s.storeId}`);
     expect(scheduled.body['total']).toBe(2);
   });
 

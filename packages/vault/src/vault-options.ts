@@ -98,6 +98,12 @@ export interface VaultOptions {
    * `store-stats` job; it reads the store's index and every point's tree once). @default 3600
    */
   storeStatsIntervalSeconds?: number;
+  /**
+   * How often the scheduler garbage-collects each target store (a `store-gc` job: frees the
+   * data of points that retention pruned, consolidates index objects; writers wait while it
+   * holds the store's exclusive lock). @default 86400
+   */
+  storeGcIntervalSeconds?: number;
   /** Alerts are POSTed here as JSON when raised and cleared. */
   webhookUrl?: string;
   /**
@@ -219,6 +225,11 @@ export function resolveVaultOptions(options: VaultOptions): ResolvedVaultOptions
       'storeStatsIntervalSeconds',
       options.storeStatsIntervalSeconds ?? 3600,
       10,
+    ),
+    storeGcIntervalSeconds: positive(
+      'storeGcIntervalSeconds',
+      options.storeGcIntervalSeconds ?? 86_400,
+      60,
     ),
     ...(options.webhookUrl !== undefined ? { webhookUrl: options.webhookUrl } : {}),
     webhookRetryDelaysMs: (

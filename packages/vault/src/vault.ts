@@ -26,6 +26,7 @@ import {
   enableReplicationJob,
   retentionJob,
 } from './jobs/builtin-jobs.js';
+import { storeGcJob } from './jobs/store-gc-job.js';
 import { storeStatsJob } from './jobs/store-stats-job.js';
 import { JobRunner } from './jobs/job-runner.js';
 import { Scheduler } from './jobs/scheduler.js';
@@ -117,6 +118,7 @@ export async function startVault(input: VaultOptions): Promise<Vault> {
       retentionJob,
       catalogueSyncJob,
       storeStatsJob,
+      storeGcJob,
       ...options.jobHandlers,
     ])
       runner.register(h);

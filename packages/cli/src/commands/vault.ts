@@ -1408,6 +1408,23 @@ export function registerVaultCommands(program: Command, ctx: CliContext): void {
       }
       printObject(c, await c.call('GET', path));
     });
+  stores
+    .command('gc <id>')
+    .description(
+      'Garbage-collect the store now and wait: frees the data of points retention deleted (writers wait while it runs; the scheduler also runs one daily)',
+    )
+    .addHelpText('after', '\nExample:\n  lifeboat vault store gc ts_...\n')
+    .action(async (id: string, _o: unknown, command: Command) => {
+      const c = client(ctx, command);
+      const r = await c.call<Row>('POST', `/api/target-stores/${encodeURIComponent(id)}/gc`);
+      const job = await followJob(ctx, c, String(r['jobId']));
+      printObject(c, {
+        jobId: r['jobId'],
+        state: job['state'],
+        ...(job['state'] === 'succeeded' ? (job['result'] as Row) : { error: job['error'] }),
+      });
+      if (job['state'] !== 'succeeded') ctx.exitCode = 1;
+    });
 
   const credentials = group('credential');
   updateCommand(

@@ -118,6 +118,30 @@ export function registerStatisticsRoutes(app: FastifyInstance, vault: VaultConte
     },
   );
 
+  app.post(
+    '/api/target-stores/:id/gc',
+    {
+      config: { access: 'operator' },
+      schema: {
+        tags: ['target stores'],
+        summary:
+          'Garbage-collect the target store now (starts a store-gc job: frees the data of pruned points; writers wait while it runs)',
+        params: idParams,
+      },
+    },
+    async (request, reply) => {
+      const { id } = request.params as { id: string };
+      await getRow(db, 'targetStores', id, 'target store');
+      const p = principalOf(request);
+      const job = await vault.jobs.create(
+        { kind: 'store-gc', target: { type: 'target-store', id } },
+        p,
+      );
+      await audit(db, p, 'target-store.gc', { type: 'target-store', id });
+      return reply.status(202).send({ jobId: job?.id });
+    },
+  );
+
   app.get(
     '/api/protected-items/:id/history',
     {

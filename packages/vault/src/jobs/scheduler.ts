@@ -88,6 +88,7 @@ export class Scheduler {
     await this.evaluateAlerts(now);
     await this.scheduleRetention(now);
     await this.scheduleStoreStats(now);
+    await this.scheduleStoreGc(now);
     await this.pruneHistory(now);
     await this.refreshGauges();
   }
@@ -123,6 +124,26 @@ export class Scheduler {
           kind: 'store-stats',
           target: { type: 'target-store', id: s.id },
           scheduleKey: `store-stats:${s.id}:${slot}`,
+        },
+        SYSTEM,
+      );
+      if (job !== undefined) this.created.push(job.id);
+    }
+  }
+
+  // Each target store's garbage collection once per interval: retention only deletes points,
+  // this frees their data. A store's first slot is the current one, so a new store (still
+  // small) is collected at once and then on the interval's boundaries.
+  private async scheduleStoreGc(now: Date): Promise<void> {
+    const interval = this.vault.options.storeGcIntervalSeconds * 1000;
+    const slot = Math.floor(now.getTime() / interval);
+    const stores = await this.vault.db.selectFrom('targetStores').select('id').execute();
+    for (const s of stores) {
+      const job = await this.vault.jobs.create(
+        {
+          kind: 'store-gc',
+          target: { type: 'target-store', id: s.id },
+          scheduleKey: `store-gc:${s.id}:${slot}`,
         },
         SYSTEM,
       );
