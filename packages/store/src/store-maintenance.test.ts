@@ -235,6 +235,32 @@ describe('stats, prune, gc, passphrase, locks, concurrent writers', () => {
     expect((await c.listPoints()).length).toBe(3);
   });
 
+  it("a writer whose index is not listed again per session still notices another handle's gc: it never deduplicates against data gc deleted", async () => {
+    t = await tempStore({ chunkSize: CS });
+    const a = t.store;
+    const data = pseudoRandom(16 * CS, 77);
+    const w1 = await a.beginWrite({ machine: 'm', disk: 'd', size: 16 * CS });
+    await w1.write(0, data);
+    const p1 = await w1.commit();
+    // A second session of this handle: it took gc's mark and its listing just now.
+    const w2 = await a.beginWrite({ machine: 'm', disk: 'e', size: 16 * CS });
+    await w2.write(0, pseudoRandom(16 * CS, 78));
+    await w2.commit();
+    const b = await t.reopen();
+    await b.deletePoints([p1.id]);
+    const gc = await b.gc();
+    expect(gc.packsDeleted + gc.packsRepacked).toBeGreaterThan(0);
+    // The same bytes again through the first handle, whose index listed p1's chunks.
+    const w3 = await a.beginWrite({ machine: 'm', disk: 'f', size: 16 * CS });
+    await w3.write(0, data);
+    const p3 = await w3.commit();
+    const c = await t.reopen();
+    const reader = await c.openPoint(p3.id);
+    expect(Buffer.from(await reader.readAt(0, 16 * CS)).equals(data)).toBe(true);
+    const report = await c.verify();
+    expect(report.ok).toBe(true);
+  });
+
   it('a store opened earlier reads points committed later by another handle, and after its gc', async () => {
     t = await tempStore({ chunkSize: CS, packSize: 16 * 1024 });
     const reader = await t.reopen();

@@ -355,6 +355,9 @@ export class StoreMaintenance {
   ): Promise<GcReport> {
     const store = this.store;
     const backend = store.backend;
+    // Before anything is deleted: writers that skip listing index/ while this mark stays the
+    // same (see Store.refreshIndexForWrite) list it again, and notice what this gc removes.
+    await store.markGc();
     await store.refreshIndex(true);
     const records = await this.records();
     const damaged = store.damagedPointObjects();

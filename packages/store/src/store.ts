@@ -69,6 +69,10 @@ const DEFAULT_PACK = 16 * 1024 * 1024;
 const DEFAULT_KDF = 32768;
 const DEFAULT_FANOUT = 256;
 const DEFAULT_CACHE = 64 * 1024 * 1024;
+/** The object a gc replaces before it deletes anything (see Store.refreshIndexForWrite). */
+const GC_MARK_KEY = 'gc-mark';
+/** At most this long between a writer's listings of index/ while no gc ran. */
+const WRITE_RELIST_MS = 60_000;
 const NODE_CACHE = 32 * 1024 * 1024;
 /** Recently written tree nodes kept for the next session of their disk (a process server's next cut). */
 const WRITTEN_NODE_CACHE = 8 * 1024 * 1024;
@@ -130,6 +134,8 @@ export class Store implements StoreApi {
   private indexRefresh: Promise<void> | undefined;
   /** @internal True once an index refresh has completed: the index holds what was listed then. */
   indexWarm = false;
+  /** gc's mark and the time of the index listing a write session last took under its lock. */
+  private writeListing: { mark: string; at: number } | undefined;
   /** The refresh queued to start after the running one, shared by the callers waiting for it. */
   private nextRefresh: Promise<void> | undefined;
   private nextRefreshFull = false;
@@ -518,6 +524,40 @@ export class Store implements StoreApi {
           : this.indexRefresh.catch(() => undefined).then(() => this.refreshIndex(true));
       });
     return this.nextRefresh;
+  }
+
+  /**
+   * @internal The index refresh a write session needs under its shared lock. Only a gc removes
+   * index entries (with the packs they point at), and a gc first replaces the `gc-mark` object:
+   * while the mark is the one seen at this store's last listing, nothing this index holds was
+   * removed, and the listing (in proportion to the index objects: one per commit until a gc
+   * merges them) is taken at most every {@link WRITE_RELIST_MS}, for other writers' new chunks
+   * (deduplication only). The mark is one small read.
+   */
+  async refreshIndexForWrite(): Promise<void> {
+    const mark = await this.gcMark();
+    const last = this.writeListing;
+    if (last !== undefined && last.mark === mark && Date.now() - last.at < WRITE_RELIST_MS) return;
+    const at = Date.now();
+    await this.refreshIndex();
+    this.writeListing = { mark, at };
+  }
+
+  /** @internal Replaces gc's mark (gc calls it under its exclusive lock, before deleting). */
+  async markGc(): Promise<void> {
+    this.writeListing = undefined;
+    await this.backend.put(GC_MARK_KEY, Buffer.from(randomBytes(16).toString('hex')), {
+      overwrite: true,
+    });
+  }
+
+  private async gcMark(): Promise<string> {
+    try {
+      return (await this.backend.get(GC_MARK_KEY)).toString('utf8');
+    } catch (err) {
+      if (isLifeboatError(err, 'LB_BACKEND_NOT_FOUND')) return '';
+      throw err;
+    }
   }
 
   /** An index object's bytes: read while the key was derived, or now. */

@@ -91,7 +91,7 @@ export class StoreWriteSession implements WriteSession {
     try {
       await warm.catch(() => undefined);
       // Under the shared lock no gc runs, so what the index says stays true until commit.
-      await store.refreshIndex();
+      await store.refreshIndexForWrite();
       const baseOpt = options.base === undefined ? 'latest' : options.base;
       let base: PointRecord | undefined;
       if (baseOpt === 'latest') {
