@@ -9,11 +9,62 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Journal, JournalRecord } from './journal.js';
 import { MachineReplicator } from './machine-replicator.js';
-import type { CommittedCut } from './machine-replicator.js';
+import type { CommittedCut, MachineReplicatorDeps } from './machine-replicator.js';
 import type { MachineState } from './machine-state-store.js';
 import { Semaphore } from './semaphore.js';
 
 const CHUNK = 65536;
+
+/** Waits (polling) until `what` holds, and fails the test if it never does. */
+async function until(what: () => boolean): Promise<void> {
+  for (let i = 0; i < 400 && !what(); i++) await new Promise((r) => setTimeout(r, 10));
+  expect(what()).toBe(true);
+}
+
+/** Pushes journal records of one machine's disk `d` into a replicator, keeping their bodies. */
+function recordsOf(
+  machine: string,
+  bodies: Map<JournalRecord, Buffer>,
+  target: () => MachineReplicator,
+): (kind: 'data' | 'cut', body: Buffer, at?: number) => void {
+  let seq = 0;
+  return (kind, body, at = 0) => {
+    const r: JournalRecord = {
+      kind,
+      machine,
+      disk: kind === 'cut' ? '' : 'd',
+      seq: ++seq,
+      a: at,
+      b: 0,
+      segment: 0,
+      bodyPosition: 0,
+      bodyLength: body.length,
+      recordBytes: body.length + 64,
+    };
+    bodies.set(r, body);
+    target().push(r);
+  };
+}
+
+/** What a replicator needs, with one apply slot, no-op saves and quick retries. */
+function depsFor(
+  store: Store,
+  more: Partial<MachineReplicatorDeps> & Pick<MachineReplicatorDeps, 'journal' | 'onCommitted'>,
+): MachineReplicatorDeps {
+  return {
+    store: {
+      beginWrite: (o: Parameters<Store['beginWrite']>[0]) => store.beginWrite(o),
+      listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+    },
+    storeLimit: new Semaphore(8),
+    applySlots: new Semaphore(1),
+    logger: pino({ level: 'silent' }),
+    saveState: async () => undefined,
+    retryInitialMs: 10,
+    retryMaxMs: 100,
+    ...more,
+  };
+}
 
 describe('MachineReplicator', () => {
   let dir: string;
@@ -60,17 +111,15 @@ describe('MachineReplicator', () => {
         disks: { d: { size: 4 * CHUNK } },
         points: {},
       };
-      return new MachineReplicator(state, {
-        store: replicatorStore,
-        journal,
-        storeLimit: new Semaphore(8),
-        applySlots: slots,
-        logger: pino({ level: 'silent' }),
-        saveState: async () => undefined,
-        onCommitted: (c) => committed.push(c),
-        retryInitialMs: 10,
-        retryMaxMs: 100,
-      });
+      return new MachineReplicator(
+        state,
+        depsFor(store, {
+          store: replicatorStore,
+          journal,
+          applySlots: slots,
+          onCommitted: (c) => committed.push(c),
+        }),
+      );
     };
     const record = (machine: string, seq: number, body: Buffer, at = 0): JournalRecord => {
       const r: JournalRecord = {
@@ -90,11 +139,6 @@ describe('MachineReplicator', () => {
     };
     const cut = (machine: string, seq: number, id: string): JournalRecord =>
       record(machine, seq, Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: 1 })), -1);
-    const until = async (what: () => boolean): Promise<void> => {
-      for (let i = 0; i < 200 && !what(); i++) await new Promise((r) => setTimeout(r, 25));
-      expect(what()).toBe(true);
-    };
-
     const a = make('a');
     const b = make('b');
     a.start();
@@ -148,25 +192,18 @@ describe('MachineReplicator', () => {
       disks: { d: { size: 4 * CHUNK } },
       points: {},
     };
-    const rep: MachineReplicator = new MachineReplicator(state, {
-      store: {
-        beginWrite: (o: Parameters<Store['beginWrite']>[0]) => store.beginWrite(o),
-        listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
-      },
-      journal,
-      storeLimit: new Semaphore(8),
-      applySlots: new Semaphore(1),
-      logger: pino({ level: 'silent' }),
-      saveState: async () => undefined,
-      onCommitted: (c) => committed.push(c),
-      // The server marks the machine for resync, which drops the backlog.
-      onJournalDamage: (err) => {
-        reports.push(err);
-        void rep.dropBacklog();
-      },
-      retryInitialMs: 10,
-      retryMaxMs: 100,
-    });
+    const rep: MachineReplicator = new MachineReplicator(
+      state,
+      depsFor(store, {
+        journal,
+        onCommitted: (c) => committed.push(c),
+        // The server marks the machine for resync, which drops the backlog.
+        onJournalDamage: (err) => {
+          reports.push(err);
+          void rep.dropBacklog();
+        },
+      }),
+    );
     const rec = (seq: number, kind: 'data' | 'cut'): JournalRecord => ({
       kind,
       machine: 'z',
@@ -241,43 +278,25 @@ describe('MachineReplicator', () => {
       disks: { d: { size: 16 * CHUNK } },
       points: {},
     };
-    const rep = new MachineReplicator(state, {
-      store: replicatorStore,
-      journal,
-      storeLimit: new Semaphore(8),
-      applySlots: new Semaphore(1),
-      logger: pino({ level: 'silent' }),
-      saveState: async (st) => {
-        const n = ++saves;
-        const snapshot = structuredClone(st);
-        events.push(`save ${snapshot.lastCut?.cutId}`);
-        if (n === 1) await gate;
-        if (n === 2) throw new Error('disk full');
-        saved.push(snapshot);
-        events.push(`saved ${snapshot.lastCut?.cutId}`);
-      },
-      onCommitted: (c) => committed.push(c),
-      retryInitialMs: 10,
-      retryMaxMs: 100,
-    });
+    const rep = new MachineReplicator(
+      state,
+      depsFor(store, {
+        store: replicatorStore,
+        journal,
+        saveState: async (st) => {
+          const n = ++saves;
+          const snapshot = structuredClone(st);
+          events.push(`save ${snapshot.lastCut?.cutId}`);
+          if (n === 1) await gate;
+          if (n === 2) throw new Error('disk full');
+          saved.push(snapshot);
+          events.push(`saved ${snapshot.lastCut?.cutId}`);
+        },
+        onCommitted: (c) => committed.push(c),
+      }),
+    );
     const expected = Buffer.alloc(16 * CHUNK);
-    let seq = 0;
-    const push = (kind: 'data' | 'cut', body: Buffer, at = 0): void => {
-      const r: JournalRecord = {
-        kind,
-        machine: 's',
-        disk: kind === 'cut' ? '' : 'd',
-        seq: ++seq,
-        a: at,
-        b: 0,
-        segment: 0,
-        bodyPosition: 0,
-        bodyLength: body.length,
-        recordBytes: body.length + 64,
-      };
-      bodies.set(r, body);
-      rep.push(r);
-    };
+    const push = recordsOf('s', bodies, () => rep);
     const pushCut = (first: number, id: string): void => {
       for (let i = first; i < first + 4; i++) {
         const data = randomBytes(CHUNK);
@@ -285,10 +304,6 @@ describe('MachineReplicator', () => {
         push('data', data, i * CHUNK);
       }
       push('cut', Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: first + 1 })));
-    };
-    const until = async (what: () => boolean): Promise<void> => {
-      for (let i = 0; i < 400 && !what(); i++) await new Promise((r) => setTimeout(r, 10));
-      expect(what()).toBe(true);
     };
     rep.start();
     try {
@@ -337,47 +352,21 @@ describe('MachineReplicator', () => {
       disks: { d: { size: 4 * CHUNK } },
       points: {},
     };
-    const rep: MachineReplicator = new MachineReplicator(state, {
-      store: {
-        beginWrite: (o: Parameters<Store['beginWrite']>[0]) => store.beginWrite(o),
-        listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
-      },
-      journal,
-      storeLimit: new Semaphore(8),
-      applySlots: new Semaphore(1),
-      logger: pino({ level: 'silent' }),
-      saveState: async () => undefined,
-      onCommitted: (c) => committed.push(c),
-      onJournalDamage: (err) => {
-        reports.push(err);
-        void rep.dropBacklog();
-      },
-      retryInitialMs: 10,
-      retryMaxMs: 100,
-    });
-    let seq = 0;
-    const push = (kind: 'data' | 'cut', body: Buffer, at = 0): void => {
-      const r: JournalRecord = {
-        kind,
-        machine: 'q',
-        disk: kind === 'cut' ? '' : 'd',
-        seq: ++seq,
-        a: at,
-        b: 0,
-        segment: 0,
-        bodyPosition: 0,
-        bodyLength: body.length,
-        recordBytes: body.length + 64,
-      };
-      bodies.set(r, body);
-      rep.push(r);
-    };
+    const rep: MachineReplicator = new MachineReplicator(
+      state,
+      depsFor(store, {
+        journal,
+        onCommitted: (c) => committed.push(c),
+        onJournalDamage: (err) => {
+          reports.push(err);
+          void rep.dropBacklog();
+        },
+      }),
+    );
+    const push = recordsOf('q', bodies, () => rep);
+    let time = 0;
     const cutMeta = (id: string): Buffer =>
-      Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: seq + 1 }));
-    const until = async (what: () => boolean): Promise<void> => {
-      for (let i = 0; i < 400 && !what(); i++) await new Promise((r) => setTimeout(r, 10));
-      expect(what()).toBe(true);
-    };
+      Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: ++time }));
     rep.start();
     try {
       const first = randomBytes(CHUNK);

@@ -95,52 +95,31 @@ export function registerStatisticsRoutes(app: FastifyInstance, vault: VaultConte
     },
   );
 
-  app.post(
-    '/api/target-stores/:id/stats',
-    {
-      config: { access: 'operator' },
-      schema: {
-        tags: ['target stores'],
-        summary: 'Measure the target store now (starts a store-stats job)',
-        params: idParams,
+  // Operator routes that start a job on one target store now.
+  for (const [path, kind, summary] of [
+    ['stats', 'store-stats', 'Measure the target store now (starts a store-stats job)'],
+    [
+      'gc',
+      'store-gc',
+      'Garbage-collect the target store now (starts a store-gc job: frees the data of pruned points; writers wait while it runs)',
+    ],
+  ] as const) {
+    app.post(
+      `/api/target-stores/:id/${path}`,
+      {
+        config: { access: 'operator' },
+        schema: { tags: ['target stores'], summary, params: idParams },
       },
-    },
-    async (request, reply) => {
-      const { id } = request.params as { id: string };
-      await getRow(db, 'targetStores', id, 'target store');
-      const p = principalOf(request);
-      const job = await vault.jobs.create(
-        { kind: 'store-stats', target: { type: 'target-store', id } },
-        p,
-      );
-      await audit(db, p, 'target-store.stats', { type: 'target-store', id });
-      return reply.status(202).send({ jobId: job?.id });
-    },
-  );
-
-  app.post(
-    '/api/target-stores/:id/gc',
-    {
-      config: { access: 'operator' },
-      schema: {
-        tags: ['target stores'],
-        summary:
-          'Garbage-collect the target store now (starts a store-gc job: frees the data of pruned points; writers wait while it runs)',
-        params: idParams,
+      async (request, reply) => {
+        const { id } = request.params as { id: string };
+        await getRow(db, 'targetStores', id, 'target store');
+        const p = principalOf(request);
+        const job = await vault.jobs.create({ kind, target: { type: 'target-store', id } }, p);
+        await audit(db, p, `target-store.${path}`, { type: 'target-store', id });
+        return reply.status(202).send({ jobId: job?.id });
       },
-    },
-    async (request, reply) => {
-      const { id } = request.params as { id: string };
-      await getRow(db, 'targetStores', id, 'target store');
-      const p = principalOf(request);
-      const job = await vault.jobs.create(
-        { kind: 'store-gc', target: { type: 'target-store', id } },
-        p,
-      );
-      await audit(db, p, 'target-store.gc', { type: 'target-store', id });
-      return reply.status(202).send({ jobId: job?.id });
-    },
-  );
+    );
+  }
 
   app.get(
     '/api/protected-items/:id/history',

@@ -114,36 +114,27 @@ export class Scheduler {
 
   // Each target store's size and deduplication, measured once per interval (and at once for a
   // store never measured, since its first slot is the current one).
-  private async scheduleStoreStats(now: Date): Promise<void> {
-    const interval = this.vault.options.storeStatsIntervalSeconds * 1000;
-    const slot = Math.floor(now.getTime() / interval);
-    const stores = await this.vault.db.selectFrom('targetStores').select('id').execute();
-    for (const s of stores) {
-      const job = await this.vault.jobs.create(
-        {
-          kind: 'store-stats',
-          target: { type: 'target-store', id: s.id },
-          scheduleKey: `store-stats:${s.id}:${slot}`,
-        },
-        SYSTEM,
-      );
-      if (job !== undefined) this.created.push(job.id);
-    }
+  private scheduleStoreStats(now: Date): Promise<void> {
+    return this.perStore('store-stats', this.vault.options.storeStatsIntervalSeconds, now);
   }
 
   // Each target store's garbage collection once per interval: retention only deletes points,
   // this frees their data. A store's first slot is the current one, so a new store (still
   // small) is collected at once and then on the interval's boundaries.
-  private async scheduleStoreGc(now: Date): Promise<void> {
-    const interval = this.vault.options.storeGcIntervalSeconds * 1000;
-    const slot = Math.floor(now.getTime() / interval);
+  private scheduleStoreGc(now: Date): Promise<void> {
+    return this.perStore('store-gc', this.vault.options.storeGcIntervalSeconds, now);
+  }
+
+  /** One job of `kind` per target store and slot of `seconds`. */
+  private async perStore(kind: string, seconds: number, now: Date): Promise<void> {
+    const slot = Math.floor(now.getTime() / (seconds * 1000));
     const stores = await this.vault.db.selectFrom('targetStores').select('id').execute();
     for (const s of stores) {
       const job = await this.vault.jobs.create(
         {
-          kind: 'store-gc',
+          kind,
           target: { type: 'target-store', id: s.id },
-          scheduleKey: `store-gc:${s.id}:${slot}`,
+          scheduleKey: `${kind}:${s.id}:${slot}`,
         },
         SYSTEM,
       );
