@@ -151,7 +151,6 @@ export class MachineReplicator {
     this.backlog = 0;
     this.cutsQueued = 0;
     this.arrivals.clear();
-    this.dropReadAhead();
     await this.abortSessions();
     this.wake?.();
     return dropped;
@@ -162,7 +161,6 @@ export class MachineReplicator {
     this.stopped = true;
     this.wake?.();
     await this.loop;
-    this.dropReadAhead();
     await this.abortSessions();
     // The last commit's state goes to disk before the server closes (a failure here only
     // means the cut is found in the store again after the restart).
@@ -192,7 +190,8 @@ export class MachineReplicator {
           } finally {
             this.inSlot = false;
             // Bodies read ahead are held only while applying: a machine waiting for a slot
-            // pins no memory (with 100 machines that was 4 MiB each).
+            // pins no memory (with 100 machines that was 4 MiB each). Every way out of the
+            // slot (a cut, a failure, a dropped backlog, the slot given back) passes here.
             this.dropReadAhead();
           }
         });
@@ -216,7 +215,6 @@ export class MachineReplicator {
               ? 'journal record damaged on disk; the machine must resync'
               : 'the base point of a disk is gone; the machine must resync',
           );
-          this.dropReadAhead();
           await this.abortSessions();
           this.cursor = 0;
           this.deps.onJournalDamage(err);
@@ -243,7 +241,6 @@ export class MachineReplicator {
           },
           'store write failed; backlog kept in the journal',
         );
-        this.dropReadAhead();
         await this.abortSessions();
         this.cursor = 0;
         this.mayHaveCommitted = true;
@@ -261,7 +258,6 @@ export class MachineReplicator {
         // another machine waits for the slot meanwhile, give it back: the sessions are
         // aborted and the records applied again with the cut.
         if (this.cutsQueued === 0 && this.deps.applySlots.waiting > 0) {
-          this.dropReadAhead();
           await this.abortSessions();
           this.cursor = 0;
           return;
@@ -358,6 +354,8 @@ export class MachineReplicator {
     const disks = new Set([...Object.keys(this.state.disks), ...this.sessions.keys()]);
     const points: PointInfo[] = [];
     const sizes: Record<string, { size: number }> = {};
+    // The previous cut's state first: never two committed cuts missing from the saved state.
+    await this.settlePendingSave();
     for (const disk of [...disks].sort()) {
       const s = await this.session(disk);
       sizes[disk] = { size: s.size };
@@ -386,8 +384,6 @@ export class MachineReplicator {
       };
       if (meta.consistencyGroup !== undefined) opts.consistencyGroup = meta.consistencyGroup;
       if (meta.labels !== undefined) opts.labels = meta.labels;
-      // The previous cut's state first: never two committed cuts missing from the saved state.
-      await this.settlePendingSave();
       const info = await this.deps.storeLimit.run(() => s.commit(opts));
       this.sessions.delete(disk);
       points.push(info);
