@@ -46,6 +46,19 @@ function recordsOf(
   };
 }
 
+/** A machine new to the server, with one disk `d` of `chunks` chunks. */
+function freshState(machine: string, chunks = 4): MachineState {
+  return { machine, releasedSeq: 0, disks: { d: { size: chunks * CHUNK } }, points: {} };
+}
+
+/** A journal whose bodies are the ones kept in `bodies` (a copy each read), releasing nothing. */
+function journalOver(bodies: Map<JournalRecord, Buffer>): Journal {
+  return {
+    readBody: async (r: JournalRecord) => Buffer.from(bodies.get(r)!),
+    release: async () => undefined,
+  } as unknown as Journal;
+}
+
 /** What a replicator needs, with one apply slot, no-op saves and quick retries. */
 function depsFor(
   store: Store,
@@ -84,10 +97,7 @@ describe('MachineReplicator', () => {
 
   it('starts a cut before its marker while a slot is idle, gives the slot back when another machine waits, and commits every record at the cut', async () => {
     const bodies = new Map<JournalRecord, Buffer>();
-    const journal = {
-      readBody: async (r: JournalRecord) => Buffer.from(bodies.get(r)!),
-      release: async () => undefined,
-    } as unknown as Journal;
+    const journal = journalOver(bodies);
     const events: string[] = [];
     const committed: CommittedCut[] = [];
     const replicatorStore = {
@@ -105,14 +115,8 @@ describe('MachineReplicator', () => {
     };
     const slots = new Semaphore(1);
     const make = (machine: string): MachineReplicator => {
-      const state: MachineState = {
-        machine,
-        releasedSeq: 0,
-        disks: { d: { size: 4 * CHUNK } },
-        points: {},
-      };
       return new MachineReplicator(
-        state,
+        freshState(machine),
         depsFor(store, {
           store: replicatorStore,
           journal,
@@ -121,43 +125,29 @@ describe('MachineReplicator', () => {
         }),
       );
     };
-    const record = (machine: string, seq: number, body: Buffer, at = 0): JournalRecord => {
-      const r: JournalRecord = {
-        kind: at < 0 ? 'cut' : 'data',
-        machine,
-        disk: at < 0 ? '' : 'd',
-        seq,
-        a: Math.max(at, 0),
-        b: 0,
-        segment: 0,
-        bodyPosition: 0,
-        bodyLength: body.length,
-        recordBytes: body.length + 64,
-      };
-      bodies.set(r, body);
-      return r;
-    };
-    const cut = (machine: string, seq: number, id: string): JournalRecord =>
-      record(machine, seq, Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: 1 })), -1);
     const a = make('a');
     const b = make('b');
+    const pushA = recordsOf('a', bodies, () => a);
+    const pushB = recordsOf('b', bodies, () => b);
+    const cutMeta = (id: string): Buffer =>
+      Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: 1 }));
     a.start();
     b.start();
     try {
       const dataA = randomBytes(CHUNK);
       // No cut yet, the only slot idle: a begins its session at once.
-      a.push(record('a', 1, dataA, CHUNK));
+      pushA('data', dataA, CHUNK);
       await until(() => events.includes('begin a'));
       // b's whole cut waits for the slot: a gives it back (its session aborted) and b commits.
-      b.push(record('b', 1, randomBytes(CHUNK)));
-      b.push(cut('b', 2, 'cut-b'));
+      pushB('data', randomBytes(CHUNK));
+      pushB('cut', cutMeta('cut-b'));
       await until(() => committed.some((c) => c.machine === 'b'));
       expect(events.slice(0, 3)).toEqual(['begin a', 'abort a', 'begin b']);
       expect(committed.some((c) => c.machine === 'a')).toBe(false);
       // a's cut arrives: its records are applied again from the first and committed.
       const moreA = randomBytes(CHUNK);
-      a.push(record('a', 2, moreA, 2 * CHUNK));
-      a.push(cut('a', 3, 'cut-a'));
+      pushA('data', moreA, 2 * CHUNK);
+      pushA('cut', cutMeta('cut-a'));
       await until(() => committed.some((c) => c.machine === 'a'));
       const point = committed.find((c) => c.machine === 'a')!.points[0]!;
       const reader = await store.openPoint(point.id);
@@ -186,14 +176,8 @@ describe('MachineReplicator', () => {
     } as unknown as Journal;
     const reports: LifeboatError[] = [];
     const committed: CommittedCut[] = [];
-    const state: MachineState = {
-      machine: 'z',
-      releasedSeq: 0,
-      disks: { d: { size: 4 * CHUNK } },
-      points: {},
-    };
     const rep: MachineReplicator = new MachineReplicator(
-      state,
+      freshState('z'),
       depsFor(store, {
         journal,
         onCommitted: (c) => committed.push(c),
@@ -272,12 +256,7 @@ describe('MachineReplicator', () => {
     let saves = 0;
     const saved: MachineState[] = [];
     const committed: CommittedCut[] = [];
-    const state: MachineState = {
-      machine: 's',
-      releasedSeq: 0,
-      disks: { d: { size: 16 * CHUNK } },
-      points: {},
-    };
+    const state = freshState('s', 16);
     const rep = new MachineReplicator(
       state,
       depsFor(store, {
@@ -340,18 +319,10 @@ describe('MachineReplicator', () => {
 
   it('writes on the point it committed last, not on a newer one written by someone else, and resyncs when that point is deleted', async () => {
     const bodies = new Map<JournalRecord, Buffer>();
-    const journal = {
-      readBody: async (r: JournalRecord) => Buffer.from(bodies.get(r)!),
-      release: async () => undefined,
-    } as unknown as Journal;
+    const journal = journalOver(bodies);
     const committed: CommittedCut[] = [];
     const reports: LifeboatError[] = [];
-    const state: MachineState = {
-      machine: 'q',
-      releasedSeq: 0,
-      disks: { d: { size: 4 * CHUNK } },
-      points: {},
-    };
+    const state = freshState('q');
     const rep: MachineReplicator = new MachineReplicator(
       state,
       depsFor(store, {

@@ -57,6 +57,25 @@ describe.each(DIALECTS)('store stats, replication history and site filter on %s'
     await fx?.stop();
   });
 
+  /** A new store in `dir`, under the passphrase `setup` registers it with. */
+  const initStore = (dir: string): Promise<Store> =>
+    Store.init({
+      backend: new DirectoryBackend({ path: dir }),
+      passphrase: 'store-passphrase',
+      kdfCost: 1024,
+    });
+
+  /** One point of a 1 MiB disk `vda` of `machine` per buffer, written at offset 0; their ids. */
+  const writePoints = async (store: Store, machine: string, datas: Buffer[]): Promise<string[]> => {
+    const ids: string[] = [];
+    for (const data of datas) {
+      const w = await store.beginWrite({ machine, disk: 'vda', size: 1 << 20 });
+      await w.write(0, data);
+      ids.push((await w.commit()).id);
+    }
+    return ids;
+  };
+
   /** A process server, a site with a KVM host and machines, a policy, a store, and protection. */
   const setup = async (machines: string[], storePath = '/nonexistent/store') => {
     n++;
@@ -127,24 +146,12 @@ describe.each(DIALECTS)('store stats, replication history and site filter on %s'
     const dir = await mkdtemp(join(tmpdir(), 'lifeboat-stats-store-'));
     dirs.push(dir);
     const s = await setup(['stats-vm'], dir);
-    const store = await Store.init({
-      backend: new DirectoryBackend({ path: dir }),
-      passphrase: 'store-passphrase',
-      kdfCost: 1024,
-    });
+    const store = await initStore(dir);
     const data = Buffer.alloc(4 * 65_536);
     for (let i = 0; i < data.length; i += 4096) data[i] = (i / 4096) % 251;
     try {
       // Three points of one 1 MiB disk with the same data: 3 MiB logical over one copy.
-      for (let k = 0; k < 3; k++) {
-        const w = await store.beginWrite({
-          machine: s.machineIds[0] ?? '',
-          disk: 'vda',
-          size: 1 << 20,
-        });
-        await w.write(0, data);
-        await w.commit();
-      }
+      await writePoints(store, s.machineIds[0] ?? '', [data, data, data]);
     } finally {
       await store.close();
     }
@@ -201,26 +208,14 @@ describe.each(DIALECTS)('store stats, replication history and site filter on %s'
     const dir = await mkdtemp(join(tmpdir(), 'lifeboat-gc-store-'));
     dirs.push(dir);
     const s = await setup(['gc-vm'], dir);
-    const store = await Store.init({
-      backend: new DirectoryBackend({ path: dir }),
-      passphrase: 'store-passphrase',
-      kdfCost: 1024,
-    });
+    const store = await initStore(dir);
     // Incompressible: what gc frees is about what the deleted points wrote.
     const datas = [0, 1, 2].map(() => randomBytes(8 * 65_536));
     const disk = (k: number): Buffer => datas[k] as Buffer;
-    const ids: string[] = [];
+    let ids: string[];
     try {
       // Three points of wholly different data; the first two go (as retention would do).
-      for (let k = 0; k < 3; k++) {
-        const w = await store.beginWrite({
-          machine: s.machineIds[0] ?? '',
-          disk: 'vda',
-          size: 1 << 20,
-        });
-        await w.write(0, disk(k));
-        ids.push((await w.commit()).id);
-      }
+      ids = await writePoints(store, s.machineIds[0] ?? '', datas);
       await store.deletePoints(ids.slice(0, 2));
     } finally {
       await store.close();
