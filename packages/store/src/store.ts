@@ -545,7 +545,6 @@ export class Store implements StoreApi {
 
   /** @internal Replaces gc's mark (gc calls it under its exclusive lock, before deleting). */
   async markGc(): Promise<void> {
-    this.writeListing = undefined;
     await this.backend.put(GC_MARK_KEY, Buffer.from(randomBytes(16).toString('hex')), {
       overwrite: true,
     });
