@@ -1,3 +1,5 @@
+import { setImmediate as setImmediateCallback } from 'node:timers';
+import { setImmediate } from 'node:timers/promises';
 import { LifeboatError } from '@lifeboat/protocol/errors';
 import type { CommitOptions, PointInfo, StoreApi, WriteSession } from '@lifeboat/store';
 import type { ByteRange } from './byte-ranges.js';
@@ -47,6 +49,8 @@ export interface ImportResult {
 }
 
 const DEFAULT_BLOCK = 2 * 1024 * 1024;
+/** Bytes imported between two turns of the event loop (see the import loop). */
+const TURN_EVERY = 512 * 1024;
 
 /**
  * Imports a disk image into the store as a new recovery point: reads the allocated, non-zero
@@ -101,8 +105,15 @@ export async function importImage(options: ImportImageOptions): Promise<ImportRe
     size,
     base: baseId ?? null,
   });
+  // Changed extents land all over the base tree: read its leaves for them at once.
+  if (baseId !== undefined) void session.prefetch?.(ranges);
   const writer = new ChunkWriter(session, chunk, baseId !== undefined);
   let bytesRead = 0;
+  let sinceTurn = 0;
+  let turned = false;
+  const markTurned = (): void => {
+    turned = true;
+  };
   try {
     if (session.size !== size) await session.resize(size);
     options.onProgress?.(0, total);
@@ -135,6 +146,19 @@ export async function importImage(options: ImportImageOptions): Promise<ImportRe
       // The session is done with the bytes once its write resolves: the space is free again.
       reads.release();
       options.onProgress?.(bytesRead, total);
+      // Reads made ahead resolve at once, and so do writes into the session's pack buffer: the
+      // loop could run for the whole import without the event loop turning, and the pack's
+      // pieces, written to the backend one after another from I/O callbacks, would wait for it
+      // and pile up for the commit (measured: 21 MB of changed extents went to disk at 1 MiB
+      // per 4-7 ms while the loop ran, against 0.5-1 ms when it lets I/O in).
+      // A loop whose reads do wait (a whole import) lets the event loop turn by itself.
+      sinceTurn += data.length;
+      if (sinceTurn >= TURN_EVERY) {
+        if (!turned) await setImmediate();
+        sinceTurn = 0;
+        turned = false;
+        setImmediateCallback(markTurned);
+      }
     }
     const point = await session.commit({
       ...options.commit,

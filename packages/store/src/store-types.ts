@@ -127,6 +127,14 @@ export interface WriteSession {
   trim(offset: number, length: number): Promise<void>;
   /** Changes the disk's logical size (growing adds zeros). */
   resize(size: number): Promise<void>;
+  /**
+   * Says which ranges are about to be written, so that the session reads the base's tree
+   * leaves for them now, several at once, instead of one at a time as the writes reach them
+   * (a changed-extents import is mostly such reads). Only a hint: it changes nothing the
+   * session writes, reads at most 1024 leaves, and leaves any read error to the write that
+   * needs the leaf. Resolves once those reads are done (or the session ended); never rejects.
+   */
+  prefetch?(ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<void>;
   /** Writes packs, then index, then the point itself; resolves once the point is durable. */
   commit(options?: CommitOptions): Promise<PointInfo>;
   /** Ends the session without a point. */

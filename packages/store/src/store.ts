@@ -65,7 +65,7 @@ export interface ReadContext {
 
 /** The chunk size a store gets unless its init says otherwise. */
 export const DEFAULT_CHUNK_SIZE = 65536;
-const DEFAULT_PACK = 16 * 1024 * 1024;
+export const DEFAULT_PACK_SIZE = 16 * 1024 * 1024;
 const DEFAULT_KDF = 32768;
 const DEFAULT_FANOUT = 256;
 const DEFAULT_CACHE = 64 * 1024 * 1024;
@@ -189,7 +189,7 @@ export class Store implements StoreApi {
   /** Creates a new store in an empty backend. */
   static async init(options: StoreInitOptions & StoreExtraOptions): Promise<Store> {
     const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
-    const packSize = options.packSize ?? DEFAULT_PACK;
+    const packSize = options.packSize ?? DEFAULT_PACK_SIZE;
     const kdfCost = options.kdfCost ?? DEFAULT_KDF;
     const pow2 = (n: number): boolean => Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
     if (!pow2(chunkSize) || chunkSize < 4096 || chunkSize > 1024 * 1024) {

@@ -14,6 +14,10 @@ import { REF_BYTES, TreeNode, getRef, setRef, treeHeight } from './tree-node.js'
 // Dirty leaves kept in memory before the oldest is written out; each is fanout*32 bytes
 // (8 KiB at the default fanout), so this bounds a session's tree state to a few MiB.
 const MAX_DIRTY_LEAVES = 512;
+// Base leaves one prefetch reads at most (8 MiB of references at the default fanout, a
+// quarter of the store's node cache), and how many of them are read at once.
+const MAX_PREFETCH_LEAVES = 1024;
+const PREFETCH_READS = 8;
 
 /**
  * A write session of one disk. It keeps the changed leaves of the copy-on-write tree (bounded,
@@ -37,6 +41,10 @@ export class StoreWriteSession implements WriteSession {
   private readonly ctx: ReadContext;
   /** The parallel path, once the store uses its crypto threads (see ChunkPipeline). */
   private pipeline: ChunkPipeline | undefined;
+  /** Base leaves being read ahead by {@link prefetch}, until each is in the node cache. */
+  private readonly prefetching = new Map<number, Promise<void>>();
+  /** Every prefetch started, settled once its reads are (a session ends after them). */
+  private prefetchRuns: Promise<void> = Promise.resolve();
 
   private constructor(
     private readonly store: Store,
@@ -135,6 +143,55 @@ export class StoreWriteSession implements WriteSession {
     return this.writeZeroes(offset, length);
   }
 
+  prefetch(ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<void> {
+    const base = this.base;
+    if (this.state !== 'open' || base === undefined) return Promise.resolve();
+    const F = this.fanout;
+    const end = Math.min(this.baseEnd, Math.ceil(this._size / this.cs));
+    const wanted = new Set<number>();
+    for (const r of ranges) {
+      if (!(r.length > 0) || !(r.offset >= 0)) continue;
+      const first = Math.floor(r.offset / this.cs / F);
+      const last = Math.floor((r.offset + r.length - 1) / this.cs / F);
+      for (let l = first; l <= last && l * F < end && wanted.size < MAX_PREFETCH_LEAVES; l++) {
+        if (!this.leaves.has(l) && !this.flushed.has(l) && !this.prefetching.has(l)) wanted.add(l);
+      }
+    }
+    if (wanted.size === 0) return Promise.resolve();
+    const queue = [...wanted].sort((a, b) => a - b);
+    const settled = new Map<number, () => void>();
+    for (const l of queue) {
+      this.prefetching.set(l, new Promise<void>((resolve) => settled.set(l, resolve)));
+    }
+    const readOne = async (l: number): Promise<void> => {
+      try {
+        const id = await this.store.nodeAt(base.root, base.height, 0, l, this.ctx);
+        if (id !== null) await this.store.readNode(id, 0, this.ctx);
+      } catch {
+        // The write that needs this leaf reads it again and reports what is wrong.
+      } finally {
+        this.prefetching.delete(l);
+        settled.get(l)?.();
+      }
+    };
+    const run = (async () => {
+      // The first leaf alone: it reads the interior nodes every later path shares.
+      await readOne(queue[0] as number);
+      let next = 1;
+      const worker = async (): Promise<void> => {
+        while (next < queue.length && this.state === 'open') await readOne(queue[next++] as number);
+      };
+      await Promise.all(Array.from({ length: PREFETCH_READS }, worker));
+      // A session that ended meanwhile reads no further; nothing waits for the rest.
+      for (const l of queue.slice(next)) {
+        this.prefetching.delete(l);
+        settled.get(l)?.();
+      }
+    })();
+    this.prefetchRuns = this.prefetchRuns.then(() => run);
+    return run;
+  }
+
   resize(size: number): Promise<void> {
     return this.serial(async () => {
       checkSize(size);
@@ -168,6 +225,7 @@ export class StoreWriteSession implements WriteSession {
         await this.writer.settle();
         throw err;
       } finally {
+        await this.prefetchRuns;
         await this.lock.release();
       }
     });
@@ -180,6 +238,7 @@ export class StoreWriteSession implements WriteSession {
       this.state = 'aborted';
       await this.pipeline?.close();
       await this.writer.settle();
+      await this.prefetchRuns;
       await this.lock.release();
     }
   }
@@ -343,6 +402,8 @@ export class StoreWriteSession implements WriteSession {
     }
     const end = this.baseEnd;
     if (this.base !== undefined && l * F < end) {
+      // Read ahead by prefetch: wait for that read instead of starting a second one.
+      await this.prefetching.get(l);
       const id = await this.store.nodeAt(this.base.root, this.base.height, 0, l, this.ctx);
       if (id !== null) (await this.store.readNode(id, 0, this.ctx)).copy(refs);
       // Entries past the clip point belong to a size this disk no longer has.

@@ -2,7 +2,7 @@ import { basename } from 'node:path';
 import { Option } from 'commander';
 import type { Command } from 'commander';
 import { LifeboatError, isLifeboatError } from '@lifeboat/protocol/errors';
-import { DEFAULT_CHUNK_SIZE, Store } from '@lifeboat/store';
+import { DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store, warmPackBuffer } from '@lifeboat/store';
 import type { PointInfo, PointKind, Progress, StoreApi } from '@lifeboat/store';
 import type { CliContext } from '../cli-context.js';
 import { CliPrinter } from '../cli-printer.js';
@@ -249,6 +249,9 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
           changed === undefined || opening === undefined
             ? undefined
             : readChangedEarly(image, changed, DEFAULT_CHUNK_SIZE);
+        // The first pack's buffer is touched while the key derives, not while chunks are
+        // sealed into it (see warmPackBuffer).
+        if (opening !== undefined) void warmPackBuffer(DEFAULT_PACK_SIZE);
         const target = await (opening ??
           openStore(config, ctx, { prepareWrite: { machine, disk } }));
         const progress = bar(ctx, config, 'import');
