@@ -1,7 +1,9 @@
 // Benchmark of a store with a long history: what one small commit costs as points and index
 // objects pile up (a process server commits a point per disk every few seconds), against the
 // same commit on a store with 100 points, measured in the same run; then after one gc (which
-// merges the index objects) and, as the second reference, after a fresh Store.open.
+// merges the index objects) and, as the second reference, after a fresh Store.open. Last, on
+// another fresh open, the check a restarted process server makes per machine (is the cut it
+// was committing in the store?): by the cut's name (findCutPoint) against a listing.
 //
 // Each commit is what a process server does per cut and disk: a write session on the point
 // it committed last (named, not "latest"), one 64 KiB chunk of random data, a commit. 50
@@ -55,7 +57,7 @@ async function main(): Promise<void> {
         base: last.get(machine) ?? null,
       });
       await s.write((n % 16_384) * CHUNK, randomBytes(CHUNK));
-      last.set(machine, (await s.commit({ kind: 'crash' })).id);
+      last.set(machine, (await s.commit({ kind: 'crash', cut: `cut-${n}` })).id);
       n++;
     };
     /** Mean milliseconds of the next `SAMPLE` commits. */
@@ -89,9 +91,29 @@ async function main(): Promise<void> {
     rows.push({ what: `${n} points, after a fresh Store.open`, ms: await timed() });
     await store.close();
 
+    // What a process server restarted after a crash asks first of each machine: is the cut it
+    // was committing in the store already? By the cut's own name, and by a listing.
+    store = await Store.open({
+      backend: new DirectoryBackend({ path: dir }),
+      passphrase: PASSPHRASE,
+    });
+    const cut = `cut-${n - 1}`;
+    const machine = `m${(n - 1) % MACHINES}`;
+    t = performance.now();
+    const found = await store.findCutPoint(machine, 'vda', cut);
+    const findMs = performance.now() - t;
+    t = performance.now();
+    const listed = await store.listPoints({ machine, disk: 'vda', cut });
+    const listMs = performance.now() - t;
+    await store.close();
+    if (found?.id !== listed[0]?.id) throw new Error('findCutPoint and listPoints disagree');
+
     console.log(`gc: ${before} index objects merged into ${after} in ${gcSeconds.toFixed(1)} s`);
     console.log(
       `fresh Store.open + first commit: ${reopenMs.toFixed(0)} ms (key, index, point list)`,
+    );
+    console.log(
+      `is cut ${cut} in the store (fresh open, ${n} points): findCutPoint ${findMs.toFixed(1)} ms, listPoints({ cut }) ${listMs.toFixed(1)} ms`,
     );
     console.log('');
     console.log('| store | ms per commit | vs the first row |');

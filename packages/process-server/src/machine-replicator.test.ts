@@ -68,6 +68,7 @@ function depsFor(
     store: {
       beginWrite: (o: Parameters<Store['beginWrite']>[0]) => store.beginWrite(o),
       listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+      findCutPoint: (m: string, d: string, c: string) => store.findCutPoint(m, d, c),
     },
     storeLimit: new Semaphore(8),
     applySlots: new Semaphore(1),
@@ -112,6 +113,7 @@ describe('MachineReplicator', () => {
         return s;
       },
       listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+      findCutPoint: (m: string, d: string, c: string) => store.findCutPoint(m, d, c),
     };
     const slots = new Semaphore(1);
     const make = (machine: string): MachineReplicator => {
@@ -249,6 +251,7 @@ describe('MachineReplicator', () => {
         return s;
       },
       listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+      findCutPoint: (m: string, d: string, c: string) => store.findCutPoint(m, d, c),
     };
     // The first save waits for the test; the second fails once.
     let openGate: () => void = () => undefined;
@@ -370,5 +373,54 @@ describe('MachineReplicator', () => {
     } finally {
       await rep.stop();
     }
+  });
+  it('after a restart finds a cut it committed before the crash by one read, not a listing of every point, and commits it once', async () => {
+    const bodies = new Map<JournalRecord, Buffer>();
+    const journal = journalOver(bodies);
+    // A store with a history: points of other machines, and of this one.
+    for (let i = 0; i < 20; i++) {
+      const s = await store.beginWrite({ machine: `other-${i}`, disk: 'd', size: CHUNK });
+      await s.write(0, randomBytes(CHUNK));
+      await s.commit({ cut: `other-cut-${i}` });
+    }
+    const data = randomBytes(CHUNK);
+    const meta = Buffer.from(JSON.stringify({ cutId: 'r1', kind: 'crash', time: 1 }));
+    const run = async (): Promise<{ cut: CommittedCut; listed: number }> => {
+      let listed = 0;
+      const committed: CommittedCut[] = [];
+      // What a restarted server knows: nothing saved of the cut it committed before the crash.
+      const rep: MachineReplicator = new MachineReplicator(
+        freshState('r'),
+        depsFor(store, {
+          store: {
+            beginWrite: (o) => store.beginWrite(o),
+            listPoints: (f) => {
+              listed++;
+              return store.listPoints(f);
+            },
+            findCutPoint: (m, d, c) => store.findCutPoint(m, d, c),
+          },
+          journal,
+          onCommitted: (c) => committed.push(c),
+        }),
+      );
+      const push = recordsOf('r', bodies, () => rep);
+      rep.start();
+      try {
+        push('data', data, CHUNK);
+        push('cut', meta);
+        await until(() => committed.length === 1);
+      } finally {
+        await rep.stop();
+      }
+      return { cut: committed[0]!, listed };
+    };
+    const before = await run();
+    const after = await run();
+    expect(after.cut.points.map((p) => p.id)).toEqual(before.cut.points.map((p) => p.id));
+    expect(after.listed + before.listed).toBe(0);
+    expect(await store.listPoints({ machine: 'r', cut: 'r1' })).toHaveLength(1);
+    const reader = await store.openPoint(after.cut.points[0]!.id);
+    expect(Buffer.from(await reader.readAt(CHUNK, CHUNK))).toEqual(data);
   });
 });

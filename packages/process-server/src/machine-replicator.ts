@@ -360,14 +360,15 @@ export class MachineReplicator {
       const s = await this.session(disk);
       sizes[disk] = { size: s.size };
       if (this.mayHaveCommitted) {
-        // A crash between this disk's commit and the state save: the point exists, do not repeat it.
+        // A crash between this disk's commit and the state save: the point exists, do not
+        // repeat it. One read of the object the cut names, however many points the store has.
         const existing = await limit(this.deps, () =>
-          this.deps.store.listPoints({ machine: this.state.machine, disk, cut: meta.cutId }),
+          this.deps.store.findCutPoint(this.state.machine, disk, meta.cutId),
         );
-        if (existing[0]) {
+        if (existing) {
           await s.abort();
           this.sessions.delete(disk);
-          points.push(existing[0]);
+          points.push(existing);
           continue;
         }
       }
@@ -384,7 +385,18 @@ export class MachineReplicator {
       };
       if (meta.consistencyGroup !== undefined) opts.consistencyGroup = meta.consistencyGroup;
       if (meta.labels !== undefined) opts.labels = meta.labels;
-      const info = await this.deps.storeLimit.run(() => s.commit(opts));
+      let info: PointInfo;
+      try {
+        info = await this.deps.storeLimit.run(() => s.commit(opts));
+      } catch (err) {
+        // Committed already, by an attempt whose answer was lost (a store timeout that did
+        // go through): the store refused a second point of the cut; take the first.
+        const first = isLifeboatError(err, 'LB_STORE_POINT_EXISTS')
+          ? await this.deps.store.findCutPoint(this.state.machine, disk, meta.cutId)
+          : undefined;
+        if (first === undefined) throw err;
+        info = first;
+      }
       this.sessions.delete(disk);
       points.push(info);
     }

@@ -146,6 +146,10 @@ export class RoutedStore implements ProcessServerStore {
     return this.forMachine(filter.machine).listPoints(filter);
   }
 
+  async findCutPoint(machine: string, disk: string, cut: string): Promise<PointInfo | undefined> {
+    return this.forMachine(machine).findCutPoint(machine, disk, cut);
+  }
+
   /** The resync digests of a machine's point, from the machine's store (on its worker thread). */
   async pointDigests(machine: string, point: string, key: Uint8Array): Promise<PointDigests> {
     const open = this.openFor(machine);

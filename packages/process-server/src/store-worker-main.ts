@@ -80,6 +80,8 @@ async function handle(req: StoreWorkerRequest): Promise<unknown> {
     }
     case 'listPoints':
       return store.listPoints(req.filter);
+    case 'findCutPoint':
+      return store.findCutPoint(req.machine, req.disk, req.cut);
     case 'pointDigests':
       return computePointDigests(store, req.point, req.key);
     case 'close':

@@ -30,6 +30,8 @@ export interface StoreWorkerOptions {
 export interface ReplicatorStore {
   beginWrite(options: WriteSessionOptions): Promise<WriteSession>;
   listPoints(filter?: PointFilter): Promise<PointInfo[]>;
+  /** The point of a cut, if committed (see `StoreApi.findCutPoint`). */
+  findCutPoint(machine: string, disk: string, cut: string): Promise<PointInfo | undefined>;
 }
 
 /** A machine's store as served by its worker: the replicator's part and resync baselines. */
@@ -285,6 +287,11 @@ export class StoreWorkerPool {
           StoreWorkerRequest,
           'id'
         >)) as PointInfo[],
+      findCutPoint: async (machine, disk, cut) =>
+        (await call({ op: 'findCutPoint', machine, disk, cut } as Omit<
+          StoreWorkerRequest,
+          'id'
+        >)) as PointInfo | undefined,
       pointDigests: async (point, key) =>
         (await call({ op: 'pointDigests', point, key } as Omit<
           StoreWorkerRequest,

@@ -18,6 +18,7 @@ export type StoreWorkerRequest =
     }
   | { id: number; op: 'abort'; session: number }
   | { id: number; op: 'listPoints'; filter: Record<string, unknown> }
+  | { id: number; op: 'findCutPoint'; machine: string; disk: string; cut: string }
   | { id: number; op: 'pointDigests'; point: string; key: Uint8Array }
   | { id: number; op: 'close' };
 

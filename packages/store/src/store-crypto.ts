@@ -34,6 +34,8 @@ export class StoreCrypto {
   private readonly dataKey: Buffer;
   /** HMAC-SHA-256 key authenticating the plaintext config object. */
   readonly configKey: Buffer;
+  /** HMAC-SHA-256 key naming the point of a cut (machine, disk, cut id). */
+  private readonly cutKey: Buffer;
   private readonly compressor = new Compressor();
   private readonly decompressor = new Decompressor();
   /** Random bytes drawn in bulk for nonces: one call to the CSPRNG per 256 nonces, not per chunk. */
@@ -47,6 +49,7 @@ export class StoreCrypto {
     this.treeKey = derive('lifeboat/v1/tree-id');
     this.dataKey = derive('lifeboat/v1/data');
     this.configKey = derive('lifeboat/v1/config');
+    this.cutKey = derive('lifeboat/v1/cut-point-id');
     this.compressor.setParameters({ compressionLevel });
   }
 
@@ -58,6 +61,18 @@ export class StoreCrypto {
   /** The keyed id of a tree node's plaintext. */
   treeId(node: Uint8Array): Buffer {
     return createHmac('sha256', this.treeKey).update(node).digest();
+  }
+
+  /**
+   * The id (32 hex) of the point of cut `cut` of a machine's disk: keyed, so the object's name
+   * tells nobody without the key which machine, disk or cut it is.
+   */
+  cutPointId(machine: string, disk: string, cut: string): string {
+    return createHmac('sha256', this.cutKey)
+      .update(JSON.stringify([machine, disk, cut]), 'utf8')
+      .digest()
+      .subarray(0, 16)
+      .toString('hex');
   }
 
   /** HMAC of the config's canonical text. */

@@ -270,6 +270,13 @@ export interface StoreApi {
   damagedPointObjects(): Array<{ id: string; object: string; error: Error }>;
   /** One point; rejects with `LB_STORE_POINT_NOT_FOUND`. */
   getPoint(id: string): Promise<PointInfo>;
+  /**
+   * The point committed for cut `cut` of a machine's disk, or undefined: one read of the
+   * object the cut names (see `docs/store-format.md`), whatever the number of points. Points
+   * committed before 2026-12-07 (random names) are not found; {@link listPoints} with a `cut`
+   * filter finds every one.
+   */
+  findCutPoint(machine: string, disk: string, cut: string): Promise<PointInfo | undefined>;
   /** The newest point of a disk, or undefined. */
   latestPoint(machine: string, disk: string): Promise<PointInfo | undefined>;
   /** Opens a point for reading. */

@@ -356,6 +356,20 @@ export class Store implements StoreApi {
     return out.sort(comparePoints);
   }
 
+  async findCutPoint(machine: string, disk: string, cut: string): Promise<PointInfo | undefined> {
+    this.throwIfClosed();
+    const id = this.crypto.cutPointId(machine, disk, cut);
+    let record: PointRecord;
+    try {
+      record = await this.loadPoint(id);
+    } catch (err) {
+      if (isLifeboatError(err, 'LB_STORE_POINT_NOT_FOUND')) return undefined;
+      throw err;
+    }
+    const p = record.info;
+    return p.machine === machine && p.disk === disk && p.cut === cut ? clonePoint(p) : undefined;
+  }
+
   async getPoint(id: string): Promise<PointInfo> {
     return clonePoint((await this.loadPoint(id)).info);
   }
@@ -723,10 +737,23 @@ export class Store implements StoreApi {
   /** @internal Writes a point object (the last step of a commit). */
   async putPoint(record: PointRecord): Promise<void> {
     const key = pointKey(record.info.id);
-    await this.backend.put(
-      key,
-      sealObject(this.crypto, ObjectKind.Point, key, encodePoint(record)),
-    );
+    try {
+      await this.backend.put(
+        key,
+        sealObject(this.crypto, ObjectKind.Point, key, encodePoint(record)),
+      );
+    } catch (err) {
+      if (isLifeboatError(err, 'LB_BACKEND_EXISTS')) {
+        const { machine, disk, cut } = record.info;
+        throw storeError(
+          'LB_STORE_POINT_EXISTS',
+          `Cut ${cut ?? '?'} of ${machine}/${disk} is already committed as point ${record.info.id} in ${this.location}; this commit added nothing. Use that point (findCutPoint).`,
+          { point: record.info.id, machine, disk, cut, object: key },
+          err,
+        );
+      }
+      throw err;
+    }
     this.points.set(record.info.id, record);
   }
 

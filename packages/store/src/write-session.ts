@@ -468,7 +468,13 @@ export class StoreWriteSession implements WriteSession {
     await this.lock.check();
     const now = new Date();
     const info: PointInfo = {
-      id: randomBytes(16).toString('hex'),
+      // A cut's point has the name its cut gives it: whoever asks whether the cut is in the
+      // store (a process server after a crash) reads one object instead of every point, and
+      // a second commit of the cut is refused instead of adding a duplicate.
+      id:
+        options.cut === undefined
+          ? randomBytes(16).toString('hex')
+          : store.crypto.cutPointId(this.machine, this.disk, options.cut),
       machine: this.machine,
       disk: this.disk,
       time: options.time ?? now,
