@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CliInput } from './cli-context.js';
+import { DirectoryBackend, Store } from '@lifeboat/store';
 import { runCli } from './main.js';
 
 const exec = promisify(execFile);
@@ -295,6 +296,36 @@ describe('lifeboat store', () => {
     const human = await lifeboat(['store', 'points']);
     expect(human.code).toBe(0);
     expect(human.stdout.split('\n')[0]).toMatch(/^ID\s+TIME\s+KIND\s+MACHINE\s+DISK\s+SIZE/);
+  });
+
+  it('lists the points of one cut', async () => {
+    const other = join(dir, 'cut-store');
+    const store = await Store.init({
+      backend: new DirectoryBackend({ path: other }),
+      passphrase: PASS,
+      kdfCost: 1024,
+    });
+    try {
+      for (const [disk, cut] of [
+        ['vda', 'c1'],
+        ['vdb', 'c1'],
+        ['vda', 'c2'],
+      ] as const) {
+        const s = await store.beginWrite({ machine: 'web', disk, size: 64 * K });
+        await s.write(0, randomBytes(64 * K));
+        await s.commit({ cut });
+      }
+    } finally {
+      await store.close();
+    }
+    const env = { LIFEBOAT_STORE: other };
+    const one = await json<{ points: Array<PointJson & { cut?: string }> }>(
+      ['store', 'points', '--cut', 'c1'],
+      env,
+    );
+    expect(one.points.map((p) => `${p.disk} ${p.cut}`).sort()).toEqual(['vda c1', 'vdb c1']);
+    const none = await json<{ points: PointJson[] }>(['store', 'points', '--cut', 'c9'], env);
+    expect(none.points).toEqual([]);
   });
 
   it('prunes old points by policy', async () => {

@@ -288,39 +288,49 @@ export function registerStoreCommands(program: Command, ctx: CliContext): void {
     .addOption(
       new Option('--kind <kind>', 'only crash- or app-consistent points').choices(['crash', 'app']),
     )
+    .option(
+      '--cut <id>',
+      "only the points of this cut (one per disk; the cut id a process server's log names)",
+    )
     .addHelpText(
       'after',
       '\nExample:\n  lifeboat --store /srv/lifeboat --passphrase-file pp.txt store points --machine web --json\n',
     )
-    .action(async (opts: { machine?: string; disk?: string; kind?: PointKind }, cmd: Command) => {
-      const { config, out } = setup(ctx, cmd);
-      const target = await openStore(config, ctx);
-      const points = await target.listPoints({
-        ...(opts.machine === undefined ? {} : { machine: opts.machine }),
-        ...(opts.disk === undefined ? {} : { disk: opts.disk }),
-        ...(opts.kind === undefined ? {} : { kind: opts.kind }),
-      });
-      const damaged = target.damagedPointObjects().map((d) => ({
-        id: d.id,
-        object: d.object,
-        code: isLifeboatError(d.error) ? d.error.code : 'LB_STORE_CORRUPT_POINT',
-        message: d.error.message,
-      }));
-      out.json({ points, damaged });
-      if (points.length === 0) out.line('no points');
-      else out.table(POINT_HEADERS, points.map(pointRow), new Set([5]));
-      if (damaged.length > 0) {
-        // A point that cannot be read is an integrity fault, not an absent point: say so.
-        out.line(
-          `${damaged.length} point object(s) could not be read and are not listed above; run "lifeboat store verify" for every fault:`,
-        );
-        out.table(
-          ['POINT', 'OBJECT', 'CODE', 'MESSAGE'],
-          damaged.map((d) => [shortId(d.id), d.object, d.code, d.message]),
-        );
-        ctx.exitCode = ExitCode.integrityFault;
-      }
-    });
+    .action(
+      async (
+        opts: { machine?: string; disk?: string; kind?: PointKind; cut?: string },
+        cmd: Command,
+      ) => {
+        const { config, out } = setup(ctx, cmd);
+        const target = await openStore(config, ctx);
+        const points = await target.listPoints({
+          ...(opts.machine === undefined ? {} : { machine: opts.machine }),
+          ...(opts.disk === undefined ? {} : { disk: opts.disk }),
+          ...(opts.cut === undefined ? {} : { cut: opts.cut }),
+          ...(opts.kind === undefined ? {} : { kind: opts.kind }),
+        });
+        const damaged = target.damagedPointObjects().map((d) => ({
+          id: d.id,
+          object: d.object,
+          code: isLifeboatError(d.error) ? d.error.code : 'LB_STORE_CORRUPT_POINT',
+          message: d.error.message,
+        }));
+        out.json({ points, damaged });
+        if (points.length === 0) out.line('no points');
+        else out.table(POINT_HEADERS, points.map(pointRow), new Set([5]));
+        if (damaged.length > 0) {
+          // A point that cannot be read is an integrity fault, not an absent point: say so.
+          out.line(
+            `${damaged.length} point object(s) could not be read and are not listed above; run "lifeboat store verify" for every fault:`,
+          );
+          out.table(
+            ['POINT', 'OBJECT', 'CODE', 'MESSAGE'],
+            damaged.map((d) => [shortId(d.id), d.object, d.code, d.message]),
+          );
+          ctx.exitCode = ExitCode.integrityFault;
+        }
+      },
+    );
 
   store
     .command('restore')
