@@ -423,4 +423,59 @@ describe('MachineReplicator', () => {
     const reader = await store.openPoint(after.cut.points[0]!.id);
     expect(Buffer.from(await reader.readAt(CHUNK, CHUNK))).toEqual(data);
   });
+  it("tells a disk's new session the cut's extents, so it reads their base leaves at once", async () => {
+    const bodies = new Map<JournalRecord, Buffer>();
+    const journal = journalOver(bodies);
+    const hinted: Array<Array<{ offset: number; length: number }>> = [];
+    const committed: CommittedCut[] = [];
+    const rep: MachineReplicator = new MachineReplicator(
+      freshState('h', 64),
+      depsFor(store, {
+        store: {
+          beginWrite: async (o) => {
+            const s = await store.beginWrite(o);
+            const prefetch = s.prefetch!.bind(s);
+            s.prefetch = (ranges) => {
+              hinted.push(ranges.map((r) => ({ ...r })));
+              return prefetch(ranges);
+            };
+            return s;
+          },
+          listPoints: (f) => store.listPoints(f),
+          findCutPoint: (m, d, c) => store.findCutPoint(m, d, c),
+        },
+        journal,
+        onCommitted: (c) => committed.push(c),
+      }),
+    );
+    const push = recordsOf('h', bodies, () => rep);
+    const expected = Buffer.alloc(64 * CHUNK);
+    const cut = (id: string, chunks: number[]): void => {
+      for (const c of chunks) {
+        const data = randomBytes(CHUNK);
+        data.copy(expected, c * CHUNK);
+        push('data', data, c * CHUNK);
+      }
+      push('cut', Buffer.from(JSON.stringify({ cutId: id, kind: 'crash', time: chunks[0] })));
+    };
+    // The whole cut is journaled before the replicator starts: its session sees every extent.
+    cut('h1', [3, 40, 17]);
+    rep.start();
+    try {
+      await until(() => committed.length === 1);
+      cut('h2', [5, 60]);
+      await until(() => committed.length === 2);
+      expect(hinted[0]).toEqual([
+        { offset: 3 * CHUNK, length: CHUNK },
+        { offset: 40 * CHUNK, length: CHUNK },
+        { offset: 17 * CHUNK, length: CHUNK },
+      ]);
+      // The second cut's session may begin before all of its records are in: a prefix of them.
+      for (const r of hinted[1] ?? []) expect([5 * CHUNK, 60 * CHUNK]).toContain(r.offset);
+      const reader = await store.openPoint(committed[1]!.points[0]!.id);
+      expect(Buffer.from(await reader.readAt(0, 64 * CHUNK))).toEqual(expected);
+    } finally {
+      await rep.stop();
+    }
+  });
 });

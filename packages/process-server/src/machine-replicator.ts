@@ -305,6 +305,18 @@ export class MachineReplicator {
         );
       }
       this.sessions.set(disk, s);
+      // The rest of this cut's extents of the disk, as far as they are here: the session reads
+      // the base's leaves for them at once (a worker that did not write this disk's last point,
+      // or a restart, has none of them in memory).
+      const ranges: Array<{ offset: number; length: number }> = [];
+      for (let i = Math.max(0, this.cursor); i < this.records.length; i++) {
+        const r = this.records[i]!;
+        if (r.kind === 'cut') break;
+        if (r.disk !== disk) continue;
+        if (r.kind === 'data') ranges.push({ offset: r.a, length: r.bodyLength });
+        else if (r.kind === 'zero' || r.kind === 'trim') ranges.push({ offset: r.a, length: r.b });
+      }
+      if (ranges.length > 0) void s.prefetch?.(ranges);
     }
     return s;
   }

@@ -64,6 +64,11 @@ async function handle(req: StoreWorkerRequest): Promise<unknown> {
       return session(req.session).write(req.offset, req.data);
     case 'writeZeroes':
       return session(req.session).writeZeroes(req.offset, req.length);
+    case 'prefetch':
+      // Started, not awaited: the session's next writes run meanwhile, each waiting only for
+      // the leaf it needs.
+      void session(req.session).prefetch?.(req.ranges);
+      return undefined;
     case 'trim':
       return session(req.session).trim(req.offset, req.length);
     case 'resize':

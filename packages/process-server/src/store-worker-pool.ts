@@ -388,6 +388,15 @@ class WorkerWriteSession implements WriteSession {
     );
   }
 
+  prefetch(ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<void> {
+    // A hint: posted like a write (the worker keeps a session's requests in order), never failing.
+    return this.post({
+      op: 'prefetch',
+      session: this.id,
+      ranges: ranges.map((r) => ({ offset: r.offset, length: r.length })),
+    } as Omit<StoreWorkerRequest, 'id'>).catch(() => undefined);
+  }
+
   async writeZeroes(offset: number, length: number): Promise<void> {
     await this.post({ op: 'writeZeroes', session: this.id, offset, length } as Omit<
       StoreWorkerRequest,

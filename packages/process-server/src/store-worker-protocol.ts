@@ -9,6 +9,12 @@ export type StoreWorkerRequest =
     }
   | { id: number; op: 'write'; session: number; offset: number; data: Uint8Array }
   | { id: number; op: 'writeZeroes' | 'trim'; session: number; offset: number; length: number }
+  | {
+      id: number;
+      op: 'prefetch';
+      session: number;
+      ranges: Array<{ offset: number; length: number }>;
+    }
   | { id: number; op: 'resize'; session: number; size: number }
   | {
       id: number;
