@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { ChunkPipeline } from './chunk-pipeline.js';
+import { mapLimit } from './map-limit.js';
 import { ObjectKind, encodeIndex, indexKey, sealObject } from './object-format.js';
 import { PackWriter } from './pack-writer.js';
 import type { PointRecord } from './point-record.js';
@@ -165,6 +166,8 @@ export class StoreWriteSession implements WriteSession {
     }
     const readOne = async (l: number): Promise<void> => {
       try {
+        // A session that ended meanwhile reads no further; nothing waits for the rest.
+        if (this.state !== 'open') return;
         const id = await this.store.nodeAt(base.root, base.height, 0, l, this.ctx);
         if (id !== null) await this.store.readNode(id, 0, this.ctx);
       } catch {
@@ -177,16 +180,7 @@ export class StoreWriteSession implements WriteSession {
     const run = (async () => {
       // The first leaf alone: it reads the interior nodes every later path shares.
       await readOne(queue[0] as number);
-      let next = 1;
-      const worker = async (): Promise<void> => {
-        while (next < queue.length && this.state === 'open') await readOne(queue[next++] as number);
-      };
-      await Promise.all(Array.from({ length: PREFETCH_READS }, worker));
-      // A session that ended meanwhile reads no further; nothing waits for the rest.
-      for (const l of queue.slice(next)) {
-        this.prefetching.delete(l);
-        settled.get(l)?.();
-      }
+      await mapLimit(queue.slice(1), PREFETCH_READS, readOne);
     })();
     this.prefetchRuns = this.prefetchRuns.then(() => run);
     return run;
