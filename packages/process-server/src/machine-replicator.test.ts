@@ -59,6 +59,20 @@ function journalOver(bodies: Map<JournalRecord, Buffer>): Journal {
   } as unknown as Journal;
 }
 
+/**
+ * What the server does when a machine's backlog is damaged: it marks the machine for resync,
+ * which drops the backlog. Keeps the reports.
+ */
+function resyncOnDamage(
+  reports: LifeboatError[],
+  rep: () => MachineReplicator,
+): (err: LifeboatError) => void {
+  return (err) => {
+    reports.push(err);
+    void rep().dropBacklog();
+  };
+}
+
 /** What a replicator needs, with one apply slot, no-op saves and quick retries. */
 function depsFor(
   store: Store,
@@ -183,11 +197,7 @@ describe('MachineReplicator', () => {
       depsFor(store, {
         journal,
         onCommitted: (c) => committed.push(c),
-        // The server marks the machine for resync, which drops the backlog.
-        onJournalDamage: (err) => {
-          reports.push(err);
-          void rep.dropBacklog();
-        },
+        onJournalDamage: resyncOnDamage(reports, () => rep),
       }),
     );
     const rec = (seq: number, kind: 'data' | 'cut'): JournalRecord => ({
@@ -331,10 +341,7 @@ describe('MachineReplicator', () => {
       depsFor(store, {
         journal,
         onCommitted: (c) => committed.push(c),
-        onJournalDamage: (err) => {
-          reports.push(err);
-          void rep.dropBacklog();
-        },
+        onJournalDamage: resyncOnDamage(reports, () => rep),
       }),
     );
     const push = recordsOf('q', bodies, () => rep);
