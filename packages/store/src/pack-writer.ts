@@ -50,6 +50,45 @@ function takeWarm(bytes: number): Buffer | undefined {
   return warm.buf;
 }
 
+/**
+ * Pack buffers of this thread that no pack uses any more, for the next pack of any writer.
+ * Each write session has its own pack writer, and a process server commits a point every few
+ * MiB: when each session allocated its own 16 MiB buffer, a store worker thread allocated
+ * four times its data rate in fresh memory, which V8 counts against the thread's external
+ * memory limit (a full garbage collection every four 4 MiB cuts, 370 of them in a 30 s
+ * benchmark run) and the kernel faulted in page by page. Three spares cover a writer's
+ * buffers (two packs in flight and one being filled); what they keep is at most three packs'
+ * worth of touched pages per thread.
+ */
+const spares: Buffer[] = [];
+const MAX_SPARES = 3;
+
+/** A buffer of at least `bytes` that nothing refers to, if this thread has one. */
+function takeSpare(bytes: number): Buffer | undefined {
+  const warmed = takeWarm(bytes);
+  if (warmed !== undefined) return warmed;
+  const i = spares.findIndex((b) => b.length >= bytes);
+  return i < 0 ? undefined : spares.splice(i, 1)[0];
+}
+
+/** Keeps a buffer nothing refers to any more, for {@link takeSpare}; the smallest goes first. */
+function giveSpare(buf: Buffer): void {
+  if (spares.length < MAX_SPARES) {
+    spares.push(buf);
+    return;
+  }
+  let smallest = 0;
+  for (let i = 1; i < spares.length; i++) {
+    if ((spares[i] as Buffer).length < (spares[smallest] as Buffer).length) smallest = i;
+  }
+  if ((spares[smallest] as Buffer).length < buf.length) spares[smallest] = buf;
+}
+
+/** @internal For tests: the spare pack buffers this thread holds. */
+export function spareBuffers(): readonly Buffer[] {
+  return spares;
+}
+
 /** The pack being filled, as far as it went to the backend already. */
 interface PackStream {
   writer: Promise<ObjectWriter>;
@@ -76,8 +115,6 @@ export class PackWriter {
   private readonly blobs = new Map<string, PendingBlob>();
   /** The pack being filled: sealed blobs are copied in as they come, so a pack is one buffer. */
   private buf: Buffer | undefined;
-  /** Pack buffers whose upload finished, reused so the kernel need not fault in fresh pages. */
-  private readonly free: Buffer[] = [];
   private partsBytes = 0;
   private entries: PackEntry[] = [];
   private pack = newPackId();
@@ -155,11 +192,7 @@ export class PackWriter {
       // (45 bytes per blob; if it does not, flush copies once).
       const slack = packSlack(this.packSize, sealed.length);
       const cap = Math.max(this.packSize + slack, this.partsBytes + sealed.length);
-      const spare = this.free.pop();
-      const grown =
-        spare !== undefined && spare.length >= cap
-          ? spare
-          : (takeWarm(cap) ?? Buffer.allocUnsafe(cap));
+      const grown = takeSpare(cap) ?? Buffer.allocUnsafe(cap);
       if (this.buf !== undefined) {
         this.buf.copy(grown, 0, 0, this.partsBytes);
         for (const e of this.entries) {
@@ -260,9 +293,9 @@ export class PackWriter {
           const b = this.blobs.get(e.id.toString('latin1'));
           if (b !== undefined) b.data = undefined;
         }
-        // Nothing refers to the pack's buffer any more: keep it for the next pack.
-        // One spare is enough: the next pack takes it, and a second would only sit in memory.
-        if (this.free.length < 1) this.free.push(buf);
+        // Nothing refers to the pack's buffer any more (its blobs' views are dropped above,
+        // the backend is done with its bytes): keep it for the next pack, of any writer.
+        giveSpare(buf);
         this.unpublished += entries.length;
         if (this.unpublished >= this.publishEvery) this.startPublish();
       },
