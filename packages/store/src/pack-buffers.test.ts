@@ -67,7 +67,7 @@ describe("pack buffers shared by a thread's write sessions", () => {
     const points: Array<{ id: string; disk: string; data: Buffer }> = [];
     const bases = new Map<string, string>();
     const disks = new Map<string, Buffer>();
-    // A point after every 8 chunks (32 KiB: two packs, the second at the commit).
+    // A point after every 8 chunks (32 KiB and their tree nodes: three packs of 16 KiB).
     const cut = async (disk: string, n: number): Promise<void> => {
       const data = disks.get(disk) ?? Buffer.alloc(SIZE);
       disks.set(disk, data);

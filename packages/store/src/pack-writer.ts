@@ -20,36 +20,6 @@ function packSlack(packSize: number, blobBytes: number): number {
   return Math.max(2 * blobBytes, Math.min(packSize, 256 * 1024));
 }
 
-/** A pack buffer allocated ahead by {@link warmPackBuffer}, until a pack writer takes it. */
-let warm: { buf: Buffer; taken: boolean } | undefined;
-
-/**
- * Allocates the buffer of a first pack of `packSize` bytes now and touches its pages, a MiB at
- * a time between turns of the event loop, for the first pack writer of the process to take. A
- * page's first touch costs the kernel a fault (on the development VM about 0.7 ms per MiB, a
- * host fault each): for a short command such as a changed-extents import that was 17 ms of its
- * copies into the pack buffer. Meant for time the process would idle anyway (while the store's
- * key derives). Writers whose packs need a larger buffer, or that come after, allocate their
- * own as before. Resolves when done or taken.
- */
-export async function warmPackBuffer(packSize: number): Promise<void> {
-  if (warm !== undefined || !Number.isSafeInteger(packSize) || packSize <= 0) return;
-  const w = { buf: Buffer.allocUnsafe(packSize + packSlack(packSize, 0)), taken: false };
-  warm = w;
-  const step = 1024 * 1024;
-  for (let at = 0; at < w.buf.length && !w.taken; at += step) {
-    w.buf.fill(0, at, Math.min(w.buf.length, at + step));
-    await setImmediate();
-  }
-}
-
-/** The buffer {@link warmPackBuffer} made, when it holds `bytes`; handed out once. */
-function takeWarm(bytes: number): Buffer | undefined {
-  if (warm === undefined || warm.taken || warm.buf.length < bytes) return undefined;
-  warm.taken = true;
-  return warm.buf;
-}
-
 /**
  * Pack buffers of this thread that no pack uses any more, for the next pack of any writer.
  * Each write session has its own pack writer, and a process server commits a point every few
@@ -65,8 +35,6 @@ const MAX_SPARES = 3;
 
 /** A buffer of at least `bytes` that nothing refers to, if this thread has one. */
 function takeSpare(bytes: number): Buffer | undefined {
-  const warmed = takeWarm(bytes);
-  if (warmed !== undefined) return warmed;
   const i = spares.findIndex((b) => b.length >= bytes);
   return i < 0 ? undefined : spares.splice(i, 1)[0];
 }
@@ -82,6 +50,30 @@ function giveSpare(buf: Buffer): void {
     if ((spares[i] as Buffer).length < (spares[smallest] as Buffer).length) smallest = i;
   }
   if ((spares[smallest] as Buffer).length < buf.length) spares[smallest] = buf;
+}
+
+/** Whether {@link warmPackBuffer} ran in this thread (it does its work once). */
+let warmed = false;
+
+/**
+ * Allocates the buffer of a first pack of `packSize` bytes now, as a spare for the first pack
+ * writer to take, and touches its pages, a MiB at a time between turns of the event loop, until
+ * done or taken. A page's first touch costs the kernel a fault (on the development VM about
+ * 0.7 ms per MiB, a host fault each): for a short command such as a changed-extents import that
+ * was 17 ms of its copies into the pack buffer. Meant for time the process would idle anyway
+ * (while the store's key derives).
+ */
+export async function warmPackBuffer(packSize: number): Promise<void> {
+  if (warmed || !Number.isSafeInteger(packSize) || packSize <= 0) return;
+  warmed = true;
+  const buf = Buffer.allocUnsafe(packSize + packSlack(packSize, 0));
+  giveSpare(buf);
+  const step = 1024 * 1024;
+  // Once a writer took it, its bytes are the writer's: stop touching them.
+  for (let at = 0; at < buf.length && spares.includes(buf); at += step) {
+    buf.fill(0, at, Math.min(buf.length, at + step));
+    await setImmediate();
+  }
 }
 
 /** @internal For tests: the spare pack buffers this thread holds. */
