@@ -8,8 +8,10 @@ import { readPassphrase, requireStore } from './config.js';
 export async function openBackend(
   location: StoreLocation,
   create: boolean,
+  directory: { directWrites?: boolean } = {},
 ): Promise<ObjectBackend> {
-  if (location.kind === 'directory') return new DirectoryBackend({ path: location.path });
+  if (location.kind === 'directory')
+    return new DirectoryBackend({ path: location.path, ...directory });
   const { AzureBlobBackend } = await import('@lifeboat/store-azure');
   // The URL, not just the container name: the backend checks that the connection string's
   // endpoint is the one the user named, so a store URL never silently means another account.
@@ -51,14 +53,22 @@ export function storePassphrase(
 export async function openStore(
   config: CliConfig,
   ctx: CliContext,
-  options: Pick<StoreOpenOptions, 'cacheBytes' | 'prepareWrite'> = {},
+  options: Pick<StoreOpenOptions, 'cacheBytes' | 'prepareWrite'> & {
+    /** A directory store writes its packs with direct I/O (see DirectoryBackendOptions). */
+    directWrites?: boolean;
+  } = {},
 ): Promise<StoreApi> {
   const location = requireStore(config);
   const passphrase = await storePassphrase(config, ctx);
-  const backend = await openBackend(location, false);
+  const { directWrites, ...open } = options;
+  const backend = await openBackend(
+    location,
+    false,
+    directWrites === undefined ? {} : { directWrites },
+  );
   let store: StoreApi;
   try {
-    store = await Store.open({ backend, passphrase, ...options });
+    store = await Store.open({ backend, passphrase, ...open });
   } catch (err) {
     await backend.close().catch(() => undefined);
     throw err;

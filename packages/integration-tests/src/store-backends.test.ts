@@ -414,6 +414,15 @@ describeBackendConformance('DirectoryBackend', async () => {
   return { backend: new DirectoryBackend({ path: dir.path }), cleanup: () => dir.remove() };
 });
 
+// As a process server opens it: objects written in pieces go past the page cache.
+describeBackendConformance('DirectoryBackend (direct writes)', async () => {
+  const dir = await makeTempDir('lifeboat-backend-');
+  return {
+    backend: new DirectoryBackend({ path: dir.path, directWrites: true }),
+    cleanup: () => dir.remove(),
+  };
+});
+
 // ---------------------------------------------------------------------------------------------
 // Azure Blob Storage on Azurite
 

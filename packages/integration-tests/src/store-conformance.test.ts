@@ -219,6 +219,14 @@ describeStoreConformance('DirectoryBackend', async () => {
   return { open: () => new DirectoryBackend({ path: dir.path }), cleanup: () => dir.remove() };
 });
 
+describeStoreConformance('DirectoryBackend (direct writes)', async () => {
+  const dir = await makeTempDir('lifeboat-store-');
+  return {
+    open: () => new DirectoryBackend({ path: dir.path, directWrites: true }),
+    cleanup: () => dir.remove(),
+  };
+});
+
 describe('on Azure Blob Storage (Azurite)', () => {
   let azurite: Azurite | undefined;
   beforeAll(async () => {

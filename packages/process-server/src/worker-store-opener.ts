@@ -25,7 +25,10 @@ export type WorkerStoreSpec = (
 /** Opens the store described by `spec`; the default module of store workers. */
 export async function openWorkerStore(spec: WorkerStoreSpec): Promise<StoreApi> {
   let backend: ObjectBackend;
-  if (spec.kind === 'directory') backend = new DirectoryBackend({ path: spec.path });
+  // A process server writes each pack once and seldom reads it again (a failover, days later):
+  // past the page cache, it saves a kernel copy per byte (about a tenth of its CPU, measured).
+  if (spec.kind === 'directory')
+    backend = new DirectoryBackend({ path: spec.path, directWrites: true });
   else {
     const { AzureBlobBackend } = await import('@lifeboat/store-azure');
     backend = new AzureBlobBackend({

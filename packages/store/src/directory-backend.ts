@@ -3,8 +3,9 @@ import { constants } from 'node:fs';
 import { link, mkdir, open, readFile, readdir, rename, stat, unlink } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
-import { writeFully } from '@lifeboat/protocol/direct-io';
+import { directIoRefused, writeFully } from '@lifeboat/protocol/direct-io';
 import { LifeboatError } from '@lifeboat/protocol/errors';
+import { DIRECT_FLAG, DirectAppender } from './direct-writer.js';
 import type { ObjectBackend, ObjectInfo, ObjectWriter, PutOptions } from './object-backend.js';
 
 /** Options for {@link DirectoryBackend}. */
@@ -17,6 +18,15 @@ export interface DirectoryBackendOptions {
    * @default 64
    */
   maxOpenFiles?: number;
+  /**
+   * Objects written in pieces (packs) go to disk with direct I/O, past the page cache, where
+   * the file system allows it (else through the cache, as without this option). For writers
+   * that seldom read back what they wrote, such as a process server: the cache would cost a
+   * kernel copy and, on VMs that give freed memory back to the host, a fault per page.
+   * Objects written whole (`put`) always go through the cache.
+   * @default false
+   */
+  directWrites?: boolean;
 }
 
 /** A file kept open for ranged reads, and how many reads use it now. */
@@ -29,6 +39,7 @@ interface OpenFile {
 
 // Temporary files live beside their final name so rename stays within one file system.
 const TMP_PREFIX = '.tmp-';
+const WRITE_NEW = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL;
 const ABANDONED_TMP_MS = 3_600_000;
 const KEY_RE = /^[A-Za-z0-9_-][A-Za-z0-9._-]*(\/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$/;
 
@@ -43,6 +54,8 @@ export class DirectoryBackend implements ObjectBackend {
   private readonly madeDirs = new Set<string>();
   private readonly open = new Map<string, OpenFile>();
   private readonly maxOpenFiles: number;
+  /** Direct writes wanted and not yet refused by the file system (see `directWrites`). */
+  private direct: boolean;
 
   constructor(options: DirectoryBackendOptions) {
     if (typeof options.path !== 'string' || options.path === '') {
@@ -54,6 +67,7 @@ export class DirectoryBackend implements ObjectBackend {
     this.root = resolve(options.path);
     this.location = `dir:${this.root}`;
     this.maxOpenFiles = Math.max(0, options.maxOpenFiles ?? 64);
+    this.direct = options.directWrites === true && DIRECT_FLAG !== 0;
   }
 
   async put(key: string, data: Uint8Array, options: PutOptions = {}): Promise<void> {
@@ -90,10 +104,25 @@ export class DirectoryBackend implements ObjectBackend {
     const dir = dirname(file);
     this.forget(file);
     await this.ensureDir(dir);
-    const tmp = tmpName(dir);
+    let tmp = tmpName(dir);
     let handle: FileHandle;
+    let direct: DirectAppender | undefined;
     try {
-      handle = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL);
+      if (this.direct) {
+        try {
+          handle = await open(tmp, WRITE_NEW | DIRECT_FLAG);
+          direct = new DirectAppender(handle, () => open(tmp, constants.O_WRONLY));
+        } catch (err) {
+          if (!directIoRefused(err)) throw err;
+          // The file system has no direct I/O (tmpfs on older kernels): the cache from now on.
+          this.direct = false;
+          await unlink(tmp).catch(() => undefined);
+          tmp = tmpName(dir);
+          handle = await open(tmp, WRITE_NEW);
+        }
+      } else {
+        handle = await open(tmp, WRITE_NEW);
+      }
     } catch (err) {
       throw this.wrap(err, key);
     }
@@ -102,13 +131,18 @@ export class DirectoryBackend implements ObjectBackend {
     const close = async (): Promise<void> => {
       if (closed) return;
       closed = true;
+      direct?.release();
+      await direct?.fallbackHandle?.close();
       await handle.close();
     };
     return {
       append: async (data) => {
         try {
-          await writeFully(handle, data, position);
-          position += data.length;
+          if (direct !== undefined) await direct.append(data);
+          else {
+            await writeFully(handle, data, position);
+            position += data.length;
+          }
         } catch (err) {
           throw this.wrap(err, key);
         }
@@ -122,6 +156,8 @@ export class DirectoryBackend implements ObjectBackend {
       },
       commit: async () => {
         try {
+          await direct?.finish();
+          // fsync covers the file whichever handle wrote it (the fallback's too).
           await handle.sync();
           await close();
           await this.publish(tmp, key, false);

@@ -275,7 +275,9 @@ export function registerProcessServerCommands(program: Command, ctx: CliContext)
         }
         const config = resolveConfig(globals, ctx.io);
         let storeChoice: Pick<ProcessServerOptions, 'store' | 'storeWorkers'>;
-        if (workers === 0) storeChoice = { store: await openStore(config, ctx) };
+        // Packs go to disk past the page cache, as in store workers (openWorkerStore).
+        if (workers === 0)
+          storeChoice = { store: await openStore(config, ctx, { directWrites: true }) };
         else {
           // Each worker thread opens the store itself; check here once that it opens at all.
           await openStore(config, ctx);
