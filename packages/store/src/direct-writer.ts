@@ -15,8 +15,13 @@ import {
 
 const ftruncate = promisify(ftruncateCallback);
 
-/** Bytes of a writer's page-aligned staging buffer (direct writes go out from it). */
-export const STAGING_BYTES = 256 * 1024;
+/**
+ * Bytes of a writer's page-aligned staging buffer (direct writes go out from it): a pack's
+ * piece (1 MiB) in one write. Each write waits for a turn of the event loop to start the next;
+ * with 256 KiB, four turns per piece left a 4 MiB cut's pieces 5.4 ms behind at its commit
+ * (3.0 ms with 1 MiB, on the development VM).
+ */
+export const STAGING_BYTES = 1024 * 1024;
 /** Staging buffers kept for the next writer of this thread (each is a mapping of its own). */
 const MAX_SPARE_STAGING = 4;
 const spareStaging: Buffer[] = [];
