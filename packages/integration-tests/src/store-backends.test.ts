@@ -625,6 +625,27 @@ describe('AzureBlobBackend on Azurite', () => {
     expect(proxy.peak).toBeGreaterThan(1);
   });
 
+  it('puts an object written in one piece in one request, and stages the pieces of a larger one', async () => {
+    const b = azureBackend({ connectionString: proxied });
+    await b.put('warm', Buffer.from('x'));
+    // A process server's usual pack: one cut's few blobs, one piece.
+    const small = randomBytes(200_000);
+    let seen = proxy.requests;
+    const w = await b.openWrite('packs/ff/ff01');
+    await w.append(small);
+    await w.commit();
+    expect(proxy.requests - seen).toBe(1);
+    expect((await b.get('packs/ff/ff01')).equals(small)).toBe(true);
+    // Two pieces: two blocks and the block list.
+    const two = [randomBytes(300_000), randomBytes(1000)];
+    seen = proxy.requests;
+    const w2 = await b.openWrite('packs/ff/ff02');
+    for (const piece of two) await w2.append(piece);
+    await w2.commit();
+    expect(proxy.requests - seen).toBe(3);
+    expect((await b.get('packs/ff/ff02')).equals(Buffer.concat(two))).toBe(true);
+  });
+
   it('retries 503 and reset connections, and recognises its own put whose answer was lost', async () => {
     const b = azureBackend({ connectionString: proxied });
     await b.put('warm', Buffer.from('x'));

@@ -300,9 +300,10 @@ export class AzureBlobBackend implements ObjectBackend {
   }
 
   /**
-   * An object written in pieces: each piece is staged as an uncommitted block as it comes (a
-   * few at once, within the request limit) and `commit` puts the block list, as a large put
-   * ends, so most of a pack is uploaded while its later blobs are still being sealed.
+   * An object written in pieces: each piece is staged as an uncommitted block once the next
+   * one comes (a few at once, within the request limit; the last at `commit`) and `commit`
+   * puts the block list, as a large put ends, so most of a pack is uploaded while its later
+   * blobs are still being sealed. An object of one piece goes up in one put.
    * Uncommitted blocks are invisible; the service discards those never committed (after a
    * week), which is all `abort` leaves. When the commit meets anything but a clean answer (the
    * name exists, or another writer's commit of it discarded these blocks), it hands the pieces
@@ -321,34 +322,41 @@ export class AzureBlobBackend implements ObjectBackend {
     let failure: unknown;
     const stageFacts = { location: this.location, operation: 'put (stage block)', key };
     const whole = (): Promise<void> => this.put(key, Buffer.concat(pieces));
+    /** Stages pieces[index] as a block (past the service's block count: up whole at commit). */
+    const stage = (index: number): void => {
+      if (index >= MAX_BLOCKS) return;
+      const piece = pieces[index] as Buffer;
+      const id = Buffer.from(`${nonce}-${String(ids.length).padStart(6, '0')}`).toString('base64');
+      ids.push(id);
+      const staging = this.track(async () => {
+        await this.ensureReady();
+        await this.retried(stageFacts, undefined, (s) =>
+          blob.stageBlock(id, piece, piece.length, { abortSignal: s }),
+        );
+      });
+      staging.catch((err: unknown) => {
+        failure ??= err;
+      });
+      staged.push(staging);
+    };
     return {
       append: async (data) => {
         if (data.length === 0) return;
         // The caller leaves the bytes alone until commit or abort (ObjectWriter's contract).
-        const piece = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-        pieces.push(piece);
-        // Past the service's block count the pieces go up with the whole put at commit.
-        if (pieces.length > MAX_BLOCKS) return;
-        const id = Buffer.from(`${nonce}-${String(ids.length).padStart(6, '0')}`).toString(
-          'base64',
-        );
-        ids.push(id);
-        const stage = this.track(async () => {
-          await this.ensureReady();
-          await this.retried(stageFacts, undefined, (s) =>
-            blob.stageBlock(id, piece, piece.length, { abortSignal: s }),
-          );
-        });
-        stage.catch((err: unknown) => {
-          failure ??= err;
-        });
-        staged.push(stage);
+        pieces.push(Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+        // The newest piece waits for the next one or the commit: an object of one piece (a
+        // small pack, the usual one of a process server's cut) goes up in one put, not a block
+        // and a block list.
+        if (pieces.length < 2) return;
+        stage(pieces.length - 2);
         await staged[staged.length - 1 - STAGE_AHEAD]?.catch(() => undefined);
       },
       commit: async () => {
+        if (pieces.length <= 1) return whole();
+        stage(pieces.length - 1);
         await Promise.allSettled(staged);
         if (failure !== undefined) throw this.mapError(failure, stageFacts);
-        if (ids.length === 0 || ids.length !== pieces.length) return whole();
+        if (ids.length !== pieces.length) return whole();
         const facts = { location: this.location, operation: 'put', key };
         let attempts = 0;
         try {
