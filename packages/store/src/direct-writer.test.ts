@@ -19,9 +19,14 @@ afterEach(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-/** Pages of `file` in the page cache (util-linux fincore), or undefined without the tool. */
+/**
+ * Pages of `file` in the page cache (util-linux fincore), or undefined without the tool or on
+ * tmpfs (whose files live in the page cache, direct writes or not).
+ */
 async function cachedPages(file: string): Promise<number | undefined> {
   try {
+    const { stdout: fs } = await run('stat', ['-f', '-c', '%T', file]);
+    if (fs.trim() === 'tmpfs') return undefined;
     const { stdout } = await run('fincore', ['--bytes', '--noheadings', '--output', 'PAGES', file]);
     return Number(stdout.trim());
   } catch {
