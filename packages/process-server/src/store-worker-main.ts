@@ -105,14 +105,22 @@ const chains = new Map<number, Promise<unknown>>();
 function ordered(req: StoreWorkerRequest): Promise<unknown> {
   if (!('session' in req)) return handle(req);
   const prev = chains.get(req.session) ?? Promise.resolve();
-  const next = prev.then(() => handle(req));
-  chains.set(req.session, next);
-  if (req.op === 'commit' || req.op === 'abort') {
-    // The session ends here; an abort runs even after a failure, to release it.
-    const end = req.op === 'abort' ? prev.catch(() => undefined).then(() => handle(req)) : next;
+  if (req.op === 'abort') {
+    // The session ends here, and an abort runs even after a failure, to release it. (It was
+    // once chained like the other requests as well: after a failed write that second promise
+    // rejected with nobody to hear it, and the unhandled rejection killed the thread.)
     chains.delete(req.session);
-    return end.finally(() => sessions.delete(req.session));
+    return prev
+      .catch(() => undefined)
+      .then(() => handle(req))
+      .finally(() => sessions.delete(req.session));
   }
+  const next = prev.then(() => handle(req));
+  if (req.op === 'commit') {
+    chains.delete(req.session);
+    return next.finally(() => sessions.delete(req.session));
+  }
+  chains.set(req.session, next);
   return next;
 }
 

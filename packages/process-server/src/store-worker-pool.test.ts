@@ -156,4 +156,36 @@ describe('StoreWorkerPool', () => {
       await pool.close();
     }
   });
+  it('survives a session whose write failed being aborted: the thread stays up and serves the next session', async () => {
+    const pool = new StoreWorkerPool({ spec: { kind: 'directory', path: dir, passphrase } });
+    try {
+      const size = 4 * CHUNK;
+      const bad = await pool.forMachine('fails').beginWrite({ machine: 'fails', disk: 'd', size });
+      // Past the disk's end: the store refuses it, and the session has failed.
+      await expect(
+        (async () => {
+          await bad.write(size, randomBytes(CHUNK));
+          await bad.commit({ cut: 'never' });
+        })(),
+      ).rejects.toThrow();
+      await bad.abort();
+      // Give a dying thread the time to be noticed.
+      await new Promise((r) => setTimeout(r, 300));
+      expect(pool.health()).toMatchObject({ alive: pool.health().count, restarts: 0 });
+      const good = await pool.forMachine('fails').beginWrite({ machine: 'fails', disk: 'd', size });
+      const data = randomBytes(size);
+      // A whole buffer is transferred to the thread (detached here): write a copy.
+      await good.write(0, Buffer.from(data));
+      const id = (await good.commit({ cut: 'after' })).id;
+      const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
+      try {
+        const reader = await store.openPoint(id);
+        expect(Buffer.from(await reader.readAt(0, size)).equals(data)).toBe(true);
+      } finally {
+        await store.close();
+      }
+    } finally {
+      await pool.close();
+    }
+  });
 });
