@@ -485,4 +485,48 @@ describe('MachineReplicator', () => {
       await rep.stop();
     }
   });
+  it('does not report a store failure when its backlog was dropped under a write (the session was aborted, not the store down)', async () => {
+    const bodies = new Map<JournalRecord, Buffer>();
+    let entered = false;
+    let openGate: () => void = () => undefined;
+    const gate = new Promise<void>((res) => (openGate = res));
+    const gatedStore = {
+      beginWrite: async (o: Parameters<Store['beginWrite']>[0]): Promise<WriteSession> => {
+        const s = await store.beginWrite(o);
+        const write = s.write.bind(s);
+        s.write = async (offset, data) => {
+          entered = true;
+          await gate;
+          return write(offset, data);
+        };
+        return s;
+      },
+      listPoints: (f: Parameters<Store['listPoints']>[0]) => store.listPoints(f),
+      findCutPoint: (m: string, d: string, c: string) => store.findCutPoint(m, d, c),
+    };
+    const rep = new MachineReplicator(
+      freshState('dropped'),
+      depsFor(store, {
+        store: gatedStore,
+        journal: journalOver(bodies),
+        onCommitted: () => undefined,
+      }),
+    );
+    const push = recordsOf('dropped', bodies, () => rep);
+    push('data', randomBytes(CHUNK), 0);
+    push('cut', Buffer.from(JSON.stringify({ cutId: 'c-dropped', kind: 'crash', time: 1 })));
+    rep.start();
+    try {
+      await until(() => entered);
+      // The server drops the backlog (overflow, resync) while the write waits: the session
+      // is aborted under it, and the write then fails on the closed session.
+      await rep.dropBacklog();
+      openGate();
+      await new Promise((r) => setTimeout(r, 100));
+      expect(rep.lastError).toBeUndefined();
+    } finally {
+      openGate();
+      await rep.stop();
+    }
+  });
 });

@@ -198,6 +198,10 @@ export class MachineReplicator {
         this.failures = 0;
       } catch (err) {
         if (this.stopped) break;
+        // The backlog was dropped while this attempt ran (overflow, resync): its sessions were
+        // aborted under it, so its failure says nothing of the store. Reporting it showed the
+        // store as unreachable until the machine's next commit.
+        if (gen !== this.generation) continue;
         if (
           (isLifeboatError(err, 'LB_PS_JOURNAL_CORRUPT') ||
             isLifeboatError(err, 'LB_PS_BASE_POINT_MISSING')) &&
