@@ -2,9 +2,7 @@
 // pieces (packs). On the VMs Lifeboat is developed on, every new page of file data in the page
 // cache costs a host fault and a kernel copy; a process server writes packs once and rarely
 // reads them again, so the cache gains it nothing (see docs/operations.md, "Direct I/O").
-import { ftruncate as ftruncateCallback } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { promisify } from 'node:util';
 import {
   DIRECT_IO_ALIGN,
   O_DIRECT,
@@ -12,8 +10,6 @@ import {
   pageAlignedShared,
   writeFully,
 } from '@lifeboat/protocol/direct-io';
-
-const ftruncate = promisify(ftruncateCallback);
 
 /**
  * Bytes of a writer's page-aligned staging buffer (direct writes go out from it): a pack's
@@ -64,11 +60,6 @@ export class DirectAppender {
   /** True once the file system refused direct writes and the cache is used instead. */
   get refused(): boolean {
     return this.buffered !== undefined;
-  }
-
-  /** Bytes appended so far. */
-  get length(): number {
-    return this.position + this.fill;
   }
 
   async append(data: Uint8Array): Promise<void> {
@@ -129,7 +120,7 @@ export class DirectAppender {
       return;
     }
     if (last) {
-      if (bytes > this.fill) await ftruncate(this.fh.fd, end);
+      if (bytes > this.fill) await this.fh.truncate(end);
       this.position = end;
       this.fill = 0;
       return;

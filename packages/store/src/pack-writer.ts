@@ -210,8 +210,8 @@ export class PackWriter {
     else if (this.openWrite !== undefined) {
       // The pack's file is opened with its first blob, while the next blobs are sealed: its
       // first piece then need not wait for the open (1-6 ms on the development VM).
-      this.openStream(this.openWrite);
-      if (this.partsBytes - (this.stream?.sent ?? 0) >= this.piece) this.sendPiece();
+      const stream = this.openStream(this.openWrite);
+      if (this.partsBytes - stream.sent >= this.piece) this.sendPiece(stream);
     }
   }
 
@@ -229,8 +229,7 @@ export class PackWriter {
   }
 
   /** Hands the pack buffer's bytes not yet sent to the backend's writer. */
-  private sendPiece(): void {
-    const stream = this.stream as PackStream;
+  private sendPiece(stream: PackStream): void {
     // The bytes below partsBytes never change again: a grown buffer is a copy of them.
     const piece = (this.buf as Buffer).subarray(stream.sent, this.partsBytes);
     stream.sent = this.partsBytes;
