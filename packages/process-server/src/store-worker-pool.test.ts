@@ -26,6 +26,16 @@ describe('StoreWorkerPool', () => {
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
 
+  /** The first `length` bytes of point `id`, read back by a store of its own. */
+  async function readBack(id: string, length: number): Promise<Buffer> {
+    const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
+    try {
+      return Buffer.from(await (await store.openPoint(id)).readAt(0, length));
+    } finally {
+      await store.close();
+    }
+  }
+
   /** The worker thread that holds each machine's write lock now (from the lock objects). */
   async function threadsOf(): Promise<Map<string, number>> {
     const out = new Map<string, number>();
@@ -68,15 +78,7 @@ describe('StoreWorkerPool', () => {
       await again.write(CHUNK, Buffer.from(second));
       const point = await again.commit({ cut: 'c2' });
       for (const s of [m2, m3, m4]) await s.abort();
-      const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
-      try {
-        const reader = await store.openPoint(point.id);
-        expect(Buffer.from(await reader.readAt(0, 2 * CHUNK))).toEqual(
-          Buffer.concat([first, second]),
-        );
-      } finally {
-        await store.close();
-      }
+      expect(await readBack(point.id, 2 * CHUNK)).toEqual(Buffer.concat([first, second]));
     } finally {
       await pool.close();
     }
@@ -107,15 +109,7 @@ describe('StoreWorkerPool', () => {
       expect(frameBufferPool.counters.given - given).toBe(16);
       // Writes pipeline (up to 4 MiB in flight), so a few buffers were new; most were reused.
       expect(frameBufferPool.counters.allocated - allocated).toBeLessThan(16);
-      const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
-      try {
-        const reader = await store.openPoint(point.id);
-        expect(
-          Buffer.from(await reader.readAt(0, 16 * extent)).equals(Buffer.concat(expected)),
-        ).toBe(true);
-      } finally {
-        await store.close();
-      }
+      expect((await readBack(point.id, 16 * extent)).equals(Buffer.concat(expected))).toBe(true);
     } finally {
       await pool.close();
     }
@@ -145,17 +139,12 @@ describe('StoreWorkerPool', () => {
         Array.from({ length: 16 }, (_, l) => (l * 256 + 7) * CHUNK),
         'hint-2',
       );
-      const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
-      try {
-        const reader = await store.openPoint(id);
-        expect(Buffer.from(await reader.readAt(0, size)).equals(expected)).toBe(true);
-      } finally {
-        await store.close();
-      }
+      expect((await readBack(id, size)).equals(expected)).toBe(true);
     } finally {
       await pool.close();
     }
   });
+
   it('survives a session whose write failed being aborted: the thread stays up and serves the next session', async () => {
     const pool = new StoreWorkerPool({ spec: { kind: 'directory', path: dir, passphrase } });
     try {
@@ -177,13 +166,7 @@ describe('StoreWorkerPool', () => {
       // A whole buffer is transferred to the thread (detached here): write a copy.
       await good.write(0, Buffer.from(data));
       const id = (await good.commit({ cut: 'after' })).id;
-      const store = await Store.open({ backend: new DirectoryBackend({ path: dir }), passphrase });
-      try {
-        const reader = await store.openPoint(id);
-        expect(Buffer.from(await reader.readAt(0, size)).equals(data)).toBe(true);
-      } finally {
-        await store.close();
-      }
+      expect((await readBack(id, size)).equals(data)).toBe(true);
     } finally {
       await pool.close();
     }
