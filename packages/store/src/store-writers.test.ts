@@ -1,11 +1,13 @@
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
-import { readdir, rm } from 'node:fs/promises';
+import { readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isLifeboatError } from '@lifeboat/protocol';
+import { DirectoryBackend } from './directory-backend.js';
+import { Store } from './store.js';
 import type { TempStore } from './test-support.js';
 import { TEST_PASSPHRASE, pseudoRandom, tempStore } from './test-support.js';
 
@@ -117,6 +119,74 @@ describe('one writer per disk, and gc of packs no index lists', () => {
     await w.write(0, pseudoRandom(CS * 4, 9));
     await w.commit();
   }, 60_000);
+
+  it("a writer reads each other writer's lock once, and still sees a rival on its disk and a gc that comes later", async () => {
+    t = await tempStore({ chunkSize: CS });
+    // Six writers of other disks hold their locks throughout, as a process server's do.
+    const held = await Promise.all(
+      ['a', 'b', 'c', 'd', 'e', 'f'].map((d) =>
+        t!.store.beginWrite({ machine: 'm', disk: d, size: CS }),
+      ),
+    );
+    let lockReads = 0;
+    const inner = new DirectoryBackend({ path: t.dir });
+    const counting = new Proxy(inner, {
+      get(target, prop, receiver) {
+        const v = Reflect.get(target, prop, receiver) as unknown;
+        if (prop === 'get' && typeof v === 'function') {
+          return (key: string, ...rest: unknown[]) => {
+            if (key.startsWith('locks/')) lockReads++;
+            return (v as (...a: unknown[]) => unknown).call(target, key, ...rest);
+          };
+        }
+        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+      },
+    });
+    const s = await Store.open({ backend: counting, passphrase: TEST_PASSPHRASE });
+    try {
+      let base: string | null = null;
+      for (let cut = 0; cut < 5; cut++) {
+        const w = await s.beginWrite({ machine: 'm', disk: 'x', size: CS * 4, base });
+        await w.write(0, pseudoRandom(CS * 4, cut));
+        base = (await w.commit()).id;
+      }
+      // Each of the six read once, not at every begin and commit (that was 6 x 3 x 5 = 90).
+      expect(lockReads).toBe(6);
+      expect(
+        (await (await s.openPoint(base!)).readAt(0, CS * 4)).equals(pseudoRandom(CS * 4, 4)),
+      ).toBe(true);
+
+      // A disk whose writer's lock this handle has read before is still refused.
+      await expect(s.beginWrite({ machine: 'm', disk: 'c', size: CS })).rejects.toSatisfy(
+        code('LB_STORE_DISK_BUSY'),
+      );
+      // A gc lock that appears while a session is open fails its commit, and the next begin.
+      const w = await s.beginWrite({ machine: 'm', disk: 'x', size: CS * 4, base });
+      await w.write(0, pseudoRandom(CS * 4, 99));
+      const gcLock = {
+        version: 1,
+        exclusive: true,
+        host: 'elsewhere',
+        pid: 1,
+        purpose: 'gc',
+        created: new Date().toISOString(),
+        time: new Date().toISOString(),
+      };
+      await writeFile(
+        join(t.dir, 'locks', 'dddddddddddddddddddddddddddddddd'),
+        JSON.stringify(gcLock),
+      );
+      await expect(w.commit()).rejects.toSatisfy(code('LB_STORE_LOCK_LOST'));
+      const noWait = await t.reopen(TEST_PASSPHRASE, { locks: { sharedWaitMs: 0 } });
+      await expect(noWait.beginWrite({ machine: 'm', disk: 'x', size: CS * 4 })).rejects.toSatisfy(
+        code('LB_STORE_LOCKED'),
+      );
+      expect((await s.listPoints()).filter((p) => p.disk === 'x')).toHaveLength(5);
+    } finally {
+      for (const h of held) await h.abort();
+      await s.close();
+    }
+  });
 
   it('writers racing for one disk: exactly one gets it', async () => {
     t = await tempStore({ chunkSize: CS });
