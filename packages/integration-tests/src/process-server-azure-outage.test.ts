@@ -2,7 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ProcessServer } from '@lifeboat/process-server';
-import { ReplicationClient } from '@lifeboat/protocol';
+import { ReplicationClient, isLifeboatError } from '@lifeboat/protocol';
 import { Store } from '@lifeboat/store';
 import { AzureBlobBackend } from '@lifeboat/store-azure';
 import { startAzurite } from '@lifeboat/testing';
@@ -164,6 +164,12 @@ describe('process server with Azure Blob Storage (Azurite)', () => {
     try {
       await c.start();
       await azurite.kill();
+      // A cut durable in the journal whose point cannot be committed yet (the store is down).
+      const first = Buffer.alloc(64 * 1024, 7);
+      src.write('vda', 0, first);
+      await c.write('vda', 0, first);
+      const { seq: cutSeq } = await c.cut();
+      await c.waitForAck();
       let stop = false;
       const rnd = prng(11);
       const writer = (async () => {
@@ -175,15 +181,40 @@ describe('process server with Azure Blob Storage (Azurite)', () => {
           await c.write('vda', off, data.subarray(0, len));
         }
       })();
+      const outcome = (p: Promise<unknown>): Promise<unknown> =>
+        p.then(
+          () => 'resolved',
+          (e: unknown) => e,
+        );
+      const writerEnd = outcome(writer);
       // Journal full: the server stops reading, the agent's writes wait; nothing fails.
       await waitUntil(
         () => small.healthReport().journal.fullForSeconds !== null,
         'the journal full',
       );
       expect(failed).toBe(false);
+      // Waiting for frames and a cut the server will drop: each must learn it, not hang.
+      const lastAck = outcome(c.waitForAck());
+      const lastCommit = outcome(c.waitForCommit(cutSeq));
       await resync;
       stop = true;
-      await writer;
+      const inTime = <T>(p: Promise<T>, what: string): Promise<T> =>
+        Promise.race([
+          p,
+          new Promise<T>((_, reject) =>
+            setTimeout(() => reject(new Error(`${what} still pending after the resync`)), 10_000),
+          ),
+        ]);
+      for (const [p, what] of [
+        [lastAck, 'the ack of a dropped frame'],
+        [lastCommit, 'the commit of a dropped cut'],
+        [writerEnd, 'a write waiting for room in the window'],
+      ] as const) {
+        const got = await inTime(p, what);
+        // The write that waited fails with the resync; a write that got through just ends.
+        if (got === 'resolved' && p === writerEnd) continue;
+        expect(isLifeboatError(got, 'LB_PS_RESYNC_REQUIRED'), `${what}: ${String(got)}`).toBe(true);
+      }
       const h = small.healthReport().machines.find((m) => m.machine === 'overflow-m')!;
       expect(h.resyncRequired).toBe(true);
       expect(h.resyncReason).toMatch(/journal full/);

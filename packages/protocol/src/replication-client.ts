@@ -170,6 +170,9 @@ export class ReplicationClient extends EventEmitter {
   private reconnectTimer: NodeJS.Timeout | undefined;
   private readyWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
   private spaceWaiters: Array<() => void> = [];
+  /** Times the server asked for a resync (dropped this machine's backlog), and why the last time. */
+  private resyncs = 0;
+  private resyncError: LifeboatError | undefined;
   private ackWaiters: Array<{ seq: number; resolve: () => void; reject: (e: unknown) => void }> =
     [];
   private commitWaiters: Array<{ seq: number; resolve: () => void; reject: (e: unknown) => void }> =
@@ -510,11 +513,15 @@ export class ReplicationClient extends EventEmitter {
 
   private async enqueue(frame: SequencedFrame, bytes: number): Promise<number> {
     await this.awaitReady();
+    const resyncs = this.resyncs;
     // Backpressure: one frame may always be in flight so progress never deadlocks.
     while (this.inFlight > 0 && this.inFlight + bytes > this.opts.maxInFlightBytes) {
       await new Promise<void>((resolve) => this.spaceWaiters.push(resolve));
       if (this.failure) throw this.failure;
       if (this.closed) throw closedError();
+      // The frames before this one were dropped with the machine's backlog: sending it alone
+      // would put a change on top of changes the server no longer has.
+      if (this.resyncs !== resyncs) throw this.resyncError ?? closedError();
     }
     frame.seq = this.next++;
     this.pending.push({ frame, bytes });
@@ -677,14 +684,19 @@ export class ReplicationClient extends EventEmitter {
             { machine: this.opts.machine, dropped },
             'process server requires a resync of this machine',
           );
-          this.emit(
-            'resync-required',
-            new LifeboatError(
-              'LB_PS_RESYNC_REQUIRED',
-              'The process server dropped this machine’s backlog after its journal stayed full; resync the disks.',
-              { details: { machine: this.opts.machine } },
-            ),
+          const err = new LifeboatError(
+            'LB_PS_RESYNC_REQUIRED',
+            'The process server dropped this machine’s backlog after its journal stayed full; resync the disks.',
+            { details: { machine: this.opts.machine } },
           );
+          // Whoever waits for a dropped frame's ack, or a dropped cut's commit, would wait
+          // forever: neither comes any more. So would a write waiting for room in the window
+          // (it is woken below, and fails). Each learns why instead.
+          this.resyncs++;
+          for (const w of this.ackWaiters.splice(0)) w.reject(err);
+          for (const w of this.commitWaiters.splice(0)) w.reject(err);
+          this.resyncError = err;
+          this.emit('resync-required', err);
         } else if (this.next === 0 && this.pending.length === 0) {
           this.acked = f.lastSeq;
           this.next = f.lastSeq + 1;
