@@ -131,7 +131,7 @@ describe('process server with Azure Blob Storage (Azurite)', () => {
   }, 180_000);
 
   it('applies backpressure when the journal is full, then marks the machine for resync after the overflow timeout', async () => {
-    const small = await ProcessServer.start({
+    const smallOptions = {
       store,
       journalDir: join(dir, 'ps-small'),
       journalMaxBytes: 4 * 1024 * 1024,
@@ -140,10 +140,11 @@ describe('process server with Azure Blob Storage (Azurite)', () => {
       host: '127.0.0.1',
       port: 0,
       healthPort: null,
-      logLevel: 'silent',
+      logLevel: 'silent' as const,
       storeRetryInitialMs: 100,
       storeRetryMaxMs: 1000,
-    });
+    };
+    let small = await ProcessServer.start(smallOptions);
     const src = new SourceMachine('overflow-m', [{ name: 'vda', size: 2 * 1024 * 1024 }]);
     const c = new ReplicationClient({
       host: '127.0.0.1',
@@ -221,9 +222,20 @@ describe('process server with Azure Blob Storage (Azurite)', () => {
       expect(h.backlogBytes).toBe(0);
       expect(small.healthReport().journal.usedBytes).toBeLessThan(4 * 1024 * 1024);
 
-      // The agent resyncs: here, the whole disk, then a cut; the flag clears once that point is committed.
-      await azurite.restart();
+      // The agent resyncs: here, the whole disk, then a cut; the flag clears once that point is
+      // committed. The server restarts before that (the store is still down): the welcome after
+      // it still says resyncRequired, for the same request, and the client goes on with the
+      // resync it holds instead of dropping it and asking for another.
+      let resyncs = 0;
+      c.on('resync-required', () => resyncs++);
       await c.write('vda', 0, Buffer.from(src.disks.get('vda')!));
+      const port = small.port;
+      await small.stop();
+      const reconnected = new Promise<void>((resolve) => c.once('connected', () => resolve()));
+      small = await ProcessServer.start({ ...smallOptions, port });
+      await reconnected;
+      expect(resyncs).toBe(0);
+      await azurite.restart();
       const { cutId } = await c.cut();
       src.cut(cutId);
       await c.waitForAck();

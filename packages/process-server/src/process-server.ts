@@ -856,6 +856,7 @@ export class ProcessServer extends EventEmitter {
       lastSeq: m.receivedSeq,
       maxPayloadBytes: this.opts.maxPayloadBytes,
       resyncRequired: m.state.resync !== undefined,
+      ...(m.state.resync === undefined ? {} : { resyncAtSeq: m.state.resync.atSeq }),
       latestCut: m.state.lastCut
         ? { seq: m.state.lastCut.seq, cutId: m.state.lastCut.cutId, time: m.state.lastCut.time }
         : null,

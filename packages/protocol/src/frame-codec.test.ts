@@ -63,15 +63,29 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
     oldestUnackedSeq: fc.option(seq, { nil: null }),
     version,
   }),
-  fc.record({
-    type: fc.constant('welcome' as const),
-    sessionId: name,
-    lastSeq: u,
-    maxPayloadBytes: fc.integer({ min: 5000, max: 2 ** 30 }),
-    resyncRequired: fc.boolean(),
-    latestCut: fc.option(fc.record({ seq: u, cutId: name, time: u }), { nil: null }),
-    version,
-  }),
+  fc.record(
+    {
+      type: fc.constant('welcome' as const),
+      sessionId: name,
+      lastSeq: u,
+      maxPayloadBytes: fc.integer({ min: 5000, max: 2 ** 30 }),
+      resyncRequired: fc.boolean(),
+      resyncAtSeq: u,
+      latestCut: fc.option(fc.record({ seq: u, cutId: name, time: u }), { nil: null }),
+      version,
+    },
+    {
+      requiredKeys: [
+        'type',
+        'sessionId',
+        'lastSeq',
+        'maxPayloadBytes',
+        'resyncRequired',
+        'latestCut',
+        'version',
+      ],
+    },
+  ),
   fc.record({ type: fc.constant('committed' as const), seq: u, cutId: name, time: u }),
   fc.record({
     type: fc.constant('discard' as const),

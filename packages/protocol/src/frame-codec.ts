@@ -83,6 +83,13 @@ export interface WelcomeFrame {
   maxPayloadBytes: number;
   /** True when the server dropped this machine's backlog (journal overflow): the agent must resync. */
   resyncRequired: boolean;
+  /**
+   * With `resyncRequired`: the machine's last sequence number when the server dropped its
+   * backlog. The same value on a later welcome means the same request (the resync it asked for
+   * has not committed a cut yet), which a client that already started that resync resumes
+   * instead of starting again. Absent from older servers.
+   */
+  resyncAtSeq?: number;
   /** The machine's newest committed cut (its points exist in the store), or null. */
   latestCut: CommittedCutInfo | null;
   /** Protocol version of the frame header: the session's version (the lower of both sides'). @default PROTOCOL_VERSION */
@@ -327,6 +334,7 @@ export function encodeFrame(frame: Frame, version: number = PROTOCOL_VERSION): B
           lastSeq: frame.lastSeq,
           maxPayloadBytes: frame.maxPayloadBytes,
           resyncRequired: frame.resyncRequired,
+          ...(frame.resyncAtSeq === undefined ? {} : { resyncAtSeq: frame.resyncAtSeq }),
           latestCut: frame.latestCut,
         }),
       ];
@@ -579,6 +587,8 @@ function decodePayload(type: number, seq: number, payload: Buffer, version: numb
       if (!isSafeUint(j.maxPayloadBytes) || j.maxPayloadBytes < 4096 + DATA_PREFIX_BYTES)
         throw malformed('welcome maxPayloadBytes');
       if (typeof j.resyncRequired !== 'boolean') throw malformed('welcome resyncRequired');
+      if (j.resyncAtSeq !== undefined && !isSafeUint(j.resyncAtSeq))
+        throw malformed('welcome resyncAtSeq');
       const lc = j.latestCut;
       let latestCut: CommittedCutInfo | null = null;
       if (lc !== null) {
@@ -588,7 +598,7 @@ function decodePayload(type: number, seq: number, payload: Buffer, version: numb
           throw malformed('welcome latestCut seq and time');
         latestCut = { seq: o.seq, cutId: checkName(o.cutId, 'cutId'), time: o.time };
       }
-      return {
+      const welcome: WelcomeFrame = {
         type: 'welcome',
         sessionId: j.sessionId,
         lastSeq: j.lastSeq,
@@ -597,6 +607,8 @@ function decodePayload(type: number, seq: number, payload: Buffer, version: numb
         latestCut,
         version,
       };
+      if (j.resyncAtSeq !== undefined) welcome.resyncAtSeq = j.resyncAtSeq;
+      return welcome;
     }
     case FrameType.committed: {
       const j = parseJson(payload);

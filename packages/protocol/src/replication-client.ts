@@ -173,6 +173,8 @@ export class ReplicationClient extends EventEmitter {
   /** Times the server asked for a resync (dropped this machine's backlog), and why the last time. */
   private resyncs = 0;
   private resyncError: LifeboatError | undefined;
+  /** The `resyncAtSeq` of the last resync request honoured. */
+  private resyncAt: number | undefined;
   private ackWaiters: Array<{ seq: number; resolve: () => void; reject: (e: unknown) => void }> =
     [];
   private commitWaiters: Array<{ seq: number; resolve: () => void; reject: (e: unknown) => void }> =
@@ -673,7 +675,13 @@ export class ReplicationClient extends EventEmitter {
         this.attempt = 0;
         if (f.latestCut) this.applyCommitted(f.latestCut);
         this.maxData = Math.min(this.opts.maxFrameDataBytes, f.maxPayloadBytes - DATA_PREFIX_BYTES);
-        if (f.resyncRequired) {
+        // The same request as one this client already honoured (its resync has not committed
+        // a cut yet, so the flag is still up): the frames it holds are that resync's, resumed
+        // as any others. Dropping them again restarted the resync at every reconnect.
+        const honoured =
+          f.resyncRequired && f.resyncAtSeq !== undefined && f.resyncAtSeq === this.resyncAt;
+        if (f.resyncRequired && !honoured) {
+          this.resyncAt = f.resyncAtSeq;
           // The server no longer holds this machine's backlog; what we hold is moot too.
           const dropped = this.pending.length;
           this.pending = [];
