@@ -424,7 +424,7 @@ export class StoreLocks {
     for (const got of read) {
       if (got === undefined) continue;
       const { key, record } = got;
-      const facts: LockFacts = { exclusive: record.exclusive === true };
+      const facts: LockFacts = { exclusive: Boolean(record.exclusive) };
       if (record.machine !== undefined) facts.machine = record.machine;
       if (record.disk !== undefined) facts.disk = record.disk;
       this.facts.set(key, facts);
