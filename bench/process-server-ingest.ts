@@ -392,8 +392,7 @@ async function phase(
   const start = performance.now();
   let sent = 0;
   let stop = false;
-  const perMachineBytesPerMs =
-    paceMBs === undefined ? undefined : (paceMBs * MB) / machines / 1000;
+  const perMachineBytesPerMs = paceMBs === undefined ? undefined : (paceMBs * MB) / machines / 1000;
   await Promise.all(
     clients.map(async (c) => {
       let mine = 0;
