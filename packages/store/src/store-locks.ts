@@ -169,7 +169,7 @@ export class HeldLock {
       );
     }
     // Refresh now, unless done lately, so the point is written well inside the lock's
-    // lifetime (a quarter of it is left at the very least: its heartbeat comes every
+    // lifetime (three quarters of it are left at the very least; its heartbeat comes every
     // refreshMs, a tenth of it by default). A rewrite per commit was five file operations of
     // every 4 MiB cut of a process server.
     if (age >= Math.min(this.owner.options.refreshMs, this.owner.options.staleMs / 4)) {
