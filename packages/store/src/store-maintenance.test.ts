@@ -1,9 +1,9 @@
-import { readdir, writeFile } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isLifeboatError } from '@lifeboat/protocol';
 import type { TempStore } from './test-support.js';
-import { TEST_PASSPHRASE, pseudoRandom, tempStore } from './test-support.js';
+import { TEST_PASSPHRASE, pseudoRandom, tempStore, writeLockObject } from './test-support.js';
 import type { Store } from './store.js';
 
 const CS = 4096;
@@ -139,48 +139,21 @@ describe('stats, prune, gc, passphrase, locks, concurrent writers', () => {
       (await (await patient.openPoint(p.id)).readAt(0, CS * 4)).equals(pseudoRandom(CS * 4, 2)),
     ).toBe(true);
     // A lock left by a dead process on this host does not block; gc removes it.
-    await writeFile(
-      join(t.dir, 'locks', 'ffffffffffffffffffffffffffffffff'),
-      JSON.stringify({
-        version: 1,
-        exclusive: true,
-        host: (await import('node:os')).hostname(),
-        pid: 2 ** 22 + 12345,
-        purpose: 'gc',
-        created: new Date().toISOString(),
-        time: new Date().toISOString(),
-      }),
-    );
+    await writeLockObject(t.dir, 'ffffffffffffffffffffffffffffffff', {
+      host: (await import('node:os')).hostname(),
+      pid: 2 ** 22 + 12345,
+    });
     const w2 = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 });
     await w2.abort();
     // A live exclusive lock (an old time makes it stale; a fresh one from another host is live).
-    await writeFile(
-      join(t.dir, 'locks', 'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'),
-      JSON.stringify({
-        version: 1,
-        exclusive: true,
-        host: 'elsewhere',
-        pid: 1,
-        purpose: 'gc',
-        created: new Date().toISOString(),
-        time: new Date().toISOString(),
-      }),
-    );
+    await writeLockObject(t.dir, 'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee');
     await expect(t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 })).rejects.toSatisfy(
       code('LB_STORE_LOCKED'),
     );
-    await writeFile(
-      join(t.dir, 'locks', 'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'),
-      JSON.stringify({
-        version: 1,
-        exclusive: true,
-        host: 'elsewhere',
-        pid: 1,
-        purpose: 'gc',
-        created: '2020-01-01T00:00:00Z',
-        time: '2020-01-01T00:00:00Z',
-      }),
-    );
+    await writeLockObject(t.dir, 'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee', {
+      created: '2020-01-01T00:00:00Z',
+      time: '2020-01-01T00:00:00Z',
+    });
     const w3 = await t.store.beginWrite({ machine: 'm', disk: 'vda', size: CS * 4 });
     await w3.abort();
     await other.gc();

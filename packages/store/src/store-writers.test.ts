@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
-import { readdir, rm, writeFile } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
@@ -9,7 +9,7 @@ import { isLifeboatError } from '@lifeboat/protocol';
 import { DirectoryBackend } from './directory-backend.js';
 import { Store } from './store.js';
 import type { TempStore } from './test-support.js';
-import { TEST_PASSPHRASE, pseudoRandom, tempStore } from './test-support.js';
+import { TEST_PASSPHRASE, pseudoRandom, tempStore, writeLockObject } from './test-support.js';
 
 const CS = 4096;
 const repoRoot = fileURLToPath(new URL('../../..', import.meta.url));
@@ -163,19 +163,7 @@ describe('one writer per disk, and gc of packs no index lists', () => {
       // A gc lock that appears while a session is open fails its commit, and the next begin.
       const w = await s.beginWrite({ machine: 'm', disk: 'x', size: CS * 4, base });
       await w.write(0, pseudoRandom(CS * 4, 99));
-      const gcLock = {
-        version: 1,
-        exclusive: true,
-        host: 'elsewhere',
-        pid: 1,
-        purpose: 'gc',
-        created: new Date().toISOString(),
-        time: new Date().toISOString(),
-      };
-      await writeFile(
-        join(t.dir, 'locks', 'dddddddddddddddddddddddddddddddd'),
-        JSON.stringify(gcLock),
-      );
+      await writeLockObject(t.dir, 'dddddddddddddddddddddddddddddddd');
       await expect(w.commit()).rejects.toSatisfy(code('LB_STORE_LOCK_LOST'));
       const noWait = await t.reopen(TEST_PASSPHRASE, { locks: { sharedWaitMs: 0 } });
       await expect(noWait.beginWrite({ machine: 'm', disk: 'x', size: CS * 4 })).rejects.toSatisfy(

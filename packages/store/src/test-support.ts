@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DirectoryBackend } from './directory-backend.js';
 import { Store } from './store.js';
 import type { StoreExtraOptions } from './store.js';
+import type { LockRecord } from './store-locks.js';
 import type { StoreInitOptions, StoreOpenOptions } from './store-types.js';
 
 /** Test fixture: a temporary store directory (tests only; not exported from the package). */
@@ -71,4 +72,27 @@ export function pseudoRandom(length: number, seed: number): Buffer {
 /** Random bytes (crypto), for when content must not repeat across runs. */
 export function randomData(length: number): Buffer {
   return randomBytes(length);
+}
+
+/**
+ * Writes lock object `locks/<id>` into the store directory `dir` as another holder would: by
+ * default a live gc lock (exclusive, fresh) of a process on another host.
+ */
+export async function writeLockObject(
+  dir: string,
+  id: string,
+  fields: Partial<LockRecord> = {},
+): Promise<void> {
+  const now = new Date().toISOString();
+  const record: LockRecord = {
+    version: 1,
+    exclusive: true,
+    host: 'elsewhere',
+    pid: 1,
+    purpose: 'gc',
+    created: now,
+    time: now,
+    ...fields,
+  };
+  await writeFile(join(dir, 'locks', id), JSON.stringify(record));
 }
