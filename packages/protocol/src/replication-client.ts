@@ -170,8 +170,7 @@ export class ReplicationClient extends EventEmitter {
   private reconnectTimer: NodeJS.Timeout | undefined;
   private readyWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
   private spaceWaiters: Array<() => void> = [];
-  /** Times the server asked for a resync (dropped this machine's backlog), and why the last time. */
-  private resyncs = 0;
+  /** Why the server last asked for a resync (it dropped this machine's backlog); one per request. */
   private resyncError: LifeboatError | undefined;
   /** The `resyncAtSeq` of the last resync request honoured. */
   private resyncAt: number | undefined;
@@ -515,7 +514,7 @@ export class ReplicationClient extends EventEmitter {
 
   private async enqueue(frame: SequencedFrame, bytes: number): Promise<number> {
     await this.awaitReady();
-    const resyncs = this.resyncs;
+    const resync = this.resyncError;
     // Backpressure: one frame may always be in flight so progress never deadlocks.
     while (this.inFlight > 0 && this.inFlight + bytes > this.opts.maxInFlightBytes) {
       await new Promise<void>((resolve) => this.spaceWaiters.push(resolve));
@@ -523,7 +522,7 @@ export class ReplicationClient extends EventEmitter {
       if (this.closed) throw closedError();
       // The frames before this one were dropped with the machine's backlog: sending it alone
       // would put a change on top of changes the server no longer has.
-      if (this.resyncs !== resyncs) throw this.resyncError ?? closedError();
+      if (this.resyncError !== resync) throw this.resyncError;
     }
     frame.seq = this.next++;
     this.pending.push({ frame, bytes });
@@ -700,7 +699,6 @@ export class ReplicationClient extends EventEmitter {
           // Whoever waits for a dropped frame's ack, or a dropped cut's commit, would wait
           // forever: neither comes any more. So would a write waiting for room in the window
           // (it is woken below, and fails). Each learns why instead.
-          this.resyncs++;
           for (const w of this.ackWaiters.splice(0)) w.reject(err);
           for (const w of this.commitWaiters.splice(0)) w.reject(err);
           this.resyncError = err;
