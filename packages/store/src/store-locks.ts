@@ -365,16 +365,11 @@ export class StoreLocks {
     disk: { machine: string; disk: string },
   ): Promise<void> {
     const deadline = Date.now() + Math.min(DISK_RACE_MS, this.options.sharedWaitMs);
+    // Writers of this disk: only their lock objects are read (again).
+    const sameDisk = (f: LockFacts): boolean =>
+      !f.exclusive && f.machine === disk.machine && f.disk === disk.disk;
     for (let delay = 50; ; delay = Math.min(delay * 2, 500)) {
-      const sameDisk = (f: LockFacts): boolean =>
-        !f.exclusive && f.machine === disk.machine && f.disk === disk.disk;
-      let rivals = (await this.others(key, sameDisk)).filter(
-        (o) =>
-          !o.stale &&
-          !o.record.exclusive &&
-          o.record.machine === disk.machine &&
-          o.record.disk === disk.disk,
-      );
+      let rivals = (await this.others(key, sameDisk)).filter((o) => !o.stale);
       // A rival of this process but another thread: alive only if that thread says so.
       const sameProcess = rivals.filter(
         (o) =>
